@@ -1,0 +1,862 @@
+"""The SD3.5 MMDiT-X transformer, DiT4SR's LR stream, and the MFSR two-time student.
+
+    from model import CONFIGS, MMDiT, load_transformer
+    net = load_transformer("sd3.5_medium.safetensors")          # config read from the shapes
+    v = net(x, sigma, pooled, context)                          # SD3 convention: eps - x0
+
+Follows Stability-AI's single-file reference (mmditx.py) for the architecture and the parameter
+names, so `state_dict()` keys are those of the released checkpoints; DiT4SR (Duan et al., ICCV 2025)
+for the LR stream; MFSR (§4.2, §4.4) for the s-embedder and the time scale. Facts, key maps and
+shapes: ../shared/reference/ARCHITECTURE.md (§2 MMDiT, §3 LR stream), cited as "ARCH §x".
+
+Conventions of this file (the SD3 ones; mfsr.py converts to the paper's t = 1 - sigma once):
+x_sigma = (1 - sigma) x0 + sigma eps, sigma = 1 is noise, the network predicts eps - x0 and sees
+the time as `time_scale * sigma` (1000 for SD3.5 and DiT4SR, 1 for the MFSR student).
+Token layout: image tokens X (B, K, D), LR tokens L (B, K, D), text tokens C (B, M, D).
+"""
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+# --------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass(frozen=True)
+class MMDiTConfig:
+    depth: int = 24                    # joint blocks
+    heads: int = 24                    # hidden size = heads * head_dim
+    head_dim: int = 64
+    patch: int = 2
+    in_channels: int = 16              # latent channels (the SD3 VAE's 16)
+    pos_grid: int = 384                # side of the stored sin-cos table (pos_embed_max_size)
+    context_dim: int = 4096            # CLIP-L + CLIP-G (zero-padded) and T5 features
+    pooled_dim: int = 2048             # pooled CLIP-L + CLIP-G
+    dual_layers: tuple = tuple(range(13))  # MMDiT-X blocks with the image-only attn2
+    qk_norm: bool = True               # RMSNorm on q and k per head
+    mlp_ratio: int = 4
+    lr_stream: bool = False            # DiT4SR: LR tokens inside every block (ARCH §3)
+    lr_key_mode: str = "v1"            # "v1": released dit4sr_f/q keys quirk; "r1": fixed (ARCH §3.3)
+    ff_inject: float = 1.2             # DiT4SR's factor on the LR conv injected into the MLP (ARCH §3.4)
+    two_times: bool = False            # MFSR student: adds the s-embedder (§4.2)
+    time_scale: float = 1000.0         # c_noise(sigma) = time_scale * sigma; MFSR student: 1 (§4.4)
+
+    def __post_init__(self):
+        if self.lr_key_mode not in ("v1", "r1"):
+            raise ValueError(f"lr_key_mode must be 'v1' or 'r1', got {self.lr_key_mode!r}")
+        bad = [i for i in self.dual_layers if not 0 <= i < self.depth]
+        if bad:
+            raise ValueError(f"dual_layers {bad} outside the {self.depth} blocks")
+        object.__setattr__(self, "dual_layers", tuple(sorted(self.dual_layers)))
+
+    @property
+    def hidden(self):
+        return self.heads * self.head_dim
+
+
+_MEDIUM = MMDiTConfig()
+CONFIGS = {
+    "sd35-medium": _MEDIUM,
+    "sd35-large": MMDiTConfig(depth=38, heads=38, pos_grid=192, dual_layers=()),
+    "dit4sr": replace(_MEDIUM, lr_stream=True),
+    # CPU tests and the shipped miniature: every feature of the big one, at 2 x 64 hidden.
+    "tiny": MMDiTConfig(depth=3, heads=2, pos_grid=32, context_dim=64, pooled_dim=32,
+                        dual_layers=(0,), lr_stream=True),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Attention: fused SDPA normally; a forward-mode-AD-capable path when tangents are present.
+
+ATTN_CHUNK = 1024  # query rows per chunk in the JVP paths: memory O(chunk * N) per head
+
+
+def _attention_tangent(q, k, v, o, dq, dk, dv, chunk=ATTN_CHUNK):
+    """Tangent of O = softmax(s Q K^T) V, chunked over queries, never forming N x N.
+
+    dO = P dV + (P * dS) V - rowsum(P * dS) O,  with dS = s (dQ K^T + Q dK^T)   (per head)
+    """
+    scale = q.shape[-1] ** -0.5
+    out = []
+    for i in range(0, q.shape[-2], chunk):
+        qc, dqc, oc = q[..., i:i + chunk, :], dq[..., i:i + chunk, :], o[..., i:i + chunk, :]
+        p = torch.softmax((qc @ k.transpose(-1, -2)) * scale, dim=-1)           # (B, H, c, N)
+        ds = (dqc @ k.transpose(-1, -2) + qc @ dk.transpose(-1, -2)) * scale    # (B, H, c, N)
+        pds = p * ds
+        out.append(p @ dv + pds @ v - pds.sum(-1, keepdim=True) * oc)           # (B, H, c, d)
+    return torch.cat(out, dim=-2)
+
+
+def attention_chunked(q, k, v, chunk=ATTN_CHUNK):
+    """softmax(s Q K^T) V in plain tensor ops over query chunks.
+
+    Forward AD and torch.compile both go through plain ops, so this is the JVP path inside a
+    compiled graph (dynamo ignores the custom jvp rule of JVPAttention). Memory O(chunk * N).
+    """
+    scale = q.shape[-1] ** -0.5
+    out = [torch.softmax((q[..., i:i + chunk, :] @ k.transpose(-1, -2)) * scale, dim=-1) @ v
+           for i in range(0, q.shape[-2], chunk)]
+    return torch.cat(out, dim=-2)                                                 # (B, H, N, d)
+
+
+class JVPAttention(torch.autograd.Function):
+    """Fused SDPA for the primal, a chunked rule for the tangent, recomputation for backward.
+
+    PyTorch's fused SDPA kernels have no forward-AD formula; the math backend has one but
+    materialises N x N for primal and tangent. This keeps the fast primal and O(N * chunk)
+    memory for the tangent. Backward recomputes the primal with autograd (only q, k, v saved).
+    """
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v = inputs
+        ctx.save_for_backward(q, k, v)
+        ctx.save_for_forward(q, k, v, output)
+
+    @staticmethod
+    def jvp(ctx, dq, dk, dv):
+        q, k, v, o = ctx.saved_tensors
+        zero = torch.zeros_like
+        dq = zero(q) if dq is None else dq
+        dk = zero(k) if dk is None else dk
+        dv = zero(v) if dv is None else dv
+        return _attention_tangent(q, k, v, o, dq, dk, dv)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v = (t.detach().requires_grad_() for t in ctx.saved_tensors)
+        with torch.enable_grad():
+            o = F.scaled_dot_product_attention(q, k, v)
+        return torch.autograd.grad(o, (q, k, v), do)
+
+
+def _has_tangent(x):
+    """True inside torch.func transforms (jvp, grad, vmap) or with forward-AD dual tensors."""
+    if torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return True
+    return torch.autograd.forward_ad.unpack_dual(x).tangent is not None
+
+
+def attention(q, k, v, mode="auto"):
+    """Multi-head attention on (B, H, N, d) tensors; mode: auto | sdpa | function | chunked | math."""
+    if mode == "auto":
+        if torch.compiler.is_compiling():
+            mode = "chunked" if _compiling_jvp() else "sdpa"
+        else:
+            mode = "function" if _has_tangent(q) or _has_tangent(k) or _has_tangent(v) else "sdpa"
+    if mode == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v)
+    if mode == "function":
+        return JVPAttention.apply(q, k, v)
+    if mode == "chunked":
+        return attention_chunked(q, k, v)
+    if mode == "math":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v)
+    raise ValueError(f"unknown attention mode {mode!r}")
+
+
+_COMPILED_JVP = [False]
+
+
+class compiled_jvp:
+    """Context manager: tell `attention` that the graph being compiled carries tangents.
+
+    Tensor wrappers cannot be inspected while dynamo traces, so code that compiles a JVP
+    (mfsr.py) says so; attention then uses the plain-ops chunked path there.
+    """
+
+    def __enter__(self):
+        self.prev, _COMPILED_JVP[0] = _COMPILED_JVP[0], True
+
+    def __exit__(self, *exc):
+        _COMPILED_JVP[0] = self.prev
+
+
+def _compiling_jvp():
+    return _COMPILED_JVP[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks (names as in mmditx.py)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def timestep_embedding(t, dim=256, max_period=10000.0):
+    """Sinusoidal features of t (B,) -> (B, dim), cos first (ARCH §2.2 step 3), in >= fp32."""
+    half = dim // 2
+    dtype = torch.promote_types(t.dtype, torch.float32)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
+    args = t.to(dtype)[:, None] * freqs[None]                                     # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t):
+        w = self.mlp[0].weight
+        return self.mlp(timestep_embedding(t, self.freq_dim).to(w.dtype))
+
+
+class VectorEmbedder(nn.Module):
+    def __init__(self, in_dim, hidden):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, y):
+        return self.mlp(y)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch, in_channels, hidden):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden, patch, stride=patch)
+
+    def forward(self, x):
+        return rearrange(self.proj(x), "b d h w -> b (h w) d")                    # (B, K, D)
+
+
+def sincos_pos_table(grid, dim):
+    """(1, grid^2, dim): first half encodes the column, second the row; [sin, cos] each."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    pos = torch.arange(grid, dtype=torch.float64)
+    ang = pos[:, None] * omega[None]                                              # (grid, dim/4)
+    emb1d = torch.cat([ang.sin(), ang.cos()], dim=1)                              # (grid, dim/2)
+    col = emb1d[None, :, :].expand(grid, grid, dim // 2)
+    row = emb1d[:, None, :].expand(grid, grid, dim // 2)
+    return torch.cat([col, row], dim=-1).reshape(1, grid * grid, dim).float()
+
+
+class Mlp(nn.Module):
+    def __init__(self, hidden, ratio, control=False):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden, hidden * ratio)
+        self.fc2 = nn.Linear(hidden * ratio, hidden)
+        if control:  # DiT4SR "LR injection between MLP": depthwise 3x3 on the LR hidden features
+            w = hidden * ratio
+            self.control_conv = nn.Conv2d(w, w, 3, padding=1, groups=w)
+            nn.init.zeros_(self.control_conv.weight)
+            nn.init.zeros_(self.control_conv.bias)
+
+    def hidden(self, x):
+        return F.gelu(self.fc1(x), approximate="tanh")
+
+
+class SelfAttention(nn.Module):
+    """qkv / ln_q / ln_k / proj as in mmditx.py; with `control`, DiT4SR's LR-stream layers."""
+
+    def __init__(self, cfg, pre_only=False, control=False):
+        super().__init__()
+        D, self.heads = cfg.hidden, cfg.heads
+        self.qkv = nn.Linear(D, 3 * D)
+        if not pre_only:
+            self.proj = nn.Linear(D, D)
+        if cfg.qk_norm:
+            self.ln_q, self.ln_k = RMSNorm(cfg.head_dim), RMSNorm(cfg.head_dim)
+        else:
+            self.ln_q = self.ln_k = nn.Identity()
+        if control:
+            # Stacked on the frozen q/k/v for the LR tokens, zero at init (ARCH §3.3). DiT4SR
+            # meant out_control to start as a copy of proj; its training script copied the random
+            # init instead (ARCH §3.3), so a plain init is as faithful.
+            self.q_control, self.k_control, self.v_control = (nn.Linear(D, D) for _ in range(3))
+            for lin in (self.q_control, self.k_control, self.v_control):
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
+            self.out_control = nn.Linear(D, D)
+
+    def split_heads(self, x):
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        return q, k, v                                                            # (B, H, N, d)
+
+    def qkv_x(self, x):
+        q, k, v = self.split_heads(x)
+        return self.ln_q(q), self.ln_k(k), v
+
+    def qkv_lr(self, la, k_x_raw, key_mode):
+        """LR q/k/v: the control layers composed on the frozen projections (ARCH §3.3 step 2)."""
+        heads = lambda t: rearrange(t, "b n (h d) -> b h n d", h=self.heads)
+        flat = lambda t: rearrange(t, "b h n d -> b n (h d)")
+        q, k, v = self.split_heads(la)
+        q = self.ln_q(heads(self.q_control(flat(q))))
+        v = heads(self.v_control(flat(v)))
+        if key_mode == "v1":   # the released checkpoints: norm_k applied twice to the image keys
+            k = self.ln_k(self.ln_k(k_x_raw))
+        else:
+            k = self.ln_k(heads(self.k_control(flat(k))))
+        return q, k, v
+
+
+class DismantledBlock(nn.Module):
+    """One stream's half of a joint block: adaLN modulation, attention(s), MLP."""
+
+    def __init__(self, cfg, pre_only=False, dual=False, control=False):
+        super().__init__()
+        D = cfg.hidden
+        self.pre_only, self.dual = pre_only, dual
+        self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(cfg, pre_only=pre_only, control=control)
+        if dual:
+            self.attn2 = SelfAttention(cfg, control=control)
+        if not pre_only:
+            self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+            self.mlp = Mlp(D, cfg.mlp_ratio, control=control)
+        n = 2 if pre_only else (9 if dual else 6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, n * D))
+
+    def modulation(self, c):
+        return self.adaLN_modulation(c).chunk(self.adaLN_modulation[1].out_features // c.shape[-1], dim=-1)
+
+
+class JointBlock(nn.Module):
+    def __init__(self, cfg, index):
+        super().__init__()
+        self.cfg = cfg
+        self.context_block = DismantledBlock(cfg, pre_only=index == cfg.depth - 1)
+        self.x_block = DismantledBlock(cfg, dual=index in cfg.dual_layers, control=cfg.lr_stream)
+
+    def forward(self, x, lr, ctx, c, grid, attn_mode):
+        xb, cb, cfg = self.x_block, self.context_block, self.cfg
+        mods = xb.modulation(c)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
+        K = x.shape[1]
+        nx = xb.norm1(x)
+        xa = modulate(nx, shift_msa, scale_msa)
+        qx, kx_raw, vx = xb.attn.split_heads(xa)
+        qx, kx = xb.attn.ln_q(qx), xb.attn.ln_k(kx_raw)
+        qs, ks, vs = [qx], [kx], [vx]
+        nl = la = None
+        if lr is not None:
+            nl = xb.norm1(lr)
+            la = modulate(nl, shift_msa, scale_msa)
+            ql, kl, vl = xb.attn.qkv_lr(la, kx_raw, cfg.lr_key_mode)
+            qs, ks, vs = qs + [ql], ks + [kl], vs + [vl]
+        # text stream
+        c_mods = cb.modulation(c)
+        ca = modulate(cb.norm1(ctx), c_mods[0], c_mods[1])
+        qc, kc, vc = cb.attn.qkv_x(ca)
+        cat = lambda ts: torch.cat(ts, dim=2)
+        o = attention(cat(qs + [qc]), cat(ks + [kc]), cat(vs + [vc]), attn_mode)   # (B, H, N, d)
+        o = rearrange(o, "b h n d -> b n (h d)")                                   # (B, N, D)
+        x = x + gate_msa.unsqueeze(1) * xb.attn.proj(o[:, :K])
+        if lr is not None:  # LR residual: the modulated input is added back before out_control
+            lr = lr + gate_msa.unsqueeze(1) * xb.attn.out_control(o[:, K:2 * K] + la)
+        if xb.dual:
+            x, lr = self._attn2(nx, nl, *mods[6:], x, lr, attn_mode)
+        x, lr = self._mlp(x, lr, shift_mlp, scale_mlp, gate_mlp, grid)
+        ctx = None if cb.pre_only else self._context_rest(ctx, o[:, -ctx.shape[1]:], c_mods)
+        return x, lr, ctx
+
+    def _attn2(self, nx, nl, shift, scale, gate, x, lr, attn_mode):
+        """MMDiT-X image-only attention (ARCH §2.3), over [X ; L] when the LR stream is on."""
+        a2, K = self.x_block.attn2, x.shape[1]
+        xa = modulate(nx, shift, scale)
+        qx, kx_raw, vx = a2.split_heads(xa)
+        q, k, v = a2.ln_q(qx), a2.ln_k(kx_raw), vx
+        if lr is not None:
+            la = modulate(nl, shift, scale)
+            ql, kl, vl = a2.qkv_lr(la, kx_raw, self.cfg.lr_key_mode)
+            q, k, v = torch.cat([q, ql], 2), torch.cat([k, kl], 2), torch.cat([v, vl], 2)
+        o = rearrange(attention(q, k, v, attn_mode), "b h n d -> b n (h d)")       # (B, 2K, D)
+        x = x + gate.unsqueeze(1) * a2.proj(o[:, :K])
+        if lr is not None:
+            lr = lr + gate.unsqueeze(1) * a2.out_control(o[:, K:] + la)
+        return x, lr
+
+    def _mlp(self, x, lr, shift, scale, gate, grid):
+        xb = self.x_block
+        hx = xb.mlp.hidden(modulate(xb.norm2(x), shift, scale))                    # (B, K, 4D)
+        if lr is not None:
+            hl = xb.mlp.hidden(modulate(xb.norm2(lr), shift, scale))              # (B, K, 4D)
+            h, w = grid
+            conv = xb.mlp.control_conv(rearrange(hl, "b (h w) c -> b c h w", h=h, w=w))
+            hx = hx + self.cfg.ff_inject * rearrange(conv, "b c h w -> b (h w) c")
+            lr = lr + gate.unsqueeze(1) * xb.mlp.fc2(hl)
+        return x + gate.unsqueeze(1) * xb.mlp.fc2(hx), lr
+
+    def _context_rest(self, ctx, oc, mods):
+        cb = self.context_block
+        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+        ctx = ctx + gate_msa.unsqueeze(1) * cb.attn.proj(oc)
+        h = cb.mlp.hidden(modulate(cb.norm2(ctx), shift_mlp, scale_mlp))
+        return ctx + gate_mlp.unsqueeze(1) * cb.mlp.fc2(h)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden, patch, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden, patch * patch * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)   # (shift, scale): ARCH §2.2 step 8
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+# --------------------------------------------------------------------------------------------
+# The transformer
+
+
+class MMDiT(nn.Module):
+    def __init__(self, cfg: MMDiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.hidden
+        self.x_embedder = PatchEmbed(cfg.patch, cfg.in_channels, D)
+        self.register_buffer("pos_embed", sincos_pos_table(cfg.pos_grid, D))
+        self.t_embedder = TimestepEmbedder(D)
+        if cfg.two_times:
+            # MFSR §4.2: s enters through its own embedder of the t-embedder's structure, added to
+            # the t-embedding. The paper does not say how it starts; a zero last layer makes the
+            # student's output at init exactly the teacher's, whatever s is.
+            self.s_embedder = TimestepEmbedder(D)
+            nn.init.zeros_(self.s_embedder.mlp[2].weight)
+            nn.init.zeros_(self.s_embedder.mlp[2].bias)
+        self.y_embedder = VectorEmbedder(cfg.pooled_dim, D)
+        self.context_embedder = nn.Linear(cfg.context_dim, D)
+        self.joint_blocks = nn.ModuleList(JointBlock(cfg, i) for i in range(cfg.depth))
+        self.final_layer = FinalLayer(D, cfg.patch, cfg.in_channels)
+        self.attn_mode = "auto"          # see `attention`
+        self.grad_checkpointing = False  # recompute each block in backward (full-scale training)
+
+    def cropped_pos_embed(self, h, w):
+        """Centre crop of the stored M x M table for an h x w token grid (ARCH §2.2 step 2)."""
+        M = self.cfg.pos_grid
+        top, left = (M - h) // 2, (M - w) // 2
+        table = rearrange(self.pos_embed, "1 (m n) d -> m n d", m=M)
+        return rearrange(table[top:top + h, left:left + w], "h w d -> 1 (h w) d")  # (1, K, D)
+
+    def check_inputs(self, x, sigma, pooled, context, lr, sigma_s):
+        cfg, p = self.cfg, self.cfg.patch
+        B, C, H, W = x.shape
+        assert C == cfg.in_channels, f"x has {C} channels, the model {cfg.in_channels}"
+        assert H % p == 0 and W % p == 0, f"latent {H}x{W} not divisible by the patch {p}"
+        assert H // p <= cfg.pos_grid and W // p <= cfg.pos_grid, \
+            f"latent {H}x{W} exceeds the position grid {cfg.pos_grid * p}: tile it"
+        assert sigma.shape == (B,), f"sigma must be (B,), got {tuple(sigma.shape)}"
+        assert pooled.shape == (B, cfg.pooled_dim), f"pooled must be (B, {cfg.pooled_dim})"
+        assert context.ndim == 3 and context.shape[0] == B and context.shape[2] == cfg.context_dim, \
+            f"context must be (B, L, {cfg.context_dim}), got {tuple(context.shape)}"
+        if cfg.lr_stream:
+            assert lr is not None and lr.shape == x.shape, "the LR stream needs lr shaped like x"
+        else:
+            assert lr is None, "this model has no LR stream"
+        if cfg.two_times:
+            assert sigma_s is not None and sigma_s.shape == (B,), "two-time model needs sigma_s (B,)"
+        else:
+            assert sigma_s is None, "this model has one time input"
+
+    def forward(self, x, sigma, pooled, context, lr=None, sigma_s=None):
+        self.check_inputs(x, sigma, pooled, context, lr, sigma_s)
+        cfg = self.cfg
+        H, W = x.shape[-2:]
+        grid = (H // cfg.patch, W // cfg.patch)
+        pos = self.cropped_pos_embed(*grid)
+        x_tok = self.x_embedder(x) + pos                                           # (B, K, D)
+        lr_tok = self.x_embedder(lr) + pos if lr is not None else None           # (B, K, D)
+        c = self.t_embedder(cfg.time_scale * sigma) + self.y_embedder(pooled)    # (B, D)
+        if cfg.two_times:
+            c = c + self.s_embedder(cfg.time_scale * sigma_s)
+        ctx = self.context_embedder(context)                                       # (B, M, D)
+        for block in self.joint_blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x_tok, lr_tok, ctx = torch.utils.checkpoint.checkpoint(
+                    block, x_tok, lr_tok, ctx, c, grid, self.attn_mode, use_reentrant=False)
+            else:
+                x_tok, lr_tok, ctx = block(x_tok, lr_tok, ctx, c, grid, self.attn_mode)
+        out = self.final_layer(x_tok, c)                                          # (B, K, p*p*C)
+        return rearrange(out, "b (h w) (p q c) -> b c (h p) (w q)",
+                         h=grid[0], p=cfg.patch, q=cfg.patch)                      # (B, C, H, W)
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA (MFSR App. B) and the trainable set
+
+LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")  # attention and MLP linears of both streams
+
+
+class LoRALinear(nn.Linear):
+    """A Linear plus a low-rank update  W x + (alpha / rank) * up(down(x)); up starts at zero.
+
+    Keeps the `weight` / `bias` names of the layer it replaces, so checkpoint keys stay valid.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_down = nn.Linear(self.in_features, rank, bias=False, **kw)
+        self.lora_up = nn.Linear(rank, self.out_features, bias=False, **kw)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        self.scale = alpha / rank
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) + self.scale * self.lora_up(self.lora_down(x))
+
+    def merged(self) -> nn.Linear:
+        lin = nn.Linear(self.in_features, self.out_features, device=self.weight.device,
+                        dtype=self.weight.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(self.weight + self.scale * self.lora_up.weight @ self.lora_down.weight)
+            lin.bias.copy_(self.bias)
+        return lin
+
+
+def _replace_linears(net, pick, make):
+    for parent in list(net.joint_blocks.modules()):
+        for name, child in list(parent.named_children()):
+            if pick(name, child):
+                setattr(parent, name, make(child))
+
+
+def add_lora(net: MMDiT, rank: int = 64, alpha: float | None = None, targets=LORA_TARGETS):
+    """Wrap the transformer blocks' linear layers named in `targets` with LoRA (zero at init)."""
+    alpha = float(rank) if alpha is None else alpha
+    _replace_linears(net, lambda n, m: type(m) is nn.Linear and n in targets,
+                     lambda m: LoRALinear(m, rank, alpha))
+    net.lora = dict(rank=rank, alpha=alpha, targets=tuple(targets))
+    return net
+
+
+def merge_lora(net: MMDiT):
+    """Fold every LoRA update into its base weight (for export); the output is unchanged."""
+    _replace_linears(net, lambda n, m: isinstance(m, LoRALinear), lambda m: m.merged())
+    net.lora = None
+    return net
+
+
+def set_trainable(net: MMDiT, teacher_time_scale: float = 1000.0, verbose=True) -> int:
+    """MFSR's trainable set: LR-stream control layers, LoRA, the s-embedder, and the t-embedder
+    when the student's time scale differs from the teacher's (its input changed). All else frozen.
+    Returns the number of trainable parameters."""
+    train_t = net.cfg.time_scale != teacher_time_scale
+    n_train = n_all = 0
+    for name, p in net.named_parameters():
+        p.requires_grad_("control" in name or "lora_" in name or name.startswith("s_embedder.")
+                         or (train_t and name.startswith("t_embedder.")))
+        n_all += p.numel()
+        n_train += p.numel() if p.requires_grad else 0
+    if verbose:
+        print(f"trainable parameters: {n_train:,} of {n_all:,} ({100 * n_train / n_all:.1f}%)")
+    return n_train
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint layouts: original single-file names (ours) <-> diffusers names (ARCH §2.5, §3.5)
+
+_PREFIX = "model.diffusion_model."
+_QKV = lambda a, names: [f"{a}.{n}." for n in names]
+_BLOCK_RULES = [  # (original suffix, diffusers suffix, or 3 suffixes that concatenate into qkv)
+    ("x_block.adaLN_modulation.1.", "norm1.linear."),
+    ("context_block.adaLN_modulation.1.", "norm1_context.linear."),
+    ("x_block.attn.qkv.", _QKV("attn", ("to_q", "to_k", "to_v"))),
+    ("context_block.attn.qkv.", _QKV("attn", ("add_q_proj", "add_k_proj", "add_v_proj"))),
+    ("x_block.attn.ln_q.", "attn.norm_q."), ("x_block.attn.ln_k.", "attn.norm_k."),
+    ("context_block.attn.ln_q.", "attn.norm_added_q."), ("context_block.attn.ln_k.", "attn.norm_added_k."),
+    ("x_block.attn.proj.", "attn.to_out.0."), ("context_block.attn.proj.", "attn.to_add_out."),
+    ("x_block.attn2.qkv.", _QKV("attn2", ("to_q", "to_k", "to_v"))),
+    ("x_block.attn2.ln_q.", "attn2.norm_q."), ("x_block.attn2.ln_k.", "attn2.norm_k."),
+    ("x_block.attn2.proj.", "attn2.to_out.0."),
+    ("x_block.mlp.fc1.", "ff.net.0.proj."), ("x_block.mlp.fc2.", "ff.net.2."),
+    ("context_block.mlp.fc1.", "ff_context.net.0.proj."), ("context_block.mlp.fc2.", "ff_context.net.2."),
+    ("x_block.mlp.control_conv.", "ff.control_conv."),
+] + [(f"x_block.{a}.{n}_control.", f"{a}.to_{n}_control.")
+     for a in ("attn", "attn2") for n in ("q", "k", "v", "out")]
+_GLOBAL_RULES = [
+    ("pos_embed", "pos_embed.pos_embed"),
+    ("x_embedder.proj.", "pos_embed.proj."),
+    ("t_embedder.mlp.0.", "time_text_embed.timestep_embedder.linear_1."),
+    ("t_embedder.mlp.2.", "time_text_embed.timestep_embedder.linear_2."),
+    ("s_embedder.mlp.0.", "time_text_embed.s_embedder.linear_1."),   # MFSR student (ours)
+    ("s_embedder.mlp.2.", "time_text_embed.s_embedder.linear_2."),
+    ("y_embedder.mlp.0.", "time_text_embed.text_embedder.linear_1."),
+    ("y_embedder.mlp.2.", "time_text_embed.text_embedder.linear_2."),
+    ("context_embedder.", "context_embedder."),
+    ("final_layer.adaLN_modulation.1.", "norm_out.linear."),
+    ("final_layer.linear.", "proj_out."),
+]
+# DiT4SR's attn2 was built with text projections it never uses (ARCH §3.5): 130 tensors, dropped.
+DIT4SR_UNUSED = re.compile(r"transformer_blocks\.\d+\.attn2\.(add_[qkv]_proj|to_add_out|norm_added_[qk])\.")
+
+
+def _to_diffusers_name(key, depth):
+    """Original key -> (diffusers keys, how): how is 'copy', 'qkv' (3 row blocks) or 'swap'
+    (halves (shift, scale) <-> (scale, shift): the last context adaLN and the final layer)."""
+    m = re.match(r"joint_blocks\.(\d+)\.(.*)", key)
+    rules, rest, head = (_BLOCK_RULES, m.group(2), f"transformer_blocks.{m.group(1)}.") if m \
+        else (_GLOBAL_RULES, key, "")
+    for orig, diff in rules:
+        if rest.startswith(orig):
+            tail = rest[len(orig):]
+            if isinstance(diff, list):
+                return [head + d + tail for d in diff], "qkv"
+            swap = (key.startswith("final_layer.adaLN") or
+                    (m and int(m.group(1)) == depth - 1 and orig.startswith("context_block.adaLN")))
+            return [head + diff + tail], "swap" if swap else "copy"
+    raise KeyError(f"no diffusers name for {key}")
+
+
+def _swap_halves(t):
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def to_diffusers_state_dict(sd, depth):
+    out = {}
+    for key, t in sd.items():
+        names, how = _to_diffusers_name(key, depth)
+        parts = t.chunk(3, dim=0) if how == "qkv" else [_swap_halves(t) if how == "swap" else t]
+        out.update({n: p.clone() if how == "qkv" else p for n, p in zip(names, parts)})
+    return out
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: the message names the file and what is wrong."""
+
+
+def _check_keys(path, expected, found, what):
+    """expected/found: {key: shape}. Raise a CheckpointError that lists what differs."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    misshapen = [f"{k}: file {tuple(found[k])} vs model {tuple(expected[k])}"
+                 for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
+    if missing or unexpected or misshapen:
+        lines = [f"{path}: checkpoint does not match {what}"]
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)):
+            if items:
+                more = f" ... and {len(items) - 8} more" if len(items) > 8 else ""
+                lines.append(f"  {label} ({len(items)}): " + ", ".join(items[:8]) + more)
+        raise CheckpointError("\n".join(lines))
+
+
+class _Source:
+    """The tensors of one safetensors file or a sharded folder: names, shapes, lazy reads.
+
+    Files are memory-mapped by safetensors, so a full-size model is read tensor by tensor into
+    the meta-built module (`load_state_dict(assign=True)`) without a second copy in memory.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        files = self._resolve(path)
+        self.handles, self.where, self.metadata = [], {}, {}
+        for f in files:
+            try:
+                h = safe_open(f, framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types for corrupt files
+                raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+            self.handles.append(h)
+            self.metadata.update(h.metadata() or {})
+            for k in h.keys():
+                self.where[k] = h
+        keys = self.where
+        if any(k.startswith(_PREFIX) for k in keys):      # SD3.5 single file: VAE etc. beside it
+            self.where = {k[len(_PREFIX):]: h for k, h in keys.items() if k.startswith(_PREFIX)}
+            self.rename = lambda k: _PREFIX + k
+            self.layout = "original"
+        else:
+            self.rename = lambda k: k
+            if any(k.startswith("joint_blocks.") for k in keys):
+                self.layout = "original"
+            elif any(k.startswith("transformer_blocks.") for k in keys):
+                self.layout = "diffusers"
+            else:
+                some = ", ".join(list(keys)[:3])
+                raise CheckpointError(f"{path}: no SD3/MMDiT transformer keys found "
+                                      f"(neither 'joint_blocks.*' nor 'transformer_blocks.*'; "
+                                      f"the file starts with: {some or 'nothing'})")
+
+    @staticmethod
+    def _resolve(path):
+        if not os.path.exists(path):
+            raise CheckpointError(f"{path}: no such file or folder")
+        if os.path.isdir(path):
+            if os.path.isdir(os.path.join(path, "transformer")):
+                return _Source._resolve(os.path.join(path, "transformer"))
+            index = [f for f in os.listdir(path) if f.endswith(".safetensors.index.json")]
+            if index:
+                return _Source._resolve(os.path.join(path, index[0]))
+            st = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+            if len(st) != 1:
+                raise CheckpointError(f"{path}: expected one .safetensors file or an index json, "
+                                      f"found {st or 'none'}")
+            return [os.path.join(path, st[0])]
+        if path.endswith(".index.json"):
+            with open(path) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            return [os.path.join(os.path.dirname(path), s) for s in shards]
+        if not path.endswith(".safetensors"):
+            raise CheckpointError(f"{path}: only .safetensors checkpoints are read (pickled .pt/.ckpt/"
+                                  f".bin files can run code when loaded); convert it first")
+        return [path]
+
+    def shape(self, key):
+        return tuple(self.where[key].get_slice(self.rename(key)).get_shape())
+
+    def get(self, key):
+        return self.where[key].get_tensor(self.rename(key))
+
+
+_NAMES = {  # where each shape-determined setting is read, per layout (ARCH §2.1)
+    "original": dict(patch="x_embedder.proj.weight", pos="pos_embed", y="y_embedder.mlp.0.weight",
+                     block=r"joint_blocks\.(\d+)\.", dual=r"joint_blocks\.(\d+)\.x_block\.attn2\.",
+                     qk="joint_blocks.0.x_block.attn.ln_q.weight", s="s_embedder."),
+    "diffusers": dict(patch="pos_embed.proj.weight", pos="pos_embed.pos_embed",
+                      y="time_text_embed.text_embedder.linear_1.weight",
+                      block=r"transformer_blocks\.(\d+)\.", dual=r"transformer_blocks\.(\d+)\.attn2\.to_q",
+                      qk="transformer_blocks.0.attn.norm_q.weight", s="time_text_embed.s_embedder."),
+}
+
+
+def _infer_config(src: _Source) -> MMDiTConfig:
+    n, keys = _NAMES[src.layout], list(src.where)
+    try:
+        hidden, in_ch, patch, _ = src.shape(n["patch"])
+        pos_rows, ctx_dim, pooled = src.shape(n["pos"])[1], src.shape("context_embedder.weight")[1], \
+            src.shape(n["y"])[1]
+    except KeyError as e:
+        raise CheckpointError(f"{src.path}: missing {e} needed to read the model size") from None
+    blocks = lambda pat: sorted({int(m.group(1)) for k in keys if (m := re.match(pat, k))})
+    qk = n["qk"] in src.where
+    head_dim = src.shape(n["qk"])[0] if qk else 64
+    return MMDiTConfig(
+        depth=len(blocks(n["block"])), heads=hidden // head_dim, head_dim=head_dim, patch=patch,
+        in_channels=in_ch, pos_grid=math.isqrt(pos_rows), context_dim=ctx_dim, pooled_dim=pooled,
+        dual_layers=tuple(blocks(n["dual"])), qk_norm=qk, lr_stream=any("control" in k for k in keys),
+        two_times=any(k.startswith(n["s"]) for k in keys))
+
+
+def load_transformer(path, *, dtype=torch.float32, device="cpu", **overrides) -> MMDiT:
+    """Load any supported transformer checkpoint; the config is read from its shapes and keys.
+
+    path: an SD3.5 single file (`model.diffusion_model.*`; VAE and text encoders beside it are
+    ignored), a diffusers transformer (.safetensors, or a folder, sharded or not, or its parent
+    with `transformer/`), a DiT4SR transformer (diffusers layout with `*control*` keys), or a file
+    written by `save_transformer`. overrides: config fields a file cannot tell, e.g.
+    lr_key_mode="r1" or time_scale=1.0. Tensors are cast to `dtype` (files mix fp16 and fp32).
+    """
+    src = _Source(path)
+    known = {f.name for f in fields(MMDiTConfig)}
+    if set(overrides) - known:
+        raise TypeError(f"unknown config overrides {sorted(set(overrides) - known)}; known: {sorted(known)}")
+    saved = json.loads(src.metadata.get("mfsr_config", "{}"))
+    told = {k: saved[k] for k in ("lr_key_mode", "ff_inject", "time_scale") if k in saved}
+    cfg = replace(_infer_config(src), **{**told, **overrides})
+    lora = json.loads(src.metadata.get("lora", "null"))
+    with torch.device("meta"):
+        net = MMDiT(cfg)
+        if lora:
+            add_lora(net, lora["rank"], lora["alpha"], lora["targets"])
+    expected = net.state_dict()
+    if src.layout == "diffusers":
+        if lora:
+            raise CheckpointError(f"{path}: LoRA weights are only stored in the original layout")
+        want = {k: v.shape for k, v in to_diffusers_state_dict(expected, cfg.depth).items()}
+        found = {k: src.shape(k) for k in src.where if not DIT4SR_UNUSED.match(k)}
+    else:
+        want = {k: v.shape for k, v in expected.items()}
+        found = {k: src.shape(k) for k in src.where}
+    _check_keys(path, want, found, f"the {src.layout}-layout model read from it ({cfg})")
+    sd = {}
+    for key in expected:
+        if src.layout == "diffusers":
+            names, how = _to_diffusers_name(key, cfg.depth)
+            parts = [src.get(k_).to(dtype) for k_ in names]
+            t = torch.cat(parts) if how == "qkv" else (_swap_halves(parts[0]) if how == "swap" else parts[0])
+        else:
+            t = src.get(key).to(dtype)
+        sd[key] = t
+    net.load_state_dict(sd, assign=True)
+    return net.to(device)
+
+
+def _atomic_save(tensors, path, metadata):
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_transformer(net: MMDiT, path, layout="original"):
+    """Write a safetensors file: "original" = SD3.5 single-file names (`model.diffusion_model.*`,
+    loadable by SD3.5 tools when the model has no added parts), "diffusers" = diffusers/DiT4SR
+    names. The config and LoRA settings go into the metadata; the write is atomic."""
+    sd = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+    lora = getattr(net, "lora", None)
+    if layout == "original":
+        sd = {_PREFIX + k: v for k, v in sd.items()}
+    elif layout == "diffusers":
+        if lora:
+            raise ValueError("merge_lora(net) before a diffusers-layout export")
+        sd = to_diffusers_state_dict(sd, net.cfg.depth)
+    else:
+        raise ValueError(f"layout must be 'original' or 'diffusers', got {layout!r}")
+    meta = {"format": "mfsr-mmdit", "layout": layout, "mfsr_config": json.dumps(asdict(net.cfg)),
+            "lora": json.dumps(lora)}
+    _atomic_save(sd, path, meta)
+
+
+def make_student(teacher: MMDiT, time_scale: float = 1.0, lora_rank: int = 64,
+                 lora_alpha: float | None = None) -> MMDiT:
+    """MFSR Alg. 1 lines 1-2: the student starts as the teacher plus an s-embedder and LoRA.
+
+    Frozen base weights are shared with the teacher (no second copy of the 2.5B parameters);
+    the tensors the student trains (LR-stream control layers, the t-embedder if its time scale
+    changes) are cloned so the teacher stays fixed. With time_scale equal to the teacher's, the
+    student's output equals the teacher's for every s (zero s-embedder output, zero LoRA).
+    """
+    cfg = replace(teacher.cfg, two_times=True, time_scale=time_scale)
+    w = next(teacher.parameters())
+    new_t = time_scale != teacher.cfg.time_scale
+    sd = {k: v.detach().clone() if "control" in k or (new_t and k.startswith("t_embedder.")) else v.detach()
+          for k, v in teacher.state_dict().items()}
+    with torch.device(w.device):
+        s_emb = TimestepEmbedder(cfg.hidden).to(w.dtype)
+    nn.init.zeros_(s_emb.mlp[2].weight)
+    nn.init.zeros_(s_emb.mlp[2].bias)
+    sd.update({"s_embedder." + k: v for k, v in s_emb.state_dict().items()})
+    with torch.device("meta"):
+        student = MMDiT(cfg)
+    student.load_state_dict(sd, assign=True)
+    add_lora(student, lora_rank, lora_alpha)
+    set_trainable(student, teacher_time_scale=teacher.cfg.time_scale, verbose=False)
+    return student

@@ -1,0 +1,397 @@
+"""Tests of the whole project (CPU, small configs; `slow` ones run in CI too).
+
+    python -m pytest -q                 # everything, as CI runs it
+    python -m pytest -q -m "not slow"   # the quick ones
+"""
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import model
+from model import CONFIGS, MMDiT, CheckpointError
+
+KEYS = Path(__file__).resolve().parent / "reference" / "keys"   # manifests of the real checkpoints
+
+
+def _manifest(name):
+    return json.loads((KEYS / name).read_text())
+
+
+# ============================================================================================
+# model.py
+
+
+def _meta(cfg):
+    with torch.device("meta"):
+        return MMDiT(cfg)
+
+
+def _n_params(net):
+    return sum(p.numel() for p in net.parameters())
+
+
+@pytest.mark.parametrize("name,manifest,count", [
+    ("sd35-medium", "keys_sd35_medium_mmdit.json", 2_243_171_520),
+    ("sd35-large", "keys_sd35_large_mmdit.json", 8_056_627_520),
+])
+def test_full_size_keys_and_shapes_equal_the_sd35_manifests(name, manifest, count):
+    net = _meta(CONFIGS[name])
+    ours = {k: list(v.shape) for k, v in net.state_dict().items()}
+    ref = {k.removeprefix("model.diffusion_model."): v for k, v in _manifest(manifest).items()}
+    assert ours == ref
+    assert _n_params(net) == count
+
+
+def test_full_size_dit4sr_in_diffusers_layout_equals_the_dit4sr_manifest():
+    net = _meta(CONFIGS["dit4sr"])
+    ours = {k: list(v.shape) for k, v in model.to_diffusers_state_dict(net.state_dict(), 24).items()}
+    ref = _manifest("keys_dit4sr_full_diffusers.json")
+    unused = {k for k in ref if model.DIT4SR_UNUSED.match(k)}
+    assert len(unused) == 130
+    assert ours == {k: v for k, v in ref.items() if k not in unused}
+    assert _n_params(net) == 2_594_049_216
+    extras = sum(torch.Size(ref[k]).numel() for k in unused)
+    assert _n_params(net) + extras == 2_716_814_144   # the paper's 2716.8M
+
+
+def _inputs(cfg, B=2, H=8, W=12, L=7, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)
+    x = r(B, cfg.in_channels, H, W)
+    return dict(x=x, sigma=torch.rand(B, generator=g, dtype=dtype), pooled=r(B, cfg.pooled_dim),
+                context=r(B, L, cfg.context_dim), lr=r(*x.shape) if cfg.lr_stream else None,
+                sigma_s=torch.rand(B, generator=g, dtype=dtype) if cfg.two_times else None)
+
+
+def _randomize(net, std=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+    return net
+
+
+_DIFFUSERS_TINY = dict(sample_size=32, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=64,
+                       num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=128,
+                       pooled_projection_dim=32, out_channels=16, pos_embed_max_size=32,
+                       dual_attention_layers=(0,), qk_norm="rms_norm")
+
+
+def test_matches_diffusers_sd3_transformer_both_ways(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+    torch.manual_seed(0)
+    ref = _randomize(diffusers.SD3Transformer2DModel(**_DIFFUSERS_TINY).eval())
+    path = tmp_path / "diffusers.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+    net = model.load_transformer(str(path)).eval()          # our diffusers-layout loader
+    assert net.cfg == replace(CONFIGS["tiny"], lr_stream=False)
+    inp = _inputs(net.cfg)                                   # non-square 8 x 12 latent
+    run_ref = lambda m: m(hidden_states=inp["x"], encoder_hidden_states=inp["context"],
+                          pooled_projections=inp["pooled"], timestep=1000 * inp["sigma"]).sample
+    with torch.no_grad():
+        ours, theirs = net(inp["x"], inp["sigma"], inp["pooled"], inp["context"]), run_ref(ref)
+        assert theirs.abs().max() > 0.5
+        assert (ours - theirs).abs().max() <= 1e-5
+        # our original-layout export through diffusers' own single-file converter
+        model.save_transformer(net, str(tmp_path / "orig.safetensors"), layout="original")
+        conv = convert_sd3_transformer_checkpoint_to_diffusers(load_file(str(tmp_path / "orig.safetensors")))
+        ref2 = diffusers.SD3Transformer2DModel(**_DIFFUSERS_TINY).eval()
+        ref2.load_state_dict(conv, strict=True)
+        assert (ours - run_ref(ref2)).abs().max() <= 1e-5
+
+
+def _zero_control(net):
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "control" in name:
+                p.zero_()
+    return net
+
+
+def test_lr_stream_with_zero_control_r1_only_dilutes_attention(monkeypatch):
+    """ARCH §3.3: with zero control weights (r1), LR tokens have q = k = v = 0 and add nothing
+    but they still sit in every softmax: the image stream equals SD3.5 attention with K extra
+    zero keys and values, and does not depend on the LR latent."""
+    torch.manual_seed(0)
+    cfg = replace(CONFIGS["tiny"], lr_key_mode="r1")
+    dit = _zero_control(_randomize(MMDiT(cfg))).eval()
+    base = MMDiT(replace(cfg, lr_stream=False)).eval()
+    base.load_state_dict({k: v for k, v in dit.state_dict().items() if "control" not in k})
+    inp = _inputs(cfg)
+    with torch.no_grad():
+        out = dit(**inp)
+        out_other_lr = dit(**{**inp, "lr": torch.randn_like(inp["lr"])})
+        plain = base(inp["x"], inp["sigma"], inp["pooled"], inp["context"])
+        K = inp["x"].shape[-2] * inp["x"].shape[-1] // 4
+        orig = model.attention
+
+        def with_zero_tokens(q, k, v, mode="auto"):
+            pad = torch.zeros(*k.shape[:2], K, k.shape[3])
+            return orig(q, torch.cat([k, pad], 2), torch.cat([v, pad], 2), mode)
+        monkeypatch.setattr(model, "attention", with_zero_tokens)
+        diluted = base(inp["x"], inp["sigma"], inp["pooled"], inp["context"])
+    assert torch.equal(out, out_other_lr)
+    assert (out - plain).abs().max() > 1e-3           # not identical to SD3.5 at init
+    assert (out - diluted).abs().max() < 1e-5
+
+
+def test_lr_key_modes_v1_ignores_k_control_r1_uses_it():
+    torch.manual_seed(0)
+    nets = {m: _randomize(MMDiT(replace(CONFIGS["tiny"], lr_key_mode=m))).eval() for m in ("v1", "r1")}
+    nets["r1"].load_state_dict(nets["v1"].state_dict())
+    inp = _inputs(CONFIGS["tiny"])
+    with torch.no_grad():
+        before = {m: n(**inp) for m, n in nets.items()}
+        for n in nets.values():
+            for blk in n.joint_blocks:
+                blk.x_block.attn.k_control.weight.add_(0.3)
+        after = {m: n(**inp) for m, n in nets.items()}
+    assert (before["v1"] - before["r1"]).abs().max() > 1e-4
+    assert torch.equal(before["v1"], after["v1"])       # v1: LR keys come from the image keys
+    assert (before["r1"] - after["r1"]).abs().max() > 1e-4
+
+
+def test_lr_stream_depends_on_lr_and_handles_non_square():
+    torch.manual_seed(0)
+    net = _randomize(MMDiT(CONFIGS["tiny"])).eval()
+    inp = _inputs(net.cfg, H=6, W=16)
+    with torch.no_grad():
+        a = net(**inp)
+        b = net(**{**inp, "lr": inp["lr"].flip(-1)})
+    assert a.shape == inp["x"].shape
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_dit4sr_layout_file_round_trips_and_drops_unused_extras(tmp_path):
+    torch.manual_seed(0)
+    net = _randomize(MMDiT(CONFIGS["tiny"])).eval()
+    path = tmp_path / "transformer" / "diffusion_pytorch_model.safetensors"
+    path.parent.mkdir()
+    sd = model.to_diffusers_state_dict(net.state_dict(), net.cfg.depth)
+    for i in net.cfg.dual_layers:   # DiT4SR's never-used attn2 text projections, half precision
+        for n in ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"):
+            sd[f"transformer_blocks.{i}.attn2.{n}.weight"] = torch.randn(128, 128).half()
+            sd[f"transformer_blocks.{i}.attn2.{n}.bias"] = torch.randn(128).half()
+        for n in ("norm_added_q", "norm_added_k"):
+            sd[f"transformer_blocks.{i}.attn2.{n}.weight"] = torch.ones(64).half()
+    sd = {k: v.half() if "control" not in k else v for k, v in sd.items()}  # mixed, as DiT4SR saves
+    save_file(sd, str(path))
+    loaded = model.load_transformer(str(tmp_path)).eval()    # folder with transformer/
+    assert loaded.cfg == net.cfg and all(p.dtype == torch.float32 for p in loaded.parameters())
+    for k, v in net.state_dict().items():
+        tol = 0 if "control" in k else 1e-3 * v.abs().max()
+        assert (loaded.state_dict()[k] - v).abs().max() <= tol, k
+    inp = _inputs(net.cfg)
+    with torch.no_grad():
+        ref = MMDiT(net.cfg).eval()
+        ref.load_state_dict({k: v.half().float() if "control" not in k else v
+                             for k, v in net.state_dict().items()})
+        assert torch.equal(loaded(**inp), ref(**inp))
+
+
+def test_sharded_diffusers_folder_loads(tmp_path):
+    torch.manual_seed(0)
+    net = MMDiT(CONFIGS["tiny"])
+    sd = model.to_diffusers_state_dict(net.state_dict(), net.cfg.depth)
+    keys = sorted(sd)
+    shards = {"a.safetensors": keys[::2], "b.safetensors": keys[1::2]}
+    for f, ks in shards.items():
+        save_file({k: sd[k] for k in ks}, str(tmp_path / f))
+    index = {"weight_map": {k: f for f, ks in shards.items() for k in ks}}
+    (tmp_path / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    loaded = model.load_transformer(str(tmp_path))
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in net.state_dict().items())
+
+
+def test_sd35_single_file_ignores_vae_and_reads_config_from_shapes(tmp_path):
+    cfg = replace(CONFIGS["tiny"], lr_stream=False, depth=2, dual_layers=(), qk_norm=False)
+    net = MMDiT(cfg)
+    sd = {"model.diffusion_model." + k: v for k, v in net.state_dict().items()}
+    sd["first_stage_model.decoder.conv_in.weight"] = torch.zeros(4, 16, 3, 3)
+    sd["text_encoders.clip_l.x"] = torch.zeros(3)
+    save_file(sd, str(tmp_path / "sd35.safetensors"))
+    loaded = model.load_transformer(str(tmp_path / "sd35.safetensors"), time_scale=1.0)
+    assert loaded.cfg == replace(cfg, time_scale=1.0)
+
+
+def test_malformed_checkpoints_give_clear_errors(tmp_path):
+    net = MMDiT(CONFIGS["tiny"])
+    good = {"model.diffusion_model." + k: v for k, v in net.state_dict().items()}
+    cases = {}
+    missing = dict(good)
+    del missing["model.diffusion_model.joint_blocks.1.x_block.mlp.fc2.weight"]
+    cases["missing.safetensors"] = (missing, r"missing \(1\): joint_blocks\.1\.x_block\.mlp\.fc2\.weight")
+    wrong = dict(good)
+    wrong["model.diffusion_model.final_layer.linear.bias"] = torch.zeros(65)
+    cases["wrong.safetensors"] = (wrong, r"misshapen \(1\): final_layer\.linear\.bias: file \(65,\) vs model \(64,\)")
+    extra = dict(good)
+    extra["model.diffusion_model.joint_blocks.0.x_block.foo"] = torch.zeros(2)
+    cases["extra.safetensors"] = (extra, r"unexpected \(1\): joint_blocks\.0\.x_block\.foo")
+    cases["vae.safetensors"] = ({"first_stage_model.encoder.conv_in.weight": torch.zeros(1)},
+                                r"no SD3/MMDiT transformer keys")
+    for name, (sd, pattern) in cases.items():
+        save_file(sd, str(tmp_path / name))
+        with pytest.raises(CheckpointError, match=pattern) as e:
+            model.load_transformer(str(tmp_path / name))
+        assert name in str(e.value)
+    data = (tmp_path / "missing.safetensors").read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 100)
+    torch.save({"a": torch.zeros(1)}, tmp_path / "pickled.pt")
+    for name, pattern in [("truncated.safetensors", "not a readable safetensors"),
+                          ("garbage.safetensors", "not a readable safetensors"),
+                          ("pickled.pt", "only .safetensors"), ("absent.safetensors", "no such file")]:
+        with pytest.raises(CheckpointError, match=pattern) as e:
+            model.load_transformer(str(tmp_path / name))
+        assert name in str(e.value)
+    with pytest.raises(TypeError, match="unknown config overrides"):
+        model.load_transformer(str(tmp_path / "extra.safetensors"), lr_mode="r1")
+
+
+def test_overwrite_is_atomic_and_project_files_keep_settings(tmp_path):
+    torch.manual_seed(0)
+    student = model.make_student(_randomize(MMDiT(CONFIGS["tiny"])), time_scale=1.0, lora_rank=4)
+    with torch.no_grad():
+        for m in student.modules():
+            if isinstance(m, model.LoRALinear):
+                m.lora_up.weight.normal_(0, 0.1)
+    path = str(tmp_path / "student.safetensors")
+    model.save_transformer(student, path)
+    assert os.listdir(tmp_path) == ["student.safetensors"]   # no temporary file left behind
+    loaded = model.load_transformer(path)
+    assert loaded.cfg == student.cfg and loaded.lora == student.lora
+    inp = _inputs(student.cfg)
+    with torch.no_grad():
+        assert torch.equal(loaded(**inp), student(**inp))
+
+
+# ---- attention with forward-mode AD
+
+
+def _qkv(B=1, H=2, N=37, M=53, d=8, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, n, d, generator=g, dtype=dtype) for n in (N, M, M)]
+
+
+def test_attention_jvp_matches_float64_finite_differences():
+    q, k, v = _qkv()
+    dq, dk, dv = _qkv(seed=1)
+    f = lambda q_, k_, v_: model.attention(q_, k_, v_)
+    for chunk in (5, model.ATTN_CHUNK):
+        model_chunk = model.ATTN_CHUNK
+        try:
+            model.ATTN_CHUNK = chunk
+            out, tangent = torch.func.jvp(f, (q, k, v), (dq, dk, dv))
+        finally:
+            model.ATTN_CHUNK = model_chunk
+        eps = 1e-6
+        fd = (f(q + eps * dq, k + eps * dk, v + eps * dv) - f(q - eps * dq, k - eps * dk, v - eps * dv)) / (2 * eps)
+        assert (tangent - fd).norm() / fd.norm() <= 1e-6
+        _, math_tangent = torch.func.jvp(lambda *a: model.attention(*a, mode="math"), (q, k, v), (dq, dk, dv))
+        assert (tangent - math_tangent).abs().max() <= 1e-12
+    assert fd.norm() > 1.0
+
+
+def test_attention_paths_agree_and_backward_through_the_jvp_primal():
+    q, k, v = _qkv(dtype=torch.float32)
+    ref = model.attention(q, k, v, mode="math")
+    for mode in ("sdpa", "function", "chunked"):
+        assert (model.attention(q, k, v, mode=mode) - ref).abs().max() < 1e-6
+    # fused-mode use: grad-enabled JVP, backward through the primal output
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    tangents = _qkv(dtype=torch.float32, seed=1)
+    out, _ = torch.func.jvp(lambda *a: model.attention(*a), tuple(leaves), tuple(tangents))
+    w = torch.randn_like(out)
+    grads = torch.autograd.grad((out * w).sum(), leaves)
+    leaves2 = [t.clone().requires_grad_() for t in (q, k, v)]
+    grads_ref = torch.autograd.grad((model.attention(*leaves2, mode="math") * w).sum(), leaves2)
+    for a, b in zip(grads, grads_ref):
+        assert (a - b).abs().max() < 1e-5
+
+
+def test_model_jvp_uses_the_custom_attention_and_matches_math_backend():
+    torch.manual_seed(0)
+    net = _randomize(MMDiT(replace(CONFIGS["tiny"], two_times=True)).double()).eval()
+    inp = _inputs(net.cfg, dtype=torch.float64)
+    f = lambda x, sig: net(x, sig, inp["pooled"], inp["context"], lr=inp["lr"], sigma_s=inp["sigma_s"])
+    tx, ts = torch.randn_like(inp["x"]), torch.ones_like(inp["sigma"])
+    calls = []
+    orig = model._attention_tangent
+    model._attention_tangent = lambda *a: calls.append(1) or orig(*a)
+    try:
+        with torch.no_grad():
+            _, jvp = torch.func.jvp(f, (inp["x"], inp["sigma"]), (tx, ts))
+    finally:
+        model._attention_tangent = orig
+    assert len(calls) == net.cfg.depth + len(net.cfg.dual_layers)
+    net.attn_mode = "math"
+    _, jvp_math = torch.func.jvp(f, (inp["x"], inp["sigma"]), (tx, ts))
+    eps = 1e-6
+    fd = (f(inp["x"] + eps * tx, inp["sigma"] + eps * ts) - f(inp["x"] - eps * tx, inp["sigma"] - eps * ts)) / (2 * eps)
+    assert (jvp - jvp_math).abs().max() <= 1e-10 * jvp.abs().max()
+    assert (jvp - fd).norm() / fd.norm() <= 1e-6
+
+
+# ---- LoRA, student from teacher, trainable set
+
+
+def test_lora_is_zero_at_init_and_merges_exactly():
+    torch.manual_seed(0)
+    net = _randomize(MMDiT(CONFIGS["tiny"])).eval()
+    inp = _inputs(net.cfg)
+    with torch.no_grad():
+        before = net(**inp)
+        model.add_lora(net, rank=4, alpha=8)
+        n_lora = sum(isinstance(m, model.LoRALinear) for m in net.modules())
+        assert torch.equal(net(**inp), before)
+        for m in net.modules():
+            if isinstance(m, model.LoRALinear):
+                m.lora_up.weight.normal_(0, 0.05)
+        with_lora = net(**inp)
+        model.merge_lora(net)
+        merged = net(**inp)
+    # qkv + proj + fc1 + fc2 per stream and block, minus the last context block's proj/fc1/fc2,
+    # plus qkv + proj for each dual block
+    assert n_lora == 3 * 8 - 3 + 2
+    assert (with_lora - before).abs().max() > 1e-3
+    assert (merged - with_lora).abs().max() < 1e-5
+    assert not any("lora" in k for k in net.state_dict())
+
+
+def test_student_from_teacher_reproduces_teacher_for_any_s():
+    torch.manual_seed(0)
+    teacher = _randomize(MMDiT(CONFIGS["tiny"])).eval()
+    student = model.make_student(teacher, time_scale=teacher.cfg.time_scale, lora_rank=4).eval()
+    inp = _inputs(student.cfg)
+    with torch.no_grad():
+        ref = teacher(inp["x"], inp["sigma"], inp["pooled"], inp["context"], lr=inp["lr"])
+        for s in (inp["sigma_s"], torch.zeros(2), torch.ones(2)):
+            assert torch.equal(student(**{**inp, "sigma_s": s}), ref)
+    # the student's trainable control layers are its own; frozen base weights are shared
+    c = "joint_blocks.0.x_block.attn.q_control.weight"
+    assert student.get_parameter(c).data_ptr() != teacher.get_parameter(c).data_ptr()
+    b = "joint_blocks.0.x_block.mlp.fc1.weight"
+    assert student.get_parameter(b).data_ptr() == teacher.get_parameter(b).data_ptr()
+
+
+def test_trainable_set_counts():
+    with torch.device("meta"):
+        net = MMDiT(replace(CONFIGS["dit4sr"], two_times=True, time_scale=1.0))
+    model.add_lora(net, rank=64)
+    n = model.set_trainable(net, teacher_time_scale=1000.0, verbose=False)
+    D = 1536
+    control = 350_877_696
+    emb = 2 * (256 * D + D + D * D + D)                         # s- and t-embedders
+    lora = 0
+    for name, p in net.named_parameters():
+        if "lora_" in name:
+            lora += p.numel()
+    assert lora > 0 and n == control + emb + lora
+    assert all(not p.requires_grad for k, p in net.named_parameters()
+               if k.startswith(("y_embedder", "context_embedder", "final_layer")) or k.endswith("qkv.weight"))
