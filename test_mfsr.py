@@ -395,3 +395,94 @@ def test_trainable_set_counts():
     assert lora > 0 and n == control + emb + lora
     assert all(not p.requires_grad for k, p in net.named_parameters()
                if k.startswith(("y_embedder", "context_embedder", "final_layer")) or k.endswith("qkv.weight"))
+
+
+def _dit4sr_reference(sd, cfg, x, sigma, pooled, context, lr):
+    """An independent restatement of DiT4SR's forward (ARCH §3.2-3.3) over a diffusers-layout
+    state dict, dense attention, written from the text rather than from model.py."""
+    import torch.nn.functional as F
+    lin = lambda name, t: F.linear(t, sd[name + ".weight"], sd[name + ".bias"])
+    ln = lambda t: F.layer_norm(t, t.shape[-1:], eps=1e-6)
+    rms = lambda name, t: t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6) * sd[name + ".weight"]
+    heads = lambda t: t.unflatten(-1, (cfg.heads, 64)).transpose(1, 2)
+    mod = lambda t, sh, sc: t * (1 + sc[:, None]) + sh[:, None]
+
+    def attend(q, k, v):
+        p = torch.softmax(q @ k.transpose(-1, -2) / 8.0, dim=-1)
+        return (p @ v).transpose(1, 2).flatten(2)
+
+    B, _, H, W = x.shape
+    h, w, M = H // 2, W // 2, cfg.pos_grid
+    top, left = (M - h) // 2, (M - w) // 2
+    pos = sd["pos_embed.pos_embed"].reshape(M, M, -1)[top:top + h, left:left + w].reshape(1, h * w, -1)
+    embed = lambda z: F.conv2d(z, sd["pos_embed.proj.weight"], sd["pos_embed.proj.bias"], stride=2).flatten(2).transpose(1, 2) + pos
+    X, L = embed(x), embed(lr)
+    freqs = torch.exp(-torch.log(torch.tensor(10000.0, dtype=x.dtype)) * torch.arange(128, dtype=x.dtype) / 128)
+    tf = torch.cat([torch.cos(1000 * sigma[:, None] * freqs), torch.sin(1000 * sigma[:, None] * freqs)], -1)
+    mlp2 = lambda n, t: lin(n + ".linear_2", F.silu(lin(n + ".linear_1", t)))
+    temb = mlp2("time_text_embed.timestep_embedder", tf) + mlp2("time_text_embed.text_embedder", pooled)
+    C = lin("context_embedder", context)
+    K = X.shape[1]
+    for i in range(cfg.depth):
+        b = f"transformer_blocks.{i}."
+        dual = i in cfg.dual_layers
+        m = lin(b + "norm1.linear", F.silu(temb)).chunk(9 if dual else 6, -1)
+        nX, nL = ln(X), ln(L)
+        last = i == cfg.depth - 1
+
+        def lr_attn(a, xa, la):
+            kx_raw = heads(lin(a + "to_k", xa))
+            qx, kx, vx = rms(a + "norm_q", heads(lin(a + "to_q", xa))), rms(a + "norm_k", kx_raw), heads(lin(a + "to_v", xa))
+            ql = rms(a + "norm_q", heads(lin(a + "to_q_control", lin(a + "to_q", la))))
+            vl = heads(lin(a + "to_v_control", lin(a + "to_v", la)))
+            kl = rms(a + "norm_k", heads(lin(a + "to_k_control", lin(a + "to_k", la)))) if cfg.lr_key_mode == "r1" \
+                else rms(a + "norm_k", rms(a + "norm_k", kx_raw))
+            return (qx, kx, vx), (ql, kl, vl)
+
+        xa, la = mod(nX, m[0], m[1]), mod(nL, m[0], m[1])
+        (qx, kx, vx), (ql, kl, vl) = lr_attn(b + "attn.", xa, la)
+        if last:
+            cm = lin(b + "norm1_context.linear", F.silu(temb)).chunk(2, -1)
+            ca = mod(ln(C), cm[1], cm[0])   # AdaLayerNormContinuous: (scale, shift)
+        else:
+            cm = lin(b + "norm1_context.linear", F.silu(temb)).chunk(6, -1)
+            ca = mod(ln(C), cm[0], cm[1])
+        qc = rms(b + "attn.norm_added_q", heads(lin(b + "attn.add_q_proj", ca)))
+        kc = rms(b + "attn.norm_added_k", heads(lin(b + "attn.add_k_proj", ca)))
+        vc = heads(lin(b + "attn.add_v_proj", ca))
+        o = attend(torch.cat([qx, ql, qc], 2), torch.cat([kx, kl, kc], 2), torch.cat([vx, vl, vc], 2))
+        X2 = X + m[2][:, None] * lin(b + "attn.to_out.0", o[:, :K])
+        L2 = L + m[2][:, None] * lin(b + "attn.to_out_control", o[:, K:2 * K] + la)
+        if dual:
+            xa2, la2 = mod(nX, m[6], m[7]), mod(nL, m[6], m[7])
+            (qx, kx, vx), (ql, kl, vl) = lr_attn(b + "attn2.", xa2, la2)
+            o2 = attend(torch.cat([qx, ql], 2), torch.cat([kx, kl], 2), torch.cat([vx, vl], 2))
+            X2 = X2 + m[8][:, None] * lin(b + "attn2.to_out.0", o2[:, :K])
+            L2 = L2 + m[8][:, None] * lin(b + "attn2.to_out_control", o2[:, K:] + la2)
+        hX = F.gelu(lin(b + "ff.net.0.proj", mod(ln(X2), m[3], m[4])), approximate="tanh")
+        hL = F.gelu(lin(b + "ff.net.0.proj", mod(ln(L2), m[3], m[4])), approximate="tanh")
+        conv = F.conv2d(hL.transpose(1, 2).reshape(B, -1, h, w), sd[b + "ff.control_conv.weight"],
+                        sd[b + "ff.control_conv.bias"], padding=1, groups=hL.shape[-1])
+        hX = hX + 1.2 * conv.flatten(2).transpose(1, 2)
+        X = X2 + m[5][:, None] * lin(b + "ff.net.2", hX)
+        L = L2 + m[5][:, None] * lin(b + "ff.net.2", hL)
+        if not last:
+            C = C + cm[2][:, None] * lin(b + "attn.to_add_out", o[:, 2 * K:])
+            hc = F.gelu(lin(b + "ff_context.net.0.proj", mod(ln(C), cm[3], cm[4])), approximate="tanh")
+            C = C + cm[5][:, None] * lin(b + "ff_context.net.2", hc)
+    scale, shift = lin("norm_out.linear", F.silu(temb)).chunk(2, -1)
+    out = lin("proj_out", mod(ln(X), shift, scale))                                  # (B, K, 64)
+    return out.reshape(B, h, w, 2, 2, 16).permute(0, 5, 1, 3, 2, 4).reshape(B, 16, H, W)
+
+
+@pytest.mark.parametrize("mode", ["v1", "r1"])
+def test_lr_stream_matches_an_independent_restatement_of_dit4sr(mode):
+    torch.manual_seed(0)
+    net = _randomize(MMDiT(replace(CONFIGS["tiny"], lr_key_mode=mode)), std=0.1).double().eval()
+    sd = model.to_diffusers_state_dict(net.state_dict(), net.cfg.depth)
+    inp = _inputs(net.cfg, H=6, W=10, dtype=torch.float64)
+    with torch.no_grad():
+        ours = net(**inp)
+        ref = _dit4sr_reference(sd, net.cfg, inp["x"], inp["sigma"], inp["pooled"], inp["context"], inp["lr"])
+    assert ref.abs().max() > 0.1
+    assert (ours - ref).abs().max() <= 1e-10
