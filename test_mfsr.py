@@ -486,3 +486,38 @@ def test_lr_stream_matches_an_independent_restatement_of_dit4sr(mode):
         ref = _dit4sr_reference(sd, net.cfg, inp["x"], inp["sigma"], inp["pooled"], inp["context"], inp["lr"])
     assert ref.abs().max() > 0.1
     assert (ours - ref).abs().max() <= 1e-10
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    net = _randomize(MMDiT(CONFIGS["tiny"]))
+    inp = _inputs(net.cfg)
+    grads = []
+    for ckpt in (False, True):
+        net.zero_grad()
+        net.grad_checkpointing = ckpt
+        net(**inp).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]))
+    assert grads[0].abs().max() > 0
+    assert (grads[0] - grads[1]).abs().max() <= 1e-6 * grads[0].abs().max()
+
+
+@pytest.mark.slow
+def test_torch_compile_forward_and_jvp():
+    torch.manual_seed(0)
+    cfg = replace(CONFIGS["tiny"], depth=2, two_times=True, time_scale=1.0)
+    net = _randomize(MMDiT(cfg)).eval()
+    inp = _inputs(cfg, B=1)
+    f = lambda x, sig: net(x, sig, inp["pooled"], inp["context"], lr=inp["lr"], sigma_s=inp["sigma_s"])
+    tx, ts = torch.randn_like(inp["x"]), torch.ones_like(inp["sigma"])
+
+    def jvp(x, sig, tx, ts):
+        with model.compiled_jvp():
+            return torch.func.jvp(f, (x, sig), (tx, ts))
+    with torch.no_grad():
+        eager_out, eager_tangent = torch.func.jvp(f, (inp["x"], inp["sigma"]), (tx, ts))
+        compiled_out = torch.compile(f)(inp["x"], inp["sigma"])
+        c_out, c_tangent = torch.compile(jvp, fullgraph=True)(inp["x"], inp["sigma"], tx, ts)
+    assert (compiled_out - eager_out).abs().max() <= 1e-5 * eager_out.abs().max()
+    assert (c_out - eager_out).abs().max() <= 1e-5 * eager_out.abs().max()
+    assert (c_tangent - eager_tangent).abs().max() <= 1e-5 * eager_tangent.abs().max()
