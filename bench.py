@@ -7,11 +7,14 @@ Each bench prints a table. Time is the median of interleaved repeats (this is a 
 2-core VM: interleaving keeps slow phases from landing on one variant only). Peak memory
 is the growth of the process's peak resident set (VmHWM, reset through
 /proc/self/clear_refs before each measurement) over the resident set before the call,
-so it counts what the call allocates, on CPU, including freed temporaries.
+so it counts what the call allocates, on CPU, including freed temporaries (glibc is told to
+return big freed blocks to the OS at once, MALLOC_MMAP_THRESHOLD_=65536).
 """
 import argparse
+import ctypes
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -38,11 +41,20 @@ def _status_mb(field):
 def peak_mb(fn):
     """Run fn() once; return (its result, peak resident memory it added in MB)."""
     gc.collect()
+    _trim()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current resident set
     base = _status_mb("VmRSS")
     out = fn()
     return out, _status_mb("VmHWM") - base
+
+
+def _trim():
+    """Give freed heap back to the OS so the next peak is measured from a clean base."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
 
 
 def median_times(fns, repeat=5, warmup=1):
@@ -72,6 +84,80 @@ def print_table(title, rows):
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
 
 
+# --------------------------------------------------------------------------------------------
+# model: forward, JVP (custom attention vs the math backend), JVP + backward
+
+
+def _model_case(cfg, H, W, B=1, L=16, two_times=True):
+    import model
+    from dataclasses import replace
+    torch.manual_seed(0)
+    net = model.MMDiT(replace(cfg, two_times=two_times, time_scale=1.0))
+    x = torch.randn(B, 16, H, W)
+    args = dict(pooled=torch.randn(B, cfg.pooled_dim), context=torch.randn(B, L, cfg.context_dim),
+                lr=torch.randn_like(x), sigma_s=torch.rand(B))
+    f = lambda x_, t_: net(x_, t_, **args)
+    sigma, tx, tt = torch.rand(B), torch.randn_like(x), torch.ones(B)
+
+    def jvp(mode):
+        def run():
+            net.attn_mode = mode
+            with torch.no_grad():
+                out = torch.func.jvp(f, (x, sigma), (tx, tt))
+            net.attn_mode = "auto"
+            return out
+        return run
+
+    def fwd():
+        with torch.no_grad():
+            return f(x, sigma)
+
+    def fwd_bwd():
+        net.zero_grad(set_to_none=True)
+        f(x, sigma).square().mean().backward()
+
+    def split():          # target by a no-grad JVP, then an ordinary forward + backward
+        _, dudt = jvp("auto")()
+        net.zero_grad(set_to_none=True)
+        (f(x, sigma) - dudt).square().mean().backward()
+
+    def fused():          # one grad-enabled JVP; backward through its primal output
+        net.zero_grad(set_to_none=True)
+        u, dudt = torch.func.jvp(f, (x, sigma), (tx, tt))
+        (u - dudt.detach()).square().mean().backward()
+    return {"forward": fwd, "fwd+bwd": fwd_bwd, "jvp custom": jvp("auto"), "jvp math": jvp("math"),
+            "split jvp+fwd+bwd": split, "fused jvp+bwd": fused}
+
+
+@bench
+def bench_model(args):
+    """Time and peak memory of the transformer's forward, JVP and training-step variants."""
+    import model
+    from dataclasses import replace
+    cpu = replace(model.CONFIGS["tiny"], depth=6, heads=6, dual_layers=(0, 1, 2))
+    cases = [("tiny", model.CONFIGS["tiny"], 16, 16, 3), ("6x384", cpu, 64, 32, 3)]
+    if not args.quick:
+        cases.append(("6x384", cpu, 64, 64, 1))
+    rows, figures = [], {}
+    for name, cfg, H, W, repeat in cases:
+        tokens = 2 * (H // 2) * (W // 2)
+        fns = _model_case(cfg, H, W)
+        if tokens >= 4096:   # only what the memory target needs at this size
+            fns = {k: fns[k] for k in ("forward", "jvp custom", "jvp math")}
+        times = median_times(fns, repeat=repeat, warmup=1)
+        mems = {k: peak_mb(fn)[1] for k, fn in fns.items()}
+        base_t = times.get("fwd+bwd", times["forward"])
+        for k in fns:
+            rows.append({"config": name, "tokens (X+LR)": tokens, "variant": k, "seconds": times[k],
+                         "x fwd+bwd" if "fwd+bwd" in times else "x forward": times[k] / base_t,
+                         "peak MB": mems[k], "x fwd mem": mems[k] / mems["forward"]})
+            figures[f"{name}/{tokens}/{k}"] = {"s": times[k], "peak_mb": mems[k]}
+    for r in rows:   # one column name for the time ratio
+        r["time ratio"] = r.pop("x fwd+bwd", None) or r.pop("x forward")
+    note = "time ratio: vs fwd+bwd of the same case (vs forward at 4096 tokens)"
+    return f"model (threads {torch.get_num_threads()}; {note})", rows, figures
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("which", choices=sorted(BENCHES), help="which bench to run")
@@ -79,6 +165,11 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--quick", action="store_true", help="small sizes only (smoke run)")
     args = p.parse_args(argv)
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and argv is None:
+        # glibc serves big blocks with mmap from this size on, so freed tensors leave the resident
+        # set at once and each peak is measured from the same base. Needs a fresh process.
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        os.execv(sys.executable, [sys.executable] + sys.argv)
     torch.set_num_threads(args.threads)
     title, rows, figures = BENCHES[args.which](args)
     if args.json:
