@@ -860,3 +860,44 @@ def make_student(teacher: MMDiT, time_scale: float = 1.0, lora_rank: int = 64,
     add_lora(student, lora_rank, lora_alpha)
     set_trainable(student, teacher_time_scale=teacher.cfg.time_scale, verbose=False)
     return student
+
+
+def describe(path=None, config="tiny"):
+    """What `python model.py` prints: a checkpoint's inferred config (shapes only, nothing loaded)
+    or a preset's, its parameter count, and for small models one forward and one JVP."""
+    if path:
+        src = _Source(path)
+        saved = json.loads(src.metadata.get("mfsr_config", "{}"))
+        cfg = replace(_infer_config(src), **{k: saved[k] for k in ("lr_key_mode", "ff_inject", "time_scale")
+                                             if k in saved})
+        print(f"{path}: {src.layout} layout, {len(src.where)} transformer tensors")
+    else:
+        cfg = CONFIGS[config]
+    with torch.device("meta"):
+        n = sum(p.numel() for p in MMDiT(cfg).parameters())
+    print(f"{cfg}\nparameters (pos_embed buffer excluded): {n:,}")
+    if path or n > 50_000_000:
+        return
+    torch.manual_seed(0)
+    net = MMDiT(replace(cfg, two_times=True, time_scale=1.0)).eval()
+    B, H, W = 1, 16, 24
+    x = torch.randn(B, cfg.in_channels, H, W)
+    kw = dict(pooled=torch.randn(B, cfg.pooled_dim), context=torch.randn(B, 8, cfg.context_dim),
+              lr=torch.randn_like(x) if cfg.lr_stream else None, sigma_s=torch.ones(B))
+    with torch.no_grad():
+        out, dout = torch.func.jvp(lambda z, s: net(z, s, **kw), (x, torch.full((B,), 0.5)),
+                                   (torch.randn_like(x), torch.ones(B)))
+    print(f"forward + JVP on a {H}x{W} latent: output {tuple(out.shape)}, |u| {out.norm():.3f}, "
+          f"|du| {dout.norm():.3f} (custom JVP attention)")
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="Inspect a transformer checkpoint or a preset config.")
+    ap.add_argument("ckpt", nargs="?", help="a .safetensors file or a diffusers folder")
+    ap.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
+    a = ap.parse_args()
+    try:
+        describe(a.ckpt, a.config)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}")
