@@ -134,10 +134,10 @@ def bench_model(args):
     """Time and peak memory of the transformer's forward, JVP and training-step variants."""
     import model
     from dataclasses import replace
-    cpu = replace(model.CONFIGS["tiny"], depth=6, heads=6, dual_layers=(0, 1, 2))
-    cases = [("tiny", model.CONFIGS["tiny"], 16, 16, 3), ("6x384", cpu, 64, 32, 3)]
-    if not args.quick:
-        cases.append(("6x384", cpu, 64, 64, 1))
+    cpu = replace(model.CONFIGS["tiny"], depth=6, heads=6, dual_layers=(0, 1, 2), pos_grid=64)
+    cases = [("tiny", model.CONFIGS["tiny"], 16, 16, 5)]
+    if not args.quick:   # 2 x 1024 tokens for all variants, 2 x 2048 for the memory target
+        cases += [("6x384", cpu, 64, 64, 3), ("6x384", cpu, 128, 64, 1)]
     rows, figures = [], {}
     for name, cfg, H, W, repeat in cases:
         tokens = 2 * (H // 2) * (W // 2)

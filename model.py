@@ -77,15 +77,21 @@ CONFIGS = {
 # --------------------------------------------------------------------------------------------
 # Attention: fused SDPA normally; a forward-mode-AD-capable path when tangents are present.
 
-ATTN_CHUNK = 1024  # query rows per chunk in the JVP paths: memory O(chunk * N) per head
+ATTN_CHUNK_ELEMENTS = 2 ** 21  # size of one (B, H, chunk, N) score block in the JVP paths
 
 
-def _attention_tangent(q, k, v, o, dq, dk, dv, chunk=ATTN_CHUNK):
+def _query_chunk(q, k):
+    """Query rows per chunk so that a score block stays under ATTN_CHUNK_ELEMENTS: O(N) memory."""
+    B, H, _, _ = q.shape
+    return max(1, ATTN_CHUNK_ELEMENTS // (B * H * k.shape[-2]))
+
+
+def _attention_tangent(q, k, v, o, dq, dk, dv):
     """Tangent of O = softmax(s Q K^T) V, chunked over queries, never forming N x N.
 
     dO = P dV + (P * dS) V - rowsum(P * dS) O,  with dS = s (dQ K^T + Q dK^T)   (per head)
     """
-    scale = q.shape[-1] ** -0.5
+    scale, chunk = q.shape[-1] ** -0.5, _query_chunk(q, k)
     out = []
     for i in range(0, q.shape[-2], chunk):
         qc, dqc, oc = q[..., i:i + chunk, :], dq[..., i:i + chunk, :], o[..., i:i + chunk, :]
@@ -96,13 +102,13 @@ def _attention_tangent(q, k, v, o, dq, dk, dv, chunk=ATTN_CHUNK):
     return torch.cat(out, dim=-2)
 
 
-def attention_chunked(q, k, v, chunk=ATTN_CHUNK):
+def attention_chunked(q, k, v):
     """softmax(s Q K^T) V in plain tensor ops over query chunks.
 
     Forward AD and torch.compile both go through plain ops, so this is the JVP path inside a
     compiled graph (dynamo ignores the custom jvp rule of JVPAttention). Memory O(chunk * N).
     """
-    scale = q.shape[-1] ** -0.5
+    scale, chunk = q.shape[-1] ** -0.5, _query_chunk(q, k)
     out = [torch.softmax((q[..., i:i + chunk, :] @ k.transpose(-1, -2)) * scale, dim=-1) @ v
            for i in range(0, q.shape[-2], chunk)]
     return torch.cat(out, dim=-2)                                                 # (B, H, N, d)

@@ -283,13 +283,13 @@ def test_attention_jvp_matches_float64_finite_differences():
     q, k, v = _qkv()
     dq, dk, dv = _qkv(seed=1)
     f = lambda q_, k_, v_: model.attention(q_, k_, v_)
-    for chunk in (5, model.ATTN_CHUNK):
-        model_chunk = model.ATTN_CHUNK
+    for elements in (2 * 53 * 5, model.ATTN_CHUNK_ELEMENTS):   # chunks of 5 query rows, or one
+        saved = model.ATTN_CHUNK_ELEMENTS
         try:
-            model.ATTN_CHUNK = chunk
+            model.ATTN_CHUNK_ELEMENTS = elements
             out, tangent = torch.func.jvp(f, (q, k, v), (dq, dk, dv))
         finally:
-            model.ATTN_CHUNK = model_chunk
+            model.ATTN_CHUNK_ELEMENTS = saved
         eps = 1e-6
         fd = (f(q + eps * dq, k + eps * dk, v + eps * dv) - f(q - eps * dq, k - eps * dk, v - eps * dv)) / (2 * eps)
         assert (tangent - fd).norm() / fd.norm() <= 1e-6
