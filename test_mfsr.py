@@ -521,3 +521,169 @@ def test_torch_compile_forward_and_jvp():
     assert (compiled_out - eager_out).abs().max() <= 1e-5 * eager_out.abs().max()
     assert (c_out - eager_out).abs().max() <= 1e-5 * eager_out.abs().max()
     assert (c_tangent - eager_tangent).abs().max() <= 1e-5 * eager_tangent.abs().max()
+
+
+# ============================================================================================
+# mfsr.py: the identity and the distillation, checked where everything is known (2-D flows)
+
+import mfsr  # noqa: E402
+
+
+def test_sample_times_ranges_ratio_and_determinism():
+    g = torch.Generator().manual_seed(0)
+    t, s = mfsr.sample_times(64, ratio=0.5, generator=g)
+    assert t.shape == s.shape == (64,)
+    assert (t >= 0).all() and (t <= 1).all() and (s >= t).all() and (s <= 1).all()
+    assert int((s != t).sum()) == 32 and (s[:32] != t[:32]).all()   # fixed count, rows first
+    t2, s2 = mfsr.sample_times(64, ratio=0.5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(t, t2) and torch.equal(s, s2)
+    # batch 1: the share is right on average (stochastic rounding), 4000 draws: std 0.008
+    neq = [bool(mfsr.sample_times(1, 0.25, g)[1] != mfsr.sample_times(1, 0.25, g)[0]) for _ in range(1)]
+    counts = sum(int((lambda ts: (ts[1] != ts[0]).sum())(mfsr.sample_times(1, 0.25, g))) for _ in range(4000))
+    assert abs(counts / 4000 - 0.25) < 0.03 and len(neq) == 1
+    # s | t is uniform on [t, 1]: (s - t) / (1 - t) has mean 1/2 and variance 1/12
+    t, s = mfsr.sample_times(20000, ratio=1.0, generator=g)
+    r = (s - t) / (1 - t)
+    assert abs(r.mean() - 0.5) < 0.01 and abs(r.var() - 1 / 12) < 0.005
+
+
+_A = torch.tensor([[-0.5, 1.0], [-1.2, -0.3]], dtype=torch.float64)
+
+
+def _linear_flow_u(z, t, s):
+    """Average velocity of dz/dt = A z exactly: u = A phi((s - t) A) z, phi(X) = sum X^k/(k+1)!
+    (smooth at s = t, where it equals v = A z)."""
+    hA = (s - t)[:, None, None] * _A                                            # (B, 2, 2)
+    term = torch.eye(2, dtype=z.dtype).expand_as(hA)
+    phi = term
+    for k in range(1, 30):
+        term = term @ hA / (k + 1)
+        phi = phi + term
+    return torch.einsum("ij,bjk,bk->bi", _A, phi, z)
+
+
+def _identity_error(monkeypatch=None, bug=None):
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(256, 2, generator=g, dtype=torch.float64)
+    t, s = mfsr.sample_times(256, ratio=0.75, generator=g)
+    t, s = t.double(), s.double()
+    v = z @ _A.T                                                                 # v(z, t) = A z
+    if bug:
+        real = torch.func.jvp
+
+        def buggy(f, primals, tangents):
+            tz, tt, ts = tangents
+            if bug == "t tangent":
+                tangents = (tz, torch.zeros_like(tt), ts)
+            if bug == "z tangent":
+                tangents = (torch.zeros_like(tz), tt, ts)
+            out, tan = real(f, primals, tangents)
+            return out, -tan if bug == "sign" else tan
+        monkeypatch.setattr(torch.func, "jvp", buggy)
+    u, u_tgt = mfsr.meanflow_target(_linear_flow_u, z, t, s, v)
+    assert torch.equal(u, _linear_flow_u(z, t, s))
+    return ((u_tgt - u).norm(dim=1) / u.norm(dim=1)).max().item()
+
+
+def test_meanflow_identity_is_exact_on_a_closed_form_flow():
+    assert _identity_error() <= 1e-9
+
+
+@pytest.mark.parametrize("bug", ["t tangent", "z tangent", "sign"])
+def test_identity_test_catches_planted_bugs(monkeypatch, bug):
+    assert _identity_error(monkeypatch, bug) > 1e-2
+
+
+def _mlp_u(seed=0, width=32, dtype=torch.float64):
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.SiLU(), torch.nn.Linear(width, width),
+                              torch.nn.SiLU(), torch.nn.Linear(width, 2)).to(dtype)
+    return net, lambda z, t, s: net(torch.cat([z, t[:, None], s[:, None]], 1))
+
+
+def test_jvp_du_dt_matches_finite_differences_on_an_mlp():
+    _, u_fn = _mlp_u()
+    g = torch.Generator().manual_seed(1)
+    z, v = torch.randn(64, 2, generator=g, dtype=torch.float64), torch.randn(64, 2, generator=g, dtype=torch.float64)
+    t, s = (x.double() for x in mfsr.sample_times(64, ratio=1.0, generator=g))
+    _, u_tgt = mfsr.meanflow_target(u_fn, z, t, s, v)
+    dudt = (u_tgt - v) / (s - t)[:, None]
+    eps = 1e-6
+    fd = (u_fn(z + eps * v, t + eps, s) - u_fn(z - eps * v, t - eps, s)) / (2 * eps)
+    assert ((dudt - fd).norm() / fd.norm()).item() <= 1e-6
+
+
+def test_split_and_fused_give_the_same_loss_and_gradients():
+    net, u_fn = _mlp_u()
+    g = torch.Generator().manual_seed(2)
+    z, v = torch.randn(32, 2, generator=g, dtype=torch.float64), torch.randn(32, 2, generator=g, dtype=torch.float64)
+    t, s = (x.double() for x in mfsr.sample_times(32, ratio=0.5, generator=g))
+    out = {}
+    for mode in ("split", "fused"):
+        net.zero_grad()
+        res = mfsr.mfd_loss(u_fn, z, t, s, v, mode=mode)
+        res["loss"].backward()
+        out[mode] = (res["loss"].item(), torch.cat([p.grad.flatten() for p in net.parameters()]))
+    assert abs(out["split"][0] - out["fused"][0]) <= 1e-12
+    assert (out["split"][1] - out["fused"][1]).abs().max() <= 1e-9
+    # the stop-gradient matters: a target that is not detached gives other gradients
+    net.zero_grad()
+    u, dudt = torch.func.jvp(u_fn, (z, t, s), (v, torch.ones_like(t), torch.zeros_like(s)))
+    mfsr.pseudo_huber(u, v + (s - t)[:, None] * dudt)[0].backward()
+    leaky = torch.cat([p.grad.flatten() for p in net.parameters()])
+    assert (leaky - out["split"][1]).abs().max() > 1e-3
+
+
+def test_teacher_velocity_variants_follow_eq_9_to_11():
+    B = 3
+    z, t = torch.randn(B, 2), torch.rand(B)
+    c, c_neg, c_null = (torch.full((B, 2), x) for x in (1.0, -2.0, 0.5))
+    calls = []
+
+    def teacher(zz, tt, cc):        # stub: v = c + t (known outputs per condition)
+        calls.append(zz.shape[0])
+        return cc[0] + tt[:, None]
+
+    def student(zz, tt, ss, cc):    # stub at s = t: u = 3 c
+        assert torch.equal(tt, ss)
+        return 3 * cc[0]
+    z_hr, eps = torch.randn(B, 2), torch.randn(B, 2)
+    kw = dict(z_hr=z_hr, eps=eps, teacher=teacher, student_u=student,
+              cond=(c,), cond_neg=(c_neg,), cond_null=(c_null,), w=6.0, kappa=0.25)
+    vc = c + t[:, None]
+    assert torch.equal(mfsr.teacher_velocity("gt", z, t, **kw), z_hr - eps)
+    assert torch.allclose(mfsr.teacher_velocity("neg", z, t, **kw), vc + 6 * (vc - (c_neg + t[:, None])))
+    assert torch.allclose(mfsr.teacher_velocity("null", z, t, **kw), vc + 6 * (vc - (c_null + t[:, None])))
+    assert calls == [2 * B, 2 * B]                                   # one batched call each
+    mf = mfsr.teacher_velocity("meanflow", z, t, **kw)
+    assert torch.allclose(mf, 6 * (z_hr - eps) + 0.25 * 3 * c + (1 - 6 - 0.25) * 3 * c_null)
+    with pytest.raises(ValueError, match="unknown teacher velocity"):
+        mfsr.teacher_velocity("cfg", z, t, **kw)
+
+
+def test_pseudo_huber_and_nan_guard():
+    a, b = torch.zeros(2, 4, 8, 8), torch.ones(2, 4, 8, 8)
+    c = 0.00054 * 16                                                   # sqrt(dim) = 16
+    mean, per = mfsr.pseudo_huber(a, b)
+    assert torch.allclose(per, torch.full((2,), (256 + c * c) ** 0.5 - c))
+    assert mfsr.pseudo_huber(a, a)[0] == 0
+    u_fn = lambda z, t, s: z * float("nan")
+    res = mfsr.mfd_loss(u_fn, torch.ones(2, 2), torch.zeros(2), torch.ones(2), torch.ones(2, 2))
+    assert res["loss"] is None and res["n_nonfinite"] == 2
+
+
+def test_sd3_sigma_grid_matches_the_reference_values():
+    sig = mfsr.sd3_sigmas(40, 3.0)
+    # ARCHITECTURE §1: 1.0, 0.99133, 0.98236, 0.97306, ..., 0.14651, 0.08105, 0.00893, 0
+    assert len(sig) == 41
+    for i, ref in [(0, 1.0), (1, 0.99133), (2, 0.98236), (3, 0.97306), (37, 0.14651), (38, 0.08105),
+                   (39, 0.00893), (40, 0.0)]:
+        assert abs(sig[i].item() - ref) < 1e-5
+
+
+def test_student_sampler_steps_follow_alg_2():
+    seen = []
+    u_fn = lambda z, t, s: seen.append((t[0].item(), s[0].item())) or torch.ones_like(z)
+    z1 = mfsr.sample(u_fn, torch.zeros(2, 3), steps=4)
+    assert seen == [(0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0)]
+    assert torch.allclose(z1, torch.ones(2, 3))   # constant velocity 1 over [0, 1]

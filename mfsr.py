@@ -1,0 +1,245 @@
+"""MFSR: MeanFlow distillation for one-step real-world super-resolution, the method only.
+
+    from mfsr import sample_times, meanflow_target, pseudo_huber, sample
+    t, s = sample_times(B, ratio=0.5, generator=g)
+    u, u_tgt = meanflow_target(u_fn, z_t, t, s, v)      # Eq. (8), (12)
+    loss, per_sample = pseudo_huber(u, u_tgt)
+
+Pure functions of (networks, tensors, generator): no I/O, no argparse, no distributed code.
+Equation numbers are the MFSR paper's unless marked "MeanFlow Eq.".
+
+Convention (the MFSR paper's, used everywhere in this file):
+    z_t = t * z_HR + (1 - t) * eps,   t = 0 is noise, t = 1 is data,   s >= t,
+    v(z_t, t)    = dz_t/dt             the instantaneous velocity (for straight paths z_HR - eps),
+    u(z_t, t, s) = (z_s - z_t)/(s - t) the average velocity over [t, s]; sampling runs 0 -> 1.
+The transformers of model.py use SD3's sigma = 1 - t and predict eps - x0 = -v. The adapters
+`velocity` and `average_velocity` are the only place that converts; they compute 1 - t and
+1 - s inside the function that is differentiated, so the JVP's chain rule stays exact.
+"""
+import math
+
+import torch
+
+import model as _model
+
+# --------------------------------------------------------------------------------------------
+# Adapters from the SD3-convention networks of model.py to the paper's v and u
+
+
+def velocity(net):
+    """v(z, t, c) of a one-time network (the teacher): v = -net(z, sigma = 1 - t).
+    c = (z_lr, pooled, context): the LR latent and the prompt, batched like z."""
+    def v(z, t, c):
+        return -net(z, 1 - t, c[1], c[2], lr=c[0])
+    return v
+
+
+def average_velocity(net):
+    """u(z, t, s, c) of a two-time network (the student): u = -net(z, 1 - t, sigma_s = 1 - s)."""
+    def u(z, t, s, c):
+        return -net(z, 1 - t, c[1], c[2], lr=c[0], sigma_s=1 - s)
+    return u
+
+
+def student_from_teacher(teacher, lora_rank=64, lora_alpha=None, time_scale=1.0):
+    """Alg. 1 lines 1-2: copy the teacher, add the s-embedder and LoRA, set the trainable set.
+    time_scale = 1 is §4.4's c_noise(t) = t (the teacher's 1000 would make du/dt 1000x larger)."""
+    return _model.make_student(teacher, time_scale=time_scale, lora_rank=lora_rank, lora_alpha=lora_alpha)
+
+
+# --------------------------------------------------------------------------------------------
+# §4.4: time sampling
+
+
+def sample_times(batch, ratio=0.5, generator=None, device=None):
+    """t ~ U[0, 1], s | t ~ U[t, 1]; a share `ratio` of the rows has s != t (App. F, Table 4),
+    the rest s = t. The count is ratio * batch rounded stochastically (exact on average, and
+    fixed when ratio * batch is whole, which keeps shapes static for compile); those rows come
+    first. Returns (t, s), each (B,)."""
+    r = torch.rand(2 * batch + 1, generator=generator, device=device)
+    t, u01 = r[:batch], r[batch:2 * batch]
+    n_neq = min(batch, math.floor(ratio * batch + r[-1].item()))
+    s = t + (1 - t) * u01
+    s = torch.cat([s[:n_neq], t[n_neq:]])
+    return t, s
+
+
+# --------------------------------------------------------------------------------------------
+# Table 3: the instantaneous velocity the average velocity is distilled from
+
+
+def teacher_velocity(kind, z_t, t, *, z_hr=None, eps=None, teacher=None, student_u=None,
+                     cond=None, cond_neg=None, cond_null=None, w=6.0, kappa=0.0):
+    """v_inst for the MeanFlow target, by name (Table 3). No gradients.
+
+    gt:        z_HR - eps (the data path itself)
+    meanflow:  MeanFlow's CFG with the student at s = t (Eq. 9):
+               w (z_HR - eps) + kappa u(z, t, t | c) + (1 - w - kappa) u(z, t, t | null)
+    null:      teacher CFG against the null prompt (Eq. 10):  v_c + w (v_c - v_null)
+    neg:       teacher CFG against the negative prompt (Eq. 11): v_c + w (v_c - v_neg)  [default]
+    teacher:   v(z, t, c), e.g. `velocity(net)`; student_u: u(z, t, s, c), e.g.
+               `average_velocity(net)`. A condition is a tuple of per-row tensors, e.g.
+               (z_lr, pooled, context); c and c_neg are stacked and run in one call.
+    """
+    with torch.no_grad():
+        if kind == "gt":
+            return z_hr - eps
+        if kind == "meanflow":
+            u_c, u_null = _two_conditions(lambda zz, tt, cc: student_u(zz, tt, tt, cc), z_t, t, cond, cond_null)
+            return w * (z_hr - eps) + kappa * u_c + (1 - w - kappa) * u_null
+        if kind in ("null", "neg"):
+            other = cond_null if kind == "null" else cond_neg
+            v_c, v_o = _two_conditions(teacher, z_t, t, cond, other)
+            return v_c + w * (v_c - v_o)                                          # Eq. (10) / (11)
+    raise ValueError(f"unknown teacher velocity {kind!r}: gt, meanflow, null or neg")
+
+
+def _two_conditions(fn, z, t, c1, c2):
+    """fn on two conditions in one batched call: rows [c1 ; c2], outputs split back."""
+    cat = lambda a, b: torch.cat([a, b]) if torch.is_tensor(a) else tuple(map(torch.cat, zip(a, b)))
+    return fn(torch.cat([z, z]), torch.cat([t, t]), cat(c1, c2)).chunk(2)
+
+
+# --------------------------------------------------------------------------------------------
+# Eq. (8), (12): the MeanFlow target by one forward-mode JVP
+
+
+def meanflow_target(u_fn, z_t, t, s, v, cond=None, mode="split"):
+    """(u, u_tgt): u = u_theta(z_t, t, s) to train, u_tgt = v + (s - t) du/dt, stopped.
+
+    u_fn(z, t, s) is any average velocity in the paper's convention, or u_fn(z, t, s, c) when
+    `cond` (a tuple of per-row tensors, e.g. (z_lr, pooled, context)) is given.
+
+    du/dt = d/dt u(z_t, t, s) along the flow = J_z u . v + d_t u: one JVP with tangents
+    (v, 1, 0) for (z_t, t, s) (MeanFlow Eq. 8). Rows with s = t need no JVP, their target is v.
+    mode "split": the JVP without gradients gives the target, an ordinary forward with
+      gradients (fused attention, checkpointing, DDP all fine) gives u. Memory of a plain step.
+    mode "fused": one grad-enabled JVP whose primal output is trained; fewer FLOPs but the
+      tangent's graph is recorded too (large eager memory; compile removes it). The tangent is
+      detached: without that a second-order term silently enters the gradient.
+    The target is fp32 (fp64 for fp64 inputs) whatever the network's precision.
+    """
+    B = z_t.shape[0]
+    assert t.shape == (B,) and s.shape == (B,) and v.shape == z_t.shape, "t, s (B,); v like z_t"
+    idx = (s != t).nonzero().squeeze(1)
+    same = (s == t).nonzero().squeeze(1)
+    bc = lambda a: a.view(-1, *[1] * (z_t.dim() - 1))
+    rows = lambda r: None if cond is None else tuple(c[r] for c in cond)
+    f = u_fn if cond is None else (lambda z, t_, s_: u_fn(z, t_, s_, rows(idx)))
+    call = lambda r: u_fn(z_t[r], t[r], s[r]) if cond is None else u_fn(z_t[r], t[r], s[r], rows(r))
+    primals = (z_t[idx], t[idx], s[idx])
+    tangents = (v[idx], torch.ones_like(t[idx]), torch.zeros_like(s[idx]))
+    acc = torch.promote_types(v.dtype, torch.float32)       # fp32 target, fp64 stays fp64
+    u_tgt = v.detach().to(acc).clone()
+    if mode == "split":
+        if len(idx):
+            with torch.no_grad():
+                _, dudt = torch.func.jvp(f, primals, tangents)
+            u_tgt[idx] += bc(s[idx] - t[idx]).to(acc) * dudt.to(acc)              # Eq. (12)
+        u = call(slice(None))
+    elif mode == "fused":
+        u = torch.zeros_like(z_t, dtype=acc)
+        if len(idx):
+            u_neq, dudt = torch.func.jvp(f, primals, tangents)
+            u = u.index_put((idx,), u_neq.to(u.dtype))
+            u_tgt[idx] += bc(s[idx] - t[idx]).to(acc) * dudt.detach().to(acc)     # Eq. (12)
+        if len(same):
+            u = u.index_put((same,), call(same).to(u.dtype))
+    else:
+        raise ValueError(f"mode must be 'split' or 'fused', got {mode!r}")
+    return u, u_tgt.detach()
+
+
+# --------------------------------------------------------------------------------------------
+# §4.4: the loss
+
+
+def _sq_dist(a, b):
+    """Per-sample squared L2 distance, in fp32 at least (fp64 stays fp64)."""
+    d = (a - b).flatten(1)
+    return d.to(torch.promote_types(d.dtype, torch.float32)).pow(2).sum(1)
+
+
+def pseudo_huber(a, b, c=None):
+    """d(a, b) = sqrt(||a - b||^2 + c^2) - c per sample (Song & Dhariwal 2023, with their
+    c = 0.00054 sqrt(dim)). Returns (mean, per-sample)."""
+    c = 0.00054 * math.sqrt(a[0].numel()) if c is None else c
+    per = torch.sqrt(_sq_dist(a, b) + c * c) - c
+    return per.mean(), per
+
+
+def squared_l2(a, b):
+    per = _sq_dist(a, b) / a[0].numel()
+    return per.mean(), per
+
+
+def adaptive_l2(a, b, p=1.0, c=1e-3):
+    """MeanFlow's adaptive loss: sg(1 / (||a - b||^2 + c)^p) ||a - b||^2 (MeanFlow §4.3)."""
+    d2 = _sq_dist(a, b)
+    per = d2 / (d2.detach() + c) ** p
+    return per.mean(), per
+
+
+LOSSES = {"pseudo_huber": pseudo_huber, "l2": squared_l2, "adaptive": adaptive_l2}
+
+
+def mfd_loss(u_fn, z_t, t, s, v, cond=None, mode="split", loss="pseudo_huber"):
+    """One MeanFlow-distillation loss (Alg. 1): target by JVP, NaN guard, the chosen distance.
+
+    Returns a dict: loss (None when the step must be skipped), per_sample, n_nonfinite.
+    Non-finite targets are reported and the whole step is skipped, not silently masked.
+    """
+    u, u_tgt = meanflow_target(u_fn, z_t, t, s, v, cond=cond, mode=mode)
+    bad = int((~torch.isfinite(u_tgt.flatten(1)).all(1)).sum())
+    if bad:
+        return {"loss": None, "per_sample": None, "n_nonfinite": bad}
+    mean, per = LOSSES[loss](u, u_tgt)
+    return {"loss": mean, "per_sample": per.detach(), "n_nonfinite": 0}
+
+
+# --------------------------------------------------------------------------------------------
+# Samplers
+
+
+@torch.no_grad()
+def sample(u_fn, z0, steps=1):
+    """Alg. 2: uniform tau_i = i / N, z <- z + (tau_{i+1} - tau_i) u(z, tau_i, tau_{i+1}).
+    One network call per step; 1 step is z_1 = z_0 + u(z_0, 0, 1)."""
+    z = z0
+    B = z0.shape[0]
+    for i in range(steps):
+        t0 = torch.full((B,), i / steps, device=z0.device, dtype=z0.dtype)
+        t1 = torch.full((B,), (i + 1) / steps, device=z0.device, dtype=z0.dtype)
+        z = z + (t1 - t0).view(-1, *[1] * (z.dim() - 1)) * u_fn(z, t0, t1)
+    return z
+
+
+def sample_student(net, z_lr, pooled, context, steps=1, generator=None):
+    """The student's N-step super-resolution of an LR latent (Alg. 2), from Gaussian noise."""
+    z0 = torch.randn(z_lr.shape, generator=generator, device=z_lr.device, dtype=z_lr.dtype)
+    u, c = average_velocity(net), (z_lr, pooled, context)
+    return sample(lambda z, t, s: u(z, t, s, c), z0, steps)
+
+
+def sd3_sigmas(steps=40, shift=3.0, device=None):
+    """SD3.5's inference grid (ARCHITECTURE §1): shifted endpoints, linear, shifted again, then 0."""
+    sh = lambda x: shift * x / (1 + (shift - 1) * x)
+    grid = torch.linspace(sh(1.0), sh(0.001), steps, dtype=torch.float64)
+    return torch.cat([sh(grid), torch.zeros(1, dtype=torch.float64)]).to(device)
+
+
+@torch.no_grad()
+def sample_teacher(net, z_lr, cond, cond_neg, steps=40, cfg=8.0, shift=3.0, generator=None):
+    """The teacher's Euler sampler with CFG on the SD3.5 shifted schedule (DiT4SR's recipe:
+    40 steps, CFG 8, batch order [negative, positive]): v = v_neg + cfg (v_c - v_neg).
+    cond, cond_neg: (pooled, context) pairs."""
+    z = torch.randn(z_lr.shape, generator=generator, device=z_lr.device, dtype=z_lr.dtype)
+    B = z.shape[0]
+    c = (torch.cat([z_lr, z_lr]), torch.cat([cond_neg[0], cond[0]]), torch.cat([cond_neg[1], cond[1]]))
+    v_fn = velocity(net)
+    sig = sd3_sigmas(steps, shift, z.device)
+    for i in range(steps):
+        t = torch.full((2 * B,), 1 - sig[i].item(), device=z.device, dtype=z.dtype)
+        v_neg, v_c = v_fn(torch.cat([z, z]), t, c).chunk(2)
+        z = z + (sig[i] - sig[i + 1]).item() * (v_neg + cfg * (v_c - v_neg))   # dt = -(dsigma)
+    return z
