@@ -158,6 +158,73 @@ def bench_model(args):
     return f"model (threads {torch.get_num_threads()}; {note})", rows, figures
 
 
+# --------------------------------------------------------------------------------------------
+# mfsr: one MeanFlow-distillation step (split / fused) vs plain training steps
+
+
+def _mfsr_case(cfg, H, W, B=2, L=16, rank=16):
+    import mfsr
+    import model
+    torch.manual_seed(0)
+    teacher = model.MMDiT(cfg)
+    student = mfsr.student_from_teacher(teacher, lora_rank=rank)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    z_hr, eps, z_lr = (torch.randn(B, 16, H, W) for _ in range(3))
+    c = (z_lr, torch.randn(B, cfg.pooled_dim), torch.randn(B, L, cfg.context_dim))
+    c_neg = (z_lr, torch.randn(B, cfg.pooled_dim), torch.randn(B, L, cfg.context_dim))
+    u, v_t = mfsr.average_velocity(student), mfsr.velocity(teacher)
+    g = torch.Generator().manual_seed(0)
+
+    def mfd(mode, ratio=0.5):
+        def step():
+            t, s = mfsr.sample_times(B, ratio, g)
+            z = t.view(-1, 1, 1, 1) * z_hr + (1 - t.view(-1, 1, 1, 1)) * eps
+            v = mfsr.teacher_velocity("neg", z, t, teacher=v_t, cond=c, cond_neg=c_neg, w=6.0)
+            student.zero_grad(set_to_none=True)
+            mfsr.mfd_loss(u, z, t, s, v, cond=c, mode=mode)["loss"].backward()
+        return step
+
+    def plain_student():
+        t, s = mfsr.sample_times(B, 0.5, g)
+        student.zero_grad(set_to_none=True)
+        mfsr.pseudo_huber(u(z_hr, t, s, c), eps)[0].backward()
+
+    def teacher_rf():     # DiT4SR-style stage: only the control layers train
+        for n, p in teacher.named_parameters():
+            p.requires_grad_("control" in n)
+        t = torch.rand(B, generator=g)
+        z = t.view(-1, 1, 1, 1) * z_hr + (1 - t.view(-1, 1, 1, 1)) * eps
+        teacher.zero_grad(set_to_none=True)
+        (v_t(z, t, c) - (z_hr - eps)).square().mean().backward()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    return {"student fwd+bwd": plain_student, "teacher RF fwd+bwd": teacher_rf,
+            "MFD split": mfd("split"), "MFD fused": mfd("fused"), "MFD split, ratio 1": mfd("split", 1.0)}
+
+
+@bench
+def bench_mfsr(args):
+    """One MFD training step (split / fused; ratio 0.5 and 1) vs plain student and teacher steps."""
+    import model
+    from dataclasses import replace
+    cpu = replace(model.CONFIGS["tiny"], depth=6, heads=6, dual_layers=(0, 1, 2), pos_grid=64)
+    cases = [("tiny", model.CONFIGS["tiny"], 16, 16, 16, 5)]
+    if not args.quick:
+        cases.append(("6x384", cpu, 32, 32, 64, 3))
+    rows, figures = [], {}
+    for name, cfg, H, W, rank, repeat in cases:
+        fns = _mfsr_case(cfg, H, W, rank=rank)
+        times = median_times(fns, repeat=repeat, warmup=1)
+        mems = {k: peak_mb(fn)[1] for k, fn in fns.items()}
+        for k in fns:
+            rows.append({"config": name, "latent": f"2x16x{H}x{W}", "step": k, "seconds": times[k],
+                         "x student step": times[k] / times["student fwd+bwd"], "peak MB": mems[k],
+                         "mem x student": mems[k] / mems["student fwd+bwd"]})
+            figures[f"{name}/{k}"] = {"s": times[k], "peak_mb": mems[k]}
+    return f"mfsr training steps (threads {torch.get_num_threads()})", rows, figures
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("which", choices=sorted(BENCHES), help="which bench to run")
