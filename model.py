@@ -325,6 +325,25 @@ class SelfAttention(nn.Module):
             k = self.ln_k(heads(self.k_control(flat(k))))
         return q, k, v
 
+    def image_qkv(self, nx, nl, shift, scale, key_mode):
+        """q, k, v of the image tokens, the LR tokens appended when nl is given (ARCH §3.3).
+        nx, nl: the normalised X and L; also returns la, the modulated LR input."""
+        q, k_raw, v = self.split_heads(modulate(nx, shift, scale))
+        q, k, la = self.ln_q(q), self.ln_k(k_raw), None
+        if nl is not None:
+            la = modulate(nl, shift, scale)
+            ql, kl, vl = self.qkv_lr(la, k_raw, key_mode)
+            q, k, v = torch.cat([q, ql], 2), torch.cat([k, kl], 2), torch.cat([v, vl], 2)
+        return q, k, v, la
+
+    def image_out(self, o, x, lr, la, gate):
+        """Gated residual updates of X (and L) from the attention output o (B, N, D)."""
+        K = x.shape[1]
+        x = x + gate.unsqueeze(1) * self.proj(o[:, :K])
+        if lr is not None:  # LR residual: the modulated input is added back before out_control
+            lr = lr + gate.unsqueeze(1) * self.out_control(o[:, K:2 * K] + la)
+        return x, lr
+
 
 class DismantledBlock(nn.Module):
     """One stream's half of a joint block: adaLN modulation, attention(s), MLP."""
@@ -358,49 +377,21 @@ class JointBlock(nn.Module):
         xb, cb, cfg = self.x_block, self.context_block, self.cfg
         mods = xb.modulation(c)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
-        K = x.shape[1]
-        nx = xb.norm1(x)
-        xa = modulate(nx, shift_msa, scale_msa)
-        qx, kx_raw, vx = xb.attn.split_heads(xa)
-        qx, kx = xb.attn.ln_q(qx), xb.attn.ln_k(kx_raw)
-        qs, ks, vs = [qx], [kx], [vx]
-        nl = la = None
-        if lr is not None:
-            nl = xb.norm1(lr)
-            la = modulate(nl, shift_msa, scale_msa)
-            ql, kl, vl = xb.attn.qkv_lr(la, kx_raw, cfg.lr_key_mode)
-            qs, ks, vs = qs + [ql], ks + [kl], vs + [vl]
-        # text stream
-        c_mods = cb.modulation(c)
-        ca = modulate(cb.norm1(ctx), c_mods[0], c_mods[1])
-        qc, kc, vc = cb.attn.qkv_x(ca)
-        cat = lambda ts: torch.cat(ts, dim=2)
-        o = attention(cat(qs + [qc]), cat(ks + [kc]), cat(vs + [vc]), attn_mode)   # (B, H, N, d)
+        nx, nl = xb.norm1(x), None if lr is None else xb.norm1(lr)
+        q, k, v, la = xb.attn.image_qkv(nx, nl, shift_msa, scale_msa, cfg.lr_key_mode)
+        c_mods = cb.modulation(c)                                                  # text stream
+        qc, kc, vc = cb.attn.qkv_x(modulate(cb.norm1(ctx), c_mods[0], c_mods[1]))
+        o = attention(torch.cat([q, qc], 2), torch.cat([k, kc], 2), torch.cat([v, vc], 2), attn_mode)
         o = rearrange(o, "b h n d -> b n (h d)")                                   # (B, N, D)
-        x = x + gate_msa.unsqueeze(1) * xb.attn.proj(o[:, :K])
-        if lr is not None:  # LR residual: the modulated input is added back before out_control
-            lr = lr + gate_msa.unsqueeze(1) * xb.attn.out_control(o[:, K:2 * K] + la)
-        if xb.dual:
-            x, lr = self._attn2(nx, nl, *mods[6:], x, lr, attn_mode)
-        x, lr = self._mlp(x, lr, shift_mlp, scale_mlp, gate_mlp, grid)
+        x2, lr2 = xb.attn.image_out(o, x, lr, la, gate_msa)
+        if xb.dual:  # MMDiT-X: image-only attention from the same normalised x, over [X ; L]
+            shift2, scale2, gate2 = mods[6:]
+            q, k, v, la2 = xb.attn2.image_qkv(nx, nl, shift2, scale2, cfg.lr_key_mode)
+            o2 = rearrange(attention(q, k, v, attn_mode), "b h n d -> b n (h d)")  # (B, 2K, D)
+            x2, lr2 = xb.attn2.image_out(o2, x2, lr2, la2, gate2)
+        x2, lr2 = self._mlp(x2, lr2, shift_mlp, scale_mlp, gate_mlp, grid)
         ctx = None if cb.pre_only else self._context_rest(ctx, o[:, -ctx.shape[1]:], c_mods)
-        return x, lr, ctx
-
-    def _attn2(self, nx, nl, shift, scale, gate, x, lr, attn_mode):
-        """MMDiT-X image-only attention (ARCH §2.3), over [X ; L] when the LR stream is on."""
-        a2, K = self.x_block.attn2, x.shape[1]
-        xa = modulate(nx, shift, scale)
-        qx, kx_raw, vx = a2.split_heads(xa)
-        q, k, v = a2.ln_q(qx), a2.ln_k(kx_raw), vx
-        if lr is not None:
-            la = modulate(nl, shift, scale)
-            ql, kl, vl = a2.qkv_lr(la, kx_raw, self.cfg.lr_key_mode)
-            q, k, v = torch.cat([q, ql], 2), torch.cat([k, kl], 2), torch.cat([v, vl], 2)
-        o = rearrange(attention(q, k, v, attn_mode), "b h n d -> b n (h d)")       # (B, 2K, D)
-        x = x + gate.unsqueeze(1) * a2.proj(o[:, :K])
-        if lr is not None:
-            lr = lr + gate.unsqueeze(1) * a2.out_control(o[:, K:] + la)
-        return x, lr
+        return x2, lr2, ctx
 
     def _mlp(self, x, lr, shift, scale, gate, grid):
         xb = self.x_block
