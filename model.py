@@ -16,16 +16,15 @@ Token layout: image tokens X (B, K, D), LR tokens L (B, K, D), text tokens C (B,
 """
 import json
 import math
-import os
 import re
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from safetensors import safe_open
-from safetensors.torch import save_file
+
+from checkpoint import CheckpointError, SafetensorsFiles, atomic_save, check_keys
 
 # --------------------------------------------------------------------------------------------
 # Config
@@ -643,91 +642,21 @@ def to_diffusers_state_dict(sd, depth):
     return out
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded: the message names the file and what is wrong."""
-
-
-def _check_keys(path, expected, found, what):
-    """expected/found: {key: shape}. Raise a CheckpointError that lists what differs."""
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    misshapen = [f"{k}: file {tuple(found[k])} vs model {tuple(expected[k])}"
-                 for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
-    if missing or unexpected or misshapen:
-        lines = [f"{path}: checkpoint does not match {what}"]
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)):
-            if items:
-                more = f" ... and {len(items) - 8} more" if len(items) > 8 else ""
-                lines.append(f"  {label} ({len(items)}): " + ", ".join(items[:8]) + more)
-        raise CheckpointError("\n".join(lines))
-
-
-class _Source:
-    """The tensors of one safetensors file or a sharded folder: names, shapes, lazy reads.
-
-    Files are memory-mapped by safetensors, so a full-size model is read tensor by tensor into
-    the meta-built module (`load_state_dict(assign=True)`) without a second copy in memory.
-    """
+class _Source(SafetensorsFiles):
+    """A transformer checkpoint: SD3.5 single file (its `model.diffusion_model.*` part), a
+    diffusers folder (`transformer/`), a file; `layout` is "original" or "diffusers"."""
 
     def __init__(self, path):
-        self.path = path
-        files = self._resolve(path)
-        self.handles, self.where, self.metadata = [], {}, {}
-        for f in files:
-            try:
-                h = safe_open(f, framework="pt", device="cpu")
-            except Exception as e:  # safetensors raises its own error types for corrupt files
-                raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
-            self.handles.append(h)
-            self.metadata.update(h.metadata() or {})
-            for k in h.keys():
-                self.where[k] = h
-        keys = self.where
-        if any(k.startswith(_PREFIX) for k in keys):      # SD3.5 single file: VAE etc. beside it
-            self.where = {k[len(_PREFIX):]: h for k, h in keys.items() if k.startswith(_PREFIX)}
-            self.rename = lambda k: _PREFIX + k
+        super().__init__(path, subfolder="transformer", prefix=_PREFIX)
+        if self.prefix or any(k.startswith("joint_blocks.") for k in self.where):
             self.layout = "original"
+        elif any(k.startswith("transformer_blocks.") for k in self.where):
+            self.layout = "diffusers"
         else:
-            self.rename = lambda k: k
-            if any(k.startswith("joint_blocks.") for k in keys):
-                self.layout = "original"
-            elif any(k.startswith("transformer_blocks.") for k in keys):
-                self.layout = "diffusers"
-            else:
-                some = ", ".join(list(keys)[:3])
-                raise CheckpointError(f"{path}: no SD3/MMDiT transformer keys found "
-                                      f"(neither 'joint_blocks.*' nor 'transformer_blocks.*'; "
-                                      f"the file starts with: {some or 'nothing'})")
-
-    @staticmethod
-    def _resolve(path):
-        if not os.path.exists(path):
-            raise CheckpointError(f"{path}: no such file or folder")
-        if os.path.isdir(path):
-            if os.path.isdir(os.path.join(path, "transformer")):
-                return _Source._resolve(os.path.join(path, "transformer"))
-            index = [f for f in os.listdir(path) if f.endswith(".safetensors.index.json")]
-            if index:
-                return _Source._resolve(os.path.join(path, index[0]))
-            st = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-            if len(st) != 1:
-                raise CheckpointError(f"{path}: expected one .safetensors file or an index json, "
-                                      f"found {st or 'none'}")
-            return [os.path.join(path, st[0])]
-        if path.endswith(".index.json"):
-            with open(path) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-            return [os.path.join(os.path.dirname(path), s) for s in shards]
-        if not path.endswith(".safetensors"):
-            raise CheckpointError(f"{path}: only .safetensors checkpoints are read (pickled .pt/.ckpt/"
-                                  f".bin files can run code when loaded); convert it first")
-        return [path]
-
-    def shape(self, key):
-        return tuple(self.where[key].get_slice(self.rename(key)).get_shape())
-
-    def get(self, key):
-        return self.where[key].get_tensor(self.rename(key))
+            some = ", ".join(self.all_keys[:3])
+            raise CheckpointError(f"{path}: no SD3/MMDiT transformer keys found "
+                                  f"(neither 'joint_blocks.*' nor 'transformer_blocks.*'; "
+                                  f"the file starts with: {some or 'nothing'})")
 
 
 _NAMES = {  # where each shape-determined setting is read, per layout (ARCH §2.1)
@@ -772,7 +701,7 @@ def load_transformer(path, *, dtype=torch.float32, device="cpu", **overrides) ->
     known = {f.name for f in fields(MMDiTConfig)}
     if set(overrides) - known:
         raise TypeError(f"unknown config overrides {sorted(set(overrides) - known)}; known: {sorted(known)}")
-    saved = json.loads(src.metadata.get("mfsr_config", "{}"))
+    saved = src.config("mfsr_config")
     told = {k: saved[k] for k in ("lr_key_mode", "ff_inject", "time_scale") if k in saved}
     cfg = replace(_infer_config(src), **{**told, **overrides})
     lora = json.loads(src.metadata.get("lora", "null"))
@@ -789,7 +718,7 @@ def load_transformer(path, *, dtype=torch.float32, device="cpu", **overrides) ->
     else:
         want = {k: v.shape for k, v in expected.items()}
         found = {k: src.shape(k) for k in src.where}
-    _check_keys(path, want, found, f"the {src.layout}-layout model read from it ({cfg})")
+    check_keys(path, want, found, f"the {src.layout}-layout model read from it ({cfg})")
     sd = {}
     for key in expected:
         if src.layout == "diffusers":
@@ -801,16 +730,6 @@ def load_transformer(path, *, dtype=torch.float32, device="cpu", **overrides) ->
         sd[key] = t
     net.load_state_dict(sd, assign=True)
     return net.to(device)
-
-
-def _atomic_save(tensors, path, metadata):
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def save_transformer(net: MMDiT, path, layout="original"):
@@ -829,7 +748,7 @@ def save_transformer(net: MMDiT, path, layout="original"):
         raise ValueError(f"layout must be 'original' or 'diffusers', got {layout!r}")
     meta = {"format": "mfsr-mmdit", "layout": layout, "mfsr_config": json.dumps(asdict(net.cfg)),
             "lora": json.dumps(lora)}
-    _atomic_save(sd, path, meta)
+    atomic_save(sd, path, meta)
 
 
 def make_student(teacher: MMDiT, time_scale: float = 1.0, lora_rank: int = 64,
@@ -864,7 +783,7 @@ def describe(path=None, config="tiny"):
     or a preset's, its parameter count, and for small models one forward and one JVP."""
     if path:
         src = _Source(path)
-        saved = json.loads(src.metadata.get("mfsr_config", "{}"))
+        saved = src.config("mfsr_config")
         cfg = replace(_infer_config(src), **{k: saved[k] for k in ("lr_key_mode", "ff_inject", "time_scale")
                                              if k in saved})
         print(f"{path}: {src.layout} layout, {len(src.where)} transformer tensors")
