@@ -129,6 +129,23 @@ def _model_case(cfg, H, W, B=1, L=16, two_times=True):
             "split jvp+fwd+bwd": split, "fused jvp+bwd": fused}
 
 
+def _load_row(cfg):
+    """Peak memory of load_transformer vs the file size: one copy of the weights, not two."""
+    import tempfile
+    import model
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "t.safetensors")
+        model.save_transformer(model.MMDiT(cfg), path)
+        size = os.path.getsize(path) / 2 ** 20
+        t0 = time.perf_counter()
+        net, mb = peak_mb(lambda: model.load_transformer(path))
+        secs = time.perf_counter() - t0
+        del net
+    return {"config": "6x384", "tokens (X+LR)": "-",
+            "variant": f"load_transformer: {size:.0f} MB file, peak/file {mb / size:.2f}",
+            "seconds": secs, "peak MB": mb, "x fwd mem": "-", "time ratio": "-"}
+
+
 @bench
 def bench_model(args):
     """Time and peak memory of the transformer's forward, JVP and training-step variants."""
@@ -154,6 +171,7 @@ def bench_model(args):
             figures[f"{name}/{tokens}/{k}"] = {"s": times[k], "peak_mb": mems[k]}
     for r in rows:   # one column name for the time ratio
         r["time ratio"] = r.pop("x fwd+bwd", None) or r.pop("x forward")
+    rows.append(_load_row(cpu))
     note = "time ratio: vs fwd+bwd of the same case (vs forward at 4096 tokens)"
     return f"model (threads {torch.get_num_threads()}; {note})", rows, figures
 
