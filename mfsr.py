@@ -104,7 +104,7 @@ def _two_conditions(fn, z, t, c1, c2):
 # Eq. (8), (12): the MeanFlow target by one forward-mode JVP
 
 
-def meanflow_target(u_fn, z_t, t, s, v, cond=None, mode="split"):
+def meanflow_target(u_fn, z_t, t, s, v, cond=None, mode="split", u_fn_jvp=None):
     """(u, u_tgt): u = u_theta(z_t, t, s) to train, u_tgt = v + (s - t) du/dt, stopped.
 
     u_fn(z, t, s) is any average velocity in the paper's convention, or u_fn(z, t, s, c) when
@@ -118,6 +118,8 @@ def meanflow_target(u_fn, z_t, t, s, v, cond=None, mode="split"):
       tangent's graph is recorded too (large eager memory; compile removes it). The tangent is
       detached: without that a second-order term silently enters the gradient.
     The target is fp32 (fp64 for fp64 inputs) whatever the network's precision.
+    u_fn_jvp: the same network for the split mode's JVP pass when u_fn cannot be differentiated
+    forward (torch.func.jvp cannot go through a DDP wrapper: pass the inner module here).
     """
     B = z_t.shape[0]
     assert t.shape == (B,) and s.shape == (B,) and v.shape == z_t.shape, "t, s (B,); v like z_t"
@@ -125,7 +127,8 @@ def meanflow_target(u_fn, z_t, t, s, v, cond=None, mode="split"):
     same = (s == t).nonzero().squeeze(1)
     bc = lambda a: a.view(-1, *[1] * (z_t.dim() - 1))
     rows = lambda r: None if cond is None else tuple(c[r] for c in cond)
-    f = u_fn if cond is None else (lambda z, t_, s_: u_fn(z, t_, s_, rows(idx)))
+    u_j = u_fn_jvp or u_fn
+    f = u_j if cond is None else (lambda z, t_, s_: u_j(z, t_, s_, rows(idx)))
     call = lambda r: u_fn(z_t[r], t[r], s[r]) if cond is None else u_fn(z_t[r], t[r], s[r], rows(r))
     primals = (z_t[idx], t[idx], s[idx])
     tangents = (v[idx], torch.ones_like(t[idx]), torch.zeros_like(s[idx]))
@@ -183,13 +186,13 @@ def adaptive_l2(a, b, p=1.0, c=1e-3):
 LOSSES = {"pseudo_huber": pseudo_huber, "l2": squared_l2, "adaptive": adaptive_l2}
 
 
-def mfd_loss(u_fn, z_t, t, s, v, cond=None, mode="split", loss="pseudo_huber"):
+def mfd_loss(u_fn, z_t, t, s, v, cond=None, mode="split", loss="pseudo_huber", u_fn_jvp=None):
     """One MeanFlow-distillation loss (Alg. 1): target by JVP, NaN guard, the chosen distance.
 
     Returns a dict: loss (None when the step must be skipped), per_sample, n_nonfinite.
     Non-finite targets are reported and the whole step is skipped, not silently masked.
     """
-    u, u_tgt = meanflow_target(u_fn, z_t, t, s, v, cond=cond, mode=mode)
+    u, u_tgt = meanflow_target(u_fn, z_t, t, s, v, cond=cond, mode=mode, u_fn_jvp=u_fn_jvp)
     bad = int((~torch.isfinite(u_tgt.flatten(1)).all(1)).sum())
     if bad:
         return {"loss": None, "per_sample": None, "n_nonfinite": bad}

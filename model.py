@@ -270,11 +270,15 @@ class Mlp(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(hidden, hidden * ratio)
         self.fc2 = nn.Linear(hidden * ratio, hidden)
-        if control:  # DiT4SR "LR injection between MLP": depthwise 3x3 on the LR hidden features
-            w = hidden * ratio
-            self.control_conv = nn.Conv2d(w, w, 3, padding=1, groups=w)
-            nn.init.zeros_(self.control_conv.weight)
-            nn.init.zeros_(self.control_conv.bias)
+        if control:
+            self.add_control()
+
+    def add_control(self):
+        """DiT4SR's "LR injection between MLP": a zero-initialised depthwise 3x3 conv."""
+        w, kw = self.fc1.out_features, dict(device=self.fc1.weight.device, dtype=self.fc1.weight.dtype)
+        self.control_conv = nn.Conv2d(w, w, 3, padding=1, groups=w, **kw)
+        nn.init.zeros_(self.control_conv.weight)
+        nn.init.zeros_(self.control_conv.bias)
 
     def hidden(self, x):
         return F.gelu(self.fc1(x), approximate="tanh")
@@ -294,14 +298,19 @@ class SelfAttention(nn.Module):
         else:
             self.ln_q = self.ln_k = nn.Identity()
         if control:
-            # Stacked on the frozen q/k/v for the LR tokens, zero at init (ARCH §3.3). DiT4SR
-            # meant out_control to start as a copy of proj; its training script copied the random
-            # init instead (ARCH §3.3), so a plain init is as faithful.
-            self.q_control, self.k_control, self.v_control = (nn.Linear(D, D) for _ in range(3))
-            for lin in (self.q_control, self.k_control, self.v_control):
-                nn.init.zeros_(lin.weight)
-                nn.init.zeros_(lin.bias)
-            self.out_control = nn.Linear(D, D)
+            self.add_control()
+
+    def add_control(self):
+        """DiT4SR's LR-stream layers, stacked on the frozen q/k/v for the LR tokens and zero at
+        init (ARCH §3.3). DiT4SR meant out_control to start as a copy of proj; its training
+        script copied the random init instead (ARCH §3.3), so a plain init is as faithful."""
+        D = self.qkv.in_features
+        kw = dict(device=self.qkv.weight.device, dtype=self.qkv.weight.dtype)
+        self.q_control, self.k_control, self.v_control = (nn.Linear(D, D, **kw) for _ in range(3))
+        for lin in (self.q_control, self.k_control, self.v_control):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        self.out_control = nn.Linear(D, D, **kw)
 
     def split_heads(self, x):
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
@@ -749,6 +758,20 @@ def save_transformer(net: MMDiT, path, layout="original"):
     meta = {"format": "mfsr-mmdit", "layout": layout, "mfsr_config": json.dumps(asdict(net.cfg)),
             "lora": json.dumps(lora)}
     atomic_save(sd, path, meta)
+
+
+def add_lr_stream(net: MMDiT) -> MMDiT:
+    """SD3.5 -> DiT4SR teacher in place: the base weights plus fresh LR-stream control layers
+    (zero-initialised where DiT4SR zero-initialises). Frozen base weights are not copied."""
+    assert not net.cfg.lr_stream, "the model already has the LR stream"
+    net.cfg = replace(net.cfg, lr_stream=True)
+    for blk in net.joint_blocks:
+        blk.cfg = net.cfg
+        for attn in (blk.x_block.attn, getattr(blk.x_block, "attn2", None)):
+            if attn is not None:
+                attn.add_control()
+        blk.x_block.mlp.add_control()
+    return net
 
 
 def make_student(teacher: MMDiT, time_scale: float = 1.0, lora_rank: int = 64,

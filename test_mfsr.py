@@ -870,3 +870,18 @@ def test_target_stays_fp32_when_the_network_runs_in_bf16():
     assert u.dtype == torch.bfloat16 and tgt.dtype == torch.float32
     rel = ((tgt - ref).norm() / (ref - v).norm()).item()   # error relative to the JVP term itself
     assert rel < 0.05, rel   # measured 0.53% (bf16 JVP; MEANFLOW_JVP.md §3.6 saw 0.7%)
+
+
+def test_add_lr_stream_turns_sd35_into_a_dit4sr_teacher():
+    torch.manual_seed(0)
+    base = _randomize(MMDiT(replace(CONFIGS["tiny"], lr_stream=False)))
+    ref = {k: v.clone() for k, v in base.state_dict().items()}
+    net = model.add_lr_stream(base)
+    want = MMDiT(CONFIGS["tiny"]).state_dict()
+    assert {k: v.shape for k, v in net.state_dict().items()} == {k: v.shape for k, v in want.items()}
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in ref.items())   # base untouched
+    assert all(net.get_parameter(f"joint_blocks.{i}.x_block.attn.{n}_control.weight").abs().max() == 0
+               for i in range(3) for n in "qkv")
+    inp = _inputs(net.cfg)
+    with torch.no_grad():
+        assert net(**inp).shape == inp["x"].shape

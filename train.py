@@ -1,0 +1,505 @@
+"""Train MFSR: the DiT4SR-style LR-stream teacher (--stage teacher) or the one-step student
+distilled from it with the MeanFlow identity (--stage distill, MFSR Alg. 1; the default).
+
+    python train.py --preset tiny --data DIR --stage teacher --steps 200 --out runs/teacher
+    python train.py --preset tiny --data DIR --teacher runs/teacher/teacher.safetensors --out runs/student
+    python train.py --ckpt sd3.5_medium.safetensors --teacher dit4sr_q/ --data HR_DIR ...   # full scale
+    torchrun --nproc_per_node 8 train.py ...                                              # many GPUs
+
+Pairs are made on the fly (paper §5.1): a random HR crop, USM-sharpened, degraded with the
+Real-ESRGAN pipeline (degrade.py) to LR at 1/4; LR bicubic-upsampled x4; both VAE-encoded.
+Conditioning comes from embedding files beside the images (`name.safetensors` with `context`
+(L, context_dim) and `pooled` (pooled_dim)), else the null embedding (--null-emb, zeros if absent).
+
+Randomness is a function of (seed, step, rank): which images, crops, degradations, noise and
+times a step sees. So `--resume` only needs the weights, the optimizer state and the step, and a
+resumed run repeats the uninterrupted one exactly.
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+
+import mfsr
+import model
+import vae as vae_lib
+from checkpoint import CheckpointError, SafetensorsFiles, atomic_save
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "distill"          # "teacher" (rectified flow, control layers) | "distill" (MFSR)
+    preset: str = "full"            # "full" (SD3.5-medium / DiT4SR, 512 crops) | "tiny" (CPU)
+    data: str = ""                  # folder(s) of HR images, comma-separated, searched recursively
+    out: str = "runs/mfsr"
+    ckpt: str = ""                  # SD3.5 single file or diffusers folder (base transformer + VAE)
+    teacher: str = ""               # DiT4SR / our teacher transformer (distill stage)
+    teacher_mode: str = "v1"        # DiT4SR key mode of the teacher file (v1 | r1)
+    vae: str = ""                   # VAE file / folder, else the one inside --ckpt
+    null_emb: str = ""              # safetensors with context / pooled of the empty prompt
+    neg_emb: str = ""               # ... of the negative prompt (Eq. 11)
+    size: int = 0                   # HR crop; 0 = 512 (full) / 64 (tiny)
+    batch: int = 10                 # per process (paper: 80 over 8 GPUs)
+    steps: int = 10000
+    lr: float = 5e-5                # Adam (distill, App. B); teacher stage: AdamW like DiT4SR
+    lora_rank: int = 64
+    ratio: float = 0.5              # share of rows with s != t (Table 4)
+    target: str = "neg"             # teacher velocity: gt | meanflow | null | neg (Table 3)
+    cfg_w: float = 6.0              # w of Eq. 10 / 11
+    loss: str = "pseudo_huber"      # pseudo_huber | l2 | adaptive
+    mode: str = "split"             # JVP execution: split | fused
+    caption_dropout: float = 0.2    # teacher stage
+    grad_clip: float = 1.0
+    accum: int = 1                  # gradient accumulation steps
+    ema: float = 0.0                # EMA decay of trainable weights (0 = off)
+    dtype: str = "bf16"             # autocast dtype on GPU (CPU runs fp32)
+    compile: bool = False
+    grad_ckpt: bool = False
+    workers: int = 2
+    seed: int = 0
+    log_every: int = 10
+    sample_every: int = 500
+    save_every: int = 1000
+    keep: int = 3                   # checkpoints kept
+    max_bad: int = 5                # stop after this many non-finite losses in a row
+    resume: bool = False
+
+
+# --------------------------------------------------------------------------------------------
+# Data: HR images -> (gt, lr) pairs in worker processes, conditioning from embedding files
+
+
+def find_images(data):
+    paths = []
+    for root in [d for d in data.split(",") if d]:
+        if not os.path.isdir(root):
+            raise SystemExit(f"error: --data {root}: no such folder")
+        paths += sorted(p for p in glob.glob(os.path.join(root, "**", "*"), recursive=True)
+                        if p.lower().endswith(IMAGE_EXTS))
+    if not paths:
+        raise SystemExit(f"error: --data {data}: no images ({', '.join(IMAGE_EXTS)}) found")
+    return paths
+
+
+def random_crop(img, size, g):
+    """(3, H, W) in [0, 1] -> (3, size, size): smaller images upscaled (bicubic) first."""
+    _, H, W = img.shape
+    if min(H, W) < size:
+        k = size / min(H, W)
+        img = F.interpolate(img[None], size=(max(size, round(H * k)), max(size, round(W * k))),
+                            mode="bicubic", align_corners=False)[0].clamp(0, 1)
+        _, H, W = img.shape
+    y = int(torch.randint(0, H - size + 1, (1,), generator=g))
+    x = int(torch.randint(0, W - size + 1, (1,), generator=g))
+    return img[:, y:y + size, x:x + size]
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Item (index, seed) -> dict(gt, lr, context, pooled, name), or None for an unreadable image."""
+
+    def __init__(self, paths, size, null, degrade_cfg):
+        self.paths, self.size, self.null, self.degrade_cfg = paths, size, null, degrade_cfg
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, key):
+        import degrade
+        i, seed = key
+        path = self.paths[i]
+        try:
+            with Image.open(path) as im:
+                arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+        except Exception as e:  # PIL raises many types for truncated / odd files
+            print(f"warning: skipping unreadable image {path}: {e}", file=sys.stderr)
+            return None
+        g = torch.Generator().manual_seed(seed)
+        hr = random_crop(torch.from_numpy(arr).permute(2, 0, 1), self.size, g)
+        gt, lr, _ = degrade.degrade(hr[None], self.degrade_cfg, generator=g)
+        context, pooled = load_embedding(os.path.splitext(path)[0] + ".safetensors", self.null)
+        return dict(gt=gt[0], lr=lr[0], context=context, pooled=pooled, name=path)
+
+
+def load_embedding(path, null):
+    """(context, pooled) from an embedding file, or the null embedding when there is none."""
+    if not os.path.exists(path):
+        return null
+    f = SafetensorsFiles(path)
+    try:
+        context, pooled = f.get("context"), f.get("pooled")
+    except KeyError:
+        raise CheckpointError(f"{path}: an embedding file needs 'context' and 'pooled' tensors") from None
+    if context.shape[-1] != null[0].shape[-1] or pooled.shape != null[1].shape:
+        raise CheckpointError(f"{path}: context {tuple(context.shape)} / pooled {tuple(pooled.shape)} do not "
+                              f"fit the model ({null[0].shape[-1]} / {tuple(null[1].shape)})")
+    return context.float(), pooled.float()
+
+
+def collate(items):
+    items = [it for it in items if it is not None]
+    if not items:
+        return None
+    L = max(it["context"].shape[0] for it in items)   # pad contexts to one length (zeros = padding)
+    ctx = torch.stack([F.pad(it["context"], (0, 0, 0, L - it["context"].shape[0])) for it in items])
+    return dict(gt=torch.stack([it["gt"] for it in items]), lr=torch.stack([it["lr"] for it in items]),
+                context=ctx, pooled=torch.stack([it["pooled"] for it in items]),
+                names=[it["name"] for it in items])
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """For step k: `batch` (index, seed) keys drawn from a generator seeded by (seed, k, rank)."""
+
+    def __init__(self, n, batch, seed, rank, start, stop):
+        self.n, self.batch, self.seed, self.rank, self.start, self.stop = n, batch, seed, rank, start, stop
+
+    def __iter__(self):
+        for k in range(self.start, self.stop):
+            g = torch.Generator().manual_seed(_mix(self.seed, k, self.rank))
+            idx = torch.randint(self.n, (self.batch,), generator=g).tolist()
+            seeds = torch.randint(2 ** 62, (self.batch,), generator=g).tolist()
+            yield list(zip(idx, seeds))
+
+    def __len__(self):
+        return self.stop - self.start
+
+
+def _mix(*xs):
+    h = 0
+    for x in xs:
+        h = (h * 1_000_003 + int(x) + 1) % (2 ** 62)
+    return h
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+
+
+def build_models(cfg, device):
+    """(trained net, frozen teacher or None, vae, conditioning size)."""
+    tiny = cfg.preset == "tiny"
+    if cfg.vae or cfg.ckpt:
+        vae = vae_lib.load_vae(cfg.vae or cfg.ckpt)
+    else:
+        if not tiny:
+            raise SystemExit("error: give --ckpt (SD3.5 with its VAE) or --vae; only --preset tiny runs without")
+        torch.manual_seed(cfg.seed)
+        vae = vae_lib.VAE(vae_lib.CONFIGS["tiny"])
+    vae = vae.to(device).eval().requires_grad_(False)
+    if cfg.stage == "teacher":
+        if cfg.teacher:    # continue training a teacher (e.g. the shipped one)
+            net = model.load_transformer(cfg.teacher, lr_key_mode=cfg.teacher_mode)
+        elif cfg.ckpt:
+            net = model.add_lr_stream(model.load_transformer(cfg.ckpt))
+        else:
+            torch.manual_seed(cfg.seed)
+            net = model.MMDiT(model.CONFIGS["tiny" if tiny else "dit4sr"])
+        for name, p in net.named_parameters():      # DiT4SR trains only the control layers
+            p.requires_grad_("control" in name or (tiny and not cfg.ckpt))
+        return net.to(device), None, vae
+    if not cfg.teacher:
+        if not tiny:
+            raise SystemExit("error: --stage distill needs --teacher (a DiT4SR or teacher-stage checkpoint)")
+        torch.manual_seed(cfg.seed)
+        teacher = model.MMDiT(model.CONFIGS["tiny"])
+        print("warning: no --teacher: distilling a random tiny teacher (a smoke run, not a model)")
+    else:
+        teacher = model.load_transformer(cfg.teacher, lr_key_mode=cfg.teacher_mode)
+    if not teacher.cfg.lr_stream or teacher.cfg.two_times:
+        raise SystemExit(f"error: --teacher {cfg.teacher}: needs a one-time model with the LR stream")
+    teacher = teacher.to(device).eval()
+    student = mfsr.student_from_teacher(teacher, lora_rank=cfg.lora_rank)
+    teacher.requires_grad_(False)
+    return student, teacher, vae
+
+
+def conditioning(cfg, mcfg):
+    """Null and negative (context, pooled); zeros (and the null as negative) when not given."""
+    zeros = (torch.zeros(1, mcfg.context_dim), torch.zeros(mcfg.pooled_dim))
+    null = load_embedding(cfg.null_emb, zeros) if cfg.null_emb else zeros
+    if cfg.neg_emb:
+        neg = load_embedding(cfg.neg_emb, null)
+    else:
+        neg = null
+        if cfg.stage == "distill" and cfg.target == "neg":
+            print("warning: no --neg-emb: the negative prompt is the null prompt (Eq. 11 = Eq. 10)")
+    return null, neg
+
+
+# --------------------------------------------------------------------------------------------
+# One step of each stage
+
+
+def encode_pair(vae, batch, g):
+    """HR and bicubic-upsampled LR to latents (DiT4SR: posterior samples)."""
+    gt, lr = batch["gt"], batch["lr"]
+    lr_up = F.interpolate(lr, size=gt.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+    with torch.no_grad():
+        z_hr = vae.encode(gt * 2 - 1, generator=g, sample=True)
+        z_lr = vae.encode(lr_up * 2 - 1, generator=g, sample=True)
+    return z_hr, z_lr
+
+
+def teacher_loss(net, z_hr, z_lr, context, pooled, null, cfg, g):
+    """DiT4SR's rectified flow: logit-normal t, SD3 shift 3, x0-MSE (= sigma^2-weighted velocity)."""
+    B = z_hr.shape[0]
+    drop = torch.rand(B, generator=g) < cfg.caption_dropout
+    context = torch.where(drop[:, None, None], F.pad(null[0], (0, 0, 0, context.shape[1] - null[0].shape[0]))[None]
+                          .to(context), context)
+    pooled = torch.where(drop[:, None], null[1][None].to(pooled), pooled)
+    u = torch.sigmoid(torch.randn(B, generator=g))
+    sigma = (3 * u / (1 + 2 * u)).to(z_hr)
+    eps = torch.randn(z_hr.shape, generator=g).to(z_hr)
+    x = (1 - sigma.view(-1, 1, 1, 1)) * z_hr + sigma.view(-1, 1, 1, 1) * eps
+    x0 = x - sigma.view(-1, 1, 1, 1) * net(x, sigma, pooled, context, lr=z_lr)
+    return (x0.float() - z_hr.float()).pow(2).mean(), None
+
+
+def distill_loss(student, raw_student, teacher, z_hr, z_lr, context, pooled, null, neg, cfg, g):
+    """MFSR Alg. 1: t, s; z_t; the teacher's CFG velocity; the MeanFlow target by JVP; the loss."""
+    B = z_hr.shape[0]
+    t, s = (x.to(z_hr) for x in mfsr.sample_times(B, cfg.ratio, g))
+    eps = torch.randn(z_hr.shape, generator=g).to(z_hr)
+    z_t = t.view(-1, 1, 1, 1) * z_hr + (1 - t.view(-1, 1, 1, 1)) * eps
+    c = (z_lr, pooled, context)
+    expand = lambda e: (z_lr, e[1][None].expand_as(pooled).to(pooled),
+                        F.pad(e[0], (0, 0, 0, context.shape[1] - e[0].shape[0]))[None].expand_as(context).to(context))
+    v = mfsr.teacher_velocity(cfg.target, z_t, t, z_hr=z_hr, eps=eps, teacher=mfsr.velocity(teacher),
+                              student_u=mfsr.average_velocity(raw_student), cond=c, cond_neg=expand(neg),
+                              cond_null=expand(null), w=cfg.cfg_w)
+    res = mfsr.mfd_loss(mfsr.average_velocity(student), z_t, t, s, v, cond=c, mode=cfg.mode, loss=cfg.loss,
+                        u_fn_jvp=mfsr.average_velocity(raw_student))
+    return res["loss"], res["n_nonfinite"]
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints: trainable weights + config; optimizer state; a full export for sample.py
+
+
+def save_checkpoint(cfg, net, opt, ema, step, rank):
+    if rank != 0:
+        return
+    final = os.path.join(cfg.out, f"ckpt-{step:07d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    meta = {"train_config": json.dumps(asdict(cfg)), "model_config": json.dumps(asdict(net.cfg)),
+            "lora": json.dumps(getattr(net, "lora", None)), "step": str(step)}
+    train = {n: p.detach().cpu().contiguous() for n, p in net.named_parameters() if p.requires_grad}
+    train.update({"ema." + n: v.cpu() for n, v in (ema or {}).items()})
+    atomic_save(train, os.path.join(tmp, "trainable.safetensors"), meta)
+    state = opt.state_dict()
+    tensors = {f"{i}.{k}": v.detach().cpu().reshape(-1) if v.ndim == 0 else v.detach().cpu()
+               for i, st in state["state"].items() for k, v in st.items()}
+    atomic_save(tensors, os.path.join(tmp, "optimizer.safetensors"),
+                {"param_groups": json.dumps(state["param_groups"]), "step": str(step)})
+    export = os.path.join(tmp, "student.safetensors" if cfg.stage == "distill" else "teacher.safetensors")
+    save_full(net, export)
+    os.replace(tmp, final) if not os.path.exists(final) else (shutil.rmtree(final), os.replace(tmp, final))
+    for old in sorted(glob.glob(os.path.join(cfg.out, "ckpt-*[0-9]")))[:-cfg.keep]:
+        shutil.rmtree(old)
+
+
+def save_full(net, path):
+    """The whole model, LoRA merged, loadable by load_transformer / sample.py."""
+    import copy
+    full = copy.deepcopy(net).cpu()
+    if getattr(full, "lora", None):
+        model.merge_lora(full)
+    model.save_transformer(full, path)
+
+
+def load_checkpoint(cfg, net, opt):
+    """Latest ckpt-* in --out: trainable weights and optimizer state; returns (step, ema)."""
+    found = sorted(glob.glob(os.path.join(cfg.out, "ckpt-*[0-9]")))
+    if not found:
+        raise SystemExit(f"error: --resume: no ckpt-* folder in {cfg.out}")
+    src = SafetensorsFiles(os.path.join(found[-1], "trainable.safetensors"))
+    params = dict(net.named_parameters())
+    train = {k for k, p in params.items() if p.requires_grad}
+    if set(k for k in src.keys() if not k.startswith("ema.")) != train:
+        raise CheckpointError(f"{found[-1]}: its trainable set differs from this run's (other stage or LoRA?)")
+    with torch.no_grad():
+        for k in train:
+            params[k].copy_(src.get(k))
+    ema = {k[4:]: src.get(k).to(params[k[4:]].device) for k in src.keys() if k.startswith("ema.")} or None
+    osrc = SafetensorsFiles(os.path.join(found[-1], "optimizer.safetensors"))
+    state = {}
+    for k in osrc.keys():
+        i, name = k.split(".", 1)
+        v = osrc.get(k)
+        state.setdefault(int(i), {})[name] = v.reshape(()) if name == "step" else v
+    opt.load_state_dict({"state": state, "param_groups": json.loads(osrc.metadata["param_groups"])})
+    return int(src.metadata["step"]), ema
+
+
+# --------------------------------------------------------------------------------------------
+# Progress: a PNG grid to look at
+
+
+@torch.no_grad()
+def save_grid(path, vae, net, stage, batch, z_lr, null):
+    """LR (upsampled) | model 1 step | 2 steps (distill) or 4 Euler steps (teacher) | HR."""
+    n = min(4, z_lr.shape[0])
+    ctx, pooled = batch["context"][:n], batch["pooled"][:n]
+    g = torch.Generator().manual_seed(0)
+    if stage == "distill":
+        outs = [mfsr.sample_student(net, z_lr[:n], pooled, ctx, steps=k, generator=g) for k in (1, 2)]
+    else:
+        nctx = F.pad(null[0], (0, 0, 0, ctx.shape[1] - null[0].shape[0]))[None].expand_as(ctx)
+        outs = [mfsr.sample_teacher(net, z_lr[:n], (pooled, ctx), (null[1][None].expand_as(pooled), nctx),
+                                    steps=k, cfg=1.0, generator=g) for k in (1, 4)]
+    imgs = [vae.decode(o.to(z_lr)).float().add(1).div(2).clamp(0, 1) for o in outs]
+    lr_up = F.interpolate(batch["lr"][:n], size=batch["gt"].shape[-2:], mode="bicubic").clamp(0, 1)
+    rows = torch.cat([torch.cat([lr_up[i], imgs[0][i].cpu(), imgs[1][i].cpu(), batch["gt"][i]], 2)
+                      for i in range(n)], 1)
+    tmp = path + ".tmp.png"
+    Image.fromarray((rows.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(tmp)
+    os.replace(tmp, path)
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM"))
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or isinstance(f.default, bool):
+            p.add_argument(flag, action="store_true")
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default)
+    cfg = TrainConfig(**{f.name: getattr(p.parse_args(argv), f.name) for f in fields(TrainConfig)})
+    choices = dict(stage=("teacher", "distill"), preset=("full", "tiny"), target=("gt", "meanflow", "null", "neg"),
+                   loss=tuple(mfsr.LOSSES), mode=("split", "fused"), dtype=("bf16", "fp16", "fp32"),
+                   teacher_mode=("v1", "r1"))
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            p.error(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose from {', '.join(allowed)}")
+    if not cfg.data:
+        p.error("--data is required (a folder of HR images)")
+    if cfg.size == 0:
+        cfg.size = 64 if cfg.preset == "tiny" else 512
+    if cfg.size % 32:
+        p.error(f"--size {cfg.size}: must be a multiple of 32 (x4 LR, latent patches)")
+    return cfg
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    ddp = "RANK" in os.environ
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if cfg.mode == "fused":
+            raise SystemExit("error: --mode fused runs single-process only (torch.func.jvp cannot go through DDP)")
+    else:
+        rank, world = 0, 1
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if rank == 0:
+        os.makedirs(cfg.out, exist_ok=True)
+        print("config:", json.dumps(asdict(cfg)))
+    paths = find_images(cfg.data)
+    net, teacher, vae = build_models(cfg, device)
+    net.grad_checkpointing = cfg.grad_ckpt
+    null, neg = conditioning(cfg, net.cfg)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    if rank == 0:
+        print(f"{len(paths)} images; model {net.cfg}; trainable parameters "
+              f"{sum(p.numel() for p in trainable):,}; {world} process(es)")
+    opt = (torch.optim.Adam(trainable, lr=cfg.lr) if cfg.stage == "distill"
+           else torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=1e-2))
+    start, ema = load_checkpoint(cfg, net, opt) if cfg.resume else (0, None)
+    if cfg.ema and ema is None:
+        ema = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
+    run = torch.nn.parallel.DistributedDataParallel(net) if ddp else net
+    run = torch.compile(run) if cfg.compile else run
+    import degrade
+    data = PairDataset(paths, cfg.size, null, degrade.DegradeConfig())
+    loader = torch.utils.data.DataLoader(
+        data, batch_sampler=StepBatches(len(paths), cfg.batch * cfg.accum, cfg.seed, rank, start, cfg.steps),
+        collate_fn=collate, num_workers=cfg.workers, persistent_workers=False)
+    autocast = torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype),
+                              enabled=device.type == "cuda" and cfg.dtype != "fp32")
+    log = open(os.path.join(cfg.out, "log.jsonl"), "a") if rank == 0 else None
+    bad, t0 = 0, time.time()
+    for step, batch in zip(range(start, cfg.steps), loader):
+        g = torch.Generator().manual_seed(_mix(cfg.seed, step, rank, 7))
+        if batch is None:
+            print(f"warning: step {step}: no readable image in the batch, skipped")
+            continue
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        z_hr, z_lr = encode_pair(vae, batch, g)
+        opt.zero_grad(set_to_none=True)
+        loss_sum, nonfinite = 0.0, 0
+        for a in range(cfg.accum):
+            sl = slice(a * cfg.batch, (a + 1) * cfg.batch)
+            args = (z_hr[sl], z_lr[sl], batch["context"][sl], batch["pooled"][sl], null)
+            with autocast:
+                if cfg.stage == "teacher":
+                    loss, nf = teacher_loss(run, *args, cfg, g)
+                else:
+                    loss, nf = distill_loss(run, net, teacher, *args, neg, cfg, g)
+            if loss is None or not torch.isfinite(loss):
+                nonfinite += 1
+                break
+            (loss / cfg.accum).backward()
+            loss_sum += loss.item() / cfg.accum
+        if nonfinite:
+            bad += 1
+            print(f"warning: step {step}: non-finite loss or target, step skipped ({', '.join(batch['names'])})")
+            if bad >= cfg.max_bad:
+                raise SystemExit(f"error: {bad} non-finite steps in a row, stopping at step {step}")
+            continue
+        bad = 0
+        gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                for n, p in net.named_parameters():
+                    if n in ema:
+                        ema[n].lerp_(p.detach(), 1 - cfg.ema)
+        done = step + 1
+        if rank == 0:
+            rec = {"step": done, "loss": loss_sum, "grad_norm": float(gnorm), "lr": cfg.lr,
+                   "peak_mb": round(peak_memory_mb(device))}
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                rate = (done - start) / (time.time() - t0)
+                print(f"step {done}/{cfg.steps}  loss {loss_sum:.4f}  grad {float(gnorm):.3f}  "
+                      f"{rate:.2f} it/s  ETA {(cfg.steps - done) / max(rate, 1e-9) / 60:.1f} min  "
+                      f"peak {rec['peak_mb']} MB", flush=True)
+            if done % cfg.sample_every == 0 or done == cfg.steps:
+                save_grid(os.path.join(cfg.out, f"grid-{done:07d}.png"), vae, net.eval(), cfg.stage, batch, z_lr, null)
+                net.train()
+        if done % cfg.save_every == 0 or done == cfg.steps:
+            save_checkpoint(cfg, net, opt, ema, done, rank)
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}")
