@@ -566,15 +566,24 @@ def merge_lora(net: MMDiT):
     return net
 
 
+def dead_lr_params(net: MMDiT):
+    """The LR stream's output projections of the last block: the LR tokens are dropped after it,
+    so these never get a gradient (ARCH §3.3). Frozen, so DDP need not search for unused ones."""
+    last = f"joint_blocks.{net.cfg.depth - 1}.x_block."
+    return [n for n, _ in net.named_parameters() if n.startswith(last) and ".out_control." in n]
+
+
 def set_trainable(net: MMDiT, teacher_time_scale: float = 1000.0, verbose=True) -> int:
     """MFSR's trainable set: LR-stream control layers, LoRA, the s-embedder, and the t-embedder
     when the student's time scale differs from the teacher's (its input changed). All else frozen.
     Returns the number of trainable parameters."""
     train_t = net.cfg.time_scale != teacher_time_scale
+    dead = set(dead_lr_params(net))
     n_train = n_all = 0
     for name, p in net.named_parameters():
-        p.requires_grad_("control" in name or "lora_" in name or name.startswith("s_embedder.")
-                         or (train_t and name.startswith("t_embedder.")))
+        p.requires_grad_(name not in dead and (
+            "control" in name or "lora_" in name or name.startswith("s_embedder.")
+            or (train_t and name.startswith("t_embedder."))))
         n_all += p.numel()
         n_train += p.numel() if p.requires_grad else 0
     if verbose:

@@ -392,7 +392,10 @@ def test_trainable_set_counts():
     for name, p in net.named_parameters():
         if "lora_" in name:
             lora += p.numel()
-    assert lora > 0 and n == control + emb + lora
+    dead = D * D + D       # block 23's attn.out_control: its output is dropped, no gradient
+    assert model.dead_lr_params(net) == ["joint_blocks.23.x_block.attn.out_control.weight",
+                                         "joint_blocks.23.x_block.attn.out_control.bias"]
+    assert lora > 0 and n == control - dead + emb + lora
     assert all(not p.requires_grad for k, p in net.named_parameters()
                if k.startswith(("y_embedder", "context_embedder", "final_layer")) or k.endswith("qkv.weight"))
 

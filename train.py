@@ -206,8 +206,9 @@ def build_models(cfg, device):
         else:
             torch.manual_seed(cfg.seed)
             net = model.MMDiT(model.CONFIGS["tiny" if tiny else "dit4sr"])
+        dead = set(model.dead_lr_params(net))
         for name, p in net.named_parameters():      # DiT4SR trains only the control layers
-            p.requires_grad_("control" in name or (tiny and not cfg.ckpt))
+            p.requires_grad_(name not in dead and ("control" in name or (tiny and not cfg.ckpt)))
         return net.to(device), None, vae
     if not cfg.teacher:
         if not tiny:
