@@ -567,10 +567,13 @@ def merge_lora(net: MMDiT):
 
 
 def dead_lr_params(net: MMDiT):
-    """The LR stream's output projections of the last block: the LR tokens are dropped after it,
-    so these never get a gradient (ARCH §3.3). Frozen, so DDP need not search for unused ones."""
+    """LR-stream parameters that never get a gradient (ARCH §3.3): the last block's LR output
+    projections (the LR tokens are dropped after it) and, in v1 mode, every k_control (the LR
+    keys come from the image keys). They are frozen: DDP must not wait for their gradients."""
     last = f"joint_blocks.{net.cfg.depth - 1}.x_block."
-    return [n for n, _ in net.named_parameters() if n.startswith(last) and ".out_control." in n]
+    return [n for n, _ in net.named_parameters()
+            if (n.startswith(last) and ".out_control." in n)
+            or (net.cfg.lr_key_mode == "v1" and ".k_control." in n)]
 
 
 def set_trainable(net: MMDiT, teacher_time_scale: float = 1000.0, verbose=True) -> int:

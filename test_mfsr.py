@@ -4,6 +4,7 @@
     python -m pytest -q -m "not slow"   # the quick ones
 """
 import json
+import math
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -392,10 +393,21 @@ def test_trainable_set_counts():
     for name, p in net.named_parameters():
         if "lora_" in name:
             lora += p.numel()
-    dead = D * D + D       # block 23's attn.out_control: its output is dropped, no gradient
-    assert model.dead_lr_params(net) == ["joint_blocks.23.x_block.attn.out_control.weight",
-                                         "joint_blocks.23.x_block.attn.out_control.bias"]
+    # no gradient ever reaches block 23's attn.out_control (its output is dropped) nor, in v1
+    # mode, any k_control (24 attn + 13 attn2): they are left frozen
+    dead = (1 + 24 + 13) * (D * D + D)
+    assert len(model.dead_lr_params(net)) == 2 * (1 + 24 + 13)
     assert lora > 0 and n == control - dead + emb + lora
+
+
+def test_every_trainable_parameter_gets_a_gradient():
+    """DDP (find_unused_parameters=False) silently skips the all-reduce of a bucket whose
+    parameters never get a gradient: the trainable set must have none of those."""
+    for mode in ("v1", "r1"):
+        torch.manual_seed(0)
+        net = model.make_student(MMDiT(replace(CONFIGS["tiny"], lr_key_mode=mode)), lora_rank=4)
+        net(**_inputs(net.cfg)).square().mean().backward()
+        assert [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None] == []
     assert all(not p.requires_grad for k, p in net.named_parameters()
                if k.startswith(("y_embedder", "context_embedder", "final_layer")) or k.endswith("qkv.weight"))
 
@@ -888,3 +900,4 @@ def test_add_lr_stream_turns_sd35_into_a_dit4sr_teacher():
     inp = _inputs(net.cfg)
     with torch.no_grad():
         assert net(**inp).shape == inp["x"].shape
+

@@ -446,7 +446,7 @@ def main(argv=None):
     for step, batch in zip(range(start, cfg.steps), loader):
         g = torch.Generator().manual_seed(_mix(cfg.seed, step, rank, 7))
         if batch is None:
-            print(f"warning: step {step}: no readable image in the batch, skipped")
+            print(f"warning: step {step + 1}: no readable image in the batch, skipped")
             continue
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         z_hr, z_lr = encode_pair(vae, batch, g)
@@ -467,11 +467,16 @@ def main(argv=None):
             loss_sum += loss.item() / cfg.accum
         if nonfinite:
             bad += 1
-            print(f"warning: step {step}: non-finite loss or target, step skipped ({', '.join(batch['names'])})")
+            print(f"warning: step {step + 1}: non-finite loss or target, step skipped "
+                  f"({', '.join(batch['names'])})")
             if bad >= cfg.max_bad:
-                raise SystemExit(f"error: {bad} non-finite steps in a row, stopping at step {step}")
+                raise SystemExit(f"error: {bad} non-finite steps in a row, stopping at step {step + 1} "
+                                 f"({', '.join(batch['names'])})")
             continue
         bad = 0
+        if step == start and any(p.grad is None for p in trainable):  # DDP would skip their all-reduce
+            raise SystemExit("error: trainable parameters without a gradient: " + ", ".join(
+                n for n, p in net.named_parameters() if p.requires_grad and p.grad is None))
         gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         opt.step()
         if ema is not None:
