@@ -13,13 +13,18 @@ return big freed blocks to the OS at once, MALLOC_MMAP_THRESHOLD_=65536).
 import argparse
 import ctypes
 import gc
+import importlib.util
 import json
+import math
 import os
+import random
 import statistics
 import sys
 import time
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 BENCHES = {}
 
@@ -241,6 +246,145 @@ def bench_mfsr(args):
                          "mem x student": mems[k] / mems["student fwd+bwd"]})
             figures[f"{name}/{k}"] = {"s": times[k], "peak_mb": mems[k]}
     return f"mfsr training steps (threads {torch.get_num_threads()})", rows, figures
+
+
+# --------------------------------------------------------------------------------------------
+# vae
+# Encode / decode time and peak memory of the full-size SD3 VAE (random weights) in fp32 and bf16
+# on CPU: untiled and tiled at 512^2 (tiles of 256 px / 32 latents, overlap 64 px / 8 latents), and
+# tiled with the default tiles at 2048^2 (512 px / 64 latents, overlap 128 px / 16 latents). Each
+# variant runs once: a 2048^2 decode is minutes on 2 cores. Tiled runs include the statistics pass
+# (tile_norm="tiles"), which costs a second pass over every tile. Untiled 2048^2 (> 8 GiB in
+# fp32 by the activation sizes, and minutes per run) runs only with VAE_BENCH_UNTILED_2048=1.
+
+
+@bench
+def bench_vae(args):
+    """Time and peak memory of SD3 VAE encode / decode, untiled vs tiled, fp32 and bf16."""
+    import vae as V
+    torch.manual_seed(0)
+    base = V.VAE(V.CONFIGS["sd3"]).eval()
+    cases = [(512, "untiled", 0, 0), (512, "tiled 256px", 256, 32)]
+    if not args.quick:
+        cases.append((2048, "tiled (default)", None, None))
+        if os.environ.get("VAE_BENCH_UNTILED_2048") == "1":
+            cases.append((2048, "untiled", 0, 0))
+    rows, figures = [], {}
+    for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        vae = V.set_dtype(V.VAE(base.cfg).eval(), dtype)
+        vae.load_state_dict(base.state_dict())
+        for size, variant, enc_tile, dec_tile in cases:
+            x = (torch.rand(1, 3, size, size) * 2 - 1).to(dtype)
+            z = torch.randn(1, 16, size // 8, size // 8).to(dtype)
+            for op, fn in (("encode", lambda: vae.encode(x, tile=enc_tile)),
+                           ("decode", lambda: vae.decode(z, tile=dec_tile))):
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    _, mb = peak_mb(fn)
+                s = time.perf_counter() - t0
+                rows.append({"image": f"{size}^2", "dtype": dtype_name, "variant": variant, "op": op,
+                             "seconds": s, "peak MB": mb})
+                figures[f"{size}/{dtype_name}/{variant}/{op}"] = {"s": s, "peak_mb": mb}
+    return f"vae: SD3 VAE, random weights (threads {torch.get_num_threads()}; one run each)", rows, figures
+
+
+# --------------------------------------------------------------------------------------------
+# degrade: degrade.py beside BasicSR's functions driven the way Real-ESRGAN's feed_data runs them
+# (numpy kernels per sample as its dataset draws them, USMSharp, filter2D, F.interpolate, the *_pt
+# noise functions, DiffJPEG(differentiable=False)); BasicSR's rows are left out if it is not installed.
+
+
+def _degrade_image(b, size, seed=0):
+    g = torch.Generator().manual_seed(seed)  # smooth random texture: JPEG of white noise is unrealistically slow
+    x = torch.rand(b, 3, size // 16, size // 16, generator=g)
+    return F.interpolate(x, size=(size, size), mode="bicubic").clamp(0, 1)
+
+
+def _basicsr_runner(b, size):
+    import degrade as D
+    from test_mfsr import _deg_load_basicsr   # BasicSR's source files, loaded by path
+    bdeg, bipu = _deg_load_basicsr()
+    root = importlib.util.find_spec("basicsr").submodule_search_locations[0]
+    spec = importlib.util.spec_from_file_location("_bench_diffjpeg", os.path.join(root, "utils/diffjpeg.py"))
+    dj = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dj)
+    jpeger, usm, st1, st2 = dj.DiffJPEG(differentiable=False), bipu.USMSharp(), D.StageConfig(), D.STAGE2
+    sizes = [7, 9, 11, 13, 15, 17, 19, 21]
+
+    def kernel(st):  # the dataset's per-sample draw
+        k = random.choice(sizes)
+        if np.random.uniform() < st.sinc_prob:
+            w = np.random.uniform(math.pi / 3 if k < 13 else math.pi / 5, math.pi)
+            ker = bdeg.circular_lowpass_kernel(w, k, pad_to=False)
+        else:
+            ker = bdeg.random_mixed_kernels(list(D.KERNEL_TYPES), list(st.kernel_prob), k, st.blur_sigma,
+                                            st.blur_sigma, [-math.pi, math.pi], st.betag_range, st.betap_range)
+        p = (21 - k) // 2
+        return torch.FloatTensor(np.pad(ker, ((p, p), (p, p))))
+
+    def stage(out, st, size_of):
+        u = random.choices(["up", "down", "keep"], st.resize_prob)[0]
+        s = {"up": np.random.uniform(1, st.resize_range[1]), "down": np.random.uniform(st.resize_range[0], 1),
+             "keep": 1}[u]
+        out = size_of(out, s, random.choice(D.RESIZE_MODES))
+        if np.random.uniform() < st.gaussian_noise_prob:
+            return bdeg.random_add_gaussian_noise_pt(out, st.noise_range, st.gray_noise_prob, clip=True)
+        return bdeg.random_add_poisson_noise_pt(out, st.poisson_scale_range, st.gray_noise_prob, clip=True)
+
+    def filt(x, k):  # F.interpolate on CPU can return a non-contiguous tensor, which filter2D's view rejects
+        return bipu.filter2D(x.contiguous(), k)
+
+    def jpg(out):
+        q = out.new_zeros(out.size(0)).uniform_(30, 95)
+        return jpeger(out.clamp(0, 1), quality=q)
+
+    def run():
+        hr = _degrade_image(b, size)
+        k1 = torch.stack([kernel(st1) for _ in range(b)])
+        k2 = torch.stack([kernel(st2) for _ in range(b)])
+        sinc = np.stack([bdeg.circular_lowpass_kernel(np.random.uniform(math.pi / 3, math.pi),
+                                                         random.choice(sizes), pad_to=21) for _ in range(b)])
+        sinc = torch.FloatTensor(sinc)
+        out = filt(usm(hr), k1)
+        out = jpg(stage(out, st1, lambda x, s, m: F.interpolate(x, scale_factor=s, mode=m)))
+        if np.random.uniform() < st2.blur_prob:
+            out = filt(out, k2)
+        lr_hw = (size // 4, size // 4)
+        out = stage(out, st2, lambda x, s, m: F.interpolate(x, size=(int(lr_hw[0] * s), int(lr_hw[1] * s)), mode=m))
+        if np.random.uniform() < 0.5:
+            out = jpg(filt(F.interpolate(out, size=lr_hw, mode=random.choice(D.RESIZE_MODES)), sinc))
+        else:
+            out = filt(F.interpolate(jpg(out), size=lr_hw, mode=random.choice(D.RESIZE_MODES)), sinc)
+        return (out * 255).round().clamp(0, 255) / 255
+
+    return run
+
+
+@bench
+def bench_degrade(args):
+    import degrade as D
+    size, batches = (128, (1, 4)) if args.quick else (512, (1, 16))
+    rows, figures = [], {}
+    for b in batches:
+        hr, g, timings = _degrade_image(b, size), torch.Generator().manual_seed(0), {}
+        fns = {"degrade.py": lambda: D.degrade(hr, generator=g, timings=timings)}
+        try:
+            fns["BasicSR (Real-ESRGAN way)"] = _basicsr_runner(b, size)
+        except Exception as e:  # noqa: BLE001 - a missing optional reference is reported, not fatal
+            print(f"BasicSR reference unavailable: {e}")
+        t = median_times(fns, repeat=3, warmup=1)
+        total = sum(timings.values())
+        for name, sec in t.items():
+            row = {"impl": name, "batch": b, "size": size, "pairs/s": b / sec, "s/pair": sec / b}
+            if name == "degrade.py":
+                row["stage shares"] = " ".join(f"{k} {v / total:.0%}" for k, v in timings.items())
+            else:
+                row["stage shares"] = "-"
+            rows.append(row)
+            figures[f"{name} b{b} pairs_per_s"] = b / sec
+        if len(t) == 2:
+            figures[f"speedup b{b}"] = t["BasicSR (Real-ESRGAN way)"] / t["degrade.py"]
+    return f"degrade: Real-ESRGAN pipeline, {size}² GT, {torch.get_num_threads()} threads", rows, figures
 
 
 def main(argv=None):

@@ -901,3 +901,683 @@ def test_add_lr_stream_turns_sd35_into_a_dit4sr_teacher():
     with torch.no_grad():
         assert net(**inp).shape == inp["x"].shape
 
+
+# ============================================================================================
+# vae.py
+
+from dataclasses import asdict  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+
+import vae as V  # noqa: E402
+
+_VAE_KEYS = Path(__file__).resolve().parent / "reference" / "keys"
+# same structure as "sd3" (4 levels, 2 / 3 blocks, 32 groups, 16 latents), narrow enough for CI
+_VAE_NARROW = V.VAEConfig(channels=(32, 64, 64, 64))
+
+
+def _vae_manifest(name):
+    return json.loads((_VAE_KEYS / name).read_text())
+
+
+def _vae_count(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def _vae_image(size, seed=0):
+    """A smooth image in [-1, 1] with a little noise: closer to a photo than white noise."""
+    g = torch.Generator().manual_seed(seed)
+    x = F.interpolate(torch.rand(1, 3, size // 16, size // 16, generator=g) * 2 - 1, size=(size, size),
+                      mode="bicubic", align_corners=False)
+    return (x + 0.05 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+
+
+def _vae_perturb(module, seed=0):
+    """Random norm weights and biases too (defaults are 1 and 0), so a wrong mapping shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return module
+
+
+# --------------------------------------------------------------------------------------------
+# structure and key names
+
+
+def test_vae_full_size_keys_shapes_and_counts_equal_the_manifest():
+    with torch.device("meta"):
+        vae = V.VAE(V.CONFIGS["sd3"])
+    ours = {k: list(v.shape) for k, v in vae.state_dict().items()}
+    ref = {k.removeprefix("first_stage_model."): v for k, v in _vae_manifest("keys_sd3_vae.json").items()}
+    assert ours == ref
+    assert (_vae_count(vae), _vae_count(vae.encoder), _vae_count(vae.decoder)) == (83_819_683, 34_274_208, 49_545_475)
+
+
+def test_vae_diffusers_names_equal_the_diffusers_manifest_and_invert():
+    with torch.device("meta"):
+        sd = V.VAE(V.CONFIGS["sd3"]).state_dict()
+    ours = {k: list(v.shape) for k, v in V.to_diffusers_state_dict(sd, 4).items()}
+    assert ours == _vae_manifest("keys_sd3_vae_diffusers.json")
+    assert all(V.from_diffusers_name(V.to_diffusers_name(k, 4), 4) == k for k in sd)
+    assert V.to_diffusers_name("decoder.up.3.upsample.conv.weight", 4) == "decoder.up_blocks.0.upsamplers.0.conv.weight"
+
+
+def test_vae_tiny_is_x4_with_16_latent_channels():
+    torch.manual_seed(0)
+    vae = V.VAE(V.CONFIGS["tiny"]).eval()
+    with torch.no_grad():
+        z = vae.encode(_vae_image(32))
+        y = vae.decode(z)
+    assert z.shape == (1, 16, 8, 8) and y.shape == (1, 3, 32, 32)
+    assert y.abs().max() <= 1
+
+
+# --------------------------------------------------------------------------------------------
+# equivalence with diffusers.AutoencoderKL (test-only reference)
+
+
+def _vae_diffusers_pair(cfg, tmp_path, route):
+    """(diffusers AutoencoderKL, our VAE) holding the same random weights, ours loaded through
+    route "diffusers" (our loader on a diffusers folder) or "single_file" (our original-layout
+    export read by diffusers' own converter)."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    cfg_dir = tmp_path / "cfg"
+    cfg_dir.mkdir()
+    (cfg_dir / "config.json").write_text(json.dumps(V.diffusers_config(cfg)))
+    if route == "diffusers":
+        ref = _vae_perturb(diffusers.AutoencoderKL.from_config(diffusers.AutoencoderKL.load_config(cfg_dir)))
+        ref.save_pretrained(tmp_path / "vae")
+        ours = V.load_vae(str(tmp_path / "vae"))
+    else:
+        ours = _vae_perturb(V.VAE(cfg))
+        V.save_vae(ours, str(tmp_path / "vae.safetensors"))
+        ref = diffusers.AutoencoderKL.from_single_file(str(tmp_path / "vae.safetensors"), config=str(cfg_dir),
+                                                       local_files_only=True)
+    assert ours.cfg == cfg
+    return ref.eval(), ours.eval()
+
+
+def _vae_compare(ref, ours, size):
+    x = _vae_image(size, seed=1)
+    z = torch.randn(1, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        post = ref.encode(x).latent_dist
+        mean, logvar = ours.moments(x, tile=0)
+        sample = ours.encode(x, torch.Generator().manual_seed(3), sample=True, tile=0)
+        ref_sample = (post.sample(torch.Generator().manual_seed(3)) - 0.0609) * 1.5305
+        image, ref_image = ours.decoder(z), ref.decode(z).sample
+        decoded = ours.decode((z - 0.0609) * 1.5305, tile=0)
+    assert (mean - post.mean).abs().max() < 1e-5
+    assert (logvar - post.logvar).abs().max() < 1e-5
+    assert (sample - ref_sample).abs().max() < 1e-5
+    assert (image - ref_image).abs().max() < 1e-5
+    assert (decoded - ref_image.clamp(-1, 1)).abs().max() < 1e-5
+    assert ref_image.abs().mean() > 0.05 and post.mean.std() > 0.01   # not a trivially zero output
+
+
+@pytest.mark.parametrize("route", ["diffusers", "single_file"])
+def test_vae_matches_diffusers_autoencoderkl(route, tmp_path):
+    _vae_compare(*_vae_diffusers_pair(_VAE_NARROW, tmp_path, route), 64)
+
+
+@pytest.mark.slow
+def test_vae_full_width_matches_diffusers_on_64px(tmp_path):
+    _vae_compare(*_vae_diffusers_pair(V.CONFIGS["sd3"], tmp_path, "diffusers"), 64)
+
+
+# --------------------------------------------------------------------------------------------
+# loading, saving, bad files
+
+
+def _vae_tiny(seed=0):
+    torch.manual_seed(seed)
+    return _vae_perturb(V.VAE(V.CONFIGS["tiny"]).eval(), seed)
+
+
+def _vae_same(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_vae_save_load_round_trips_in_every_layout(tmp_path):
+    vae = _vae_tiny()
+    V.save_vae(vae, str(tmp_path / "own.safetensors"))
+    V.save_vae(vae, str(tmp_path / "pipe" / "vae"), layout="diffusers")
+    sd = {"first_stage_model." + k: v for k, v in vae.state_dict().items()}
+    sd["model.diffusion_model.x_embedder.proj.bias"] = torch.zeros(4)       # an SD3.5 single file
+    save_file(sd, str(tmp_path / "single.safetensors"))
+    for path in ("own.safetensors", "pipe", "pipe/vae", "pipe/vae/diffusion_pytorch_model.safetensors",
+                 "single.safetensors"):
+        back = V.load_vae(str(tmp_path / path))
+        assert back.cfg == vae.cfg, path
+        assert _vae_same(back, vae), path
+    assert not list(tmp_path.rglob("*.tmp*"))   # atomic writes leave nothing behind
+
+
+def test_vae_mixed_precision_file_is_cast_on_load(tmp_path):
+    vae = _vae_tiny()
+    sd = {k: (v.half() if i % 2 else v) for i, (k, v) in enumerate(vae.state_dict().items())}
+    save_file(sd, str(tmp_path / "mixed.safetensors"), metadata={"vae_config": json.dumps(asdict(vae.cfg))})
+    back = V.load_vae(str(tmp_path / "mixed.safetensors"))
+    assert {p.dtype for p in back.parameters()} == {torch.float32}
+    assert (back.encoder.conv_in.weight - vae.encoder.conv_in.weight).abs().max() < 1e-3
+    bf16 = V.load_vae(str(tmp_path / "mixed.safetensors"), dtype=torch.bfloat16)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+
+
+def test_vae_bad_files_give_clear_errors(tmp_path):
+    vae = _vae_tiny()
+    sd = dict(vae.state_dict())
+    good = tmp_path / "good.safetensors"
+    save_file(sd, str(good))
+    cases = {}
+    save_file({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(6, 2)},
+              str(tmp_path / "transformer.safetensors"))
+    cases["transformer.safetensors"] = "transformer checkpoint"
+    (tmp_path / "truncated.safetensors").write_bytes(good.read_bytes()[:5000])
+    cases["truncated.safetensors"] = "not a readable safetensors file"
+    save_file({**sd, "quant_conv.weight": torch.zeros(8, 8, 1, 1)}, str(tmp_path / "quant.safetensors"))
+    cases["quant.safetensors"] = "quant convs"
+    save_file({k: v for k, v in sd.items() if k != "decoder.up.1.block.0.conv2.bias"},
+              str(tmp_path / "missing.safetensors"))
+    cases["missing.safetensors"] = "missing (1): decoder.up.1.block.0.conv2.bias"
+    save_file({**sd, "decoder.mid.attn_1.q.weight": torch.zeros(64, 64, 3, 3)}, str(tmp_path / "misshapen.safetensors"))
+    cases["misshapen.safetensors"] = "decoder.mid.attn_1.q.weight: file (64, 64, 3, 3) vs model (64, 64, 1, 1)"
+    torch.save(sd, str(tmp_path / "vae.ckpt"))
+    cases["vae.ckpt"] = "only .safetensors"
+    for name, needle in cases.items():
+        with pytest.raises(CheckpointError) as e:
+            V.load_vae(str(tmp_path / name))
+        assert name in str(e.value) and needle in str(e.value), (name, str(e.value))
+
+
+def test_vae_groups_that_a_bare_file_cannot_tell_give_a_clear_error(tmp_path):
+    torch.manual_seed(0)
+    odd = V.VAE(V.VAEConfig(channels=(24, 48), enc_blocks=1, dec_blocks=2, groups=8))
+    save_file(dict(odd.state_dict()), str(tmp_path / "bare.safetensors"))   # no metadata: groups unknown
+    with pytest.raises(CheckpointError, match="bare.safetensors: GroupNorm groups 32 do not divide"):
+        V.load_vae(str(tmp_path / "bare.safetensors"))
+    assert _vae_same(V.load_vae(str(tmp_path / "bare.safetensors"), groups=8), odd)
+
+
+# --------------------------------------------------------------------------------------------
+# tiling
+
+
+def _vae_band_ratio(err, starts, tile, r):
+    """Mean error within 2 output pixels of an inner tile edge, over the mean error elsewhere,
+    along the width: a seam would show as a ratio well above 1."""
+    prof = err.mean(dim=(0, 1, 2))                                         # (W,)
+    edges = {round(s * r) for s in starts if s > 0} | {round((s + tile) * r) for s in starts}
+    mask = torch.zeros(prof.numel(), dtype=torch.bool)
+    for e in edges - {prof.numel()}:
+        mask[max(e - 2, 0):e + 2] = True
+    return (prof[mask].mean() / prof[~mask].mean()).item()
+
+
+def _vae_tiled_errors(kind, tile_norm):
+    vae = _vae_tiny()
+    x = _vae_image(256)
+    with torch.no_grad():
+        if kind == "encode":
+            ref = vae.encode(x, tile=0)
+            out = vae.encode(x, tile=128, overlap=32, tile_norm=tile_norm)
+            starts, tile, r = V._starts(256, 128, 32), 128, 1 / 4
+        else:
+            z = vae.encode(x, tile=0)
+            ref = vae.decode(z, tile=0, clamp=False)
+            out = vae.decode(z, tile=32, overlap=8, tile_norm=tile_norm, clamp=False)
+            starts, tile, r = V._starts(64, 32, 8), 32, 4
+    err = (out - ref).abs()
+    return err.max().item(), err.mean().item() / ref.abs().mean().item(), _vae_band_ratio(err, starts, tile, r)
+
+
+@pytest.mark.parametrize("kind,max_bound,rel_mean_bound", [("encode", 0.65, 0.09), ("decode", 0.65, 0.12)])
+def test_vae_tiled_is_close_to_untiled_without_seams(kind, max_bound, rel_mean_bound):
+    """Bounds measured on random tiny weights (see the report in vae.py): 3 x 3 tiles on 256 px,
+    where per-tile GroupNorm statistics ("local") are clearly worse than shared ones."""
+    worst, rel_mean, band = _vae_tiled_errors(kind, "tiles")
+    _, rel_mean_local, _ = _vae_tiled_errors(kind, "local")
+    print(f"{kind}: max {worst:.3f}, mean/|ref| {rel_mean:.4f} (local {rel_mean_local:.4f}), border/else {band:.2f}")
+    assert worst < max_bound and rel_mean < rel_mean_bound
+    assert rel_mean < 0.8 * rel_mean_local
+    assert band < 1.5
+
+
+def test_vae_tile_plan_is_automatic_above_the_limit():
+    assert V._tile_plan(None, None, 512, 128, 1024 * 1024, 8) is None
+    assert V._tile_plan(None, None, 512, 128, 1024 * 1024 + 1, 8) == (512, 128)
+    assert V._tile_plan(0, None, 512, 128, 4096 * 4096, 8) is None
+    assert V._tile_plan(256, None, 512, 128, 64, 8) == (256, 64)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        V._tile_plan(100, None, 512, 128, 64, 8)
+
+
+def test_vae_blending_weights_sum_to_one_and_untouched_tiles_reproduce_the_input():
+    """With a net that is the identity (no GroupNorm), tiling must give back the input exactly."""
+    x = torch.randn(2, 3, 40, 56)
+    out = V.run_tiled(lambda t: t, [], x, 16, 6, "local")
+    assert (out - x).abs().max() < 1e-6
+    w = sum(V._ramp(56, s, 16, 6) for s in V._starts(56, 16, 6))
+    assert w.min() > 0.5
+
+
+# --------------------------------------------------------------------------------------------
+# precision
+
+
+def test_vae_bf16_and_fp16_run_close_to_fp32():
+    vae = _vae_tiny()
+    x = _vae_image(64)
+    with torch.no_grad():
+        z32 = vae.encode(x)
+        y32 = vae.decode(z32)
+        for dtype, tol in ((torch.bfloat16, 0.15), (torch.float16, 0.02)):
+            low = V.set_dtype(_vae_tiny(), dtype)
+            z = low.encode(x.to(dtype))
+            y = low.decode(z)
+            assert z.dtype == dtype and y.dtype == dtype
+            assert (z.float() - z32).abs().mean() < tol * z32.abs().mean(), dtype
+            assert (y.float() - y32).abs().mean() < tol * y32.abs().mean(), dtype
+
+
+def _vae_overflowing(dtype, upcast):
+    """Tiny VAE whose decoder top level adds 2 x 4e4 to its residual stream: past fp16's 65504."""
+    vae = _vae_tiny()
+    with torch.no_grad():
+        for b in vae.decoder.up[0].block:
+            b.conv2.bias.fill_(4e4)
+    return V.set_dtype(vae, dtype, upcast) if dtype != torch.float32 else vae
+
+
+def test_vae_fp16_upcast_keeps_an_overflowing_decoder_finite():
+    """All-fp16 overflows to inf; set_dtype's default keeps the up levels and the head in fp32
+    (what diffusers does for SD VAEs), stays finite and matches fp32."""
+    z = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y32 = _vae_overflowing(torch.float32, None).decoder(z)
+        y_naive = _vae_overflowing(torch.float16, ()).decoder(z.half())
+        upcast = _vae_overflowing(torch.float16, V.FP16_UPCAST)
+        y_up = upcast.decoder(z.half())
+    assert not torch.isfinite(y_naive).all()
+    assert torch.isfinite(y_up).all() and y_up.dtype == torch.float32
+    assert (y_up - y32).abs().max() < 0.02 * y32.abs().max()
+    assert upcast.decoder.up[0].block[0].conv1.weight.dtype == torch.float32
+    assert upcast.decoder.mid.attn_1.q.weight.dtype == torch.float16
+
+
+# ============================================================================================
+# degrade.py
+
+import numpy as np  # noqa: E402
+
+import degrade as D  # noqa: E402
+
+
+def _deg_j1(x):
+    """Bessel J1 by its integral (1/pi) int_0^pi cos(t - x sin t) dt: independent of torch.special."""
+    t = np.linspace(0, math.pi, 4001)
+    return np.trapezoid(np.cos(t - x * np.sin(t)), t) / math.pi
+
+
+def _deg_quad(k, sx, sy, th, i, j):
+    """p^T Sigma^-1 p at row i, column j, with Sigma built as a matrix and inverted by NumPy."""
+    R = np.array([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
+    S = R @ np.diag([sx ** 2, sy ** 2]) @ R.T
+    p = np.array([j - (k - 1) / 2, i - (k - 1) / 2])
+    return p @ np.linalg.inv(S) @ p
+
+
+def test_deg_kernels_closed_form():
+    k, sx, sy, th, beta = 15, 1.7, 0.8, 0.6, 1.6
+    cases = [(D.gaussian_kernel(k, sx, sy, th), lambda q: math.exp(-0.5 * q)),
+             (D.generalized_gaussian_kernel(k, sx, sy, th, beta), lambda q: math.exp(-0.5 * q ** beta)),
+             (D.plateau_kernel(k, sx, sy, th, beta), lambda q: 1 / (1 + q ** beta))]
+    for ker, f in cases:
+        assert abs(ker.sum().item() - 1) < 1e-5
+        ref = np.array([[f(_deg_quad(k, sx, sy, th, i, j)) for j in range(k)] for i in range(k)])
+        ref /= ref.sum()
+        assert np.abs(ker.numpy() - ref).max() < 1e-6
+    wc = 1.3
+    s = D.sinc_kernel(13, wc)
+    assert abs(s.sum().item() - 1) < 1e-5
+    unnorm = {(6, 6): wc ** 2 / (4 * math.pi)}
+    for (i, j) in [(6, 9), (2, 3), (0, 0)]:
+        r = math.hypot(i - 6, j - 6)
+        unnorm[(i, j)] = wc * _deg_j1(wc * r) / (2 * math.pi * r)
+    # ratios to the centre do not depend on the normalisation
+    for (i, j), v in unnorm.items():
+        assert abs(s[i, j].item() / s[6, 6].item() - v / unnorm[(6, 6)]) < 1e-5
+
+
+def test_deg_sinc_frequency_response():
+    wc, n = math.pi / 2, 256
+    H = torch.fft.fft2(D.sinc_kernel(21, wc).double(), s=(n, n)).abs()
+    w = torch.fft.fftfreq(n, dtype=torch.float64) * 2 * math.pi
+    r = torch.sqrt(w[:, None] ** 2 + w[None, :] ** 2)
+    # truncation to 21 taps leaves a Gibbs ripple: tolerance 0.15 in the pass band, 0.1 in the stop band
+    assert (H[r < 0.6 * wc] - 1).abs().max() < 0.15
+    assert H[(r > 1.5 * wc) & (r < math.pi)].max() < 0.1
+
+
+def test_deg_aniso_rotates_with_theta():
+    a = D.gaussian_kernel(21, 3.0, 1.0, 0.0)
+    b = D.gaussian_kernel(21, 3.0, 1.0, math.pi / 2)
+    assert torch.allclose(b, a.T, atol=1e-7)          # 90 degrees swaps the axes
+    th = 0.7
+    k = D.gaussian_kernel(21, 3.0, 1.0, th).double()
+    x, y = D._grid(21)  # x: column, y: row
+    cov = torch.tensor([[(k * x * x).sum(), (k * x * y).sum()], [(k * x * y).sum(), (k * y * y).sum()]])
+    evals, evecs = torch.linalg.eigh(cov)
+    major = evecs[:, 1]
+    ang = math.atan2(major[1].item(), major[0].item()) % math.pi
+    assert abs(ang - th) < 0.02                        # long axis points along theta
+
+
+def test_deg_kernel_type_frequencies_and_ranges():
+    g = torch.Generator().manual_seed(0)
+    st, n = D.StageConfig(), 12000
+    draws = [D.random_kernel_params(st, D.DegradeConfig().kernel_sizes, g) for _ in range(n)]
+    types = ("sinc",) + D.KERNEL_TYPES
+    probs = np.array([st.sinc_prob] + [(1 - st.sinc_prob) * p for p in st.kernel_prob])
+    counts = np.array([sum(d["type"] == t for d in draws) for t in types])
+    chi2 = (((counts - n * probs) ** 2) / (n * probs)).sum()
+    assert chi2 < 22.46                                 # chi^2 with 6 dof at p = 0.001
+    sizes = np.array([sum(d["size"] == s for d in draws) for s in range(7, 22, 2)])
+    assert (((sizes - n / 8) ** 2) / (n / 8)).sum() < 24.32  # 7 dof, p = 0.001
+    for d in draws:
+        if d["type"] == "sinc":
+            lo = math.pi / 3 if d["size"] < 13 else math.pi / 5
+            assert lo <= d["omega_c"] <= math.pi
+            continue
+        assert 0.2 <= d["sigma_x"] <= 3 and 0.2 <= d["sigma_y"] <= 3 and -math.pi <= d["theta"] <= math.pi
+        if d["type"].startswith("generalized"):
+            assert 0.5 <= d["beta"] <= 4
+        if d["type"].startswith("plateau"):
+            assert 1 <= d["beta"] <= 2
+
+
+def test_deg_pipeline_choice_frequencies():
+    g, n, cfg = torch.Generator().manual_seed(1), 3000, D.DegradeConfig()
+    ps = [D.draw_params(cfg, g) for _ in range(n)]
+    def frac(f):
+        return sum(map(f, ps)) / n
+    checks = [(frac(lambda p: p["stage1"]["resize"]["direction"] == "down"), 0.7),
+              (frac(lambda p: p["stage2"]["resize"]["direction"] == "keep"), 0.3),
+              (frac(lambda p: p["stage2"]["kernel"] is not None), 0.8),
+              (frac(lambda p: p["sinc"]["type"] == "sinc"), 0.8),
+              (frac(lambda p: p["stage1"]["noise"]["kind"] == "gaussian"), 0.5),
+              (frac(lambda p: p["stage1"]["noise"]["gray"]), 0.4),
+              (frac(lambda p: p["final_order"] == "resize_sinc_jpeg"), 0.5)]
+    for got, want in checks:
+        assert abs(got - want) < 4.5 * math.sqrt(want * (1 - want) / n)  # 4.5 binomial sigmas
+    q = [p["stage1"]["jpeg"] for p in ps]
+    assert min(q) == 30 and max(q) == 95
+    s = [p["stage1"]["resize"]["scale"] for p in ps if p["stage1"]["resize"]["direction"] == "down"]
+    assert 0.15 <= min(s) and max(s) <= 1
+
+
+def test_deg_determinism_shape_and_grid():
+    torch.manual_seed(0)
+    hr = torch.rand(3, 3, 64, 96)
+    out = [D.degrade(hr, generator=torch.Generator().manual_seed(s)) for s in (5, 5, 6)]
+    (gt, lr, p), (gt2, lr2, p2), (_, lr3, p3) = out
+    assert torch.equal(lr, lr2) and torch.equal(gt, gt2) and p == p2
+    assert not torch.equal(lr, lr3) and p != p3
+    assert lr.shape == (3, 3, 16, 24) and gt.shape == hr.shape
+    assert (lr * 255 - (lr * 255).round()).abs().max() < 1e-4
+    assert lr.min() >= 0 and lr.max() <= 1
+
+
+def test_deg_jpeg_quality_monotone():
+    torch.manual_seed(0)
+    x = torch.nn.functional.interpolate(torch.rand(1, 3, 16, 16), size=(64, 64), mode="bicubic")[0].clamp(0, 1)
+    err = [(D.jpeg(x, q) - x).pow(2).mean().item() for q in (30, 60, 95)]
+    assert err[0] > err[1] > err[2] > 0
+
+
+def test_deg_grouped_filter_equals_per_image():
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 20, 24)
+    ks = [D.gaussian_kernel(7, 1.0), D.sinc_kernel(11, 2.0), torch.ones(1, 1)]
+    both = D.filter2d(x, ks)
+    for i in range(3):
+        assert torch.allclose(both[i], D.filter2d(x[i:i + 1], [ks[i]])[0], atol=1e-6)
+    assert torch.equal(both[2], x[2])                   # the pulse is the identity
+
+
+def test_deg_crop_source():
+    g = torch.Generator().manual_seed(0)
+    small = torch.rand(3, 40, 30)
+    c, info = D.random_crop_pair_source(small, 64, g)
+    assert c.shape == (3, 64, 64) and info["upscale"] > 2
+    big = torch.rand(3, 100, 90)
+    c, info = D.random_crop_pair_source(big, 64, g)
+    assert torch.equal(c, big[:, info["top"]:info["top"] + 64, info["left"]:info["left"] + 64])
+
+
+def test_deg_preview_cli(tmp_path):
+    from PIL import Image
+    torch.manual_seed(0)
+    src = tmp_path / "in.png"
+    Image.fromarray((np.random.rand(50, 70, 3) * 255).astype(np.uint8)).save(src)
+    out = tmp_path / "grid.png"
+    assert D.main([str(src), "-n", "2", "-o", str(out), "--gt-size", "64"]) == 0
+    assert Image.open(out).size == (3 * 64, 64 + 120)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    assert D.main([str(bad), "-o", str(tmp_path / "x.png"), "--gt-size", "64"]) == 2
+    with pytest.raises(SystemExit):
+        D.main([str(src), "-o", str(src)])                # never over the input
+
+
+def _deg_load_basicsr():
+    """BasicSR's degradations.py and img_process_util.py, loaded by path: `import basicsr` needs torchvision,
+    which does not import beside torch 2.13; only rgb_to_grayscale is taken from it, so stub that."""
+    pytest.importorskip("cv2")
+    pytest.importorskip("scipy")
+    import importlib.util
+    import sys
+    import types
+    spec = importlib.util.find_spec("basicsr")
+    if spec is None:
+        pytest.skip("basicsr not installed (pip install --no-deps --no-build-isolation basicsr==1.4.2)")
+    root = spec.submodule_search_locations[0]
+    stub = types.ModuleType("torchvision.transforms.functional_tensor")
+    stub.rgb_to_grayscale = lambda img, num_output_channels=1: (  # torchvision's weights, (..., 1, H, W)
+        0.2989 * img[..., 0:1, :, :] + 0.587 * img[..., 1:2, :, :] + 0.114 * img[..., 2:3, :, :])
+    saved = {k: sys.modules.get(k) for k in ("torchvision", "torchvision.transforms", stub.__name__)}
+    sys.modules.update({"torchvision": types.ModuleType("torchvision"),
+                        "torchvision.transforms": types.ModuleType("torchvision.transforms"), stub.__name__: stub})
+    mods = {}
+    try:
+        for name, rel in (("deg", "data/degradations.py"), ("ipu", "utils/img_process_util.py")):
+            s = importlib.util.spec_from_file_location(f"_deg_basicsr_{name}", os.path.join(root, rel))
+            mods[name] = importlib.util.module_from_spec(s)
+            s.loader.exec_module(mods[name])
+    finally:
+        for k, v in saved.items():  # leave sys.modules as it was: other tests may probe torchvision
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+    return mods["deg"], mods["ipu"]
+
+
+def test_deg_matches_basicsr_kernels_and_usm():
+    bdeg, bipu = _deg_load_basicsr()
+    k, sx, sy, th, beta = 17, 2.1, 0.9, -1.1, 1.4
+    pairs = [(D.gaussian_kernel(k, sx, sy, th), bdeg.bivariate_Gaussian(k, sx, sy, th, isotropic=False)),
+             (D.gaussian_kernel(k, sx), bdeg.bivariate_Gaussian(k, sx, sx, 0, isotropic=True)),
+             (D.generalized_gaussian_kernel(k, sx, sy, th, beta),
+              bdeg.bivariate_generalized_Gaussian(k, sx, sy, th, beta, isotropic=False)),
+             (D.plateau_kernel(k, sx, sy, th, beta), bdeg.bivariate_plateau(k, sx, sy, th, beta, isotropic=False)),
+             (D.sinc_kernel(k, 1.7), bdeg.circular_lowpass_kernel(1.7, k))]
+    for ours, ref in pairs:
+        assert np.abs(ours.numpy() - ref).max() < 1e-6
+    torch.manual_seed(0)
+    img = torch.nn.functional.interpolate(torch.rand(2, 3, 12, 12), size=(64, 64), mode="bicubic").clamp(0, 1)
+    ref = bipu.USMSharp()(img)
+    assert (D.usm_sharpen(img) - ref).abs().max() < 1e-5
+    assert (D.usm_sharpen(img) - img).abs().max() > 0.01  # it did sharpen
+    kern = D.gaussian_kernel(21, 2.0, 1.0, 0.4)
+    assert (D.filter2d(img, [kern, kern]) - bipu.filter2D(img, kern[None])).abs().max() < 1e-5
+
+
+def test_deg_noise_statistics_match_basicsr():
+    bdeg, _ = _deg_load_basicsr()
+    torch.manual_seed(0)
+    img = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8), size=(128, 128), mode="bilinear")
+    img = img * 0.8 + 0.1  # away from the clamp, so the std is the noise's own
+    g = torch.Generator().manual_seed(0)
+    for gray in (False, True):
+        ours = D.add_noise(img[0], {"kind": "poisson", "scale": 2.0, "gray": gray}, g) - img[0]
+        ref = bdeg.add_poisson_noise_pt(img, scale=2.0, gray_noise=float(gray), clip=True)[0] - img[0]
+        assert abs(ours.std().item() / ref.std().item() - 1) < 0.05  # 49k samples: std error ~0.5%
+    ours = D.add_noise(img[0], {"kind": "gaussian", "sigma": 20.0, "gray": False}, g) - img[0]
+    assert abs(ours.std().item() * 255 / 20.0 - 1) < 0.03
+
+
+# ============================================================================================
+# train.py (tiny preset, CPU)
+
+import train  # noqa: E402
+
+
+def _images(folder, n=4, size=72, seed=0):
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    x = np.linspace(0, 1, size)
+    for i in range(n):
+        f = rng.uniform(2, 9, 3)
+        img = np.stack([np.outer(np.sin(f[0] * x + i), np.cos(f[1] * x)), np.outer(x, np.sin(f[2] * x)),
+                        rng.random((size, size)) * 0.4], -1) * 0.5 + 0.5
+        Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8)).save(folder / f"img{i}.png")
+    return str(folder)
+
+
+_TINY = ["--preset", "tiny", "--batch", "2", "--size", "32", "--workers", "0", "--log-every", "1000",
+         "--sample-every", "1000"]
+
+
+def _fixed_teacher_loss(net, data):
+    """The teacher-stage loss of `net` on one fixed batch with fixed noise (mean of 4 draws)."""
+    cfg = train.parse_args(_TINY + ["--data", data, "--stage", "teacher"])
+    torch.manual_seed(cfg.seed)
+    vae_ = train.vae_lib.VAE(train.vae_lib.CONFIGS["tiny"]).eval()
+    null = (torch.zeros(1, 64), torch.zeros(32))
+    import degrade
+    ds = train.PairDataset(train.find_images(data), 32, null, degrade.DegradeConfig())
+    batch = train.collate([ds[(i, 100 + i)] for i in range(4)])
+    g = torch.Generator().manual_seed(0)
+    z_hr, z_lr = train.encode_pair(vae_, batch, g)
+    cfg.caption_dropout = 0.0
+    with torch.no_grad():
+        return sum(train.teacher_loss(net, z_hr, z_lr, batch["context"], batch["pooled"], null, cfg, g)[0].item()
+                   for _ in range(4)) / 4
+
+
+@pytest.mark.slow
+def test_train_tiny_teacher_then_distill_end_to_end(tmp_path):
+    data = _images(tmp_path / "data")
+    t_out, s_out = tmp_path / "teacher", tmp_path / "student"
+    train.main(_TINY + ["--data", data, "--stage", "teacher", "--steps", "40", "--lr", "1e-3",
+                        "--out", str(t_out), "--save-every", "40", "--sample-every", "40"])
+    teacher_file = t_out / "ckpt-0000040" / "teacher.safetensors"
+    trained = model.load_transformer(str(teacher_file)).eval()
+    torch.manual_seed(0)
+    init = MMDiT(CONFIGS["tiny"]).eval()                       # what train.py starts from (seed 0)
+    before, after = _fixed_teacher_loss(init, data), _fixed_teacher_loss(trained, data)
+    assert after < 0.95 * before, (before, after)   # measured 1.97 -> 1.75 (stand-in degradation)
+    assert (t_out / "grid-0000040.png").exists()
+    train.main(_TINY + ["--data", data, "--teacher", str(teacher_file), "--steps", "3", "--lora-rank", "4",
+                        "--out", str(s_out), "--save-every", "3", "--sample-every", "3"])
+    student = model.load_transformer(str(s_out / "ckpt-0000003" / "student.safetensors"))
+    assert student.cfg.two_times and student.cfg.time_scale == 1.0 and student.cfg.lr_stream
+    logs = [json.loads(line) for line in (s_out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in logs)
+
+
+@pytest.mark.slow
+def test_train_resume_repeats_the_uninterrupted_run(tmp_path):
+    data = _images(tmp_path / "data")
+    common = _TINY + ["--data", data, "--lora-rank", "4", "--save-every", "2"]
+    train.main(common + ["--steps", "4", "--out", str(tmp_path / "a")])
+    train.main(common + ["--steps", "2", "--out", str(tmp_path / "b")])
+    train.main(common + ["--steps", "4", "--out", str(tmp_path / "b"), "--resume"])
+    losses = lambda d: [json.loads(line)["loss"] for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+    assert len(losses("a")) == 4 and losses("a") == losses("b")
+
+
+def _ddp_worker(rank, world, init_file, data_file, out_file):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    student, d = _ddp_student(), torch.load(data_file)
+    ddp = torch.nn.parallel.DistributedDataParallel(student)
+    half = slice(rank * 2, rank * 2 + 2)
+    cond = tuple(c[half] for c in d["cond"])
+    res = mfsr.mfd_loss(mfsr.average_velocity(ddp), d["z"][half], d["t"][half], d["s"][half], d["v"][half],
+                        cond=cond, u_fn_jvp=mfsr.average_velocity(student))
+    res["loss"].backward()
+    if rank == 0:
+        torch.save({n: p.grad for n, p in student.named_parameters() if p.grad is not None}, out_file)
+    dist.destroy_process_group()
+
+
+def _ddp_student():
+    torch.manual_seed(0)
+    student = model.make_student(_randomize(MMDiT(CONFIGS["tiny"])), lora_rank=4)
+    with torch.no_grad():
+        for n, p in student.named_parameters():
+            if "lora_up" in n:
+                p.normal_(0, 0.02)
+    return student
+
+
+@pytest.mark.slow
+def test_two_process_gradients_equal_one_process_on_the_union_batch(tmp_path):
+    import torch.multiprocessing as mp
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 16, 8, 8, generator=g)
+    d = {"z": z, "v": torch.randn_like(z), "t": torch.tensor([0.1, 0.5, 0.3, 0.7]),
+         "s": torch.tensor([0.6, 0.5, 0.9, 0.8]),
+         "cond": (torch.randn_like(z), torch.randn(4, 32, generator=g), torch.randn(4, 5, 64, generator=g))}
+    torch.save(d, tmp_path / "data.pt")
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "data.pt"), str(tmp_path / "g.pt")),
+             nprocs=2, join=True)
+    ddp_grads = torch.load(tmp_path / "g.pt")
+    student = _ddp_student()
+    mfsr.mfd_loss(mfsr.average_velocity(student), d["z"], d["t"], d["s"], d["v"], cond=d["cond"])["loss"].backward()
+    one = {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
+    assert set(one) == set(ddp_grads) and len(one) > 10
+    for n, g1 in one.items():
+        assert (ddp_grads[n] - g1).abs().max() <= 1e-5 * (g1.abs().max() + 1e-8), n
+
+
+def test_train_bad_inputs_give_clear_messages(tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit, match="no such folder"):
+        train.main(_TINY + ["--data", str(tmp_path / "absent"), "--out", str(tmp_path / "o")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no images"):
+        train.main(_TINY + ["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit):
+        train.main(_TINY + ["--data", str(tmp_path / "empty"), "--stage", "student"])
+    assert "--stage 'student': choose from teacher, distill" in capsys.readouterr().err
+    data = _images(tmp_path / "data", n=2)
+    (tmp_path / "data" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "run"
+    train.main(_TINY + ["--data", data, "--steps", "2", "--lora-rank", "4", "--out", str(out), "--save-every", "2"])
+    err = capsys.readouterr().err
+    assert "skipping unreadable image" in err and "broken.png" in err
+    # a run whose losses are all non-finite stops with the step and the images, keeping what was written
+    monkeypatch.setattr(mfsr, "mfd_loss", lambda *a, **k: {"loss": None, "per_sample": None, "n_nonfinite": 2})
+    with pytest.raises(SystemExit, match=r"2 non-finite steps in a row, stopping at step \d+ \(.*img"):
+        train.main(_TINY + ["--data", data, "--steps", "10", "--lora-rank", "4", "--out", str(out),
+                            "--resume", "--max-bad", "2"])
+    assert (out / "ckpt-0000002" / "student.safetensors").exists()

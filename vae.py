@@ -1,0 +1,662 @@
+"""The SD3 / SD3.5 VAE (16 latent channels, x8), loaded from safetensors, tiled for large images.
+
+    from vae import load_vae
+    vae = load_vae("sd3.5_medium.safetensors")   # or a diffusers vae/ folder, or a bare VAE file
+    z = vae.encode(x)                             # x (B, 3, H, W) in [-1, 1] -> (B, 16, H/8, W/8)
+    y = vae.decode(z)                             # model-space latents -> images in [-1, 1]
+    python vae.py [checkpoint]                    # print the config read from a file (or a preset)
+
+Follows Stability-AI's single-file reference (sd3_impls.VAEEncoder / VAEDecoder) for the layers
+and the parameter names, so `state_dict()` keys equal the released `first_stage_model.*` keys
+without the prefix. Facts and the original <-> diffusers key map: ../shared/reference/ARCHITECTURE.md
+§4, cited as "ARCH §4.x". Latents leave `encode` in the transformer's space, (z - shift) * scale
+(ARCH §1); `decode` undoes it.
+
+Tiling. Above TILE_AUTO_PIXELS per image, `encode` and `decode` run the full-resolution levels
+(encoder conv_in + down levels; decoder up levels + head) on overlapping tiles blended with
+linear ramps, so memory is bounded by the tile size. The mid block, whose attention sees every
+latent position, always runs on the whole latent (64x smaller than the image; its attention is
+computed in query chunks). GroupNorm is the other layer that sees a whole tile: with per-tile
+statistics every tile is normalised differently. By default (tile_norm="tiles") a first pass
+over all tiles sums every GroupNorm's mean and variance over the pixels each tile owns (overlaps
+split in the middle), and a second pass normalises every tile with those shared statistics; this
+doubles the tiled compute. Measured on random tiny weights, 256^2, 3 x 3 tiles (test_vae.py):
+mean |tiled - untiled| / mean |untiled| is 6% (encode) and 8% (decode) with shared statistics,
+29% and 26% with per-tile ones ("local"); statistics from one pass on a downscaled input ("down")
+were better than "local" for encode but worse for decode. Errors along tile borders are at most
+1.2x those elsewhere (no seam). Real weights were not available to measure.
+
+Precision. fp32, bf16 and fp16 run. GroupNorm always normalises in fp32 (its sums of squares
+overflow fp16 at these sizes). `set_dtype(vae, torch.float16)` keeps the decoder's up levels and
+output head in fp32, the parts known to overflow fp16 in SD VAEs (what diffusers' `upcast_vae`
+keeps in fp32); activations are cast at those module boundaries.
+"""
+import json
+import math
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from checkpoint import CheckpointError, SafetensorsFiles, atomic_save, check_keys
+
+# --------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    channels: tuple = (128, 256, 512, 512)   # per level; len - 1 downsamplings
+    enc_blocks: int = 2                      # ResnetBlocks per encoder level
+    dec_blocks: int = 3                      # ResnetBlocks per decoder level
+    latent_channels: int = 16
+    image_channels: int = 3
+    groups: int = 32                         # GroupNorm groups (checkpoints cannot tell them)
+    scale: float = 1.5305                    # z_model = (z_vae - shift) * scale (ARCH §1)
+    shift: float = 0.0609
+
+    def __post_init__(self):
+        object.__setattr__(self, "channels", tuple(self.channels))
+        bad = [c for c in self.channels if c % self.groups]
+        if bad:
+            raise ValueError(f"GroupNorm groups {self.groups} do not divide channels {bad}")
+
+    @property
+    def factor(self):
+        return 2 ** (len(self.channels) - 1)
+
+
+CONFIGS = {
+    "sd3": VAEConfig(),
+    # CPU tests and the shipped miniature: x4, 16 latent channels so it feeds the same transformer;
+    # 32 groups like sd3, so even a file without metadata loads with the right GroupNorms.
+    "tiny": VAEConfig(channels=(32, 64, 64), enc_blocks=1, dec_blocks=2),
+}
+
+# --------------------------------------------------------------------------------------------
+# Layers (ARCH §4.2)
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm, computed in fp32, that can record its statistics or use shared ones.
+
+    Tiling sets `stats` to (mean, var), each (B, G), estimated over the whole image, so every
+    tile is normalised alike; `sums` collects (count, sum, sum of squares) while recording.
+    """
+
+    def __init__(self, groups, channels):
+        super().__init__(groups, channels, eps=1e-6)
+        self.stats, self.sums, self.mask = None, None, None
+
+    def forward(self, x):
+        B, C = x.shape[:2]
+        w, b = self.weight.float(), self.bias.float()
+        if self.stats is None and self.sums is None:
+            return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
+        g = x.float().reshape(B, self.num_groups, -1)            # (B, G, C/G * H * W)
+        if self.sums is not None:
+            self._record(g, x.shape[-2:])
+        if self.stats is not None:
+            mean, var = self.stats
+        else:
+            var, mean = torch.var_mean(g, dim=-1, unbiased=False)  # (B, G)
+        y = (g - mean[..., None]) * torch.rsqrt(var[..., None] + self.eps)
+        return (y.view_as(x) * w.view(1, C, 1, 1) + b.view(1, C, 1, 1)).to(x.dtype)
+
+
+    def _record(self, g, size):
+        """Add this tile's sums, counting only the pixels it owns (`mask`, at input resolution)."""
+        B, G = g.shape[:2]
+        m = F.interpolate(self.mask[None, None], size=tuple(size), mode="nearest").flatten()  # (H W)
+        g = g.view(B, G, -1, m.numel())                            # (B, G, C/G, H W)
+        n = m.sum().double() * g.shape[2]
+        s1 = (g * m).sum((2, 3)).double()
+        s2 = (g * g * m).sum((2, 3)).double()                      # (B, G)
+        self.sums = [self.sums[0] + n, self.sums[1] + s1, self.sums[2] + s2]
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin, cout, groups):
+        super().__init__()
+        self.norm1, self.conv1 = GroupNorm(groups, cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = GroupNorm(groups, cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.nin_shortcut(x) + h
+
+
+ATTN_CHUNK_ELEMENTS = 2 ** 25   # scores per attention chunk (128 MiB in fp32)
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all H*W positions, 1x1 convs, scale 1/sqrt(C)."""
+
+    def __init__(self, channels, groups):
+        super().__init__()
+        self.norm = GroupNorm(groups, channels)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (f(h).flatten(2).transpose(1, 2)[:, None] for f in (self.q, self.k, self.v))  # (B, 1, HW, C)
+        # queries in chunks, so the (chunk, HW) score block stays small at 256^2 latents (a 2048^2
+        # image: 65536 positions); each row's softmax is whole, so the result is exact
+        step = max(1, ATTN_CHUNK_ELEMENTS // (B * H * W))
+        o = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + step], k, v)
+                       for i in range(0, H * W, step)], dim=2)                                # (B, 1, HW, C)
+        return x + self.proj_out(o[:, 0].transpose(1, 2).reshape(B, C, H, W))
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))   # pad right/bottom only, as trained: H -> H / 2
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Mid(nn.Module):
+    def __init__(self, channels, groups):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, groups)
+
+    def forward(self, x):
+        x = _to_dtype_of(self, x)
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Level(nn.Module):
+    """One resolution: `block.{j}` ResnetBlocks, then `downsample` or `upsample` (or neither)."""
+
+    def __init__(self, cin, cout, n_blocks, groups, resample=None):
+        super().__init__()
+        self.block = nn.ModuleList(ResnetBlock(cin if j == 0 else cout, cout, groups) for j in range(n_blocks))
+        if resample == "down":
+            self.downsample = Downsample(cout)
+        elif resample == "up":
+            self.upsample = Upsample(cout)
+
+    def forward(self, x):
+        x = _to_dtype_of(self, x)   # under fp16 some levels run in fp32 (set_dtype)
+        for b in self.block:
+            x = b(x)
+        for name in ("downsample", "upsample"):
+            if hasattr(self, name):
+                x = getattr(self, name)(x)
+        return x
+
+
+def _to_dtype_of(module, x):
+    return x.to(next(module.parameters()).dtype)
+
+
+class Encoder(nn.Module):
+    """(B, 3, H, W) -> (B, 2 * latent, H / f, W / f): the moments [mean ; logvar]."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, n = cfg.channels, len(cfg.channels)
+        self.conv_in = nn.Conv2d(cfg.image_channels, ch[0], 3, padding=1)
+        self.down = nn.ModuleList(
+            Level(ch[max(l - 1, 0)], ch[l], cfg.enc_blocks, cfg.groups, "down" if l < n - 1 else None)
+            for l in range(n))
+        self.mid = Mid(ch[-1], cfg.groups)
+        self.norm_out = GroupNorm(cfg.groups, ch[-1])
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.tail(self.body(x))
+
+    def body(self, x):
+        """The full-resolution part, (B, 3, H, W) -> (B, C, H / f, W / f); tiled for big images."""
+        h = self.conv_in(_to_dtype_of(self.conv_in, x))
+        for level in self.down:
+            h = level(h)
+        return h
+
+    def tail(self, h):
+        """Mid (global attention) and output head at latent resolution; never tiled."""
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(_to_dtype_of(self.conv_out, h))))
+
+
+class Decoder(nn.Module):
+    """(B, latent, h, w) -> (B, 3, h * f, w * f). Levels run from the deepest (l = n - 1) up."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, n = cfg.channels, len(cfg.channels)
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[-1], 3, padding=1)
+        self.mid = Mid(ch[-1], cfg.groups)
+        self.up = nn.ModuleList(
+            Level(ch[min(l + 1, n - 1)], ch[l], cfg.dec_blocks, cfg.groups, "up" if l > 0 else None)
+            for l in range(n))
+        self.norm_out = GroupNorm(cfg.groups, ch[0])
+        self.conv_out = nn.Conv2d(ch[0], cfg.image_channels, 3, padding=1)
+
+    def forward(self, z):
+        return self.body(self.head(z))
+
+    def head(self, z):
+        """conv_in and mid (global attention) at latent resolution; never tiled."""
+        return self.mid(self.conv_in(_to_dtype_of(self.conv_in, z)))
+
+    def body(self, h):
+        """The up levels and the output head, (B, C, h, w) -> (B, 3, h f, w f); tiled for big images."""
+        for level in reversed(self.up):
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(_to_dtype_of(self.conv_out, h))))
+
+
+# --------------------------------------------------------------------------------------------
+# Tiling: overlapping tiles, linear blending ramps, GroupNorm statistics shared across tiles
+
+TILE_AUTO_PIXELS = 1024 * 1024          # images with more pixels than this are tiled by default
+ENCODE_TILE, ENCODE_OVERLAP = 512, 128   # pixels
+DECODE_TILE, DECODE_OVERLAP = 64, 16     # latents (x8: 512 and 128 pixels)
+TILE_NORM = "tiles"                     # "tiles" | "down" | "local": see the module docstring
+
+
+def _starts(n, tile, overlap):
+    """Tile offsets along an axis of length n: stride tile - overlap, the last flush with the end."""
+    if n <= tile:
+        return [0]
+    return list(range(0, n - tile, tile - overlap)) + [n - tile]
+
+
+def _ramp(n, start, size, overlap):
+    """1-D blending weight of a tile: rises over `overlap` where another tile precedes it and
+    falls where one follows; never zero, so the weights of all tiles sum to > 0 everywhere."""
+    w = torch.ones(size)
+    if overlap > 0:
+        r = (torch.arange(overlap) + 0.5) / overlap
+        if start > 0:
+            w[:overlap] = torch.minimum(w[:overlap], r)
+        if start + size < n:
+            w[-overlap:] = torch.minimum(w[-overlap:], r.flip(0))
+    return w
+
+
+def _owned(n, starts, size):
+    """Per tile along one axis, the interval [a, b) of pixels it owns: overlaps split in the middle,
+    so every pixel is counted once, as far from tile edges as possible."""
+    cuts = [0] + [(s + p + size) // 2 for p, s in zip(starts, starts[1:])] + [n]
+    return list(zip(cuts, cuts[1:]))
+
+
+@contextmanager
+def _shared_norm_stats(net, norms, mode, x, tile, overlap):
+    """Inside the block the GroupNorms `norms` of `net` use statistics estimated over all of x.
+
+    "tiles": one pass over every tile (normalised with its own statistics), each GroupNorm summing
+    over the pixels the tile owns. (Repeating the pass with the previous estimate in place of the
+    per-tile statistics made the decoder worse on random weights: errors then pass through the
+    layers uncorrected.) "down": one pass on x shrunk to a single tile. "local": no sharing.
+    """
+    if mode not in ("tiles", "down", "local"):
+        raise ValueError(f"tile_norm must be 'tiles', 'down' or 'local', got {mode!r}")
+    H, W = x.shape[-2:]
+    try:
+        if mode != "local":
+            for m in norms:
+                m.sums = [0, 0.0, 0.0]
+            if mode == "tiles":
+                rows, cols = _starts(H, tile, overlap), _starts(W, tile, overlap)
+                for y0, (ya, yb) in zip(rows, _owned(H, rows, tile)):
+                    for x0, (xa, xb) in zip(cols, _owned(W, cols, tile)):
+                        crop = x[..., y0:y0 + tile, x0:x0 + tile]
+                        own = torch.zeros(crop.shape[-2:], device=x.device)
+                        own[ya - y0:yb - y0, xa - x0:xb - x0] = 1
+                        for m in norms:
+                            m.mask = own
+                        net(crop)
+            else:
+                k = max(H, W) / tile
+                small = F.interpolate(x, size=(math.ceil(H / k), math.ceil(W / k)), mode="area")
+                for m in norms:
+                    m.mask = torch.ones(small.shape[-2:], device=x.device)
+                net(small)
+            for m in norms:
+                n, s1, s2 = m.sums
+                mean = s1 / n
+                m.stats, m.sums, m.mask = (mean.float(), (s2 / n - mean * mean).clamp_min(0).float()), None, None
+        yield
+    finally:
+        for m in norms:
+            m.stats, m.sums, m.mask = None, None, None
+
+
+def run_tiled(net, norms, x, tile, overlap, tile_norm=TILE_NORM):
+    """net(x) computed on overlapping square tiles of side `tile` (in x's pixels) and blended.
+
+    net maps (B, C, H, W) to (B, C', r H, r W) for a fixed ratio r; tile offsets must map to
+    whole output pixels (the callers keep them multiples of the VAE factor). `norms`: the
+    GroupNorms inside net, whose statistics tile_norm shares across tiles. Output in fp32.
+    """
+    B, _, H, W = x.shape
+    if not 0 <= overlap < tile:
+        raise ValueError(f"need 0 <= overlap < tile, got tile {tile}, overlap {overlap}")
+    th, tw = min(tile, H), min(tile, W)
+    tiles = [(..., slice(y0, y0 + th), slice(x0, x0 + tw))
+             for y0 in _starts(H, tile, overlap) for x0 in _starts(W, tile, overlap)]
+    if len(tiles) == 1:   # fits in one tile: the untiled computation, no statistics pass
+        with torch.no_grad():
+            return net(x).float()
+    out = weight = None
+    with torch.no_grad(), _shared_norm_stats(net, norms, tile_norm, x, tile, overlap):
+        for crop in tiles:
+            y = net(x[crop]).float()                                     # (B, C', r th, r tw)
+            r = y.shape[-1] / tw
+            if out is None:
+                out = y.new_zeros(B, y.shape[1], round(H * r), round(W * r))
+                weight = y.new_zeros(round(H * r), round(W * r))
+            y0, x0, o = round(crop[1].start * r), round(crop[2].start * r), round(overlap * r)
+            w = _ramp(out.shape[-2], y0, y.shape[-2], o)[:, None] * _ramp(out.shape[-1], x0, y.shape[-1], o)
+            w = w.to(y.device)
+            region = (..., slice(y0, y0 + y.shape[-2]), slice(x0, x0 + y.shape[-1]))
+            out[region] += y * w                                         # (r th, r tw) weights
+            weight[region] += w
+    return out / weight
+
+
+def _norms(*modules):
+    return [m for mod in modules for m in mod.modules() if isinstance(m, GroupNorm)]
+
+
+def _tile_plan(tile, overlap, default_tile, default_overlap, pixels, multiple):
+    """(tile, overlap) to use, or None for one untiled pass. tile=None: automatic; 0: never."""
+    if tile == 0 or (tile is None and pixels <= TILE_AUTO_PIXELS):
+        return None
+    tile = default_tile if tile is None else tile
+    if overlap is None:
+        overlap = default_overlap if tile == default_tile else tile // 4 // multiple * multiple
+    if tile % multiple or overlap % multiple:
+        raise ValueError(f"tile {tile} and overlap {overlap} must be multiples of {multiple}")
+    return tile, overlap
+
+
+# --------------------------------------------------------------------------------------------
+# The VAE
+
+
+class VAE(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+
+    def moments(self, x, tile=None, overlap=None, tile_norm=None):
+        """(B, 3, H, W) in [-1, 1] -> (mean, logvar) in fp32, each (B, latent, H / f, W / f)."""
+        f = self.cfg.factor
+        B, C, H, W = x.shape
+        assert C == self.cfg.image_channels and H % f == 0 and W % f == 0, \
+            f"expected (B, {self.cfg.image_channels}, H, W) with H, W multiples of {f}, got {tuple(x.shape)}"
+        plan = _tile_plan(tile, overlap, ENCODE_TILE, ENCODE_OVERLAP, H * W, f)
+        enc = self.encoder
+        if plan:   # the full-resolution levels in tiles; mid attention sees the whole latent
+            with torch.no_grad():   # tiling is for inference: no graph through the tiles
+                h = run_tiled(enc.body, _norms(enc.down), x, *plan, tile_norm or TILE_NORM)  # (B, C, H/f, W/f)
+                m = enc.tail(h)
+        else:
+            m = enc(x)                                                   # (B, 2 latent, H/f, W/f)
+        return m.float().chunk(2, dim=1)
+
+    def encode(self, x, generator=None, sample=False, tile=None, overlap=None, tile_norm=None):
+        """Images in [-1, 1] -> model-space latents (z - shift) * scale, in x's dtype.
+
+        z is the posterior mean, or with sample=True mean + std * eps, eps drawn from `generator`
+        (logvar clamped to [-30, 20], ARCH §4.2). tile/overlap in pixels, multiples of the factor.
+        """
+        mean, logvar = self.moments(x, tile, overlap, tile_norm)
+        z = mean
+        if sample:
+            eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+            z = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps
+        return ((z - self.cfg.shift) * self.cfg.scale).to(x.dtype)     # (B, latent, H/f, W/f)
+
+    def decode(self, z, tile=None, overlap=None, tile_norm=None, clamp=True):
+        """Model-space latents (B, latent, h, w) -> images (B, 3, h f, w f) in [-1, 1], z's dtype.
+
+        tile/overlap in latents. clamp=False returns the raw decoder output.
+        """
+        f = self.cfg.factor
+        B, C, h, w = z.shape
+        assert C == self.cfg.latent_channels, f"expected (B, {self.cfg.latent_channels}, h, w), got {tuple(z.shape)}"
+        z_vae = z.float() / self.cfg.scale + self.cfg.shift
+        plan = _tile_plan(tile, overlap, DECODE_TILE, DECODE_OVERLAP, h * w * f * f, 1)
+        dec = self.decoder
+        if plan:   # mid attention on the whole latent; the up levels in tiles
+            with torch.no_grad():   # tiling is for inference: no graph through the tiles
+                feat = dec.head(z_vae)                                   # (B, C, h, w)
+                x = run_tiled(dec.body, _norms(dec.up, dec.norm_out), feat, *plan, tile_norm or TILE_NORM)
+        else:
+            x = dec(z_vae).float()                                       # (B, 3, h f, w f)
+        return (x.clamp(-1, 1) if clamp else x).to(z.dtype)
+
+
+# parts of the SD VAE decoder that overflow fp16 and run in fp32 instead (diffusers' upcast_vae)
+FP16_UPCAST = ("decoder.up", "decoder.norm_out", "decoder.conv_out")
+
+
+def set_dtype(vae: VAE, dtype, upcast=FP16_UPCAST):
+    """Cast the VAE to `dtype`; for fp16 the modules named in `upcast` stay fp32."""
+    vae.to(dtype)
+    if dtype == torch.float16:
+        for name in upcast:
+            vae.get_submodule(name).float()
+    return vae
+
+
+# --------------------------------------------------------------------------------------------
+# Key names: original (Stability single file) <-> diffusers AutoencoderKL (ARCH §4.3)
+
+_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+_ATTN_BACK = {v: k for k, v in _ATTN.items()}
+_ATTN_OLD = {"query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}   # older diffusers files
+
+
+def to_diffusers_name(key, levels):
+    """Original key -> diffusers key; diffusers numbers the decoder levels from the deepest."""
+    key = re.sub(r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out.", key)
+    key = re.sub(r"\.mid\.block_([12])\.", lambda m: f".mid_block.resnets.{int(m[1]) - 1}.", key)
+    key = re.sub(r"\.mid\.attn_1\.(\w+)\.", lambda m: f".mid_block.attentions.0.{_ATTN[m[1]]}.", key)
+    key = re.sub(r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets.", key)
+    key = re.sub(r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0.", key)
+    flip = lambda m: levels - 1 - int(m[1])   # noqa: E731
+    key = re.sub(r"^decoder\.up\.(\d+)\.block\.", lambda m: f"decoder.up_blocks.{flip(m)}.resnets.", key)
+    key = re.sub(r"^decoder\.up\.(\d+)\.upsample\.", lambda m: f"decoder.up_blocks.{flip(m)}.upsamplers.0.", key)
+    return key.replace(".nin_shortcut.", ".conv_shortcut.")
+
+
+def from_diffusers_name(key, levels):
+    """diffusers key -> original key: the inverse of to_diffusers_name (also reads the older
+    query/key/value/proj_attn attention names)."""
+    key = re.sub(r"\.mid_block\.attentions\.0\.(query|key|value|proj_attn)\.",
+                 lambda m: f".mid.attn_1.{_ATTN_OLD[m[1]]}.", key)
+    key = re.sub(r"\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.",
+                 lambda m: f".mid.attn_1.{_ATTN_BACK[m[1]]}.", key)
+    key = re.sub(r"\.mid_block\.resnets\.([01])\.", lambda m: f".mid.block_{int(m[1]) + 1}.", key)
+    key = re.sub(r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out.", key)
+    key = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", key)
+    key = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", key)
+    flip = lambda m: levels - 1 - int(m[1])   # noqa: E731
+    key = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{flip(m)}.block.", key)
+    key = re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{flip(m)}.upsample.", key)
+    return key.replace(".conv_shortcut.", ".nin_shortcut.")
+
+
+def _is_attn_matrix(key):   # 1x1 conv weights in the original layout, (C, C) linears in diffusers
+    return re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", key) is not None
+
+
+def to_diffusers_state_dict(sd, levels):
+    return {to_diffusers_name(k, levels): (v.flatten(1) if _is_attn_matrix(k) else v) for k, v in sd.items()}
+
+
+def diffusers_config(cfg: VAEConfig):
+    """The diffusers AutoencoderKL config (config.json) of a VAEConfig."""
+    n = len(cfg.channels)
+    if cfg.dec_blocks != cfg.enc_blocks + 1:
+        raise ValueError(f"diffusers' AutoencoderKL has layers_per_block + 1 decoder blocks; got {cfg}")
+    return {"_class_name": "AutoencoderKL", "in_channels": cfg.image_channels, "out_channels": cfg.image_channels,
+            "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+            "block_out_channels": list(cfg.channels), "layers_per_block": cfg.enc_blocks,
+            "latent_channels": cfg.latent_channels, "norm_num_groups": cfg.groups, "act_fn": "silu",
+            "scaling_factor": cfg.scale, "shift_factor": cfg.shift, "use_quant_conv": False,
+            "use_post_quant_conv": False, "mid_block_add_attention": True, "force_upcast": True,
+            "sample_size": 1024}
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and saving
+
+
+class _VAESource:
+    """The VAE tensors of one checkpoint under their original-layout names, read lazily
+    (memory-mapped by checkpoint.SafetensorsFiles) so a full-size VAE is never held twice."""
+
+    def __init__(self, path):
+        self.path = path
+        self.files = SafetensorsFiles(path, subfolder="vae", prefix="first_stage_model.")
+        names = self.files.keys()
+        quant = [k for k in names if k.split(".")[0] in ("quant_conv", "post_quant_conv")]
+        if quant:
+            raise CheckpointError(f"{path}: has {', '.join(quant[:4])}: a VAE with quant convs (SD1/SDXL "
+                                  f"style, 4 latent channels), not the SD3 VAE (ARCH §4.3)")
+        if not any(k.startswith(("encoder.", "decoder.")) for k in names):
+            every = self.files.all_keys
+            hint = " (it looks like a transformer checkpoint)" if any(
+                re.search(r"joint_blocks\.|transformer_blocks\.", k) for k in every) else ""
+            raise CheckpointError(f"{path}: no VAE keys (encoder.* / decoder.*, optionally under first_stage_model.)"
+                                  f"{hint}; the file starts with: {', '.join(every[:3]) or 'nothing'}")
+        self.layout = "diffusers" if any(".down_blocks." in k or ".up_blocks." in k for k in names) else "original"
+        self.levels = len({m[1] for k in names if (m := re.match(r"encoder\.down(?:_blocks)?\.(\d+)\.", k))})
+        rename = (lambda k: from_diffusers_name(k, self.levels)) if self.layout == "diffusers" else (lambda k: k)
+        self.where = {rename(k): k for k in names}      # original name -> name in the file
+
+    def shape(self, key):
+        s = self.files.shape(self.where[key])
+        return s + (1, 1) if len(s) == 2 and _is_attn_matrix(key) else s
+
+    def get(self, key):
+        t = self.files.get(self.where[key])
+        return t.view(*t.shape, 1, 1) if t.dim() == 2 and _is_attn_matrix(key) else t
+
+    def told(self):
+        """Settings the shapes cannot give: from this project's metadata or a diffusers config.json."""
+        told = {k: v for k, v in self.files.config("vae_config").items() if k in ("groups", "scale", "shift")}
+        folder = self.path if os.path.isdir(self.path) else os.path.dirname(self.path)
+        folder = os.path.join(folder, "vae") if os.path.isdir(os.path.join(folder, "vae")) else folder
+        if self.layout == "diffusers" and os.path.exists(os.path.join(folder, "config.json")):
+            with open(os.path.join(folder, "config.json")) as f:
+                d = json.load(f)
+            told.update({k: d[n] for k, n in (("groups", "norm_num_groups"), ("scale", "scaling_factor"),
+                                              ("shift", "shift_factor")) if d.get(n) is not None})
+        return told
+
+
+def _infer_config(src: _VAESource, groups=None) -> VAEConfig:
+    """Levels, channels and block counts from shapes; groups/scale/shift from what the file tells
+    (a bare checkpoint cannot: then the SD3 values)."""
+    keys = list(src.where)
+    count = lambda pat: len({m[1] for k in keys if (m := re.match(pat, k))})
+    try:
+        shape = dict(channels=tuple(src.shape(f"encoder.down.{l}.block.0.conv1.weight")[0] for l in range(src.levels)),
+                     enc_blocks=count(r"encoder\.down\.0\.block\.(\d+)\."),
+                     dec_blocks=count(r"decoder\.up\.0\.block\.(\d+)\."),
+                     latent_channels=src.shape("decoder.conv_in.weight")[1],
+                     image_channels=src.shape("encoder.conv_in.weight")[1])
+    except KeyError as e:
+        raise CheckpointError(f"{src.path}: missing {e} needed to read the VAE size") from None
+    told = src.told() | ({"groups": groups} if groups else {})
+    try:
+        return VAEConfig(**shape, **told)
+    except ValueError as e:
+        raise CheckpointError(f"{src.path}: {e}; pass groups= to load_vae") from None
+
+
+def load_vae(path, *, dtype=torch.float32, device="cpu", groups=None) -> VAE:
+    """Load the SD3 VAE from an SD3.5 single file (`first_stage_model.*`; the rest ignored), a
+    diffusers pipeline folder, its `vae/` folder or diffusion_pytorch_model.safetensors, a
+    standalone VAE file with bare keys, or a file written by `save_vae`. The config is read from
+    the shapes; every key and shape is checked. Tensors are cast to `dtype` (files may mix fp16
+    and fp32). groups: GroupNorm groups when the file cannot tell (default 32, the SD3 value)."""
+    src = _VAESource(path)
+    cfg = _infer_config(src, groups)
+    with torch.device("meta"):
+        vae = VAE(cfg)
+    expected = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
+    want = expected
+    if src.layout == "diffusers":   # compare under the file's own names, so errors name them
+        want = {to_diffusers_name(k, src.levels): s[:2] if _is_attn_matrix(k) else s for k, s in expected.items()}
+    found = {k: src.files.shape(k) for k in src.files.keys()}
+    check_keys(path, want, found, f"the {src.layout}-layout VAE read from it ({cfg})")
+    vae.load_state_dict({k: src.get(k).to(dtype) for k in expected}, assign=True)
+    return vae.to(device).eval()
+
+
+def save_vae(vae: VAE, path, layout="original"):
+    """Write the VAE with its config in the metadata, atomically. "original": a standalone VAE
+    file with bare Stability names (`encoder.*`, `decoder.*`); "diffusers": `path` is a folder that
+    gets diffusion_pytorch_model.safetensors and config.json (AutoencoderKL.from_pretrained reads it)."""
+    sd = {k: v.detach().contiguous() for k, v in vae.state_dict().items()}
+    meta = {"format": "mfsr-vae", "layout": layout, "vae_config": json.dumps(asdict(vae.cfg))}
+    if layout == "original":
+        atomic_save(sd, path, meta)
+    elif layout == "diffusers":
+        os.makedirs(path, exist_ok=True)
+        sd = to_diffusers_state_dict(sd, len(vae.cfg.channels))
+        atomic_save(sd, os.path.join(path, "diffusion_pytorch_model.safetensors"), meta)
+        tmp = os.path.join(path, f"config.json.tmp{os.getpid()}")
+        with open(tmp, "w") as f:
+            json.dump(diffusers_config(vae.cfg), f, indent=2)
+        os.replace(tmp, os.path.join(path, "config.json"))
+    else:
+        raise ValueError(f"layout must be 'original' or 'diffusers', got {layout!r}")
+
+
+def describe(path=None, config="tiny"):
+    """What `python vae.py` prints: a checkpoint's config (shapes only) or a preset's, and counts."""
+    if path:
+        src = _VAESource(path)
+        cfg = _infer_config(src)
+        print(f"{path}: {src.layout} layout, {len(src.where)} VAE tensors")
+    else:
+        cfg = CONFIGS[config]
+    with torch.device("meta"):
+        vae = VAE(cfg)
+    n = lambda m: sum(p.numel() for p in m.parameters())
+    print(f"{cfg}\nparameters: {n(vae):,} (encoder {n(vae.encoder):,}, decoder {n(vae.decoder):,}); x{cfg.factor}")
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="Inspect a VAE checkpoint or a preset config.")
+    ap.add_argument("ckpt", nargs="?", help="a .safetensors file or a diffusers folder")
+    ap.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
+    a = ap.parse_args()
+    try:
+        describe(a.ckpt, a.config)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}")
