@@ -1568,7 +1568,7 @@ def test_train_bad_inputs_give_clear_messages(tmp_path, capsys, monkeypatch):
         train.main(_TINY + ["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit):
         train.main(_TINY + ["--data", str(tmp_path / "empty"), "--stage", "student"])
-    assert "--stage 'student': choose from teacher, distill" in capsys.readouterr().err
+    assert "--stage 'student': choose from distill, teacher, vae" in capsys.readouterr().err
     data = _images(tmp_path / "data", n=2)
     (tmp_path / "data" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     out = tmp_path / "run"
@@ -1581,3 +1581,47 @@ def test_train_bad_inputs_give_clear_messages(tmp_path, capsys, monkeypatch):
         train.main(_TINY + ["--data", data, "--steps", "10", "--lora-rank", "4", "--out", str(out),
                             "--resume", "--max-bad", "2"])
     assert (out / "ckpt-0000002" / "student.safetensors").exists()
+
+
+def test_teacher_loss_negative_rows_get_the_negative_prompt_and_the_lr_target():
+    cfg = train.parse_args(_TINY + ["--data", "x", "--stage", "teacher", "--caption-dropout", "0"])
+    g = torch.Generator().manual_seed(0)
+    z_hr, z_lr = torch.randn(3, 16, 4, 4, generator=g), torch.randn(3, 16, 4, 4, generator=g)
+    ctx, pooled = torch.randn(3, 2, 64, generator=g), torch.randn(3, 32, generator=g)
+    null, neg = (torch.zeros(1, 64), torch.zeros(32)), (torch.ones(3, 64), torch.ones(32))
+    seen = {}
+
+    def net(x, sigma, pooled, context, lr):   # predicts the velocity that lands exactly on z_lr
+        seen.update(context=context, pooled=pooled)
+        return (x - lr) / sigma.view(-1, 1, 1, 1)
+
+    for neg_prob, want_loss in ((1.0, 0.0), (0.0, (z_lr - z_hr).pow(2).mean().item())):
+        cfg.neg_prob = neg_prob
+        loss, _ = train.teacher_loss(net, z_hr, z_lr, ctx, pooled, null, cfg, g, neg=neg)
+        assert abs(loss.item() - want_loss) < 1e-5 * max(1, want_loss)
+        if neg_prob:   # every row: the negative prompt, padded to the longer length
+            assert seen["context"].shape == (3, 3, 64) and (seen["context"] == 1).all() and (seen["pooled"] == 1).all()
+        else:
+            assert torch.equal(seen["context"], ctx)
+
+
+@pytest.mark.slow
+def test_train_vae_stage_learns_and_exports_a_calibrated_vae(tmp_path):
+    data = _images(tmp_path / "data", size=64)
+    out = tmp_path / "vae"
+    train.main(_TINY + ["--data", data, "--stage", "vae", "--steps", "30", "--batch", "4", "--lr", "2e-3",
+                        "--out", str(out), "--save-every", "30", "--sample-every", "30"])
+    trained = V.load_vae(str(out / "ckpt-0000030" / "vae.safetensors"))
+    torch.manual_seed(0)
+    init = V.VAE(V.CONFIGS["tiny"]).eval()                   # what train.py starts from (seed 0)
+    import degrade
+    x = torch.stack([degrade.load_image(p) for p in train.find_images(data)])[..., :32, :32] * 2 - 1
+    with torch.no_grad():
+        err = {k: (v.decode(v.encode(x), clamp=False) - x).abs().mean().item() for k, v in
+               (("init", init), ("trained", trained))}
+        z = trained.encode(x)
+    assert err["trained"] < 0.7 * err["init"], err
+    # shift / scale from the running latent statistics: model-space latents near mean 0, std 1
+    assert abs(z.mean().item()) < 0.3 and 0.6 < z.std().item() < 1.6, (z.mean().item(), z.std().item())
+    assert (trained.cfg.scale, trained.cfg.shift) != (V.CONFIGS["tiny"].scale, V.CONFIGS["tiny"].shift)
+    assert (out / "grid-0000030.png").exists()

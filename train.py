@@ -41,7 +41,7 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 @dataclass
 class TrainConfig:
-    stage: str = "distill"          # "teacher" (rectified flow, control layers) | "distill" (MFSR)
+    stage: str = "distill"          # "distill" (MFSR) | "teacher" (rectified flow) | "vae" (tiny VAE)
     preset: str = "full"            # "full" (SD3.5-medium / DiT4SR, 512 crops) | "tiny" (CPU)
     data: str = ""                  # folder(s) of HR images, comma-separated, searched recursively
     out: str = "runs/mfsr"
@@ -51,6 +51,9 @@ class TrainConfig:
     vae: str = ""                   # VAE file / folder, else the one inside --ckpt
     null_emb: str = ""              # safetensors with context / pooled of the empty prompt
     neg_emb: str = ""               # ... of the negative prompt (Eq. 11)
+    prompt_emb: str = ""            # ... for images without their own embedding file (else the null)
+    neg_prob: float = 0.0           # teacher stage: share of rows taught "negative prompt -> the LR latent"
+    kl: float = 1e-6                # vae stage: weight of the KL term
     size: int = 0                   # HR crop; 0 = 512 (full) / 64 (tiny)
     batch: int = 10                 # per process (paper: 80 over 8 GPUs)
     steps: int = 10000
@@ -110,8 +113,10 @@ def random_crop(img, size, g):
 class PairDataset(torch.utils.data.Dataset):
     """Item (index, seed) -> dict(gt, lr, context, pooled, name), or None for an unreadable image."""
 
-    def __init__(self, paths, size, null, degrade_cfg):
-        self.paths, self.size, self.null, self.degrade_cfg = paths, size, null, degrade_cfg
+    def __init__(self, paths, size, default, degrade_cfg):
+        """default: the (context, pooled) of images without an embedding file; degrade_cfg None:
+        no degradation (the vae stage), lr is then the HR crop area-downsampled x4."""
+        self.paths, self.size, self.default, self.degrade_cfg = paths, size, default, degrade_cfg
 
     def __len__(self):
         return len(self.paths)
@@ -128,8 +133,11 @@ class PairDataset(torch.utils.data.Dataset):
             return None
         g = torch.Generator().manual_seed(seed)
         hr = random_crop(torch.from_numpy(arr).permute(2, 0, 1), self.size, g)
-        gt, lr, _ = degrade.degrade(hr[None], self.degrade_cfg, generator=g)
-        context, pooled = load_embedding(os.path.splitext(path)[0] + ".safetensors", self.null)
+        if self.degrade_cfg is None:
+            gt, lr = hr[None], F.avg_pool2d(hr[None], 4)
+        else:
+            gt, lr, _ = degrade.degrade(hr[None], self.degrade_cfg, generator=g)
+        context, pooled = load_embedding(os.path.splitext(path)[0] + ".safetensors", self.default)
         return dict(gt=gt[0], lr=lr[0], context=context, pooled=pooled, name=path)
 
 
@@ -197,6 +205,10 @@ def build_models(cfg, device):
             raise SystemExit("error: give --ckpt (SD3.5 with its VAE) or --vae; only --preset tiny runs without")
         torch.manual_seed(cfg.seed)
         vae = vae_lib.VAE(vae_lib.CONFIGS["tiny"])
+    if cfg.stage == "vae":
+        if not tiny and not cfg.vae:
+            raise SystemExit("error: --stage vae trains the tiny VAE (--preset tiny) or continues a --vae")
+        return vae.to(device).train().requires_grad_(True), None, None
     vae = vae.to(device).eval().requires_grad_(False)
     if cfg.stage == "teacher":
         if cfg.teacher:    # continue training a teacher (e.g. the shipped one)
@@ -227,16 +239,20 @@ def build_models(cfg, device):
 
 
 def conditioning(cfg, mcfg):
-    """Null and negative (context, pooled); zeros (and the null as negative) when not given."""
+    """Null, negative and default (context, pooled): zeros for the null, the null for the others
+    when their files are not given."""
+    if mcfg is None:   # the vae stage: no conditioning
+        return ((torch.zeros(1, 1), torch.zeros(1)),) * 3
     zeros = (torch.zeros(1, mcfg.context_dim), torch.zeros(mcfg.pooled_dim))
     null = load_embedding(cfg.null_emb, zeros) if cfg.null_emb else zeros
     if cfg.neg_emb:
         neg = load_embedding(cfg.neg_emb, null)
     else:
         neg = null
-        if cfg.stage == "distill" and cfg.target == "neg":
+        if (cfg.stage == "distill" and cfg.target == "neg") or cfg.neg_prob > 0:
             print("warning: no --neg-emb: the negative prompt is the null prompt (Eq. 11 = Eq. 10)")
-    return null, neg
+    prompt = load_embedding(cfg.prompt_emb, null) if cfg.prompt_emb else null
+    return null, neg, prompt
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,19 +269,63 @@ def encode_pair(vae, batch, g):
     return z_hr, z_lr
 
 
-def teacher_loss(net, z_hr, z_lr, context, pooled, null, cfg, g):
-    """DiT4SR's rectified flow: logit-normal t, SD3 shift 3, x0-MSE (= sigma^2-weighted velocity)."""
+def teacher_loss(net, z_hr, z_lr, context, pooled, null, cfg, g, neg=None):
+    """DiT4SR's rectified flow: logit-normal t, SD3 shift 3, x0-MSE (= sigma^2-weighted velocity).
+
+    Caption dropout: a share `caption_dropout` of the rows gets the null prompt. With neg_prob > 0
+    (the miniature) another share gets the negative prompt and the LR latent as its target, so the
+    negative prompt ("blurry, low-res, ...") means what it says and CFG can push away from it.
+    """
     B = z_hr.shape[0]
-    drop = torch.rand(B, generator=g) < cfg.caption_dropout
-    context = torch.where(drop[:, None, None], F.pad(null[0], (0, 0, 0, context.shape[1] - null[0].shape[0]))[None]
-                          .to(context), context)
-    pooled = torch.where(drop[:, None], null[1][None].to(pooled), pooled)
+    r = torch.rand(B, generator=g)
+    context, pooled = _with_rows(context, pooled, r < cfg.caption_dropout, null)
+    target = z_hr
+    if neg is not None and cfg.neg_prob > 0:
+        to_neg = (r >= cfg.caption_dropout) & (r < cfg.caption_dropout + cfg.neg_prob)
+        context, pooled = _with_rows(context, pooled, to_neg, neg)
+        target = torch.where(to_neg[:, None, None, None], z_lr, z_hr)
     u = torch.sigmoid(torch.randn(B, generator=g))
     sigma = (3 * u / (1 + 2 * u)).to(z_hr)
     eps = torch.randn(z_hr.shape, generator=g).to(z_hr)
-    x = (1 - sigma.view(-1, 1, 1, 1)) * z_hr + sigma.view(-1, 1, 1, 1) * eps
+    x = (1 - sigma.view(-1, 1, 1, 1)) * target + sigma.view(-1, 1, 1, 1) * eps
     x0 = x - sigma.view(-1, 1, 1, 1) * net(x, sigma, pooled, context, lr=z_lr)
-    return (x0.float() - z_hr.float()).pow(2).mean(), None
+    return (x0.float() - target.float()).pow(2).mean(), None
+
+
+def _with_rows(context, pooled, rows, emb):
+    """context (B, L, D) / pooled (B, P) with the rows `rows` replaced by emb = (context, pooled)."""
+    L = max(context.shape[1], emb[0].shape[0])
+    context = F.pad(context, (0, 0, 0, L - context.shape[1]))   # zero rows = padding
+    e = F.pad(emb[0], (0, 0, 0, L - emb[0].shape[0]))[None].to(context)
+    return torch.where(rows[:, None, None], e, context), torch.where(rows[:, None], emb[1][None].to(pooled), pooled)
+
+
+def vae_loss(vae, gt, cfg, g, stats):
+    """The tiny VAE: L1 reconstruction from a posterior sample + kl * KL(q(z|x) || N(0, I)).
+    `stats` keeps a running mean and variance (over ~10 batches) of the latent means: the exported
+    shift and scale."""
+    x = gt * 2 - 1
+    mean, logvar = vae.moments(x, tile=0)
+    logvar = logvar.clamp(-30.0, 20.0)
+    z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g).to(mean)
+    rec = vae.decoder(z).float()                                        # (B, 3, H, W)
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+    with torch.no_grad():
+        m, v = mean.mean().item(), mean.var().item()
+        old = stats.get("mean")
+        stats["mean"] = m if old is None else 0.9 * old + 0.1 * m
+        stats["var"] = v if old is None else 0.9 * stats["var"] + 0.1 * v
+    return (rec - x).abs().mean() + cfg.kl * kl, None
+
+
+def calibrated_vae(vae, stats):
+    """A copy of the VAE whose shift / scale map its latents to mean 0, variance 1 (SD3 does the same
+    with its 0.0609 / 1.5305, measured on its training data)."""
+    import copy
+    out = copy.deepcopy(vae).cpu().eval()
+    if stats.get("mean") is not None:
+        out.cfg = replace(out.cfg, shift=float(stats["mean"]), scale=float(1 / math.sqrt(stats["var"])))
+    return out
 
 
 def distill_loss(student, raw_student, teacher, z_hr, z_lr, context, pooled, null, neg, cfg, g):
@@ -289,7 +349,10 @@ def distill_loss(student, raw_student, teacher, z_hr, z_lr, context, pooled, nul
 # Checkpoints: trainable weights + config; optimizer state; a full export for sample.py
 
 
-def save_checkpoint(cfg, net, opt, ema, step, rank):
+def save_checkpoint(cfg, net, opt, ema, step, rank, embs, stats):
+    """out/ckpt-{step}/: trainable.safetensors (+ EMA), optimizer.safetensors, and the export:
+    student.safetensors / teacher.safetensors (whole model, LoRA merged) with the null, negative and
+    default prompt embeddings it was trained with, or vae.safetensors (vae stage)."""
     if rank != 0:
         return
     final = os.path.join(cfg.out, f"ckpt-{step:07d}")
@@ -297,7 +360,7 @@ def save_checkpoint(cfg, net, opt, ema, step, rank):
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     meta = {"train_config": json.dumps(asdict(cfg)), "model_config": json.dumps(asdict(net.cfg)),
-            "lora": json.dumps(getattr(net, "lora", None)), "step": str(step)}
+            "lora": json.dumps(getattr(net, "lora", None)), "step": str(step), "latent_stats": json.dumps(stats)}
     train = {n: p.detach().cpu().contiguous() for n, p in net.named_parameters() if p.requires_grad}
     train.update({"ema." + n: v.cpu() for n, v in (ema or {}).items()})
     atomic_save(train, os.path.join(tmp, "trainable.safetensors"), meta)
@@ -306,9 +369,16 @@ def save_checkpoint(cfg, net, opt, ema, step, rank):
                for i, st in state["state"].items() for k, v in st.items()}
     atomic_save(tensors, os.path.join(tmp, "optimizer.safetensors"),
                 {"param_groups": json.dumps(state["param_groups"]), "step": str(step)})
-    export = os.path.join(tmp, "student.safetensors" if cfg.stage == "distill" else "teacher.safetensors")
-    save_full(net, export)
-    os.replace(tmp, final) if not os.path.exists(final) else (shutil.rmtree(final), os.replace(tmp, final))
+    if cfg.stage == "vae":
+        vae_lib.save_vae(calibrated_vae(net, stats), os.path.join(tmp, "vae.safetensors"))
+    else:
+        save_full(net, os.path.join(tmp, f"{cfg.stage if cfg.stage == 'teacher' else 'student'}.safetensors"))
+        for name, (context, pooled) in zip(("null", "neg", "prompt"), embs):
+            atomic_save({"context": context.contiguous(), "pooled": pooled.contiguous()},
+                        os.path.join(tmp, f"{name}.safetensors"), {"format": "mfsr-embedding"})
+    if os.path.exists(final):   # a rerun of this step: replaced only now that the new one is whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
     for old in sorted(glob.glob(os.path.join(cfg.out, "ckpt-*[0-9]")))[:-cfg.keep]:
         shutil.rmtree(old)
 
@@ -323,7 +393,7 @@ def save_full(net, path):
 
 
 def load_checkpoint(cfg, net, opt):
-    """Latest ckpt-* in --out: trainable weights and optimizer state; returns (step, ema)."""
+    """Latest ckpt-* in --out: trainable weights and optimizer state; returns (step, ema, stats)."""
     found = sorted(glob.glob(os.path.join(cfg.out, "ckpt-*[0-9]")))
     if not found:
         raise SystemExit(f"error: --resume: no ckpt-* folder in {cfg.out}")
@@ -343,7 +413,7 @@ def load_checkpoint(cfg, net, opt):
         v = osrc.get(k)
         state.setdefault(int(i), {})[name] = v.reshape(()) if name == "step" else v
     opt.load_state_dict({"state": state, "param_groups": json.loads(osrc.metadata["param_groups"])})
-    return int(src.metadata["step"]), ema
+    return int(src.metadata["step"]), ema, json.loads(src.metadata.get("latent_stats", "{}"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,20 +422,25 @@ def load_checkpoint(cfg, net, opt):
 
 @torch.no_grad()
 def save_grid(path, vae, net, stage, batch, z_lr, null):
-    """LR (upsampled) | model 1 step | 2 steps (distill) or 4 Euler steps (teacher) | HR."""
-    n = min(4, z_lr.shape[0])
-    ctx, pooled = batch["context"][:n], batch["pooled"][:n]
+    """Rows of LR (upsampled) | 1 step | 2 steps (distill) or 4 Euler steps (teacher) | HR;
+    HR | reconstruction for the vae stage."""
+    n = min(4, batch["gt"].shape[0])
+    gt = batch["gt"][:n]
     g = torch.Generator().manual_seed(0)
-    if stage == "distill":
-        outs = [mfsr.sample_student(net, z_lr[:n], pooled, ctx, steps=k, generator=g) for k in (1, 2)]
+    if stage == "vae":
+        rec = net.decode(net.encode(gt * 2 - 1, tile=0), tile=0).float().add(1).div(2)
+        cols = [gt, rec]
     else:
-        nctx = F.pad(null[0], (0, 0, 0, ctx.shape[1] - null[0].shape[0]))[None].expand_as(ctx)
-        outs = [mfsr.sample_teacher(net, z_lr[:n], (pooled, ctx), (null[1][None].expand_as(pooled), nctx),
-                                    steps=k, cfg=1.0, generator=g) for k in (1, 4)]
-    imgs = [vae.decode(o.to(z_lr)).float().add(1).div(2).clamp(0, 1) for o in outs]
-    lr_up = F.interpolate(batch["lr"][:n], size=batch["gt"].shape[-2:], mode="bicubic").clamp(0, 1)
-    rows = torch.cat([torch.cat([lr_up[i], imgs[0][i].cpu(), imgs[1][i].cpu(), batch["gt"][i]], 2)
-                      for i in range(n)], 1)
+        ctx, pooled = batch["context"][:n], batch["pooled"][:n]
+        if stage == "distill":
+            outs = [mfsr.sample_student(net, z_lr[:n], pooled, ctx, steps=k, generator=g) for k in (1, 2)]
+        else:
+            nctx, npooled = _with_rows(ctx, pooled, torch.ones(n, dtype=torch.bool), null)
+            outs = [mfsr.sample_teacher(net, z_lr[:n], (pooled, ctx), (npooled, nctx), steps=k, cfg=1.0,
+                                        generator=g) for k in (1, 4)]
+        lr_up = F.interpolate(batch["lr"][:n], size=gt.shape[-2:], mode="bicubic")
+        cols = [lr_up] + [vae.decode(o.to(z_lr)).float().add(1).div(2) for o in outs] + [gt]
+    rows = torch.cat([torch.cat([c[i].cpu().clamp(0, 1) for c in cols], 2) for i in range(n)], 1)  # (3, nH, kW)
     tmp = path + ".tmp.png"
     Image.fromarray((rows.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(tmp)
     os.replace(tmp, path)
@@ -390,7 +465,7 @@ def parse_args(argv=None):
         else:
             p.add_argument(flag, type=type(f.default), default=f.default)
     cfg = TrainConfig(**{f.name: getattr(p.parse_args(argv), f.name) for f in fields(TrainConfig)})
-    choices = dict(stage=("teacher", "distill"), preset=("full", "tiny"), target=("gt", "meanflow", "null", "neg"),
+    choices = dict(stage=("distill", "teacher", "vae"), preset=("full", "tiny"), target=("gt", "meanflow", "null", "neg"),
                    loss=tuple(mfsr.LOSSES), mode=("split", "fused"), dtype=("bf16", "fp16", "fp32"),
                    teacher_mode=("v1", "r1"))
     for name, allowed in choices.items():
@@ -411,8 +486,8 @@ def main(argv=None):
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
-        if cfg.mode == "fused":
-            raise SystemExit("error: --mode fused runs single-process only (torch.func.jvp cannot go through DDP)")
+        if cfg.mode == "fused" or cfg.stage == "vae":
+            raise SystemExit("error: --mode fused and --stage vae run in one process only")
     else:
         rank, world = 0, 1
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
@@ -422,20 +497,20 @@ def main(argv=None):
     paths = find_images(cfg.data)
     net, teacher, vae = build_models(cfg, device)
     net.grad_checkpointing = cfg.grad_ckpt
-    null, neg = conditioning(cfg, net.cfg)
+    null, neg, prompt = conditioning(cfg, None if cfg.stage == "vae" else net.cfg)
     trainable = [p for p in net.parameters() if p.requires_grad]
     if rank == 0:
         print(f"{len(paths)} images; model {net.cfg}; trainable parameters "
               f"{sum(p.numel() for p in trainable):,}; {world} process(es)")
-    opt = (torch.optim.Adam(trainable, lr=cfg.lr) if cfg.stage == "distill"
+    opt = (torch.optim.Adam(trainable, lr=cfg.lr) if cfg.stage != "teacher"
            else torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=1e-2))
-    start, ema = load_checkpoint(cfg, net, opt) if cfg.resume else (0, None)
+    start, ema, stats = load_checkpoint(cfg, net, opt) if cfg.resume else (0, None, {})
     if cfg.ema and ema is None:
         ema = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
     run = torch.nn.parallel.DistributedDataParallel(net) if ddp else net
     run = torch.compile(run) if cfg.compile else run
     import degrade
-    data = PairDataset(paths, cfg.size, null, degrade.DegradeConfig())
+    data = PairDataset(paths, cfg.size, prompt, None if cfg.stage == "vae" else degrade.DegradeConfig())
     loader = torch.utils.data.DataLoader(
         data, batch_sampler=StepBatches(len(paths), cfg.batch * cfg.accum, cfg.seed, rank, start, cfg.steps),
         collate_fn=collate, num_workers=cfg.workers, persistent_workers=False)
@@ -449,15 +524,17 @@ def main(argv=None):
             print(f"warning: step {step + 1}: no readable image in the batch, skipped")
             continue
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        z_hr, z_lr = encode_pair(vae, batch, g)
+        z_hr, z_lr = (batch["gt"], batch["lr"]) if cfg.stage == "vae" else encode_pair(vae, batch, g)
         opt.zero_grad(set_to_none=True)
         loss_sum, nonfinite = 0.0, 0
         for a in range(cfg.accum):
             sl = slice(a * cfg.batch, (a + 1) * cfg.batch)
             args = (z_hr[sl], z_lr[sl], batch["context"][sl], batch["pooled"][sl], null)
             with autocast:
-                if cfg.stage == "teacher":
-                    loss, nf = teacher_loss(run, *args, cfg, g)
+                if cfg.stage == "vae":
+                    loss, nf = vae_loss(net, z_hr[sl], cfg, g, stats)
+                elif cfg.stage == "teacher":
+                    loss, nf = teacher_loss(run, *args, cfg, g, neg=neg)
                 else:
                     loss, nf = distill_loss(run, net, teacher, *args, neg, cfg, g)
             if loss is None or not torch.isfinite(loss):
@@ -499,7 +576,7 @@ def main(argv=None):
                 save_grid(os.path.join(cfg.out, f"grid-{done:07d}.png"), vae, net.eval(), cfg.stage, batch, z_lr, null)
                 net.train()
         if done % cfg.save_every == 0 or done == cfg.steps:
-            save_checkpoint(cfg, net, opt, ema, done, rank)
+            save_checkpoint(cfg, net, opt, ema, done, rank, (null, neg, prompt), stats)
     if ddp:
         dist.destroy_process_group()
 
