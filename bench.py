@@ -387,6 +387,24 @@ def bench_degrade(args):
     return f"degrade: Real-ESRGAN pipeline, {size}² GT, {torch.get_num_threads()} threads", rows, figures
 
 
+# --------------------------------------------------------------------------------------------
+# quality: the miniature's table (issue 8) from the shipped models, on the held-out photographs
+
+
+@bench
+def bench_quality(args):
+    """PSNR / SSIM against HR, PSNR against the 40-step teacher, texture, seconds per image."""
+    import miniature
+    size, per_image, steps = (128, 1, 8) if args.quick else (256, 3, 40)
+    rows, figure = miniature.evaluate(size=size, per_image=per_image, teacher_steps=steps)
+    if not args.quick:
+        miniature.save_figure(figure, os.path.join(miniature.SHIP, "figure.png"))
+    n = per_image * len(miniature.HELD_OUT)
+    figures = {r["method"]: {k: v for k, v in r.items() if k != "method"} for r in rows}
+    return (f"quality: {miniature.SHIP}, {n} held-out {size}^2 crops ({', '.join(miniature.HELD_OUT)}), "
+            f"Real-ESRGAN degradation x4, seed 0 (threads {torch.get_num_threads()})"), rows, figures
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("which", choices=sorted(BENCHES), help="which bench to run")

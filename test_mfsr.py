@@ -1504,14 +1504,23 @@ def test_train_tiny_teacher_then_distill_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_resume_repeats_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("cache", [[], ["--cache-latents", "6"]])
+def test_train_resume_repeats_the_uninterrupted_run(tmp_path, cache):
     data = _images(tmp_path / "data")
-    common = _TINY + ["--data", data, "--lora-rank", "4", "--save-every", "2"]
+    common = _TINY + ["--data", data, "--lora-rank", "4", "--save-every", "2"] + cache
     train.main(common + ["--steps", "4", "--out", str(tmp_path / "a")])
     train.main(common + ["--steps", "2", "--out", str(tmp_path / "b")])
+    if cache:   # the resumed run must reuse the cache, not encode new pairs
+        (tmp_path / "b" / "latents-0.safetensors").touch()
+        stamp = (tmp_path / "b" / "latents-0.safetensors").stat().st_mtime_ns
     train.main(common + ["--steps", "4", "--out", str(tmp_path / "b"), "--resume"])
     losses = lambda d: [json.loads(line)["loss"] for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
     assert len(losses("a")) == 4 and losses("a") == losses("b")
+    if cache:
+        assert (tmp_path / "b" / "latents-0.safetensors").stat().st_mtime_ns == stamp
+        z = load_file(tmp_path / "a" / "latents-0.safetensors")
+        assert z["z_hr"].shape == (6, 16, 8, 8) and z["z_lr"].shape == z["z_hr"].shape
+        assert not torch.equal(z["z_hr"], z["z_lr"])
 
 
 def _ddp_worker(rank, world, init_file, data_file, out_file):
@@ -1625,3 +1634,34 @@ def test_train_vae_stage_learns_and_exports_a_calibrated_vae(tmp_path):
     assert abs(z.mean().item()) < 0.3 and 0.6 < z.std().item() < 1.6, (z.mean().item(), z.std().item())
     assert (trained.cfg.scale, trained.cfg.shift) != (V.CONFIGS["tiny"].scale, V.CONFIGS["tiny"].shift)
     assert (out / "grid-0000030.png").exists()
+
+
+# ============================================================================================
+# miniature.py: the metrics of the quality table
+
+import miniature  # noqa: E402
+
+
+def test_ssim_matches_scikit_image():
+    metrics = pytest.importorskip("skimage.metrics")
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 40, 48, generator=g)
+    for y in (x + 0.1 * torch.randn(x.shape, generator=g), torch.rand(2, 3, 40, 48, generator=g), x * 0.5 + 0.2):
+        y = y.clamp(0, 1)
+        ours = miniature.ssim(x, y)
+        for i in range(2):
+            ref = metrics.structural_similarity(x[i].numpy(), y[i].numpy(), channel_axis=0, data_range=1.0,
+                                                gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+            assert abs(ours[i].item() - ref) < 1e-4, (ours[i].item(), ref)
+    assert torch.allclose(miniature.ssim(x, x), torch.ones(2, dtype=torch.float64))
+
+
+def test_psnr_and_texture_ratio_on_known_cases():
+    x = torch.full((1, 3, 32, 32), 0.5)
+    assert abs(miniature.psnr(x + 0.1, x).item() - 20.0) < 1e-4          # MSE 0.01 -> 20 dB
+    g = torch.Generator().manual_seed(0)
+    hr = torch.rand(2, 3, 64, 64, generator=g)
+    blurred = torch.nn.functional.avg_pool2d(hr, 3, 1, 1, count_include_pad=False)
+    assert torch.allclose(miniature.hf_ratio(hr, hr), torch.ones(2, dtype=torch.float64))
+    assert (miniature.hf_ratio(blurred, hr) < 0.3).all()                 # a 3x3 box kills high frequencies
+    assert (miniature.hf_ratio(hr + 0.2 * torch.randn(hr.shape, generator=g), hr) > 1.1).all()

@@ -37,6 +37,7 @@ import vae as vae_lib
 from checkpoint import CheckpointError, SafetensorsFiles, atomic_save
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+CACHE_BYTES = 512 * 2 ** 20     # decoded images each data worker keeps in memory
 
 
 @dataclass
@@ -54,6 +55,7 @@ class TrainConfig:
     prompt_emb: str = ""            # ... for images without their own embedding file (else the null)
     neg_prob: float = 0.0           # teacher stage: share of rows taught "negative prompt -> the LR latent"
     kl: float = 1e-6                # vae stage: weight of the KL term
+    cache_latents: int = 0          # > 0: encode this many pairs once and train on them (no per-step VAE)
     size: int = 0                   # HR crop; 0 = 512 (full) / 64 (tiny)
     batch: int = 10                 # per process (paper: 80 over 8 GPUs)
     steps: int = 10000
@@ -117,6 +119,7 @@ class PairDataset(torch.utils.data.Dataset):
         """default: the (context, pooled) of images without an embedding file; degrade_cfg None:
         no degradation (the vae stage), lr is then the HR crop area-downsampled x4."""
         self.paths, self.size, self.default, self.degrade_cfg = paths, size, default, degrade_cfg
+        self.decoded, self.decoded_bytes = {}, 0    # decoded images kept per worker, up to CACHE_BYTES
 
     def __len__(self):
         return len(self.paths)
@@ -125,14 +128,19 @@ class PairDataset(torch.utils.data.Dataset):
         import degrade
         i, seed = key
         path = self.paths[i]
-        try:
-            with Image.open(path) as im:
-                arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-        except Exception as e:  # PIL raises many types for truncated / odd files
-            print(f"warning: skipping unreadable image {path}: {e}", file=sys.stderr)
-            return None
+        arr = self.decoded.get(path)
+        if arr is None:
+            try:
+                with Image.open(path) as im:
+                    arr = np.asarray(im.convert("RGB"))                   # (H, W, 3) uint8
+            except Exception as e:  # PIL raises many types for truncated / odd files
+                print(f"warning: skipping unreadable image {path}: {e}", file=sys.stderr)
+                return None
+            if self.decoded_bytes + arr.nbytes <= CACHE_BYTES:   # small data sets: decode each file once
+                self.decoded[path] = arr
+                self.decoded_bytes += arr.nbytes
         g = torch.Generator().manual_seed(seed)
-        hr = random_crop(torch.from_numpy(arr).permute(2, 0, 1), self.size, g)
+        hr = random_crop(torch.from_numpy(arr).permute(2, 0, 1).float() / 255, self.size, g)
         if self.degrade_cfg is None:
             gt, lr = hr[None], F.avg_pool2d(hr[None], 4)
         else:
@@ -165,6 +173,49 @@ def collate(items):
     return dict(gt=torch.stack([it["gt"] for it in items]), lr=torch.stack([it["lr"] for it in items]),
                 context=ctx, pooled=torch.stack([it["pooled"] for it in items]),
                 names=[it["name"] for it in items])
+
+
+def latent_cache(cfg, paths, data, vae, device, rank):
+    """--cache-latents N: N pairs drawn, degraded and VAE-encoded once, then reused by every step
+    (a fixed set of degradations instead of fresh ones: much faster when the VAE dominates a step,
+    as it does at small model sizes). Kept in out/latents-{rank}.safetensors and reused by a rerun
+    or --resume with the same settings."""
+    path = os.path.join(cfg.out, f"latents-{rank}.safetensors")
+    key = json.dumps({k: getattr(cfg, k) for k in ("cache_latents", "size", "seed", "data", "vae", "ckpt",
+                                                   "prompt_emb", "null_emb")})
+    if os.path.exists(path):
+        f = SafetensorsFiles(path)
+        if f.metadata.get("key") == key:
+            return {k: f.get(k).to(device) for k in f.keys()}
+        print(f"warning: {path} was made with other settings; encoding again")
+    n, parts = cfg.cache_latents, []
+    steps = math.ceil(n / cfg.batch)
+    loader = torch.utils.data.DataLoader(data, batch_sampler=StepBatches(len(paths), cfg.batch, _mix(cfg.seed, 1),
+                                                                         rank, 0, steps),
+                                         collate_fn=collate, num_workers=cfg.workers)
+    t0 = time.time()
+    for k, batch in enumerate(loader):
+        if batch is None:
+            continue
+        g = torch.Generator().manual_seed(_mix(cfg.seed, k, rank, 11))
+        z_hr, z_lr = encode_pair(vae, {k: batch[k].to(device) for k in ("gt", "lr")}, g)
+        parts.append(dict(z_hr=z_hr.cpu(), z_lr=z_lr.cpu(), context=batch["context"], pooled=batch["pooled"]))
+        if rank == 0 and (k + 1) % 20 == 0:
+            print(f"cache: {(k + 1) * cfg.batch}/{n} pairs encoded ({time.time() - t0:.0f} s)", flush=True)
+    L = max(p["context"].shape[1] for p in parts)
+    cache = {k: torch.cat([F.pad(p[k], (0, 0, 0, L - p[k].shape[1])) if k == "context" else p[k] for p in parts])[:n]
+             for k in parts[0]}
+    atomic_save({k: v.contiguous() for k, v in cache.items()}, path, {"key": key})
+    return {k: v.to(device) for k, v in cache.items()}
+
+
+def cached_batches(cache, cfg, rank, start):
+    """For step k: `batch` rows of the latent cache, drawn from a generator seeded by (seed, k, rank)."""
+    n = cache["z_hr"].shape[0]
+    for k in range(start, cfg.steps):
+        g = torch.Generator().manual_seed(_mix(cfg.seed, k, rank, 3))
+        idx = torch.randint(n, (cfg.batch * cfg.accum,), generator=g).to(cache["z_hr"].device)
+        yield {name: v[idx] for name, v in cache.items()} | {"names": [f"cached pair {i}" for i in idx.tolist()]}
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -424,6 +475,9 @@ def load_checkpoint(cfg, net, opt):
 def save_grid(path, vae, net, stage, batch, z_lr, null):
     """Rows of LR (upsampled) | 1 step | 2 steps (distill) or 4 Euler steps (teacher) | HR;
     HR | reconstruction for the vae stage."""
+    if "gt" not in batch:   # cached latents: the HR and (bicubic-upsampled) LR images through the VAE
+        batch = dict(batch, gt=vae.decode(batch["z_hr"][:4]).float().add(1).div(2).clamp(0, 1),
+                     lr=vae.decode(batch["z_lr"][:4]).float().add(1).div(2).clamp(0, 1))
     n = min(4, batch["gt"].shape[0])
     gt = batch["gt"][:n]
     g = torch.Generator().manual_seed(0)
@@ -475,6 +529,8 @@ def parse_args(argv=None):
         p.error("--data is required (a folder of HR images)")
     if cfg.size == 0:
         cfg.size = 64 if cfg.preset == "tiny" else 512
+    if cfg.cache_latents and cfg.stage == "vae":
+        p.error("--cache-latents is for the teacher and distill stages")
     if cfg.size % 32:
         p.error(f"--size {cfg.size}: must be a multiple of 32 (x4 LR, latent patches)")
     return cfg
@@ -511,20 +567,28 @@ def main(argv=None):
     run = torch.compile(run) if cfg.compile else run
     import degrade
     data = PairDataset(paths, cfg.size, prompt, None if cfg.stage == "vae" else degrade.DegradeConfig())
-    loader = torch.utils.data.DataLoader(
-        data, batch_sampler=StepBatches(len(paths), cfg.batch * cfg.accum, cfg.seed, rank, start, cfg.steps),
-        collate_fn=collate, num_workers=cfg.workers, persistent_workers=False)
+    if cfg.cache_latents:
+        batches = cached_batches(latent_cache(cfg, paths, data, vae, device, rank), cfg, rank, start)
+    else:
+        batches = torch.utils.data.DataLoader(
+            data, batch_sampler=StepBatches(len(paths), cfg.batch * cfg.accum, cfg.seed, rank, start, cfg.steps),
+            collate_fn=collate, num_workers=cfg.workers, persistent_workers=False)
     autocast = torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype),
                               enabled=device.type == "cuda" and cfg.dtype != "fp32")
     log = open(os.path.join(cfg.out, "log.jsonl"), "a") if rank == 0 else None
     bad, t0 = 0, time.time()
-    for step, batch in zip(range(start, cfg.steps), loader):
+    for step, batch in zip(range(start, cfg.steps), batches):
         g = torch.Generator().manual_seed(_mix(cfg.seed, step, rank, 7))
         if batch is None:
             print(f"warning: step {step + 1}: no readable image in the batch, skipped")
             continue
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        z_hr, z_lr = (batch["gt"], batch["lr"]) if cfg.stage == "vae" else encode_pair(vae, batch, g)
+        if "z_hr" in batch:     # from the latent cache
+            z_hr, z_lr = batch["z_hr"], batch["z_lr"]
+        elif cfg.stage == "vae":
+            z_hr, z_lr = batch["gt"], batch["lr"]
+        else:
+            z_hr, z_lr = encode_pair(vae, batch, g)
         opt.zero_grad(set_to_none=True)
         loss_sum, nonfinite = 0.0, 0
         for a in range(cfg.accum):

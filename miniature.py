@@ -1,0 +1,302 @@
+"""The miniature MFSR: the whole story of the paper at a size two CPU cores train in about 1.5 hours.
+
+    pip install scikit-image            # dev-only: its public-domain photographs are the data
+    python miniature.py                 # data -> tiny VAE -> teacher -> student (+ the gt-target
+                                        # ablation) -> weights/mfsr-tiny/; resumes where it stopped
+    python bench.py quality             # the README table and figure, from weights/mfsr-tiny/
+
+Every stage is a train.py run (the same code as the full-scale path), in order:
+  1. vae      the tiny VAE (vae.py "tiny": x4, 16 latent channels), L1 + a tiny KL, 32^2 crops
+  2. teacher  the LR-stream transformer (model.py "tiny") by rectified flow on Real-ESRGAN pairs
+              (degrade.py), 128^2 HR / 32^2 LR, caption dropout 0.2; 2000 pairs encoded once
+              (--cache-latents: at this size the VAE would otherwise cost more than the transformer)
+  3. distill  the MFSR student: teacher-CFG target with the negative prompt (Eq. 11), ratio 0.5,
+              pseudo-Huber, s-embedder, LoRA rank 64 (at width 128 that is half the rank of
+              every layer: close to a full fine-tune, through the same code path as the real run)
+  4. distill with the ground-truth target (Table 3's first row), for the ablation in the table
+
+Text at this size: there are no captions and no text encoders. The "prompt" is a fixed random
+embedding given to every training image, the null prompt is zeros (caption dropout swaps it in),
+and the negative prompt is another fixed random embedding that the teacher learns to associate
+with the LR image as the target (train.py --neg-prob): in the paper the negative prompt means
+"blurry, low-res, ...", and here it is taught to mean exactly that, so CFG (Eq. 11) pushes the
+teacher away from the blurry answer as it does at full scale.
+
+Data: scikit-image's bundled photographs (public domain / CC0, see DATA below). Training uses
+TRAIN; HELD_OUT images (a cat and a cup of coffee) are never trained on: bench.py quality
+evaluates on them and the example image is cut from one of them.
+"""
+import argparse
+import glob
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+import model
+import train
+import vae as vae_lib
+from checkpoint import atomic_save
+
+# scikit-image's data names and their licences, as its docstrings state them
+TRAIN = {"astronaut": "public domain (NASA)", "hubble_deep_field": "public domain (NASA)",
+         "rocket": "public domain (SpaceX)", "retina": "CC0", "immunohistochemistry": "no known restrictions",
+         "camera": "CC0 (Lav Varshney)", "coins": "no known restrictions", "brick": "CC0 (CC0Textures)",
+         "grass": "CC0", "gravel": "CC0 (CC0Textures)", "clock": "public domain (Stefan van der Walt)",
+         "cell": "CC0"}
+HELD_OUT = {"chelsea": "CC0 (Stefan van der Walt)", "coffee": "CC0 (Rachel Michetti)"}
+SHIP = "weights/mfsr-tiny"
+CONTEXT_LEN = 4                      # tokens of the miniature's prompt embeddings
+CFG_W = 3.0                          # w of Eq. 11 for the target and of the teacher's CFG sampling
+
+# (stage name, train.py arguments); {data}, {emb}, {runs} filled in by run(); steps scaled by --scale
+STAGES = [
+    ("vae", "--stage vae --preset tiny --size 32 --batch 16 --lr 1e-3 --steps 1000"),
+    ("teacher", "--stage teacher --preset tiny --size 128 --batch 8 --lr 3e-4 --steps 1500 --cache-latents 2000 "
+                "--vae {runs}/vae/final/vae.safetensors --caption-dropout 0.2 --neg-prob 0.1"),
+    ("student", "--stage distill --preset tiny --size 128 --batch 8 --lr 2e-4 --steps 400 --lora-rank 64 --cache-latents 2000 "
+                f"--target neg --cfg-w {CFG_W} --ratio 0.5 --loss pseudo_huber "
+                "--vae {runs}/vae/final/vae.safetensors --teacher {runs}/teacher/final/teacher.safetensors"),
+    ("student_gt", "--stage distill --preset tiny --size 128 --batch 8 --lr 2e-4 --steps 300 --lora-rank 64 --cache-latents 2000 "
+                   "--target gt --ratio 0.5 --loss pseudo_huber "
+                   "--vae {runs}/vae/final/vae.safetensors --teacher {runs}/teacher/final/teacher.safetensors"),
+]
+
+
+def _skimage_image(name):
+    try:
+        import skimage.data
+    except ImportError:
+        raise SystemExit("error: the miniature's data are scikit-image's photographs: pip install scikit-image")
+    a = getattr(skimage.data, name)()
+    a = np.stack([a] * 3, -1) if a.ndim == 2 else a[..., :3]           # gray -> RGB, drop alpha
+    if a.dtype != np.uint8:                                           # e.g. float or bool images
+        a = (a.astype(np.float64) / max(float(a.max()), 1e-8) * 255).round().astype(np.uint8)
+    return a
+
+
+def prepare_data(runs):
+    """runs/data/{train,heldout}/*.png and runs/emb/{null,prompt,neg}.safetensors (idempotent)."""
+    for split, names in (("train", TRAIN), ("heldout", HELD_OUT)):
+        os.makedirs(os.path.join(runs, "data", split), exist_ok=True)
+        for name in names:
+            path = os.path.join(runs, "data", split, name + ".png")
+            if not os.path.exists(path):
+                Image.fromarray(_skimage_image(name)).save(path + ".tmp.png")
+                os.replace(path + ".tmp.png", path)
+    cfg = model.CONFIGS["tiny"]
+    os.makedirs(os.path.join(runs, "emb"), exist_ok=True)
+    for name, seed in (("null", None), ("prompt", 1), ("neg", 2)):
+        if seed is None:
+            ctx, pooled = torch.zeros(CONTEXT_LEN, cfg.context_dim), torch.zeros(cfg.pooled_dim)
+        else:
+            g = torch.Generator().manual_seed(seed)
+            ctx, pooled = torch.randn(CONTEXT_LEN, cfg.context_dim, generator=g), torch.randn(cfg.pooled_dim, generator=g)
+        atomic_save({"context": ctx, "pooled": pooled}, os.path.join(runs, "emb", name + ".safetensors"),
+                    {"format": "mfsr-embedding", "miniature": name})
+
+
+def _final(out):
+    """out/final -> the newest ckpt-* folder of a finished stage (a copy: ckpt folders rotate)."""
+    last = sorted(glob.glob(os.path.join(out, "ckpt-*[0-9]")))[-1]
+    if os.path.exists(os.path.join(out, "final")):
+        shutil.rmtree(os.path.join(out, "final"))
+    shutil.copytree(last, os.path.join(out, "final.tmp"))
+    os.replace(os.path.join(out, "final.tmp"), os.path.join(out, "final"))
+
+
+def run(runs, scale=1.0, only=None, workers=2):
+    prepare_data(runs)
+    emb = os.path.join(runs, "emb")
+    for name, args in STAGES:
+        if only and name not in only:
+            continue
+        out = os.path.join(runs, name)
+        if os.path.exists(os.path.join(out, "final")):
+            print(f"== {name}: done ({out}/final)")
+            continue
+        argv = args.format(runs=runs).split()
+        steps = max(2, round(int(argv[argv.index("--steps") + 1]) * scale))
+        argv[argv.index("--steps") + 1] = str(steps)
+        argv += ["--data", os.path.join(runs, "data", "train"), "--out", out, "--workers", str(workers),
+                 "--save-every", str(max(1, steps // 5)), "--sample-every", str(max(1, steps // 5)),
+                 "--log-every", "50", "--keep", "2"]
+        if name != "vae":
+            argv += ["--null-emb", f"{emb}/null.safetensors", "--prompt-emb", f"{emb}/prompt.safetensors",
+                     "--neg-emb", f"{emb}/neg.safetensors"]
+        if glob.glob(os.path.join(out, "ckpt-*[0-9]")):
+            argv.append("--resume")
+        shared = os.path.join(runs, "teacher", "latents-0.safetensors")   # same pairs for every stage
+        if "--cache-latents" in argv and os.path.exists(shared) and not os.path.exists(f"{out}/latents-0.safetensors"):
+            os.makedirs(out, exist_ok=True)
+            os.link(shared, os.path.join(out, "latents-0.safetensors"))
+        print(f"== {name}: python train.py {' '.join(argv)}", flush=True)
+        t0 = time.time()
+        train.main(argv)
+        _final(out)
+        with open(os.path.join(out, "final", "minutes.txt"), "w") as f:
+            f.write(f"{(time.time() - t0) / 60:.1f}\n")
+
+
+def ship(runs, dest=SHIP):
+    """The trained models, stored in fp16 (loaders cast back to fp32), and the embeddings."""
+    os.makedirs(dest, exist_ok=True)
+    for name, file in (("student", "student"), ("student_gt", "student"), ("teacher", "teacher")):
+        net = model.load_transformer(os.path.join(runs, name, "final", file + ".safetensors"))
+        model.save_transformer(net.half(), os.path.join(dest, name + ".safetensors"))
+    v = vae_lib.load_vae(os.path.join(runs, "vae", "final", "vae.safetensors"))
+    vae_lib.save_vae(v.half(), os.path.join(dest, "vae.safetensors"))
+    for e in ("null", "prompt", "neg"):
+        shutil.copy(os.path.join(runs, "emb", e + ".safetensors"), os.path.join(dest, e + ".safetensors"))
+    minutes = {}
+    for name, _ in STAGES:
+        p = os.path.join(runs, name, "final", "minutes.txt")
+        minutes[name] = float(open(p).read()) if os.path.exists(p) else None
+    info = {"stages": {n: a for n, a in STAGES}, "minutes": minutes, "cfg_w": CFG_W,
+            "train_images": TRAIN, "held_out_images": HELD_OUT, "torch": torch.__version__}
+    with open(os.path.join(dest, "training.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    size = sum(os.path.getsize(p) for p in glob.glob(os.path.join(dest, "*")))
+    print(f"shipped to {dest}: {size / 2 ** 20:.1f} MB")
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation (python bench.py quality): our own metrics, the held-out pairs, the table
+
+
+def psnr(x, y):
+    """Per image PSNR in dB of images in [0, 1], (B, 3, H, W) -> (B,)."""
+    mse = (x.double() - y.double()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1 / mse.clamp_min(1e-12))
+
+
+def _gauss_window(size, sigma):
+    a = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    w = torch.exp(-a ** 2 / (2 * sigma ** 2))
+    return w / w.sum()
+
+
+def ssim(x, y, size=11, sigma=1.5):
+    """Per image SSIM (Wang et al. 2004) of images in [0, 1], (B, C, H, W) -> (B,): Gaussian window,
+    K1 = 0.01, K2 = 0.03, population (co)variances, averaged over the channels and the positions
+    whose window lies inside the image."""
+    x, y = x.double(), y.double()
+    C = x.shape[1]
+    w = _gauss_window(size, sigma)
+    k = (w[:, None] * w[None, :]).expand(C, 1, size, size)
+    f = lambda a: torch.nn.functional.conv2d(a, k, groups=C)             # noqa: E731  valid windows
+    mx, my = f(x), f(y)
+    vx, vy, cxy = f(x * x) - mx ** 2, f(y * y) - my ** 2, f(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return s.flatten(1).mean(1)
+
+
+def hf_ratio(x, hr, cutoff=0.25):
+    """Texture: spectral energy above `cutoff` cycles/pixel (half Nyquist) of x over HR's, per image
+    on the luma; 1.0 = as much fine detail as the truth, < 1 smoother, > 1 noisier or sharper."""
+    def energy(a):
+        g = (0.299 * a[:, 0] + 0.587 * a[:, 1] + 0.114 * a[:, 2]).double()
+        P = torch.fft.fft2(g - g.mean((-2, -1), keepdim=True)).abs() ** 2
+        fy, fx = torch.fft.fftfreq(g.shape[-2]), torch.fft.fftfreq(g.shape[-1])
+        return (P * ((fy[:, None] ** 2 + fx[None, :] ** 2).sqrt() > cutoff)).sum((-2, -1))
+    return energy(x) / energy(hr)
+
+
+def heldout_pairs(size=256, per_image=3, seed=0):
+    """(hr, lr): `per_image` random size^2 crops of every HELD_OUT photograph and their Real-ESRGAN
+    degradation (x4), all from one fixed seed. HR is the plain crop (the LR is made from it)."""
+    import degrade
+    g = torch.Generator().manual_seed(seed)
+    crops = []
+    for name in HELD_OUT:
+        img = torch.from_numpy(_skimage_image(name)).permute(2, 0, 1).float() / 255
+        for _ in range(per_image):
+            crops.append(degrade.random_crop_pair_source(img, size, g)[0])
+    hr = torch.stack(crops)
+    _, lr, _ = degrade.degrade(hr, degrade.DegradeConfig(gt_size=size, usm_gt=False), generator=g)
+    return hr, lr
+
+
+def load_shipped(dest=SHIP):
+    """{name: net}, vae, {null, prompt, neg: (context, pooled)} of a shipped miniature."""
+    nets = {n: model.load_transformer(os.path.join(dest, n + ".safetensors")).eval()
+            for n in ("teacher", "student", "student_gt")}
+    v = vae_lib.load_vae(os.path.join(dest, "vae.safetensors")).eval()
+    embs = {e: train.load_embedding(os.path.join(dest, e + ".safetensors"),
+                                    (torch.zeros(1, nets["student"].cfg.context_dim),
+                                     torch.zeros(nets["student"].cfg.pooled_dim)))
+            for e in ("null", "prompt", "neg")}
+    return nets, v, embs
+
+
+@torch.no_grad()
+def evaluate(dest=SHIP, size=256, per_image=3, teacher_steps=40, seed=0):
+    """Rows of the README table and the figure's columns (first crop)."""
+    import mfsr
+    nets, v, embs = load_shipped(dest)
+    hr, lr = heldout_pairs(size, per_image, seed)
+    B = hr.shape[0]
+    cond = lambda e: (embs[e][1][None].expand(B, -1), embs[e][0][None].expand(B, -1, -1))   # noqa: E731
+    lr_up = torch.nn.functional.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+    z_lr = v.encode(lr_up * 2 - 1, tile=0)
+    dec = lambda z: v.decode(z, tile=0).float().add(1).div(2).clamp(0, 1)                   # noqa: E731
+    (pp, pc), neg = cond("prompt"), cond("neg")
+    g = lambda: torch.Generator().manual_seed(seed)                                        # noqa: E731
+    methods = {"bicubic": lambda: lr_up,
+               "VAE(HR) (upper bound)": lambda: dec(v.encode(hr * 2 - 1, tile=0))}
+    for k in sorted({1, 4, teacher_steps}):
+        methods[_teacher_name(k)] = (
+            lambda k=k: dec(mfsr.sample_teacher(nets["teacher"], z_lr, (pp, pc), neg, steps=k, cfg=CFG_W, generator=g())))
+    for k in (1, 2, 4):
+        methods[f"student {k} step{'s' * (k > 1)}"] = (
+            lambda k=k: dec(mfsr.sample_student(nets["student"], z_lr, pp, pc, steps=k, generator=g())))
+    for k in (1, 2):
+        methods[f"student, gt target, {k} step{'s' * (k > 1)}"] = (
+            lambda k=k: dec(mfsr.sample_student(nets["student_gt"], z_lr, pp, pc, steps=k, generator=g())))
+    outs, secs = {}, {}
+    for name, fn in methods.items():
+        t0 = time.perf_counter()
+        outs[name] = fn()
+        secs[name] = (time.perf_counter() - t0) / B
+    ref = outs[_teacher_name(teacher_steps)]
+    rows = [{"method": n, "PSNR": psnr(o, hr).mean().item(), "SSIM": ssim(o, hr).mean().item(),
+             f"PSNR vs teacher {teacher_steps}": psnr(o, ref).mean().item() if o is not ref else float("inf"),
+             "HF energy / HR": hf_ratio(o, hr).mean().item(), "s / image": secs[n]}
+            for n, o in outs.items()]
+    figure = [torch.nn.functional.interpolate(lr[:1], size=hr.shape[-2:], mode="nearest"), lr_up[:1],
+              outs[_teacher_name(1)][:1], ref[:1], outs["student 1 step"][:1],
+              outs["student 2 steps"][:1], hr[:1]]
+    return rows, figure
+
+
+def _teacher_name(k):
+    return f"teacher {k} step{'s' * (k > 1)}, CFG {CFG_W:g}"
+
+
+def save_figure(cols, path):
+    """LR | bicubic | teacher 1 | teacher 40 | student 1 | student 2 | HR, one row, atomically."""
+    row = torch.cat([c[0].clamp(0, 1) for c in cols], 2)
+    tmp = path + ".tmp.png"
+    Image.fromarray((row.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(tmp)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", default="runs/miniature", help="working folder (data, checkpoints)")
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.01: a smoke run)")
+    ap.add_argument("--only", nargs="*", choices=[n for n, _ in STAGES], help="run only these stages")
+    ap.add_argument("--workers", type=int, default=2, help="data-loading processes per stage")
+    ap.add_argument("--no-ship", action="store_true", help="do not copy the result to " + SHIP)
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    run(a.runs, a.scale, a.only, a.workers)
+    if not a.no_ship:
+        ship(a.runs)
+    sys.exit(0)
