@@ -388,6 +388,218 @@ def bench_degrade(args):
 
 
 # --------------------------------------------------------------------------------------------
+# train: train.py's step functions (teacher stage, distill split / fused), eager and compiled,
+# on random latents (the data pipeline is measured on its own: pairs per second in one process)
+
+
+def _train_case(cfg, h, B, compiled):
+    import mfsr
+    import model
+    import train
+    torch.manual_seed(0)
+    teacher = model.MMDiT(cfg)
+    trained_teacher = model.MMDiT(cfg)                      # the teacher stage trains its control layers
+    trained_teacher.load_state_dict(teacher.state_dict())
+    for n, p in trained_teacher.named_parameters():
+        p.requires_grad_("control" in n and n not in set(model.dead_lr_params(trained_teacher)))
+    student = mfsr.student_from_teacher(teacher, lora_rank=16)
+    teacher.requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    z_hr, z_lr = torch.randn(B, 16, h, h, generator=g), torch.randn(B, 16, h, h, generator=g)
+    ctx, pooled = torch.randn(B, 8, cfg.context_dim, generator=g), torch.randn(B, cfg.pooled_dim, generator=g)
+    null = (torch.zeros(1, cfg.context_dim), torch.zeros(cfg.pooled_dim))
+    neg = (torch.randn(8, cfg.context_dim, generator=g), torch.randn(cfg.pooled_dim, generator=g))
+    run_t = torch.compile(trained_teacher) if compiled else trained_teacher
+    run_s = torch.compile(student) if compiled else student
+
+    def step(net, loss_fn, mode="split"):
+        def go():
+            tc = train.parse_args(["--data", "-", "--preset", "tiny", "--mode", mode])
+            net.zero_grad(set_to_none=True)
+            loss_fn(tc)[0].backward()
+        return go
+
+    fns = {"teacher stage": step(trained_teacher, lambda tc: train.teacher_loss(
+        run_t, z_hr, z_lr, ctx, pooled, null, tc, g, neg=neg))}
+    for mode in ("split", "fused"):
+        fns[f"distill {mode}"] = step(student, lambda tc: train.distill_loss(
+            run_s, student, teacher, z_hr, z_lr, ctx, pooled, null, neg, tc, g), mode)
+    return fns
+
+
+def _pairs_per_second(size, n=6):
+    """train.PairDataset (crop, degrade.py, embeddings) items per second in this process."""
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    import degrade
+    import train
+    with tempfile.TemporaryDirectory() as d:
+        rng = np.random.default_rng(0)
+        for i in range(3):   # smooth random photographs-to-be, larger than the crop
+            small = rng.random((size // 16, size // 16, 3)) * 255
+            Image.fromarray(small.astype(np.uint8)).resize((size + 64, size + 64), Image.BICUBIC).save(f"{d}/{i}.png")
+        ds = train.PairDataset(train.find_images(d), size, (torch.zeros(1, 64), torch.zeros(32)), degrade.DegradeConfig())
+        ds[(0, 0)]
+        t0 = time.perf_counter()
+        for i in range(n):
+            ds[(i % 3, i + 1)]
+        return n / (time.perf_counter() - t0)
+
+
+@bench
+def bench_train(args):
+    """Seconds and peak memory of one training step per stage; data pairs per second per worker."""
+    import model
+    from dataclasses import replace
+    tiny = model.CONFIGS["tiny"]
+    cases = [("tiny", tiny, 16, 4)]                      # 64^2 HR through the x4 tiny VAE, batch 4
+    if not args.quick:
+        cases.append(("6x384", replace(tiny, depth=6, heads=6, dual_layers=(0, 1, 2), pos_grid=64), 32, 4))
+    rows, figures = [], {}
+    for name, cfg, h, B in cases:
+        for compiled in (False,) if args.quick else (False, True):
+            fns = _train_case(cfg, h, B, compiled)
+            for fn in fns.values():      # compile (and first-call) time is not part of a step
+                fn()
+            times = median_times(fns, repeat=3, warmup=1)
+            mems = {k: peak_mb(fn)[1] for k, fn in fns.items()}
+            for k in fns:
+                rows.append({"config": name, "latent": f"{B}x16x{h}x{h}", "compile": compiled, "step": k,
+                             "steps/s": 1 / times[k], "x teacher stage": times[k] / times["teacher stage"],
+                             "peak MB": mems[k]})
+                figures[f"{name}/{'compiled' if compiled else 'eager'}/{k}"] = {"s": times[k], "peak_mb": mems[k]}
+    for size in (128,) if args.quick else (128, 512):
+        pps = _pairs_per_second(size)
+        rows.append({"config": f"data {size}^2", "latent": "-", "compile": "-", "step": "pairs (crop+degrade)",
+                     "steps/s": pps, "x teacher stage": "-", "peak MB": "-"})
+        figures[f"data {size} pairs/s per worker"] = pps
+    return f"train.py steps (threads {torch.get_num_threads()}; random latents, LoRA rank 16)", rows, figures
+
+
+# --------------------------------------------------------------------------------------------
+# sample: one image end to end (bicubic x4, VAE encode, sampler on 64 x 64 latent tiles, decode,
+# colour fix) with the tiny model: the student at 1 / 2 / 4 steps vs the teacher's 40 Euler steps
+# with CFG 8 (2 x 40 network calls per tile, batched as one call of batch 2 per step). The teacher
+# and student have the same size (the student is the teacher plus the s-embedder, LoRA merged).
+# Where a 40-step teacher run would take too long (512² -> 2048²: 169 tiles; and every size with
+# --quick), its time is extrapolated from 1- and 2-step runs: t40 = t1 + 39 (t2 - t1); its peak
+# memory is the 2-step run's (memory does not grow with the number of steps).
+
+
+def _sample_case():
+    import mfsr
+    import model
+    import vae as V
+    torch.manual_seed(0)
+    teacher = model.MMDiT(model.CONFIGS["tiny"]).eval().requires_grad_(False)
+    student = mfsr.student_from_teacher(teacher, lora_rank=4)
+    model.merge_lora(student)
+    student = student.eval().requires_grad_(False)
+    vae = V.VAE(V.CONFIGS["tiny"]).eval().requires_grad_(False)
+    cond = (torch.zeros(1, teacher.cfg.pooled_dim), torch.zeros(1, 1, teacher.cfg.context_dim))
+    return student, teacher, vae, cond
+
+
+def _timed_upscale(x, net, vae, cond, steps, teacher=False):
+    """(seconds, peak MB) of one sample.upscale call."""
+    import sample
+    t0 = time.perf_counter()
+    _, mb = peak_mb(lambda: sample.upscale(x, net, vae, cond, steps, teacher=teacher))
+    return time.perf_counter() - t0, mb
+
+
+@bench
+def bench_sample(args):
+    import sample
+    student, teacher, vae, cond = _sample_case()
+    sizes = (128,) if args.quick else (128, 512)
+    rows, figures = [], {}
+    for size in sizes:
+        g = torch.Generator().manual_seed(0)
+        x = F.interpolate(torch.rand(1, 3, size // 8, size // 8, generator=g), size=(size, size),
+                          mode="bicubic").clamp(0, 1)
+        tiles = len(sample.TiledNet(student).tiles(size, size))   # tiny VAE x4: latent side = 4 size / 4
+        sample.upscale(x[..., :16, :16], student, vae, cond)       # warm-up
+        one = {steps: _timed_upscale(x, student, vae, cond, steps) for steps in (1, 2, 4)}
+        full40 = size == 128 and not args.quick
+        t_steps = (40,) if full40 else (1, 2)
+        tt = {steps: _timed_upscale(x, teacher, vae, cond, steps, teacher=True) for steps in t_steps}
+        t40 = tt[40][0] if full40 else tt[1][0] + 39 * (tt[2][0] - tt[1][0])
+        t40_mb = tt[40][1] if full40 else tt[2][1]
+        res = f"{size}² -> {4 * size}²"
+        for steps, (s, mb) in one.items():
+            rows.append({"image": res, "tiles": tiles, "sampler": f"student {steps} step{'s' * (steps > 1)}",
+                         "network calls": steps * tiles, "s": s, "peak MB": mb, "x faster than teacher": t40 / s})
+            figures[f"{size}/student{steps}"] = {"s": s, "peak_mb": mb, "speedup": t40 / s}
+        rows.append({"image": res, "tiles": tiles,
+                     "sampler": "teacher 40 steps CFG 8" + ("" if full40 else " (extrapolated)"),
+                     "network calls": 80 * tiles, "s": t40, "peak MB": t40_mb, "x faster than teacher": 1.0})
+        figures[f"{size}/teacher40"] = {"s": t40, "peak_mb": t40_mb, "measured": full40}
+        print(f"{res}: 1-step student {t40 / one[1][0]:.1f}x faster than the 40-step CFG teacher (target >= 40x)")
+    return (f"sample: tiny model end to end, one run each, {torch.get_num_threads()} threads, fp32", rows, figures)
+
+
+# --------------------------------------------------------------------------------------------
+# budget: GPU memory of the full-scale distillation per GPU, computed (not measured: no GPU here)
+# from the real parameter counts and the activations a forward saves for backward, counted on the
+# meta device (shapes only) with saved-tensor hooks for 1, 2 and 3 blocks and extrapolated to 24.
+
+
+def _saved_bytes(depth, dual, B, ckpt, H=64):
+    import model
+    from dataclasses import replace
+    cfg = replace(model.CONFIGS["dit4sr"], depth=depth, dual_layers=dual)
+    with torch.device("meta"):
+        net = model.make_student(model.MMDiT(cfg), lora_rank=64)
+        x, lr = torch.randn(B, 16, H, H), torch.randn(B, 16, H, H)
+        t, pooled, ctx = torch.rand(B), torch.randn(B, 2048), torch.randn(B, 154, 4096)
+    net.grad_checkpointing = ckpt
+    saved = {}
+
+    def pack(a):   # attention probabilities (B, heads, N, N) are left out: flash attention keeps none
+        if not (a.dim() == 4 and a.shape[1] == cfg.heads and a.shape[-1] == a.shape[-2] > 256):
+            saved[a.untyped_storage()._cdata] = a.untyped_storage().nbytes()
+        return a
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda a: a):
+        net(x, t, pooled, ctx, lr=lr, sigma_s=t)
+    return sum(saved.values())
+
+
+@bench
+def bench_budget(args):
+    """Per-GPU memory of `train.py --stage distill` at SD3.5-medium / DiT4SR size, batch 10 per GPU."""
+    import model
+    B, GiB = 10, 2 ** 30
+    with torch.device("meta"):
+        teacher = model.MMDiT(model.CONFIGS["dit4sr"])
+        student = model.make_student(teacher, lora_rank=64)
+    n_frozen = sum(p.numel() for p in teacher.parameters())
+    n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    rows = [{"item": "frozen weights (teacher = student base, shared), bf16", "count": n_frozen,
+             "GiB": 2 * n_frozen / GiB},
+            {"item": "trainable (LoRA 64, control layers, s-embedder): fp32 weight + grad + Adam m, v",
+             "count": n_train, "GiB": 16 * n_train / GiB}]
+    dual_block = {}
+    for ckpt in (False, True):
+        one, two, three = (_saved_bytes(d, dl, 1, ckpt) for d, dl in ((1, (0,)), (2, (0,)), (3, (0, 1))))
+        dual_block[ckpt] = three - two
+        per_sample = one + 12 * (three - two) + 11 * (two - one)      # 13 dual blocks, 11 plain
+        rows.append({"item": f"saved activations, bf16, batch {B}" + (", gradient checkpointing" if ckpt else ""),
+                     "count": "-", "GiB": B * (per_sample / 2) / GiB})
+    rows.append({"item": f"  + checkpointing: one dual block recomputed in backward, bf16, batch {B}",
+                 "count": "-", "GiB": B * (dual_block[False] / 2) / GiB})
+    total = rows[0]["GiB"] + rows[1]["GiB"] + rows[3]["GiB"] + rows[4]["GiB"]
+    rows.append({"item": "total with gradient checkpointing (forward-mode JVP and teacher calls keep nothing)",
+                 "count": "-", "GiB": total})
+    figures = {r["item"]: r["GiB"] for r in rows}
+    return (f"budget: distillation step per GPU at 512^2 (64^2 latents, 1024 image + 1024 LR + 154 text "
+            f"tokens), batch {B} (the paper's 80 / 8 GPUs); computed on the meta device"), rows, figures
+
+
+# --------------------------------------------------------------------------------------------
 # quality: the miniature's table (issue 8) from the shipped models, on the held-out photographs
 
 

@@ -165,6 +165,21 @@ def ship(runs, dest=SHIP):
     print(f"shipped to {dest}: {size / 2 ** 20:.1f} MB")
 
 
+def make_example(dest="examples", name="chelsea", top=24, left=136, size=256, seed=0):
+    """examples/{name}_hr.png (a size^2 crop of a held-out photograph) and {name}_lr.png, its
+    Real-ESRGAN degradation (x4, fixed seed): the README's main command upscales the LR one."""
+    import degrade
+    img = torch.from_numpy(_skimage_image(name)).permute(2, 0, 1).float() / 255
+    hr = img[None, :, top:top + size, left:left + size]
+    _, lr, _ = degrade.degrade(hr, degrade.DegradeConfig(gt_size=size, usm_gt=False),
+                               generator=torch.Generator().manual_seed(seed))
+    os.makedirs(dest, exist_ok=True)
+    for tag, x in (("hr", hr), ("lr", lr)):
+        path = os.path.join(dest, f"{name}_{tag}.png")
+        Image.fromarray((x[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path + ".tmp.png")
+        os.replace(path + ".tmp.png", path)
+
+
 # --------------------------------------------------------------------------------------------
 # Evaluation (python bench.py quality): our own metrics, the held-out pairs, the table
 
@@ -299,4 +314,5 @@ if __name__ == "__main__":
     run(a.runs, a.scale, a.only, a.workers)
     if not a.no_ship:
         ship(a.runs)
+        make_example()
     sys.exit(0)

@@ -1665,3 +1665,674 @@ def test_psnr_and_texture_ratio_on_known_cases():
     assert torch.allclose(miniature.hf_ratio(hr, hr), torch.ones(2, dtype=torch.float64))
     assert (miniature.hf_ratio(blurred, hr) < 0.3).all()                 # a 3x3 box kills high frequencies
     assert (miniature.hf_ratio(hr + 0.2 * torch.randn(hr.shape, generator=g), hr) > 1.1).all()
+
+
+# ============================================================================================
+# sample.py and images.py
+
+import struct  # noqa: E402
+import zlib  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+import images  # noqa: E402
+import sample  # noqa: E402
+
+@pytest.fixture(scope="module")
+def _smp_models(tmp_path_factory):
+    """A tiny random student (LoRA merged, as train.py exports it), its teacher and a tiny x4 VAE."""
+    d = tmp_path_factory.mktemp("smp_models")
+    torch.manual_seed(0)
+    teacher = model.MMDiT(model.CONFIGS["tiny"])
+    student = mfsr.student_from_teacher(teacher, lora_rank=4)
+    with torch.no_grad():                       # make the s-embedder and LoRA matter
+        for name, p in student.named_parameters():
+            if "s_embedder" in name or "lora" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    model.merge_lora(student)
+    model.save_transformer(student, str(d / "student.safetensors"))
+    model.save_transformer(teacher, str(d / "teacher.safetensors"))
+    torch.manual_seed(1)
+    V.save_vae(V.VAE(V.CONFIGS["tiny"]), str(d / "vae.safetensors"))
+    return d
+
+
+def _smp_lr(H, W, seed=0):
+    """A smooth random LR image (1, 3, H, W) in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(1, 3, max(1, H // 4), max(1, W // 4), generator=g)
+    return torch.nn.functional.interpolate(x, size=(H, W), mode="bicubic").clamp(0, 1)
+
+
+def _smp_u8(H, W, C, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (H, W, C), dtype=np.uint8)
+
+
+def _smp_u16(H, W, C, seed=0):
+    return np.random.default_rng(seed).integers(0, 65536, (H, W, C), dtype=np.uint16)
+
+
+def _smp_png16_filtered(path, a):
+    """A 16-bit PNG whose rows use every filter type in turn (0..4), written from the spec, so the
+    reader's Sub / Up / Average / Paeth paths all run (encoders mostly pick one)."""
+    H, W, C = a.shape
+    rows = np.ascontiguousarray(a, dtype=">u2").view(np.uint8).reshape(H, -1).astype(np.int32)
+    bpp, out = 2 * C, []
+    for y in range(H):
+        cur, up = rows[y], rows[y - 1] if y else np.zeros_like(rows[0])
+        left = np.concatenate([np.zeros(bpp, np.int32), cur[:-bpp]])
+        ul = np.concatenate([np.zeros(bpp, np.int32), up[:-bpp]])
+        p = left + up - ul
+        pa, pb, pc = abs(p - left), abs(p - up), abs(p - ul)
+        paeth = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, up, ul))
+        k = y % 5
+        pred = [0, left, up, (left + up) // 2, paeth][k]
+        out.append(bytes([k]) + ((cur - pred) % 256).astype(np.uint8).tobytes())
+    chunk = lambda kind, body: struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ctype = {1: 0, 2: 4, 3: 2, 4: 6}[C]
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", W, H, 16, ctype, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(b"".join(out))) + chunk(b"IEND", b""))
+
+
+def test_sample_images_round_trip_16bit_alpha_gray(tmp_path):
+    a16 = _smp_u16(9, 13, 3)
+    _smp_png16_filtered(tmp_path / "f.png", a16)                  # all five row filters
+    img = images.load_image(tmp_path / "f.png")
+    assert (img.bits, img.gray, img.alpha) == (16, False, None)
+    assert np.array_equal(np.round(img.rgb.permute(1, 2, 0).numpy() * 65535).astype(np.uint16), a16)
+    for ext in (".png", ".tif"):                                   # 16-bit RGB written and read back exactly
+        images.save_image(tmp_path / f"w{ext}", img.rgb, bits=16)
+        back = images.load_image(tmp_path / f"w{ext}")
+        assert back.bits == 16 and torch.equal(back.rgb, img.rgb), ext
+    cv2 = pytest.importorskip("cv2")                               # an independent PNG codec agrees
+    assert np.array_equal(cv2.imread(str(tmp_path / "w.png"), cv2.IMREAD_UNCHANGED)[..., ::-1], a16)
+    g16 = _smp_u16(7, 5, 1)[..., 0]
+    Image.fromarray(g16).save(tmp_path / "g.png")                  # Pillow: mode I;16
+    g = images.load_image(tmp_path / "g.png")
+    assert g.gray and g.bits == 16 and np.array_equal(np.round(g.rgb[1].numpy() * 65535), g16)
+    images.save_image(tmp_path / "g2.png", g.rgb, gray=True, bits=16)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "g2.png")), g16)
+    rgba = _smp_u8(6, 4, 4)
+    Image.fromarray(rgba).save(tmp_path / "a.png")
+    a = images.load_image(tmp_path / "a.png")
+    images.save_image(tmp_path / "a2.png", a.rgb, alpha=a.alpha)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a2.png")), rgba)
+    pal = Image.fromarray(_smp_u8(5, 5, 3)).convert("P")
+    pal.save(tmp_path / "p.png", transparency=int(np.asarray(pal)[0, 0]))
+    p = images.load_image(tmp_path / "p.png")
+    assert p.alpha is not None and p.alpha[0, 0, 0] == 0 and not p.gray
+
+
+def test_sample_images_errors_name_the_file(tmp_path):
+    Image.fromarray(_smp_u8(40, 40, 3)).save(tmp_path / "ok.png")
+    data = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "trunc.png").write_bytes(data[:len(data) // 2])
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "junk.png").write_bytes(b"not an image at all")
+    for name, words in (("trunc.png", "truncated"), ("empty.jpg", "empty"), ("junk.png", "not an image"),
+                        ("missing.png", "no such file")):
+        with pytest.raises(images.ImageError, match=words) as e:
+            images.load_image(tmp_path / name)
+        assert name in str(e.value)
+    old = images.MAX_PIXELS
+    images.MAX_PIXELS = 1000
+    try:
+        with pytest.raises(images.ImageError, match="decompression bomb"):
+            images.load_image(tmp_path / "ok.png")
+    finally:
+        images.MAX_PIXELS = old
+    with pytest.raises(images.ImageError, match="refusing to write over an input"):
+        images.save_image(tmp_path / "ok.png", torch.zeros(3, 2, 2), protect=[str(tmp_path / "ok.png")])
+    assert (tmp_path / "ok.png").read_bytes() == data
+
+
+def test_sample_tiling_is_exact_for_a_pointwise_net():
+    """Tile placement and weight normalisation: a network without spatial mixing gives the same
+    result tiled and untiled, whatever the layout (non-divisible sizes included)."""
+    class Pointwise(torch.nn.Module):
+        cfg = model.CONFIGS["tiny"]
+        def forward(self, x, sigma, pooled, context, lr=None, sigma_s=None):
+            return torch.tanh(x * 1.7 + lr) * sigma.view(-1, 1, 1, 1) + pooled.mean()
+    net = Pointwise()
+    g = torch.Generator().manual_seed(0)
+    x, lr = torch.randn(2, 16, 38, 54, generator=g), torch.randn(2, 16, 38, 54, generator=g)
+    kw = {"sigma": torch.tensor([0.3, 0.9]), "pooled": torch.randn(2, 32, generator=g), "context": None}
+    ref = net(x, lr=lr, **kw)
+    for tile, overlap in ((16, 6), (24, 8), (8, 0), (64, 24)):
+        out = sample.TiledNet(net, tile, overlap)(x, lr=lr, **kw)
+        assert (out - ref).abs().max() < 1e-5, (tile, overlap)
+
+
+def test_sample_tiling_blends_smoothly_and_stays_close_to_untiled(_smp_models):
+    # 1) A network whose output is its tile's mean LR value: tiled results differ per tile, and the
+    # Gaussian blend must ramp between them. With DiT4SR's tiles (64, overlap 24, variance 0.01)
+    # the largest jump between neighbouring columns is 24% of the step between the two tiles'
+    # values (measured); a hard cut jumps by 100%, a flat average by 50%.
+    class TileMean(torch.nn.Module):
+        cfg = model.CONFIGS["tiny"]
+        def forward(self, x, sigma, pooled, context, lr=None, sigma_s=None):
+            return lr.mean((2, 3), keepdim=True).expand_as(x)
+    ramp = torch.linspace(0, 1, 104).expand(1, 16, 8, 104)                   # two tiles: 0..64, 40..104
+    out = sample.TiledNet(TileMean(), 64, 24)(ramp, torch.ones(1), None, None, lr=ramp)[0, 0, 0]
+    means = [ramp[..., :64].mean().item(), ramp[..., 40:].mean().item()]
+    assert out[0].item() == pytest.approx(means[0], abs=1e-6) and out[-1].item() == pytest.approx(means[1], abs=1e-6)
+    assert out.diff().abs().max() < 0.35 * (means[1] - means[0])
+    # 2) The tiny random student on a 40 x 40 latent in 4 tiles (24, overlap 8) vs one tile.
+    # Attention of random weights mixes everything with everything, so tiles change the result
+    # everywhere: measured mean |tiled - untiled| = 0.51 of the image's mean deviation (0.53 away
+    # from the image border), vs 1.26 for a different seed. No seam: the error within 2 latent
+    # pixels of a tile edge is 1.11x the error elsewhere (bound 1.3).
+    net, vae = sample.load_models(str(_smp_models / "student.safetensors"))
+    cond = (torch.zeros(1, 32), torch.zeros(1, 1, 64))
+    x = _smp_lr(40, 40)
+    ref = sample.upscale(x, net, vae, cond, color_fix="none")
+    tiled = sample.upscale(x, net, vae, cond, color_fix="none", tile=24, tile_overlap=8)
+    other = sample.upscale(x, net, vae, cond, color_fix="none", seed=1)
+    scale = (ref - ref.mean()).abs().mean()
+    err = (tiled - ref).abs()[0].mean(0)                                     # (160, 160)
+    inner = err[16:-16, 16:-16].mean() / scale
+    assert inner < 0.65 and inner < 0.6 * (other - ref).abs().mean() / scale
+    near = torch.zeros(160, dtype=torch.bool)
+    for edge in (16, 24):                                                    # latent tile edges
+        near[4 * edge - 8:4 * edge + 8] = True
+    for prof in (err.mean(0), err.mean(1)):
+        assert prof[near].mean() < 1.3 * prof[~near].mean()
+
+
+def test_sample_upscale_is_x4_seeded_and_colour_fixed(_smp_models):
+    net, vae = sample.load_models(str(_smp_models / "student.safetensors"))
+    cond = (torch.zeros(1, 32), torch.zeros(1, 1, 64))
+    x = _smp_lr(37, 53)
+    y = sample.upscale(x, net, vae, cond, steps=2, seed=3)
+    assert y.shape == (1, 3, 148, 212) and 0 <= y.min() and y.max() <= 1
+    assert torch.equal(y, sample.upscale(x, net, vae, cond, steps=2, seed=3))          # same seed
+    assert (y - sample.upscale(x, net, vae, cond, steps=2, seed=4)).abs().mean() > 1e-3  # seed matters
+    for H, W in ((1, 1), (3, 5)):                                            # tiny inputs are padded
+        assert sample.upscale(_smp_lr(H, W), net, vae, cond).shape == (1, 3, 4 * H, 4 * W)
+    # AdaIN: per-channel mean / std of the (unclamped) result equal the upsampled LR's
+    ref = torch.nn.functional.interpolate(x, scale_factor=4, mode="bicubic").clamp(0, 1)
+    raw = sample.upscale(x, net, vae, cond, color_fix="none")
+    fixed = sample.adain_color_fix(raw, ref)
+    assert torch.allclose(fixed.mean((2, 3)), ref.mean((2, 3)), atol=1e-5)
+    assert torch.allclose(fixed.std((2, 3)), ref.std((2, 3)), atol=1e-4)
+    # wavelet: a colour shift (pure low frequency) is removed, texture (high frequency) is kept
+    tex = 0.05 * torch.sign(torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
+    base = _smp_lr(64, 64)
+    out = sample.wavelet_color_fix(base + tex + 0.2, base)
+    assert (out - base).mean().abs() < 0.01 and (out - base - tex).abs().mean() < 0.5 * tex.abs().mean()
+
+
+def _smp_folder(d):
+    """A folder with every kind of input, plus one corrupt file."""
+    Image.fromarray(_smp_u8(37, 53, 3)).save(d / "odd.png")
+    Image.fromarray(_smp_u8(12, 10, 1)[..., 0]).save(d / "gray.png")
+    Image.fromarray(_smp_u8(10, 12, 4)).save(d / "rgba.png")
+    Image.fromarray(_smp_u8(8, 8, 3)).convert("P").save(d / "pal.png")
+    Image.fromarray(_smp_u8(1, 1, 3)).save(d / "one.bmp")
+    Image.fromarray(_smp_u8(16, 16, 3)).save(d / "photo.jpg", quality=90)
+    Image.fromarray(_smp_u16(9, 7, 1)[..., 0]).save(d / "gray16.png")
+    images.save_image(d / "rgb16.png", torch.rand(3, 6, 10), bits=16)
+    (d / "bad.png").write_bytes((d / "odd.png").read_bytes()[:200])
+
+
+def test_sample_folder_keeps_modes_and_survives_a_corrupt_file(_smp_models, tmp_path, capsys):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    _smp_folder(src)
+    rc = sample.main([str(src), "-o", str(out), "--ckpt", str(_smp_models / "student.safetensors")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "bad.png" in err and err.count("error:") == 1
+    want = {"odd.png": ((212, 148), "RGB"), "gray.png": ((40, 48), "L"), "rgba.png": ((48, 40), "RGBA"),
+            "pal.png": ((32, 32), "RGB"), "one.bmp": ((4, 4), "RGB"), "photo.jpg": ((64, 64), "RGB"),
+            "gray16.png": ((28, 36), "I;16")}
+    for name, (size, mode) in want.items():
+        stem, ext = os.path.splitext(name)
+        with Image.open(out / f"{stem}_mfsr{ext}") as im:
+            assert (im.size, im.mode) == (size, mode), name
+    rgb16 = images.load_image(out / "rgb16_mfsr.png")
+    assert rgb16.bits == 16 and rgb16.size == (24, 40) and not rgb16.gray
+    # 16 bits are really used: values off the 8-bit grid
+    assert (rgb16.rgb * 255 - (rgb16.rgb * 255).round()).abs().max() > 0.01
+    # alpha is the input's alpha upscaled bicubic, not touched by the model
+    a_in = torch.from_numpy(np.asarray(Image.open(src / "rgba.png"), dtype=np.float32)[..., 3] / 255)
+    a_out = np.asarray(Image.open(out / "rgba_mfsr.png"), dtype=np.float32)[..., 3] / 255
+    up = torch.nn.functional.interpolate(a_in[None, None], scale_factor=4, mode="bicubic").clamp(0, 1)[0, 0]
+    assert np.abs(a_out - up.numpy()).max() <= 0.5 / 255 + 1e-6
+    assert sorted(os.listdir(src)) == sorted(["odd.png", "gray.png", "rgba.png", "pal.png", "one.bmp", "photo.jpg",
+                                              "gray16.png", "rgb16.png", "bad.png"])   # inputs untouched
+
+
+def test_sample_never_overwrites_an_input_and_checks_the_checkpoint(_smp_models, tmp_path, capsys):
+    Image.fromarray(_smp_u8(8, 8, 3)).save(tmp_path / "a.png")
+    before = (tmp_path / "a.png").read_bytes()
+    ck = ["--ckpt", str(_smp_models / "student.safetensors")]
+    rc = sample.main([str(tmp_path / "a.png"), "-o", str(tmp_path), "--suffix", "", "--ext", "png"] + ck)
+    assert rc == 1 and "refusing to write over an input" in capsys.readouterr().err
+    assert (tmp_path / "a.png").read_bytes() == before and sorted(os.listdir(tmp_path)) == ["a.png"]
+    # a one-time model is not a student: clear error, exit code 2, nothing written
+    rc = sample.main([str(tmp_path / "a.png"), "--ckpt", str(_smp_models / "teacher.safetensors")])
+    assert rc == 2 and "not an MFSR student" in capsys.readouterr().err
+    # with --teacher it runs as the Euler + CFG sampler (2 steps here), output x4
+    rc = sample.main([str(tmp_path / "a.png"), "--teacher", "--steps", "2", "--ckpt",
+                      str(_smp_models / "teacher.safetensors")])
+    assert rc == 0 and Image.open(tmp_path / "a_mfsr.png").size == (32, 32)
+    assert "2 steps" in capsys.readouterr().out
+
+
+# ============================================================================================
+# text.py
+
+import io  # noqa: E402
+
+import text  # noqa: E402
+from checkpoint import SafetensorsFiles  # noqa: E402
+
+_TXT_CORPUS = [
+    "A photo of a cat.",
+    "",
+    "  leading and trailing   spaces\t\tand tabs\n newlines  ",
+    "Café naïve résumé — ÀÉÎÕÜ façade; CAPITALS and MiXeD case",
+    "e\u0301 combining accent vs é, a\u0308 vs ä",
+    "emoji 😀🐱 👍🏽 🇫🇷🇩🇪 flags ❤️ ✨",
+    "numbers 1234567890 3.14159 1,000,000 ½ ² ① Ⅷ",
+    "punctuation!!! ??? ... --- ((brackets)) [x] {y} <z> @#$%^&* ~`|\\ \"quoted\"",
+    "it's they're we've I'm you'll he'd DON'T IT'S",
+    "ＦＵＬＬＷＩＤＴＨ ｋａｔａｋａｎａ ﾊﾝｶｸ ﬁ ligature ™ ℃ ß",
+    "Greek αβγ Cyrillic Привет Arabic مرحبا Hindi नमस्ते Thai สวัสดี Korean 한국어",
+    "a high resolution photograph of a red fox sitting in fresh snow, golden hour light, " * 8,
+    "The image shows a wooden table with three apples, a knife and a glass of water. " + text.POSITIVE_SUFFIX,
+    text.NEGATIVE_PROMPT,
+    "special <|endoftext|> and <|startoftext|> inside text",
+    "t5 specials </s> and <extra_id_0> and <pad>",
+]
+# Where transformers 4's Python CLIPTokenizer (what text.py follows; SD3/DiT4SR ran with it) and
+# transformers 5's tokenizers-backed one differ: format/control characters (dropped vs kept, e.g. the
+# emoji zero-width joiner), CJK ideographs (one word each vs one run), U+FFFD / NUL; and the pad token
+# "!" of CLIP-G, which version 4 splits out of the text as id 0.
+_TXT_SLOW_ONLY = ["tab\x0bvertical\x0cform control\x07bell", "中文字符 and 日本語です", "nul\x00char \ufffd",
+                  "zwj 🐱\u200d👤 family 👨\u200d👩\u200d👧", "wow!!! great! (!)"]
+
+
+def _txt_clip_pattern():
+    return (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"""
+            r"""[^\s\p{L}\p{N}]+""")
+
+
+def _txt_build_clip_tokenizer(folder, pad):
+    """Train a small byte-level BPE with </w> word ends (CLIP's format) and write vocab.json + merges.txt."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import Regex, models, pre_tokenizers, trainers
+    tok = tokenizers.Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    tok.normalizer = tokenizers.normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_txt_clip_pattern()), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=700, end_of_word_suffix="</w>", initial_alphabet=alphabet,
+                                  show_progress=False)
+    tok.train_from_iterator(_TXT_CORPUS[:12] * 3, trainer)
+    trained = json.loads(tok.to_str())["model"]
+    chars = sorted(alphabet)   # every byte alone and as a word end, as CLIP's vocabulary has
+    vocab = {}
+    for t in chars + [c + "</w>" for c in chars] + sorted(trained["vocab"], key=trained["vocab"].get):
+        vocab.setdefault(t, len(vocab))
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1   # eos = the largest id
+    merges = [" ".join(m) if isinstance(m, list) else m for m in trained["merges"]]
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                "pad_token": pad}
+    with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
+        json.dump(specials, f)
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({**specials, "model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}, f)
+    return vocab
+
+
+def _txt_read_proto(buf):
+    """Fields of one protobuf message: {field number: [values]} (varints, 32-bit, bytes)."""
+    out, i = {}, 0
+
+    def varint():
+        nonlocal i
+        v, shift = 0, 0
+        while True:
+            b = buf[i]
+            i += 1
+            v |= (b & 0x7F) << shift
+            shift += 7
+            if b < 0x80:
+                return v
+    while i < len(buf):
+        key = varint()
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            val = varint()
+        elif wire == 5:
+            val, i = buf[i:i + 4], i + 4
+        elif wire == 1:
+            val, i = buf[i:i + 8], i + 8
+        else:
+            n = varint()
+            val, i = buf[i:i + n], i + n
+        out.setdefault(field, []).append(val)
+    return out
+
+
+def _txt_build_t5_tokenizer(folder):
+    """Train a tiny SentencePiece unigram model with nmt_nfkc rules; write it as T5's tokenizer.json
+    (<pad> </s> <unk> first, extra ids last, Precompiled + Replace normaliser, WhitespaceSplit + Metaspace)."""
+    spm = pytest.importorskip("sentencepiece")
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import Regex, models, normalizers, pre_tokenizers, processors
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(_TXT_CORPUS[:12] * 4), model_writer=model,
+                                   vocab_size=250, model_type="unigram", normalization_rule_name="nmt_nfkc",
+                                   character_coverage=0.98, hard_vocab_limit=False, minloglevel=3)
+    proc = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    charsmap = _txt_read_proto(_txt_read_proto(model.getvalue())[3][0])[2][0]   # normalizer_spec.precompiled_charsmap
+    pieces = [(proc.id_to_piece(i), proc.get_score(i)) for i in range(proc.get_piece_size())
+              if not (proc.is_control(i) or proc.is_unknown(i))]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + pieces + [(f"<extra_id_{i}>", 0.0) for i in range(3)]
+    tok = tokenizers.Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.normalizer = normalizers.Sequence([normalizers.Precompiled(charsmap), normalizers.Replace(Regex(" {2,}"), " ")])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")])
+    tok.add_special_tokens(["<pad>", "</s>", "<unk>"] + [f"<extra_id_{i}>" for i in range(3)])
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    os.makedirs(folder, exist_ok=True)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    return tok, len(vocab)
+
+
+def _txt_randomize(model, seed):
+    """Random values for every parameter (norm weights and biases too), scaled to keep activations O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if p.ndim == 1:
+                p.copy_(1 + 0.2 * r if name.endswith("weight") else 0.2 * r)
+            else:
+                p.copy_(r if "embed" in name or "shared" in name or "relative" in name else r / p.shape[1] ** 0.5)
+    return model
+
+
+def _txt_hf_clip(vocab, width, heads, act, proj, eos, seed):
+    tr = pytest.importorskip("transformers")
+    cfg = tr.CLIPTextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=3,
+                            num_attention_heads=heads, max_position_embeddings=77, hidden_act=act,
+                            projection_dim=proj, eos_token_id=eos, bos_token_id=eos - 1, pad_token_id=eos)
+    torch.manual_seed(seed)
+    return _txt_randomize(tr.CLIPTextModelWithProjection(cfg).eval(), seed)
+
+
+def _txt_hf_t5(vocab, d_model, seed):
+    tr = pytest.importorskip("transformers")
+    cfg = tr.T5Config(vocab_size=vocab, d_model=d_model, d_kv=16, d_ff=128, num_layers=3, num_heads=4,
+                      feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
+                      relative_attention_max_distance=128, dropout_rate=0.0)
+    torch.manual_seed(seed)
+    return _txt_randomize(tr.T5EncoderModel(cfg).eval(), seed)
+
+
+@pytest.fixture(scope="module")
+def _txt_pipeline(tmp_path_factory):
+    """A tiny SD3-layout folder: tokenizer{,_2,_3}/ and text_encoder{,_2,_3}/ saved by transformers.
+    CLIP-L: quick_gelu, eos id in its config; CLIP-G: gelu, the legacy eos 2 (pool at argmax), as SD3's."""
+    root = str(tmp_path_factory.mktemp("sd3_text"))
+    vocab = _txt_build_clip_tokenizer(os.path.join(root, "tokenizer"), "<|endoftext|>")
+    _txt_build_clip_tokenizer(os.path.join(root, "tokenizer_2"), "!")
+    t5_tok, t5_vocab = _txt_build_t5_tokenizer(os.path.join(root, "tokenizer_3"))
+    eos = vocab["<|endoftext|>"]
+    # 64-dim heads, as the real towers: SD3.5's text_encoders/ files have no config.json to say otherwise
+    hf = {"text_encoder": _txt_hf_clip(len(vocab), 64, 1, "quick_gelu", 24, eos, 1),
+          "text_encoder_2": _txt_hf_clip(len(vocab), 128, 2, "gelu", 40, eos, 2),
+          "text_encoder_3": _txt_hf_t5(t5_vocab, 224, 3)}
+    hf["text_encoder_2"].config.eos_token_id = 2
+    for sub, m in hf.items():
+        m.save_pretrained(os.path.join(root, sub), safe_serialization=True)
+    return root, hf, t5_tok
+
+
+# ---- encoders against transformers
+
+
+def test_text_clip_matches_transformers(_txt_pipeline):
+    """Both CLIP variants (quick-GELU + eos id, GELU + argmax pooling), loaded from save_pretrained files."""
+    root, hf, _ = _txt_pipeline
+    tok = text.CLIPTokenizer.from_folder(os.path.join(root, "tokenizer"))
+    ids = tok(["a photo of a cat", "", _TXT_CORPUS[11]])
+    for which, sub in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2")):
+        ours = text.load_clip(root, which)
+        assert ours.cfg.act == ("quick_gelu" if which == "clip_l" else "gelu")
+        with torch.no_grad():
+            ref = hf[sub](ids, output_hidden_states=True)
+            pen, pooled = ours(ids)
+        assert (pen - ref.hidden_states[-2]).abs().max() <= 1e-5
+        assert (pooled - ref.text_embeds).abs().max() <= 1e-5
+        assert ref.text_embeds.abs().mean() > 0.1     # not a trivially small output
+
+
+def test_text_t5_matches_transformers(_txt_pipeline):
+    """T5 v1.1 encoder at a tiny size, 200 tokens (past max_distance 128: every bucket is used)."""
+    root, hf, _ = _txt_pipeline
+    ours = text.load_t5(root)
+    ids = torch.randint(0, ours.cfg.vocab, (2, 200), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf["text_encoder_3"](ids).last_hidden_state
+        out = ours(ids)
+    assert (out - ref).abs().max() <= 1e-5
+    assert ref.abs().mean() > 0.1
+
+
+def test_text_relative_position_buckets():
+    """Bucket boundaries of T5's bidirectional scheme (16 per direction, 8 exact, log up to 128)."""
+    rel = torch.tensor([0, 1, 7, 8, 12, 127, 128, 1000, -1, -7, -8, -128, -1000])
+    b = text.relative_position_bucket(rel, 32, 128).tolist()
+    assert b == [0, 17, 23, 24, 25, 31, 31, 31, 1, 7, 8, 15, 15]   # 12: 16 + 8 + floor(8 log1.5 / log16)
+
+
+def test_text_encode_prompts_matches_diffusers(_txt_pipeline):
+    """encode_prompts == diffusers StableDiffusion3Pipeline.encode_prompt with the same tiny parts."""
+    tr = pytest.importorskip("transformers")
+    diffusers = pytest.importorskip("diffusers")
+    root, hf, _ = _txt_pipeline
+    enc = text.load_text_encoders(root)
+    prompts = ["a photo of a cat", "", _TXT_CORPUS[3], _TXT_CORPUS[11]]
+    context, pooled = text.encode_prompts(prompts, enc, t5_len=20)
+    assert context.shape == (4, 77 + 20, 224) and pooled.shape == (4, 24 + 40)
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=None, scheduler=None, vae=None,
+        text_encoder=hf["text_encoder"], tokenizer=tr.CLIPTokenizer.from_pretrained(os.path.join(root, "tokenizer")),
+        text_encoder_2=hf["text_encoder_2"],
+        tokenizer_2=tr.CLIPTokenizer.from_pretrained(os.path.join(root, "tokenizer_2")),
+        text_encoder_3=hf["text_encoder_3"],
+        tokenizer_3=tr.PreTrainedTokenizerFast(tokenizer_file=os.path.join(root, "tokenizer_3", "tokenizer.json"),
+                                               pad_token="<pad>", eos_token="</s>", unk_token="<unk>"))
+    with torch.no_grad():
+        ref, _, ref_pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, device=torch.device("cpu"),
+                                                   do_classifier_free_guidance=False, max_sequence_length=20)
+    assert (context - ref).abs().max() <= 1e-5 and (pooled - ref_pooled).abs().max() <= 1e-5
+    assert context[:, :77, 192:].abs().max() == 0      # CLIP channels 64 + 128 = 192, zero-padded to 224
+    null, _ = text.encode_prompts([""], enc, t5_len=20)
+    assert torch.equal(null[0], context[1])            # "" is the null embedding, batch-independent
+
+
+# ---- tokenizers against transformers / tokenizers
+
+
+def test_text_clip_tokenizer_matches_reference(_txt_pipeline):
+    tr = pytest.importorskip("transformers")
+    root, _, _ = _txt_pipeline
+    for sub, pad in (("tokenizer", None), ("tokenizer_2", "!")):
+        ref = tr.CLIPTokenizer.from_pretrained(os.path.join(root, sub))
+        ours = text.CLIPTokenizer.from_folder(os.path.join(root, sub))
+        assert ours.pad == (ours.eos if pad is None else ours.vocab["!"])
+        corpus = _TXT_CORPUS + (_TXT_SLOW_ONLY if not ref.is_fast else [])   # slow: transformers < 5
+        want = ref(corpus, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        got = ours(corpus)
+        bad = [s for s, a, b in zip(corpus, got, want) if not torch.equal(a, b)]
+        assert not bad, bad
+        assert got[11, -1] == ours.eos and got[11, -2] not in (ours.pad, ours.eos)   # truncated to 77, then eos
+
+
+def test_text_clip_cleaning():
+    """The ftfy-less cleaning of transformers 4's CLIPTokenizer (checked against it when installed)."""
+    assert text.clip_clean("  A\x0bB\tC\u00a0 中文 x\x00y\ufffd ") == "ab c 中 文 xy"
+    assert text.clip_clean("Cafe\u0301") == "café"     # NFC composes
+
+
+def test_text_t5_tokenizer_matches_tokenizers(_txt_pipeline):
+    root, _, ref = _txt_pipeline
+    ours = text.T5Tokenizer.from_file(os.path.join(root, "tokenizer_3", "tokenizer.json"))
+    ref.enable_truncation(max_length=77)
+    ref.enable_padding(length=77, pad_id=0, pad_token="<pad>")
+    corpus = _TXT_CORPUS + _TXT_SLOW_ONLY
+    want = torch.tensor([e.ids for e in ref.encode_batch(corpus)])
+    got = ours(corpus, 77)
+    bad = [s for s, a, b in zip(corpus, got, want) if not torch.equal(a, b)]
+    assert not bad, bad
+    assert (got == 2).any()                            # some characters are unknown: <unk> paths are tested
+    assert got[11, -1] == 1 and got[1, 0] == 1 and got[1, 1] == 0   # truncated ends in </s>; "" -> </s> <pad>
+
+
+def test_text_precompiled_charsmap(_txt_pipeline):
+    """nmt_nfkc through the darts trie: full-width -> ASCII, ligature split, NFKC of ①."""
+    root, _, _ = _txt_pipeline
+    with open(os.path.join(root, "tokenizer_3", "tokenizer.json"), encoding="utf-8") as f:
+        spec = json.load(f)
+    blob = text._flatten(spec["normalizer"], "normalizers")[0]["precompiled_charsmap"]
+    cm = text.T5Tokenizer(spec)._precompiled(blob)
+    assert cm.normalize("ＡＢＣ ﬁ ① plain") == "ABC fi 1 plain"
+
+
+# ---- full sizes, key names, parameter counts
+
+
+def test_text_full_size_parameter_counts():
+    """Published sizes: CLIP-L text + projection 123,650,304; OpenCLIP bigG text + projection 694,659,840;
+    T5 v1.1 XXL encoder 4,762,310,656 (transformers' models at these configs give the same numbers)."""
+    with torch.device("meta"):
+        models = {"clip_l": text.CLIPText(text.CLIP_CONFIGS["clip_l"]), "clip_g": text.CLIPText(text.CLIP_CONFIGS["clip_g"]),
+                  "t5": text.T5Encoder(text.T5_CONFIGS["t5xxl"])}
+    counts = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+    assert counts == {"clip_l": 123_650_304, "clip_g": 694_659_840, "t5": 4_762_310_656}
+    keys = {k: set(m.state_dict()) for k, m in models.items()}
+    assert len(keys["clip_l"]) == 197 and len(keys["clip_g"]) == 517 and len(keys["t5"]) == 219
+    assert {"text_projection.weight", "text_model.final_layer_norm.bias",
+            "text_model.encoder.layers.11.self_attn.out_proj.weight"} <= keys["clip_l"]
+    assert "text_model.encoder.layers.31.mlp.fc2.bias" in keys["clip_g"]
+    assert {"shared.weight", "encoder.final_layer_norm.weight",
+            "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+            "encoder.block.23.layer.1.DenseReluDense.wi_1.weight"} <= keys["t5"]
+    assert not any("relative_attention_bias" in k for k in keys["t5"] if not k.startswith("encoder.block.0."))
+    tr = pytest.importorskip("transformers")
+    with torch.device("meta"):
+        ref = tr.CLIPTextModelWithProjection(tr.CLIPTextConfig(hidden_size=1280, intermediate_size=5120,
+                                                               num_hidden_layers=32, num_attention_heads=20,
+                                                               projection_dim=1280, hidden_act="gelu"))
+    assert {k: tuple(v.shape) for k, v in ref.state_dict().items() if k not in text.IGNORED} == \
+        {k: tuple(v.shape) for k, v in models["clip_g"].state_dict().items()}
+
+
+# ---- file layouts and errors
+
+
+def _txt_tensors(path, prefix=""):
+    f = SafetensorsFiles(path)
+    return {prefix + k: f.get(k) for k in list(f.keys())}
+
+
+def test_text_layouts_sd35_folder_and_bundle(_txt_pipeline, tmp_path):
+    """The same weights from SD3.5's text_encoders/{clip_l,clip_g,t5xxl_fp16}.safetensors and from one
+    file bundling text_encoders.<name>.transformer.* (T5's table under encoder.embed_tokens there)."""
+    root, _, _ = _txt_pipeline
+    te = tmp_path / "text_encoders"
+    te.mkdir()
+    parts = {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5xxl": "text_encoder_3"}
+    bundle = {}
+    for stem, sub in parts.items():
+        t = _txt_tensors(os.path.join(root, sub))
+        save_file(t, str(te / f"{stem}{'_fp16' if stem == 't5xxl' else ''}.safetensors"))
+        if stem == "t5xxl":
+            t["encoder.embed_tokens.weight"] = t.pop("shared.weight")
+        bundle.update({f"text_encoders.{stem}.transformer.{k}": v for k, v in t.items()})
+    bundle["model.diffusion_model.x"] = torch.zeros(1)
+    save_file(bundle, str(tmp_path / "single.safetensors"))
+    ref = text.encode_prompts(["a cat"], text.load_text_encoders(root), 8)
+    for path in (str(te), str(tmp_path / "single.safetensors")):
+        got = text.encode_prompts(["a cat"], text.load_text_encoders(path, tokenizers=root), 8)
+        assert (got[0] - ref[0]).abs().max() <= 1e-6 and (got[1] - ref[1]).abs().max() <= 1e-6, path
+
+
+def test_text_load_errors(_txt_pipeline, tmp_path):
+    root, _, _ = _txt_pipeline
+    t = _txt_tensors(os.path.join(root, "text_encoder"))
+    bad = dict(t)
+    del bad["text_model.encoder.layers.1.mlp.fc1.bias"]
+    bad["text_model.encoder.layers.0.self_attn.q_proj.weight"] = torch.zeros(64, 63)
+    save_file(bad, str(tmp_path / "clip_l.safetensors"))
+    with pytest.raises(CheckpointError, match=r"(?s)clip_l.safetensors.*missing \(1\).*layers.1.mlp.fc1.bias"
+                                              r".*misshapen \(1\).*q_proj.weight: file \(64, 63\)"):
+        text.load_clip(str(tmp_path / "clip_l.safetensors"))
+    save_file({"encoder.conv_in.weight": torch.zeros(2, 2)}, str(tmp_path / "vae.safetensors"))
+    with pytest.raises(CheckpointError, match=r"vae.safetensors: checkpoint does not match the T5 encoder"):
+        text.load_t5(str(tmp_path / "vae.safetensors"))
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="only .safetensors"):
+        text.load_clip(str(tmp_path / "notes.txt"))
+    (tmp_path / "x.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        text.load_clip(str(tmp_path / "x.safetensors"))
+    save_file({"text_encoders.clip_l.transformer.a": torch.zeros(1)}, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(CheckpointError, match=r"no text_encoders.t5xxl.transformer.\* keys"):
+        text.load_t5(str(tmp_path / "partial.safetensors"))
+    with pytest.raises(CheckpointError, match="no text_encoder_2/ folder"):
+        text.load_clip(str(tmp_path), "clip_g")
+
+
+# ---- precompute command
+
+
+def test_text_precompute_command(_txt_pipeline, tmp_path):
+    import train
+    root, _, _ = _txt_pipeline
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "a.png").write_bytes(b"png")
+    (data / "a.txt").write_text("a red fox in snow\n")
+    (data / "sub" / "b.jpg").write_bytes(b"jpg")                   # no caption: the null prompt
+    text.main(["--data", str(data), "--encoders", root, "--t5-len", "12", "--batch", "1"])
+    enc = text.load_text_encoders(root)
+    ref, ref_pooled = text.encode_prompts(["a red fox in snow", "", text.NEGATIVE_PROMPT], enc, 12)
+    null = (torch.zeros(1, 224), torch.zeros(64))
+    for name, i in (("a", 0), ("sub/b", 1), ("null", 1), ("neg", 2)):
+        context, pooled = train.load_embedding(str(data / f"{name}.safetensors"), null)
+        assert context.shape == (77 + 12, 224) and pooled.shape == (64,)
+        assert (context - ref[i]).abs().max() <= 1e-6 and (pooled - ref_pooled[i]).abs().max() <= 1e-6
+    assert (data / "a.png").read_bytes() == b"png" and not list(data.glob("*.tmp*"))
+    with pytest.raises(SystemExit, match="not a folder"):
+        text.main(["--data", str(tmp_path / "nope"), "--encoders", root])
+    with pytest.raises(SystemExit, match="--encoders .*no such file"):
+        text.main(["--data", str(data), "--encoders", str(tmp_path / "missing")])
+    (data / "neg.png").write_bytes(b"png")
+    with pytest.raises(SystemExit, match="neg.png: its embedding would be"):
+        text.main(["--data", str(data), "--encoders", root])
+
+
+def test_prompt_flags_need_the_text_encoders_and_captions_without_embeddings_warn(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        sample.parse_args(["in.png", "--prompt", "a cat"])
+    assert "--prompt / --negative-prompt need --encoders" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data", "d", "--prompt", "a cat"])
+    assert "--prompt needs --encoders" in capsys.readouterr().err
+    data = _images(tmp_path / "data", n=2)
+    (tmp_path / "data" / "img0.txt").write_text("a photo")
+    train.main(_TINY + ["--data", data, "--steps", "1", "--lora-rank", "4", "--out", str(tmp_path / "o")])
+    assert "1 captions (e.g. " in capsys.readouterr().out

@@ -53,6 +53,8 @@ class TrainConfig:
     null_emb: str = ""              # safetensors with context / pooled of the empty prompt
     neg_emb: str = ""               # ... of the negative prompt (Eq. 11)
     prompt_emb: str = ""            # ... for images without their own embedding file (else the null)
+    encoders: str = ""              # SD3.5 text encoders (text.py): null / negative / --prompt from text
+    prompt: str = ""                # with --encoders: the prompt of images without an embedding file
     neg_prob: float = 0.0           # teacher stage: share of rows taught "negative prompt -> the LR latent"
     kl: float = 1e-6                # vae stage: weight of the KL term
     cache_latents: int = 0          # > 0: encode this many pairs once and train on them (no per-step VAE)
@@ -132,7 +134,7 @@ class PairDataset(torch.utils.data.Dataset):
         if arr is None:
             try:
                 with Image.open(path) as im:
-                    arr = np.asarray(im.convert("RGB"))                   # (H, W, 3) uint8
+                    arr = np.array(im.convert("RGB"))                     # (H, W, 3) uint8
             except Exception as e:  # PIL raises many types for truncated / odd files
                 print(f"warning: skipping unreadable image {path}: {e}", file=sys.stderr)
                 return None
@@ -295,6 +297,14 @@ def conditioning(cfg, mcfg):
     if mcfg is None:   # the vae stage: no conditioning
         return ((torch.zeros(1, 1), torch.zeros(1)),) * 3
     zeros = (torch.zeros(1, mcfg.context_dim), torch.zeros(mcfg.pooled_dim))
+    if cfg.encoders:   # the empty prompt, DiT4SR's negative prompt and --prompt through the encoders
+        import text
+        context, pooled = text.encode_prompts(["", text.NEGATIVE_PROMPT, cfg.prompt],
+                                              text.load_text_encoders(cfg.encoders), t5_len=77)
+        if context.shape[-1] != mcfg.context_dim or pooled.shape[-1] != mcfg.pooled_dim:
+            raise CheckpointError(f"{cfg.encoders}: the encoders give context {context.shape[-1]} / pooled "
+                                  f"{pooled.shape[-1]}, the model takes {mcfg.context_dim} / {mcfg.pooled_dim}")
+        return tuple((context[i], pooled[i]) for i in range(3))
     null = load_embedding(cfg.null_emb, zeros) if cfg.null_emb else zeros
     if cfg.neg_emb:
         neg = load_embedding(cfg.neg_emb, null)
@@ -529,6 +539,10 @@ def parse_args(argv=None):
         p.error("--data is required (a folder of HR images)")
     if cfg.size == 0:
         cfg.size = 64 if cfg.preset == "tiny" else 512
+    if cfg.prompt and not cfg.encoders:
+        p.error("--prompt needs --encoders (or an embedding file: python text.py ..., then --prompt-emb)")
+    if cfg.encoders and (cfg.null_emb or cfg.neg_emb or cfg.prompt_emb):
+        p.error("give --encoders or the embedding files (--null-emb / --neg-emb / --prompt-emb), not both")
     if cfg.cache_latents and cfg.stage == "vae":
         p.error("--cache-latents is for the teacher and distill stages")
     if cfg.size % 32:
@@ -551,6 +565,11 @@ def main(argv=None):
         os.makedirs(cfg.out, exist_ok=True)
         print("config:", json.dumps(asdict(cfg)))
     paths = find_images(cfg.data)
+    uncoded = [q for q in paths if os.path.exists(os.path.splitext(q)[0] + ".txt")
+               and not os.path.exists(os.path.splitext(q)[0] + ".safetensors")]
+    if uncoded and rank == 0:
+        print(f"warning: {len(uncoded)} captions (e.g. {os.path.splitext(uncoded[0])[0]}.txt) have no embedding "
+              f"file; they train with the default prompt. Encode them first: python text.py --data DIR --encoders ...")
     net, teacher, vae = build_models(cfg, device)
     net.grad_checkpointing = cfg.grad_ckpt
     null, neg, prompt = conditioning(cfg, None if cfg.stage == "vae" else net.cfg)

@@ -1,0 +1,407 @@
+"""Super-resolve real images x4 in one step with an MFSR student (or with the 40-step teacher).
+
+    python sample.py in.png                               # -> in_mfsr.png, 4x the size (shipped tiny model)
+    python sample.py photos/ "more/*.jpg" -o out/ --steps 2
+    python sample.py in.png --ckpt runs/mfsr/ckpt-0010000/student.safetensors --vae sd3.5_medium.safetensors
+    python sample.py in.png --teacher --ckpt dit4sr_q/ --vae sd3.5_medium.safetensors --steps 40 --cfg 8
+
+    from sample import upscale
+    y = upscale(x, net, vae, cond, steps=1)               # x (1, 3, H, W) in [0, 1] -> (1, 3, 4H, 4W)
+
+The pipeline (MFSR Alg. 2; DiT4SR's inference recipe, ARCHITECTURE §3.7, for the rest):
+1. the LR image is bicubic-upsampled x4 (as train.py's pairs are made), padded by reflection to a
+   multiple of VAE factor x patch, and VAE-encoded to z_lr (the posterior mean);
+2. z_0 ~ N(0, I) is drawn once for the whole latent, then N uniform steps z <- z + (s - t) u(z, t, s)
+   with the student (or the teacher's Euler steps with CFG against the negative prompt);
+   above one latent tile the network runs on overlapping tiles (64 x 64, overlap 24, as DiT4SR)
+   whose outputs are blended with Gaussian weights at every step;
+3. decode (the VAE tiles itself above a size, vae.py), crop the padding, colour-fix against the
+   upsampled LR (AdaIN by default, or wavelet), clamp to [0, 1].
+Gray images come out gray, alpha is upscaled apart (bicubic), 16-bit files are written at 16 bits.
+"""
+import argparse
+import glob
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import mfsr
+import model as model_lib
+import vae as vae_lib
+from checkpoint import CheckpointError
+from images import EXTS, ImageError, load_image, save_image
+
+SCALE = 4
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "mfsr-tiny")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# --------------------------------------------------------------------------------------------
+# Latent tiles (ARCHITECTURE §3.7 step 6)
+
+
+def tile_starts(n, tile, overlap):
+    """Offsets of tiles of side `tile` along an axis of length n: stride tile - overlap, the last
+    one flush with the end (DiT4SR's layout). One tile of side n when n <= tile."""
+    if n <= tile:
+        return [0]
+    return list(range(0, n - tile, tile - overlap)) + [n - tile]
+
+
+def gaussian_weights(h, w, var=0.01):
+    """DiT4SR's blending weight of an h x w tile: a separable Gaussian of variance `var` in
+    tile-normalised coordinates, peaked at the centre, tiny but never zero at the edges."""
+    def g(n):
+        x = (torch.arange(n, dtype=torch.float64) - (n - 1) / 2) / n
+        return torch.exp(-x * x / (2 * var))
+    return (g(h)[:, None] * g(w)[None, :]).float()                              # (h, w)
+
+
+class TiledNet:
+    """Calls a transformer on overlapping latent tiles and blends the outputs, so any latent size
+    runs in bounded memory and within the model's position grid. Same signature as MMDiT.forward;
+    the prompt goes to every tile whole, the LR latent is cropped like x. A latent that fits in one
+    tile runs untiled (bit-identical to net). The network's outputs are linear in what the samplers
+    combine (CFG, Euler steps), so blending the outputs is blending the velocities."""
+
+    def __init__(self, net, tile=64, overlap=24):
+        p, most = net.cfg.patch, net.cfg.pos_grid * net.cfg.patch
+        if tile % p or overlap % p or not 0 <= overlap < tile:
+            raise ValueError(f"--tile {tile} / --tile-overlap {overlap}: need multiples of the patch {p} "
+                             f"and 0 <= overlap < tile")
+        if tile > most:
+            raise ValueError(f"--tile {tile}: this model's position grid allows latent tiles up to {most}")
+        self.net, self.tile, self.overlap, self.cfg = net, tile, overlap, net.cfg
+
+    def tiles(self, H, W):
+        """The (rows, cols) slices of every tile of an H x W latent."""
+        T = self.tile
+        return [(slice(y, y + min(T, H)), slice(x, x + min(T, W)))
+                for y in tile_starts(H, T, self.overlap) for x in tile_starts(W, T, self.overlap)]
+
+    def __call__(self, x, sigma, pooled, context, lr=None, sigma_s=None):
+        tiles = self.tiles(*x.shape[-2:])
+        if len(tiles) == 1:
+            return self.net(x, sigma, pooled, context, lr=lr, sigma_s=sigma_s)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)           # (B, C, H, W)
+        total = torch.zeros(x.shape[-2:], dtype=torch.float32, device=x.device)   # (H, W)
+        for rows, cols in tiles:
+            crop = (..., rows, cols)
+            y = self.net(x[crop], sigma, pooled, context,
+                         lr=None if lr is None else lr[crop], sigma_s=sigma_s)    # (B, C, th, tw)
+            w = gaussian_weights(y.shape[-2], y.shape[-1]).to(x.device)
+            out[crop] += y.float() * w
+            total[rows, cols] += w
+        return (out / total).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Colour fix (ARCHITECTURE §3.7 step 8): keep the LR's colours, take the model's details
+
+
+def adain_color_fix(y, ref, eps=1e-5):
+    """Per-image, per-channel mean and standard deviation of y set to those of ref. (B, 3, H, W)."""
+    my, sy = y.mean((2, 3), keepdim=True), y.std((2, 3), keepdim=True)
+    mr, sr = ref.mean((2, 3), keepdim=True), ref.std((2, 3), keepdim=True)
+    return (y - my) / (sy + eps) * sr + mr
+
+
+def wavelet_blur(x, dilation):
+    """One level of the a-trous (dilated) 3x3 binomial blur, replicate-padded."""
+    k = torch.tensor([[1, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=x.dtype, device=x.device) / 16
+    k = k.expand(x.shape[1], 1, 3, 3)                                          # depthwise
+    xp = F.pad(x, (dilation,) * 4, mode="replicate")
+    return F.conv2d(xp, k, dilation=dilation, groups=x.shape[1])
+
+
+def wavelet_split(x, levels=5):
+    """(high, low): low is x blurred `levels` times with dilations 1, 2, 4, ...; high = x - low."""
+    low = x
+    for i in range(levels):
+        low = wavelet_blur(low, 2 ** i)
+    return x - low, low
+
+
+def wavelet_color_fix(y, ref, levels=5):
+    """y's high frequencies on ref's low frequencies (5-level a-trous wavelet, as DiT4SR / StableSR)."""
+    return wavelet_split(y, levels)[0] + wavelet_split(ref, levels)[1]
+
+
+COLOR_FIXES = {"adain": adain_color_fix, "wavelet": wavelet_color_fix, "none": lambda y, ref: y}
+
+
+# --------------------------------------------------------------------------------------------
+# One image
+
+
+def pad_to(x, multiple):
+    """Pad (B, C, H, W) at the bottom and right to multiples of `multiple`: reflection where the
+    image is big enough, else edge replication (a 4 x 4 image cannot reflect 4 pixels)."""
+    H, W = x.shape[-2:]
+    ph, pw = -H % multiple, -W % multiple
+    if ph == 0 and pw == 0:
+        return x
+    mode = "reflect" if ph < H and pw < W else "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode)
+
+
+@torch.no_grad()
+def upscale(img, net, vae, cond, steps=1, *, teacher=False, cond_neg=None, cfg=8.0, seed=0,
+            tile=64, tile_overlap=24, color_fix="adain", vae_tile=None):
+    """x4 super-resolution of img (1, 3, H, W) in [0, 1] -> (1, 3, 4H, 4W) float32 in [0, 1], on CPU.
+
+    net: a student (cfg.two_times) or, with teacher=True, a one-time teacher with the LR stream;
+    both must be on the device and in the dtype wanted. cond = (pooled (1, P), context (1, L, D)),
+    cond_neg likewise (the teacher's CFG negative, default cond). steps: uniform student steps
+    (Alg. 2) or the teacher's Euler steps with guidance `cfg`. tile / tile_overlap: latent tiles.
+    vae_tile: passed to vae.encode / decode (None: vae.py decides by size, 0: never)."""
+    assert img.ndim == 4 and img.shape[:2] == (1, 3), f"img must be (1, 3, H, W), got {tuple(img.shape)}"
+    if color_fix not in COLOR_FIXES:
+        raise ValueError(f"color_fix must be one of {sorted(COLOR_FIXES)}, got {color_fix!r}")
+    p = next(net.parameters())
+    device, dtype = p.device, p.dtype
+    H, W = img.shape[-2:]
+    lr_up = F.interpolate(img.float().to(device), size=(SCALE * H, SCALE * W), mode="bicubic",
+                          align_corners=False).clamp(0, 1)                        # (1, 3, 4H, 4W)
+    x = pad_to(lr_up, vae.cfg.factor * net.cfg.patch)                          # (1, 3, H', W')
+    z_lr = vae.encode((x * 2 - 1).to(next(vae.parameters()).dtype), tile=vae_tile).to(dtype)  # (1, C, h, w)
+    g = torch.Generator(device).manual_seed(seed)
+    tiled = TiledNet(net, tile, tile_overlap)
+    pooled, context = (c.to(device, dtype) for c in cond)
+    if teacher:
+        neg = tuple(c.to(device, dtype) for c in (cond_neg or cond))
+        (pooled, context), neg = _same_length((pooled, context), neg)
+        z = mfsr.sample_teacher(tiled, z_lr, (pooled, context), neg, steps=steps, cfg=cfg, generator=g)
+    else:
+        z = mfsr.sample_student(tiled, z_lr, pooled, context, steps=steps, generator=g)
+    y = vae.decode(z.to(next(vae.parameters()).dtype), tile=vae_tile).float()  # (1, 3, H', W') in [-1, 1]
+    y = ((y + 1) / 2)[..., :SCALE * H, :SCALE * W]                             # crop the padding
+    return COLOR_FIXES[color_fix](y, lr_up).clamp(0, 1).cpu()
+
+
+def _same_length(c, n):
+    """Zero-pad the shorter of two contexts (zeros are padding) so CFG can batch them."""
+    L = max(c[1].shape[1], n[1].shape[1])
+    pad = lambda ctx: F.pad(ctx, (0, 0, 0, L - ctx.shape[1]))
+    return (c[0], pad(c[1])), (n[0], pad(n[1]))
+
+
+# --------------------------------------------------------------------------------------------
+# Loading the model and the prompt embeddings
+
+
+def _beside(ckpt, name):
+    folder = ckpt if os.path.isdir(ckpt) else os.path.dirname(os.path.abspath(ckpt))
+    return os.path.join(folder, name)
+
+
+def load_models(ckpt, vae_path=None, teacher=False, device="cpu", dtype=torch.float32):
+    """(net, vae) ready for `upscale`. ckpt=None: the shipped miniature in weights/mfsr-tiny/.
+    The VAE: vae_path, else vae.safetensors beside the checkpoint, else the one inside it."""
+    if ckpt is None:
+        ckpt = os.path.join(SHIPPED, "student.safetensors")
+        if not os.path.exists(ckpt):
+            raise CheckpointError(f"the shipped model is missing ({ckpt}); pass --ckpt (a student.safetensors "
+                                  f"exported by train.py) and --vae")
+    net = model_lib.load_transformer(ckpt, dtype=dtype, device=device)
+    if not net.cfg.lr_stream:
+        raise CheckpointError(f"{ckpt}: a plain SD3 transformer (no LR stream), not a super-resolution model")
+    if net.cfg.two_times and teacher:
+        raise CheckpointError(f"{ckpt}: this is a student (two time inputs); drop --teacher")
+    if not net.cfg.two_times and not teacher:
+        raise CheckpointError(f"{ckpt}: not an MFSR student (no s-embedder, one time input); pass --teacher "
+                              f"to sample it as the 40-step teacher, or give a student.safetensors from train.py")
+    if vae_path is None:
+        vae_path = _beside(ckpt, "vae.safetensors")
+        vae_path = vae_path if os.path.exists(vae_path) else ckpt
+    try:
+        vae = vae_lib.load_vae(vae_path, device=device)
+    except CheckpointError as e:
+        raise CheckpointError(f"no usable VAE ({e}); pass --vae (a VAE file or an SD3.5 checkpoint)") from None
+    vae_lib.set_dtype(vae, dtype)
+    if vae.cfg.latent_channels != net.cfg.in_channels:
+        raise CheckpointError(f"{vae_path}: the VAE has {vae.cfg.latent_channels} latent channels, the "
+                              f"transformer {net.cfg.in_channels}")
+    return net.eval().requires_grad_(False), vae.eval().requires_grad_(False)
+
+
+def load_condition(net_cfg, emb=None, ckpt=None, beside=("prompt", "null")):
+    """(pooled (1, P), context (1, L, D)): an embedding file, else the first of `beside` found next
+    to the checkpoint (train.py stores the prompt, null and negative embeddings a model was trained
+    with beside it), else zeros. Returns (cond, where from)."""
+    from train import load_embedding
+    zeros = (torch.zeros(1, net_cfg.context_dim), torch.zeros(net_cfg.pooled_dim))
+    if emb:
+        if not os.path.exists(emb):
+            raise CheckpointError(f"{emb}: no such embedding file")
+        where = emb
+    else:
+        model_file = ckpt or os.path.join(SHIPPED, "student.safetensors")
+        found = [w for w in (_beside(model_file, n + ".safetensors") for n in beside) if os.path.exists(w)]
+        if not found:
+            return (zeros[1][None], zeros[0][None]), f"zeros (no {' / '.join(beside)}.safetensors beside the model)"
+        where = found[0]
+    context, pooled = load_embedding(where, zeros)
+    context = context if context.ndim == 2 else context.reshape(-1, net_cfg.context_dim)
+    return (pooled.reshape(1, -1), context[None]), where
+
+
+def encode_condition(net_cfg, args):
+    """(cond, cond_neg, description) from prompt text through the SD3.5 text encoders (text.py);
+    T5 length 256 as DiT4SR's inference."""
+    import text
+    enc = text.load_text_encoders(args.encoders, args.tokenizers)
+    prompt = args.prompt or ""
+    negative = text.NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt
+    context, pooled = text.encode_prompts([prompt, negative], enc, t5_len=256)
+    if context.shape[-1] != net_cfg.context_dim or pooled.shape[-1] != net_cfg.pooled_dim:
+        raise CheckpointError(f"{args.encoders}: the encoders give context {context.shape[-1]} / pooled "
+                              f"{pooled.shape[-1]}, the model takes {net_cfg.context_dim} / {net_cfg.pooled_dim}")
+    return (pooled[:1], context[:1]), (pooled[1:], context[1:]), f"{prompt!r} (text encoders {args.encoders})"
+
+
+# --------------------------------------------------------------------------------------------
+# The program
+
+
+def find_inputs(specs, suffix):
+    """Files, folders (their images, not recursive) and globs -> (paths, problems)."""
+    paths, problems = [], []
+    for spec in specs:
+        if os.path.isdir(spec):
+            found = sorted(os.path.join(spec, f) for f in os.listdir(spec) if f.lower().endswith(EXTS))
+            # earlier results in the same folder are not inputs again
+            found = [f for f in found if not (suffix and os.path.splitext(f)[0].endswith(suffix))]
+        elif any(ch in spec for ch in "*?["):
+            found = sorted(f for f in glob.glob(spec) if os.path.isfile(f))
+        else:
+            found = [spec] if os.path.exists(spec) else []
+        if not found:
+            problems.append(f"{spec}: no such file, or no images ({', '.join(EXTS)}) there")
+        paths += [f for f in found if f not in paths]
+    return paths, problems
+
+
+def output_path(src, out_dir, suffix, ext, has_alpha):
+    stem, src_ext = os.path.splitext(os.path.basename(src))
+    ext = src_ext.lower() if ext == "auto" else "." + ext.lstrip(".").lower()
+    if has_alpha and ext in (".jpg", ".jpeg"):
+        ext = ".png"                                   # JPEG has no alpha
+    return os.path.join(out_dir or os.path.dirname(src), stem + suffix + ext)
+
+
+def _reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")                               # Linux: VmHWM restarts from the current RSS
+    except OSError:
+        pass
+
+
+def process(path, args, net, vae, cond, cond_neg, inputs, written, device):
+    """One image: read, upscale (RGB; alpha bicubic apart), write. Returns the summary line."""
+    from train import peak_memory_mb
+    img = load_image(path)
+    out = output_path(path, args.output, args.suffix, args.ext, img.alpha is not None)
+    if out in written:
+        raise ImageError(f"{out}: already written for another input in this run; use --suffix or --ext")
+    _reset_peak(device)
+    t0 = time.perf_counter()
+    y = upscale(img.rgb[None], net, vae, cond, args.steps, teacher=args.teacher, cond_neg=cond_neg,
+                cfg=args.cfg, seed=args.seed, tile=args.tile, tile_overlap=args.tile_overlap,
+                color_fix=args.color_fix)
+    alpha = None
+    if img.alpha is not None:
+        alpha = F.interpolate(img.alpha[None], scale_factor=SCALE, mode="bicubic", align_corners=False)[0]
+    save_image(out, y[0], alpha=alpha, gray=img.gray, bits=img.bits, protect=inputs)
+    written.add(out)
+    H, W = img.size
+    return (f"{path} {W}x{H} -> {out} {SCALE * W}x{SCALE * H}, {args.steps} step{'s' * (args.steps > 1)}, "
+            f"{time.perf_counter() - t0:.2f} s, peak {peak_memory_mb(device):.0f} MB")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("inputs", nargs="+", help="image files, folders, globs")
+    p.add_argument("-o", "--output", default=None, help="output folder (default: beside each input)")
+    p.add_argument("--suffix", default="_mfsr", help="added to the file name (default _mfsr)")
+    p.add_argument("--ext", default="auto", help="png, jpg, webp, bmp, tif; auto = the input's")
+    p.add_argument("--ckpt", default=None, help="student.safetensors from train.py (default: the shipped model)")
+    p.add_argument("--teacher", action="store_true", help="--ckpt is a one-time teacher: Euler with CFG")
+    p.add_argument("--vae", default=None, help="VAE file/folder or SD3.5 checkpoint (default: beside/inside --ckpt)")
+    p.add_argument("--emb", default=None, help="prompt embedding file (context, pooled); default: the "
+                   "prompt.safetensors / null.safetensors stored beside the model")
+    p.add_argument("--prompt", default=None, help="prompt text (needs --encoders)")
+    p.add_argument("--negative-prompt", default=None, help="the teacher's CFG negative (needs --encoders; "
+                   "default DiT4SR's)")
+    p.add_argument("--encoders", default=None, help="SD3.5 text encoders (text.py: a diffusers pipeline folder, "
+                   "SD3.5's text_encoders/ or a single file bundling them)")
+    p.add_argument("--tokenizers", default=None, help="tokenizer folder, if not beside --encoders")
+    p.add_argument("--neg-emb", default=None, help="negative prompt embedding for the teacher's CFG")
+    p.add_argument("--steps", type=int, default=None, help="student 1..8 (default 1); teacher default 40")
+    p.add_argument("--cfg", type=float, default=8.0, help="teacher guidance scale (DiT4SR: 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tile", type=int, default=64, help="latent tile side (DiT4SR: 64)")
+    p.add_argument("--tile-overlap", type=int, default=24, help="latent tile overlap (DiT4SR: 24)")
+    p.add_argument("--color-fix", default="adain", choices=sorted(COLOR_FIXES))
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    a = p.parse_args(argv)
+    if a.steps is None:
+        a.steps = 40 if a.teacher else 1
+    if not a.teacher and not 1 <= a.steps <= 8:
+        p.error(f"--steps {a.steps}: the student takes 1..8 steps")
+    if a.teacher and a.steps < 1:
+        p.error(f"--steps {a.steps}: at least 1")
+    if (a.prompt is not None or a.negative_prompt is not None) and not a.encoders:
+        p.error("--prompt / --negative-prompt need --encoders (or precompute an embedding with text.py and pass --emb)")
+    if a.encoders and a.emb:
+        p.error("give --emb or --encoders (with --prompt), not both")
+    if a.ext != "auto" and "." + a.ext.lstrip(".").lower() not in EXTS:
+        p.error(f"--ext {a.ext}: choose from auto, {', '.join(e[1:] for e in EXTS)}")
+    return a
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    paths, problems = find_inputs(args.inputs, args.suffix)
+    for msg in problems:
+        print(f"error: {msg}", file=sys.stderr)
+    if not paths:
+        return 1
+    try:
+        net, vae = load_models(args.ckpt, args.vae, args.teacher, device, DTYPES[args.dtype])
+        if args.encoders:
+            cond, cond_neg, where = encode_condition(net.cfg, args)
+        else:
+            cond, where = load_condition(net.cfg, args.emb, args.ckpt)
+            cond_neg = load_condition(net.cfg, args.neg_emb, args.ckpt, ("neg", "null"))[0] if args.teacher else None
+        TiledNet(net, args.tile, args.tile_overlap)                      # check the tiles once
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.output:
+        os.makedirs(args.output, exist_ok=True)
+    calls = args.steps * (2 if args.teacher else 1)
+    print(f"model: {args.ckpt or SHIPPED} ({'teacher, CFG ' + str(args.cfg) if args.teacher else 'student'}, "
+          f"{calls} network calls per tile), prompt: {where}, {device}, {args.dtype}")
+    inputs, written, failed = [os.path.abspath(q) for q in paths], set(), len(problems)
+    for path in paths:
+        try:
+            print(process(path, args, net, vae, cond, cond_neg, inputs, written, device), flush=True)
+        except (ImageError, CheckpointError, ValueError, OSError, RuntimeError) as e:
+            failed += 1
+            print(f"error: {path}: {e}" if path not in str(e) else f"error: {e}", file=sys.stderr, flush=True)
+    if failed:
+        print(f"{failed} of {len(paths) + len(problems)} inputs failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

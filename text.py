@@ -1,0 +1,895 @@
+"""The SD3.5 prompt encoders from scratch: CLIP-L, OpenCLIP bigG and T5-XXL, their tokenizers, and
+`encode_prompts`, which builds (context, pooled) as the diffusers StableDiffusion3Pipeline does.
+
+    from text import load_text_encoders, encode_prompts
+    enc = load_text_encoders("stable-diffusion-3.5-medium")   # diffusers folder or SD3.5 repo root
+    context, pooled = encode_prompts(["a cat"], enc)          # (1, 77 + 77, 4096), (1, 2048)
+    python text.py --data DIR --encoders PATH [--t5-len 77]   # precompute embeddings for train.py
+
+MFSR (and DiT4SR, whose teacher it distils) condition the transformer on a prompt c; the teacher's
+CFG uses a negative prompt c_neg (Eq. 11). The embeddings follow ../shared/reference/ARCHITECTURE.md
+§5 ("ARCH §5"): the penultimate hidden states of CLIP-L (768) and CLIP-G (1280), concatenated to 2048
+channels and zero-padded to 4096, then the T5 tokens appended along the sequence, so
+context = (B, 77 + T, 4096) with T = 77 in training and 256 at inference (ARCH §3.6, §3.7); pooled =
+[CLIP-L text_embeds ; CLIP-G text_embeds] (the *projected* pooled outputs) = (B, 2048).
+
+Module names equal the Hugging Face transformers key names, so `state_dict()` keys equal the keys of
+SD3.5's `text_encoders/{clip_l,clip_g,t5xxl_fp16}.safetensors` and of diffusers' `text_encoder{,_2,_3}`
+folders without translation; bundled single files hold them under `text_encoders.<name>.transformer.`.
+
+Tokenizers read the standard files of the diffusers layout: `tokenizer{,_2}/vocab.json + merges.txt`
+(CLIP byte-level BPE, as the Python `CLIPTokenizer` of transformers 4 without ftfy) and
+`tokenizer_3/tokenizer.json` (T5's unigram model, as `T5TokenizerFast`). CLIP-L pads with its eos
+token, CLIP-G with "!" (id 0), as the SD3.5 tokenizer configs say; both are read from the folders.
+
+Precision: T5-XXL is known to overflow in fp16; as transformers does, fp16 hidden states are clamped
+to the finite range after each sub-layer. bf16 or fp32 are the safe choices.
+"""
+import argparse
+import base64
+import glob
+import json
+import math
+import os
+import re
+import struct
+import sys
+import unicodedata
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from itertools import pairwise
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from checkpoint import CheckpointError, SafetensorsFiles, atomic_save, check_keys
+
+# DiT4SR's inference prompt suffix and negative prompt (ARCH §3.7); MFSR's footnote 1 gives the same
+# negative prompt for the teacher's CFG (Eq. 11).
+POSITIVE_SUFFIX = ("Cinematic, hyper sharpness, highly detailed, perfect without deformations, camera, hyper "
+                   "detailed photo - realistic maximum detail, 32k, Color Grading, ultra HD, extreme meticulous "
+                   "detailing, skin pore detailing. ")
+NEGATIVE_PROMPT = ("motion blur, noisy, dotted, bokeh, pointed, CG Style, 3D render, unreal engine, blurring, "
+                   "dirty, messy, worst quality, low quality, frames, watermark, signature, jpeg artifacts, "
+                   "deformed, lowres, chaotic")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")   # as train.py
+CLIP_LEN = 77
+
+# --------------------------------------------------------------------------------------------
+# Configs
+
+
+@dataclass(frozen=True)
+class CLIPConfig:
+    vocab: int = 49408
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp: int = 3072
+    max_len: int = 77
+    act: str = "quick_gelu"      # OpenAI CLIP-L: x * sigmoid(1.702 x); OpenCLIP bigG: exact GELU
+    eps: float = 1e-5
+    proj: int = 768              # text_projection out features (no bias)
+    eos_id: int = -1             # pool at the first eos; -1: at the argmax id (HF configs with eos 2)
+
+
+@dataclass(frozen=True)
+class T5Config:
+    vocab: int = 32128
+    d_model: int = 4096
+    layers: int = 24
+    heads: int = 64
+    d_kv: int = 64
+    d_ff: int = 10240
+    buckets: int = 32            # relative position buckets (bidirectional: 16 per direction)
+    max_distance: int = 128
+    eps: float = 1e-6
+
+
+CLIP_CONFIGS = {
+    "clip_l": CLIPConfig(),
+    "clip_g": CLIPConfig(width=1280, layers=32, heads=20, mlp=5120, act="gelu", proj=1280),
+    "tiny_l": CLIPConfig(vocab=1000, width=32, layers=3, heads=4, mlp=64, proj=24),
+    "tiny_g": CLIPConfig(vocab=1000, width=48, layers=3, heads=4, mlp=96, act="gelu", proj=40),
+}
+T5_CONFIGS = {
+    "t5xxl": T5Config(),
+    "tiny": T5Config(vocab=1000, d_model=32, layers=3, heads=4, d_kv=8, d_ff=64, buckets=32, max_distance=128),
+}
+
+# --------------------------------------------------------------------------------------------
+# CLIP text transformer (pre-LayerNorm, causal; HF CLIPTextModelWithProjection names)
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.heads = cfg.heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(cfg.width, cfg.width) for _ in range(4))
+
+    def forward(self, x):
+        B, L, D = x.shape
+        q, k, v = (p(x).view(B, L, self.heads, D // self.heads).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))          # (B, H, L, D/H)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)            # causal mask, 1/sqrt(d) scale
+        return self.out_proj(o.transpose(1, 2).reshape(B, L, D))               # (B, L, D)
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.act = cfg.act
+        self.fc1, self.fc2 = nn.Linear(cfg.width, cfg.mlp), nn.Linear(cfg.mlp, cfg.width)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        h = h * torch.sigmoid(1.702 * h) if self.act == "quick_gelu" else F.gelu(h)
+        return self.fc2(h)
+
+
+class CLIPLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.layer_norm1, self.layer_norm2 = nn.LayerNorm(cfg.width, eps=cfg.eps), nn.LayerNorm(cfg.width, eps=cfg.eps)
+        self.self_attn, self.mlp = CLIPAttention(cfg), CLIPMLP(cfg)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEmbeddings(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab, cfg.width)
+        self.position_embedding = nn.Embedding(cfg.max_len, cfg.width)
+
+    def forward(self, ids):
+        return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]   # (B, L, D)
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPLayer(cfg) for _ in range(cfg.layers))
+
+
+class CLIPTextTransformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.embeddings, self.encoder = CLIPEmbeddings(cfg), CLIPEncoder(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.eps)
+
+
+class CLIPText(nn.Module):
+    """CLIP's text tower with its projection. forward(ids) -> (penultimate (B, L, D), pooled (B, proj)).
+
+    SD3 takes hidden_states[-2], the input of the last layer, without the final LayerNorm (ARCH §5);
+    the pooled vector is the final-LayerNorm state at the eos position, projected (`text_embeds`).
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.text_model = CLIPTextTransformer(cfg)
+        self.text_projection = nn.Linear(cfg.width, cfg.proj, bias=False)
+
+    def forward(self, ids):
+        assert ids.ndim == 2 and ids.shape[1] <= self.cfg.max_len, ids.shape
+        x = self.text_model.embeddings(ids)                                   # (B, L, D)
+        layers = self.text_model.encoder.layers
+        for layer in layers[:-1]:
+            x = layer(x)
+        penultimate = x
+        x = self.text_model.final_layer_norm(layers[-1](x))
+        # transformers pools at argmax(ids) when the config says eos = 2 (the SD3 files), else at the
+        # first eos; for CLIP's vocabulary (eos 49407 is the largest id) both pick the first eos.
+        at = ids.argmax(-1) if self.cfg.eos_id < 0 else (ids == self.cfg.eos_id).int().argmax(-1)
+        pooled = x[torch.arange(ids.shape[0], device=ids.device), at]         # (B, D)
+        return penultimate, self.text_projection(pooled)
+
+
+# --------------------------------------------------------------------------------------------
+# T5 v1.1 encoder (pre-RMSNorm, relative position bias, gated-GELU; HF T5EncoderModel names)
+
+
+class T5LayerNorm(nn.Module):
+    """RMS norm without mean subtraction or bias, computed in fp32 (T5)."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x):
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        return self.weight * (x.float() * torch.rsqrt(var + self.eps)).to(self.weight.dtype)
+
+
+def relative_position_bucket(rel, buckets, max_distance):
+    """T5's bidirectional buckets of rel = key position - query position: half the buckets per sign,
+    of which half are exact distances and half grow logarithmically up to max_distance."""
+    half = buckets // 2
+    out = (rel > 0).long() * half
+    n = rel.abs()
+    exact = half // 2
+    log_bucket = exact + (torch.log(n.float().clamp(min=1) / exact) / math.log(max_distance / exact)
+                          * (half - exact)).long()
+    return out + torch.where(n < exact, n, log_bucket.clamp(max=half - 1))
+
+
+class T5Attention(nn.Module):
+    def __init__(self, cfg, relative_bias):
+        super().__init__()
+        self.cfg = cfg
+        inner = cfg.heads * cfg.d_kv
+        self.q, self.k, self.v = (nn.Linear(cfg.d_model, inner, bias=False) for _ in range(3))
+        self.o = nn.Linear(inner, cfg.d_model, bias=False)
+        if relative_bias:   # only block 0 holds the table; every block adds the same bias
+            self.relative_attention_bias = nn.Embedding(cfg.buckets, cfg.heads)
+
+    def position_bias(self, L):
+        pos = torch.arange(L, device=self.q.weight.device)
+        bucket = relative_position_bucket(pos[None, :] - pos[:, None], self.cfg.buckets, self.cfg.max_distance)
+        return self.relative_attention_bias(bucket).permute(2, 0, 1)[None]   # (1, H, L, L)
+
+    def forward(self, x, bias):
+        B, L, _ = x.shape
+        q, k, v = (p(x).view(B, L, self.cfg.heads, self.cfg.d_kv).transpose(1, 2)
+                   for p in (self.q, self.k, self.v))                          # (B, H, L, d_kv)
+        # T5 does not scale the scores by 1/sqrt(d_kv) (the scale is folded into the initialisation)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1.0)
+        return self.o(o.transpose(1, 2).reshape(B, L, -1))                    # (B, L, d_model)
+
+
+class T5LayerSelfAttention(nn.Module):
+    def __init__(self, cfg, relative_bias):
+        super().__init__()
+        self.SelfAttention = T5Attention(cfg, relative_bias)
+        self.layer_norm = T5LayerNorm(cfg.d_model, cfg.eps)
+
+    def forward(self, x, bias):
+        return _clamp_fp16(x + self.SelfAttention(self.layer_norm(x), bias))
+
+
+class T5DenseGatedActDense(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.wi_0, self.wi_1 = (nn.Linear(cfg.d_model, cfg.d_ff, bias=False) for _ in range(2))
+        self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x):   # T5 v1.1 "gated-gelu": gelu_new (tanh approximation) gates a linear branch
+        return self.wo(F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x))
+
+
+class T5LayerFF(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.DenseReluDense = T5DenseGatedActDense(cfg)
+        self.layer_norm = T5LayerNorm(cfg.d_model, cfg.eps)
+
+    def forward(self, x):
+        return _clamp_fp16(x + self.DenseReluDense(self.layer_norm(x)))
+
+
+def _clamp_fp16(x):
+    """As transformers' T5: keep fp16 activations finite (T5-XXL overflows fp16 otherwise)."""
+    if x.dtype != torch.float16:
+        return x
+    big = torch.finfo(torch.float16).max - 1000
+    return x.clamp(-big, big)
+
+
+class T5Block(nn.Module):
+    def __init__(self, cfg, relative_bias):
+        super().__init__()
+        self.layer = nn.ModuleList([T5LayerSelfAttention(cfg, relative_bias), T5LayerFF(cfg)])
+
+    def forward(self, x, bias):
+        return self.layer[1](self.layer[0](x, bias))
+
+
+class T5Stack(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.block = nn.ModuleList(T5Block(cfg, relative_bias=(i == 0)) for i in range(cfg.layers))
+        self.final_layer_norm = T5LayerNorm(cfg.d_model, cfg.eps)
+
+
+class T5Encoder(nn.Module):
+    """T5 v1.1 encoder. forward(ids (B, T)) -> last hidden state (B, T, d_model). No attention mask:
+    SD3 feeds the padded sequence as it is. `shared` is the token table (tied to encoder.embed_tokens
+    in transformers, which stores it once as `shared.weight`)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.shared = nn.Embedding(cfg.vocab, cfg.d_model)
+        self.encoder = T5Stack(cfg)
+
+    def forward(self, ids):
+        assert ids.ndim == 2, ids.shape
+        x = self.shared(ids)                                                   # (B, T, d_model)
+        bias = self.encoder.block[0].layer[0].SelfAttention.position_bias(ids.shape[1])
+        for block in self.encoder.block:
+            x = block(x, bias)
+        return self.encoder.final_layer_norm(x)
+
+
+# --------------------------------------------------------------------------------------------
+# CLIP tokenizer: byte-level BPE with "</w>" word ends (as transformers 4's Python CLIPTokenizer)
+
+
+def bytes_to_unicode():
+    """GPT-2's reversible map of the 256 bytes to printable characters: printable Latin-1 bytes map
+    to themselves, the others to code points from 256 up, so BPE never sees whitespace or controls."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return {b: chr(b) if b in keep else chr(next(extra)) for b in range(256)}
+
+
+@lru_cache(maxsize=1)
+def _clip_pretokenizer():
+    """CLIP's split: specials | contractions | letter runs | single digits | other non-space runs.
+    The original uses \\p{L} and \\p{N} (the `regex` module); these are built from unicodedata."""
+    letters, numbers = [], []
+    for cp in range(0x40000):   # planes 0-3 hold every letter and number of the Unicode tables
+        cat = unicodedata.category(chr(cp))
+        (letters if cat[0] == "L" else numbers if cat[0] == "N" else []).append(cp)
+    L, N = _char_class(letters), _char_class(numbers)
+    return re.compile(rf"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[{L}]+|[{N}]|[^\s{L}{N}]+",
+                      re.IGNORECASE)
+
+
+def _char_class(cps):
+    """Sorted code points -> the inside of a regex [...] class, as ranges."""
+    out, start = [], cps[0]
+    for a, b in zip(cps, cps[1:] + [None]):
+        if b != a + 1:
+            out.append(re.escape(chr(start)) + ("-" + re.escape(chr(a)) if a > start else ""))
+            start = b
+    return "".join(out)
+
+
+def _is_cjk(cp):
+    return any(lo <= cp <= hi for lo, hi in ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF),
+                                              (0x2A700, 0x2B73F), (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF),
+                                              (0xF900, 0xFAFF), (0x2F800, 0x2FA1F)))
+
+
+def clip_clean(text):
+    """The ftfy-less cleaning of transformers' CLIPTokenizer (its BasicTokenizer): drop NUL, U+FFFD and
+    control characters, whitespace -> space, space around CJK ideographs, NFC, lowercase, collapse spaces."""
+    out = []
+    for ch in text:
+        cat = unicodedata.category(ch)
+        if ch in "\t\n\r" or cat == "Zs":
+            out.append(" ")
+        elif ch not in ("\0", "\ufffd") and not cat.startswith("C"):
+            out.append(f" {ch} " if _is_cjk(ord(ch)) else ch)
+    return " ".join(w.lower() for w in unicodedata.normalize("NFC", "".join(out)).split())
+
+
+class CLIPTokenizer:
+    """ids = CLIPTokenizer.from_folder("sd3.5/tokenizer")(["a cat"])   # (B, 77) LongTensor
+    [bos] + BPE tokens (truncated to 75) + [eos], padded to 77 with the folder's pad token."""
+
+    def __init__(self, vocab, merges, pad_token="<|endoftext|>", max_len=CLIP_LEN):
+        self.vocab, self.max_len = vocab, max_len
+        # transformers 4 splits every special token (bos, eos and the pad token) out of the text before
+        # BPE; with CLIP-G's pad "!" every "!" in a prompt becomes id 0 (not the "!</w>" BPE token).
+        self.specials = sorted({"<|startoftext|>", "<|endoftext|>", pad_token}, key=len, reverse=True)
+        self.ranks = {tuple(m.split()): i for i, m in enumerate(merges)}
+        self.bos, self.eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
+        self.pad = vocab[pad_token]
+        self.byte_char = bytes_to_unicode()
+        self.cache = {}
+
+    @classmethod
+    def from_folder(cls, folder, max_len=CLIP_LEN):
+        if not os.path.isdir(folder):
+            raise CheckpointError(f"{folder}: no such tokenizer folder")
+        vocab = _read_json(os.path.join(folder, "vocab.json"))
+        with open(os.path.join(folder, "merges.txt"), encoding="utf-8") as f:
+            lines = f.read().strip().split("\n")
+        # transformers keeps at most 49152 - 256 - 2 merges (the CLIP vocabulary) after the header line
+        merges = [m for m in lines[1 if lines[0].startswith("#") else 0:] if m][:49152 - 256 - 2]
+        return cls(vocab, merges, _pad_token(folder, "<|endoftext|>"), max_len)
+
+    def bpe(self, word):
+        """Merge the lowest-ranked adjacent pair until none is in the merge list (word ends in </w>)."""
+        if word in self.cache:
+            return self.cache[word]
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            pair = min(pairwise(parts), key=lambda p: self.ranks.get(p, math.inf))
+            if pair not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(parts):
+                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == pair:
+                    merged.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        self.cache[word] = parts
+        return parts
+
+    def tokenize(self, text):
+        """Token ids of one string, without bos/eos. Literal specials in the text stay one token."""
+        ids = []
+        for piece in re.split("(" + "|".join(map(re.escape, self.specials)) + ")", text):
+            if piece in self.specials:
+                ids.append(self.vocab[piece])
+                continue
+            for word in _clip_pretokenizer().findall(clip_clean(piece)):
+                chars = "".join(self.byte_char[b] for b in word.encode("utf-8"))
+                ids += [self.vocab.get(t, self.eos) for t in self.bpe(chars)]   # unk = eos
+        return ids
+
+    def __call__(self, texts):
+        rows = []
+        for t in texts:
+            ids = [self.bos] + self.tokenize(t)[: self.max_len - 2] + [self.eos]
+            rows.append(ids + [self.pad] * (self.max_len - len(ids)))
+        return torch.tensor(rows, dtype=torch.long)
+
+
+# --------------------------------------------------------------------------------------------
+# T5 tokenizer: SentencePiece unigram model read from tokenizer.json (as T5TokenizerFast)
+
+
+class T5Tokenizer:
+    """ids = T5Tokenizer.from_file("sd3.5/tokenizer_3/tokenizer.json")(["a cat"], 77)   # (B, 77)
+    special tokens split out of the raw text -> normalizer -> whitespace split + "▁" metaspace ->
+    Viterbi over the unigram pieces -> truncate to length - 1, append </s>, pad with <pad> (id 0)."""
+
+    def __init__(self, spec):
+        model = spec["model"]
+        if model.get("type") != "Unigram":
+            raise ValueError(f"tokenizer.json: model type {model.get('type')!r}, expected 'Unigram'")
+        self.pieces = {p: i for i, (p, _) in enumerate(model["vocab"])}   # a repeated piece: the last id wins
+        self.scores = [s for _, s in model["vocab"]]
+        self.max_piece = max(len(p) for p, _ in model["vocab"])
+        self.unk = model["unk_id"]
+        self.unk_score = min(self.scores) - 10.0        # SentencePiece's unknown-piece penalty
+        added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+        self.added = added
+        self.added_re = re.compile("|".join(map(re.escape, sorted(added, key=len, reverse=True)))) if added else None
+        self.normalizers = _flatten(spec.get("normalizer"), "normalizers")
+        self.pretokenizers = _flatten(spec.get("pre_tokenizer"), "pretokenizers")
+        self.eos = added.get("</s>", self.pieces.get("</s>"))
+        self.pad = added.get("<pad>", self.pieces.get("<pad>", 0))
+        self.charsmap = {}
+
+    @classmethod
+    def from_file(cls, path):
+        return cls(_read_json(path))
+
+    def normalize(self, s):
+        for n in self.normalizers:
+            kind = n["type"]
+            if kind in ("NFC", "NFD", "NFKC", "NFKD"):
+                s = unicodedata.normalize(kind, s)
+            elif kind == "Lowercase":
+                s = s.lower()
+            elif kind == "Strip":
+                s = s.lstrip() if n.get("strip_left", True) else s
+                s = s.rstrip() if n.get("strip_right", True) else s
+            elif kind == "Replace":
+                pat = n["pattern"]
+                rx = pat["Regex"] if "Regex" in pat else re.escape(pat["String"])
+                s = re.sub(rx, n["content"].replace("\\", "\\\\"), s)
+            elif kind == "Prepend":
+                s = n["prepend"] + s if s else s
+            elif kind == "Precompiled":
+                s = self._precompiled(n["precompiled_charsmap"]).normalize(s)
+            else:
+                raise ValueError(f"tokenizer.json: normalizer {kind!r} is not supported")
+        return s
+
+    def _precompiled(self, blob):
+        if blob not in self.charsmap:
+            self.charsmap[blob] = PrecompiledCharsmap(base64.b64decode(blob))
+        return self.charsmap[blob]
+
+    def pretokenize(self, s):
+        words = [s]
+        for p in self.pretokenizers:
+            if p["type"] == "WhitespaceSplit":
+                words = [w for x in words for w in x.split()]
+            elif p["type"] == "Metaspace":
+                words = [w for x in words for w in _metaspace(x, p)]
+            else:
+                raise ValueError(f"tokenizer.json: pre-tokenizer {p['type']!r} is not supported")
+        return words
+
+    def viterbi(self, word):
+        """Best segmentation of `word` into pieces (max total score); a character no piece starts
+        with becomes <unk>, and adjacent unknowns are fused into one (as tokenizers' Unigram)."""
+        n = len(word)
+        best = [(-math.inf, -1, -1)] * (n + 1)      # (score, start, id) of the best path ending here
+        best[0] = (0.0, 0, -1)
+        for i in range(n):
+            single = False
+            for j in range(i + 1, min(n, i + self.max_piece) + 1):
+                pid = self.pieces.get(word[i:j])
+                if pid is not None:
+                    cand = best[i][0] + self.scores[pid]
+                    if best[j][1] < 0 or cand > best[j][0]:    # the first of equal scores wins
+                        best[j] = (cand, i, pid)
+                    single |= j == i + 1
+            if not single and (best[i + 1][1] < 0 or best[i][0] + self.unk_score > best[i + 1][0]):
+                best[i + 1] = (best[i][0] + self.unk_score, i, self.unk)
+        ids, end = [], n
+        while end > 0:
+            _, start, pid = best[end]
+            if not (pid == self.unk and ids and ids[-1] == self.unk):
+                ids.append(pid)
+            end = start
+        return ids[::-1]
+
+    def tokenize(self, text):
+        """Token ids of one string, without </s>."""
+        ids, pos = [], 0
+        for m in list(self.added_re.finditer(text)) if self.added_re else []:
+            ids += self._segment(text[pos:m.start()]) + [self.added[m.group()]]
+            pos = m.end()
+        return ids + self._segment(text[pos:])
+
+    def _segment(self, s):
+        return [i for w in self.pretokenize(self.normalize(s)) for i in self.viterbi(w)] if s else []
+
+    def __call__(self, texts, length):
+        rows = []
+        for t in texts:
+            ids = self.tokenize(t)[: length - 1] + [self.eos]
+            rows.append(ids + [self.pad] * (length - len(ids)))
+        return torch.tensor(rows, dtype=torch.long)
+
+
+def _flatten(spec, key):
+    """A tokenizer.json normalizer / pre-tokenizer (maybe a Sequence) as a flat list of steps."""
+    if not spec:
+        return []
+    if spec["type"] == "Sequence":
+        return [s for sub in spec[key] for s in _flatten(sub, key)]
+    return [spec]
+
+
+def _metaspace(word, p):
+    """Spaces -> "▁", a leading "▁" (prepend_scheme "always"/"first" or add_prefix_space), and a split
+    before every "▁" (each "▁" starts a new piece)."""
+    rep = p.get("replacement", "▁")
+    word = word.replace(" ", rep)
+    scheme = p.get("prepend_scheme", "always" if p.get("add_prefix_space", True) else "never")
+    if scheme in ("always", "first") and not word.startswith(rep):
+        word = rep + word     # "first" differs only after special tokens; T5 uses "always"
+    if not p.get("split", True):
+        return [word]
+    return [w for w in re.split(f"(?={re.escape(rep)})", word) if w]
+
+
+class PrecompiledCharsmap:
+    """SentencePiece's compiled normalisation rules (nmt_nfkc for T5), as stored in tokenizer.json:
+    a uint32 size, a darts-clone double-array trie over UTF-8 byte strings, then the replacement
+    strings (NUL-terminated) that trie values point at. Applied as tokenizers' `Precompiled`: each
+    grapheme shorter than 6 bytes is looked up whole, else each character; the first (shortest) trie
+    match gives the replacement, no match keeps the text."""
+
+    def __init__(self, blob):
+        size = struct.unpack_from("<I", blob)[0]
+        self.units = struct.unpack_from(f"<{size // 4}I", blob, 4)
+        self.strings = blob[4 + size:]
+
+    def lookup(self, text):
+        key, units = text.encode("utf-8"), self.units
+        pos = (units[0] >> 10) << ((units[0] & (1 << 9)) >> 6)        # offset of the root
+        for c in key:
+            pos ^= c
+            unit = units[pos]
+            if unit & ((1 << 31) | 0xFF) != c:                          # label mismatch: no (more) matches
+                return None
+            pos ^= (unit >> 10) << ((unit & (1 << 9)) >> 6)
+            if (unit >> 8) & 1:                                         # has a leaf: the first match wins
+                start = units[pos] & ((1 << 31) - 1)
+                return self.strings[start:self.strings.index(b"\0", start)].decode("utf-8")
+        return None
+
+    def normalize(self, s):
+        out = []
+        for g in _graphemes(s):
+            whole = self.lookup(g) if len(g.encode("utf-8")) < 6 else None
+            out.append(whole if whole is not None else "".join(self.lookup(c) or c for c in g))
+        return "".join(out)
+
+
+def _graphemes(s):
+    """An approximation of Unicode extended grapheme clusters (enough for prompts): a character with
+    its combining marks, variation selectors, emoji modifiers and zero-width-joined followers; CR LF;
+    pairs of regional-indicator flags."""
+    out = []
+    for ch in s:
+        if out and _extends(out[-1], ch):
+            out[-1] += ch
+        else:
+            out.append(ch)
+    return out
+
+
+def _extends(cluster, ch):
+    last, cp = cluster[-1], ord(ch)
+    if last == "\r":
+        return ch == "\n"
+    if _is_control(last) or _is_control(ch):
+        return False
+    if unicodedata.category(ch) in ("Mn", "Me", "Mc") or cp == 0x200D or 0x1F3FB <= cp <= 0x1F3FF:
+        return True
+    if last == "\u200d":
+        return True
+    flags = sum(0x1F1E6 <= ord(c) <= 0x1F1FF for c in cluster)
+    return 0x1F1E6 <= cp <= 0x1F1FF and flags % 2 == 1 and len(cluster) == flags
+
+
+def _is_control(ch):
+    return ch != "\u200d" and (unicodedata.category(ch) in ("Cc", "Zl", "Zp") or ch in "\r\n")
+
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a JSON file ({e})") from None
+
+
+def _pad_token(folder, default):
+    """The pad token a diffusers tokenizer folder names (SD3.5: CLIP-L "<|endoftext|>", CLIP-G "!")."""
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            pad = _read_json(path).get("pad_token")
+            if pad:
+                return pad["content"] if isinstance(pad, dict) else pad
+    return default
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: SD3.5 text_encoders/*.safetensors, diffusers folders, bundled single files
+
+# (diffusers subfolder, file stem in SD3.5's text_encoders/ and in bundled `text_encoders.<stem>.` keys)
+PARTS = {"clip_l": ("text_encoder", "clip_l"), "clip_g": ("text_encoder_2", "clip_g"),
+         "t5": ("text_encoder_3", "t5xxl")}
+# Tensors files may hold that the towers do not use: a buffer older transformers saved, CLIP's
+# contrastive temperature, and T5's second name for its tied token table (shared.weight is read).
+IGNORED = {"text_model.embeddings.position_ids", "logit_scale", "encoder.embed_tokens.weight"}
+
+
+def _open(path, part):
+    """(SafetensorsFiles, HF config.json dict or {}) for one encoder ('clip_l', 'clip_g', 't5')."""
+    sub, stem = PARTS[part]
+    if os.path.isdir(path):
+        if os.path.isdir(os.path.join(path, sub)):        # diffusers layout
+            folder = os.path.join(path, sub)
+            cfg = os.path.join(folder, "config.json")
+            return SafetensorsFiles(folder), (_read_json(cfg) if os.path.exists(cfg) else {})
+        for folder in (path, os.path.join(path, "text_encoders")):   # SD3.5's text_encoders/ folder
+            hits = sorted(glob.glob(os.path.join(folder, f"{stem}*.safetensors")))
+            if hits:
+                return SafetensorsFiles(hits[0]), {}
+        raise CheckpointError(f"{path}: no {sub}/ folder and no {stem}*.safetensors file for the {part} encoder")
+    f = SafetensorsFiles(path)
+    if any(k.startswith("text_encoders.") for k in f.all_keys):       # a bundled single file
+        prefix = f"text_encoders.{stem}.transformer."
+        if not any(k.startswith(prefix) for k in f.all_keys):
+            raise CheckpointError(f"{path}: bundles text encoders but has no {prefix}* keys ({part})")
+        return SafetensorsFiles(path, prefix=prefix), {}
+    return f, {}                                                        # one bare encoder file
+
+
+def _clip_config(f, which, hf):
+    """Sizes from the tensor shapes; heads / activation / eos from config.json when there is one
+    (the shapes cannot tell them), else the published CLIP-L / bigG values (64-dim heads)."""
+    base = CLIP_CONFIGS[which]
+    tok = "text_model.embeddings.token_embedding.weight"
+    if tok not in f:
+        return base                                        # check_keys will list what is missing
+    vocab, width = f.shape(tok)
+    layers = len({k.split(".")[3] for k in list(f.keys()) if k.startswith("text_model.encoder.layers.")})
+    fc1 = "text_model.encoder.layers.0.mlp.fc1.weight"
+    cfg = replace(base, vocab=vocab, width=width, layers=layers, heads=width // 64,
+                  mlp=f.shape(fc1)[0] if fc1 in f else base.mlp,
+                  max_len=f.shape("text_model.embeddings.position_embedding.weight")[0]
+                  if "text_model.embeddings.position_embedding.weight" in f else base.max_len,
+                  proj=f.shape("text_projection.weight")[0] if "text_projection.weight" in f else width)
+    if hf:
+        eos = hf.get("eos_token_id", 2)
+        cfg = replace(cfg, heads=hf.get("num_attention_heads", cfg.heads), act=hf.get("hidden_act", cfg.act),
+                      eps=hf.get("layer_norm_eps", cfg.eps), eos_id=-1 if eos == 2 else eos)
+    if cfg.act not in ("quick_gelu", "gelu"):
+        raise CheckpointError(f"{f.path}: CLIP activation {cfg.act!r} is not quick_gelu or gelu")
+    return cfg
+
+
+def _t5_config(f, hf):
+    base = T5_CONFIGS["t5xxl"]
+    bias = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    emb = "shared.weight" if "shared.weight" in f else "encoder.embed_tokens.weight"
+    if bias not in f or emb not in f:
+        return base
+    vocab, d_model = f.shape(emb)
+    buckets, heads = f.shape(bias)
+    q = "encoder.block.0.layer.0.SelfAttention.q.weight"
+    wi = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight"
+    cfg = replace(base, vocab=vocab, d_model=d_model, heads=heads, buckets=buckets,
+                  layers=len({k.split(".")[2] for k in list(f.keys()) if k.startswith("encoder.block.")}),
+                  d_kv=f.shape(q)[0] // heads if q in f else base.d_kv, d_ff=f.shape(wi)[0] if wi in f else base.d_ff)
+    if hf:
+        if hf.get("feed_forward_proj", "gated-gelu") != "gated-gelu":
+            raise CheckpointError(f"{f.path}: feed_forward_proj {hf['feed_forward_proj']!r}: not a T5 v1.1 encoder")
+        cfg = replace(cfg, max_distance=hf.get("relative_attention_max_distance", cfg.max_distance),
+                      eps=hf.get("layer_norm_epsilon", cfg.eps))
+    return cfg
+
+
+def _load_weights(model, f, what, dtype):
+    """Every key and shape checked against the module; tensors assigned to a meta-device model."""
+    names = {k: k for k in list(f.keys()) if k not in IGNORED}
+    if isinstance(model, T5Encoder) and "shared.weight" not in f and "encoder.embed_tokens.weight" in f:
+        names["shared.weight"] = "encoder.embed_tokens.weight"     # the tied table under its other name
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_keys(f.path, want, {k: f.shape(v) for k, v in names.items()}, what)
+    model.load_state_dict({k: f.get(names[k]).to(dtype) for k in want}, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def load_clip(path, which="clip_l", dtype=torch.float32):
+    """CLIP-L ('clip_l') or CLIP-G ('clip_g') text tower from a file, a folder or a bundled file."""
+    f, hf = _open(path, which)
+    cfg = _clip_config(f, which, hf)
+    with torch.device("meta"):
+        model = CLIPText(cfg)
+    return _load_weights(model, f, f"the {which} text encoder {cfg}", dtype)
+
+
+def load_t5(path, dtype=torch.float32):
+    f, hf = _open(path, "t5")
+    cfg = _t5_config(f, hf)
+    with torch.device("meta"):
+        model = T5Encoder(cfg)
+    return _load_weights(model, f, f"the T5 encoder {cfg}", dtype)
+
+
+class TextEncoders(nn.Module):
+    """The three towers and their tokenizers; t5 may be None (diffusers then uses zeros for its tokens)."""
+
+    def __init__(self, clip_l, clip_g, t5, tok_l, tok_g, tok_t5):
+        super().__init__()
+        self.clip_l, self.clip_g, self.t5 = clip_l, clip_g, t5
+        self.tok_l, self.tok_g, self.tok_t5 = tok_l, tok_g, tok_t5
+
+
+def load_tokenizers(path):
+    """CLIP-L, CLIP-G and T5 tokenizers from a diffusers folder (tokenizer/, tokenizer_2/, tokenizer_3/),
+    or from its parent when `path` is SD3.5's text_encoders/ folder."""
+    for root in (path, os.path.dirname(os.path.abspath(path))):
+        if os.path.isdir(os.path.join(root, "tokenizer")):
+            break
+    else:
+        raise CheckpointError(f"{path}: no tokenizer/ folder (pass the diffusers / SD3.5 repository folder "
+                              f"that holds tokenizer/, tokenizer_2/ and tokenizer_3/)")
+    tok_l = CLIPTokenizer.from_folder(os.path.join(root, "tokenizer"))
+    tok_g = CLIPTokenizer.from_folder(os.path.join(root, "tokenizer_2"))
+    return tok_l, tok_g, T5Tokenizer.from_file(os.path.join(root, "tokenizer_3", "tokenizer.json"))
+
+
+def load_text_encoders(path, tokenizers=None, dtype=torch.float32, t5=True):
+    """All three encoders from `path` (diffusers folder, SD3.5 text_encoders/ folder or its repository
+    root, or a bundled single file) and tokenizers from `tokenizers` (default: `path`)."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file or folder")
+    tok_l, tok_g, tok_t5 = load_tokenizers(tokenizers or (path if os.path.isdir(path) else os.path.dirname(path)))
+    return TextEncoders(load_clip(path, "clip_l", dtype), load_clip(path, "clip_g", dtype),
+                        load_t5(path, dtype) if t5 else None, tok_l, tok_g, tok_t5)
+
+
+# --------------------------------------------------------------------------------------------
+# Prompt embeddings (diffusers StableDiffusion3Pipeline.encode_prompt, ARCH §5)
+
+
+@torch.no_grad()
+def encode_prompts(prompts, encoders, t5_len=77):
+    """prompts: list of B strings -> context (B, 77 + t5_len, 4096), pooled (B, 2048), fp32.
+    "" gives the null embedding (diffusers encodes the empty prompt; it is not zeros)."""
+    assert isinstance(prompts, (list, tuple)) and all(isinstance(p, str) for p in prompts), prompts
+    e = encoders
+    dev = next(e.clip_l.parameters()).device
+    h_l, pooled_l = e.clip_l(e.tok_l(prompts).to(dev))                       # (B, 77, 768), (B, 768)
+    h_g, pooled_g = e.clip_g(e.tok_g(prompts).to(dev))                       # (B, 77, 1280), (B, 1280)
+    clip = torch.cat([h_l, h_g], dim=-1).float()                             # (B, 77, 2048)
+    if e.t5 is not None:
+        t5 = e.t5(e.tok_t5(prompts, t5_len).to(next(e.t5.parameters()).device)).float().to(dev)
+    else:
+        t5 = torch.zeros(len(prompts), t5_len, 4096, device=dev)             # (B, T, 4096)
+    assert clip.shape[-1] <= t5.shape[-1], (clip.shape, t5.shape)
+    clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))                   # (B, 77, 4096): zero-padded
+    context = torch.cat([clip, t5], dim=-2)                                  # (B, 77 + T, 4096)
+    pooled = torch.cat([pooled_l, pooled_g], dim=-1).float()                 # (B, 2048)
+    return context, pooled
+
+
+# --------------------------------------------------------------------------------------------
+# Precompute: one embedding file per image, plus the null and negative embeddings (train.py reads them)
+
+
+def caption_of(image):
+    """The caption beside an image (name.txt), or "" (the null prompt) when there is none."""
+    txt = os.path.splitext(image)[0] + ".txt"
+    if not os.path.exists(txt):
+        return ""
+    with open(txt, encoding="utf-8") as f:
+        return f.read().strip()
+
+
+def save_embedding(path, context, pooled, prompt, dtype):
+    assert context.ndim == 2 and pooled.ndim == 1, (context.shape, pooled.shape)
+    atomic_save({"context": context.to(dtype).contiguous(), "pooled": pooled.to(dtype).contiguous()}, path,
+                {"prompt": prompt, "t5_len": str(context.shape[0] - CLIP_LEN)})
+
+
+def precompute(data, encoders, t5_len=77, batch=8, suffix="", negative=NEGATIVE_PROMPT, dtype=torch.float32):
+    """Write name.safetensors (context (77 + t5_len, 4096), pooled (2048)) beside every image under
+    `data`, and data/null.safetensors ("") and data/neg.safetensors (the negative prompt)."""
+    if not os.path.isdir(data):
+        raise SystemExit(f"error: --data {data}: not a folder")
+    images = sorted(p for p in glob.glob(os.path.join(data, "**", "*"), recursive=True)
+                    if p.lower().endswith(IMAGE_EXTS))
+    if not images:
+        raise SystemExit(f"error: --data {data}: no images ({', '.join(IMAGE_EXTS)}) found")
+    clash = [p for p in images if os.path.splitext(os.path.relpath(p, data))[0] in ("null", "neg")]
+    if clash:
+        raise SystemExit(f"error: {clash[0]}: its embedding would be the null / negative embedding file; rename it")
+    for i in range(0, len(images), batch):
+        paths = images[i:i + batch]
+        prompts = [(c + " " + suffix if c and suffix else c) for c in map(caption_of, paths)]
+        context, pooled = encode_prompts(prompts, encoders, t5_len)          # (b, 77 + T, 4096), (b, 2048)
+        for p, c, v, text in zip(paths, context, pooled, prompts):
+            save_embedding(os.path.splitext(p)[0] + ".safetensors", c, v, text, dtype)
+        print(f"{min(i + batch, len(images))}/{len(images)} embeddings written")
+    for name, prompt in (("null", ""), ("neg", negative)):
+        context, pooled = encode_prompts([prompt], encoders, t5_len)
+        save_embedding(os.path.join(data, f"{name}.safetensors"), context[0], pooled[0], prompt, dtype)
+    print(f"wrote {os.path.join(data, 'null.safetensors')} and {os.path.join(data, 'neg.safetensors')}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Precompute SD3.5 prompt embeddings beside each image from its caption.")
+    ap.add_argument("--data", required=True, help="folder of images with name.txt captions (missing: empty prompt)")
+    ap.add_argument("--encoders", required=True, help="diffusers SD3.5 folder, SD3.5 text_encoders/ folder or "
+                                                       "repository root, or a single file bundling text_encoders.*")
+    ap.add_argument("--tokenizers", default="", help="folder with tokenizer/, tokenizer_2/, tokenizer_3/ "
+                                                     "(default: --encoders)")
+    ap.add_argument("--t5-len", type=int, default=77, help="T5 tokens: 77 for training, 256 at inference (DiT4SR)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--suffix", default="", help=f"appended to non-empty captions (DiT4SR inference: {POSITIVE_SUFFIX!r})")
+    ap.add_argument("--negative", default=NEGATIVE_PROMPT, help="the negative prompt written to neg.safetensors")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
+                    choices=["float32", "bfloat16", "float16"], help="encoder precision")
+    ap.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    a = ap.parse_args(argv)
+    if not os.path.isdir(a.data):
+        raise SystemExit(f"error: --data {a.data}: not a folder")
+    try:
+        enc = load_text_encoders(a.encoders, a.tokenizers or None, getattr(torch, a.dtype))
+    except (CheckpointError, ValueError) as e:
+        raise SystemExit(f"error: --encoders {a.encoders}: {e}") from None
+    precompute(a.data, enc.to(a.device), a.t5_len, a.batch, a.suffix, a.negative, getattr(torch, a.save_dtype))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
