@@ -6,7 +6,8 @@
     python bench.py quality             # the README table and figure, from weights/mfsr-tiny/
 
 Every stage is a train.py run (the same code as the full-scale path), in order:
-  1. vae      the tiny VAE (vae.py "tiny": x4, 16 latent channels), L1 + a tiny KL, 32^2 crops
+  1. vae      the tiny VAE (vae.py "tiny": x4, 16 latent channels), L1 + a tiny KL, 32^2 crops,
+              then vae_fine: 64^2 crops (closer to the sizes it encodes), a lower learning rate
   2. teacher  the LR-stream transformer (model.py "tiny") by rectified flow on Real-ESRGAN pairs
               (degrade.py), 128^2 HR / 32^2 LR, caption dropout 0.2; 2000 pairs encoded once
               (--cache-latents: at this size the VAE would otherwise cost more than the transformer)
@@ -57,14 +58,16 @@ CFG_W = 3.0                          # w of Eq. 11 for the target and of the tea
 # (stage name, train.py arguments); {data}, {emb}, {runs} filled in by run(); steps scaled by --scale
 STAGES = [
     ("vae", "--stage vae --preset tiny --size 32 --batch 16 --lr 1e-3 --steps 1000"),
+    ("vae_fine", "--stage vae --preset tiny --size 64 --batch 8 --lr 3e-4 --steps 600 "
+                 "--vae {runs}/vae/final/vae.safetensors"),
     ("teacher", "--stage teacher --preset tiny --size 128 --batch 8 --lr 3e-4 --steps 1500 --cache-latents 2000 "
-                "--vae {runs}/vae/final/vae.safetensors --caption-dropout 0.2 --neg-prob 0.1"),
+                "--vae {runs}/vae_fine/final/vae.safetensors --caption-dropout 0.2 --neg-prob 0.1"),
     ("student", "--stage distill --preset tiny --size 128 --batch 8 --lr 2e-4 --steps 400 --lora-rank 64 --cache-latents 2000 "
                 f"--target neg --cfg-w {CFG_W} --ratio 0.5 --loss pseudo_huber "
-                "--vae {runs}/vae/final/vae.safetensors --teacher {runs}/teacher/final/teacher.safetensors"),
+                "--vae {runs}/vae_fine/final/vae.safetensors --teacher {runs}/teacher/final/teacher.safetensors"),
     ("student_gt", "--stage distill --preset tiny --size 128 --batch 8 --lr 2e-4 --steps 300 --lora-rank 64 --cache-latents 2000 "
                    "--target gt --ratio 0.5 --loss pseudo_huber "
-                   "--vae {runs}/vae/final/vae.safetensors --teacher {runs}/teacher/final/teacher.safetensors"),
+                   "--vae {runs}/vae_fine/final/vae.safetensors --teacher {runs}/teacher/final/teacher.safetensors"),
 ]
 
 
@@ -126,7 +129,7 @@ def run(runs, scale=1.0, only=None, workers=2):
         argv += ["--data", os.path.join(runs, "data", "train"), "--out", out, "--workers", str(workers),
                  "--save-every", str(max(1, steps // 5)), "--sample-every", str(max(1, steps // 5)),
                  "--log-every", "50", "--keep", "2"]
-        if name != "vae":
+        if not name.startswith("vae"):
             argv += ["--null-emb", f"{emb}/null.safetensors", "--prompt-emb", f"{emb}/prompt.safetensors",
                      "--neg-emb", f"{emb}/neg.safetensors"]
         if glob.glob(os.path.join(out, "ckpt-*[0-9]")):
@@ -149,7 +152,7 @@ def ship(runs, dest=SHIP):
     for name, file in (("student", "student"), ("student_gt", "student"), ("teacher", "teacher")):
         net = model.load_transformer(os.path.join(runs, name, "final", file + ".safetensors"))
         model.save_transformer(net.half(), os.path.join(dest, name + ".safetensors"))
-    v = vae_lib.load_vae(os.path.join(runs, "vae", "final", "vae.safetensors"))
+    v = vae_lib.load_vae(os.path.join(runs, "vae_fine", "final", "vae.safetensors"))
     vae_lib.save_vae(v.half(), os.path.join(dest, "vae.safetensors"))
     for e in ("null", "prompt", "neg"):
         shutil.copy(os.path.join(runs, "emb", e + ".safetensors"), os.path.join(dest, e + ".safetensors"))

@@ -1501,6 +1501,13 @@ def test_train_tiny_teacher_then_distill_end_to_end(tmp_path):
     assert student.cfg.two_times and student.cfg.time_scale == 1.0 and student.cfg.lr_stream
     logs = [json.loads(line) for line in (s_out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in logs)
+    # sample.py takes the export as it is: student, the VAE and the prompt embedding beside it
+    from PIL import Image as PILImage
+    PILImage.fromarray((torch.rand(12, 10, 3) * 255).byte().numpy()).save(tmp_path / "lr.png")
+    assert sample.main([str(tmp_path / "lr.png"), "--ckpt", str(s_out / "ckpt-0000003" / "student.safetensors"),
+                        "-o", str(tmp_path / "sr")]) == 0
+    with PILImage.open(tmp_path / "sr" / "lr_mfsr.png") as im:
+        assert im.size == (40, 48)
 
 
 @pytest.mark.slow

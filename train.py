@@ -410,10 +410,11 @@ def distill_loss(student, raw_student, teacher, z_hr, z_lr, context, pooled, nul
 # Checkpoints: trainable weights + config; optimizer state; a full export for sample.py
 
 
-def save_checkpoint(cfg, net, opt, ema, step, rank, embs, stats):
+def save_checkpoint(cfg, net, opt, ema, step, rank, embs, stats, vae=None):
     """out/ckpt-{step}/: trainable.safetensors (+ EMA), optimizer.safetensors, and the export:
     student.safetensors / teacher.safetensors (whole model, LoRA merged) with the null, negative and
-    default prompt embeddings it was trained with, or vae.safetensors (vae stage)."""
+    default prompt embeddings it was trained with, or vae.safetensors (vae stage). A VAE that came
+    from no file (--preset tiny without --vae) is saved beside the model too, so sample.py finds it."""
     if rank != 0:
         return
     final = os.path.join(cfg.out, f"ckpt-{step:07d}")
@@ -434,6 +435,8 @@ def save_checkpoint(cfg, net, opt, ema, step, rank, embs, stats):
         vae_lib.save_vae(calibrated_vae(net, stats), os.path.join(tmp, "vae.safetensors"))
     else:
         save_full(net, os.path.join(tmp, f"{cfg.stage if cfg.stage == 'teacher' else 'student'}.safetensors"))
+        if vae is not None and not (cfg.vae or cfg.ckpt):
+            vae_lib.save_vae(vae, os.path.join(tmp, "vae.safetensors"))
         for name, (context, pooled) in zip(("null", "neg", "prompt"), embs):
             atomic_save({"context": context.contiguous(), "pooled": pooled.contiguous()},
                         os.path.join(tmp, f"{name}.safetensors"), {"format": "mfsr-embedding"})
@@ -659,7 +662,7 @@ def main(argv=None):
                 save_grid(os.path.join(cfg.out, f"grid-{done:07d}.png"), vae, net.eval(), cfg.stage, batch, z_lr, null)
                 net.train()
         if done % cfg.save_every == 0 or done == cfg.steps:
-            save_checkpoint(cfg, net, opt, ema, done, rank, (null, neg, prompt), stats)
+            save_checkpoint(cfg, net, opt, ema, done, rank, (null, neg, prompt), stats, vae)
     if ddp:
         dist.destroy_process_group()
 
