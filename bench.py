@@ -89,6 +89,14 @@ def print_table(title, rows):
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
 
 
+def markdown_table(rows):
+    """The same table as print_table, in Markdown (for the README and the model card)."""
+    cols = list(rows[0])
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    return "\n".join(lines + ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]) + "\n"
+
+
 # --------------------------------------------------------------------------------------------
 # model: forward, JVP (custom attention vs the math backend), JVP + backward
 
@@ -609,12 +617,17 @@ def bench_quality(args):
     import miniature
     size, per_image, steps = (128, 1, 8) if args.quick else (256, 3, 40)
     rows, figure = miniature.evaluate(size=size, per_image=per_image, teacher_steps=steps)
-    if not args.quick:
-        miniature.save_figure(figure, os.path.join(miniature.SHIP, "figure.png"))
     n = per_image * len(miniature.HELD_OUT)
     figures = {r["method"]: {k: v for k, v in r.items() if k != "method"} for r in rows}
-    return (f"quality: {miniature.SHIP}, {n} held-out {size}^2 crops ({', '.join(miniature.HELD_OUT)}), "
-            f"Real-ESRGAN degradation x4, seed 0 (threads {torch.get_num_threads()})"), rows, figures
+    title = (f"quality: {miniature.SHIP}, {n} held-out {size}^2 crops ({', '.join(miniature.HELD_OUT)}), "
+             f"Real-ESRGAN degradation x4, seed 0 (threads {torch.get_num_threads()})")
+    if not args.quick:   # the figure and the model card's metrics.md, beside the shipped model
+        miniature.save_figure(figure, os.path.join(miniature.SHIP, "figure.png"))
+        tmp = os.path.join(miniature.SHIP, "metrics.md.tmp")
+        with open(tmp, "w") as f:
+            f.write(f"# {title}\n\n`python bench.py quality`\n\n{markdown_table(rows)}")
+        os.replace(tmp, os.path.join(miniature.SHIP, "metrics.md"))
+    return title, rows, figures
 
 
 def main(argv=None):

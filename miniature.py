@@ -1,4 +1,4 @@
-"""The miniature MFSR: the whole story of the paper at a size two CPU cores train in about 1.5 hours.
+"""The miniature MFSR: the whole story of the paper at a size two CPU cores train in about 70 minutes.
 
     pip install scikit-image            # dev-only: its public-domain photographs are the data
     python miniature.py                 # data -> tiny VAE -> teacher -> student (+ the gt-target
@@ -9,11 +9,13 @@ Every stage is a train.py run (the same code as the full-scale path), in order:
   1. vae      the tiny VAE (vae.py "tiny": x4, 16 latent channels), L1 + a tiny KL, 32^2 crops,
               then vae_fine: 64^2 crops (closer to the sizes it encodes), a lower learning rate
   2. teacher  the LR-stream transformer (model.py "tiny") by rectified flow on Real-ESRGAN pairs
-              (degrade.py), 128^2 HR / 32^2 LR, caption dropout 0.2; 2000 pairs encoded once
+              (degrade.py), 128^2 HR / 32^2 LR, caption dropout 0.2; 1200 pairs encoded once
               (--cache-latents: at this size the VAE would otherwise cost more than the transformer)
-  3. distill  the MFSR student: teacher-CFG target with the negative prompt (Eq. 11), ratio 0.5,
-              pseudo-Huber, s-embedder, LoRA rank 64 (at width 128 that is half the rank of
-              every layer: close to a full fine-tune, through the same code path as the real run)
+  3. distill  the MFSR student: teacher-CFG target with the negative prompt (Eq. 11, w = CFG_W),
+              ratio 0.5, pseudo-Huber, s-embedder, c_noise(t) = t, LoRA rank 64 (at width 128 that
+              is half the rank of every layer: close to a full fine-tune, through the same code
+              path as the real run), lr 1e-4 and an EMA of 0.99 (without it the student's quality
+              swung by up to 5 dB between checkpoints 200 steps apart)
   4. distill with the ground-truth target (Table 3's first row), for the ablation in the table
 
 Text at this size: there are no captions and no text encoders. The "prompt" is a fixed random
@@ -52,20 +54,26 @@ TRAIN = {"astronaut": "public domain (NASA)", "hubble_deep_field": "public domai
          "cell": "CC0"}
 HELD_OUT = {"chelsea": "CC0 (Stefan van der Walt)", "coffee": "CC0 (Rachel Michetti)"}
 SHIP = "weights/mfsr-tiny"
+TRAIN_SIZE = 128                     # HR crop side of the transformer stages (a 32^2 latent)
 CONTEXT_LEN = 4                      # tokens of the miniature's prompt embeddings
-CFG_W = 3.0                          # w of Eq. 11 for the target and of the teacher's CFG sampling
+# w of Eq. 11, for the student's target and the teacher's CFG sampling. Chosen on training crops
+# (one 128^2 crop per training image), 40-step teacher PSNR for w = 1 / 1.25 / 1.5 / 2: 20.1 / 19.2 /
+# 18.0 / 15.5 dB; 1.25 is the largest w within 1 dB of unguided sampling. w = 3, tried first, made the
+# 40-step teacher diverge (held-out PSNR 9 dB, 6.5x the HR's high-frequency energy): this teacher
+# has far less to give CFG than DiT4SR (w = 8).
+CFG_W = 1.25
 
 # (stage name, train.py arguments); {data}, {emb}, {runs} filled in by run(); steps scaled by --scale
 STAGES = [
     ("vae", "--stage vae --preset tiny --size 32 --batch 16 --lr 1e-3 --steps 1000"),
-    ("vae_fine", "--stage vae --preset tiny --size 64 --batch 8 --lr 3e-4 --steps 600 "
+    ("vae_fine", "--stage vae --preset tiny --size 64 --batch 8 --lr 3e-4 --steps 240 "
                  "--vae {runs}/vae/final/vae.safetensors"),
-    ("teacher", "--stage teacher --preset tiny --size 128 --batch 8 --lr 3e-4 --steps 1500 --cache-latents 2000 "
+    ("teacher", "--stage teacher --preset tiny --size {size} --batch 8 --lr 5e-4 --steps 4000 --cache-latents 1200 "
                 "--vae {runs}/vae_fine/final/vae.safetensors --caption-dropout 0.2 --neg-prob 0.1"),
-    ("student", "--stage distill --preset tiny --size 128 --batch 8 --lr 2e-4 --steps 400 --lora-rank 64 --cache-latents 2000 "
+    ("student", "--stage distill --preset tiny --size {size} --batch 8 --lr 1e-4 --steps 400 --ema 0.99 --lora-rank 64 --cache-latents 1200 "
                 f"--target neg --cfg-w {CFG_W} --ratio 0.5 --loss pseudo_huber "
                 "--vae {runs}/vae_fine/final/vae.safetensors --teacher {runs}/teacher/final/teacher.safetensors"),
-    ("student_gt", "--stage distill --preset tiny --size 128 --batch 8 --lr 2e-4 --steps 300 --lora-rank 64 --cache-latents 2000 "
+    ("student_gt", "--stage distill --preset tiny --size {size} --batch 8 --lr 1e-4 --steps 400 --ema 0.99 --lora-rank 64 --cache-latents 1200 "
                    "--target gt --ratio 0.5 --loss pseudo_huber "
                    "--vae {runs}/vae_fine/final/vae.safetensors --teacher {runs}/teacher/final/teacher.safetensors"),
 ]
@@ -123,7 +131,7 @@ def run(runs, scale=1.0, only=None, workers=2):
         if os.path.exists(os.path.join(out, "final")):
             print(f"== {name}: done ({out}/final)")
             continue
-        argv = args.format(runs=runs).split()
+        argv = args.format(runs=runs, size=TRAIN_SIZE).split()
         steps = max(2, round(int(argv[argv.index("--steps") + 1]) * scale))
         argv[argv.index("--steps") + 1] = str(steps)
         argv += ["--data", os.path.join(runs, "data", "train"), "--out", out, "--workers", str(workers),
@@ -140,19 +148,29 @@ def run(runs, scale=1.0, only=None, workers=2):
             os.link(shared, os.path.join(out, "latents-0.safetensors"))
         print(f"== {name}: python train.py {' '.join(argv)}", flush=True)
         t0 = time.time()
-        train.main(argv)
+        try:
+            train.main(argv)
+        finally:   # an interrupted stage resumes: its minutes add up over the runs
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, "minutes.log"), "a") as f:
+                f.write(f"{(time.time() - t0) / 60:.2f}\n")
         _final(out)
+        with open(os.path.join(out, "minutes.log")) as f:
+            total = sum(float(line) for line in f if line.strip())
         with open(os.path.join(out, "final", "minutes.txt"), "w") as f:
-            f.write(f"{(time.time() - t0) / 60:.1f}\n")
+            f.write(f"{total:.1f}\n")
 
 
 def ship(runs, dest=SHIP):
     """The trained models, stored in fp16 (loaders cast back to fp32), and the embeddings."""
     os.makedirs(dest, exist_ok=True)
+    v = vae_lib.load_vae(os.path.join(runs, "vae_fine", "final", "vae.safetensors"))
+    tile = TRAIN_SIZE // v.cfg.factor    # sample.py's defaults: tiles of the training size, our w
     for name, file in (("student", "student"), ("student_gt", "student"), ("teacher", "teacher")):
         net = model.load_transformer(os.path.join(runs, name, "final", file + ".safetensors"))
+        net.sampling = {"tile": tile, "tile_overlap": train.sample_overlap(tile, net.cfg.patch),
+                        **({"cfg": CFG_W} if name == "teacher" else {})}
         model.save_transformer(net.half(), os.path.join(dest, name + ".safetensors"))
-    v = vae_lib.load_vae(os.path.join(runs, "vae_fine", "final", "vae.safetensors"))
     vae_lib.save_vae(v.half(), os.path.join(dest, "vae.safetensors"))
     for e in ("null", "prompt", "neg"):
         shutil.copy(os.path.join(runs, "emb", e + ".safetensors"), os.path.join(dest, e + ".safetensors"))
@@ -160,12 +178,45 @@ def ship(runs, dest=SHIP):
     for name, _ in STAGES:
         p = os.path.join(runs, name, "final", "minutes.txt")
         minutes[name] = float(open(p).read()) if os.path.exists(p) else None
-    info = {"stages": {n: a for n, a in STAGES}, "minutes": minutes, "cfg_w": CFG_W,
+    info = {"stages": {n: a.format(runs=runs, size=TRAIN_SIZE) for n, a in STAGES}, "minutes": minutes, "cfg_w": CFG_W,
             "train_images": TRAIN, "held_out_images": HELD_OUT, "torch": torch.__version__}
     with open(os.path.join(dest, "training.json"), "w") as f:
         json.dump(info, f, indent=1)
+    write_card(dest, info)
     size = sum(os.path.getsize(p) for p in glob.glob(os.path.join(dest, "*")))
     print(f"shipped to {dest}: {size / 2 ** 20:.1f} MB")
+
+
+def write_card(dest, info):
+    """weights/mfsr-tiny/MODEL_CARD.md: what the files are, how they were made."""
+    nets = {n: model.load_transformer(os.path.join(dest, n + ".safetensors")) for n in ("student", "teacher")}
+    v = vae_lib.load_vae(os.path.join(dest, "vae.safetensors"))
+    count = lambda m: f"{sum(p.numel() for p in m.parameters()):,}"                         # noqa: E731
+    lines = ["# mfsr-tiny: the miniature MFSR (made by `python miniature.py`)", "",
+             "| file | what |", "|---|---|",
+             f"| student.safetensors | the MFSR student (teacher-CFG target, Eq. 11), LoRA merged, "
+             f"{count(nets['student'])} parameters, fp16 |",
+             "| student_gt.safetensors | the same distilled with the `gt` target (the ablation) |",
+             f"| teacher.safetensors | the LR-stream teacher, {count(nets['teacher'])} parameters, fp16 |",
+             f"| vae.safetensors | the tiny VAE (x4, 16 latent channels), {count(v)} parameters, "
+             f"shift {v.cfg.shift:.4f}, scale {v.cfg.scale:.4f}, fp16 |",
+             "| prompt / null / neg .safetensors | the fixed prompt embedding (every training image), the "
+             "null (zeros, caption dropout) and the negative prompt (taught to mean the LR image) |",
+             "| training.json | the train.py arguments of every stage, their minutes, the data |", "",
+             f"Transformer config: `{nets['student'].cfg}`", "",
+             "Data: scikit-image's photographs, training: " + ", ".join(f"{k} ({v})" for k, v in TRAIN.items())
+             + "; held out (evaluation and the example image): "
+             + ", ".join(f"{k} ({v})" for k, v in HELD_OUT.items()) + ".", "",
+             "Training steps: " + ", ".join(f"{k} {a.split('--steps ')[1].split()[0]}" for k, a in info["stages"].items())
+             + "; every stage's full train.py arguments are in training.json.", "",
+             "Training on 2 CPU cores (minutes): " + ", ".join(
+                 f"{k} {m:.0f}" if m is not None else f"{k} ?" for k, m in info["minutes"].items()) + ".", "",
+             f"Sampling defaults recorded in the files (sample.py uses them): latent tiles of the training "
+             f"size, {nets['student'].sampling}; the teacher's CFG w = {info['cfg_w']:g}.", "",
+             "Metrics: metrics.md and figure.png, written by `python bench.py quality` (the repository's "
+             "README shows the same table)."]
+    with open(os.path.join(dest, "MODEL_CARD.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def make_example(dest="examples", name="chelsea", top=24, left=136, size=256, seed=0):
@@ -255,28 +306,28 @@ def load_shipped(dest=SHIP):
 
 @torch.no_grad()
 def evaluate(dest=SHIP, size=256, per_image=3, teacher_steps=40, seed=0):
-    """Rows of the README table and the figure's columns (first crop)."""
-    import mfsr
+    """Rows of the README table and the figure's columns (first crop). Every model runs through
+    sample.upscale as sample.py runs it: latent tiles of the training size, AdaIN colour fix."""
+    import sample
     nets, v, embs = load_shipped(dest)
     hr, lr = heldout_pairs(size, per_image, seed)
-    B = hr.shape[0]
-    cond = lambda e: (embs[e][1][None].expand(B, -1), embs[e][0][None].expand(B, -1, -1))   # noqa: E731
     lr_up = torch.nn.functional.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
-    z_lr = v.encode(lr_up * 2 - 1, tile=0)
-    dec = lambda z: v.decode(z, tile=0).float().add(1).div(2).clamp(0, 1)                   # noqa: E731
-    (pp, pc), neg = cond("prompt"), cond("neg")
-    g = lambda: torch.Generator().manual_seed(seed)                                        # noqa: E731
+    cond = {e: (p[None], c[None]) for e, (c, p) in embs.items()}
+
+    def run(net, steps, teacher=False):
+        tiles = {k: net.sampling[k] for k in ("tile", "tile_overlap") if k in net.sampling}
+        return torch.cat([sample.upscale(lr[i:i + 1], net, v, cond["prompt"], steps, teacher=teacher,
+                                         cond_neg=cond["neg"], cfg=CFG_W, seed=seed, vae_tile=0, **tiles) for i in range(len(lr))])
+
     methods = {"bicubic": lambda: lr_up,
-               "VAE(HR) (upper bound)": lambda: dec(v.encode(hr * 2 - 1, tile=0))}
+               "VAE(HR) (upper bound)": lambda: v.decode(v.encode(hr * 2 - 1, tile=0), tile=0).float().add(1).div(2).clamp(0, 1)}
     for k in sorted({1, 4, teacher_steps}):
-        methods[_teacher_name(k)] = (
-            lambda k=k: dec(mfsr.sample_teacher(nets["teacher"], z_lr, (pp, pc), neg, steps=k, cfg=CFG_W, generator=g())))
+        methods[_teacher_name(k)] = lambda k=k: run(nets["teacher"], k, teacher=True)
     for k in (1, 2, 4):
-        methods[f"student {k} step{'s' * (k > 1)}"] = (
-            lambda k=k: dec(mfsr.sample_student(nets["student"], z_lr, pp, pc, steps=k, generator=g())))
+        methods[f"student {k} step{'s' * (k > 1)}"] = lambda k=k: run(nets["student"], k)
     for k in (1, 2):
-        methods[f"student, gt target, {k} step{'s' * (k > 1)}"] = (
-            lambda k=k: dec(mfsr.sample_student(nets["student_gt"], z_lr, pp, pc, steps=k, generator=g())))
+        methods[f"student, gt target, {k} step{'s' * (k > 1)}"] = lambda k=k: run(nets["student_gt"], k)
+    B = hr.shape[0]
     outs, secs = {}, {}
     for name, fn in methods.items():
         t0 = time.perf_counter()

@@ -726,6 +726,7 @@ def load_transformer(path, *, dtype=torch.float32, device="cpu", **overrides) ->
     told = {k: saved[k] for k in ("lr_key_mode", "ff_inject", "time_scale") if k in saved}
     cfg = replace(_infer_config(src), **{**told, **overrides})
     lora = json.loads(src.metadata.get("lora", "null"))
+    sampling = json.loads(src.metadata.get("mfsr_sampling", "{}"))
     with torch.device("meta"):
         net = MMDiT(cfg)
         if lora:
@@ -750,13 +751,15 @@ def load_transformer(path, *, dtype=torch.float32, device="cpu", **overrides) ->
             t = src.get(key).to(dtype)
         sd[key] = t
     net.load_state_dict(sd, assign=True)
+    net.sampling = sampling   # e.g. {"tile": 32, "tile_overlap": 12, "cfg": 1.25}: see sample.py
     return net.to(device)
 
 
 def save_transformer(net: MMDiT, path, layout="original"):
     """Write a safetensors file: "original" = SD3.5 single-file names (`model.diffusion_model.*`,
     loadable by SD3.5 tools when the model has no added parts), "diffusers" = diffusers/DiT4SR
-    names. The config and LoRA settings go into the metadata; the write is atomic."""
+    names. The config, LoRA settings and `net.sampling` (if set) go into the metadata; the write
+    is atomic."""
     sd = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
     lora = getattr(net, "lora", None)
     if layout == "original":
@@ -769,6 +772,8 @@ def save_transformer(net: MMDiT, path, layout="original"):
         raise ValueError(f"layout must be 'original' or 'diffusers', got {layout!r}")
     meta = {"format": "mfsr-mmdit", "layout": layout, "mfsr_config": json.dumps(asdict(net.cfg)),
             "lora": json.dumps(lora)}
+    if getattr(net, "sampling", None):   # the sampler settings it was trained for (sample.py defaults)
+        meta["mfsr_sampling"] = json.dumps(net.sampling)
     atomic_save(sd, path, meta)
 
 

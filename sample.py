@@ -130,6 +130,7 @@ def wavelet_color_fix(y, ref, levels=5):
 
 
 COLOR_FIXES = {"adain": adain_color_fix, "wavelet": wavelet_color_fix, "none": lambda y, ref: y}
+DEFAULTS = {"tile": 64, "tile_overlap": 24, "cfg": 8.0}   # DiT4SR's, for checkpoints that record none
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,10 +345,12 @@ def parse_args(argv=None):
     p.add_argument("--tokenizers", default=None, help="tokenizer folder, if not beside --encoders")
     p.add_argument("--neg-emb", default=None, help="negative prompt embedding for the teacher's CFG")
     p.add_argument("--steps", type=int, default=None, help="student 1..8 (default 1); teacher default 40")
-    p.add_argument("--cfg", type=float, default=8.0, help="teacher guidance scale (DiT4SR: 8)")
+    p.add_argument("--cfg", type=float, default=None, help="teacher guidance scale (default: the one recorded in "
+                   "the checkpoint, else DiT4SR's 8)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tile", type=int, default=64, help="latent tile side (DiT4SR: 64)")
-    p.add_argument("--tile-overlap", type=int, default=24, help="latent tile overlap (DiT4SR: 24)")
+    p.add_argument("--tile", type=int, default=None, help="latent tile side (default: the training size recorded "
+                   "in the checkpoint, else DiT4SR's 64)")
+    p.add_argument("--tile-overlap", type=int, default=None, help="latent tile overlap (default: recorded, else 24)")
     p.add_argument("--color-fix", default="adain", choices=sorted(COLOR_FIXES))
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
@@ -382,6 +385,9 @@ def main(argv=None):
         else:
             cond, where = load_condition(net.cfg, args.emb, args.ckpt)
             cond_neg = load_condition(net.cfg, args.neg_emb, args.ckpt, ("neg", "null"))[0] if args.teacher else None
+        for key in DEFAULTS:   # unset flags: the checkpoint's own settings, else DiT4SR's
+            if getattr(args, key) is None:
+                setattr(args, key, net.sampling.get(key, DEFAULTS[key]))
         TiledNet(net, args.tile, args.tile_overlap)                      # check the tiles once
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

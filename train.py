@@ -63,6 +63,7 @@ class TrainConfig:
     steps: int = 10000
     lr: float = 5e-5                # Adam (distill, App. B); teacher stage: AdamW like DiT4SR
     lora_rank: int = 64
+    time_scale: float = 1.0         # student's c_noise(t) = time_scale * t (§4.4: 1; the teacher's is 1000)
     ratio: float = 0.5              # share of rows with s != t (Table 4)
     target: str = "neg"             # teacher velocity: gt | meanflow | null | neg (Table 3)
     cfg_w: float = 6.0              # w of Eq. 10 / 11
@@ -286,7 +287,7 @@ def build_models(cfg, device):
     if not teacher.cfg.lr_stream or teacher.cfg.two_times:
         raise SystemExit(f"error: --teacher {cfg.teacher}: needs a one-time model with the LR stream")
     teacher = teacher.to(device).eval()
-    student = mfsr.student_from_teacher(teacher, lora_rank=cfg.lora_rank)
+    student = mfsr.student_from_teacher(teacher, lora_rank=cfg.lora_rank, time_scale=cfg.time_scale)
     teacher.requires_grad_(False)
     return student, teacher, vae
 
@@ -434,7 +435,10 @@ def save_checkpoint(cfg, net, opt, ema, step, rank, embs, stats, vae=None):
     if cfg.stage == "vae":
         vae_lib.save_vae(calibrated_vae(net, stats), os.path.join(tmp, "vae.safetensors"))
     else:
-        save_full(net, os.path.join(tmp, f"{cfg.stage if cfg.stage == 'teacher' else 'student'}.safetensors"))
+        latent = cfg.size // (vae.cfg.factor if vae is not None else 8)
+        sampling = {"tile": latent, "tile_overlap": sample_overlap(latent, net.cfg.patch)}
+        save_full(net, os.path.join(tmp, f"{cfg.stage if cfg.stage == 'teacher' else 'student'}.safetensors"),
+                  sampling, ema)
         if vae is not None and not (cfg.vae or cfg.ckpt):
             vae_lib.save_vae(vae, os.path.join(tmp, "vae.safetensors"))
         for name, (context, pooled) in zip(("null", "neg", "prompt"), embs):
@@ -447,10 +451,22 @@ def save_checkpoint(cfg, net, opt, ema, step, rank, embs, stats, vae=None):
         shutil.rmtree(old)
 
 
-def save_full(net, path):
-    """The whole model, LoRA merged, loadable by load_transformer / sample.py."""
+def sample_overlap(tile, patch):
+    """DiT4SR's tile overlap ratio (24 / 64) for another tile size, in whole patches."""
+    return patch * round(tile * 3 / 8 / patch)
+
+
+def save_full(net, path, sampling=None, ema=None):
+    """The whole model, LoRA merged, loadable by load_transformer / sample.py; `sampling`: the
+    latent tile size it was trained at, sample.py's default for it. With `ema` (name -> tensor)
+    the export carries the EMA weights, the ones to sample with."""
     import copy
     full = copy.deepcopy(net).cpu()
+    full.sampling = sampling
+    with torch.no_grad():
+        for n, p in full.named_parameters():
+            if ema and n in ema:
+                p.copy_(ema[n])
     if getattr(full, "lora", None):
         model.merge_lora(full)
     model.save_transformer(full, path)
