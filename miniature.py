@@ -40,6 +40,7 @@ import time
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import safe_open
 
 import model
 import train
@@ -174,11 +175,14 @@ def ship(runs, dest=SHIP):
     vae_lib.save_vae(v.half(), os.path.join(dest, "vae.safetensors"))
     for e in ("null", "prompt", "neg"):
         shutil.copy(os.path.join(runs, "emb", e + ".safetensors"), os.path.join(dest, e + ".safetensors"))
-    minutes = {}
+    minutes, steps = {}, {}
     for name, _ in STAGES:
         p = os.path.join(runs, name, "final", "minutes.txt")
         minutes[name] = float(open(p).read()) if os.path.exists(p) else None
-    info = {"stages": {n: a.format(runs=runs, size=TRAIN_SIZE) for n, a in STAGES}, "minutes": minutes, "cfg_w": CFG_W,
+        with safe_open(os.path.join(runs, name, "final", "trainable.safetensors"), "pt") as f:
+            steps[name] = int(f.metadata()["step"])          # what ran (--scale changes it)
+    info = {"stages": {n: a.format(runs=runs, size=TRAIN_SIZE) for n, a in STAGES}, "steps": steps,
+            "minutes": minutes, "cfg_w": CFG_W,
             "train_images": TRAIN, "held_out_images": HELD_OUT, "torch": torch.__version__}
     with open(os.path.join(dest, "training.json"), "w") as f:
         json.dump(info, f, indent=1)
@@ -207,8 +211,8 @@ def write_card(dest, info):
              "Data: scikit-image's photographs, training: " + ", ".join(f"{k} ({v})" for k, v in TRAIN.items())
              + "; held out (evaluation and the example image): "
              + ", ".join(f"{k} ({v})" for k, v in HELD_OUT.items()) + ".", "",
-             "Training steps: " + ", ".join(f"{k} {a.split('--steps ')[1].split()[0]}" for k, a in info["stages"].items())
-             + "; every stage's full train.py arguments are in training.json.", "",
+             "Training steps: " + ", ".join(f"{k} {n}" for k, n in info["steps"].items())
+             + "; every stage's train.py arguments (before --scale) are in training.json.", "",
              "Training on 2 CPU cores (minutes): " + ", ".join(
                  f"{k} {m:.0f}" if m is not None else f"{k} ?" for k, m in info["minutes"].items()) + ".", "",
              f"Sampling defaults recorded in the files (sample.py uses them): latent tiles of the training "
