@@ -64,7 +64,7 @@ CONTEXT_LEN = 4                      # tokens of the miniature's prompt embeddin
 # has far less to give CFG than DiT4SR (w = 8).
 CFG_W = 1.25
 
-# (stage name, train.py arguments); {data}, {emb}, {runs} filled in by run(); steps scaled by --scale
+# (stage name, train.py arguments); {size}, {runs} filled in by run(); steps and cached pairs scaled by --scale
 STAGES = [
     ("vae", "--stage vae --preset tiny --size 32 --batch 16 --lr 1e-3 --steps 1000"),
     ("vae_fine", "--stage vae --preset tiny --size 64 --batch 8 --lr 3e-4 --steps 240 "
@@ -135,6 +135,9 @@ def run(runs, scale=1.0, only=None, workers=2):
         argv = args.format(runs=runs, size=TRAIN_SIZE).split()
         steps = max(2, round(int(argv[argv.index("--steps") + 1]) * scale))
         argv[argv.index("--steps") + 1] = str(steps)
+        if "--cache-latents" in argv:   # a smoke run need not encode the full set of pairs
+            i = argv.index("--cache-latents") + 1
+            argv[i] = str(max(16, round(int(argv[i]) * scale)))
         argv += ["--data", os.path.join(runs, "data", "train"), "--out", out, "--workers", str(workers),
                  "--save-every", str(max(1, steps // 5)), "--sample-every", str(max(1, steps // 5)),
                  "--log-every", "50", "--keep", "2"]
@@ -366,11 +369,13 @@ if __name__ == "__main__":
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.01: a smoke run)")
     ap.add_argument("--only", nargs="*", choices=[n for n, _ in STAGES], help="run only these stages")
     ap.add_argument("--workers", type=int, default=2, help="data-loading processes per stage")
-    ap.add_argument("--no-ship", action="store_true", help="do not copy the result to " + SHIP)
+    ap.add_argument("--no-ship", action="store_true", help="do not copy the result to " + SHIP
+                    + " (with --scale other than 1: to RUNS/mfsr-tiny)")
     a = ap.parse_args()
     torch.set_num_threads(2)
     run(a.runs, a.scale, a.only, a.workers)
-    if not a.no_ship:
-        ship(a.runs)
-        make_example()
+    if not a.no_ship:   # a scaled (smoke) run never replaces the shipped model or the example
+        ship(a.runs, SHIP if a.scale == 1.0 else os.path.join(a.runs, "mfsr-tiny"))
+        if a.scale == 1.0:
+            make_example()
     sys.exit(0)

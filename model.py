@@ -182,8 +182,10 @@ _COMPILED_JVP = [False]
 class compiled_jvp:
     """Context manager: tell `attention` that the graph being compiled carries tangents.
 
-    Tensor wrappers cannot be inspected while dynamo traces, so code that compiles a JVP
-    (mfsr.py) says so; attention then uses the plain-ops chunked path there.
+    Tensor wrappers cannot be inspected while dynamo traces, so code that compiles a JVP says so;
+    attention then uses the plain-ops chunked path there. mfsr.py and train.py run the JVP eagerly
+    (train.py --compile compiles the forward with gradients only); test_torch_compile_forward_and_jvp
+    compiles one under this context.
     """
 
     def __enter__(self):

@@ -338,6 +338,7 @@ def parse_args(argv=None):
     p.add_argument("--emb", default=None, help="prompt embedding file (context, pooled); default: the "
                    "prompt.safetensors / null.safetensors stored beside the model")
     p.add_argument("--prompt", default=None, help="prompt text (needs --encoders)")
+    p.add_argument("--prompt-file", default=None, help="read the prompt text from this UTF-8 file (needs --encoders)")
     p.add_argument("--negative-prompt", default=None, help="the teacher's CFG negative (needs --encoders; "
                    "default DiT4SR's)")
     p.add_argument("--encoders", default=None, help="SD3.5 text encoders (text.py: a diffusers pipeline folder, "
@@ -361,8 +362,17 @@ def parse_args(argv=None):
         p.error(f"--steps {a.steps}: the student takes 1..8 steps")
     if a.teacher and a.steps < 1:
         p.error(f"--steps {a.steps}: at least 1")
+    if a.prompt_file is not None:
+        if a.prompt is not None:
+            p.error("give --prompt or --prompt-file, not both")
+        try:
+            with open(a.prompt_file, encoding="utf-8") as f:
+                a.prompt = f.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            p.error(f"--prompt-file {a.prompt_file}: cannot read it as UTF-8 text ({getattr(e, 'strerror', None) or e})")
     if (a.prompt is not None or a.negative_prompt is not None) and not a.encoders:
-        p.error("--prompt / --negative-prompt need --encoders (or precompute an embedding with text.py and pass --emb)")
+        p.error("--prompt / --prompt-file / --negative-prompt need --encoders "
+                "(or precompute an embedding with text.py and pass --emb)")
     if a.encoders and a.emb:
         p.error("give --emb or --encoders (with --prompt), not both")
     if a.ext != "auto" and "." + a.ext.lstrip(".").lower() not in EXTS:
@@ -393,7 +403,11 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.output:
-        os.makedirs(args.output, exist_ok=True)
+        try:
+            os.makedirs(args.output, exist_ok=True)
+        except OSError as e:
+            print(f"error: cannot create the output folder {args.output}: {e.strerror or e}", file=sys.stderr)
+            return 2
     calls = args.steps * (2 if args.teacher else 1)
     print(f"model: {args.ckpt or SHIPPED} ({'teacher, CFG ' + str(args.cfg) if args.teacher else 'student'}, "
           f"{calls} network calls per tile), prompt: {where}, {device}, {args.dtype}")

@@ -1602,6 +1602,9 @@ def test_train_bad_inputs_give_clear_messages(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         train.main(_TINY + ["--data", str(tmp_path / "empty"), "--stage", "student"])
     assert "--stage 'student': choose from distill, teacher, vae" in capsys.readouterr().err
+    with pytest.raises(SystemExit):   # progress grids written into the data would be trained on
+        train.main(_TINY + ["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "empty" / "run")])
+    assert "is inside --data" in capsys.readouterr().err and not (tmp_path / "empty" / "run").exists()
     data = _images(tmp_path / "data", n=2)
     (tmp_path / "data" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     out = tmp_path / "run"
@@ -1636,6 +1639,14 @@ def test_teacher_loss_negative_rows_get_the_negative_prompt_and_the_lr_target():
             assert seen["context"].shape == (3, 3, 64) and (seen["context"] == 1).all() and (seen["pooled"] == 1).all()
         else:
             assert torch.equal(seen["context"], ctx)
+
+
+def test_train_learning_rate_schedules():
+    cfg = train.parse_args(["--data", "d", "--lr", "2e-3", "--steps", "100", "--lr-decay", "cosine"])
+    lrs = [train.learning_rate(cfg, s) for s in range(100)]
+    assert lrs[0] == 2e-3 and abs(lrs[50] - 1e-3) < 1e-12 and 0 < lrs[99] < 1e-6
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert {train.learning_rate(replace(cfg, lr_decay="none"), s) for s in range(100)} == {2e-3}
 
 
 @pytest.mark.slow
@@ -1934,6 +1945,11 @@ def test_sample_never_overwrites_an_input_and_checks_the_checkpoint(_smp_models,
     rc = sample.main([str(tmp_path / "a.png"), "-o", str(tmp_path), "--suffix", "", "--ext", "png"] + ck)
     assert rc == 1 and "refusing to write over an input" in capsys.readouterr().err
     assert (tmp_path / "a.png").read_bytes() == before and sorted(os.listdir(tmp_path)) == ["a.png"]
+    # an output folder that cannot be made (its parent is a file): one line naming it, exit code 2
+    rc = sample.main([str(tmp_path / "a.png"), "-o", str(tmp_path / "a.png" / "out")] + ck)
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot create the output folder" in err and "a.png/out" in err and "Traceback" not in err
+    assert (tmp_path / "a.png").read_bytes() == before
     # a one-time model is not a student: clear error, exit code 2, nothing written
     rc = sample.main([str(tmp_path / "a.png"), "--ckpt", str(_smp_models / "teacher.safetensors")])
     assert rc == 2 and "not an MFSR student" in capsys.readouterr().err
@@ -2373,7 +2389,7 @@ def test_text_precompute_command(_txt_pipeline, tmp_path):
 def test_prompt_flags_need_the_text_encoders_and_captions_without_embeddings_warn(tmp_path, capsys):
     with pytest.raises(SystemExit):
         sample.parse_args(["in.png", "--prompt", "a cat"])
-    assert "--prompt / --negative-prompt need --encoders" in capsys.readouterr().err
+    assert "--prompt / --prompt-file / --negative-prompt need --encoders" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train.parse_args(["--data", "d", "--prompt", "a cat"])
     assert "--prompt needs --encoders" in capsys.readouterr().err
@@ -2444,3 +2460,60 @@ def test_default_sample_run_on_the_example_image(tmp_path):
 def _png(path):
     with Image.open(path) as im:
         return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+
+
+@pytest.mark.slow
+def test_miniature_pipeline_runs_end_to_end_at_a_hundredth_of_the_steps(tmp_path):
+    """`python miniature.py` as documented, every stage at 1 % of its steps: it finishes, writes its
+    own copy of the model, and leaves the shipped model and the example image as they were."""
+    pytest.importorskip("skimage")
+    import hashlib
+    import subprocess
+    import sys
+    repo = Path(__file__).resolve().parent
+    digest = lambda: {p.name: hashlib.sha256(p.read_bytes()).hexdigest()                # noqa: E731
+                      for d in (_SHIP, _EXAMPLES) for p in sorted(d.iterdir()) if p.is_file()}
+    before = digest()
+    runs = tmp_path / "runs"
+    done = subprocess.run([sys.executable, "miniature.py", "--scale", "0.01", "--runs", str(runs), "--workers", "0"],
+                          cwd=repo, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert digest() == before
+    nets, v, embs = miniature.load_shipped(str(runs / "mfsr-tiny"))
+    assert nets["student"].sampling == {"tile": 32, "tile_overlap": 12}
+    info = json.loads((runs / "mfsr-tiny" / "training.json").read_text())
+    assert info["steps"] == {"vae": 10, "vae_fine": 2, "teacher": 40, "student": 4, "student_gt": 4}
+    assert all(m is not None for m in info["minutes"].values())
+
+
+def test_sample_prompt_and_prompt_file_through_the_text_encoders(_txt_pipeline, tmp_path, capsys):
+    """sample.py --encoders with --prompt or --prompt-file: the same text gives the same image, another
+    text another image; unreadable prompt files and a conflicting pair of flags are refused."""
+    root, _, _ = _txt_pipeline
+    torch.manual_seed(0)
+    cfg = replace(model.CONFIGS["tiny"], context_dim=224, pooled_dim=64)   # the fixture encoders' widths
+    student = mfsr.student_from_teacher(model.MMDiT(cfg), lora_rank=4)
+    model.merge_lora(student)
+    model.save_transformer(student, str(tmp_path / "student.safetensors"))
+    V.save_vae(V.VAE(V.CONFIGS["tiny"]), str(tmp_path / "vae.safetensors"))
+    Image.fromarray(_smp_u8(16, 16, 3)).save(tmp_path / "in.png")
+    (tmp_path / "fox.txt").write_text("a red fox in snow\n", encoding="utf-8")
+    (tmp_path / "cat.txt").write_text("a grey cat", encoding="utf-8")
+    common = [str(tmp_path / "in.png"), "--ckpt", str(tmp_path / "student.safetensors"), "--encoders", root]
+
+    def run(name, *flags):
+        assert sample.main(common + ["-o", str(tmp_path / name), *flags]) == 0
+        return _png(tmp_path / name / "in_mfsr.png")
+
+    fox_file, fox_text = run("a", "--prompt-file", str(tmp_path / "fox.txt")), run("b", "--prompt", "a red fox in snow")
+    cat = run("c", "--prompt-file", str(tmp_path / "cat.txt"))
+    assert "'a red fox in snow' (text encoders" in capsys.readouterr().out
+    assert torch.equal(fox_file, fox_text) and fox_file.shape == (1, 3, 64, 64)
+    assert (fox_file - cat).abs().max() > 1e-3
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    for flags, msg in ((["--prompt-file", str(tmp_path / "latin1.txt")], "latin1.txt: cannot read it as UTF-8"),
+                       (["--prompt-file", str(tmp_path / "absent.txt")], "absent.txt: cannot read it"),
+                       (["--prompt-file", str(tmp_path / "fox.txt"), "--prompt", "x"], "not both")):
+        with pytest.raises(SystemExit):
+            sample.parse_args(common + flags)
+        assert msg in capsys.readouterr().err

@@ -62,6 +62,7 @@ class TrainConfig:
     batch: int = 10                 # per process (paper: 80 over 8 GPUs)
     steps: int = 10000
     lr: float = 5e-5                # Adam (distill, App. B); teacher stage: AdamW like DiT4SR
+    lr_decay: str = "none"          # none (constant, as the paper) | cosine (to 0 at --steps; the tiny VAE)
     lora_rank: int = 64
     time_scale: float = 1.0         # student's c_noise(t) = time_scale * t (§4.4: 1; the teacher's is 1000)
     ratio: float = 0.5              # share of rows with s != t (Table 4)
@@ -103,16 +104,19 @@ def find_images(data):
 
 
 def random_crop(img, size, g):
-    """(3, H, W) in [0, 1] -> (3, size, size): smaller images upscaled (bicubic) first."""
+    """(3, H, W) uint8 or in [0, 1] -> (3, size, size) in [0, 1]: smaller images upscaled (bicubic)
+    first; of a large uint8 image only the crop is converted to float."""
     _, H, W = img.shape
     if min(H, W) < size:
+        img = img.float() / 255 if img.dtype == torch.uint8 else img
         k = size / min(H, W)
         img = F.interpolate(img[None], size=(max(size, round(H * k)), max(size, round(W * k))),
                             mode="bicubic", align_corners=False)[0].clamp(0, 1)
         _, H, W = img.shape
     y = int(torch.randint(0, H - size + 1, (1,), generator=g))
     x = int(torch.randint(0, W - size + 1, (1,), generator=g))
-    return img[:, y:y + size, x:x + size]
+    crop = img[:, y:y + size, x:x + size]
+    return crop.float() / 255 if crop.dtype == torch.uint8 else crop
 
 
 class PairDataset(torch.utils.data.Dataset):
@@ -143,7 +147,7 @@ class PairDataset(torch.utils.data.Dataset):
                 self.decoded[path] = arr
                 self.decoded_bytes += arr.nbytes
         g = torch.Generator().manual_seed(seed)
-        hr = random_crop(torch.from_numpy(arr).permute(2, 0, 1).float() / 255, self.size, g)
+        hr = random_crop(torch.from_numpy(arr).permute(2, 0, 1), self.size, g)
         if self.degrade_cfg is None:
             gt, lr = hr[None], F.avg_pool2d(hr[None], 4)
         else:
@@ -550,7 +554,7 @@ def parse_args(argv=None):
     cfg = TrainConfig(**{f.name: getattr(p.parse_args(argv), f.name) for f in fields(TrainConfig)})
     choices = dict(stage=("distill", "teacher", "vae"), preset=("full", "tiny"), target=("gt", "meanflow", "null", "neg"),
                    loss=tuple(mfsr.LOSSES), mode=("split", "fused"), dtype=("bf16", "fp16", "fp32"),
-                   teacher_mode=("v1", "r1"))
+                   teacher_mode=("v1", "r1"), lr_decay=("none", "cosine"))
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             p.error(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose from {', '.join(allowed)}")
@@ -566,7 +570,18 @@ def parse_args(argv=None):
         p.error("--cache-latents is for the teacher and distill stages")
     if cfg.size % 32:
         p.error(f"--size {cfg.size}: must be a multiple of 32 (x4 LR, latent patches)")
+    out = os.path.realpath(cfg.out)
+    for d in (d for d in cfg.data.split(",") if d):   # progress grids would become training images
+        if os.path.commonpath([out, os.path.realpath(d)]) == os.path.realpath(d):
+            p.error(f"--out {cfg.out} is inside --data {d}: its images would be trained on; choose another folder")
     return cfg
+
+
+def learning_rate(cfg, step):
+    """--lr, constant, or on a half cosine from --lr at step 0 to 0 at --steps."""
+    if cfg.lr_decay == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+    return cfg.lr
 
 
 def main(argv=None):
@@ -657,6 +672,8 @@ def main(argv=None):
             raise SystemExit("error: trainable parameters without a gradient: " + ", ".join(
                 n for n, p in net.named_parameters() if p.requires_grad and p.grad is None))
         gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(cfg, step)
         opt.step()
         if ema is not None:
             with torch.no_grad():
@@ -665,7 +682,7 @@ def main(argv=None):
                         ema[n].lerp_(p.detach(), 1 - cfg.ema)
         done = step + 1
         if rank == 0:
-            rec = {"step": done, "loss": loss_sum, "grad_norm": float(gnorm), "lr": cfg.lr,
+            rec = {"step": done, "loss": loss_sum, "grad_norm": float(gnorm), "lr": learning_rate(cfg, step),
                    "peak_mb": round(peak_memory_mb(device))}
             log.write(json.dumps(rec) + "\n")
             log.flush()

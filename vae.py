@@ -20,7 +20,7 @@ computed in query chunks). GroupNorm is the other layer that sees a whole tile: 
 statistics every tile is normalised differently. By default (tile_norm="tiles") a first pass
 over all tiles sums every GroupNorm's mean and variance over the pixels each tile owns (overlaps
 split in the middle), and a second pass normalises every tile with those shared statistics; this
-doubles the tiled compute. Measured on random tiny weights, 256^2, 3 x 3 tiles (test_vae.py):
+doubles the tiled compute. Measured on random tiny weights, 256^2, 3 x 3 tiles (test_mfsr.py):
 mean |tiled - untiled| / mean |untiled| is 6% (encode) and 8% (decode) with shared statistics,
 29% and 26% with per-tile ones ("local"); statistics from one pass on a downscaled input ("down")
 were better than "local" for encode but worse for decode. Errors along tile borders are at most
