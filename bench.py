@@ -488,34 +488,30 @@ def bench_train(args):
 
 
 # --------------------------------------------------------------------------------------------
-# sample: one image end to end (bicubic x4, VAE encode, sampler on 64 x 64 latent tiles, decode,
-# colour fix) with the tiny model: the student at 1 / 2 / 4 steps vs the teacher's 40 Euler steps
-# with CFG 8 (2 x 40 network calls per tile, batched as one call of batch 2 per step). The teacher
-# and student have the same size (the student is the teacher plus the s-embedder, LoRA merged).
-# Where a 40-step teacher run would take too long (512² -> 2048²: 169 tiles; and every size with
-# --quick), its time is extrapolated from 1- and 2-step runs: t40 = t1 + 39 (t2 - t1); its peak
-# memory is the 2-step run's (memory does not grow with the number of steps).
+# sample: one image end to end (bicubic x4, VAE encode, sampler on latent tiles, decode, colour
+# fix) with the shipped miniature (weights/mfsr-tiny), as sample.py runs it: its latent tiles and
+# CFG w as recorded in the checkpoints, its prompt and negative embeddings. The student at 1 / 2 / 4
+# steps vs the teacher's 40 Euler steps with CFG (2 x 40 network calls per tile, batched as one call
+# of batch 2 per step); the two have the same size (the student is the teacher plus the s-embedder).
+# Where a 40-step teacher run would take too long (512² -> 2048²; and every size with --quick), its
+# time is extrapolated from 1- and 2-step runs: t40 = t1 + 39 (t2 - t1); its peak memory is the
+# 2-step run's (memory does not grow with the number of steps).
 
 
 def _sample_case():
-    import mfsr
-    import model
-    import vae as V
-    torch.manual_seed(0)
-    teacher = model.MMDiT(model.CONFIGS["tiny"]).eval().requires_grad_(False)
-    student = mfsr.student_from_teacher(teacher, lora_rank=4)
-    model.merge_lora(student)
-    student = student.eval().requires_grad_(False)
-    vae = V.VAE(V.CONFIGS["tiny"]).eval().requires_grad_(False)
-    cond = (torch.zeros(1, teacher.cfg.pooled_dim), torch.zeros(1, 1, teacher.cfg.context_dim))
-    return student, teacher, vae, cond
+    import miniature
+    nets, vae, embs = miniature.load_shipped()
+    cond = {e: (p[None], c[None]) for e, (c, p) in embs.items()}
+    return nets["student"], nets["teacher"], vae, cond
 
 
 def _timed_upscale(x, net, vae, cond, steps, teacher=False):
-    """(seconds, peak MB) of one sample.upscale call."""
+    """(seconds, peak MB) of one sample.upscale call, with the checkpoint's tiles and CFG w."""
     import sample
+    kw = {k: net.sampling[k] for k in ("tile", "tile_overlap", "cfg") if k in net.sampling}
     t0 = time.perf_counter()
-    _, mb = peak_mb(lambda: sample.upscale(x, net, vae, cond, steps, teacher=teacher))
+    _, mb = peak_mb(lambda: sample.upscale(x, net, vae, cond["prompt"], steps, teacher=teacher,
+                                           cond_neg=cond["neg"], **kw))
     return time.perf_counter() - t0, mb
 
 
@@ -529,8 +525,9 @@ def bench_sample(args):
         g = torch.Generator().manual_seed(0)
         x = F.interpolate(torch.rand(1, 3, size // 8, size // 8, generator=g), size=(size, size),
                           mode="bicubic").clamp(0, 1)
-        tiles = len(sample.TiledNet(student).tiles(size, size))   # tiny VAE x4: latent side = 4 size / 4
-        sample.upscale(x[..., :16, :16], student, vae, cond)       # warm-up
+        tiled = sample.TiledNet(student, student.sampling["tile"], student.sampling["tile_overlap"])
+        tiles = len(tiled.tiles(size, size))                      # tiny VAE x4: latent side = 4 size / 4
+        _timed_upscale(x[..., :16, :16], student, vae, cond, 1)   # warm-up
         one = {steps: _timed_upscale(x, student, vae, cond, steps) for steps in (1, 2, 4)}
         full40 = size == 128 and not args.quick
         t_steps = (40,) if full40 else (1, 2)
@@ -543,11 +540,13 @@ def bench_sample(args):
                          "network calls": steps * tiles, "s": s, "peak MB": mb, "x faster than teacher": t40 / s})
             figures[f"{size}/student{steps}"] = {"s": s, "peak_mb": mb, "speedup": t40 / s}
         rows.append({"image": res, "tiles": tiles,
-                     "sampler": "teacher 40 steps CFG 8" + ("" if full40 else " (extrapolated)"),
+                     "sampler": f"teacher 40 steps CFG {teacher.sampling.get('cfg', 8)}"
+                                + ("" if full40 else " (extrapolated)"),
                      "network calls": 80 * tiles, "s": t40, "peak MB": t40_mb, "x faster than teacher": 1.0})
         figures[f"{size}/teacher40"] = {"s": t40, "peak_mb": t40_mb, "measured": full40}
         print(f"{res}: 1-step student {t40 / one[1][0]:.1f}x faster than the 40-step CFG teacher (target >= 40x)")
-    return (f"sample: tiny model end to end, one run each, {torch.get_num_threads()} threads, fp32", rows, figures)
+    return (f"sample: the shipped miniature end to end, one run each, {torch.get_num_threads()} threads, fp32",
+            rows, figures)
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,8 +6,9 @@
     python bench.py quality             # the README table and figure, from weights/mfsr-tiny/
 
 Every stage is a train.py run (the same code as the full-scale path), in order:
-  1. vae      the tiny VAE (vae.py "tiny": x4, 16 latent channels), L1 + a tiny KL, 32^2 crops,
-              then vae_fine: 64^2 crops (closer to the sizes it encodes), a lower learning rate
+  1. vae      the tiny VAE (vae.py "tiny": x4, 16 latent channels), squared error + a tiny KL,
+              32^2 crops, learning rate annealed to 0 (cosine), EMA weights exported; then vae_fine:
+              64^2 crops (closer to the sizes it encodes), a tenth of the learning rate
   2. teacher  the LR-stream transformer (model.py "tiny") by rectified flow on Real-ESRGAN pairs
               (degrade.py), 128^2 HR / 32^2 LR, caption dropout 0.2; 1200 pairs encoded once
               (--cache-latents: at this size the VAE would otherwise cost more than the transformer)
@@ -66,8 +67,8 @@ CFG_W = 1.25
 
 # (stage name, train.py arguments); {size}, {runs} filled in by run(); steps and cached pairs scaled by --scale
 STAGES = [
-    ("vae", "--stage vae --preset tiny --size 32 --batch 16 --lr 1e-3 --steps 1000"),
-    ("vae_fine", "--stage vae --preset tiny --size 64 --batch 8 --lr 3e-4 --steps 240 "
+    ("vae", "--stage vae --preset tiny --size 32 --batch 16 --lr 2e-3 --lr-decay cosine --ema 0.999 --steps 12000"),
+    ("vae_fine", "--stage vae --preset tiny --size 64 --batch 8 --lr 2e-4 --lr-decay cosine --ema 0.99 --steps 600 "
                  "--vae {runs}/vae/final/vae.safetensors"),
     ("teacher", "--stage teacher --preset tiny --size {size} --batch 8 --lr 5e-4 --steps 4000 --cache-latents 1200 "
                 "--vae {runs}/vae_fine/final/vae.safetensors --caption-dropout 0.2 --neg-prob 0.1"),

@@ -369,7 +369,8 @@ def parse_args(argv=None):
             with open(a.prompt_file, encoding="utf-8") as f:
                 a.prompt = f.read().strip()
         except (OSError, UnicodeDecodeError) as e:
-            p.error(f"--prompt-file {a.prompt_file}: cannot read it as UTF-8 text ({getattr(e, 'strerror', None) or e})")
+            why = getattr(e, "strerror", None) or e
+            p.error(f"--prompt-file {a.prompt_file}: cannot read it as UTF-8 text ({why})")
     if (a.prompt is not None or a.negative_prompt is not None) and not a.encoders:
         p.error("--prompt / --prompt-file / --negative-prompt need --encoders "
                 "(or precompute an embedding with text.py and pass --emb)")

@@ -1513,13 +1513,15 @@ def test_train_tiny_teacher_then_distill_end_to_end(tmp_path):
         assert im.size == (40, 48)
 
 
-def test_train_export_carries_the_ema_weights(tmp_path):
+@pytest.mark.parametrize("stage", ["teacher", "vae"])
+def test_train_export_carries_the_ema_weights(tmp_path, stage):
     data = _images(tmp_path / "data")
-    train.main(_TINY + ["--data", data, "--stage", "teacher", "--steps", "3", "--lr", "1e-2", "--ema", "0.5",
+    train.main(_TINY + ["--data", data, "--stage", stage, "--steps", "3", "--lr", "1e-2", "--ema", "0.5",
                         "--out", str(tmp_path / "t"), "--save-every", "3", "--sample-every", "100"])
     ck = tmp_path / "t" / "ckpt-0000003"
     saved = load_file(str(ck / "trainable.safetensors"))
-    exported = model.load_transformer(str(ck / "teacher.safetensors")).state_dict()
+    exported = (model.load_transformer(str(ck / "teacher.safetensors")) if stage == "teacher"
+                else V.load_vae(str(ck / "vae.safetensors"))).state_dict()
     ema = {k[4:]: v for k, v in saved.items() if k.startswith("ema.")}
     assert ema and set(ema) == {k for k in saved if not k.startswith("ema.")}
     for name, value in ema.items():
@@ -1609,8 +1611,10 @@ def test_train_bad_inputs_give_clear_messages(tmp_path, capsys, monkeypatch):
     (tmp_path / "data" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     out = tmp_path / "run"
     train.main(_TINY + ["--data", data, "--steps", "2", "--lora-rank", "4", "--out", str(out), "--save-every", "2"])
-    err = capsys.readouterr().err
-    assert "skipping unreadable image" in err and "broken.png" in err
+    captured = capsys.readouterr()
+    assert "skipping unreadable image" in captured.err and "broken.png" in captured.err
+    skipped = captured.err.count("skipping unreadable image")   # one warning per draw (batch 2, 2 steps)
+    assert skipped >= 1 and f"{skipped} draws of 1 unreadable image(s) were skipped: " in captured.out
     # a run whose losses are all non-finite stops with the step and the images, keeping what was written
     monkeypatch.setattr(mfsr, "mfd_loss", lambda *a, **k: {"loss": None, "per_sample": None, "n_nonfinite": 2})
     with pytest.raises(SystemExit, match=r"2 non-finite steps in a row, stopping at step \d+ \(.*img"):
@@ -2482,7 +2486,7 @@ def test_miniature_pipeline_runs_end_to_end_at_a_hundredth_of_the_steps(tmp_path
     nets, v, embs = miniature.load_shipped(str(runs / "mfsr-tiny"))
     assert nets["student"].sampling == {"tile": 32, "tile_overlap": 12}
     info = json.loads((runs / "mfsr-tiny" / "training.json").read_text())
-    assert info["steps"] == {"vae": 10, "vae_fine": 2, "teacher": 40, "student": 4, "student_gt": 4}
+    assert info["steps"] == {"vae": 120, "vae_fine": 6, "teacher": 40, "student": 4, "student_gt": 4}
     assert all(m is not None for m in info["minutes"].values())
 
 

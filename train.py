@@ -120,7 +120,7 @@ def random_crop(img, size, g):
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Item (index, seed) -> dict(gt, lr, context, pooled, name), or None for an unreadable image."""
+    """Item (index, seed) -> dict(gt, lr, context, pooled, name), or dict(unreadable=path)."""
 
     def __init__(self, paths, size, default, degrade_cfg):
         """default: the (context, pooled) of images without an embedding file; degrade_cfg None:
@@ -142,7 +142,7 @@ class PairDataset(torch.utils.data.Dataset):
                     arr = np.array(im.convert("RGB"))                     # (H, W, 3) uint8
             except Exception as e:  # PIL raises many types for truncated / odd files
                 print(f"warning: skipping unreadable image {path}: {e}", file=sys.stderr)
-                return None
+                return dict(unreadable=path)
             if self.decoded_bytes + arr.nbytes <= CACHE_BYTES:   # small data sets: decode each file once
                 self.decoded[path] = arr
                 self.decoded_bytes += arr.nbytes
@@ -172,14 +172,17 @@ def load_embedding(path, null):
 
 
 def collate(items):
-    items = [it for it in items if it is not None]
+    """A batch dict; `unreadable` lists the paths of the items that could not be read (an all-unreadable
+    batch has nothing else)."""
+    unreadable = [it["unreadable"] for it in items if "unreadable" in it]
+    items = [it for it in items if "unreadable" not in it]
     if not items:
-        return None
+        return dict(unreadable=unreadable)
     L = max(it["context"].shape[0] for it in items)   # pad contexts to one length (zeros = padding)
     ctx = torch.stack([F.pad(it["context"], (0, 0, 0, L - it["context"].shape[0])) for it in items])
     return dict(gt=torch.stack([it["gt"] for it in items]), lr=torch.stack([it["lr"] for it in items]),
                 context=ctx, pooled=torch.stack([it["pooled"] for it in items]),
-                names=[it["name"] for it in items])
+                names=[it["name"] for it in items], unreadable=unreadable)
 
 
 def latent_cache(cfg, paths, data, vae, device, rank):
@@ -202,7 +205,7 @@ def latent_cache(cfg, paths, data, vae, device, rank):
                                          collate_fn=collate, num_workers=cfg.workers)
     t0 = time.time()
     for k, batch in enumerate(loader):
-        if batch is None:
+        if "gt" not in batch:
             continue
         g = torch.Generator().manual_seed(_mix(cfg.seed, k, rank, 11))
         z_hr, z_lr = encode_pair(vae, {k: batch[k].to(device) for k in ("gt", "lr")}, g)
@@ -367,7 +370,8 @@ def _with_rows(context, pooled, rows, emb):
 
 
 def vae_loss(vae, gt, cfg, g, stats):
-    """The tiny VAE: L1 reconstruction from a posterior sample + kl * KL(q(z|x) || N(0, I)).
+    """The tiny VAE: squared-error reconstruction (PSNR is what the miniature asks of it) from a
+    posterior sample + kl * KL(q(z|x) || N(0, I)).
     `stats` keeps a running mean and variance (over ~10 batches) of the latent means: the exported
     shift and scale."""
     x = gt * 2 - 1
@@ -381,14 +385,18 @@ def vae_loss(vae, gt, cfg, g, stats):
         old = stats.get("mean")
         stats["mean"] = m if old is None else 0.9 * old + 0.1 * m
         stats["var"] = v if old is None else 0.9 * stats["var"] + 0.1 * v
-    return (rec - x).abs().mean() + cfg.kl * kl, None
+    return (rec - x).pow(2).mean() + cfg.kl * kl, None
 
 
-def calibrated_vae(vae, stats):
+def calibrated_vae(vae, stats, ema=None):
     """A copy of the VAE whose shift / scale map its latents to mean 0, variance 1 (SD3 does the same
-    with its 0.0609 / 1.5305, measured on its training data)."""
+    with its 0.0609 / 1.5305, measured on its training data); with `ema`, the EMA weights."""
     import copy
     out = copy.deepcopy(vae).cpu().eval()
+    with torch.no_grad():
+        for n, p in out.named_parameters():
+            if ema and n in ema:
+                p.copy_(ema[n])
     if stats.get("mean") is not None:
         out.cfg = replace(out.cfg, shift=float(stats["mean"]), scale=float(1 / math.sqrt(stats["var"])))
     return out
@@ -405,7 +413,7 @@ def distill_loss(student, raw_student, teacher, z_hr, z_lr, context, pooled, nul
                         F.pad(e[0], (0, 0, 0, context.shape[1] - e[0].shape[0]))[None].expand_as(context).to(context))
     v = mfsr.teacher_velocity(cfg.target, z_t, t, z_hr=z_hr, eps=eps, teacher=mfsr.velocity(teacher),
                               student_u=mfsr.average_velocity(raw_student), cond=c, cond_neg=expand(neg),
-                              cond_null=expand(null), w=cfg.cfg_w)
+                              cond_null=expand(null), w=cfg.cfg_w).float()   # the JVP tangent: fp32
     res = mfsr.mfd_loss(mfsr.average_velocity(student), z_t, t, s, v, cond=c, mode=cfg.mode, loss=cfg.loss,
                         u_fn_jvp=mfsr.average_velocity(raw_student))
     return res["loss"], res["n_nonfinite"]
@@ -437,7 +445,7 @@ def save_checkpoint(cfg, net, opt, ema, step, rank, embs, stats, vae=None):
     atomic_save(tensors, os.path.join(tmp, "optimizer.safetensors"),
                 {"param_groups": json.dumps(state["param_groups"]), "step": str(step)})
     if cfg.stage == "vae":
-        vae_lib.save_vae(calibrated_vae(net, stats), os.path.join(tmp, "vae.safetensors"))
+        vae_lib.save_vae(calibrated_vae(net, stats, ema), os.path.join(tmp, "vae.safetensors"))
     else:
         latent = cfg.size // (vae.cfg.factor if vae is not None else 8)
         sampling = {"tile": latent, "tile_overlap": sample_overlap(latent, net.cfg.patch)}
@@ -629,10 +637,11 @@ def main(argv=None):
     autocast = torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype),
                               enabled=device.type == "cuda" and cfg.dtype != "fp32")
     log = open(os.path.join(cfg.out, "log.jsonl"), "a") if rank == 0 else None
-    bad, t0 = 0, time.time()
+    bad, t0, unreadable = 0, time.time(), []
     for step, batch in zip(range(start, cfg.steps), batches):
         g = torch.Generator().manual_seed(_mix(cfg.seed, step, rank, 7))
-        if batch is None:
+        unreadable += batch.get("unreadable", [])
+        if "gt" not in batch and "z_hr" not in batch:
             print(f"warning: step {step + 1}: no readable image in the batch, skipped")
             continue
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -696,6 +705,10 @@ def main(argv=None):
                 net.train()
         if done % cfg.save_every == 0 or done == cfg.steps:
             save_checkpoint(cfg, net, opt, ema, done, rank, (null, neg, prompt), stats, vae)
+    if unreadable:
+        names = sorted(set(unreadable))
+        print(f"warning: {len(unreadable)} draws of {len(names)} unreadable image(s) were skipped: "
+              f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
     if ddp:
         dist.destroy_process_group()
 
