@@ -468,24 +468,26 @@ class MMDiT(nn.Module):
         return rearrange(table[top:top + h, left:left + w], "h w d -> 1 (h w) d")  # (1, K, D)
 
     def check_inputs(self, x, sigma, pooled, context, lr, sigma_s):
+        """ValueError naming what is wrong (not an assert: `python -O` would skip those)."""
         cfg, p = self.cfg, self.cfg.patch
         B, C, H, W = x.shape
-        assert C == cfg.in_channels, f"x has {C} channels, the model {cfg.in_channels}"
-        assert H % p == 0 and W % p == 0, f"latent {H}x{W} not divisible by the patch {p}"
-        assert H // p <= cfg.pos_grid and W // p <= cfg.pos_grid, \
-            f"latent {H}x{W} exceeds the position grid {cfg.pos_grid * p}: tile it"
-        assert sigma.shape == (B,), f"sigma must be (B,), got {tuple(sigma.shape)}"
-        assert pooled.shape == (B, cfg.pooled_dim), f"pooled must be (B, {cfg.pooled_dim})"
-        assert context.ndim == 3 and context.shape[0] == B and context.shape[2] == cfg.context_dim, \
-            f"context must be (B, L, {cfg.context_dim}), got {tuple(context.shape)}"
-        if cfg.lr_stream:
-            assert lr is not None and lr.shape == x.shape, "the LR stream needs lr shaped like x"
-        else:
-            assert lr is None, "this model has no LR stream"
-        if cfg.two_times:
-            assert sigma_s is not None and sigma_s.shape == (B,), "two-time model needs sigma_s (B,)"
-        else:
-            assert sigma_s is None, "this model has one time input"
+        checks = [
+            (C == cfg.in_channels, f"x has {C} channels, the model {cfg.in_channels}"),
+            (H % p == 0 and W % p == 0, f"latent {H}x{W} not divisible by the patch {p}"),
+            (H // p <= cfg.pos_grid and W // p <= cfg.pos_grid,
+             f"latent {H}x{W} exceeds the position grid {cfg.pos_grid * p}: tile it"),
+            (sigma.shape == (B,), f"sigma must be (B,), got {tuple(sigma.shape)}"),
+            (pooled.shape == (B, cfg.pooled_dim), f"pooled must be (B, {cfg.pooled_dim}), got {tuple(pooled.shape)}"),
+            (context.ndim == 3 and context.shape[0] == B and context.shape[2] == cfg.context_dim,
+             f"context must be (B, L, {cfg.context_dim}), got {tuple(context.shape)}"),
+            (lr is not None and lr.shape == x.shape if cfg.lr_stream else lr is None,
+             "the LR stream needs lr shaped like x" if cfg.lr_stream else "this model has no LR stream"),
+            (sigma_s is not None and sigma_s.shape == (B,) if cfg.two_times else sigma_s is None,
+             "a two-time model needs sigma_s (B,)" if cfg.two_times else "this model has one time input"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
 
     def forward(self, x, sigma, pooled, context, lr=None, sigma_s=None):
         self.check_inputs(x, sigma, pooled, context, lr, sigma_s)

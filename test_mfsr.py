@@ -6,6 +6,7 @@
 import json
 import math
 import os
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -168,6 +169,24 @@ def test_lr_stream_depends_on_lr_and_handles_non_square():
         b = net(**{**inp, "lr": inp["lr"].flip(-1)})
     assert a.shape == inp["x"].shape
     assert (a - b).abs().max() > 1e-3
+
+
+def test_forward_refuses_wrong_inputs_with_value_errors():
+    net = MMDiT(CONFIGS["tiny"]).eval()
+    student = MMDiT(replace(CONFIGS["tiny"], two_times=True)).eval()
+    inp = _inputs(net.cfg, H=4, W=4)
+    big = CONFIGS["tiny"].pos_grid * CONFIGS["tiny"].patch + 2
+    for net_, changes, message in (
+            (net, {"lr": None}, "the LR stream needs lr"),
+            (net, {"x": inp["x"][:, :3]}, "x has 3 channels"),
+            (net, {"x": inp["x"][..., :3]}, "not divisible by the patch"),
+            (net, {"x": torch.zeros(1, 16, big, big), "lr": torch.zeros(1, 16, big, big)}, "exceeds the position grid"),
+            (net, {"sigma": inp["sigma"][:, None]}, "sigma must be (B,)"),
+            (net, {"pooled": inp["pooled"][:, :3]}, "pooled must be"),
+            (net, {"sigma_s": inp["sigma"]}, "this model has one time input"),
+            (student, {}, "a two-time model needs sigma_s")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            net_(**{**inp, **changes})
 
 
 def test_dit4sr_layout_file_round_trips_and_drops_unused_extras(tmp_path):
