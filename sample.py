@@ -249,11 +249,11 @@ def load_condition(net_cfg, emb=None, ckpt=None, beside=("prompt", "null")):
     return (pooled.reshape(1, -1), context[None]), where
 
 
-def encode_condition(net_cfg, args):
-    """(cond, cond_neg, description) from prompt text through the SD3.5 text encoders (text.py);
-    T5 length 256 as DiT4SR's inference."""
+def encode_condition(net_cfg, args, device=torch.device("cpu")):
+    """(cond, cond_neg, description) from prompt text through the SD3.5 text encoders (text.py), run
+    once in --dtype on the device and then dropped; T5 length 256 as DiT4SR's inference."""
     import text
-    enc = text.load_text_encoders(args.encoders, args.tokenizers)
+    enc = text.load_text_encoders(args.encoders, args.tokenizers, DTYPES[args.dtype]).to(device)
     prompt = args.prompt or ""
     negative = text.NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt
     context, pooled = text.encode_prompts([prompt, negative], enc, t5_len=256)
@@ -392,7 +392,7 @@ def main(argv=None):
     try:
         net, vae = load_models(args.ckpt, args.vae, args.teacher, device, DTYPES[args.dtype])
         if args.encoders:
-            cond, cond_neg, where = encode_condition(net.cfg, args)
+            cond, cond_neg, where = encode_condition(net.cfg, args, device)
         else:
             cond, where = load_condition(net.cfg, args.emb, args.ckpt)
             cond_neg = load_condition(net.cfg, args.neg_emb, args.ckpt, ("neg", "null"))[0] if args.teacher else None
