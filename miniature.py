@@ -1,4 +1,4 @@
-"""The miniature MFSR: the whole story of the paper at a size two CPU cores train in about 70 minutes.
+"""The miniature MFSR: the whole story of the paper at a size two CPU cores train in about an hour.
 
     pip install scikit-image            # dev-only: its public-domain photographs are the data
     python miniature.py                 # data -> tiny VAE -> teacher -> student (+ the gt-target
@@ -63,6 +63,7 @@ CONTEXT_LEN = 4                      # tokens of the miniature's prompt embeddin
 # 18.0 / 15.5 dB; 1.25 is the largest w within 1 dB of unguided sampling. w = 3, tried first, made the
 # 40-step teacher diverge (held-out PSNR 9 dB, 6.5x the HR's high-frequency energy): this teacher
 # has far less to give CFG than DiT4SR (w = 8).
+# (Scanned with the teacher of the earlier VAE recipe; not rescanned since the VAE was retrained.)
 CFG_W = 1.25
 
 # (stage name, train.py arguments); {size}, {runs} filled in by run(); steps and cached pairs scaled by --scale
