@@ -471,23 +471,26 @@ class MMDiT(nn.Module):
         """ValueError naming what is wrong (not an assert: `python -O` would skip those)."""
         cfg, p = self.cfg, self.cfg.patch
         B, C, H, W = x.shape
-        checks = [
-            (C == cfg.in_channels, f"x has {C} channels, the model {cfg.in_channels}"),
-            (H % p == 0 and W % p == 0, f"latent {H}x{W} not divisible by the patch {p}"),
-            (H // p <= cfg.pos_grid and W // p <= cfg.pos_grid,
-             f"latent {H}x{W} exceeds the position grid {cfg.pos_grid * p}: tile it"),
-            (sigma.shape == (B,), f"sigma must be (B,), got {tuple(sigma.shape)}"),
-            (pooled.shape == (B, cfg.pooled_dim), f"pooled must be (B, {cfg.pooled_dim}), got {tuple(pooled.shape)}"),
-            (context.ndim == 3 and context.shape[0] == B and context.shape[2] == cfg.context_dim,
-             f"context must be (B, L, {cfg.context_dim}), got {tuple(context.shape)}"),
-            (lr is not None and lr.shape == x.shape if cfg.lr_stream else lr is None,
-             "the LR stream needs lr shaped like x" if cfg.lr_stream else "this model has no LR stream"),
-            (sigma_s is not None and sigma_s.shape == (B,) if cfg.two_times else sigma_s is None,
-             "a two-time model needs sigma_s (B,)" if cfg.two_times else "this model has one time input"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        if C != cfg.in_channels:
+            raise ValueError(f"x has {C} channels, the model {cfg.in_channels}")
+        if H % p or W % p:
+            raise ValueError(f"latent {H}x{W} not divisible by the patch {p}")
+        if H // p > cfg.pos_grid or W // p > cfg.pos_grid:
+            raise ValueError(f"latent {H}x{W} exceeds the position grid {cfg.pos_grid * p}: tile it")
+        if sigma.shape != (B,):
+            raise ValueError(f"sigma must be (B,), got {tuple(sigma.shape)}")
+        if pooled.shape != (B, cfg.pooled_dim):
+            raise ValueError(f"pooled must be (B, {cfg.pooled_dim}), got {tuple(pooled.shape)}")
+        if context.ndim != 3 or context.shape[0] != B or context.shape[2] != cfg.context_dim:
+            raise ValueError(f"context must be (B, L, {cfg.context_dim}), got {tuple(context.shape)}")
+        if cfg.lr_stream and (lr is None or lr.shape != x.shape):
+            raise ValueError("the LR stream needs lr shaped like x")
+        if not cfg.lr_stream and lr is not None:
+            raise ValueError("this model has no LR stream")
+        if cfg.two_times and (sigma_s is None or sigma_s.shape != (B,)):
+            raise ValueError("a two-time model needs sigma_s (B,)")
+        if not cfg.two_times and sigma_s is not None:
+            raise ValueError("this model has one time input")
 
     def forward(self, x, sigma, pooled, context, lr=None, sigma_s=None):
         self.check_inputs(x, sigma, pooled, context, lr, sigma_s)

@@ -1536,8 +1536,12 @@ def test_train_tiny_teacher_then_distill_end_to_end(tmp_path):
 @pytest.mark.parametrize("stage", ["teacher", "vae"])
 def test_train_export_carries_the_ema_weights(tmp_path, stage):
     data = _images(tmp_path / "data")
-    train.main(_TINY + ["--data", data, "--stage", stage, "--steps", "3", "--lr", "1e-2", "--ema", "0.5",
-                        "--out", str(tmp_path / "t"), "--save-every", "3", "--sample-every", "100"])
+    args = ["--data", data, "--stage", stage, "--steps", "3", "--lr", "1e-2", "--ema", "0.5", "--lr-decay", "cosine",
+            "--out", str(tmp_path / "t"), "--save-every", "3", "--sample-every", "100"]
+    train.main(_TINY + args)
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "t" / "log.jsonl").read_text().splitlines()]
+    cfg = train.parse_args(_TINY + args)
+    assert logged == [train.learning_rate(cfg, s) for s in range(3)] and logged[0] > logged[1] > logged[2]
     ck = tmp_path / "t" / "ckpt-0000003"
     saved = load_file(str(ck / "trainable.safetensors"))
     exported = (model.load_transformer(str(ck / "teacher.safetensors")) if stage == "teacher"

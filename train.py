@@ -388,15 +388,22 @@ def vae_loss(vae, gt, cfg, g, stats):
     return (rec - x).pow(2).mean() + cfg.kl * kl, None
 
 
-def calibrated_vae(vae, stats, ema=None):
-    """A copy of the VAE whose shift / scale map its latents to mean 0, variance 1 (SD3 does the same
-    with its 0.0609 / 1.5305, measured on its training data); with `ema`, the EMA weights."""
+def export_copy(net, ema=None):
+    """A CPU copy of `net` to export; with `ema` (name -> tensor) it carries the EMA weights, the ones
+    to sample with."""
     import copy
-    out = copy.deepcopy(vae).cpu().eval()
+    out = copy.deepcopy(net).cpu()
     with torch.no_grad():
         for n, p in out.named_parameters():
             if ema and n in ema:
                 p.copy_(ema[n])
+    return out
+
+
+def calibrated_vae(vae, stats, ema=None):
+    """A copy of the VAE whose shift / scale map its latents to mean 0, variance 1 (SD3 does the same
+    with its 0.0609 / 1.5305, measured on its training data); with `ema`, the EMA weights."""
+    out = export_copy(vae, ema).eval()
     if stats.get("mean") is not None:
         out.cfg = replace(out.cfg, shift=float(stats["mean"]), scale=float(1 / math.sqrt(stats["var"])))
     return out
@@ -470,15 +477,9 @@ def sample_overlap(tile, patch):
 
 def save_full(net, path, sampling=None, ema=None):
     """The whole model, LoRA merged, loadable by load_transformer / sample.py; `sampling`: the
-    latent tile size it was trained at, sample.py's default for it. With `ema` (name -> tensor)
-    the export carries the EMA weights, the ones to sample with."""
-    import copy
-    full = copy.deepcopy(net).cpu()
+    latent tile size it was trained at, sample.py's default for it; `ema` as in export_copy."""
+    full = export_copy(net, ema)
     full.sampling = sampling
-    with torch.no_grad():
-        for n, p in full.named_parameters():
-            if ema and n in ema:
-                p.copy_(ema[n])
     if getattr(full, "lora", None):
         model.merge_lora(full)
     model.save_transformer(full, path)
@@ -580,7 +581,8 @@ def parse_args(argv=None):
         p.error(f"--size {cfg.size}: must be a multiple of 32 (x4 LR, latent patches)")
     out = os.path.realpath(cfg.out)
     for d in (d for d in cfg.data.split(",") if d):   # progress grids would become training images
-        if os.path.commonpath([out, os.path.realpath(d)]) == os.path.realpath(d):
+        root = os.path.realpath(d)
+        if os.path.commonpath([out, root]) == root:
             p.error(f"--out {cfg.out} is inside --data {d}: its images would be trained on; choose another folder")
     return cfg
 
@@ -691,7 +693,7 @@ def main(argv=None):
                         ema[n].lerp_(p.detach(), 1 - cfg.ema)
         done = step + 1
         if rank == 0:
-            rec = {"step": done, "loss": loss_sum, "grad_norm": float(gnorm), "lr": learning_rate(cfg, step),
+            rec = {"step": done, "loss": loss_sum, "grad_norm": float(gnorm), "lr": opt.param_groups[0]["lr"],
                    "peak_mb": round(peak_memory_mb(device))}
             log.write(json.dumps(rec) + "\n")
             log.flush()
