@@ -1573,19 +1573,23 @@ def test_train_resume_repeats_the_uninterrupted_run(tmp_path, cache):
         assert not torch.equal(z["z_hr"], z["z_lr"])
 
 
-def _ddp_worker(rank, world, init_file, data_file, out_file):
+def _ddp_worker(rank, world, init_file, data_file, out_file, mode):
     import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     student, d = _ddp_student(), torch.load(data_file)
-    ddp = torch.nn.parallel.DistributedDataParallel(student)
-    half = slice(rank * 2, rank * 2 + 2)
-    cond = tuple(c[half] for c in d["cond"])
-    res = mfsr.mfd_loss(mfsr.average_velocity(ddp), d["z"][half], d["t"][half], d["s"][half], d["v"][half],
-                        cond=cond, u_fn_jvp=mfsr.average_velocity(student))
-    res["loss"].backward()
-    if rank == 0:
-        torch.save({n: p.grad for n, p in student.named_parameters() if p.grad is not None}, out_file)
+    sync = train.GradSync([p for p in student.parameters() if p.requires_grad], bucket_mb=0.02)
+    assert len(sync.buckets) > 3       # several buckets, so their start order is exercised
+    u = mfsr.average_velocity(student)
+    for a in (0, 1):                   # this rank's two rows as two accumulated micro-batches
+        row = slice(2 * rank + a, 2 * rank + a + 1)
+        if a == 1:
+            sync.arm()
+        res = mfsr.mfd_loss(u, d["z"][row], d["t"][row], d["s"][row], d["v"][row],
+                            cond=tuple(c[row] for c in d["cond"]), mode=mode)
+        (res["loss"] / 2).backward()
+    sync.finish()
+    torch.save({n: p.grad for n, p in student.named_parameters() if p.grad is not None}, f"{out_file}.{rank}")
     dist.destroy_process_group()
 
 
@@ -1600,7 +1604,8 @@ def _ddp_student():
 
 
 @pytest.mark.slow
-def test_two_process_gradients_equal_one_process_on_the_union_batch(tmp_path):
+@pytest.mark.parametrize("mode", ["split", "fused"])
+def test_two_process_gradients_equal_one_process_on_the_union_batch(tmp_path, mode):
     import torch.multiprocessing as mp
     g = torch.Generator().manual_seed(0)
     z = torch.randn(4, 16, 8, 8, generator=g)
@@ -1608,15 +1613,56 @@ def test_two_process_gradients_equal_one_process_on_the_union_batch(tmp_path):
          "s": torch.tensor([0.6, 0.5, 0.9, 0.8]),
          "cond": (torch.randn_like(z), torch.randn(4, 32, generator=g), torch.randn(4, 5, 64, generator=g))}
     torch.save(d, tmp_path / "data.pt")
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "data.pt"), str(tmp_path / "g.pt")),
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "data.pt"), str(tmp_path / "g"), mode),
              nprocs=2, join=True)
-    ddp_grads = torch.load(tmp_path / "g.pt")
+    ranks = [torch.load(tmp_path / f"g.{r}") for r in (0, 1)]
     student = _ddp_student()
-    mfsr.mfd_loss(mfsr.average_velocity(student), d["z"], d["t"], d["s"], d["v"], cond=d["cond"])["loss"].backward()
+    mfsr.mfd_loss(mfsr.average_velocity(student), d["z"], d["t"], d["s"], d["v"], cond=d["cond"],
+                  mode=mode)["loss"].backward()
     one = {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
-    assert set(one) == set(ddp_grads) and len(one) > 10
+    assert set(one) == set(ranks[0]) == set(ranks[1]) and len(one) > 10
     for n, g1 in one.items():
-        assert (ddp_grads[n] - g1).abs().max() <= 1e-5 * (g1.abs().max() + 1e-8), n
+        assert torch.equal(ranks[0][n], ranks[1][n]), n
+        assert (ranks[0][n] - g1).abs().max() <= 1e-5 * (g1.abs().max() + 1e-8), n
+
+
+def _torchrun_worker(rank, world, port, argv, out):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    saved = train.save_checkpoint
+
+    def spy(cfg, net, *args, **kw):      # every rank's trainable weights, to compare across ranks
+        torch.save({n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad},
+                   os.path.join(out, f"weights-{rank}.pt"))
+        return saved(cfg, net, *args, **kw)
+
+    train.save_checkpoint = spy
+    train.main(argv)
+
+
+@pytest.mark.slow
+def test_train_main_under_two_processes_keeps_ranks_in_step(tmp_path):
+    """train.main as torchrun starts it (RANK / WORLD_SIZE / MASTER_* in the environment), fused
+    JVP mode with gradient accumulation: both ranks end with identical weights, which moved."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    data = _images(tmp_path / "data", n=4)
+    out = tmp_path / "run"
+    argv = _TINY + ["--data", data, "--steps", "2", "--lora-rank", "4", "--mode", "fused", "--accum", "2",
+                    "--save-every", "2", "--out", str(out)]
+    mp.spawn(_torchrun_worker, args=(2, port, argv, str(tmp_path)), nprocs=2, join=True)
+    w0, w1 = (torch.load(tmp_path / f"weights-{r}.pt") for r in (0, 1))
+    assert set(w0) == set(w1) and all(torch.equal(w0[n], w1[n]) for n in w0)
+    lines = (out / "log.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and all(math.isfinite(json.loads(x)["loss"]) for x in lines)
+    first = load_file(out / "ckpt-0000002" / "trainable.safetensors")
+    assert all(torch.equal(first[n], w0[n]) for n in w0)
+    init = model.make_student(MMDiT(CONFIGS["tiny"]), lora_rank=4)
+    assert any(not torch.equal(w0[n], p) for n, p in init.named_parameters() if n in w0 and "lora_up" in n)
 
 
 def test_train_bad_inputs_give_clear_messages(tmp_path, capsys, monkeypatch):

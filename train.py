@@ -427,7 +427,76 @@ def distill_loss(student, raw_student, teacher, z_hr, z_lr, context, pooled, nul
 
 
 # --------------------------------------------------------------------------------------------
+# Many processes: the gradients of the trainable parameters, averaged by hand. DDP is not used:
+# torch.func.jvp cannot see through its wrapper, and the fused mode trains the primal output of
+# a JVP of the raw module. Each rank runs the raw module on its own data shard.
+
+
+class GradSync:
+    """Average the trainable parameters' gradients over all ranks, in buckets of `bucket_mb`.
+
+    A bucket's all-reduce starts (async) as soon as backward has accumulated every gradient in it,
+    so communication overlaps the rest of backward. Buckets hold parameters in reverse order (the
+    order backward reaches them) and start strictly in bucket order, so every rank issues the same
+    collectives in the same sequence. With gradient accumulation call `arm()` before the last
+    micro-batch's backward only; `finish()` after it waits, reduces any bucket backward left
+    unstarted (parameters without a gradient count as zeros) and writes the averages back."""
+
+    def __init__(self, params, bucket_mb=25.0):
+        self.world = dist.get_world_size()
+        params = list(params)
+        self.device = params[0].device
+        self.buckets, size, limit = [[]], 0, bucket_mb * 2 ** 20
+        for p in reversed(params):
+            if size >= limit:
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(p)
+            size += p.numel() * p.element_size()
+        self.bucket_of = {p: i for i, b in enumerate(self.buckets) for p in b}
+        self.armed = False
+        for p in self.bucket_of:
+            p.register_post_accumulate_grad_hook(self._ready)
+
+    def any(self, flag):
+        """True on every rank if `flag` is true on any rank (so all skip a step together)."""
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t)
+        return bool(t.item() > 0)
+
+    def arm(self):
+        self.armed, self.pending, self.work, self.next = True, [len(b) for b in self.buckets], {}, 0
+
+    def _ready(self, p):
+        if not self.armed:
+            return
+        self.pending[self.bucket_of[p]] -= 1
+        while self.next < len(self.buckets) and self.pending[self.next] == 0:
+            self._start(self.next)
+
+    def _start(self, i):
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                          for p in self.buckets[i]])
+        self.work[i] = (flat, dist.all_reduce(flat, async_op=True))
+        self.next = i + 1
+
+    def finish(self):
+        while self.next < len(self.buckets):
+            self._start(self.next)
+        for i, (flat, work) in self.work.items():
+            work.wait()
+            flat /= self.world
+            for p, g in zip(self.buckets[i], flat.split([p.numel() for p in self.buckets[i]])):
+                p.grad = g.view_as(p).to(p.dtype) if p.grad is None else p.grad.copy_(g.view_as(p))
+        self.armed = False
+
+
+# --------------------------------------------------------------------------------------------
 # Checkpoints: trainable weights + config; optimizer state; a full export for sample.py
+
+
+def _any_rank(sync, flag):
+    return flag if sync is None else sync.any(flag)
 
 
 def save_checkpoint(cfg, net, opt, ema, step, rank, embs, stats, vae=None):
@@ -600,8 +669,8 @@ def main(argv=None):
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
-        if cfg.mode == "fused" or cfg.stage == "vae":
-            raise SystemExit("error: --mode fused and --stage vae run in one process only")
+        if cfg.stage == "vae":
+            raise SystemExit("error: --stage vae (the miniature's VAE) runs in one process only")
     else:
         rank, world = 0, 1
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
@@ -626,8 +695,8 @@ def main(argv=None):
     start, ema, stats = load_checkpoint(cfg, net, opt) if cfg.resume else (0, None, {})
     if cfg.ema and ema is None:
         ema = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
-    run = torch.nn.parallel.DistributedDataParallel(net) if ddp else net
-    run = torch.compile(run) if cfg.compile else run
+    sync = GradSync(trainable) if ddp else None
+    run = torch.compile(net) if cfg.compile else net
     import degrade
     data = PairDataset(paths, cfg.size, prompt, None if cfg.stage == "vae" else degrade.DegradeConfig())
     if cfg.cache_latents:
@@ -643,7 +712,7 @@ def main(argv=None):
     for step, batch in zip(range(start, cfg.steps), batches):
         g = torch.Generator().manual_seed(_mix(cfg.seed, step, rank, 7))
         unreadable += batch.get("unreadable", [])
-        if "gt" not in batch and "z_hr" not in batch:
+        if _any_rank(sync, "gt" not in batch and "z_hr" not in batch):
             print(f"warning: step {step + 1}: no readable image in the batch, skipped")
             continue
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -665,9 +734,11 @@ def main(argv=None):
                     loss, nf = teacher_loss(run, *args, cfg, g, neg=neg)
                 else:
                     loss, nf = distill_loss(run, net, teacher, *args, neg, cfg, g)
-            if loss is None or not torch.isfinite(loss):
+            if _any_rank(sync, loss is None or not torch.isfinite(loss)):   # ranks skip together
                 nonfinite += 1
                 break
+            if sync is not None and a == cfg.accum - 1:
+                sync.arm()
             (loss / cfg.accum).backward()
             loss_sum += loss.item() / cfg.accum
         if nonfinite:
@@ -679,9 +750,11 @@ def main(argv=None):
                                  f"({', '.join(batch['names'])})")
             continue
         bad = 0
-        if step == start and any(p.grad is None for p in trainable):  # DDP would skip their all-reduce
+        if step == start and any(p.grad is None for p in trainable):  # a frozen-by-mistake branch
             raise SystemExit("error: trainable parameters without a gradient: " + ", ".join(
                 n for n, p in net.named_parameters() if p.requires_grad and p.grad is None))
+        if sync is not None:
+            sync.finish()
         gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, step)
