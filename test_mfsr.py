@@ -1038,9 +1038,9 @@ def _vae_compare(ref, ours, size):
     assert ref_image.abs().mean() > 0.05 and post.mean.std() > 0.01   # not a trivially zero output
 
 
-@pytest.mark.parametrize("route", ["diffusers", "single_file"])
-def test_vae_matches_diffusers_autoencoderkl(route, tmp_path):
-    _vae_compare(*_vae_diffusers_pair(_VAE_NARROW, tmp_path, route), 64)
+@pytest.mark.parametrize("route,mid_attn", [("diffusers", True), ("single_file", True), ("diffusers", False)])
+def test_vae_matches_diffusers_autoencoderkl(route, mid_attn, tmp_path):
+    _vae_compare(*_vae_diffusers_pair(replace(_VAE_NARROW, mid_attn=mid_attn), tmp_path, route), 64)
 
 
 @pytest.mark.slow
@@ -1052,9 +1052,10 @@ def test_vae_full_width_matches_diffusers_on_64px(tmp_path):
 # loading, saving, bad files
 
 
-def _vae_tiny(seed=0):
+def _vae_tiny(seed=0, mid_attn=True):
+    """The tiny VAE (with the mid attention by default, so tests reach that code too)."""
     torch.manual_seed(seed)
-    return _vae_perturb(V.VAE(V.CONFIGS["tiny"]).eval(), seed)
+    return _vae_perturb(V.VAE(replace(V.CONFIGS["tiny"], mid_attn=mid_attn)).eval(), seed)
 
 
 def _vae_same(a, b):
@@ -1062,8 +1063,9 @@ def _vae_same(a, b):
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_vae_save_load_round_trips_in_every_layout(tmp_path):
-    vae = _vae_tiny()
+@pytest.mark.parametrize("mid_attn", [True, False])
+def test_vae_save_load_round_trips_in_every_layout(tmp_path, mid_attn):
+    vae = _vae_tiny(mid_attn=mid_attn)
     V.save_vae(vae, str(tmp_path / "own.safetensors"))
     V.save_vae(vae, str(tmp_path / "pipe" / "vae"), layout="diffusers")
     sd = {"first_stage_model." + k: v for k, v in vae.state_dict().items()}
@@ -1105,8 +1107,11 @@ def test_vae_bad_files_give_clear_errors(tmp_path):
     save_file({k: v for k, v in sd.items() if k != "decoder.up.1.block.0.conv2.bias"},
               str(tmp_path / "missing.safetensors"))
     cases["missing.safetensors"] = "missing (1): decoder.up.1.block.0.conv2.bias"
-    save_file({**sd, "decoder.mid.attn_1.q.weight": torch.zeros(64, 64, 3, 3)}, str(tmp_path / "misshapen.safetensors"))
-    cases["misshapen.safetensors"] = "decoder.mid.attn_1.q.weight: file (64, 64, 3, 3) vs model (64, 64, 1, 1)"
+    save_file({**sd, "decoder.mid.block_1.conv1.weight": torch.zeros(64, 64, 1, 1)}, str(tmp_path / "misshapen.safetensors"))
+    cases["misshapen.safetensors"] = "decoder.mid.block_1.conv1.weight: file (64, 64, 1, 1) vs model (64, 64, 3, 3)"
+    save_file({**_vae_tiny(mid_attn=False).state_dict(), "decoder.mid.attn_1.q.weight": torch.zeros(64, 64, 1, 1)},
+              str(tmp_path / "half_attn.safetensors"))     # attention in the decoder only
+    cases["half_attn.safetensors"] = "unexpected (1): decoder.mid.attn_1.q.weight"
     torch.save(sd, str(tmp_path / "vae.ckpt"))
     cases["vae.ckpt"] = "only .safetensors"
     for name, needle in cases.items():

@@ -56,6 +56,7 @@ class VAEConfig:
     latent_channels: int = 16
     image_channels: int = 3
     groups: int = 32                         # GroupNorm groups (checkpoints cannot tell them)
+    mid_attn: bool = True                    # the mid blocks' self-attention (ARCH §4); tiny: none
     scale: float = 1.5305                    # z_model = (z_vae - shift) * scale (ARCH §1)
     shift: float = 0.0609
 
@@ -76,7 +77,11 @@ CONFIGS = {
     # 8 GroupNorm groups, not sd3's 32: at 32 channels 32 groups normalise every channel on its own,
     # and the miniature's VAE trained markedly slower (held-out PSNR after 800 steps 19.4 vs 23.9 dB
     # with 8). Groups are recorded in the file's metadata (load_vae(..., groups=) for bare files).
-    "tiny": VAEConfig(channels=(32, 64, 64), enc_blocks=1, dec_blocks=2, groups=8),
+    # No mid-block attention: at x4 the latent has 4x sd3's positions and only 64 channels, so its
+    # global attention cost grows with the square of the image and dominated the whole miniature's
+    # sampling (512^2: 0.9 of 2.3 s of VAE time; 2048^2: minutes per image), while the receptive
+    # field of the convolutions already covers the 32^2-latent training crops.
+    "tiny": VAEConfig(channels=(32, 64, 64), enc_blocks=1, dec_blocks=2, groups=8, mid_attn=False),
 }
 
 # --------------------------------------------------------------------------------------------
@@ -178,10 +183,10 @@ class Upsample(nn.Module):
 
 
 class Mid(nn.Module):
-    def __init__(self, channels, groups):
+    def __init__(self, channels, groups, attn=True):
         super().__init__()
         self.block_1 = ResnetBlock(channels, channels, groups)
-        self.attn_1 = AttnBlock(channels, groups)
+        self.attn_1 = AttnBlock(channels, groups) if attn else nn.Identity()
         self.block_2 = ResnetBlock(channels, channels, groups)
 
     def forward(self, x):
@@ -224,7 +229,7 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList(
             Level(ch[max(l - 1, 0)], ch[l], cfg.enc_blocks, cfg.groups, "down" if l < n - 1 else None)
             for l in range(n))
-        self.mid = Mid(ch[-1], cfg.groups)
+        self.mid = Mid(ch[-1], cfg.groups, cfg.mid_attn)
         self.norm_out = GroupNorm(cfg.groups, ch[-1])
         self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
 
@@ -251,7 +256,7 @@ class Decoder(nn.Module):
         super().__init__()
         ch, n = cfg.channels, len(cfg.channels)
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch[-1], 3, padding=1)
-        self.mid = Mid(ch[-1], cfg.groups)
+        self.mid = Mid(ch[-1], cfg.groups, cfg.mid_attn)
         self.up = nn.ModuleList(
             Level(ch[min(l + 1, n - 1)], ch[l], cfg.dec_blocks, cfg.groups, "up" if l > 0 else None)
             for l in range(n))
@@ -528,7 +533,7 @@ def diffusers_config(cfg: VAEConfig):
             "block_out_channels": list(cfg.channels), "layers_per_block": cfg.enc_blocks,
             "latent_channels": cfg.latent_channels, "norm_num_groups": cfg.groups, "act_fn": "silu",
             "scaling_factor": cfg.scale, "shift_factor": cfg.shift, "use_quant_conv": False,
-            "use_post_quant_conv": False, "mid_block_add_attention": True, "force_upcast": True,
+            "use_post_quant_conv": False, "mid_block_add_attention": cfg.mid_attn, "force_upcast": True,
             "sample_size": 1024}
 
 
@@ -590,7 +595,8 @@ def _infer_config(src: _VAESource, groups=None) -> VAEConfig:
                      enc_blocks=count(r"encoder\.down\.0\.block\.(\d+)\."),
                      dec_blocks=count(r"decoder\.up\.0\.block\.(\d+)\."),
                      latent_channels=src.shape("decoder.conv_in.weight")[1],
-                     image_channels=src.shape("encoder.conv_in.weight")[1])
+                     image_channels=src.shape("encoder.conv_in.weight")[1],
+                     mid_attn=any(k.startswith("encoder.mid.attn_1.") for k in keys))
     except KeyError as e:
         raise CheckpointError(f"{src.path}: missing {e} needed to read the VAE size") from None
     told = src.told() | ({"groups": groups} if groups else {})
