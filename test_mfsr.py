@@ -1174,8 +1174,8 @@ def test_vae_tiled_is_close_to_untiled_without_seams(kind, max_bound, rel_mean_b
 
 
 def test_vae_tile_plan_is_automatic_above_the_limit():
-    assert V._tile_plan(None, None, 512, 128, 1024 * 1024, 8) is None
-    assert V._tile_plan(None, None, 512, 128, 1024 * 1024 + 1, 8) == (512, 128)
+    assert V._tile_plan(None, None, 512, 128, 1024 * 1024 * 128, 8) is None
+    assert V._tile_plan(None, None, 512, 128, 1024 * 1024 * 128 + 1, 8) == (512, 128)
     assert V._tile_plan(0, None, 512, 128, 4096 * 4096, 8) is None
     assert V._tile_plan(256, None, 512, 128, 64, 8) == (256, 64)
     with pytest.raises(ValueError, match="multiples of 8"):

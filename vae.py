@@ -12,7 +12,8 @@ without the prefix. Facts and the original <-> diffusers key map: ../shared/refe
 §4, cited as "ARCH §4.x". Latents leave `encode` in the transformer's space, (z - shift) * scale
 (ARCH §1); `decode` undoes it.
 
-Tiling. Above TILE_AUTO_PIXELS per image, `encode` and `decode` run the full-resolution levels
+Tiling. Above TILE_AUTO_ELEMENTS per image (pixels x the first level's channels: sd3 at one
+megapixel, the tiny VAE at four), `encode` and `decode` run the full-resolution levels
 (encoder conv_in + down levels; decoder up levels + head) on overlapping tiles blended with
 linear ramps, so memory is bounded by the tile size. The mid block, whose attention sees every
 latent position, always runs on the whole latent (64x smaller than the image; its attention is
@@ -280,7 +281,7 @@ class Decoder(nn.Module):
 # --------------------------------------------------------------------------------------------
 # Tiling: overlapping tiles, linear blending ramps, GroupNorm statistics shared across tiles
 
-TILE_AUTO_PIXELS = 1024 * 1024          # images with more pixels than this are tiled by default
+TILE_AUTO_ELEMENTS = 1024 * 1024 * 128  # tiled by default above this many full-resolution activations
 ENCODE_TILE, ENCODE_OVERLAP = 512, 128   # pixels
 DECODE_TILE, DECODE_OVERLAP = 64, 16     # latents (x8: 512 and 128 pixels)
 TILE_NORM = "tiles"                     # "tiles" | "down" | "local": see the module docstring
@@ -392,9 +393,10 @@ def _norms(*modules):
     return [m for mod in modules for m in mod.modules() if isinstance(m, GroupNorm)]
 
 
-def _tile_plan(tile, overlap, default_tile, default_overlap, pixels, multiple):
-    """(tile, overlap) to use, or None for one untiled pass. tile=None: automatic; 0: never."""
-    if tile == 0 or (tile is None and pixels <= TILE_AUTO_PIXELS):
+def _tile_plan(tile, overlap, default_tile, default_overlap, elements, multiple):
+    """(tile, overlap) to use, or None for one untiled pass. tile=None: automatic (by the
+    elements of one full-resolution activation); 0: never."""
+    if tile == 0 or (tile is None and elements <= TILE_AUTO_ELEMENTS):
         return None
     tile = default_tile if tile is None else tile
     if overlap is None:
@@ -421,7 +423,7 @@ class VAE(nn.Module):
         B, C, H, W = x.shape
         assert C == self.cfg.image_channels and H % f == 0 and W % f == 0, \
             f"expected (B, {self.cfg.image_channels}, H, W) with H, W multiples of {f}, got {tuple(x.shape)}"
-        plan = _tile_plan(tile, overlap, ENCODE_TILE, ENCODE_OVERLAP, H * W, f)
+        plan = _tile_plan(tile, overlap, ENCODE_TILE, ENCODE_OVERLAP, H * W * self.cfg.channels[0], f)
         enc = self.encoder
         if plan:   # the full-resolution levels in tiles; mid attention sees the whole latent
             with torch.no_grad():   # tiling is for inference: no graph through the tiles
@@ -453,7 +455,7 @@ class VAE(nn.Module):
         B, C, h, w = z.shape
         assert C == self.cfg.latent_channels, f"expected (B, {self.cfg.latent_channels}, h, w), got {tuple(z.shape)}"
         z_vae = z.float() / self.cfg.scale + self.cfg.shift
-        plan = _tile_plan(tile, overlap, DECODE_TILE, DECODE_OVERLAP, h * w * f * f, 1)
+        plan = _tile_plan(tile, overlap, DECODE_TILE, DECODE_OVERLAP, h * w * f * f * self.cfg.channels[0], 1)
         dec = self.decoder
         if plan:   # mid attention on the whole latent; the up levels in tiles
             with torch.no_grad():   # tiling is for inference: no graph through the tiles
