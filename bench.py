@@ -508,7 +508,7 @@ def _sample_case():
 def _timed_upscale(x, net, vae, cond, steps, teacher=False):
     """(seconds, peak MB) of one sample.upscale call, with the checkpoint's tiles and CFG w."""
     import sample
-    kw = {k: net.sampling[k] for k in ("tile", "tile_overlap", "cfg") if k in net.sampling}
+    kw = sample.sampling_settings(net)
     t0 = time.perf_counter()
     _, mb = peak_mb(lambda: sample.upscale(x, net, vae, cond["prompt"], steps, teacher=teacher,
                                            cond_neg=cond["neg"], **kw))
@@ -525,7 +525,8 @@ def bench_sample(args):
         g = torch.Generator().manual_seed(0)
         x = F.interpolate(torch.rand(1, 3, size // 8, size // 8, generator=g), size=(size, size),
                           mode="bicubic").clamp(0, 1)
-        tiled = sample.TiledNet(student, student.sampling["tile"], student.sampling["tile_overlap"])
+        st = sample.sampling_settings(student)
+        tiled = sample.TiledNet(student, st["tile"], st["tile_overlap"])
         tiles = len(tiled.tiles(size, size))                      # tiny VAE x4: latent side = 4 size / 4
         _timed_upscale(x[..., :16, :16], student, vae, cond, 1)   # warm-up
         one = {steps: _timed_upscale(x, student, vae, cond, steps) for steps in (1, 2, 4)}
@@ -540,7 +541,7 @@ def bench_sample(args):
                          "network calls": steps * tiles, "s": s, "peak MB": mb, "x faster than teacher": t40 / s})
             figures[f"{size}/student{steps}"] = {"s": s, "peak_mb": mb, "speedup": t40 / s}
         rows.append({"image": res, "tiles": tiles,
-                     "sampler": f"teacher 40 steps CFG {teacher.sampling.get('cfg', 8)}"
+                     "sampler": f"teacher 40 steps CFG {sample.sampling_settings(teacher)['cfg']}"
                                 + ("" if full40 else " (extrapolated)"),
                      "network calls": 80 * tiles, "s": t40, "peak MB": t40_mb, "x faster than teacher": 1.0})
         figures[f"{size}/teacher40"] = {"s": t40, "peak_mb": t40_mb, "measured": full40}

@@ -324,9 +324,9 @@ def evaluate(dest=SHIP, size=256, per_image=3, teacher_steps=40, seed=0):
     cond = {e: (p[None], c[None]) for e, (c, p) in embs.items()}
 
     def run(net, steps, teacher=False):
-        tiles = {k: net.sampling[k] for k in ("tile", "tile_overlap") if k in net.sampling}
+        kw = {**sample.sampling_settings(net), "cfg": CFG_W}
         return torch.cat([sample.upscale(lr[i:i + 1], net, v, cond["prompt"], steps, teacher=teacher,
-                                         cond_neg=cond["neg"], cfg=CFG_W, seed=seed, vae_tile=0, **tiles) for i in range(len(lr))])
+                                         cond_neg=cond["neg"], seed=seed, vae_tile=0, **kw) for i in range(len(lr))])
 
     methods = {"bicubic": lambda: lr_up,
                "VAE(HR) (upper bound)": lambda: v.decode(v.encode(hr * 2 - 1, tile=0), tile=0).float().add(1).div(2).clamp(0, 1)}

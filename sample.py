@@ -133,6 +133,11 @@ COLOR_FIXES = {"adain": adain_color_fix, "wavelet": wavelet_color_fix, "none": l
 DEFAULTS = {"tile": 64, "tile_overlap": 24, "cfg": 8.0}   # DiT4SR's, for checkpoints that record none
 
 
+def sampling_settings(net):
+    """tile, tile_overlap and cfg for `upscale`: those recorded in the checkpoint, else DEFAULTS."""
+    return {k: getattr(net, "sampling", {}).get(k, v) for k, v in DEFAULTS.items()}
+
+
 # --------------------------------------------------------------------------------------------
 # One image
 
@@ -396,9 +401,9 @@ def main(argv=None):
         else:
             cond, where = load_condition(net.cfg, args.emb, args.ckpt)
             cond_neg = load_condition(net.cfg, args.neg_emb, args.ckpt, ("neg", "null"))[0] if args.teacher else None
-        for key in DEFAULTS:   # unset flags: the checkpoint's own settings, else DiT4SR's
+        for key, value in sampling_settings(net).items():   # unset flags: the checkpoint's own
             if getattr(args, key) is None:
-                setattr(args, key, net.sampling.get(key, DEFAULTS[key]))
+                setattr(args, key, value)
         TiledNet(net, args.tile, args.tile_overlap)                      # check the tiles once
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
