@@ -189,15 +189,18 @@ LOSSES = {"pseudo_huber": pseudo_huber, "l2": squared_l2, "adaptive": adaptive_l
 def mfd_loss(u_fn, z_t, t, s, v, cond=None, mode="split", loss="pseudo_huber", u_fn_jvp=None):
     """One MeanFlow-distillation loss (Alg. 1): target by JVP, NaN guard, the chosen distance.
 
-    Returns a dict: loss (None when the step must be skipped), per_sample, n_nonfinite.
-    Non-finite targets are reported and the whole step is skipped, not silently masked.
+    Returns a dict: loss (None when the step must be skipped), per_sample, n_nonfinite, and
+    jvp_term = max over rows of ||u_tgt - v|| / ||v||, the size of the (s - t) du/dt correction
+    (Sana-Sprint and rCM normalise it when it grows large; train.py logs it so one can see whether
+    that is needed). Non-finite targets are reported and the whole step is skipped, not masked.
     """
     u, u_tgt = meanflow_target(u_fn, z_t, t, s, v, cond=cond, mode=mode, u_fn_jvp=u_fn_jvp)
     bad = int((~torch.isfinite(u_tgt.flatten(1)).all(1)).sum())
     if bad:
-        return {"loss": None, "per_sample": None, "n_nonfinite": bad}
+        return {"loss": None, "per_sample": None, "n_nonfinite": bad, "jvp_term": float("nan")}
     mean, per = LOSSES[loss](u, u_tgt)
-    return {"loss": mean, "per_sample": per.detach(), "n_nonfinite": 0}
+    term = (u_tgt - v.to(u_tgt)).flatten(1).norm(dim=1) / v.to(u_tgt).flatten(1).norm(dim=1).clamp_min(1e-12)
+    return {"loss": mean, "per_sample": per.detach(), "n_nonfinite": 0, "jvp_term": float(term.max())}
 
 
 # --------------------------------------------------------------------------------------------

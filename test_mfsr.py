@@ -707,6 +707,16 @@ def test_pseudo_huber_and_nan_guard():
     assert res["loss"] is None and res["n_nonfinite"] == 2
 
 
+def test_mfd_loss_reports_the_size_of_the_jvp_correction():
+    """u = 3 z + 5 t: du/dt = 3 v + 5, so u_tgt - v = (s - t)(3 v + 5), per row against ||v||."""
+    z = torch.randn(3, 4, dtype=torch.float64)
+    v = torch.randn(3, 4, dtype=torch.float64)
+    t, s = torch.tensor([0.2, 0.5, 0.1], dtype=torch.float64), torch.tensor([0.6, 0.5, 0.9], dtype=torch.float64)
+    res = mfsr.mfd_loss(lambda z_, t_, s_: 3 * z_ + 5 * t_[:, None], z, t, s, v)
+    want = ((s - t)[:, None] * (3 * v + 5)).norm(dim=1) / v.norm(dim=1)
+    assert want[1] == 0 and abs(res["jvp_term"] - want.max().item()) < 1e-12
+
+
 def test_sd3_sigma_grid_matches_the_reference_values():
     sig = mfsr.sd3_sigmas(40, 3.0)
     # ARCHITECTURE §1: 1.0, 0.99133, 0.98236, 0.97306, ..., 0.14651, 0.08105, 0.00893, 0
@@ -1529,6 +1539,7 @@ def test_train_tiny_teacher_then_distill_end_to_end(tmp_path):
     assert student.sampling == {"tile": 8, "tile_overlap": 4} and trained.sampling["tile"] == 8
     logs = [json.loads(line) for line in (s_out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in logs)
+    assert all(math.isfinite(r["jvp_term"]) and r["jvp_term"] >= 0 for r in logs)
     # sample.py takes the export as it is: student, the VAE and the prompt embedding beside it
     from PIL import Image as PILImage
     PILImage.fromarray((torch.rand(12, 10, 3) * 255).byte().numpy()).save(tmp_path / "lr.png")

@@ -409,8 +409,9 @@ def calibrated_vae(vae, stats, ema=None):
     return out
 
 
-def distill_loss(student, raw_student, teacher, z_hr, z_lr, context, pooled, null, neg, cfg, g):
-    """MFSR Alg. 1: t, s; z_t; the teacher's CFG velocity; the MeanFlow target by JVP; the loss."""
+def distill_loss(student, raw_student, teacher, z_hr, z_lr, context, pooled, null, neg, cfg, g, log=None):
+    """MFSR Alg. 1: t, s; z_t; the teacher's CFG velocity; the MeanFlow target by JVP; the loss.
+    log: a dict that gets the step's jvp_term (see mfsr.mfd_loss), the largest over micro-batches."""
     B = z_hr.shape[0]
     t, s = (x.to(z_hr) for x in mfsr.sample_times(B, cfg.ratio, g))
     eps = torch.randn(z_hr.shape, generator=g).to(z_hr)
@@ -423,6 +424,8 @@ def distill_loss(student, raw_student, teacher, z_hr, z_lr, context, pooled, nul
                               cond_null=expand(null), w=cfg.cfg_w).float()   # the JVP tangent: fp32
     res = mfsr.mfd_loss(mfsr.average_velocity(student), z_t, t, s, v, cond=c, mode=cfg.mode, loss=cfg.loss,
                         u_fn_jvp=mfsr.average_velocity(raw_student))
+    if log is not None:
+        log["jvp_term"] = max(log.get("jvp_term", 0.0), res["jvp_term"])
     return res["loss"], res["n_nonfinite"]
 
 
@@ -723,7 +726,7 @@ def main(argv=None):
         else:
             z_hr, z_lr = encode_pair(vae, batch, g)
         opt.zero_grad(set_to_none=True)
-        loss_sum, nonfinite = 0.0, 0
+        loss_sum, nonfinite, extra = 0.0, 0, {}
         for a in range(cfg.accum):
             sl = slice(a * cfg.batch, (a + 1) * cfg.batch)
             args = (z_hr[sl], z_lr[sl], batch["context"][sl], batch["pooled"][sl], null)
@@ -733,7 +736,7 @@ def main(argv=None):
                 elif cfg.stage == "teacher":
                     loss, nf = teacher_loss(run, *args, cfg, g, neg=neg)
                 else:
-                    loss, nf = distill_loss(run, net, teacher, *args, neg, cfg, g)
+                    loss, nf = distill_loss(run, net, teacher, *args, neg, cfg, g, log=extra)
             if _any_rank(sync, loss is None or not torch.isfinite(loss)):   # ranks skip together
                 nonfinite += 1
                 break
@@ -767,7 +770,7 @@ def main(argv=None):
         done = step + 1
         if rank == 0:
             rec = {"step": done, "loss": loss_sum, "grad_norm": float(gnorm), "lr": opt.param_groups[0]["lr"],
-                   "peak_mb": round(peak_memory_mb(device))}
+                   "peak_mb": round(peak_memory_mb(device)), **extra}
             log.write(json.dumps(rec) + "\n")
             log.flush()
             if done % cfg.log_every == 0 or done == cfg.steps:
