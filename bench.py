@@ -272,6 +272,9 @@ def bench_vae(args):
     import vae as V
     torch.manual_seed(0)
     base = V.VAE(V.CONFIGS["sd3"]).eval()
+    # VAE_BENCH_SIZES=2048 VAE_BENCH_OPS=decode: only the rows of the 4 GiB target
+    sizes = {int(x) for x in os.environ.get("VAE_BENCH_SIZES", "512,2048").split(",")}
+    ops = os.environ.get("VAE_BENCH_OPS", "encode,decode").split(",")
     cases = [(512, "untiled", 0, 0), (512, "tiled 256px", 256, 32)]
     if not args.quick:   # fp32 only at 2048^2 (its memory is the target's worst case; ~25 min on 2 cores)
         cases.append((2048, "tiled (default)", None, None))
@@ -282,12 +285,15 @@ def bench_vae(args):
         vae = V.set_dtype(V.VAE(base.cfg).eval(), dtype)
         vae.load_state_dict(base.state_dict())
         for size, variant, enc_tile, dec_tile in cases:
-            if size > 512 and dtype_name != "fp32" and os.environ.get("VAE_BENCH_BF16_2048") != "1":
+            if (size not in sizes or size > 512 and dtype_name != "fp32"
+                    and os.environ.get("VAE_BENCH_BF16_2048") != "1"):
                 continue
             x = (torch.rand(1, 3, size, size) * 2 - 1).to(dtype)
             z = torch.randn(1, 16, size // 8, size // 8).to(dtype)
             for op, fn in (("encode", lambda: vae.encode(x, tile=enc_tile)),
                            ("decode", lambda: vae.decode(z, tile=dec_tile))):
+                if op not in ops:
+                    continue
                 t0 = time.perf_counter()
                 with torch.no_grad():
                     _, mb = peak_mb(fn)
