@@ -1702,7 +1702,8 @@ def test_train_bad_inputs_give_clear_messages(tmp_path, capsys, monkeypatch):
     skipped = captured.err.count("skipping unreadable image")   # one warning per draw (batch 2, 2 steps)
     assert skipped >= 1 and f"{skipped} draws of 1 unreadable image(s) were skipped: " in captured.out
     # a run whose losses are all non-finite stops with the step and the images, keeping what was written
-    monkeypatch.setattr(mfsr, "mfd_loss", lambda *a, **k: {"loss": None, "per_sample": None, "n_nonfinite": 2})
+    monkeypatch.setattr(mfsr, "mfd_loss", lambda *a, **k: {"loss": None, "per_sample": None, "n_nonfinite": 2,
+                                                            "jvp_term": float("nan")})
     with pytest.raises(SystemExit, match=r"2 non-finite steps in a row, stopping at step \d+ \(.*img"):
         train.main(_TINY + ["--data", data, "--steps", "10", "--lora-rank", "4", "--out", str(out),
                             "--resume", "--max-bad", "2"])
