@@ -425,8 +425,8 @@ def _train_case(cfg, h, B, compiled):
     ctx, pooled = torch.randn(B, 8, cfg.context_dim, generator=g), torch.randn(B, cfg.pooled_dim, generator=g)
     null = (torch.zeros(1, cfg.context_dim), torch.zeros(cfg.pooled_dim))
     neg = (torch.randn(8, cfg.context_dim, generator=g), torch.randn(cfg.pooled_dim, generator=g))
-    run_t = torch.compile(trained_teacher) if compiled else trained_teacher
-    run_s = torch.compile(student) if compiled else student
+    run_t = torch.compile(trained_teacher, dynamic=False) if compiled else trained_teacher   # as train.py
+    run_s = torch.compile(student, dynamic=False) if compiled else student
 
     def step(net, loss_fn, mode="split"):
         def go():

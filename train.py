@@ -699,7 +699,9 @@ def main(argv=None):
     if cfg.ema and ema is None:
         ema = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
     sync = GradSync(trainable) if ddp else None
-    run = torch.compile(net) if cfg.compile else net
+    # static shapes: the JVP's rows (s != t) and the full batch are two fixed sizes, each compiled
+    # once; automatic dynamic shapes made inductor (torch 2.13, CPU) fail on a symbolic token count
+    run = torch.compile(net, dynamic=False) if cfg.compile else net
     import degrade
     data = PairDataset(paths, cfg.size, prompt, None if cfg.stage == "vae" else degrade.DegradeConfig())
     if cfg.cache_latents:
