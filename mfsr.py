@@ -199,7 +199,8 @@ def mfd_loss(u_fn, z_t, t, s, v, cond=None, mode="split", loss="pseudo_huber", u
     if bad:
         return {"loss": None, "per_sample": None, "n_nonfinite": bad, "jvp_term": float("nan")}
     mean, per = LOSSES[loss](u, u_tgt)
-    term = (u_tgt - v.to(u_tgt)).flatten(1).norm(dim=1) / v.to(u_tgt).flatten(1).norm(dim=1).clamp_min(1e-12)
+    v = v.to(u_tgt)
+    term = (u_tgt - v).flatten(1).norm(dim=1) / v.flatten(1).norm(dim=1).clamp_min(1e-12)
     return {"loss": mean, "per_sample": per.detach(), "n_nonfinite": 0, "jvp_term": float(term.max())}
 
 

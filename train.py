@@ -490,7 +490,10 @@ class GradSync:
             work.wait()
             flat /= self.world
             for p, g in zip(self.buckets[i], flat.split([p.numel() for p in self.buckets[i]])):
-                p.grad = g.view_as(p).to(p.dtype) if p.grad is None else p.grad.copy_(g.view_as(p))
+                if p.grad is None:
+                    p.grad = g.view_as(p).to(p.dtype)
+                else:
+                    p.grad.copy_(g.view_as(p))
         self.armed = False
 
 
@@ -700,7 +703,7 @@ def main(argv=None):
         ema = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
     sync = GradSync(trainable) if ddp else None
     # static shapes: the JVP's rows (s != t) and the full batch are two fixed sizes, each compiled
-    # once; automatic dynamic shapes made inductor (torch 2.13, CPU) fail on a symbolic token count
+    # once; automatic dynamic shapes made inductor (torch 2.13, CPU) fail on a symbolic size
     run = torch.compile(net, dynamic=False) if cfg.compile else net
     import degrade
     data = PairDataset(paths, cfg.size, prompt, None if cfg.stage == "vae" else degrade.DegradeConfig())
