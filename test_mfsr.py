@@ -1037,14 +1037,18 @@ def _vae_compare(ref, ours, size):
         post = ref.encode(x).latent_dist
         mean, logvar = ours.moments(x, tile=0)
         sample = ours.encode(x, torch.Generator().manual_seed(3), sample=True, tile=0)
-        ref_sample = (post.sample(torch.Generator().manual_seed(3)) - 0.0609) * 1.5305
+        ref_sample = post.sample(torch.Generator().manual_seed(3))
         image, ref_image = ours.decoder(z), ref.decode(z).sample
         decoded = ours.decode((z - 0.0609) * 1.5305, tile=0)
     assert (mean - post.mean).abs().max() < 1e-5
     assert (logvar - post.logvar).abs().max() < 1e-5
-    assert (sample - ref_sample).abs().max() < 1e-5
-    assert (image - ref_image).abs().max() < 1e-5
-    assert (decoded - ref_image.clamp(-1, 1)).abs().max() < 1e-5
+    assert (sample / 1.5305 + 0.0609 - ref_sample).abs().max() < 1e-5    # in the VAE's space, as the moments
+    # 1e-5 per unit of the decoder's output range: with random full-width weights the raw output
+    # reaches 2.5 and fp32 rounding grows with it (vae.py runs channels-last; diffusers' own decoder
+    # moves 1.2e-5 between the NCHW and channels-last layouts on this case)
+    tol = 1e-5 * max(1.0, ref_image.abs().max().item())
+    assert (image - ref_image).abs().max() < tol
+    assert (decoded - ref_image.clamp(-1, 1)).abs().max() < tol
     assert ref_image.abs().mean() > 0.05 and post.mean.std() > 0.01   # not a trivially zero output
 
 
