@@ -105,25 +105,26 @@ class GroupNorm(nn.GroupNorm):
         w, b = self.weight.float(), self.bias.float()
         if self.stats is None and self.sums is None:
             return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
-        g = x.float().reshape(B, self.num_groups, -1)            # (B, G, C/G * H * W)
+        H, W = x.shape[-2:]
+        G = self.num_groups
+        g = x.float().permute(0, 2, 3, 1).reshape(B, H * W, G, C // G)  # (B, H W, G, C/G); a view when channels-last
         if self.sums is not None:
-            self._record(g, x.shape[-2:])
+            self._record(g, (H, W))
         if self.stats is not None:
             mean, var = self.stats
         else:
-            var, mean = torch.var_mean(g, dim=-1, unbiased=False)  # (B, G)
-        y = (g - mean[..., None]) * torch.rsqrt(var[..., None] + self.eps)
-        return (y.view_as(x) * w.view(1, C, 1, 1) + b.view(1, C, 1, 1)).to(x.dtype)
-
+            var, mean = torch.var_mean(g, dim=(1, 3), unbiased=False)   # (B, G)
+        y = (g - mean[:, None, :, None]) * torch.rsqrt(var[:, None, :, None] + self.eps)
+        y = y.reshape(B, H, W, C).permute(0, 3, 1, 2)                   # (B, C, H, W), channels-last
+        return (y * w.view(1, C, 1, 1) + b.view(1, C, 1, 1)).to(x.dtype)
 
     def _record(self, g, size):
         """Add this tile's sums, counting only the pixels it owns (`mask`, at input resolution)."""
-        B, G = g.shape[:2]
         m = F.interpolate(self.mask[None, None], size=tuple(size), mode="nearest").flatten()  # (H W)
-        g = g.view(B, G, -1, m.numel())                            # (B, G, C/G, H W)
-        n = m.sum().double() * g.shape[2]
-        s1 = (g * m).sum((2, 3)).double()
-        s2 = (g * g * m).sum((2, 3)).double()                      # (B, G)
+        m = m[None, :, None, None]
+        n = m.sum().double() * g.shape[3]
+        s1 = (g * m).sum((1, 3)).double()
+        s2 = (g * g * m).sum((1, 3)).double()                      # (B, G)
         self.sums = [self.sums[0] + n, self.sums[1] + s1, self.sums[2] + s2]
 
 
