@@ -1175,6 +1175,19 @@ def _vae_tiled_errors(kind, tile_norm):
     return err.max().item(), err.mean().item() / ref.abs().mean().item(), _vae_band_ratio(err, starts, tile, r)
 
 
+def test_vae_outputs_are_plain_contiguous_tensors():
+    """vae.py computes channels-last; what it returns is NCHW-contiguous, tiled or not, so the
+    layout never leaks (a latent cached to disk and read back must equal the one kept in memory)."""
+    vae = _vae_tiny()
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        for tile in (0, 32):
+            z = vae.encode(x, tile=tile)
+            mean, logvar = vae.moments(x, tile=tile)
+            y = vae.decode(z, tile=tile // 4)
+            assert all(t.is_contiguous() for t in (z, mean, logvar, y)), tile
+
+
 @pytest.mark.parametrize("kind,max_bound,rel_mean_bound", [("encode", 0.65, 0.09), ("decode", 0.65, 0.12)])
 def test_vae_tiled_is_close_to_untiled_without_seams(kind, max_bound, rel_mean_bound):
     """Bounds measured on random tiny weights (see the report in vae.py): 3 x 3 tiles on 256 px,

@@ -375,7 +375,7 @@ def run_tiled(net, norms, x, tile, overlap, tile_norm=TILE_NORM):
              for y0 in _starts(H, tile, overlap) for x0 in _starts(W, tile, overlap)]
     if len(tiles) == 1:   # fits in one tile: the untiled computation, no statistics pass
         with torch.no_grad():
-            return net(x).float()
+            return net(x).float().contiguous()
     out = weight = None
     with torch.no_grad(), _shared_norm_stats(net, norms, tile_norm, x, tile, overlap):
         for crop in tiles:
@@ -435,7 +435,7 @@ class VAE(nn.Module):
                 m = enc.tail(h)
         else:
             m = enc(x)                                                   # (B, 2 latent, H/f, W/f)
-        return m.float().chunk(2, dim=1)
+        return m.float().contiguous().chunk(2, dim=1)   # channels-last stays inside vae.py
 
     def encode(self, x, generator=None, sample=False, tile=None, overlap=None, tile_norm=None):
         """Images in [-1, 1] -> model-space latents (z - shift) * scale, in x's dtype.
@@ -466,7 +466,7 @@ class VAE(nn.Module):
                 feat = dec.head(z_vae)                                   # (B, C, h, w)
                 x = run_tiled(dec.body, _norms(dec.up, dec.norm_out), feat, *plan, tile_norm or TILE_NORM)
         else:
-            x = dec(z_vae).float()                                       # (B, 3, h f, w f)
+            x = dec(z_vae).float().contiguous()                          # (B, 3, h f, w f), NCHW again
         return (x.clamp(-1, 1) if clamp else x).to(z.dtype)
 
 
