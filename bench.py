@@ -272,9 +272,11 @@ def bench_vae(args):
     import vae as V
     torch.manual_seed(0)
     base = V.VAE(V.CONFIGS["sd3"]).eval()
-    # VAE_BENCH_SIZES=2048 VAE_BENCH_OPS=decode: only the rows of the 4 GiB target
+    # VAE_BENCH_SIZES=2048 VAE_BENCH_OPS=decode: only the rows of the 4 GiB target; VAE_BENCH_DTYPES=bf16
+    # with VAE_BENCH_BF16_2048=1: only the bf16 ones
     sizes = {int(x) for x in os.environ.get("VAE_BENCH_SIZES", "512,2048").split(",")}
     ops = os.environ.get("VAE_BENCH_OPS", "encode,decode").split(",")
+    dtypes = os.environ.get("VAE_BENCH_DTYPES", "fp32,bf16").split(",")
     cases = [(512, "untiled", 0, 0), (512, "tiled 256px", 256, 32)]
     if not args.quick:   # fp32 only at 2048^2 (its memory is the target's worst case; ~25 min on 2 cores)
         cases.append((2048, "tiled (default)", None, None))
@@ -282,6 +284,8 @@ def bench_vae(args):
             cases.append((2048, "untiled", 0, 0))
     rows, figures = [], {}
     for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        if dtype_name not in dtypes:
+            continue
         vae = V.set_dtype(V.VAE(base.cfg).eval(), dtype)
         vae.load_state_dict(base.state_dict())
         for size, variant, enc_tile, dec_tile in cases:
