@@ -1181,7 +1181,7 @@ def test_vae_outputs_are_plain_contiguous_tensors():
     vae = _vae_tiny()
     x = torch.rand(1, 3, 64, 64) * 2 - 1
     with torch.no_grad():
-        for tile in (0, 32):
+        for tile in (0, 32, 64):   # untiled, 2 x 2 tiles, one tile through run_tiled
             z = vae.encode(x, tile=tile)
             mean, logvar = vae.moments(x, tile=tile)
             y = vae.decode(z, tile=tile // 4)

@@ -377,7 +377,7 @@ def run_tiled(net, norms, x, tile, overlap, tile_norm=TILE_NORM):
              for y0 in _starts(H, tile, overlap) for x0 in _starts(W, tile, overlap)]
     if len(tiles) == 1:   # fits in one tile: the untiled computation, no statistics pass
         with torch.no_grad():
-            return net(x).float().contiguous()
+            return net(x).float()
     out = weight = None
     with torch.no_grad(), _shared_norm_stats(net, norms, tile_norm, x, tile, overlap):
         for crop in tiles:
@@ -468,7 +468,8 @@ class VAE(nn.Module):
                 feat = dec.head(z_vae)                                   # (B, C, h, w)
                 x = run_tiled(dec.body, _norms(dec.up, dec.norm_out), feat, *plan, tile_norm or TILE_NORM)
         else:
-            x = dec(z_vae).float().contiguous()                          # (B, 3, h f, w f), NCHW again
+            x = dec(z_vae).float()                                       # (B, 3, h f, w f)
+        x = x.contiguous()                                               # channels-last stays inside vae.py
         return (x.clamp(-1, 1) if clamp else x).to(z.dtype)
 
 
