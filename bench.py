@@ -289,8 +289,9 @@ def bench_vae(args):
         vae = V.set_dtype(V.VAE(base.cfg).eval(), dtype)
         vae.load_state_dict(base.state_dict())
         for size, variant, enc_tile, dec_tile in cases:
-            if (size not in sizes or size > 512 and dtype_name != "fp32"
-                    and os.environ.get("VAE_BENCH_BF16_2048") != "1"):
+            if size not in sizes:
+                continue
+            if size > 512 and dtype_name != "fp32" and os.environ.get("VAE_BENCH_BF16_2048") != "1":
                 continue
             x = (torch.rand(1, 3, size, size) * 2 - 1).to(dtype)
             z = torch.randn(1, 16, size // 8, size // 8).to(dtype)
