@@ -134,9 +134,10 @@ def _model_case(cfg, H, W, B=1, L=16, two_times=True):
         net.zero_grad(set_to_none=True)
         (f(x, sigma) - dudt).square().mean().backward()
 
-    def fused():          # one grad-enabled JVP; backward through its primal output
+    def fused():          # one grad-enabled JVP; backward through its primal output (as mfsr.py)
         net.zero_grad(set_to_none=True)
-        u, dudt = torch.func.jvp(f, (x, sigma), (tx, tt))
+        with model.detached_tangents():
+            u, dudt = torch.func.jvp(f, (x, sigma), (tx, tt))
         (u - dudt.detach()).square().mean().backward()
     return {"forward": fwd, "fwd+bwd": fwd_bwd, "jvp custom": jvp("auto"), "jvp math": jvp("math"),
             "split jvp+fwd+bwd": split, "fused jvp+bwd": fused}

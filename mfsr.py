@@ -114,9 +114,10 @@ def meanflow_target(u_fn, z_t, t, s, v, cond=None, mode="split", u_fn_jvp=None):
     (v, 1, 0) for (z_t, t, s) (MeanFlow Eq. 8). Rows with s = t need no JVP, their target is v.
     mode "split": the JVP without gradients gives the target, an ordinary forward with
       gradients (fused attention, checkpointing, DDP all fine) gives u. Memory of a plain step.
-    mode "fused": one grad-enabled JVP whose primal output is trained; fewer FLOPs but the
-      tangent's graph is recorded too (large eager memory; compile removes it). The tangent is
-      detached: without that a second-order term silently enters the gradient.
+    mode "fused": one grad-enabled JVP whose primal output is trained; fewer FLOPs but eager
+      autograd records the tangent's linear ops too (the attention's tangent is not recorded:
+      model.detached_tangents). The tangent is detached: without that a second-order term
+      silently enters the gradient.
     The target is fp32 (fp64 for fp64 inputs) whatever the network's precision.
     u_fn_jvp: the same network for the split mode's JVP pass when u_fn cannot be differentiated
     forward (torch.func.jvp cannot go through a DDP wrapper: pass the inner module here).
@@ -143,7 +144,8 @@ def meanflow_target(u_fn, z_t, t, s, v, cond=None, mode="split", u_fn_jvp=None):
     elif mode == "fused":
         u = torch.zeros_like(z_t, dtype=acc)
         if len(idx):
-            u_neq, dudt = torch.func.jvp(f, primals, tangents)
+            with _model.detached_tangents():      # dudt is detached below
+                u_neq, dudt = torch.func.jvp(f, primals, tangents)
             u = u.index_put((idx,), u_neq.to(u.dtype))
             u_tgt[idx] += bc(s[idx] - t[idx]).to(acc) * dudt.detach().to(acc)     # Eq. (12)
         if len(same):

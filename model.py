@@ -14,6 +14,7 @@ x_sigma = (1 - sigma) x0 + sigma eps, sigma = 1 is noise, the network predicts e
 the time as `time_scale * sigma` (1000 for SD3.5 and DiT4SR, 1 for the MFSR student).
 Token layout: image tokens X (B, K, D), LR tokens L (B, K, D), text tokens C (B, M, D).
 """
+import contextlib
 import json
 import math
 import re
@@ -146,7 +147,8 @@ class JVPAttention(torch.autograd.Function):
         dq = zero(q) if dq is None else dq
         dk = zero(k) if dk is None else dk
         dv = zero(v) if dv is None else dv
-        return _attention_tangent(q, k, v, o, dq, dk, dv)
+        with torch.no_grad() if _SWITCHES["detached_tangents"] else contextlib.nullcontext():
+            return _attention_tangent(q, k, v, o, dq, dk, dv)
 
     @staticmethod
     def backward(ctx, do):
@@ -183,27 +185,47 @@ def attention(q, k, v, mode="auto"):
     raise ValueError(f"unknown attention mode {mode!r}")
 
 
-_COMPILED_JVP = [False]
+_SWITCHES = {"compiled_jvp": False, "detached_tangents": False}
 
 
-class compiled_jvp:
-    """Context manager: tell `attention` that the graph being compiled carries tangents.
+class _Switch:
+    """Context manager: a module-level switch is on for the code inside it."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __enter__(self):
+        self.prev, _SWITCHES[self.name] = _SWITCHES[self.name], True
+
+    def __exit__(self, *exc):
+        _SWITCHES[self.name] = self.prev
+
+
+def compiled_jvp():
+    """Tell `attention` that the graph being compiled carries tangents.
 
     Tensor wrappers cannot be inspected while dynamo traces, so code that compiles a JVP says so;
     attention then uses the plain-ops chunked path there. mfsr.py and train.py run the JVP eagerly
     (train.py --compile compiles the forward with gradients only); test_torch_compile_forward_and_jvp
     compiles one under this context.
     """
+    return _Switch("compiled_jvp")
 
-    def __enter__(self):
-        self.prev, _COMPILED_JVP[0] = _COMPILED_JVP[0], True
 
-    def __exit__(self, *exc):
-        _COMPILED_JVP[0] = self.prev
+def detached_tangents():
+    """Promise that the JVP's tangent output will be detached: attention then computes its tangent
+    without recording it for backward.
+
+    In a grad-enabled JVP (mfsr's "fused" mode) autograd would otherwise keep every (chunk, N)
+    probability block of the tangent rule for a backward that never comes (GBs at 2k tokens).
+    Gradients through the primal output are unaffected; gradients through the tangent would be
+    wrong inside this context, which is why it is opt-in.
+    """
+    return _Switch("detached_tangents")
 
 
 def _compiling_jvp():
-    return _COMPILED_JVP[0]
+    return _SWITCHES["compiled_jvp"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -546,6 +568,16 @@ class LoRALinear(nn.Linear):
         self.scale = alpha / rank
 
     def forward(self, x):
+        # Without gradients for the LoRA factors (sampling, the JVP of the split mode, a frozen
+        # student), one linear with the merged weight is cheaper than three whenever the rows
+        # outnumber in * out / (in + out); under forward AD it also halves the tangent's ops.
+        # With them, the low-rank path keeps the weight gradients low-rank.
+        rows = x.numel() // self.in_features
+        lora_grad = torch.is_grad_enabled() and (self.lora_up.weight.requires_grad
+                                                 or self.lora_down.weight.requires_grad)
+        if not lora_grad and rows * (self.in_features + self.out_features) > self.in_features * self.out_features:
+            w = torch.addmm(self.weight, self.lora_up.weight, self.lora_down.weight, alpha=self.scale)
+            return F.linear(x, w, self.bias)
         return F.linear(x, self.weight, self.bias) + self.scale * self.lora_up(self.lora_down(x))
 
     def merged(self) -> nn.Linear:

@@ -334,6 +334,17 @@ def test_attention_paths_agree_and_backward_through_the_jvp_primal():
     grads_ref = torch.autograd.grad((model.attention(*leaves2, mode="math") * w).sum(), leaves2)
     for a, b in zip(grads, grads_ref):
         assert (a - b).abs().max() < 1e-5
+    # mfsr's fused mode promises to detach the tangent: then the tangent rule records nothing,
+    # and the primal's gradients stay those above
+    leaves3 = [t.clone().requires_grad_() for t in (q, k, v)]
+    with model.detached_tangents():
+        out3, tan3 = torch.func.jvp(lambda *a: model.attention(*a), tuple(leaves3), tuple(tangents))
+    _, tan = torch.func.jvp(lambda *a: model.attention(*a), tuple(leaves), tuple(tangents))
+    assert tan.requires_grad and not tan3.requires_grad and not model._SWITCHES["detached_tangents"]
+    assert torch.equal(tan3, tan.detach())
+    grads3 = torch.autograd.grad((out3 * w).sum(), leaves3)
+    for a, b in zip(grads3, grads):
+        assert torch.equal(a, b)
 
 
 def test_model_jvp_uses_the_custom_attention_and_matches_math_backend():
@@ -383,6 +394,32 @@ def test_lora_is_zero_at_init_and_merges_exactly():
     assert (with_lora - before).abs().max() > 1e-3
     assert (merged - with_lora).abs().max() < 1e-5
     assert not any("lora" in k for k in net.state_dict())
+
+
+def test_lora_linear_merges_on_the_fly_only_without_lora_gradients():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Shapes(TorchDispatchMode):      # the shapes of every op's output
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            seen.append(tuple(out.shape) if isinstance(out, torch.Tensor) else None)
+            return out
+    torch.manual_seed(0)
+    lin = model.LoRALinear(torch.nn.Linear(24, 40), rank=4, alpha=8)
+    torch.nn.init.normal_(lin.lora_up.weight, 0, 0.1)
+    ref = lambda x: (torch.nn.functional.linear(x, lin.weight, lin.bias)
+                     + 2.0 * x @ lin.lora_down.weight.T @ lin.lora_up.weight.T)
+    for rows, merges in ((3, False), (64, True)):   # 64 rows: the merged weight is cheaper
+        x = torch.randn(2, rows, 24)
+        for grad in (False, True):
+            seen = []
+            with torch.set_grad_enabled(grad), Shapes():
+                y = lin(x)
+            assert (y - ref(x)).abs().max() < 1e-5
+            assert ((40, 24) in seen) == (merges and not grad)   # a merged (out, in) weight was formed
+        y.square().sum().backward()
+        assert lin.lora_up.weight.grad.abs().max() > 0
+        lin.zero_grad()
 
 
 def test_student_from_teacher_reproduces_teacher_for_any_s():
