@@ -78,6 +78,7 @@ CONFIGS = {
 # Attention: fused SDPA normally; a forward-mode-AD-capable path when tangents are present.
 
 ATTN_CHUNK_ELEMENTS = 2 ** 21  # size of one (B, H, chunk, N) score block in the JVP paths
+MLP_CHUNK_ELEMENTS = 2 ** 21   # size of one (B, rows * w, 4 D) MLP hidden band in the JVP
 
 
 def _query_chunk(q, k):
@@ -91,13 +92,14 @@ def _attention_tangent(q, k, v, o, dq, dk, dv):
 
     dO = P dV + (P * dS) V - rowsum(P * dS) O,  with dS = s (dQ K^T + Q dK^T)   (per head)
 
-    s is folded into Q and dQ, dS is one product [dQ, Q] [K, dK]^T, and rowsum(P * dS) comes out
-    of the same product as (P * dS) V through a column of ones appended to V: two passes over
-    each (chunk, N) block besides the softmax, instead of six.
+    s is folded into [K, dK] (whose first d columns then give the scores too), dS is one product
+    [dQ, Q] s [K, dK]^T, and rowsum(P * dS) comes out of the same product as (P * dS) V through a
+    column of ones appended to V: two passes over each (chunk, N) block besides the softmax,
+    instead of six.
     """
-    scale, chunk = q.shape[-1] ** -0.5, _query_chunk(q, k)
-    q, dq = q * scale, dq * scale
-    kt, kdk = k.transpose(-1, -2), torch.cat([k, dk], -1).transpose(-1, -2)     # (B, H, d | 2d, N)
+    scale, chunk, d = q.shape[-1] ** -0.5, _query_chunk(q, k), q.shape[-1]
+    kdk = (torch.cat([k, dk], -1) * scale).transpose(-1, -2)                   # (B, H, 2d, N)
+    kt = kdk[..., :d, :]                                                        # s K^T
     v1 = torch.cat([v, torch.ones_like(v[..., :1])], -1)                       # (B, H, N, d + 1)
     out = []
     for i in range(0, q.shape[-2], chunk):
@@ -413,35 +415,61 @@ class JointBlock(nn.Module):
         self.x_block = DismantledBlock(cfg, dual=index in cfg.dual_layers, control=cfg.lr_stream)
 
     def forward(self, x, lr, ctx, c, grid, attn_mode):
+        mods, c_mods = self.x_block.modulation(c), self.context_block.modulation(c)
+        x, lr, oc = self._attention(x, lr, ctx, mods, c_mods, attn_mode)
+        x, lr = self._mlp(x, lr, *mods[3:6], grid)
+        ctx = None if self.context_block.pre_only else self._context_rest(ctx, oc, c_mods)
+        return x, lr, ctx
+
+    def _attention(self, x, lr, ctx, mods, c_mods, attn_mode):
+        """The joint attention (and MMDiT-X's second, image-only one): new X and L, and the
+        attention output of the text tokens. Its own method, with explicit `del`s, so that its
+        intermediates (q, k, v, normalised inputs) are freed as soon as they are dead: under
+        forward AD each has a tangent beside it, which made them the JVP's memory peak."""
         xb, cb, cfg = self.x_block, self.context_block, self.cfg
-        mods = xb.modulation(c)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
+        shift_msa, scale_msa, gate_msa = mods[:3]
         nx, nl = xb.norm1(x), None if lr is None else xb.norm1(lr)
         q, k, v, la = xb.attn.image_qkv(nx, nl, shift_msa, scale_msa, cfg.lr_key_mode)
-        c_mods = cb.modulation(c)                                                  # text stream
-        qc, kc, vc = cb.attn.qkv_x(modulate(cb.norm1(ctx), c_mods[0], c_mods[1]))
+        qc, kc, vc = cb.attn.qkv_x(modulate(cb.norm1(ctx), c_mods[0], c_mods[1]))   # text stream
         o = attention(torch.cat([q, qc], 2), torch.cat([k, kc], 2), torch.cat([v, vc], 2), attn_mode)
+        del q, k, v, qc, kc, vc                     # freed before the second attention makes its own
         o = rearrange(o, "b h n d -> b n (h d)")                                   # (B, N, D)
         x2, lr2 = xb.attn.image_out(o, x, lr, la, gate_msa)
+        oc = o[:, -ctx.shape[1]:].clone()           # the text tokens' rows: the rest of o can go
+        del o, la
         if xb.dual:  # MMDiT-X: image-only attention from the same normalised x, over [X ; L]
             shift2, scale2, gate2 = mods[6:]
             q, k, v, la2 = xb.attn2.image_qkv(nx, nl, shift2, scale2, cfg.lr_key_mode)
             o2 = rearrange(attention(q, k, v, attn_mode), "b h n d -> b n (h d)")  # (B, 2K, D)
             x2, lr2 = xb.attn2.image_out(o2, x2, lr2, la2, gate2)
-        x2, lr2 = self._mlp(x2, lr2, shift_mlp, scale_mlp, gate_mlp, grid)
-        ctx = None if cb.pre_only else self._context_rest(ctx, o[:, -ctx.shape[1]:], c_mods)
-        return x2, lr2, ctx
+        return x2, lr2, oc
 
     def _mlp(self, x, lr, shift, scale, gate, grid):
-        xb = self.x_block
-        hx = xb.mlp.hidden(modulate(xb.norm2(x), shift, scale))                    # (B, K, 4D)
+        """Both image streams' MLPs. Under forward AD (the JVP) they run over bands of image rows:
+        there every activation has a tangent beside it, and the 4x-wide hidden layers of X and L
+        are the largest of them (MLP_CHUNK_ELEMENTS; no effect on the result beyond rounding)."""
+        h, w = grid
+        rows = h
+        if not torch.compiler.is_compiling() and _has_tangent(x):
+            rows = max(1, MLP_CHUNK_ELEMENTS // (x.shape[0] * w * self.x_block.mlp.fc1.out_features))
+        if rows >= h:
+            return self._mlp_rows(x, lr, shift, scale, gate, grid, 0, h)
+        parts = [self._mlp_rows(x, lr, shift, scale, gate, grid, r, min(r + rows, h)) for r in range(0, h, rows)]
+        return torch.cat([p[0] for p in parts], 1), None if lr is None else torch.cat([p[1] for p in parts], 1)
+
+    def _mlp_rows(self, x, lr, shift, scale, gate, grid, r0, r1):
+        """The MLP outputs of image rows r0 .. r1 - 1 (tokens r0 w .. r1 w - 1) of X and of L."""
+        xb, (h, w) = self.x_block, grid
+        band = slice(r0 * w, r1 * w)
+        hx = xb.mlp.hidden(modulate(xb.norm2(x[:, band]), shift, scale))          # (B, n, 4D)
+        lr_out = None
         if lr is not None:
-            hl = xb.mlp.hidden(modulate(xb.norm2(lr), shift, scale))              # (B, K, 4D)
-            h, w = grid
-            conv = xb.mlp.control_conv(rearrange(hl, "b (h w) c -> b c h w", h=h, w=w))
+            a, b = max(r0 - 1, 0), min(r1 + 1, h)       # one more row each side for the 3x3 conv
+            hl = xb.mlp.hidden(modulate(xb.norm2(lr[:, a * w:b * w]), shift, scale))
+            conv = xb.mlp.control_conv(rearrange(hl, "b (h w) c -> b c h w", w=w))[:, :, r0 - a:r1 - a]
             hx = hx + self.cfg.ff_inject * rearrange(conv, "b c h w -> b (h w) c")
-            lr = lr + gate.unsqueeze(1) * xb.mlp.fc2(hl)
-        return x + gate.unsqueeze(1) * xb.mlp.fc2(hx), lr
+            lr_out = lr[:, band] + gate.unsqueeze(1) * xb.mlp.fc2(hl[:, (r0 - a) * w:(r1 - a) * w])
+        return x[:, band] + gate.unsqueeze(1) * xb.mlp.fc2(hx), lr_out
 
     def _context_rest(self, ctx, oc, mods):
         cb = self.context_block

@@ -370,6 +370,30 @@ def test_model_jvp_uses_the_custom_attention_and_matches_math_backend():
     assert (jvp - fd).norm() / fd.norm() <= 1e-6
 
 
+def test_jvp_runs_the_mlps_in_row_bands_with_the_same_result(monkeypatch):
+    torch.manual_seed(0)
+    net = _randomize(MMDiT(replace(CONFIGS["tiny"], two_times=True)).double()).eval()   # control conv random
+    inp = _inputs(net.cfg, dtype=torch.float64)                                          # 4 x 6 token grid
+    f = lambda x, sig: net(x, sig, inp["pooled"], inp["context"], lr=inp["lr"], sigma_s=inp["sigma_s"])
+    prim, tan = (inp["x"], inp["sigma"]), (torch.randn_like(inp["x"]), torch.ones_like(inp["sigma"]))
+    bands, rows_of = [], model.JointBlock._mlp_rows
+    monkeypatch.setattr(model.JointBlock, "_mlp_rows", lambda self, *a: bands.append(a[-2:]) or rows_of(self, *a))
+    with torch.no_grad():
+        ref = torch.func.jvp(f, prim, tan)                   # 4 x 6 x 512 x 2 < MLP_CHUNK_ELEMENTS: one band
+        assert set(bands) == {(0, 4)}
+        wide = 2 * 6 * 4 * net.cfg.hidden                    # elements of one row's hidden layer
+        for rows, expect in ((1, {(0, 1), (1, 2), (2, 3), (3, 4)}), (3, {(0, 3), (3, 4)})):
+            monkeypatch.setattr(model, "MLP_CHUNK_ELEMENTS", rows * wide)
+            bands.clear()
+            out = torch.func.jvp(f, prim, tan)
+            assert set(bands) == expect and len(bands) == len(expect) * net.cfg.depth
+            for a, b in zip(out, ref):
+                assert (a - b).abs().max() <= 1e-12 * b.abs().max()
+        bands.clear()
+        net(**inp)                                           # no tangent: never banded
+        assert set(bands) == {(0, 4)}
+
+
 # ---- LoRA, student from teacher, trainable set
 
 
