@@ -8,7 +8,9 @@ Each bench prints a table. Time is the median of interleaved repeats (this is a 
 is the growth of the process's peak resident set (VmHWM, reset through
 /proc/self/clear_refs before each measurement) over the resident set before the call,
 so it counts what the call allocates, on CPU, including freed temporaries (glibc is told to
-return big freed blocks to the OS at once, MALLOC_MMAP_THRESHOLD_=65536).
+return big freed blocks to the OS at once, MALLOC_MMAP_THRESHOLD_=65536). That setting slows
+allocation-heavy code, unevenly: `sample`, whose target is a time ratio of whole runs, keeps
+glibc's default allocator (TIMES_FIRST).
 """
 import argparse
 import ctypes
