@@ -114,6 +114,7 @@ def markdown_table(rows):
 
 
 def _model_case(cfg, H, W, B=1, L=16, two_times=True):
+    import mfsr
     import model
     from dataclasses import replace
     torch.manual_seed(0)
@@ -128,7 +129,7 @@ def _model_case(cfg, H, W, B=1, L=16, two_times=True):
         def run():
             net.attn_mode = mode
             with torch.no_grad():
-                out = torch.func.jvp(f, (x, sigma), (tx, tt))
+                out = mfsr.jvp(f, (x, sigma), (tx, tt))      # as mfsr.py runs it
             net.attn_mode = "auto"
             return out
         return run
@@ -149,7 +150,7 @@ def _model_case(cfg, H, W, B=1, L=16, two_times=True):
     def fused():          # one grad-enabled JVP; backward through its primal output (as mfsr.py)
         net.zero_grad(set_to_none=True)
         with model.detached_tangents():
-            u, dudt = torch.func.jvp(f, (x, sigma), (tx, tt))
+            u, dudt = mfsr.jvp(f, (x, sigma), (tx, tt))
         (u - dudt.detach()).square().mean().backward()
     return {"forward": fwd, "fwd+bwd": fwd_bwd, "jvp custom": jvp("auto"), "jvp math": jvp("math"),
             "split jvp+fwd+bwd": split, "fused jvp+bwd": fused}

@@ -19,6 +19,7 @@ The transformers of model.py use SD3's sigma = 1 - t and predict eps - x0 = -v. 
 import math
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 import model as _model
 
@@ -104,6 +105,15 @@ def _two_conditions(fn, z, t, c1, c2):
 # Eq. (8), (12): the MeanFlow target by one forward-mode JVP
 
 
+def jvp(f, primals, tangents):
+    """(f(*primals), the derivative of f along tangents): one forward-mode pass with dual tensors
+    (torch.autograd.forward_ad), like torch.func.jvp but letting model.py's layers apply their own
+    cheaper tangent rules (model.linear); autograd still records the primal for backward."""
+    with fwAD.dual_level():
+        out = f(*(fwAD.make_dual(p, t) for p, t in zip(primals, tangents)))
+        return tuple(fwAD.unpack_dual(out))
+
+
 def meanflow_target(u_fn, z_t, t, s, v, cond=None, mode="split", u_fn_jvp=None):
     """(u, u_tgt): u = u_theta(z_t, t, s) to train, u_tgt = v + (s - t) du/dt, stopped.
 
@@ -120,7 +130,7 @@ def meanflow_target(u_fn, z_t, t, s, v, cond=None, mode="split", u_fn_jvp=None):
       silently enters the gradient.
     The target is fp32 (fp64 for fp64 inputs) whatever the network's precision.
     u_fn_jvp: the same network for the split mode's JVP pass when u_fn cannot be differentiated
-    forward (torch.func.jvp cannot go through a DDP wrapper: pass the inner module here).
+    forward (a DDP wrapper: pass the inner module here).
     """
     B = z_t.shape[0]
     assert t.shape == (B,) and s.shape == (B,) and v.shape == z_t.shape, "t, s (B,); v like z_t"
@@ -138,14 +148,14 @@ def meanflow_target(u_fn, z_t, t, s, v, cond=None, mode="split", u_fn_jvp=None):
     if mode == "split":
         if len(idx):
             with torch.no_grad():
-                _, dudt = torch.func.jvp(f, primals, tangents)
+                _, dudt = jvp(f, primals, tangents)
             u_tgt[idx] += bc(s[idx] - t[idx]).to(acc) * dudt.to(acc)              # Eq. (12)
         u = call(slice(None))
     elif mode == "fused":
         u = torch.zeros_like(z_t, dtype=acc)
         if len(idx):
             with _model.detached_tangents():      # dudt is detached below
-                u_neq, dudt = torch.func.jvp(f, primals, tangents)
+                u_neq, dudt = jvp(f, primals, tangents)
             u = u.index_put((idx,), u_neq.to(u.dtype))
             u_tgt[idx] += bc(s[idx] - t[idx]).to(acc) * dudt.detach().to(acc)     # Eq. (12)
         if len(same):

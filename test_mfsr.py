@@ -3,6 +3,7 @@
     python -m pytest -q                 # everything, as CI runs it
     python -m pytest -q -m "not slow"   # the quick ones
 """
+import contextlib
 import json
 import math
 import os
@@ -420,6 +421,31 @@ def test_lora_is_zero_at_init_and_merges_exactly():
     assert not any("lora" in k for k in net.state_dict())
 
 
+def test_linear_forward_ad_rule_is_exact_and_takes_two_products():
+    from torch.utils._python_dispatch import TorchDispatchMode
+    import torch.autograd.forward_ad as fwAD
+
+    class Products(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            names.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+    torch.manual_seed(0)
+    lin = model.Linear(24, 40).double()
+    x, dx = torch.randn(2, 5, 24, dtype=torch.float64), torch.randn(2, 5, 24, dtype=torch.float64)
+    ref_out, ref_tan = torch.func.jvp(lambda a: torch.nn.functional.linear(a, lin.weight, lin.bias), (x,), (dx,))
+    for detached in (False, True):
+        names = []
+        with fwAD.dual_level(), Products():
+            with model.detached_tangents() if detached else contextlib.nullcontext():
+                out, tan = fwAD.unpack_dual(lin(fwAD.make_dual(x, dx)))
+        assert sum(n in ("mm", "addmm", "bmm") for n in names) == 2     # x W^T + b and dx W^T only
+        assert (out - ref_out).abs().max() < 1e-12 and (tan - ref_tan).abs().max() < 1e-12
+        assert tan.requires_grad != detached      # the weights require grad: recorded unless detached
+        lin.zero_grad()
+        out.square().sum().backward()             # the fused mode trains the primal output
+        assert torch.allclose(lin.weight.grad, (2 * ref_out).flatten(0, 1).T @ x.flatten(0, 1))
+
+
 def test_lora_linear_merges_on_the_fly_only_without_lora_gradients():
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -665,7 +691,7 @@ def _identity_error(monkeypatch=None, bug=None):
     t, s = t.double(), s.double()
     v = z @ _A.T                                                                 # v(z, t) = A z
     if bug:
-        real = torch.func.jvp
+        real = mfsr.jvp
 
         def buggy(f, primals, tangents):
             tz, tt, ts = tangents
@@ -675,7 +701,7 @@ def _identity_error(monkeypatch=None, bug=None):
                 tangents = (torch.zeros_like(tz), tt, ts)
             out, tan = real(f, primals, tangents)
             return out, -tan if bug == "sign" else tan
-        monkeypatch.setattr(torch.func, "jvp", buggy)
+        monkeypatch.setattr(mfsr, "jvp", buggy)
     u, u_tgt = mfsr.meanflow_target(_linear_flow_u, z, t, s, v)
     assert torch.equal(u, _linear_flow_u(z, t, s))
     return ((u_tgt - u).norm(dim=1) / u.norm(dim=1)).max().item()
