@@ -430,9 +430,9 @@ def distill_loss(student, raw_student, teacher, z_hr, z_lr, context, pooled, nul
 
 
 # --------------------------------------------------------------------------------------------
-# Many processes: the gradients of the trainable parameters, averaged by hand. DDP is not used:
-# torch.func.jvp cannot see through its wrapper, and the fused mode trains the primal output of
-# a JVP of the raw module. Each rank runs the raw module on its own data shard.
+# Many processes: the gradients of the trainable parameters, averaged by hand. DDP is not used: the
+# JVP runs on the raw module (mfsr's u_fn_jvp), and the fused mode trains the primal output of that
+# JVP. Each rank runs the raw module on its own data shard.
 
 
 class GradSync:
