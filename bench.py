@@ -563,7 +563,7 @@ def bench_sample(args):
     sizes = (128,) if args.quick else (128, 512)
     rows, figures, first = [], {}, {}
     for dname in dtypes:
-        student, teacher, vae, cond = _sample_case({"fp32": torch.float32, "bf16": torch.bfloat16}[dname])
+        student, teacher, vae, cond = _sample_case(sample.DTYPES[dname])
         for size in sizes:
             g = torch.Generator().manual_seed(0)
             x = F.interpolate(torch.rand(1, 3, size // 8, size // 8, generator=g), size=(size, size),

@@ -150,7 +150,7 @@ class JVPAttention(torch.autograd.Function):
         dq = zero(q) if dq is None else dq
         dk = zero(k) if dk is None else dk
         dv = zero(v) if dv is None else dv
-        with torch.no_grad() if _SWITCHES["detached_tangents"] else contextlib.nullcontext():
+        with _tangent_recording():
             return _attention_tangent(q, k, v, o, dq, dk, dv)
 
     @staticmethod
@@ -231,6 +231,11 @@ def _compiling_jvp():
     return _SWITCHES["compiled_jvp"]
 
 
+def _tangent_recording():
+    """The grad mode for computing a tangent by hand: off inside detached_tangents."""
+    return torch.no_grad() if _SWITCHES["detached_tangents"] else contextlib.nullcontext()
+
+
 # --------------------------------------------------------------------------------------------
 # Building blocks (names as in mmditx.py)
 
@@ -246,7 +251,7 @@ def linear(x, w, b=None):
     xp, dx = fwAD.unpack_dual(x)
     if dx is None or fwAD.unpack_dual(w).tangent is not None:
         return F.linear(x, w, b)
-    with torch.no_grad() if _SWITCHES["detached_tangents"] else contextlib.nullcontext():
+    with _tangent_recording():
         dy = F.linear(dx, w)
     return fwAD.make_dual(F.linear(xp, w, b), dy)
 
@@ -459,7 +464,8 @@ class JointBlock(nn.Module):
         del q, k, v, qc, kc, vc                     # freed before the second attention makes its own
         o = rearrange(o, "b h n d -> b n (h d)")                                   # (B, N, D)
         x2, lr2 = xb.attn.image_out(o, x, lr, la, gate_msa)
-        oc = o[:, -ctx.shape[1]:].clone()           # the text tokens' rows: the rest of o can go
+        # the text tokens' rows, for their MLP (the last block has none): the rest of o can go
+        oc = None if cb.pre_only else o[:, -ctx.shape[1]:].clone()
         del o, la
         if xb.dual:  # MMDiT-X: image-only attention from the same normalised x, over [X ; L]
             shift2, scale2, gate2 = mods[6:]
