@@ -444,6 +444,12 @@ def test_linear_forward_ad_rule_is_exact_and_takes_two_products():
         lin.zero_grad()
         out.square().sum().backward()             # the fused mode trains the primal output
         assert torch.allclose(lin.weight.grad, (2 * ref_out).flatten(0, 1).T @ x.flatten(0, 1))
+    # a weight with a tangent of its own takes PyTorch's general rule (x dW^T counts too)
+    dw = torch.randn_like(lin.weight)
+    ref = torch.func.jvp(lambda a, w: torch.nn.functional.linear(a, w, lin.bias), (x, lin.weight.detach()), (dx, dw))[1]
+    with fwAD.dual_level():
+        tan = fwAD.unpack_dual(model.linear(fwAD.make_dual(x, dx), fwAD.make_dual(lin.weight.detach(), dw), lin.bias)).tangent
+    assert (tan - ref).abs().max() < 1e-12
 
 
 def test_lora_linear_merges_on_the_fly_only_without_lora_gradients():
@@ -2657,6 +2663,30 @@ def test_quality_command_runs_at_a_reduced_size():
     by = {r["method"]: r for r in rows}
     assert by["bicubic"]["HF energy / HR"] < 0.5 < by["VAE(HR) (upper bound)"]["SSIM"]   # blurry vs faithful
     assert by[miniature._teacher_name(8)]["PSNR vs teacher 8"] == math.inf
+
+
+@pytest.mark.slow
+def test_sample_bench_compares_student_and_teacher_in_both_dtypes(monkeypatch):
+    import argparse
+
+    import bench
+    monkeypatch.setenv("SAMPLE_BENCH_DTYPES", "fp32,bf16")
+    title, rows, figures = bench.bench_sample(argparse.Namespace(quick=True))
+    assert "native bf16 on this CPU" in title
+    for dtype in ("fp32", "bf16"):
+        mine = [r for r in rows if r["dtype"] == dtype]
+        students, (teacher,) = mine[:-1], mine[-1:]
+        tiles = teacher["tiles"]
+        assert teacher["sampler"].startswith("teacher 40 steps") and "(extrapolated)" in teacher["sampler"]
+        assert teacher["network calls"] == 80 * tiles and teacher["x faster than teacher"] == 1.0
+        assert [r["network calls"] for r in students] == [tiles, 2 * tiles, 4 * tiles]
+        for r in students:
+            assert r["x faster than teacher"] == teacher["s"] / r["s"]
+        assert students[0]["s"] < students[2]["s"] < teacher["s"]            # 36 < 144 < 2880 calls
+        assert figures[f"{dtype}/128/teacher40"]["measured"] is False
+    psnr = [r["PSNR vs fp32 (1 step)"] for r in rows if r["sampler"] == "student 1 step"]
+    assert psnr[0] is None and 35 < psnr[1] < 100      # bf16 is close to fp32, and not the same run
+    assert figures["bf16/128/student1"]["psnr_vs_first_dtype"] == psnr[1]
 
 
 def test_default_sample_run_on_the_example_image(tmp_path):
