@@ -320,7 +320,34 @@ def bench_vae(args):
                 rows.append({"image": f"{size}^2", "dtype": dtype_name, "variant": variant, "op": op,
                              "seconds": s, "peak MB": mb})
                 figures[f"{size}/{dtype_name}/{variant}/{op}"] = {"s": s, "peak_mb": mb}
+    if 512 in sizes and "fp32" in dtypes:
+        rows += _tiny_vae_rows(figures)
     return f"vae: SD3 VAE, random weights (threads {torch.get_num_threads()}; one run each)", rows, figures
+
+
+def _tiny_vae_rows(figures, size=512, runs=3):
+    """The miniature's patch VAE beside the SD3 structure at x4 it replaced (three levels of 32 / 64 /
+    64 channels), fp32, untiled, median of `runs` warm runs."""
+    import vae as V
+    x = torch.rand(1, 3, size, size) * 2 - 1
+    rows = []
+    for name, cfg in (("tiny (4x4 patches)", V.CONFIGS["tiny"]), ("x4, three levels", V.CONFIGS["x4"])):
+        torch.manual_seed(0)
+        vae = V.VAE(cfg).eval()
+        z = torch.randn(1, 16, size // 4, size // 4)
+        for op, fn in (("encode", lambda: vae.encode(x, tile=0)), ("decode", lambda: vae.decode(z, tile=0))):
+            with torch.no_grad():
+                fn()
+                times = []
+                for _ in range(runs):
+                    t0 = time.perf_counter()
+                    fn()
+                    times.append(time.perf_counter() - t0)
+                _, mb = peak_mb(fn)
+            s = statistics.median(times)
+            rows.append({"image": f"{size}^2", "dtype": "fp32", "variant": name, "op": op, "seconds": s, "peak MB": mb})
+            figures[f"tiny/{name}/{op}"] = {"s": s, "peak_mb": mb}
+    return rows
 
 
 # --------------------------------------------------------------------------------------------

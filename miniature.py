@@ -6,9 +6,10 @@
     python bench.py quality             # the README table and figure, from weights/mfsr-tiny/
 
 Every stage is a train.py run (the same code as the full-scale path), in order:
-  1. vae      the tiny VAE (vae.py "tiny": x4, 16 latent channels), squared error + a tiny KL,
-              32^2 crops, learning rate annealed to 0 (cosine), EMA weights exported; then vae_fine:
-              64^2 crops (closer to the sizes it encodes), a tenth of the learning rate
+  1. vae      the tiny VAE (vae.py "tiny": x4, 16 latent channels, every convolution at latent
+              resolution on 4 x 4 pixel patches), started by train.py as PCA of the patches, then
+              trained: squared error + a tiny KL, 64^2 crops, learning rate annealed to 0 (cosine),
+              EMA weights exported
   2. teacher  the LR-stream transformer (model.py "tiny") by rectified flow on Real-ESRGAN pairs
               (degrade.py), 128^2 HR / 32^2 LR, caption dropout 0.2; 1200 pairs encoded once
               (--cache-latents: at this size the VAE would otherwise cost more than the transformer)
@@ -68,17 +69,15 @@ CFG_W = 1.25
 
 # (stage name, train.py arguments); {size}, {runs} filled in by run(); steps and cached pairs scaled by --scale
 STAGES = [
-    ("vae", "--stage vae --preset tiny --size 32 --batch 16 --lr 2e-3 --lr-decay cosine --ema 0.999 --steps 12000"),
-    ("vae_fine", "--stage vae --preset tiny --size 64 --batch 8 --lr 2e-4 --lr-decay cosine --ema 0.99 --steps 600 "
-                 "--vae {runs}/vae/final/vae.safetensors"),
+    ("vae", "--stage vae --preset tiny --size 64 --batch 16 --lr 5e-4 --lr-decay cosine --ema 0.999 --steps 3000"),
     ("teacher", "--stage teacher --preset tiny --size {size} --batch 8 --lr 5e-4 --steps 4000 --cache-latents 1200 "
-                "--vae {runs}/vae_fine/final/vae.safetensors --caption-dropout 0.2 --neg-prob 0.1"),
+                "--vae {runs}/vae/final/vae.safetensors --caption-dropout 0.2 --neg-prob 0.1"),
     ("student", "--stage distill --preset tiny --size {size} --batch 8 --lr 1e-4 --steps 400 --ema 0.99 --lora-rank 64 --cache-latents 1200 "
                 f"--target neg --cfg-w {CFG_W} --ratio 0.5 --loss pseudo_huber "
-                "--vae {runs}/vae_fine/final/vae.safetensors --teacher {runs}/teacher/final/teacher.safetensors"),
+                "--vae {runs}/vae/final/vae.safetensors --teacher {runs}/teacher/final/teacher.safetensors"),
     ("student_gt", "--stage distill --preset tiny --size {size} --batch 8 --lr 1e-4 --steps 400 --ema 0.99 --lora-rank 64 --cache-latents 1200 "
                    "--target gt --ratio 0.5 --loss pseudo_huber "
-                   "--vae {runs}/vae_fine/final/vae.safetensors --teacher {runs}/teacher/final/teacher.safetensors"),
+                   "--vae {runs}/vae/final/vae.safetensors --teacher {runs}/teacher/final/teacher.safetensors"),
 ]
 
 
@@ -170,7 +169,7 @@ def run(runs, scale=1.0, only=None, workers=2):
 def ship(runs, dest=SHIP):
     """The trained models, stored in fp16 (loaders cast back to fp32), and the embeddings."""
     os.makedirs(dest, exist_ok=True)
-    v = vae_lib.load_vae(os.path.join(runs, "vae_fine", "final", "vae.safetensors"))
+    v = vae_lib.load_vae(os.path.join(runs, "vae", "final", "vae.safetensors"))
     tile = TRAIN_SIZE // v.cfg.factor    # sample.py's defaults: tiles of the training size, our w
     for name, file in (("student", "student"), ("student_gt", "student"), ("teacher", "teacher")):
         net = model.load_transformer(os.path.join(runs, name, "final", file + ".safetensors"))

@@ -1095,6 +1095,49 @@ def test_vae_tiny_is_x4_with_16_latent_channels():
         y = vae.decode(z)
     assert z.shape == (1, 16, 8, 8) and y.shape == (1, 3, 32, 32)
     assert y.abs().max() <= 1
+    # every convolution of the patch VAE runs at latent resolution
+    shapes = []
+    hooks = [m.register_forward_hook(lambda m, i, o: shapes.append(o.shape[-2:]))
+             for m in vae.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        vae.decode(vae.encode(_vae_image(32)))
+    for h in hooks:
+        h.remove()
+    assert len(shapes) > 10 and set(shapes) == {(8, 8)}
+
+
+def _patch_subspace_images(n=4, size=32, rank=16, seed=0):
+    """Images whose 4 x 4 patches lie in a `rank`-dimensional affine subspace, plus that basis."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(48, rank, generator=g, dtype=torch.float64))[0]
+    coef = torch.randn(n, size // 4, size // 4, rank, generator=g, dtype=torch.float64) * torch.linspace(0.3, 0.02, rank)
+    rows = coef @ basis.T + 0.1                                             # (n, h, w, 48)
+    return F.pixel_shuffle(rows.permute(0, 3, 1, 2), 4).float()
+
+
+def test_vae_linear_code_starts_as_whitened_pca():
+    """init_linear_code: on images whose patches span 16 dimensions the untrained patch VAE
+    reconstructs them exactly (the nonlinear path is zeroed), with unit-variance, uncorrelated
+    latents; the images are not reconstructed by a random VAE, and a 12-channel code loses some."""
+    x = _patch_subspace_images()
+    torch.manual_seed(0)
+    vae = V.init_linear_code(V.VAE(V.CONFIGS["tiny"]).eval(), x)
+    with torch.no_grad():
+        mean, logvar = vae.moments(x, tile=0)
+        rec = vae.decode((mean - vae.cfg.shift) * vae.cfg.scale, clamp=False)
+        rand = V.VAE(V.CONFIGS["tiny"]).eval()
+        rand_rec = rand.decode(rand.encode(x), clamp=False)
+    assert (rec - x).abs().max() < 1e-4 and (rand_rec - x).abs().max() > 0.1
+    flat = mean.permute(0, 2, 3, 1).reshape(-1, 16).double()
+    assert (torch.cov(flat.T) - torch.eye(16, dtype=torch.float64)).abs().max() < 1e-3   # whitened
+    assert (logvar == -8.0).all()
+    small = V.init_linear_code(V.VAE(replace(V.CONFIGS["tiny"], latent_channels=12)).eval(), x)
+    with torch.no_grad():
+        m12 = small.moments(x, tile=0)[0]
+        err12 = (small.decoder(m12) - x).pow(2).mean()
+    assert err12 > 1e-4
+    with pytest.raises(ValueError, match="patch > 1"):
+        V.init_linear_code(V.VAE(_VAE_X4), x)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1159,10 +1202,30 @@ def test_vae_full_width_matches_diffusers_on_64px(tmp_path):
 # loading, saving, bad files
 
 
-def _vae_tiny(seed=0, mid_attn=True):
-    """The tiny VAE (with the mid attention by default, so tests reach that code too)."""
+# the SD3 structure at x4 (three levels; the shipped tiny VAE has one, on 4 x 4 patches), so the
+# tests below reach the down / up-sampling levels, and diffusers can read it
+_VAE_X4 = V.CONFIGS["x4"]
+
+
+def _vae_tiny(seed=0, mid_attn=True, cfg=_VAE_X4):
+    """A small random VAE (with the mid attention by default, so tests reach that code too)."""
     torch.manual_seed(seed)
-    return _vae_perturb(V.VAE(replace(V.CONFIGS["tiny"], mid_attn=mid_attn)).eval(), seed)
+    return _vae_perturb(V.VAE(replace(cfg, mid_attn=mid_attn)).eval(), seed)
+
+
+def test_vae_patch_config_round_trips_and_is_read_from_shapes(tmp_path):
+    """The shipped (patch) VAE: saved and loaded with its config; a bare file without metadata is
+    read as RGB 4 x 4 patches from the linear code's shape; diffusers cannot hold it."""
+    vae = _vae_tiny(mid_attn=False, cfg=V.CONFIGS["tiny"])
+    V.save_vae(vae, str(tmp_path / "own.safetensors"))
+    save_file(dict(vae.state_dict()), str(tmp_path / "bare.safetensors"))
+    for name, kw in (("own.safetensors", {}), ("bare.safetensors", {"groups": 8})):
+        back = V.load_vae(str(tmp_path / name), **kw)
+        assert back.cfg.patch == 4 and back.cfg.image_channels == 3 and _vae_same(back, vae), name
+        if name == "own.safetensors":
+            assert back.cfg == vae.cfg
+    with pytest.raises(ValueError, match="no patch"):
+        V.save_vae(vae, str(tmp_path / "pipe"), layout="diffusers")
 
 
 def _vae_same(a, b):
@@ -1251,8 +1314,8 @@ def _vae_band_ratio(err, starts, tile, r):
     return (prof[mask].mean() / prof[~mask].mean()).item()
 
 
-def _vae_tiled_errors(kind, tile_norm):
-    vae = _vae_tiny()
+def _vae_tiled_errors(kind, tile_norm, cfg=_VAE_X4):
+    vae = _vae_tiny(cfg=cfg)
     x = _vae_image(256)
     with torch.no_grad():
         if kind == "encode":
@@ -1281,16 +1344,21 @@ def test_vae_outputs_are_plain_contiguous_tensors():
             assert all(t.is_contiguous() for t in (z, mean, logvar, y)), tile
 
 
-@pytest.mark.parametrize("kind,max_bound,rel_mean_bound", [("encode", 0.65, 0.09), ("decode", 0.65, 0.12)])
-def test_vae_tiled_is_close_to_untiled_without_seams(kind, max_bound, rel_mean_bound):
-    """Bounds measured on random tiny weights (see the report in vae.py): 3 x 3 tiles on 256 px,
-    where per-tile GroupNorm statistics ("local") are clearly worse than shared ones."""
-    worst, rel_mean, band = _vae_tiled_errors(kind, "tiles")
-    _, rel_mean_local, _ = _vae_tiled_errors(kind, "local")
+@pytest.mark.parametrize("kind,max_bound,rel_mean_bound,band_bound,cfg", [
+    ("encode", 0.65, 0.09, 1.5, _VAE_X4), ("decode", 0.65, 0.12, 1.5, _VAE_X4),
+    ("encode", 0.2, 0.03, 2.5, V.CONFIGS["tiny"]), ("decode", 0.3, 0.03, 1.5, V.CONFIGS["tiny"])])
+def test_vae_tiled_is_close_to_untiled_without_seams(kind, max_bound, rel_mean_bound, band_bound, cfg):
+    """Bounds measured on random small weights (see the report in vae.py): 3 x 3 tiles on 256 px,
+    where per-tile GroupNorm statistics ("local") are clearly worse than shared ones. Measured:
+    x4 structure encode max 0.26, mean 3.4 %, border / elsewhere 1.49; decode 0.33, 5.7 %, 0.92;
+    the patch VAE encode 0.13, 1.6 %, 1.86 (a ratio of a smaller error: its 32 px overlap is only
+    8 latents against 3 convolutions; sample.py tiles overlap 128 px); decode 0.22, 1.9 %, 0.99."""
+    worst, rel_mean, band = _vae_tiled_errors(kind, "tiles", cfg)
+    _, rel_mean_local, _ = _vae_tiled_errors(kind, "local", cfg)
     print(f"{kind}: max {worst:.3f}, mean/|ref| {rel_mean:.4f} (local {rel_mean_local:.4f}), border/else {band:.2f}")
     assert worst < max_bound and rel_mean < rel_mean_bound
     assert rel_mean < 0.8 * rel_mean_local
-    assert band < 1.5
+    assert band < band_bound
 
 
 def test_vae_tile_plan_is_automatic_above_the_limit():
@@ -1876,7 +1944,7 @@ def test_train_vae_stage_learns_and_exports_a_calibrated_vae(tmp_path):
                         "--out", str(out), "--save-every", "30", "--sample-every", "30"])
     trained = V.load_vae(str(out / "ckpt-0000030" / "vae.safetensors"))
     torch.manual_seed(0)
-    init = V.VAE(V.CONFIGS["tiny"]).eval()                   # what train.py starts from (seed 0)
+    init = V.VAE(V.CONFIGS["tiny"]).eval()                   # random (train.py starts from PCA, then trains)
     import degrade
     x = torch.stack([degrade.load_image(p) for p in train.find_images(data)])[..., :32, :32] * 2 - 1
     with torch.no_grad():
@@ -2647,6 +2715,16 @@ def test_shipped_miniature_loads_with_every_key_checked_and_fits_the_size_budget
     assert (_SHIP / "MODEL_CARD.md").exists() and (_SHIP / "training.json").exists()
 
 
+def test_shipped_vae_reconstructs_the_held_out_example_above_32_db():
+    """The issue's bar for the tiny VAE (so it is not what limits the super-resolution), on the
+    committed 256^2 crop of the held-out cat, through the fp16 file as shipped."""
+    v = V.load_vae(str(_SHIP / "vae.safetensors")).eval()
+    hr = _png(_EXAMPLES / "chelsea_hr.png")
+    with torch.no_grad():
+        rec = v.decode(v.encode(hr * 2 - 1)).float().add(1).div(2).clamp(0, 1)
+    assert miniature.psnr(rec, hr).item() >= 32.0
+
+
 @pytest.mark.slow
 def test_quality_command_runs_at_a_reduced_size():
     pytest.importorskip("skimage")            # the held-out photographs come from scikit-image
@@ -2731,7 +2809,7 @@ def test_miniature_pipeline_runs_end_to_end_at_a_hundredth_of_the_steps(tmp_path
     nets, v, embs = miniature.load_shipped(str(runs / "mfsr-tiny"))
     assert nets["student"].sampling == {"tile": 32, "tile_overlap": 12}
     info = json.loads((runs / "mfsr-tiny" / "training.json").read_text())
-    assert info["steps"] == {"vae": 120, "vae_fine": 6, "teacher": 40, "student": 4, "student_gt": 4}
+    assert info["steps"] == {"vae": 30, "teacher": 40, "student": 4, "student_gt": 4}
     assert all(m is not None for m in info["minutes"].values())
 
 

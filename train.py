@@ -38,6 +38,7 @@ from checkpoint import CheckpointError, SafetensorsFiles, atomic_save
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 CACHE_BYTES = 512 * 2 ** 20     # decoded images each data worker keeps in memory
+PCA_CROPS = 256                 # vae stage: training crops whose patches initialise a patch VAE (PCA)
 
 
 @dataclass
@@ -696,6 +697,10 @@ def main(argv=None):
     if rank == 0:
         print(f"{len(paths)} images; model {net.cfg}; trainable parameters "
               f"{sum(p.numel() for p in trainable):,}; {world} process(es)")
+    if cfg.stage == "vae" and not cfg.vae and not cfg.resume and net.cfg.patch > 1:   # a new patch VAE starts as PCA
+        crops = PairDataset(paths, cfg.size, prompt, None)
+        crops = [crops[(i % len(paths), _mix(cfg.seed, i, 11))] for i in range(PCA_CROPS)]
+        vae_lib.init_linear_code(net, torch.stack([c["gt"] for c in crops if "gt" in c]) * 2 - 1)
     opt = (torch.optim.Adam(trainable, lr=cfg.lr) if cfg.stage != "teacher"
            else torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=1e-2))
     start, ema, stats = load_checkpoint(cfg, net, opt) if cfg.resume else (0, None, {})
