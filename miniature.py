@@ -206,7 +206,8 @@ def write_card(dest, info):
              f"{count(nets['student'])} parameters, fp16 |",
              "| student_gt.safetensors | the same distilled with the `gt` target (the ablation) |",
              f"| teacher.safetensors | the LR-stream teacher, {count(nets['teacher'])} parameters, fp16 |",
-             f"| vae.safetensors | the tiny VAE (x4, 16 latent channels), {count(v)} parameters, "
+             f"| vae.safetensors | the tiny VAE (x4 on 4 x 4 pixel patches, 16 latent channels, a "
+             f"PCA-started linear code beside the convolutions), {count(v)} parameters, "
              f"shift {v.cfg.shift:.4f}, scale {v.cfg.scale:.4f}, fp16 |",
              "| prompt / null / neg .safetensors | the fixed prompt embedding (every training image), the "
              "null (zeros, caption dropout) and the negative prompt (taught to mean the LR image) |",
