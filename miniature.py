@@ -12,7 +12,7 @@ Every stage is a train.py run (the same code as the full-scale path), in order:
               EMA weights exported
   2. teacher  the LR-stream transformer (model.py "tiny") by rectified flow on Real-ESRGAN pairs
               (degrade.py), 128^2 HR / 32^2 LR, caption dropout 0.2; 1200 pairs encoded once
-              (--cache-latents: at this size the VAE would otherwise cost more than the transformer)
+              (--cache-latents: the degradation and the VAE run once per pair, not every step)
   3. distill  the MFSR student: teacher-CFG target with the negative prompt (Eq. 11, w = CFG_W),
               ratio 0.5, pseudo-Huber, s-embedder, c_noise(t) = t, LoRA rank 64 (at width 128 that
               is half the rank of every layer: close to a full fine-tune, through the same code
