@@ -326,26 +326,23 @@ def bench_vae(args):
 @bench
 def bench_vae_tiny(args, size=512, runs=3):
     """The miniature's patch VAE beside the SD3 structure at x4 it replaced (three levels of 32 / 64 /
-    64 channels), random weights, fp32, untiled, median of `runs` warm runs."""
+    64 channels), random weights, fp32, untiled, medians of `runs` interleaved warm runs."""
     import vae as V
     x = torch.rand(1, 3, size, size) * 2 - 1
-    rows, figures = [], {}
-    for name, cfg in (("tiny (4x4 patches)", V.CONFIGS["tiny"]), ("x4, three levels", V.CONFIGS["x4"])):
+    z = torch.randn(1, 16, size // 4, size // 4)
+    fns = {}
+    for name, key in (("tiny (4x4 patches)", "tiny"), ("x4, three levels", "x4")):
         torch.manual_seed(0)
-        vae = V.VAE(cfg).eval()
-        z = torch.randn(1, 16, size // 4, size // 4)
-        for op, fn in (("encode", lambda: vae.encode(x, tile=0)), ("decode", lambda: vae.decode(z, tile=0))):
-            with torch.no_grad():
-                fn()
-                times = []
-                for _ in range(runs):
-                    t0 = time.perf_counter()
-                    fn()
-                    times.append(time.perf_counter() - t0)
-                _, mb = peak_mb(fn)
-            s = statistics.median(times)
-            rows.append({"image": f"{size}^2", "VAE": name, "op": op, "seconds": s, "peak MB": mb})
-            figures[f"{name}/{op}"] = {"s": s, "peak_mb": mb}
+        vae = V.VAE(V.CONFIGS[key]).eval()
+        fns[name, "encode"] = lambda vae=vae: vae.encode(x, tile=0)
+        fns[name, "decode"] = lambda vae=vae: vae.decode(z, tile=0)
+    rows, figures = [], {}
+    with torch.no_grad():
+        times = median_times(fns, repeat=runs)
+        for (name, op), fn in fns.items():
+            mb = peak_mb(fn)[1]
+            rows.append({"image": f"{size}^2", "VAE": name, "op": op, "seconds": times[name, op], "peak MB": mb})
+            figures[f"{name}/{op}"] = {"s": times[name, op], "peak_mb": mb}
     return f"vae_tiny: the miniature's VAE, fp32, random weights (threads {torch.get_num_threads()})", rows, figures
 
 

@@ -1230,6 +1230,10 @@ def test_vae_patch_config_round_trips_and_is_read_from_shapes(tmp_path):
             assert back.cfg == vae.cfg
     with pytest.raises(ValueError, match="no patch"):
         V.save_vae(vae, str(tmp_path / "pipe"), layout="diffusers")
+    assert not (tmp_path / "pipe").exists()                       # refused before writing anything
+    # tiling is decided by the first level's activation: at latent resolution for the patch VAE
+    assert vae._first_level_elements(512, 512) == 128 * 128 * 64
+    assert V.VAE(_VAE_X4)._first_level_elements(512, 512) == 512 * 512 * 32
 
 
 def _vae_same(a, b):
