@@ -88,28 +88,53 @@ def _query_chunk(q, k):
     return max(1, ATTN_CHUNK_ELEMENTS // (B * H * k.shape[-2]))
 
 
-def _attention_tangent(q, k, v, o, dq, dk, dv):
-    """Tangent of O = softmax(s Q K^T) V, chunked over queries, never forming N x N.
+def _attention_and_tangent(q, k, v, dq, dk, dv, with_lse=False):
+    """O = softmax(s Q K^T) V and its tangent, in one pass over query chunks, never forming N x N.
 
     dO = P dV + (P * dS) V - rowsum(P * dS) O,  with dS = s (dQ K^T + Q dK^T)   (per head)
 
     s is folded into [K, dK] (whose first d columns then give the scores too), dS is one product
-    [dQ, Q] s [K, dK]^T, and rowsum(P * dS) comes out of the same product as (P * dS) V through a
-    column of ones appended to V: two passes over each (chunk, N) block besides the softmax,
-    instead of six.
+    [dQ, Q] s [K, dK]^T, P [V, dV] gives O and P dV together, and rowsum(P * dS) comes out of the
+    product (P * dS) V through a column of ones appended to V: six (chunk, N, d) products in all,
+    the primal's two among them. with_lse: also the rows' log-sum-exp, for the backward.
+    Returns (O, dO, lse or None).
     """
     scale, chunk, d = q.shape[-1] ** -0.5, _query_chunk(q, k), q.shape[-1]
     kdk = (torch.cat([k, dk], -1) * scale).transpose(-1, -2)                   # (B, H, 2d, N)
     kt = kdk[..., :d, :]                                                        # s K^T
+    vdv = torch.cat([v, dv], -1)                                                # (B, H, N, 2d)
     v1 = torch.cat([v, torch.ones_like(v[..., :1])], -1)                       # (B, H, N, d + 1)
-    out = []
+    o, do, lse = [], [], []
     for i in range(0, q.shape[-2], chunk):
         qc, dqc = q[..., i:i + chunk, :], dq[..., i:i + chunk, :]
-        p = torch.softmax(qc @ kt, dim=-1)                                      # (B, H, c, N)
+        s = qc @ kt                                                             # (B, H, c, N)
+        p = torch.softmax(s, dim=-1)
+        if with_lse:     # log sum_j exp(s_j) = s_j - log p_j for any j; the row maximum is safest
+            acc = torch.promote_types(s.dtype, torch.float32)    # fp32 for bf16, as SDPA's
+            lse.append(s.amax(-1).to(acc) - p.amax(-1).to(acc).log())
+        del s
         pds = (torch.cat([dqc, qc], -1) @ kdk).mul_(p)                          # P * dS
+        a = p @ vdv                                                             # [P V, P dV]
         r = pds @ v1                                                            # (B, H, c, d + 1)
-        out.append(torch.addcmul(p @ dv + r[..., :-1], r[..., -1:], o[..., i:i + chunk, :], value=-1))
-    return torch.cat(out, dim=-2)
+        o.append(a[..., :d])
+        do.append(torch.addcmul(a[..., d:] + r[..., :-1], r[..., -1:], a[..., :d], value=-1))
+    return torch.cat(o, -2), torch.cat(do, -2), torch.cat(lse, -1) if with_lse else None
+
+
+# PyTorch's CPU flash-attention backward (torch >= 2.3): gradients from a saved O and log-sum-exp
+_FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def _attention_grads(q, k, v, go, o=None, lse=None):
+    """Gradients of softmax(s Q K^T) V w.r.t. q, k, v. On the CPU with O and its log-sum-exp saved,
+    the fused flash backward directly (measured 0.46 s vs 0.66 s recomputing, 6 heads x 4112
+    tokens); otherwise the fused SDPA forward is recomputed with autograd."""
+    if o is not None and q.device.type == "cpu" and _FLASH_CPU_BACKWARD is not None:
+        return _FLASH_CPU_BACKWARD(go, q, k, v, o, lse, 0.0, False)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    with torch.enable_grad():
+        out = F.scaled_dot_product_attention(q, k, v)
+    return torch.autograd.grad(out, (q, k, v), go)
 
 
 def attention_chunked(q, k, v):
@@ -141,24 +166,50 @@ class JVPAttention(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         q, k, v = inputs
         ctx.save_for_backward(q, k, v)
-        ctx.save_for_forward(q, k, v, output)
+        ctx.save_for_forward(q, k, v)
 
     @staticmethod
     def jvp(ctx, dq, dk, dv):
-        q, k, v, o = ctx.saved_tensors
+        q, k, v = ctx.saved_tensors
         zero = torch.zeros_like
         dq = zero(q) if dq is None else dq
         dk = zero(k) if dk is None else dk
         dv = zero(v) if dv is None else dv
         with _tangent_recording():
-            return _attention_tangent(q, k, v, o, dq, dk, dv)
+            return _attention_and_tangent(q, k, v, dq, dk, dv)[1]
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v = (t.detach().requires_grad_() for t in ctx.saved_tensors)
-        with torch.enable_grad():
-            o = F.scaled_dot_product_attention(q, k, v)
-        return torch.autograd.grad(o, (q, k, v), do)
+        return _attention_grads(*ctx.saved_tensors, do)
+
+
+class DualAttention(torch.autograd.Function):
+    """Attention and its tangent from one chunked pass (mfsr.py's JVP: dual tensors of
+    torch.autograd.forward_ad, tangent not trained). Backward from the saved O and log-sum-exp,
+    without recomputing the primal; the tangent output gets no gradient, so this path is taken
+    only when none is needed (no grad mode, or inside detached_tangents)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, dq, dk, dv):
+        train = any(ctx.needs_input_grad[:3])
+        o, do, lse = _attention_and_tangent(q, k, v, dq, dk, dv, with_lse=train)
+        if train:
+            ctx.save_for_backward(q, k, v, o, lse)
+        ctx.mark_non_differentiable(do)
+        return o, do
+
+    @staticmethod
+    def backward(ctx, go, _):
+        q, k, v, o, lse = ctx.saved_tensors
+        return *_attention_grads(q, k, v, go, o, lse), None, None, None
+
+
+def _dual_attention(q, k, v):
+    """`attention` on dual tensors: unpack, one DualAttention pass, pack the result."""
+    (q, dq), (k, dk), (v, dv) = (fwAD.unpack_dual(t) for t in (q, k, v))
+    o, do = DualAttention.apply(q, k, v, *(torch.zeros_like(p) if t is None else t
+                                            for p, t in ((q, dq), (k, dk), (v, dv))))
+    return fwAD.make_dual(o, do)
 
 
 def _has_tangent(x):
@@ -169,14 +220,24 @@ def _has_tangent(x):
 
 
 def attention(q, k, v, mode="auto"):
-    """Multi-head attention on (B, H, N, d) tensors; mode: auto | sdpa | function | chunked | math."""
+    """Multi-head attention on (B, H, N, d) tensors; mode: auto | sdpa | dual | function | chunked
+    | math. auto: fused SDPA without tangents; with dual tensors whose tangent is not trained,
+    DualAttention; other tangents (torch.func, a trained tangent) JVPAttention; compiling a JVP,
+    the plain-ops chunked path."""
     if mode == "auto":
         if torch.compiler.is_compiling():
             mode = "chunked" if _compiling_jvp() else "sdpa"
+        elif any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (q, k, v)):
+            mode = "function"
+        elif any(fwAD.unpack_dual(t).tangent is not None for t in (q, k, v)):
+            untrained = not torch.is_grad_enabled() or _SWITCHES["detached_tangents"]
+            mode = "dual" if untrained else "function"
         else:
-            mode = "function" if _has_tangent(q) or _has_tangent(k) or _has_tangent(v) else "sdpa"
+            mode = "sdpa"
     if mode == "sdpa":
         return F.scaled_dot_product_attention(q, k, v)
+    if mode == "dual":
+        return _dual_attention(q, k, v)
     if mode == "function":
         return JVPAttention.apply(q, k, v)
     if mode == "chunked":

@@ -301,26 +301,48 @@ def _qkv(B=1, H=2, N=37, M=53, d=8, dtype=torch.float64, seed=0):
     return [torch.randn(B, H, n, d, generator=g, dtype=dtype) for n in (N, M, M)]
 
 
-def test_attention_jvp_matches_float64_finite_differences():
+def _fw_jvp(f, primals, tangents):
+    """A JVP through dual tensors of torch.autograd.forward_ad (as mfsr.jvp runs it)."""
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level():
+        return tuple(fwAD.unpack_dual(f(*(fwAD.make_dual(p, t) for p, t in zip(primals, tangents)))))
+
+
+def _backward_nodes(t, depth=3):
+    """Class names of the autograd nodes within `depth` steps of t."""
+    names, front = set(), [t.grad_fn]
+    for _ in range(depth):
+        names |= {type(n).__name__ for n in front}
+        front = [f for n in front for f, _ in n.next_functions if f is not None]
+    return names
+
+
+# the two JVP entry points: torch.func (JVPAttention) and dual tensors (DualAttention when the
+# tangent is not trained, i.e. without grad mode or inside detached_tangents)
+JVPS = {"torch.func": torch.func.jvp, "dual tensors": _fw_jvp}
+
+
+@pytest.mark.parametrize("jvp", JVPS.values(), ids=JVPS.keys())
+def test_attention_jvp_matches_float64_finite_differences(jvp, monkeypatch):
     q, k, v = _qkv()
     dq, dk, dv = _qkv(seed=1)
     f = lambda q_, k_, v_: model.attention(q_, k_, v_)
+    calls, orig = [], model._attention_and_tangent
+    monkeypatch.setattr(model, "_attention_and_tangent", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
     for elements in (2 * 53 * 5, model.ATTN_CHUNK_ELEMENTS):   # chunks of 5 query rows, or one
-        saved = model.ATTN_CHUNK_ELEMENTS
-        try:
-            model.ATTN_CHUNK_ELEMENTS = elements
-            out, tangent = torch.func.jvp(f, (q, k, v), (dq, dk, dv))
-        finally:
-            model.ATTN_CHUNK_ELEMENTS = saved
+        monkeypatch.setattr(model, "ATTN_CHUNK_ELEMENTS", elements)
+        with torch.no_grad():
+            out, tangent = jvp(f, (q, k, v), (dq, dk, dv))
         eps = 1e-6
         fd = (f(q + eps * dq, k + eps * dk, v + eps * dv) - f(q - eps * dq, k - eps * dk, v - eps * dv)) / (2 * eps)
         assert (tangent - fd).norm() / fd.norm() <= 1e-6
-        _, math_tangent = torch.func.jvp(lambda *a: model.attention(*a, mode="math"), (q, k, v), (dq, dk, dv))
-        assert (tangent - math_tangent).abs().max() <= 1e-12
-    assert fd.norm() > 1.0
+        math_out, math_tangent = jvp(lambda *a: model.attention(*a, mode="math"), (q, k, v), (dq, dk, dv))
+        assert (tangent - math_tangent).abs().max() <= 1e-12 and (out - math_out).abs().max() <= 1e-12
+    assert fd.norm() > 1.0 and len(calls) == 2
 
 
 def test_attention_paths_agree_and_backward_through_the_jvp_primal():
+    import torch.autograd.forward_ad as fwAD
     q, k, v = _qkv(dtype=torch.float32)
     ref = model.attention(q, k, v, mode="math")
     for mode in ("sdpa", "function", "chunked"):
@@ -346,29 +368,47 @@ def test_attention_paths_agree_and_backward_through_the_jvp_primal():
     grads3 = torch.autograd.grad((out3 * w).sum(), leaves3)
     for a, b in zip(grads3, grads):
         assert torch.equal(a, b)
+    # the same with dual tensors: DualAttention, whose backward starts from its saved O and
+    # log-sum-exp; without the promise the tangent stays trainable (JVPAttention)
+    leaves4 = [t.clone().requires_grad_() for t in (q, k, v)]
+    with model.detached_tangents():
+        out4, tan4 = _fw_jvp(lambda *a: model.attention(*a), leaves4, tangents)
+    assert "DualAttentionBackward" in _backward_nodes(out4) and not tan4.requires_grad
+    assert (tan4 - tan).abs().max() < 1e-5
+    for a, b in zip(torch.autograd.grad((out4 * w).sum(), leaves4), grads_ref):
+        assert (a - b).abs().max() < 1e-5
+    out5, tan5 = _fw_jvp(lambda *a: model.attention(*a), leaves4, tangents)
+    assert "JVPAttentionBackward" in _backward_nodes(out5) and tan5.requires_grad
 
 
-def test_model_jvp_uses_the_custom_attention_and_matches_math_backend():
+def test_dual_attention_backward_matches_float64_gradcheck_on_both_backward_paths(monkeypatch):
+    q, k, v = (t.requires_grad_() for t in _qkv(N=7, M=9, d=4))
+    dq, dk, dv = _qkv(N=7, M=9, d=4, seed=1)
+    f = lambda *a: model.DualAttention.apply(*a, dq, dk, dv)[0]
+    assert torch.autograd.gradcheck(f, (q, k, v))              # the CPU flash backward
+    monkeypatch.setattr(model, "_FLASH_CPU_BACKWARD", None)    # recomputing (other devices)
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+@pytest.mark.parametrize("jvp", JVPS.values(), ids=JVPS.keys())
+def test_model_jvp_uses_the_custom_attention_and_matches_math_backend(jvp, monkeypatch):
     torch.manual_seed(0)
     net = _randomize(MMDiT(replace(CONFIGS["tiny"], two_times=True)).double()).eval()
     inp = _inputs(net.cfg, dtype=torch.float64)
     f = lambda x, sig: net(x, sig, inp["pooled"], inp["context"], lr=inp["lr"], sigma_s=inp["sigma_s"])
     tx, ts = torch.randn_like(inp["x"]), torch.ones_like(inp["sigma"])
-    calls = []
-    orig = model._attention_tangent
-    model._attention_tangent = lambda *a: calls.append(1) or orig(*a)
-    try:
-        with torch.no_grad():
-            _, jvp = torch.func.jvp(f, (inp["x"], inp["sigma"]), (tx, ts))
-    finally:
-        model._attention_tangent = orig
+    calls, orig = [], model._attention_and_tangent
+    monkeypatch.setattr(model, "_attention_and_tangent", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
+    with torch.no_grad():
+        _, jvp_out = jvp(f, (inp["x"], inp["sigma"]), (tx, ts))
     assert len(calls) == net.cfg.depth + len(net.cfg.dual_layers)
     net.attn_mode = "math"
-    _, jvp_math = torch.func.jvp(f, (inp["x"], inp["sigma"]), (tx, ts))
+    with torch.no_grad():
+        _, jvp_math = jvp(f, (inp["x"], inp["sigma"]), (tx, ts))
     eps = 1e-6
     fd = (f(inp["x"] + eps * tx, inp["sigma"] + eps * ts) - f(inp["x"] - eps * tx, inp["sigma"] - eps * ts)) / (2 * eps)
-    assert (jvp - jvp_math).abs().max() <= 1e-10 * jvp.abs().max()
-    assert (jvp - fd).norm() / fd.norm() <= 1e-6
+    assert (jvp_out - jvp_math).abs().max() <= 1e-10 * jvp_out.abs().max()
+    assert (jvp_out - fd).norm() / fd.norm() <= 1e-6
 
 
 def test_jvp_runs_the_mlps_in_row_bands_with_the_same_result(monkeypatch):
