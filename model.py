@@ -104,21 +104,24 @@ def _attention_and_tangent(q, k, v, dq, dk, dv, with_lse=False):
     kt = kdk[..., :d, :]                                                        # s K^T
     vdv = torch.cat([v, dv], -1)                                                # (B, H, N, 2d)
     v1 = torch.cat([v, torch.ones_like(v[..., :1])], -1)                       # (B, H, N, d + 1)
-    o, do, lse = [], [], []
+    e = v.shape[-1]
+    o, do = (q.new_empty(*q.shape[:-1], e) for _ in range(2))
+    acc = torch.promote_types(q.dtype, torch.float32)       # lse in fp32 for bf16, as SDPA's
+    lse = q.new_empty(q.shape[:-1], dtype=acc) if with_lse else None
     for i in range(0, q.shape[-2], chunk):
-        qc, dqc = q[..., i:i + chunk, :], dq[..., i:i + chunk, :]
+        rows = slice(i, i + chunk)
+        qc, dqc = q[..., rows, :], dq[..., rows, :]
         s = qc @ kt                                                             # (B, H, c, N)
         p = torch.softmax(s, dim=-1)
         if with_lse:     # log sum_j exp(s_j) = s_j - log p_j for any j; the row maximum is safest
-            acc = torch.promote_types(s.dtype, torch.float32)    # fp32 for bf16, as SDPA's
-            lse.append(s.amax(-1).to(acc) - p.amax(-1).to(acc).log())
+            lse[..., rows] = s.amax(-1).to(acc) - p.amax(-1).to(acc).log()
         del s
         pds = (torch.cat([dqc, qc], -1) @ kdk).mul_(p)                          # P * dS
         a = p @ vdv                                                             # [P V, P dV]
         r = pds @ v1                                                            # (B, H, c, d + 1)
-        o.append(a[..., :d])
-        do.append(torch.addcmul(a[..., d:] + r[..., :-1], r[..., -1:], a[..., :d], value=-1))
-    return torch.cat(o, -2), torch.cat(do, -2), torch.cat(lse, -1) if with_lse else None
+        o[..., rows, :] = a[..., :e]
+        do[..., rows, :] = torch.addcmul(a[..., e:] + r[..., :-1], r[..., -1:], a[..., :e], value=-1)
+    return o, do, lse
 
 
 # PyTorch's CPU flash-attention backward (torch >= 2.3): gradients from a saved O and log-sum-exp
@@ -456,16 +459,19 @@ class SelfAttention(nn.Module):
             k = self.ln_k(heads(self.k_control(flat(k))))
         return q, k, v
 
-    def image_qkv(self, nx, nl, shift, scale, key_mode):
-        """q, k, v of the image tokens, the LR tokens appended when nl is given (ARCH §3.3).
-        nx, nl: the normalised X and L; also returns la, the modulated LR input."""
+    def image_qkv(self, nx, nl, shift, scale, key_mode, text=None):
+        """q, k, v over the image tokens [X ; L] (L when nl is given, ARCH §3.3), with `text`
+        (the text tokens' q, k, v) appended: one concatenation per tensor, no intermediate copy
+        of the image part. nx, nl: the normalised X and L; also returns la, the modulated LR input."""
         q, k_raw, v = self.split_heads(modulate(nx, shift, scale))
-        q, k, la = self.ln_q(q), self.ln_k(k_raw), None
+        parts, la = [[self.ln_q(q)], [self.ln_k(k_raw)], [v]], None
         if nl is not None:
             la = modulate(nl, shift, scale)
-            ql, kl, vl = self.qkv_lr(la, k_raw, key_mode)
-            q, k, v = torch.cat([q, ql], 2), torch.cat([k, kl], 2), torch.cat([v, vl], 2)
-        return q, k, v, la
+            for part, t in zip(parts, self.qkv_lr(la, k_raw, key_mode)):
+                part.append(t)
+        for part, t in zip(parts, text or ()):
+            part.append(t)
+        return *(torch.cat(p, 2) if len(p) > 1 else p[0] for p in parts), la
 
     def image_out(self, o, x, lr, la, gate):
         """Gated residual updates of X (and L) from the attention output o (B, N, D)."""
@@ -519,10 +525,11 @@ class JointBlock(nn.Module):
         xb, cb, cfg = self.x_block, self.context_block, self.cfg
         shift_msa, scale_msa, gate_msa = mods[:3]
         nx, nl = xb.norm1(x), None if lr is None else xb.norm1(lr)
-        q, k, v, la = xb.attn.image_qkv(nx, nl, shift_msa, scale_msa, cfg.lr_key_mode)
-        qc, kc, vc = cb.attn.qkv_x(modulate(cb.norm1(ctx), c_mods[0], c_mods[1]))   # text stream
-        o = attention(torch.cat([q, qc], 2), torch.cat([k, kc], 2), torch.cat([v, vc], 2), attn_mode)
-        del q, k, v, qc, kc, vc                     # freed before the second attention makes its own
+        text = cb.attn.qkv_x(modulate(cb.norm1(ctx), c_mods[0], c_mods[1]))      # text stream
+        q, k, v, la = xb.attn.image_qkv(nx, nl, shift_msa, scale_msa, cfg.lr_key_mode, text)
+        del text
+        o = attention(q, k, v, attn_mode)                                           # [X ; L ; C]
+        del q, k, v                                 # freed before the second attention makes its own
         o = rearrange(o, "b h n d -> b n (h d)")                                   # (B, N, D)
         x2, lr2 = xb.attn.image_out(o, x, lr, la, gate_msa)
         # the text tokens' rows, for their MLP (the last block has none): the rest of o can go
