@@ -78,7 +78,7 @@ CONFIGS = {
 # --------------------------------------------------------------------------------------------
 # Attention: fused SDPA normally; a forward-mode-AD-capable path when tangents are present.
 
-ATTN_CHUNK_ELEMENTS = 2 ** 21  # size of one (B, H, chunk, N) score block in the JVP paths
+ATTN_CHUNK_ELEMENTS = 2 ** 20  # size of one (B, H, chunk, N) score block in the JVP paths
 MLP_CHUNK_ELEMENTS = 2 ** 21   # size of one (B, rows * w, 4 D) MLP hidden band in the JVP
 
 
@@ -93,34 +93,29 @@ def _attention_and_tangent(q, k, v, dq, dk, dv, with_lse=False):
 
     dO = P dV + (P * dS) V - rowsum(P * dS) O,  with dS = s (dQ K^T + Q dK^T)   (per head)
 
-    s is folded into [K, dK] (whose first d columns then give the scores too), dS is one product
-    [dQ, Q] s [K, dK]^T, P [V, dV] gives O and P dV together, and rowsum(P * dS) comes out of the
-    product (P * dS) V through a column of ones appended to V: six (chunk, N, d) products in all,
-    the primal's two among them. with_lse: also the rows' log-sum-exp, for the backward.
-    Returns (O, dO, lse or None).
+    Five (chunk, N, d) products, the primal's two among them, all on views of the inputs: no
+    (N, 2d) concatenations such as [K, dK], which cost more memory than they save time (6x384,
+    4096 tokens: JVP peak -30 MB, the pass within noise). with_lse: also the rows'
+    log-sum-exp, for the backward. Returns (O, dO, lse or None).
     """
-    scale, chunk, d = q.shape[-1] ** -0.5, _query_chunk(q, k), q.shape[-1]
-    kdk = (torch.cat([k, dk], -1) * scale).transpose(-1, -2)                   # (B, H, 2d, N)
-    kt = kdk[..., :d, :]                                                        # s K^T
-    vdv = torch.cat([v, dv], -1)                                                # (B, H, N, 2d)
-    v1 = torch.cat([v, torch.ones_like(v[..., :1])], -1)                       # (B, H, N, d + 1)
-    e = v.shape[-1]
-    o, do = (q.new_empty(*q.shape[:-1], e) for _ in range(2))
+    scale, chunk = q.shape[-1] ** -0.5, _query_chunk(q, k)
+    kt, dkt = k.transpose(-1, -2), dk.transpose(-1, -2)                         # (B, H, d, N)
+    o, do = (q.new_empty(*q.shape[:-1], v.shape[-1]) for _ in range(2))
     acc = torch.promote_types(q.dtype, torch.float32)       # lse in fp32 for bf16, as SDPA's
     lse = q.new_empty(q.shape[:-1], dtype=acc) if with_lse else None
     for i in range(0, q.shape[-2], chunk):
         rows = slice(i, i + chunk)
-        qc, dqc = q[..., rows, :], dq[..., rows, :]
+        qc, dqc = q[..., rows, :] * scale, dq[..., rows, :] * scale
         s = qc @ kt                                                             # (B, H, c, N)
         p = torch.softmax(s, dim=-1)
         if with_lse:     # log sum_j exp(s_j) = s_j - log p_j for any j; the row maximum is safest
             lse[..., rows] = s.amax(-1).to(acc) - p.amax(-1).to(acc).log()
         del s
-        pds = (torch.cat([dqc, qc], -1) @ kdk).mul_(p)                          # P * dS
-        a = p @ vdv                                                             # [P V, P dV]
-        r = pds @ v1                                                            # (B, H, c, d + 1)
-        o[..., rows, :] = a[..., :e]
-        do[..., rows, :] = torch.addcmul(a[..., e:] + r[..., :-1], r[..., -1:], a[..., :e], value=-1)
+        pds = (dqc @ kt).add_(qc @ dkt).mul_(p)                                 # P * dS
+        o[..., rows, :] = p @ v
+        do[..., rows, :] = torch.addcmul((p @ dv).add_(pds @ v), pds.sum(-1, keepdim=True),
+                                         o[..., rows, :], value=-1)
+        del p, pds           # before the next chunk's scores, not after: two blocks fewer at the peak
     return o, do, lse
 
 
@@ -446,32 +441,43 @@ class SelfAttention(nn.Module):
         q, k, v = self.split_heads(x)
         return self.ln_q(q), self.ln_k(k), v
 
-    def qkv_lr(self, la, k_x_raw, key_mode):
-        """LR q/k/v: the control layers composed on the frozen projections (ARCH §3.3 step 2)."""
+    def qkv_lr(self, la, k_x, key_mode):
+        """LR q/k/v: the control layers composed on the frozen projections (ARCH §3.3 step 2).
+        k_x: the image keys after ln_k."""
         heads = lambda t: rearrange(t, "b n (h d) -> b h n d", h=self.heads)
         flat = lambda t: rearrange(t, "b h n d -> b n (h d)")
         q, k, v = self.split_heads(la)
         q = self.ln_q(heads(self.q_control(flat(q))))
         v = heads(self.v_control(flat(v)))
         if key_mode == "v1":   # the released checkpoints: norm_k applied twice to the image keys
-            k = self.ln_k(self.ln_k(k_x_raw))
+            k = self.ln_k(k_x)
         else:
             k = self.ln_k(heads(self.k_control(flat(k))))
         return q, k, v
 
     def image_qkv(self, nx, nl, shift, scale, key_mode, text=None):
         """q, k, v over the image tokens [X ; L] (L when nl is given, ARCH §3.3), with `text`
-        (the text tokens' q, k, v) appended: one concatenation per tensor, no intermediate copy
-        of the image part. nx, nl: the normalised X and L; also returns la, the modulated LR input."""
-        q, k_raw, v = self.split_heads(modulate(nx, shift, scale))
-        parts, la = [[self.ln_q(q)], [self.ln_k(k_raw)], [v]], None
+        (the text tokens' q, k, v) appended: one concatenation per tensor, and each tensor's
+        parts freed once joined, so only one of q, k, v is ever held twice (6x384 at 4096
+        tokens: JVP peak -30 MB). nx, nl: the normalised X and L; also returns la, the
+        modulated LR input."""
+        q, k, v = self.split_heads(modulate(nx, shift, scale))
+        # v copied out of the (B, N, 3D) projection, which then goes before the LR one is made
+        parts, la = [[self.ln_q(q)], [self.ln_k(k)], [v.contiguous()]], None
+        del q, k, v                 # from here only `parts` holds them
         if nl is not None:
             la = modulate(nl, shift, scale)
-            for part, t in zip(parts, self.qkv_lr(la, k_raw, key_mode)):
+            for part, t in zip(parts, self.qkv_lr(la, parts[1][0], key_mode)):
                 part.append(t)
+            del part, t
         for part, t in zip(parts, text or ()):
             part.append(t)
-        return *(torch.cat(p, 2) if len(p) > 1 else p[0] for p in parts), la
+
+        def join(part):
+            out = torch.cat(part, 2) if len(part) > 1 else part[0]
+            part.clear()
+            return out
+        return join(parts[0]), join(parts[1]), join(parts[2]), la
 
     def image_out(self, o, x, lr, la, gate):
         """Gated residual updates of X (and L) from the attention output o (B, N, D)."""
@@ -538,7 +544,10 @@ class JointBlock(nn.Module):
         if xb.dual:  # MMDiT-X: image-only attention from the same normalised x, over [X ; L]
             shift2, scale2, gate2 = mods[6:]
             q, k, v, la2 = xb.attn2.image_qkv(nx, nl, shift2, scale2, cfg.lr_key_mode)
-            o2 = rearrange(attention(q, k, v, attn_mode), "b h n d -> b n (h d)")  # (B, 2K, D)
+            del nx, nl
+            o2 = attention(q, k, v, attn_mode)
+            del q, k, v                             # freed before o2's (B, 2K, D) copy is made
+            o2 = rearrange(o2, "b h n d -> b n (h d)")                             # (B, 2K, D)
             x2, lr2 = xb.attn2.image_out(o2, x2, lr2, la2, gate2)
         return x2, lr2, oc
 
