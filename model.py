@@ -115,7 +115,8 @@ def _attention_and_tangent(q, k, v, dq, dk, dv, with_lse=False):
             lse[..., rows] = s.amax(-1).to(acc) - p.amax(-1).to(acc).log()
         del s
         pds = dqc @ kt                             # dS: dQ K^T, + Q dK^T in place, then * P
-        pds.view(-1, *pds.shape[-2:]).baddbmm_(heads3(qc), heads3(dkt))
+        low = lambda t: heads3(t).to(pds.dtype)   # in-place ops escape autocast: match its dtype
+        pds.view(-1, *pds.shape[-2:]).baddbmm_(low(qc), low(dkt))
         pds.mul_(p)                                                             # P * dS
         o[..., rows, :] = p @ v
         do[..., rows, :] = torch.addcmul((p @ dv).add_(pds @ v), pds.sum(-1, keepdim=True),
