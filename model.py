@@ -469,10 +469,11 @@ class SelfAttention(nn.Module):
         (6x384 at 4096 tokens: JVP peak 130 -> 118 MB). nx, nl: the normalised X and L; also
         returns la, the modulated LR input."""
         q, k, v = self.split_heads(modulate(nx, shift, scale))
-        # v copied out of the (B, N, 3D) projection, which then goes before the LR one is made
-        parts, la = [[self.ln_q(q)], [self.ln_k(k)], [v.contiguous()]], None
+        parts, la = [[self.ln_q(q)], [self.ln_k(k)], [v]], None
         del q, k, v                 # from here only `parts` holds them
         if nl is not None:
+            # v copied out of the (B, N, 3D) projection, which then goes before the LR one is made
+            parts[2][0] = parts[2][0].contiguous()
             la = modulate(nl, shift, scale)
             for part, t in zip(parts, self.qkv_lr(la, parts[1][0], key_mode)):
                 part.append(t)
