@@ -362,6 +362,16 @@ def degrade(hr, cfg=DegradeConfig(), generator=None, timings=None):
     return gt, lr, ps
 
 
+def bicubic_down(hr, scale=4):
+    """The clean degradation: hr (B, 3, H, W) in [0, 1] -> (B, 3, H/scale, W/scale), antialiased
+    bicubic (as PIL's or MATLAB's imresize) on the 8-bit grid. What most users feed a super-resolver."""
+    B, _, H, W = hr.shape
+    if H % scale or W % scale:
+        raise ValueError(f"H={H}, W={W} must be divisible by scale={scale}")
+    lr = F.interpolate(hr.float(), size=(H // scale, W // scale), mode="bicubic", antialias=True, align_corners=False)
+    return (lr.clamp(0, 1) * 255).round() / 255
+
+
 # --------------------------------------------------------------------------------------------
 # Pair sources and the preview command
 

@@ -95,6 +95,12 @@ def teacher_velocity(kind, z_t, t, *, z_hr=None, eps=None, teacher=None, student
     raise ValueError(f"unknown teacher velocity {kind!r}: gt, meanflow, null or neg")
 
 
+def eq11_w(cfg_scale):
+    """Eq. 11's w for a sampler's standard CFG scale: v_neg + scale (v_c - v_neg) is
+    v_c + (scale - 1) (v_c - v_neg), so w = scale - 1 (DiT4SR's scale 8 is w = 7)."""
+    return cfg_scale - 1.0
+
+
 def _two_conditions(fn, z, t, c1, c2):
     """fn on two conditions in one batched call: rows [c1 ; c2], outputs split back."""
     cat = lambda a, b: torch.cat([a, b]) if torch.is_tensor(a) else tuple(map(torch.cat, zip(a, b)))

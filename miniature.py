@@ -1,24 +1,30 @@
-"""The miniature MFSR: the whole story of the paper at a size two CPU cores train in about an hour.
+"""The miniature MFSR: the whole story of the paper at a size two CPU cores train in about 70 minutes.
 
-    pip install scikit-image            # dev-only: its public-domain photographs are the data
-    python miniature.py                 # data -> tiny VAE -> teacher -> student (+ the gt-target
-                                        # ablation) -> weights/mfsr-tiny/; resumes where it stopped
-    python bench.py quality             # the README table and figure, from weights/mfsr-tiny/
+    pip install scikit-image                              # dev-only: photographs (and SSIM's reference)
+    apt-get install $(python miniature.py --packages)     # Debian packages that ship photographs
+    python miniature.py                 # data -> tiny VAE -> teacher -> CFG scan -> student (+ the
+                                        # gt-target ablation) -> weights/mfsr-tiny/; resumes where it stopped
+    python bench.py quality             # the README tables and figure, from weights/mfsr-tiny/
 
-Every stage is a train.py run (the same code as the full-scale path), in order:
+Every training stage is a train.py run (the same code as the full-scale path), in order:
   1. vae      the tiny VAE (vae.py "tiny": x4, 16 latent channels, every convolution at latent
               resolution on 4 x 4 pixel patches), started by train.py as PCA of the patches, then
               trained: squared error + a tiny KL, 64^2 crops, learning rate annealed to 0 (cosine),
               EMA weights exported
-  2. teacher  the LR-stream transformer (model.py "tiny") by rectified flow on Real-ESRGAN pairs
-              (degrade.py), 128^2 HR / 32^2 LR, caption dropout 0.2; 1200 pairs encoded once
-              (--cache-latents: the degradation and the VAE run once per pair, not every step)
-  3. distill  the MFSR student: teacher-CFG target with the negative prompt (Eq. 11, w = CFG_W),
-              ratio 0.5, pseudo-Huber, s-embedder, c_noise(t) = t, LoRA rank 64 (at width 128 that
-              is half the rank of every layer: close to a full fine-tune, through the same code
-              path as the real run), lr 1e-4 and an EMA of 0.99 (without it the student's quality
-              swung by up to 5 dB between checkpoints 200 steps apart)
-  4. distill with the ground-truth target (Table 3's first row), for the ablation in the table
+  2. teacher  the LR-stream transformer (model.py "tiny") by rectified flow, 128^2 HR / 32^2 LR:
+              70 % Real-ESRGAN pairs (degrade.py), 30 % clean bicubic x4 (what many users feed),
+              the plain HR as target (no USM sharpening: the tables measure against the plain HR);
+              caption dropout 0.2; 4000 pairs encoded once (--cache-latents); EMA weights
+  3. cfg      the teacher's CFG scale: the 40-step teacher on training crops at each of
+              CFG_SCALES, the largest within CFG_TOLERANCE_DB of the best PSNR (scan_cfg)
+  4. distill  the MFSR student: teacher-CFG target with the negative prompt (Eq. 11, w = scale - 1,
+              the same guidance the teacher samples with), ratio 0.5, pseudo-Huber, s-embedder,
+              c_noise(t) = t (§4.4). Its first 200 steps have s = t only (--warmup): the student's
+              new time embedding (t instead of the teacher's 1000 sigma) is fitted to the teacher's
+              velocity before the MeanFlow target, whose du/dt needs it. LoRA rank 64 (at width 128,
+              half the rank of every layer: close to a full fine-tune, through the same code path
+              as the real run), lr 1e-4, EMA 0.99
+  5. distill with the ground-truth target (Table 3's first row), for the ablation in the table
 
 Text at this size: there are no captions and no text encoders. The "prompt" is a fixed random
 embedding given to every training image, the null prompt is zeros (caption dropout swaps it in),
@@ -27,9 +33,10 @@ with the LR image as the target (train.py --neg-prob): in the paper the negative
 "blurry, low-res, ...", and here it is taught to mean exactly that, so CFG (Eq. 11) pushes the
 teacher away from the blurry answer as it does at full scale.
 
-Data: scikit-image's bundled photographs (public domain / CC0, see DATA below). Training uses
-TRAIN; HELD_OUT images (a cat and a cup of coffee) are never trained on: bench.py quality
-evaluates on them and the example image is cut from one of them.
+Data: PHOTOS below, photographs of people, animals, buildings, text, foliage, landscapes and
+objects from scikit-image and Debian packages, their licences recorded (and in the model card).
+HELD_OUT photographs are never trained on: bench.py quality evaluates on them, and the README's
+example image is cut from one of them (chelsea).
 """
 import argparse
 import glob
@@ -44,40 +51,143 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+import mfsr
 import model
 import train
 import vae as vae_lib
 from checkpoint import atomic_save
 
-# scikit-image's data names and their licences, as its docstrings state them
-TRAIN = {"astronaut": "public domain (NASA)", "hubble_deep_field": "public domain (NASA)",
-         "rocket": "public domain (SpaceX)", "retina": "CC0", "immunohistochemistry": "no known restrictions",
-         "camera": "CC0 (Lav Varshney)", "coins": "no known restrictions", "brick": "CC0 (CC0Textures)",
-         "grass": "CC0", "gravel": "CC0 (CC0Textures)", "clock": "public domain (Stefan van der Walt)",
-         "cell": "CC0"}
-HELD_OUT = {"chelsea": "CC0 (Stefan van der Walt)", "coffee": "CC0 (Rachel Michetti)"}
+# The photographs: (source, file, licence). Sources are packages an ordinary client installs:
+#   pip install scikit-image
+#   apt-get install opencv-doc palapeli-data lomiri-wallpapers-16.04 lomiri-wallpapers-20.04 mate-backgrounds
+# "skimage" files are skimage.data names; the others are paths inside the Debian package, whose
+# licence is the one its /usr/share/doc/<package>/copyright file states.
+_CV = "/usr/share/doc/opencv-doc/examples/"
+_CV_LIC = "Apache-2.0 AND BSD-3-Clause (OpenCV samples, Debian opencv-doc)"
+_PAL = "/usr/share/palapeli/collection/"
+_PAL_LIC = "GPL-2+ (KDE Palapeli, Debian palapeli-data)"
+_LOM = "/usr/share/backgrounds/"
+_MATE = "/usr/share/backgrounds/mate/nature/"
+_MATE_LIC = "GPL-2+ (MATE, Debian mate-backgrounds)"
+PHOTOS = {
+    # people
+    "astronaut": ("skimage", "astronaut", "public domain (NASA)"),
+    "camera": ("skimage", "camera", "CC0 (Lav Varshney)"),
+    "messi": ("opencv-doc", _CV + "data/messi5.jpg", _CV_LIC),
+    # animals
+    "chelsea": ("skimage", "chelsea", "CC0 (Stefan van der Walt)"),
+    "baboon": ("opencv-doc", _CV + "data/baboon.jpg", _CV_LIC),
+    "chicky": ("opencv-doc", _CV + "data/chicky_512.png", _CV_LIC),
+    "squirrel": ("opencv-doc", _CV + "data/squirrel_cls.jpg", _CV_LIC),
+    "butterfly": ("opencv-doc", _CV + "data/butterfly.jpg", _CV_LIC),
+    "robin": ("opencv-doc", _CV + "hfs/data/000.jpg", _CV_LIC),
+    "honey_bee": ("palapeli-data", _PAL + "european-honey-bee.jpg", _PAL_LIC),
+    "chameleon": ("palapeli-data", _PAL + "panther-chameleon-female.jpg", _PAL_LIC),
+    "dragonfly": ("lomiri-wallpapers-16.04", _LOM + "Dragonfly_by_Bolly.jpg", "CC-BY-SA-4.0 (Bolly)"),
+    "bee": ("lomiri-wallpapers-16.04", _LOM + "free_by_Peter_Nerlich.jpg", "CC-BY-SA-4.0 (Peter Nerlich)"),
+    "dogs": ("lomiri-wallpapers-16.04", _LOM + "friends_by_Aitzol_Berasategi.jpg", "CC-BY-4.0 (Aitzol Berasategi)"),
+    "ladybird": ("mate-backgrounds", _MATE + "LadyBird.jpg", _MATE_LIC),
+    "two_wings": ("mate-backgrounds", _MATE + "TwoWings.jpg", _MATE_LIC),
+    # buildings and streets
+    "building": ("opencv-doc", _CV + "data/building.jpg", _CV_LIC),
+    "home": ("opencv-doc", _CV + "data/home.jpg", _CV_LIC),
+    "house": ("opencv-doc", _CV + "reg/home.png", _CV_LIC),
+    "leuven": ("opencv-doc", _CV + "data/leuvenA.jpg", _CV_LIC),
+    "aerial_1": ("opencv-doc", _CV + "data/aero1.jpg", _CV_LIC),
+    "castle": ("palapeli-data", _PAL + "castle-maintenon.jpg", _PAL_LIC),
+    "cincinnati_bridge": ("palapeli-data", _PAL + "cincinnati-bridge.jpg", _PAL_LIC),
+    "bridge": ("lomiri-wallpapers-16.04", _LOM + "Bridge_by_Sander_Klootwijk.jpg", "CC-BY-SA-4.0 (Sander Klootwijk)"),
+    "rocket": ("skimage", "rocket", "public domain (SpaceX)"),
+    # text and signs
+    "sign_parking": ("opencv-doc", _CV + "text/scenetext01.jpg", _CV_LIC),
+    "sign_sports": ("opencv-doc", _CV + "text/scenetext02.jpg", _CV_LIC),
+    "copy_centre": ("opencv-doc", _CV + "text/scenetext03.jpg", _CV_LIC),
+    "street_sign": ("opencv-doc", _CV + "text/scenetext04.jpg", _CV_LIC),
+    "roadworks": ("opencv-doc", _CV + "text/scenetext05.jpg", _CV_LIC),
+    "pub": ("opencv-doc", _CV + "text/scenetext06.jpg", _CV_LIC),
+    "hotel": ("opencv-doc", _CV + "text/scenetext_segmented_word01.jpg", _CV_LIC),
+    "stationery": ("opencv-doc", _CV + "text/scenetext_segmented_word02.jpg", _CV_LIC),
+    "freephone": ("opencv-doc", _CV + "text/scenetext_segmented_word03.jpg", _CV_LIC),
+    "fosters": ("opencv-doc", _CV + "text/scenetext_segmented_word04.jpg", _CV_LIC),
+    "sanyo": ("opencv-doc", _CV + "text/scenetext_segmented_word05.jpg", _CV_LIC),
+    "sudoku": ("opencv-doc", _CV + "data/sudoku.png", _CV_LIC),
+    "books": ("opencv-doc", _CV + "data/ela_original.jpg", _CV_LIC),
+    "box": ("opencv-doc", _CV + "data/left.jpg", _CV_LIC),
+    "text": ("skimage", "text", "CC0 (scikit-image)"),
+    # foliage, flowers, landscapes
+    "plant": ("opencv-doc", _CV + "alphamat/input_images/plant.jpg", _CV_LIC),
+    "aloe": ("opencv-doc", _CV + "data/aloeL.jpg", _CV_LIC),
+    "lake": ("opencv-doc", _CV + "hfs/data/001.jpg", _CV_LIC),
+    "tree": ("opencv-doc", _CV + "hfs/data/002.jpg", _CV_LIC),
+    "mountains": ("lomiri-wallpapers-16.04", _LOM + "aitzgorri_by_Aitzol_Berasategi.jpg", "CC-BY-4.0 (Aitzol Berasategi)"),
+    "forest_stream": ("lomiri-wallpapers-16.04", _LOM + "life_by_Aitzol_Berasategi.jpg", "CC-BY-4.0 (Aitzol Berasategi)"),
+    "picos": ("lomiri-wallpapers-16.04", _LOM + "picosdeeuropa_by_Aitzol_Berasategi.jpg", "CC-BY-4.0 (Aitzol Berasategi)"),
+    "sunset": ("lomiri-wallpapers-16.04", _LOM + "sunset_by_Aitzol_Berasategi.jpg", "CC-BY-4.0 (Aitzol Berasategi)"),
+    "dandelions": ("lomiri-wallpapers-16.04", _LOM + "seeding_by_Clements_Engelhardt.jpg", "CC0-1.0 (Clemens Engelhardt)"),
+    "tree_trunk": ("lomiri-wallpapers-20.04", _LOM + "Kleiber_by_Lukas_Baubkus.jpg", "CC-BY-SA-3.0 (Lukas Baubkus)"),
+    "leaf": ("mate-backgrounds", _MATE + "Blinds.jpg", _MATE_LIC),
+    "dune": ("mate-backgrounds", _MATE + "Dune.jpg", _MATE_LIC),
+    "fresh_flower": ("mate-backgrounds", _MATE + "FreshFlower.jpg", _MATE_LIC),
+    "garden": ("mate-backgrounds", _MATE + "Garden.jpg", _MATE_LIC),
+    "meadow": ("mate-backgrounds", _MATE + "GreenMeadow.jpg", _MATE_LIC),
+    "raindrops": ("mate-backgrounds", _MATE + "RainDrops.jpg", _MATE_LIC),
+    "storm": ("mate-backgrounds", _MATE + "Storm.jpg", _MATE_LIC),
+    "yellow_flower": ("mate-backgrounds", _MATE + "YellowFlower.jpg", _MATE_LIC),
+    "water_drop": ("mate-backgrounds", _MATE + "Aqua.jpg", _MATE_LIC),
+    "wood": ("mate-backgrounds", _MATE + "Wood.jpg", _MATE_LIC),
+    "grass": ("skimage", "grass", "CC0"),
+    "gravel": ("skimage", "gravel", "CC0 (CC0Textures)"),
+    "brick": ("skimage", "brick", "CC0 (CC0Textures)"),
+    # objects, food
+    "coffee": ("skimage", "coffee", "CC0 (Rachel Michetti)"),
+    "motorcycle": ("skimage", "stereo_motorcycle", "CC0 (Middlebury stereo, scikit-image)"),
+    "coins": ("skimage", "coins", "no known restrictions"),
+    "apple": ("opencv-doc", _CV + "data/apple.jpg", _CV_LIC),
+    "orange": ("opencv-doc", _CV + "data/orange.jpg", _CV_LIC),
+    "fruits": ("opencv-doc", _CV + "data/fruits.jpg", _CV_LIC),
+    "citrus": ("palapeli-data", _PAL + "citrus-fruits.jpg", _PAL_LIC),
+    "smarties": ("opencv-doc", _CV + "data/smarties.png", _CV_LIC),
+    "circuit_board": ("opencv-doc", _CV + "data/board.jpg", _CV_LIC),
+    "toys": ("opencv-doc", _CV + "data/rubberwhale1.png", _CV_LIC),
+    "desk": ("opencv-doc", _CV + "data/stuff.jpg", _CV_LIC),
+    "graffiti": ("opencv-doc", _CV + "data/graf1.png", _CV_LIC),
+    "fig": ("lomiri-wallpapers-16.04", _LOM + "Picture_0B_by_freespace.jpg", "CC-BY-4.0 (Trevor \"Freespace\")"),
+    "brushes": ("lomiri-wallpapers-16.04", _LOM + "Picture_1A_by_freespace.jpg", "CC-BY-4.0 (Trevor \"Freespace\")"),
+    "wine": ("lomiri-wallpapers-16.04", _LOM + "Wine_by_Jakkub_Mede.jpg", "CC-BY-4.0 (Jakub Mede)"),
+    "clock_face": ("lomiri-wallpapers-16.04", _LOM + "greentock_by_Peter_Nerlich.jpg", "CC-BY-SA-4.0 (Peter Nerlich)"),
+    # science
+    "hubble": ("skimage", "hubble_deep_field", "public domain (NASA)"),
+    "retina": ("skimage", "retina", "CC0"),
+    "immunohistochemistry": ("skimage", "immunohistochemistry", "no known restrictions"),
+}
+# Whole photographs never trained on: the quality table and the README's example (chelsea) use
+# them; one of each kind of content.
+HELD_OUT = ("chelsea", "coffee", "astronaut", "motorcycle", "copy_centre", "castle", "ladybird", "picos")
+TRAIN = tuple(n for n in PHOTOS if n not in HELD_OUT)
+SKIMAGE_HELD_OUT = tuple(n for n in HELD_OUT if PHOTOS[n][0] == "skimage")   # without the Debian packages
+MAX_SIDE = 768                       # larger photographs are downscaled (Lanczos) to this long side
 SHIP = "weights/mfsr-tiny"
 TRAIN_SIZE = 128                     # HR crop side of the transformer stages (a 32^2 latent)
 CONTEXT_LEN = 4                      # tokens of the miniature's prompt embeddings
-# w of Eq. 11, for the student's target and the teacher's CFG sampling. Chosen on training crops
-# (one 128^2 crop per training image), 40-step teacher PSNR for w = 1 / 1.25 / 1.5 / 2: 20.1 / 19.2 /
-# 18.0 / 15.5 dB; 1.25 is the largest w within 1 dB of unguided sampling. w = 3, tried first, made the
-# 40-step teacher diverge (held-out PSNR 9 dB, 6.5x the HR's high-frequency energy): this teacher
-# has far less to give CFG than DiT4SR (w = 8).
-# (Scanned with the teacher of the earlier VAE recipe; not rescanned since the VAE was retrained.)
-CFG_W = 1.25
+# The teacher's CFG scale (the sampler's standard v_neg + scale (v_c - v_neg)) is chosen by the
+# "cfg" stage on training crops from these candidates; the student's Eq. 11 w is scale - 1.
+CFG_SCALES = (1.0, 1.25, 1.5, 2.0, 3.0)
+CFG_TOLERANCE_DB = 0.3               # the largest scale within this PSNR of the best one is taken
 
-# (stage name, train.py arguments); {size}, {runs} filled in by run(); steps and cached pairs scaled by --scale
+# (stage name, train.py arguments); {size}, {runs}, {w} filled in by run(); steps and cached pairs
+# scaled by --scale. "cfg" is not a train.py run: see scan_cfg.
+_PAIRS = "--cache-latents 4000 --clean-prob 0.3 --plain-gt --vae {runs}/vae/final/vae.safetensors"
 STAGES = [
     ("vae", "--stage vae --preset tiny --size 64 --batch 16 --lr 5e-4 --lr-decay cosine --ema 0.999 --steps 3000"),
-    ("teacher", "--stage teacher --preset tiny --size {size} --batch 8 --lr 5e-4 --steps 4000 --cache-latents 1200 "
-                "--vae {runs}/vae/final/vae.safetensors --caption-dropout 0.2 --neg-prob 0.1"),
-    ("student", "--stage distill --preset tiny --size {size} --batch 8 --lr 1e-4 --steps 400 --ema 0.99 --lora-rank 64 --cache-latents 1200 "
-                f"--target neg --cfg-w {CFG_W} --ratio 0.5 --loss pseudo_huber "
-                "--vae {runs}/vae/final/vae.safetensors --teacher {runs}/teacher/final/teacher.safetensors"),
-    ("student_gt", "--stage distill --preset tiny --size {size} --batch 8 --lr 1e-4 --steps 400 --ema 0.99 --lora-rank 64 --cache-latents 1200 "
-                   "--target gt --ratio 0.5 --loss pseudo_huber "
-                   "--vae {runs}/vae/final/vae.safetensors --teacher {runs}/teacher/final/teacher.safetensors"),
+    ("teacher", "--stage teacher --preset tiny --size {size} --batch 8 --lr 5e-4 --lr-decay cosine --ema 0.999 "
+                f"--steps 5000 --caption-dropout 0.2 --neg-prob 0.1 {_PAIRS}"),
+    ("cfg", ""),
+    ("student", "--stage distill --preset tiny --size {size} --batch 8 --lr 1e-4 --steps 1200 --warmup 200 --ema 0.99 "
+                "--lora-rank 64 --target neg --cfg-w {w} --ratio 0.5 --loss pseudo_huber "
+                f"--teacher {{runs}}/teacher/final/teacher.safetensors {_PAIRS}"),
+    ("student_gt", "--stage distill --preset tiny --size {size} --batch 8 --lr 1e-4 --steps 600 --ema 0.99 "
+                   "--lora-rank 64 --target gt --ratio 0.5 --loss pseudo_huber "
+                   f"--teacher {{runs}}/teacher/final/teacher.safetensors {_PAIRS}"),
 ]
 
 
@@ -85,12 +195,35 @@ def _skimage_image(name):
     try:
         import skimage.data
     except ImportError:
-        raise SystemExit("error: the miniature's data are scikit-image's photographs: pip install scikit-image")
+        raise SystemExit("error: the miniature's data include scikit-image's photographs: pip install scikit-image")
     a = getattr(skimage.data, name)()
+    a = a[0] if isinstance(a, tuple) else a                           # stereo_motorcycle: (left, right, disp)
     a = np.stack([a] * 3, -1) if a.ndim == 2 else a[..., :3]           # gray -> RGB, drop alpha
     if a.dtype != np.uint8:                                           # e.g. float or bool images
         a = (a.astype(np.float64) / max(float(a.max()), 1e-8) * 255).round().astype(np.uint8)
     return a
+
+
+def photo(name):
+    """PHOTOS[name] as (H, W, 3) uint8, its long side at most MAX_SIDE."""
+    source, file, _ = PHOTOS[name]
+    if source == "skimage":
+        a = _skimage_image(file)
+    else:
+        if not os.path.exists(file):
+            raise SystemExit(f"error: {file} ({name}) is missing: the miniature's photographs come from "
+                             f"Debian packages: apt-get install {' '.join(sorted(_packages()))}")
+        with Image.open(file) as im:
+            a = np.array(im.convert("RGB"))
+    H, W = a.shape[:2]
+    if max(H, W) > MAX_SIDE:
+        k = MAX_SIDE / max(H, W)
+        a = np.array(Image.fromarray(a).resize((round(W * k), round(H * k)), Image.LANCZOS))
+    return a
+
+
+def _packages():
+    return {src for src, _, _ in PHOTOS.values() if src != "skimage"}
 
 
 def prepare_data(runs):
@@ -100,7 +233,7 @@ def prepare_data(runs):
         for name in names:
             path = os.path.join(runs, "data", split, name + ".png")
             if not os.path.exists(path):
-                Image.fromarray(_skimage_image(name)).save(path + ".tmp.png")
+                Image.fromarray(photo(name)).save(path + ".tmp.png")
                 os.replace(path + ".tmp.png", path)
     cfg = model.CONFIGS["tiny"]
     os.makedirs(os.path.join(runs, "emb"), exist_ok=True)
@@ -133,12 +266,17 @@ def run(runs, scale=1.0, only=None, workers=2):
         if os.path.exists(os.path.join(out, "final")):
             print(f"== {name}: done ({out}/final)")
             continue
-        argv = args.format(runs=runs, size=TRAIN_SIZE).split()
+        if name == "cfg":
+            scan_cfg(runs, scale)
+            continue
+        w = mfsr.eq11_w(chosen_cfg(runs)) if "{w}" in args else None
+        argv = args.format(runs=runs, size=TRAIN_SIZE, w=w).split()
         steps = max(2, round(int(argv[argv.index("--steps") + 1]) * scale))
         argv[argv.index("--steps") + 1] = str(steps)
-        if "--cache-latents" in argv:   # a smoke run need not encode the full set of pairs
-            i = argv.index("--cache-latents") + 1
-            argv[i] = str(max(16, round(int(argv[i]) * scale)))
+        for flag, least in (("--cache-latents", 16), ("--warmup", 1)):   # a smoke run: fewer pairs, steps
+            if flag in argv:
+                i = argv.index(flag) + 1
+                argv[i] = str(max(least, round(int(argv[i]) * scale)))
         argv += ["--data", os.path.join(runs, "data", "train"), "--out", out, "--workers", str(workers),
                  "--save-every", str(max(1, steps // 5)), "--sample-every", str(max(1, steps // 5)),
                  "--log-every", "50", "--keep", "2"]
@@ -166,6 +304,54 @@ def run(runs, scale=1.0, only=None, workers=2):
             f.write(f"{total:.1f}\n")
 
 
+@torch.no_grad()
+def scan_cfg(runs, scale=1.0, crops=16, steps=40, seed=0):
+    """The "cfg" stage: the 40-step teacher on `crops` training crops (one per photograph, Real-ESRGAN
+    LR, seed fixed) at every CFG_SCALES scale; PSNR and texture (HF energy / HR) of each. The largest
+    scale within CFG_TOLERANCE_DB of the best PSNR is written to runs/cfg/final/cfg.json."""
+    import degrade
+    t0 = time.time()
+    steps = max(2, round(steps * min(1.0, scale * 10)))     # a smoke run samples with fewer steps
+    v = vae_lib.load_vae(os.path.join(runs, "vae", "final", "vae.safetensors")).eval()
+    net = model.load_transformer(os.path.join(runs, "teacher", "final", "teacher.safetensors")).eval()
+    zeros = (torch.zeros(1, net.cfg.context_dim), torch.zeros(net.cfg.pooled_dim))
+    emb = {e: train.load_embedding(os.path.join(runs, "emb", e + ".safetensors"), zeros) for e in ("prompt", "neg")}
+    g = torch.Generator().manual_seed(seed)
+    names = TRAIN[::max(1, len(TRAIN) // crops)][:crops]
+    hr = torch.stack([degrade.random_crop_pair_source(torch.from_numpy(photo(n)).permute(2, 0, 1).float() / 255,
+                                                      TRAIN_SIZE, g)[0] for n in names])
+    _, lr, _ = degrade.degrade(hr, degrade.DegradeConfig(gt_size=TRAIN_SIZE, usm_gt=False), generator=g)
+    lr_up = torch.nn.functional.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+    z_lr = v.encode(lr_up * 2 - 1, tile=0)
+    B = len(names)
+    cond = {e: (p[None].expand(B, -1), c[None].expand(B, -1, -1)) for e, (c, p) in emb.items()}
+    rows = []
+    for cfg_scale in CFG_SCALES:
+        z = mfsr.sample_teacher(net, z_lr, cond["prompt"], cond["neg"], steps=steps, cfg=cfg_scale,
+                                generator=torch.Generator().manual_seed(seed))
+        out = v.decode(z, tile=0).float().add(1).div(2).clamp(0, 1)
+        rows.append({"cfg": cfg_scale, "PSNR": psnr(out, hr).mean().item(), "HF energy / HR": hf_ratio(out, hr).mean().item()})
+        print(f"cfg {cfg_scale:g}: PSNR {rows[-1]['PSNR']:.2f} dB, HF energy / HR {rows[-1]['HF energy / HR']:.2f}", flush=True)
+    best = max(r["PSNR"] for r in rows)
+    chosen = max(r["cfg"] for r in rows if r["PSNR"] >= best - CFG_TOLERANCE_DB)
+    out_dir = os.path.join(runs, "cfg", "final")
+    os.makedirs(out_dir, exist_ok=True)
+    info = {"cfg": chosen, "rows": rows, "crops": list(names), "teacher_steps": steps,
+            "bicubic_PSNR": psnr(lr_up, hr).mean().item(), "minutes": (time.time() - t0) / 60}
+    with open(os.path.join(out_dir, "cfg.json.tmp"), "w") as f:
+        json.dump(info, f, indent=1)
+    os.replace(os.path.join(out_dir, "cfg.json.tmp"), os.path.join(out_dir, "cfg.json"))
+    with open(os.path.join(out_dir, "minutes.txt"), "w") as f:
+        f.write(f"{info['minutes']:.1f}\n")
+    print(f"== cfg: scale {chosen:g} (Eq. 11 w = {mfsr.eq11_w(chosen):g})", flush=True)
+
+
+def chosen_cfg(runs):
+    """The CFG scale the cfg stage chose (the teacher's standard scale)."""
+    with open(os.path.join(runs, "cfg", "final", "cfg.json")) as f:
+        return json.load(f)["cfg"]
+
+
 def ship(runs, dest=SHIP):
     """The trained models, stored in fp16 (loaders cast back to fp32), and the embeddings."""
     os.makedirs(dest, exist_ok=True)
@@ -174,7 +360,7 @@ def ship(runs, dest=SHIP):
     for name, file in (("student", "student"), ("student_gt", "student"), ("teacher", "teacher")):
         net = model.load_transformer(os.path.join(runs, name, "final", file + ".safetensors"))
         net.sampling = {"tile": tile, "tile_overlap": train.sample_overlap(tile, net.cfg.patch),
-                        **({"cfg": CFG_W} if name == "teacher" else {})}
+                        **({"cfg": chosen_cfg(runs)} if name == "teacher" else {})}
         model.save_transformer(net.half(), os.path.join(dest, name + ".safetensors"))
     vae_lib.save_vae(v.half(), os.path.join(dest, "vae.safetensors"))
     for e in ("null", "prompt", "neg"):
@@ -183,11 +369,16 @@ def ship(runs, dest=SHIP):
     for name, _ in STAGES:
         p = os.path.join(runs, name, "final", "minutes.txt")
         minutes[name] = float(open(p).read()) if os.path.exists(p) else None
-        with safe_open(os.path.join(runs, name, "final", "trainable.safetensors"), "pt") as f:
-            steps[name] = int(f.metadata()["step"])          # what ran (--scale changes it)
-    info = {"stages": {n: a.format(runs=runs, size=TRAIN_SIZE) for n, a in STAGES}, "steps": steps,
-            "minutes": minutes, "cfg_w": CFG_W,
-            "train_images": TRAIN, "held_out_images": HELD_OUT, "torch": torch.__version__}
+        p = os.path.join(runs, name, "final", "trainable.safetensors")
+        if os.path.exists(p):                                # the cfg stage trains nothing
+            with safe_open(p, "pt") as f:
+                steps[name] = int(f.metadata()["step"])      # what ran (--scale changes it)
+    with open(os.path.join(runs, "cfg", "final", "cfg.json")) as f:
+        scan = json.load(f)
+    w = mfsr.eq11_w(scan["cfg"])
+    info = {"stages": {n: a.format(runs=runs, size=TRAIN_SIZE, w=w) for n, a in STAGES}, "steps": steps,
+            "minutes": minutes, "cfg_scale": scan["cfg"], "eq11_w": w, "cfg_scan": scan,
+            "train_images": list(TRAIN), "held_out_images": list(HELD_OUT), "torch": torch.__version__}
     with open(os.path.join(dest, "training.json"), "w") as f:
         json.dump(info, f, indent=1)
     write_card(dest, info)
@@ -213,15 +404,24 @@ def write_card(dest, info):
              "null (zeros, caption dropout) and the negative prompt (taught to mean the LR image) |",
              "| training.json | the train.py arguments of every stage, their minutes, the data |", "",
              f"Transformer config: `{nets['student'].cfg}`", "",
-             "Data: scikit-image's photographs, training: " + ", ".join(f"{k} ({v})" for k, v in TRAIN.items())
-             + "; held out (evaluation and the example image): "
-             + ", ".join(f"{k} ({v})" for k, v in HELD_OUT.items()) + ".", "",
+             f"Data: {len(PHOTOS)} photographs from scikit-image and Debian packages "
+             f"({', '.join(sorted(_packages()))}), long side at most {MAX_SIDE} px; {len(TRAIN)} for "
+             f"training, {len(HELD_OUT)} whole photographs held out for evaluation and the example image "
+             f"({', '.join(HELD_OUT)}). Training pairs: 128^2 HR crops, 70 % Real-ESRGAN degradation, "
+             "30 % clean bicubic x4.", "",
+             "| photograph | package | file | licence |", "|---|---|---|---|",
+             *[f"| {n}{' (held out)' * (n in HELD_OUT)} | {src if src != 'skimage' else 'scikit-image'} | "
+               f"`{os.path.basename(file) if src != 'skimage' else 'skimage.data.' + file}` | {lic} |"
+               for n, (src, file, lic) in PHOTOS.items()], "",
              "Training steps: " + ", ".join(f"{k} {n}" for k, n in info["steps"].items())
              + "; every stage's train.py arguments (before --scale) are in training.json.", "",
              "Training on 2 CPU cores (minutes): " + ", ".join(
                  f"{k} {m:.0f}" if m is not None else f"{k} ?" for k, m in info["minutes"].items()) + ".", "",
              f"Sampling defaults recorded in the files (sample.py uses them): latent tiles of the training "
-             f"size, {nets['student'].sampling}; the teacher's CFG w = {info['cfg_w']:g}.", "",
+             f"size, {nets['student'].sampling}; the teacher's CFG scale {info['cfg_scale']:g} "
+             f"(v_neg + scale (v_c - v_neg)), chosen by the cfg stage (40-step teacher PSNR on training "
+             f"crops: " + ", ".join(f"{r['cfg']:g}: {r['PSNR']:.2f} dB" for r in info["cfg_scan"]["rows"])
+             + f"); the student distils Eq. 11 with w = scale - 1 = {info['eq11_w']:g}.", "",
              "Metrics: metrics.md and figure.png, written by `python bench.py quality` (the repository's "
              "README shows the same table)."]
     with open(os.path.join(dest, "MODEL_CARD.md"), "w") as f:
@@ -232,7 +432,7 @@ def make_example(dest="examples", name="chelsea", top=24, left=136, size=256, se
     """examples/{name}_hr.png (a size^2 crop of a held-out photograph) and {name}_lr.png, its
     Real-ESRGAN degradation (x4, fixed seed): the README's main command upscales the LR one."""
     import degrade
-    img = torch.from_numpy(_skimage_image(name)).permute(2, 0, 1).float() / 255
+    img = torch.from_numpy(photo(name)).permute(2, 0, 1).float() / 255
     hr = img[None, :, top:top + size, left:left + size]
     _, lr, _ = degrade.degrade(hr, degrade.DegradeConfig(gt_size=size, usm_gt=False),
                                generator=torch.Generator().manual_seed(seed))
@@ -286,17 +486,25 @@ def hf_ratio(x, hr, cutoff=0.25):
     return energy(x) / energy(hr)
 
 
-def heldout_pairs(size=256, per_image=3, seed=0):
-    """(hr, lr): `per_image` random size^2 crops of every HELD_OUT photograph and their Real-ESRGAN
-    degradation (x4), all from one fixed seed. HR is the plain crop (the LR is made from it)."""
+SETTINGS = {"realesrgan": "Real-ESRGAN degradation x4", "bicubic": "clean bicubic x4"}
+
+
+def heldout_pairs(size=256, per_image=1, seed=0, setting="realesrgan", names=HELD_OUT):
+    """(hr, lr): `per_image` random size^2 crops of every held-out photograph in `names` and their
+    LR at 1/4: the Real-ESRGAN degradation (fixed seed) or the clean bicubic downscale. The crops
+    are the same in both settings. HR is the plain crop (the LR is made from it)."""
     import degrade
+    if setting not in SETTINGS:
+        raise ValueError(f"setting {setting!r}: choose from {', '.join(SETTINGS)}")
     g = torch.Generator().manual_seed(seed)
     crops = []
-    for name in HELD_OUT:
-        img = torch.from_numpy(_skimage_image(name)).permute(2, 0, 1).float() / 255
+    for name in names:
+        img = torch.from_numpy(photo(name)).permute(2, 0, 1).float() / 255
         for _ in range(per_image):
             crops.append(degrade.random_crop_pair_source(img, size, g)[0])
     hr = torch.stack(crops)
+    if setting == "bicubic":
+        return hr, degrade.bicubic_down(hr)
     _, lr, _ = degrade.degrade(hr, degrade.DegradeConfig(gt_size=size, usm_gt=False), generator=g)
     return hr, lr
 
@@ -314,24 +522,27 @@ def load_shipped(dest=SHIP):
 
 
 @torch.no_grad()
-def evaluate(dest=SHIP, size=256, per_image=3, teacher_steps=40, seed=0):
-    """Rows of the README table and the figure's columns (first crop). Every model runs through
-    sample.upscale as sample.py runs it: latent tiles of the training size, AdaIN colour fix."""
+def evaluate(dest=SHIP, size=256, per_image=1, teacher_steps=40, seed=0, setting="realesrgan", names=HELD_OUT,
+             figure_crops=2):
+    """Rows of the README table for one setting, and the figure's rows (the first `figure_crops`
+    crops). Every model runs through sample.upscale as sample.py runs it: latent tiles of the
+    training size, AdaIN colour fix, the teacher at the CFG scale its file records."""
     import sample
     nets, v, embs = load_shipped(dest)
-    hr, lr = heldout_pairs(size, per_image, seed)
+    hr, lr = heldout_pairs(size, per_image, seed, setting, names)
     lr_up = torch.nn.functional.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
     cond = {e: (p[None], c[None]) for e, (c, p) in embs.items()}
+    cfg_scale = sample.sampling_settings(nets["teacher"])["cfg"]
 
     def run(net, steps, teacher=False):
-        kw = {**sample.sampling_settings(net), "cfg": CFG_W}
+        kw = {**sample.sampling_settings(net), "cfg": cfg_scale}
         return torch.cat([sample.upscale(lr[i:i + 1], net, v, cond["prompt"], steps, teacher=teacher,
                                          cond_neg=cond["neg"], seed=seed, vae_tile=0, **kw) for i in range(len(lr))])
 
     methods = {"bicubic": lambda: lr_up,
                "VAE(HR) (upper bound)": lambda: v.decode(v.encode(hr * 2 - 1, tile=0), tile=0).float().add(1).div(2).clamp(0, 1)}
     for k in sorted({1, 4, teacher_steps}):
-        methods[_teacher_name(k)] = lambda k=k: run(nets["teacher"], k, teacher=True)
+        methods[teacher_name(k, cfg_scale)] = lambda k=k: run(nets["teacher"], k, teacher=True)
     for k in (1, 2, 4):
         methods[f"student {k} step{'s' * (k > 1)}"] = lambda k=k: run(nets["student"], k)
     for k in (1, 2):
@@ -342,26 +553,29 @@ def evaluate(dest=SHIP, size=256, per_image=3, teacher_steps=40, seed=0):
         t0 = time.perf_counter()
         outs[name] = fn()
         secs[name] = (time.perf_counter() - t0) / B
-    ref = outs[_teacher_name(teacher_steps)]
+    ref = outs[teacher_name(teacher_steps, cfg_scale)]
     rows = [{"method": n, "PSNR": psnr(o, hr).mean().item(), "SSIM": ssim(o, hr).mean().item(),
              f"PSNR vs teacher {teacher_steps}": psnr(o, ref).mean().item() if o is not ref else float("inf"),
              "HF energy / HR": hf_ratio(o, hr).mean().item(), "s / image": secs[n]}
             for n, o in outs.items()]
-    figure = [torch.nn.functional.interpolate(lr[:1], size=hr.shape[-2:], mode="nearest"), lr_up[:1],
-              outs[_teacher_name(1)][:1], ref[:1], outs["student 1 step"][:1],
-              outs["student 2 steps"][:1], hr[:1]]
+    k = min(figure_crops, B)
+    figure = [torch.nn.functional.interpolate(lr[:k], size=hr.shape[-2:], mode="nearest"), lr_up[:k],
+              outs[teacher_name(1, cfg_scale)][:k], ref[:k], outs["student 1 step"][:k],
+              outs["student 2 steps"][:k], hr[:k]]
     return rows, figure
 
 
-def _teacher_name(k):
-    return f"teacher {k} step{'s' * (k > 1)}, CFG {CFG_W:g}"
+def teacher_name(steps, cfg_scale):
+    return f"teacher {steps} step{'s' * (steps > 1)}, CFG {cfg_scale:g}"
 
 
-def save_figure(cols, path):
-    """LR | bicubic | teacher 1 | teacher 40 | student 1 | student 2 | HR, one row, atomically."""
-    row = torch.cat([c[0].clamp(0, 1) for c in cols], 2)
+def save_figure(figures, path):
+    """One row per crop, the settings one after the other: LR | bicubic | teacher 1 | teacher 40 |
+    student 1 | student 2 | HR; written atomically."""
+    rows = [torch.cat([c[i].clamp(0, 1) for c in cols], 2) for cols in figures for i in range(len(cols[0]))]
+    grid = torch.cat(rows, 1)
     tmp = path + ".tmp.png"
-    Image.fromarray((row.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(tmp)
+    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(tmp)
     os.replace(tmp, path)
 
 
@@ -373,7 +587,12 @@ if __name__ == "__main__":
     ap.add_argument("--workers", type=int, default=2, help="data-loading processes per stage")
     ap.add_argument("--no-ship", action="store_true", help="do not copy the result to " + SHIP
                     + " (with --scale other than 1: to RUNS/mfsr-tiny)")
+    ap.add_argument("--packages", action="store_true",
+                    help="print the Debian packages the photographs come from (for apt-get install) and exit")
     a = ap.parse_args()
+    if a.packages:
+        print(" ".join(sorted(_packages())))
+        sys.exit(0)
     torch.set_num_threads(2)
     run(a.runs, a.scale, a.only, a.workers)
     if not a.no_ship:   # a scaled (smoke) run never replaces the shipped model or the example

@@ -2037,6 +2037,124 @@ def test_psnr_and_texture_ratio_on_known_cases():
     assert (miniature.hf_ratio(hr + 0.2 * torch.randn(hr.shape, generator=g), hr) > 1.1).all()
 
 
+def test_miniature_photographs_are_many_distinct_licensed_and_the_held_out_ones_never_trained_on():
+    assert len(miniature.PHOTOS) >= 60
+    files = [(src, file) for src, file, _ in miniature.PHOTOS.values()]
+    assert len(set(files)) == len(files)                                   # no photograph twice
+    assert all(lic.strip() for _, _, lic in miniature.PHOTOS.values())     # every licence recorded
+    assert set(miniature.TRAIN).isdisjoint(miniature.HELD_OUT)
+    assert set(miniature.TRAIN) | set(miniature.HELD_OUT) == set(miniature.PHOTOS)
+    assert "chelsea" in miniature.HELD_OUT                                 # the README example's photograph
+    assert miniature.SKIMAGE_HELD_OUT and set(miniature.SKIMAGE_HELD_OUT) <= set(miniature.HELD_OUT)
+
+
+def test_miniature_photo_is_rgb_within_the_size_cap_and_a_missing_package_is_named(monkeypatch, tmp_path):
+    pytest.importorskip("skimage")
+    a = miniature.photo("astronaut")                                       # 512^2 in scikit-image
+    assert a.dtype == np.uint8 and a.shape == (512, 512, 3)
+    big = tmp_path / "big.png"
+    Image.fromarray(np.zeros((1000, 2000), np.uint8)).save(big)            # grayscale, larger than the cap
+    monkeypatch.setitem(miniature.PHOTOS, "big", ("some-package", str(big), "CC0"))
+    a = miniature.photo("big")
+    assert a.shape == (miniature.MAX_SIDE // 2, miniature.MAX_SIDE, 3)
+    monkeypatch.setitem(miniature.PHOTOS, "gone", ("some-package", str(tmp_path / "gone.jpg"), "CC0"))
+    with pytest.raises(SystemExit, match=r"gone\.jpg \(gone\) is missing.*apt-get install .*some-package"):
+        miniature.photo("gone")
+
+
+def test_heldout_pairs_share_the_crops_across_settings_and_the_clean_one_is_bicubic():
+    pytest.importorskip("skimage")
+    import degrade
+    names = miniature.SKIMAGE_HELD_OUT[:2]
+    hr_a, lr_a = miniature.heldout_pairs(64, 1, 0, "realesrgan", names)
+    hr_b, lr_b = miniature.heldout_pairs(64, 1, 0, "bicubic", names)
+    assert torch.equal(hr_a, hr_b) and lr_a.shape == lr_b.shape == (2, 3, 16, 16)
+    assert torch.equal(lr_b, degrade.bicubic_down(hr_b)) and not torch.equal(lr_a, lr_b)
+    with pytest.raises(ValueError, match="setting 'jpeg'"):
+        miniature.heldout_pairs(64, 1, 0, "jpeg", names)
+
+
+def test_bicubic_down_matches_pil_and_stays_on_the_8_bit_grid():
+    import degrade
+    rng = np.random.default_rng(0)
+    smooth = np.kron(rng.random((8, 8, 3)), np.ones((8, 8, 1)))           # 64^2 blocks: no clipping ringing
+    img = (smooth * 200 + 20).round().astype(np.uint8)
+    hr = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    lr = degrade.bicubic_down(hr)
+    assert lr.shape == (1, 3, 16, 16)
+    assert torch.equal(lr, (lr * 255).round() / 255)
+    ref = np.asarray(Image.fromarray(img).resize((16, 16), Image.BICUBIC), np.float32) / 255
+    err = (lr[0].permute(1, 2, 0).numpy() - ref)
+    assert np.abs(err).max() <= 3 / 255 and np.abs(err).mean() < 0.5 / 255   # PIL rounds its own way
+    flat = torch.full((1, 3, 32, 32), 0.4)
+    assert torch.allclose(degrade.bicubic_down(flat), torch.full((1, 3, 8, 8), round(0.4 * 255) / 255))
+    with pytest.raises(ValueError, match="divisible"):
+        degrade.bicubic_down(torch.zeros(1, 3, 30, 32))
+
+
+def test_train_clean_prob_gives_bicubic_pairs_and_the_plain_gt(tmp_path):
+    import degrade
+    null = (torch.zeros(1, 64), torch.zeros(32))
+    rng = np.random.default_rng(1)
+    folder = tmp_path
+    Image.fromarray((rng.random((48, 48, 3)) * 255).astype(np.uint8)).save(folder / "a.png")
+    paths = train.find_images(str(folder))
+    clean = train.PairDataset(paths, 32, null, degrade.DegradeConfig(gt_size=32), clean_prob=1.0)
+    real = train.PairDataset(paths, 32, null, degrade.DegradeConfig(gt_size=32, usm_gt=False), clean_prob=0.0)
+    for seed in range(3):
+        c, r = clean[(0, seed)], real[(0, seed)]
+        assert torch.equal(c["gt"], r["gt"])                               # the same crop, not sharpened
+        assert torch.equal(c["lr"], degrade.bicubic_down(c["gt"][None])[0])
+        assert not torch.equal(r["lr"], c["lr"])
+    mixed = train.PairDataset(paths, 32, null, degrade.DegradeConfig(gt_size=32, usm_gt=False), clean_prob=0.5)
+    n_clean = sum(torch.equal(mixed[(0, k)]["lr"], degrade.bicubic_down(mixed[(0, k)]["gt"][None])[0]) for k in range(40))
+    assert 8 <= n_clean <= 32, n_clean
+    assert train.parse_args(["--data", str(folder), "--plain-gt", "--clean-prob", "0.3"]).plain_gt
+
+
+def test_distill_warmup_steps_have_every_row_at_s_equal_t(monkeypatch):
+    """--warmup N: the first N steps sample times at ratio 0 (no s != t rows, no JVP), then cfg.ratio."""
+    seen = []
+    real = mfsr.sample_times
+    monkeypatch.setattr(mfsr, "sample_times", lambda B, ratio, g: seen.append(ratio) or real(B, ratio, g))
+    cfg = train.parse_args(["--data", "data", "--out", "/nonexistent/out", "--preset", "tiny", "--warmup", "2",
+                            "--ratio", "0.5", "--target", "gt"])
+    torch.manual_seed(0)
+    teacher = MMDiT(CONFIGS["tiny"]).eval()
+    student = mfsr.student_from_teacher(teacher, lora_rank=4)
+    z = torch.randn(2, 16, 8, 8)
+    ctx, pooled = torch.randn(2, 4, 64), torch.randn(2, 32)
+    null = (torch.zeros(1, 64), torch.zeros(32))
+    logs = []
+    for step in range(4):
+        log = {}
+        train.distill_loss(student, student, teacher, z, z, ctx, pooled, null, null, cfg,
+                           torch.Generator().manual_seed(step), log=log, step=step)
+        logs.append(log["jvp_term"])
+    assert seen == [0.0, 0.0, 0.5, 0.5]
+    assert logs[0] == logs[1] == 0.0 and logs[2] > 0 and logs[3] > 0
+
+
+def test_eq11_w_is_the_samplers_cfg_scale_minus_one():
+    """One meaning, two spellings: the teacher sampler's v_neg + scale (v_c - v_neg) is Eq. 11's
+    v_c + w (v_c - v_neg) with w = eq11_w(scale); checked through both code paths on one Euler step."""
+    torch.manual_seed(0)
+    net = MMDiT(CONFIGS["tiny"]).eval()
+    B = 2
+    z_lr = torch.randn(B, 16, 8, 8)
+    cond = (torch.randn(B, 32), torch.randn(B, 4, 64))
+    neg = (torch.randn(B, 32), torch.randn(B, 4, 64))
+    scale = 2.5
+    z1 = mfsr.sample_teacher(net, z_lr, cond, neg, steps=1, cfg=scale, generator=torch.Generator().manual_seed(3))
+    z0 = torch.randn(z_lr.shape, generator=torch.Generator().manual_seed(3))
+    sig = mfsr.sd3_sigmas(1)
+    t = torch.full((B,), 1 - sig[0].item())
+    v = mfsr.teacher_velocity("neg", z0, t, teacher=mfsr.velocity(net), cond=(z_lr, *cond), cond_neg=(z_lr, *neg),
+                              w=mfsr.eq11_w(scale))
+    assert mfsr.eq11_w(scale) == 1.5
+    torch.testing.assert_close(z1, z0 + (sig[0] - sig[1]).item() * v, rtol=1e-5, atol=1e-5)
+
+
 # ============================================================================================
 # sample.py and images.py
 
@@ -2788,20 +2906,26 @@ def test_shipped_vae_reconstructs_the_held_out_example_above_32_db():
 
 @pytest.mark.slow
 def test_quality_command_runs_at_a_reduced_size():
-    pytest.importorskip("skimage")            # the held-out photographs come from scikit-image
+    pytest.importorskip("skimage")            # the quick run's held-out photographs come from scikit-image
     import argparse
 
     import bench
     title, rows, figures = bench.bench_quality(argparse.Namespace(quick=True))
-    methods = [r["method"] for r in rows]
-    for m in ("bicubic", "VAE(HR) (upper bound)", miniature._teacher_name(8), "student 1 step", "student 2 steps",
-              "student, gt target, 1 step"):
-        assert m in methods, methods
-    for r in rows:
-        assert all(math.isfinite(r[k]) for k in ("PSNR", "SSIM", "HF energy / HR", "s / image")), r
-    by = {r["method"]: r for r in rows}
-    assert by["bicubic"]["HF energy / HR"] < 0.5 < by["VAE(HR) (upper bound)"]["SSIM"]   # blurry vs faithful
-    assert by[miniature._teacher_name(8)]["PSNR vs teacher 8"] == math.inf
+    teacher8 = miniature.teacher_name(8, miniature.load_shipped()[0]["teacher"].sampling["cfg"])
+    assert [r["setting"] for r in rows] == ["realesrgan"] * (len(rows) // 2) + ["bicubic"] * (len(rows) // 2)
+    for setting in miniature.SETTINGS:
+        by = {r["method"]: r for r in rows if r["setting"] == setting}
+        for m in ("bicubic", "VAE(HR) (upper bound)", teacher8, "student 1 step", "student 2 steps",
+                  "student 4 steps", "student, gt target, 1 step"):
+            assert m in by, (setting, list(by))
+        for r in by.values():
+            assert all(math.isfinite(r[k]) for k in ("PSNR", "SSIM", "HF energy / HR", "s / image")), r
+        assert by["bicubic"]["HF energy / HR"] < 0.6 < by["VAE(HR) (upper bound)"]["SSIM"]   # blurry vs faithful
+        assert by[teacher8]["PSNR vs teacher 8"] == math.inf
+        assert figures[f"{setting}/student 1 step"]["PSNR"] == by["student 1 step"]["PSNR"]
+    clean = {r["method"]: r["PSNR"] for r in rows if r["setting"] == "bicubic"}
+    degraded = {r["method"]: r["PSNR"] for r in rows if r["setting"] == "realesrgan"}
+    assert clean["bicubic"] > degraded["bicubic"]                 # the clean LR is the easier input
 
 
 @pytest.mark.slow
@@ -2855,6 +2979,9 @@ def test_miniature_pipeline_runs_end_to_end_at_a_hundredth_of_the_steps(tmp_path
     """`python miniature.py` as documented, every stage at 1 % of its steps: it finishes, writes its
     own copy of the model, and leaves the shipped model and the example image as they were."""
     pytest.importorskip("skimage")
+    missing = sorted({src for src, file, _ in miniature.PHOTOS.values() if src != "skimage" and not os.path.exists(file)})
+    if missing:   # .ci/run installs them
+        pytest.skip(f"the miniature's photographs need: apt-get install {' '.join(missing)}")
     import hashlib
     import subprocess
     import sys
@@ -2870,8 +2997,14 @@ def test_miniature_pipeline_runs_end_to_end_at_a_hundredth_of_the_steps(tmp_path
     nets, v, embs = miniature.load_shipped(str(runs / "mfsr-tiny"))
     assert nets["student"].sampling == {"tile": 32, "tile_overlap": 12}
     info = json.loads((runs / "mfsr-tiny" / "training.json").read_text())
-    assert info["steps"] == {"vae": 30, "teacher": 40, "student": 4, "student_gt": 4}
-    assert all(m is not None for m in info["minutes"].values())
+    assert info["steps"] == {"vae": 30, "teacher": 50, "student": 12, "student_gt": 6}
+    assert all(m is not None for m in info["minutes"].values()) and "cfg" in info["minutes"]
+    scan = json.loads((runs / "cfg" / "final" / "cfg.json").read_text())
+    assert [r["cfg"] for r in scan["rows"]] == list(miniature.CFG_SCALES) and scan["cfg"] in miniature.CFG_SCALES
+    assert nets["teacher"].sampling["cfg"] == scan["cfg"] == info["cfg_scale"]
+    assert info["eq11_w"] == scan["cfg"] - 1
+    student_args = info["stages"]["student"].split()
+    assert float(student_args[student_args.index("--cfg-w") + 1]) == info["eq11_w"]     # one guidance, two spellings
 
 
 def test_sample_prompt_and_prompt_file_through_the_text_encoders(_txt_pipeline, tmp_path, capsys):

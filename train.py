@@ -57,6 +57,8 @@ class TrainConfig:
     encoders: str = ""              # SD3.5 text encoders (text.py): null / negative / --prompt from text
     prompt: str = ""                # with --encoders: the prompt of images without an embedding file
     neg_prob: float = 0.0           # teacher stage: share of rows taught "negative prompt -> the LR latent"
+    clean_prob: float = 0.0         # share of pairs whose LR is the plain bicubic x4 (degrade.bicubic_down)
+    plain_gt: bool = False          # supervise with the HR crop itself, not Real-ESRGAN's USM-sharpened one
     kl: float = 1e-6                # vae stage: weight of the KL term
     cache_latents: int = 0          # > 0: encode this many pairs once and train on them (no per-step VAE)
     size: int = 0                   # HR crop; 0 = 512 (full) / 64 (tiny)
@@ -67,6 +69,8 @@ class TrainConfig:
     lora_rank: int = 64
     time_scale: float = 1.0         # student's c_noise(t) = time_scale * t (§4.4: 1; the teacher's is 1000)
     ratio: float = 0.5              # share of rows with s != t (Table 4)
+    warmup: int = 0                 # distill: first steps at ratio 0 (s = t: the rescaled time embedding
+                                    # fitted to the teacher's velocity before the MeanFlow target)
     target: str = "neg"             # teacher velocity: gt | meanflow | null | neg (Table 3)
     cfg_w: float = 6.0              # w of Eq. 10 / 11
     loss: str = "pseudo_huber"      # pseudo_huber | l2 | adaptive
@@ -123,10 +127,12 @@ def random_crop(img, size, g):
 class PairDataset(torch.utils.data.Dataset):
     """Item (index, seed) -> dict(gt, lr, context, pooled, name), or dict(unreadable=path)."""
 
-    def __init__(self, paths, size, default, degrade_cfg):
+    def __init__(self, paths, size, default, degrade_cfg, clean_prob=0.0):
         """default: the (context, pooled) of images without an embedding file; degrade_cfg None:
-        no degradation (the vae stage), lr is then the HR crop area-downsampled x4."""
+        no degradation (the vae stage), lr is then the HR crop area-downsampled x4. A share
+        `clean_prob` of the items gets the clean bicubic x4 LR instead of the Real-ESRGAN one."""
         self.paths, self.size, self.default, self.degrade_cfg = paths, size, default, degrade_cfg
+        self.clean_prob = clean_prob
         self.decoded, self.decoded_bytes = {}, 0    # decoded images kept per worker, up to CACHE_BYTES
 
     def __len__(self):
@@ -151,6 +157,8 @@ class PairDataset(torch.utils.data.Dataset):
         hr = random_crop(torch.from_numpy(arr).permute(2, 0, 1), self.size, g)
         if self.degrade_cfg is None:
             gt, lr = hr[None], F.avg_pool2d(hr[None], 4)
+        elif self.clean_prob > 0 and torch.rand((), generator=g) < self.clean_prob:
+            gt, lr = hr[None], degrade.bicubic_down(hr[None], self.degrade_cfg.scale)
         else:
             gt, lr, _ = degrade.degrade(hr[None], self.degrade_cfg, generator=g)
         context, pooled = load_embedding(os.path.splitext(path)[0] + ".safetensors", self.default)
@@ -193,7 +201,7 @@ def latent_cache(cfg, paths, data, vae, device, rank):
     or --resume with the same settings."""
     path = os.path.join(cfg.out, f"latents-{rank}.safetensors")
     key = json.dumps({k: getattr(cfg, k) for k in ("cache_latents", "size", "seed", "data", "vae", "ckpt",
-                                                   "prompt_emb", "null_emb")})
+                                                   "prompt_emb", "null_emb", "clean_prob", "plain_gt")})
     if os.path.exists(path):
         f = SafetensorsFiles(path)
         if f.metadata.get("key") == key:
@@ -410,11 +418,13 @@ def calibrated_vae(vae, stats, ema=None):
     return out
 
 
-def distill_loss(student, raw_student, teacher, z_hr, z_lr, context, pooled, null, neg, cfg, g, log=None):
+def distill_loss(student, raw_student, teacher, z_hr, z_lr, context, pooled, null, neg, cfg, g, log=None, step=0):
     """MFSR Alg. 1: t, s; z_t; the teacher's CFG velocity; the MeanFlow target by JVP; the loss.
-    log: a dict that gets the step's jvp_term (see mfsr.mfd_loss), the largest over micro-batches."""
+    log: a dict that gets the step's jvp_term (see mfsr.mfd_loss), the largest over micro-batches.
+    During the first cfg.warmup steps every row has s = t (no JVP)."""
     B = z_hr.shape[0]
-    t, s = (x.to(z_hr) for x in mfsr.sample_times(B, cfg.ratio, g))
+    ratio = 0.0 if step < cfg.warmup else cfg.ratio
+    t, s = (x.to(z_hr) for x in mfsr.sample_times(B, ratio, g))
     eps = torch.randn(z_hr.shape, generator=g).to(z_hr)
     z_t = t.view(-1, 1, 1, 1) * z_hr + (1 - t.view(-1, 1, 1, 1)) * eps
     c = (z_lr, pooled, context)
@@ -711,7 +721,8 @@ def main(argv=None):
     # once; automatic dynamic shapes made inductor (torch 2.13, CPU) fail on a symbolic size
     run = torch.compile(net, dynamic=False) if cfg.compile else net
     import degrade
-    data = PairDataset(paths, cfg.size, prompt, None if cfg.stage == "vae" else degrade.DegradeConfig())
+    data = PairDataset(paths, cfg.size, prompt,
+                       None if cfg.stage == "vae" else degrade.DegradeConfig(usm_gt=not cfg.plain_gt), cfg.clean_prob)
     if cfg.cache_latents:
         batches = cached_batches(latent_cache(cfg, paths, data, vae, device, rank), cfg, rank, start)
     else:
@@ -746,7 +757,7 @@ def main(argv=None):
                 elif cfg.stage == "teacher":
                     loss, nf = teacher_loss(run, *args, cfg, g, neg=neg)
                 else:
-                    loss, nf = distill_loss(run, net, teacher, *args, neg, cfg, g, log=extra)
+                    loss, nf = distill_loss(run, net, teacher, *args, neg, cfg, g, log=extra, step=step)
             if _any_rank(sync, loss is None or not torch.isfinite(loss)):   # ranks skip together
                 nonfinite += 1
                 break
