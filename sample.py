@@ -260,7 +260,7 @@ def encode_condition(net_cfg, args, device=torch.device("cpu")):
     import text
     enc = text.load_text_encoders(args.encoders, args.tokenizers, DTYPES[args.dtype]).to(device)
     prompt = args.prompt or ""
-    negative = text.NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt
+    negative = text.negative_prompt("mfsr" if args.negative_prompt is None else args.negative_prompt)
     context, pooled = text.encode_prompts([prompt, negative], enc, t5_len=256)
     if context.shape[-1] != net_cfg.context_dim or pooled.shape[-1] != net_cfg.pooled_dim:
         raise CheckpointError(f"{args.encoders}: the encoders give context {context.shape[-1]} / pooled "
@@ -344,8 +344,8 @@ def parse_args(argv=None):
                    "prompt.safetensors / null.safetensors stored beside the model")
     p.add_argument("--prompt", default=None, help="prompt text (needs --encoders)")
     p.add_argument("--prompt-file", default=None, help="read the prompt text from this UTF-8 file (needs --encoders)")
-    p.add_argument("--negative-prompt", default=None, help="the teacher's CFG negative (needs --encoders; "
-                   "default DiT4SR's)")
+    p.add_argument("--negative-prompt", default=None, help="the teacher's CFG negative (needs --encoders): a name, "
+                   "mfsr (MFSR's footnote 1, the default) or dit4sr, or the text itself")
     p.add_argument("--encoders", default=None, help="SD3.5 text encoders (text.py: a diffusers pipeline folder, "
                    "SD3.5's text_encoders/ or a single file bundling them)")
     p.add_argument("--tokenizers", default=None, help="tokenizer folder, if not beside --encoders")

@@ -45,14 +45,26 @@ from torch import nn
 
 from checkpoint import CheckpointError, SafetensorsFiles, atomic_save, check_keys
 
-# DiT4SR's inference prompt suffix and negative prompt (ARCH §3.7); MFSR's footnote 1 gives the same
-# negative prompt for the teacher's CFG (Eq. 11).
+# DiT4SR's inference prompt suffix (ARCH §3.7).
 POSITIVE_SUFFIX = ("Cinematic, hyper sharpness, highly detailed, perfect without deformations, camera, hyper "
                    "detailed photo - realistic maximum detail, 32k, Color Grading, ultra HD, extreme meticulous "
                    "detailing, skin pore detailing. ")
-NEGATIVE_PROMPT = ("motion blur, noisy, dotted, bokeh, pointed, CG Style, 3D render, unreal engine, blurring, "
-                   "dirty, messy, worst quality, low quality, frames, watermark, signature, jpeg artifacts, "
-                   "deformed, lowres, chaotic")
+# The negative prompt of the teacher's CFG (Eq. 11's c_neg), by name: MFSR's own (its footnote 1,
+# the default) and DiT4SR's inference one (ARCH §3.7), which MFSR does not use.
+NEGATIVE_PROMPTS = {
+    "mfsr": "oil painting, cartoon, blur, dirty, messy, low quality, deformation, low resolution, oversmooth",
+    "dit4sr": ("motion blur, noisy, dotted, bokeh, pointed, CG Style, 3D render, unreal engine, blurring, "
+               "dirty, messy, worst quality, low quality, frames, watermark, signature, jpeg artifacts, "
+               "deformed, lowres, chaotic"),
+}
+NEGATIVE_PROMPT = NEGATIVE_PROMPTS["mfsr"]
+
+
+def negative_prompt(name_or_text):
+    """A NEGATIVE_PROMPTS name ("mfsr", "dit4sr") -> its text; any other string is the text itself."""
+    return NEGATIVE_PROMPTS.get(name_or_text, name_or_text)
+
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")   # as train.py
 CLIP_LEN = 77
 
@@ -876,7 +888,8 @@ def main(argv=None):
     ap.add_argument("--t5-len", type=int, default=77, help="T5 tokens: 77 for training, 256 at inference (DiT4SR)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--suffix", default="", help=f"appended to non-empty captions (DiT4SR inference: {POSITIVE_SUFFIX!r})")
-    ap.add_argument("--negative", default=NEGATIVE_PROMPT, help="the negative prompt written to neg.safetensors")
+    ap.add_argument("--negative", default="mfsr", help="the negative prompt written to neg.safetensors: a name "
+                                                        f"({', '.join(NEGATIVE_PROMPTS)}) or the text itself")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
                     choices=["float32", "bfloat16", "float16"], help="encoder precision")
@@ -888,7 +901,8 @@ def main(argv=None):
         enc = load_text_encoders(a.encoders, a.tokenizers or None, getattr(torch, a.dtype))
     except (CheckpointError, ValueError) as e:
         raise SystemExit(f"error: --encoders {a.encoders}: {e}") from None
-    precompute(a.data, enc.to(a.device), a.t5_len, a.batch, a.suffix, a.negative, getattr(torch, a.save_dtype))
+    precompute(a.data, enc.to(a.device), a.t5_len, a.batch, a.suffix, negative_prompt(a.negative),
+               getattr(torch, a.save_dtype))
 
 
 if __name__ == "__main__":

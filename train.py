@@ -56,6 +56,7 @@ class TrainConfig:
     prompt_emb: str = ""            # ... for images without their own embedding file (else the null)
     encoders: str = ""              # SD3.5 text encoders (text.py): null / negative / --prompt from text
     prompt: str = ""                # with --encoders: the prompt of images without an embedding file
+    negative_prompt: str = "mfsr"   # with --encoders: Eq. 11's c_neg, a text.NEGATIVE_PROMPTS name or the text
     neg_prob: float = 0.0           # teacher stage: share of rows taught "negative prompt -> the LR latent"
     clean_prob: float = 0.0         # share of pairs whose LR is the plain bicubic x4 (degrade.bicubic_down)
     plain_gt: bool = False          # supervise with the HR crop itself, not Real-ESRGAN's USM-sharpened one
@@ -316,7 +317,7 @@ def conditioning(cfg, mcfg):
     zeros = (torch.zeros(1, mcfg.context_dim), torch.zeros(mcfg.pooled_dim))
     if cfg.encoders:   # the empty prompt, DiT4SR's negative prompt and --prompt through the encoders
         import text
-        context, pooled = text.encode_prompts(["", text.NEGATIVE_PROMPT, cfg.prompt],
+        context, pooled = text.encode_prompts(["", text.negative_prompt(cfg.negative_prompt), cfg.prompt],
                                               text.load_text_encoders(cfg.encoders), t5_len=77)
         if context.shape[-1] != mcfg.context_dim or pooled.shape[-1] != mcfg.pooled_dim:
             raise CheckpointError(f"{cfg.encoders}: the encoders give context {context.shape[-1]} / pooled "
