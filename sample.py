@@ -2,7 +2,7 @@
 
     python sample.py in.png                               # -> in_mfsr.png, 4x the size (shipped tiny model)
     python sample.py photos/ "more/*.jpg" -o out/ --steps 2
-    python sample.py in.png --ckpt runs/mfsr/ckpt-0010000/student.safetensors --vae sd3.5_medium.safetensors
+    python sample.py in.png --ckpt runs/mfsr/ckpt-0012000/student.safetensors --vae sd3.5_medium.safetensors
     python sample.py in.png --teacher --ckpt dit4sr_q/ --vae sd3.5_medium.safetensors --steps 40 --cfg 8
 
     from sample import upscale

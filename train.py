@@ -64,7 +64,7 @@ class TrainConfig:
     cache_latents: int = 0          # > 0: encode this many pairs once and train on them (no per-step VAE)
     size: int = 0                   # HR crop; 0 = 512 (full) / 64 (tiny)
     batch: int = 10                 # per process (paper: 80 over 8 GPUs)
-    steps: int = 10000
+    steps: int = 12000              # App. B: 12K iterations
     lr: float = 5e-5                # Adam (distill, App. B); teacher stage: AdamW like DiT4SR
     lr_decay: str = "none"          # none (constant, as the paper) | cosine (to 0 at --steps; the tiny VAE)
     lora_rank: int = 64
