@@ -2144,6 +2144,37 @@ def test_negative_prompt_is_the_papers_by_default_and_dit4sr_by_name():
     assert train.parse_args(["--data", "d", "--out", "/x/o"]).negative_prompt == "mfsr"
 
 
+@pytest.mark.parametrize("target", ["meanflow", "neg"])
+def test_distill_cond_drop_trains_the_null_branch_unguided(monkeypatch, target):
+    """--cond-drop 1: every row's condition is the null prompt and its target the unguided velocity
+    (meanflow: the data path z_HR - eps; neg: the teacher's v(z | null)); --kappa reaches Eq. 9."""
+    seen = {}
+    real_tv, real_loss = mfsr.teacher_velocity, mfsr.mfd_loss
+    monkeypatch.setattr(mfsr, "teacher_velocity", lambda *a, **k: seen.update(tv=k) or real_tv(*a, **k))
+    monkeypatch.setattr(mfsr, "mfd_loss", lambda u, z, t, s, v, **k: seen.update(z=z, t=t, v=v, cond=k["cond"])
+                        or real_loss(u, z, t, s, v, **k))
+    cfg = train.parse_args(["--data", "data", "--out", "/nonexistent/out", "--preset", "tiny", "--target", target,
+                            "--cond-drop", "1", "--kappa", "0.5", "--cfg-w", "2"])
+    torch.manual_seed(0)
+    teacher = MMDiT(CONFIGS["tiny"]).eval()
+    student = mfsr.student_from_teacher(teacher, lora_rank=4)
+    g = torch.Generator().manual_seed(1)
+    z_hr, z_lr = torch.randn(3, 16, 8, 8, generator=g), torch.randn(3, 16, 8, 8, generator=g)
+    ctx, pooled = torch.randn(3, 4, 64, generator=g), torch.randn(3, 32, generator=g)
+    null = (torch.zeros(1, 64), torch.ones(32))
+    neg = (torch.full((4, 64), 2.0), torch.full((32,), 2.0))
+    train.distill_loss(student, student, teacher, z_hr, z_lr, ctx, pooled, null, neg, cfg, torch.Generator().manual_seed(2))
+    _, c_pooled, c_ctx = seen["cond"]
+    assert torch.equal(c_pooled, torch.ones(3, 32)) and not c_ctx[:, :1].any()          # null everywhere
+    assert seen["tv"]["kappa"] == 0.5 and seen["tv"]["w"] == 2.0
+    if target == "meanflow":
+        expected = seen["tv"]["z_hr"] - seen["tv"]["eps"]
+    else:
+        with torch.no_grad():
+            expected = mfsr.velocity(teacher)(seen["z"], seen["t"], seen["cond"])
+    torch.testing.assert_close(seen["v"], expected, rtol=1e-5, atol=1e-5)
+
+
 def test_eq11_w_is_the_samplers_cfg_scale_minus_one():
     """One meaning, two spellings: the teacher sampler's v_neg + scale (v_c - v_neg) is Eq. 11's
     v_c + w (v_c - v_neg) with w = eq11_w(scale); checked through both code paths on one Euler step."""

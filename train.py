@@ -73,7 +73,9 @@ class TrainConfig:
     warmup: int = 0                 # distill: first steps at ratio 0 (s = t: the rescaled time embedding
                                     # fitted to the teacher's velocity before the MeanFlow target)
     target: str = "neg"             # teacher velocity: gt | meanflow | null | neg (Table 3)
-    cfg_w: float = 6.0              # w of Eq. 10 / 11
+    cfg_w: float = 6.0              # w of Eq. 9 / 10 / 11 (a sampler's standard CFG scale is w + 1: mfsr.eq11_w)
+    kappa: float = 0.0              # kappa of MeanFlow's CFG (Eq. 9, --target meanflow; MeanFlow: w 1, kappa 0.83)
+    cond_drop: float = 0.0          # distill: share of rows trained on the null prompt, unguided (MeanFlow: 0.1)
     loss: str = "pseudo_huber"      # pseudo_huber | l2 | adaptive
     mode: str = "split"             # JVP execution: split | fused
     caption_dropout: float = 0.2    # teacher stage
@@ -422,18 +424,28 @@ def calibrated_vae(vae, stats, ema=None):
 def distill_loss(student, raw_student, teacher, z_hr, z_lr, context, pooled, null, neg, cfg, g, log=None, step=0):
     """MFSR Alg. 1: t, s; z_t; the teacher's CFG velocity; the MeanFlow target by JVP; the loss.
     log: a dict that gets the step's jvp_term (see mfsr.mfd_loss), the largest over micro-batches.
-    During the first cfg.warmup steps every row has s = t (no JVP)."""
+    During the first cfg.warmup steps every row has s = t (no JVP). A share cfg.cond_drop of the rows
+    gets the null prompt and the unguided velocity as target (MeanFlow's condition dropout: it
+    trains u(. | null), which Eq. 9's target calls)."""
     B = z_hr.shape[0]
     ratio = 0.0 if step < cfg.warmup else cfg.ratio
     t, s = (x.to(z_hr) for x in mfsr.sample_times(B, ratio, g))
     eps = torch.randn(z_hr.shape, generator=g).to(z_hr)
     z_t = t.view(-1, 1, 1, 1) * z_hr + (1 - t.view(-1, 1, 1, 1)) * eps
+    drop = torch.zeros(B, dtype=torch.bool, device=z_hr.device)
+    if cfg.cond_drop > 0:
+        drop = (torch.rand(B, generator=g) < cfg.cond_drop).to(z_hr.device)
+        context, pooled = _with_rows(context, pooled, drop, null)
     c = (z_lr, pooled, context)
     expand = lambda e: (z_lr, e[1][None].expand_as(pooled).to(pooled),
                         F.pad(e[0], (0, 0, 0, context.shape[1] - e[0].shape[0]))[None].expand_as(context).to(context))
+    # dropped rows take the null prompt as their negative too: Eq. 10 / 11 then reduce to v(z | null)
+    cond_neg = (z_lr, *_with_rows(expand(neg)[2], expand(neg)[1], drop, null)[::-1])
     v = mfsr.teacher_velocity(cfg.target, z_t, t, z_hr=z_hr, eps=eps, teacher=mfsr.velocity(teacher),
-                              student_u=mfsr.average_velocity(raw_student), cond=c, cond_neg=expand(neg),
-                              cond_null=expand(null), w=cfg.cfg_w).float()   # the JVP tangent: fp32
+                              student_u=mfsr.average_velocity(raw_student), cond=c, cond_neg=cond_neg,
+                              cond_null=expand(null), w=cfg.cfg_w, kappa=cfg.kappa).float()   # the JVP tangent: fp32
+    if cfg.target == "meanflow" and drop.any():    # Eq. 9 guides conditioned rows; dropped ones learn v itself
+        v = torch.where(drop.view(-1, 1, 1, 1), (z_hr - eps).float(), v)
     res = mfsr.mfd_loss(mfsr.average_velocity(student), z_t, t, s, v, cond=c, mode=cfg.mode, loss=cfg.loss,
                         u_fn_jvp=mfsr.average_velocity(raw_student))
     if log is not None:
