@@ -566,7 +566,7 @@ def evaluate(dest=SHIP, size=256, per_image=1, teacher_steps=40, seed=0, setting
 
 
 def teacher_name(steps, cfg_scale):
-    return f"teacher {steps} step{'s' * (steps > 1)}, CFG {cfg_scale:g}"
+    return f"teacher {steps} step{'s' * (steps > 1)}, CFG scale {cfg_scale:g}"
 
 
 def save_figure(figures, path):

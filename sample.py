@@ -351,8 +351,9 @@ def parse_args(argv=None):
     p.add_argument("--tokenizers", default=None, help="tokenizer folder, if not beside --encoders")
     p.add_argument("--neg-emb", default=None, help="negative prompt embedding for the teacher's CFG")
     p.add_argument("--steps", type=int, default=None, help="student 1..8 (default 1); teacher default 40")
-    p.add_argument("--cfg", type=float, default=None, help="teacher guidance scale (default: the one recorded in "
-                   "the checkpoint, else DiT4SR's 8)")
+    p.add_argument("--cfg-scale", "--cfg", dest="cfg", type=float, default=None,
+                   help="the teacher's CFG scale, v_neg + scale (v_c - v_neg) (train.py's Eq. 11 --cfg-w is scale - 1; "
+                   "default: the one recorded in the checkpoint, else DiT4SR's 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tile", type=int, default=None, help="latent tile side (default: the training size recorded "
                    "in the checkpoint, else DiT4SR's 64)")
@@ -415,7 +416,7 @@ def main(argv=None):
             print(f"error: cannot create the output folder {args.output}: {e.strerror or e}", file=sys.stderr)
             return 2
     calls = args.steps * (2 if args.teacher else 1)
-    print(f"model: {args.ckpt or SHIPPED} ({'teacher, CFG ' + str(args.cfg) if args.teacher else 'student'}, "
+    print(f"model: {args.ckpt or SHIPPED} ({'teacher, CFG scale ' + str(args.cfg) if args.teacher else 'student'}, "
           f"{calls} network calls per tile), prompt: {where}, {device}, {args.dtype}")
     inputs, written, failed = [os.path.abspath(q) for q in paths], set(), len(problems)
     for path in paths:

@@ -2476,8 +2476,9 @@ def test_sample_defaults_come_from_the_checkpoint_then_dit4sr(_smp_models, tmp_p
     assert run("--ckpt", str(tmp_path / "s.safetensors"), "--tile", "10", "--tile-overlap", "0") == 0
     assert run("--ckpt", str(tmp_path / "t.safetensors"), "--teacher", "--steps", "1") == 0
     assert run("--ckpt", str(tmp_path / "t.safetensors"), "--teacher", "--steps", "1", "--cfg", "7") == 0
+    assert run("--ckpt", str(tmp_path / "t.safetensors"), "--teacher", "--steps", "1", "--cfg-scale", "3") == 0
     got = [(kw["tile"], kw["tile_overlap"], kw["cfg"]) for kw in seen]
-    assert got == [(64, 24, 8.0), (6, 2, 8.0), (10, 0, 8.0), (8, 4, 1.5), (8, 4, 7.0)]
+    assert got == [(64, 24, 8.0), (6, 2, 8.0), (10, 0, 8.0), (8, 4, 1.5), (8, 4, 7.0), (8, 4, 3.0)]
 
 
 # ============================================================================================
