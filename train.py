@@ -440,7 +440,8 @@ def distill_loss(student, raw_student, teacher, z_hr, z_lr, context, pooled, nul
     expand = lambda e: (z_lr, e[1][None].expand_as(pooled).to(pooled),
                         F.pad(e[0], (0, 0, 0, context.shape[1] - e[0].shape[0]))[None].expand_as(context).to(context))
     # dropped rows take the null prompt as their negative too: Eq. 10 / 11 then reduce to v(z | null)
-    cond_neg = (z_lr, *_with_rows(expand(neg)[2], expand(neg)[1], drop, null)[::-1])
+    _, neg_pooled, neg_context = expand(neg)
+    cond_neg = (z_lr, *_with_rows(neg_context, neg_pooled, drop, null)[::-1])
     v = mfsr.teacher_velocity(cfg.target, z_t, t, z_hr=z_hr, eps=eps, teacher=mfsr.velocity(teacher),
                               student_u=mfsr.average_velocity(raw_student), cond=c, cond_neg=cond_neg,
                               cond_null=expand(null), w=cfg.cfg_w, kappa=cfg.kappa).float()   # the JVP tangent: fp32
