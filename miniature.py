@@ -25,6 +25,9 @@ Every training stage is a train.py run (the same code as the full-scale path), i
               half the rank of every layer: close to a full fine-tune, through the same code path
               as the real run), lr 1e-4, EMA 0.99
   5. distill with the ground-truth target (Table 3's first row), for the ablation in the table
+  6. decoder  the VAE's decoder fine-tuned to decode noisy latents (std up to DECODER_NOISE) to the
+              clean crop, encoder frozen (tune_decoder): the patch decoder turns every latent
+              error into a 4 x 4 block, and the generators' samples carry such errors
 
 Text at this size: there are no captions and no text encoders. The "prompt" is a fixed random
 embedding given to every training image, the null prompt is zeros (caption dropout swaps it in),
@@ -188,7 +191,14 @@ STAGES = [
     ("student_gt", "--stage distill --preset tiny --size {size} --batch 8 --lr 1e-4 --steps 600 --ema 0.99 "
                    "--lora-rank 64 --target gt --ratio 0.5 --loss pseudo_huber "
                    f"--teacher {{runs}}/teacher/final/teacher.safetensors {_PAIRS}"),
+    ("decoder", ""),
 ]
+# The "decoder" stage (tune_decoder): the patch VAE's decoder maps every latent element to a 4 x 4
+# pixel block, so the generators' latent errors come out as a mosaic. It is fine-tuned to decode
+# noisy latents of the training crops (noise std up to DECODER_NOISE, in model-space units) to the
+# clean crop; the encoder, shift and scale stay as trained, so no latent of the earlier stages changes.
+DECODER_NOISE = 0.3
+DECODER_STEPS = 1000
 
 
 def _skimage_image(name):
@@ -269,6 +279,9 @@ def run(runs, scale=1.0, only=None, workers=2):
         if name == "cfg":
             scan_cfg(runs, scale)
             continue
+        if name == "decoder":
+            tune_decoder(runs, scale)
+            continue
         w = mfsr.eq11_w(chosen_cfg(runs)) if "{w}" in args else None
         argv = args.format(runs=runs, size=TRAIN_SIZE, w=w).split()
         steps = max(2, round(int(argv[argv.index("--steps") + 1]) * scale))
@@ -346,6 +359,46 @@ def scan_cfg(runs, scale=1.0, crops=16, steps=40, seed=0):
     print(f"== cfg: scale {chosen:g} (Eq. 11 w = {mfsr.eq11_w(chosen):g})", flush=True)
 
 
+def tune_decoder(runs, scale=1.0, batch=16, size=64, lr=1e-4, ema=0.99, seed=0):
+    """The "decoder" stage: the VAE's decoder trained to map z + sigma * eps (z the encoder's mean of a
+    training crop, sigma ~ U(0, DECODER_NOISE) per crop, model-space units) back to the crop by
+    squared error; encoder, shift and scale frozen. EMA weights -> runs/decoder/final/vae.safetensors."""
+    import copy
+    t0 = time.time()
+    steps = max(2, round(DECODER_STEPS * scale))
+    v = vae_lib.load_vae(os.path.join(runs, "vae", "final", "vae.safetensors")).eval().requires_grad_(False)
+    dec = v.decoder.train().requires_grad_(True)
+    avg = copy.deepcopy(dec).requires_grad_(False)
+    opt = torch.optim.Adam(dec.parameters(), lr=lr)
+    images = [torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)
+              for p in sorted(glob.glob(os.path.join(runs, "data", "train", "*.png")))]
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        x = torch.stack([train.random_crop(images[int(torch.randint(len(images), (1,), generator=g))], size, g)
+                         for _ in range(batch)]) * 2 - 1                              # (B, 3, size, size)
+        with torch.no_grad():
+            z = v.encode(x, tile=0)                                                   # model space, mean
+            sigma = torch.rand(batch, 1, 1, 1, generator=g) * DECODER_NOISE
+            z = z + sigma * torch.randn(z.shape, generator=g)
+        loss = (v.decode(z, tile=0, clamp=False).float() - x).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for a, p in zip(avg.parameters(), dec.parameters()):
+                a.lerp_(p, 1 - ema)
+        if step % 200 == 0 or step == steps - 1:
+            print(f"decoder step {step + 1}/{steps}: loss {loss.item():.4f}", flush=True)
+    v.decoder = avg.eval()
+    out_dir = os.path.join(runs, "decoder", "final")
+    os.makedirs(out_dir, exist_ok=True)
+    vae_lib.save_vae(v, os.path.join(out_dir, "vae.safetensors"))
+    with open(os.path.join(out_dir, "minutes.txt"), "w") as f:
+        f.write(f"{(time.time() - t0) / 60:.1f}\n")
+    with open(os.path.join(out_dir, "steps.txt"), "w") as f:
+        f.write(f"{steps}\n")
+
+
 def chosen_cfg(runs):
     """The CFG scale the cfg stage chose (the teacher's standard scale)."""
     with open(os.path.join(runs, "cfg", "final", "cfg.json")) as f:
@@ -355,7 +408,7 @@ def chosen_cfg(runs):
 def ship(runs, dest=SHIP):
     """The trained models, stored in fp16 (loaders cast back to fp32), and the embeddings."""
     os.makedirs(dest, exist_ok=True)
-    v = vae_lib.load_vae(os.path.join(runs, "vae", "final", "vae.safetensors"))
+    v = vae_lib.load_vae(os.path.join(runs, "decoder", "final", "vae.safetensors"))   # the tuned decoder
     tile = TRAIN_SIZE // v.cfg.factor    # sample.py's defaults: tiles of the training size, our w
     for name, file in (("student", "student"), ("student_gt", "student"), ("teacher", "teacher")):
         net = model.load_transformer(os.path.join(runs, name, "final", file + ".safetensors"))
@@ -373,6 +426,8 @@ def ship(runs, dest=SHIP):
         if os.path.exists(p):                                # the cfg stage trains nothing
             with safe_open(p, "pt") as f:
                 steps[name] = int(f.metadata()["step"])      # what ran (--scale changes it)
+        elif os.path.exists(os.path.join(runs, name, "final", "steps.txt")):   # the decoder stage
+            steps[name] = int(open(os.path.join(runs, name, "final", "steps.txt")).read())
     with open(os.path.join(runs, "cfg", "final", "cfg.json")) as f:
         scan = json.load(f)
     w = mfsr.eq11_w(scan["cfg"])
@@ -398,8 +453,8 @@ def write_card(dest, info):
              "| student_gt.safetensors | the same distilled with the `gt` target (the ablation) |",
              f"| teacher.safetensors | the LR-stream teacher, {count(nets['teacher'])} parameters, fp16 |",
              f"| vae.safetensors | the tiny VAE (x4 on 4 x 4 pixel patches, 16 latent channels, a "
-             f"PCA-started linear code beside the convolutions), {count(v)} parameters, "
-             f"shift {v.cfg.shift:.4f}, scale {v.cfg.scale:.4f}, fp16 |",
+             f"PCA-started linear code beside the convolutions; its decoder then tuned on noisy latents, "
+             f"the decoder stage), {count(v)} parameters, shift {v.cfg.shift:.4f}, scale {v.cfg.scale:.4f}, fp16 |",
              "| prompt / null / neg .safetensors | the fixed prompt embedding (every training image), the "
              "null (zeros, caption dropout) and the negative prompt (taught to mean the LR image) |",
              "| training.json | the train.py arguments of every stage, their minutes, the data |", "",
