@@ -16,7 +16,6 @@ own with the setting (TWO_PASS), `sample` and `vae_tiny` after a heap trim (TIME
 import argparse
 import ctypes
 import gc
-import importlib.util
 import json
 import math
 import os
@@ -33,12 +32,12 @@ import torch.nn.functional as F
 BENCHES = {}
 
 
-# Benches whose targets are time ratios, timed with glibc's default allocator (as users run): the
-# 64 KB mmap threshold makes every tensor above it fault its pages in afresh, which slowed one 128²
-# student image 2.1-2.4 s -> 3.5-3.7 s, and the JVP at 2048 tokens 2.5 -> 4.7 s against a forward
-# 0.85 -> 1.3 s. TIMES_FIRST measure peaks after a heap trim only; TWO_PASS run twice: a peak pass
-# in a child process with the threshold (its median_times only warm up), then the time pass, whose peak_mb
-# returns the child's figures in call order without running the call again.
+# Benches whose targets are time ratios are timed with glibc's default allocator, as users run.
+# Exact memory peaks need the 64 KB mmap threshold (every freed buffer returned at once), which
+# makes every tensor above it fault its pages in afresh and slows the timings. TIMES_FIRST measure
+# peaks after a heap trim only; TWO_PASS run twice: a peak pass in a child process with the
+# threshold (its median_times only warm up), then the time pass, whose peak_mb returns the
+# child's figures in call order without running the call again.
 TIMES_FIRST = {"sample", "vae_tiny"}
 TWO_PASS = {"model", "mfsr"}
 _PASS = {"name": os.environ.get("MFSR_BENCH_PASS"), "peaks": []}
@@ -126,6 +125,7 @@ def markdown_table(rows):
 
 
 def _model_case(cfg, H, W, B=1, L=16, two_times=True):
+    import fastjvp
     import mfsr
     import model
     from dataclasses import replace
@@ -161,7 +161,7 @@ def _model_case(cfg, H, W, B=1, L=16, two_times=True):
 
     def fused():          # one grad-enabled JVP; backward through its primal output (as mfsr.py)
         net.zero_grad(set_to_none=True)
-        with model.detached_tangents():
+        with fastjvp.detached_tangents():
             u, dudt = mfsr.jvp(f, (x, sigma), (tx, tt))
         (u - dudt.detach()).square().mean().backward()
     return {"forward": fwd, "fwd+bwd": fwd_bwd, "jvp custom": jvp("auto"), "jvp math": jvp("math"),
@@ -370,12 +370,8 @@ def _degrade_image(b, size, seed=0):
 
 def _basicsr_runner(b, size):
     import degrade as D
-    from test_mfsr import _deg_load_basicsr   # BasicSR's source files, loaded by path
-    bdeg, bipu = _deg_load_basicsr()
-    root = importlib.util.find_spec("basicsr").submodule_search_locations[0]
-    spec = importlib.util.spec_from_file_location("_bench_diffjpeg", os.path.join(root, "utils/diffjpeg.py"))
-    dj = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(dj)
+    import basicsr_ref                           # BasicSR's source files, loaded by path
+    bdeg, bipu, dj = basicsr_ref.load("data/degradations.py", "utils/img_process_util.py", "utils/diffjpeg.py")
     jpeger, usm, st1, st2 = dj.DiffJPEG(differentiable=False), bipu.USMSharp(), D.StageConfig(), D.STAGE2
     sizes = [7, 9, 11, 13, 15, 17, 19, 21]
 

@@ -21,6 +21,7 @@ import math
 import torch
 import torch.autograd.forward_ad as fwAD
 
+import fastjvp
 import model as _model
 
 # --------------------------------------------------------------------------------------------
@@ -114,7 +115,7 @@ def _two_conditions(fn, z, t, c1, c2):
 def jvp(f, primals, tangents):
     """(f(*primals), the derivative of f along tangents): one forward-mode pass with dual tensors
     (torch.autograd.forward_ad), like torch.func.jvp but letting model.py's layers apply their own
-    cheaper tangent rules (model.linear); autograd still records the primal for backward."""
+    cheaper tangent rules (fastjvp.py); autograd still records the primal for backward."""
     with fwAD.dual_level():
         out = f(*(fwAD.make_dual(p, t) for p, t in zip(primals, tangents)))
         return tuple(fwAD.unpack_dual(out))
@@ -132,7 +133,7 @@ def meanflow_target(u_fn, z_t, t, s, v, cond=None, mode="split", u_fn_jvp=None):
       gradients (fused attention, checkpointing, DDP all fine) gives u. Memory of a plain step.
     mode "fused": one grad-enabled JVP whose primal output is trained; fewer FLOPs but eager
       autograd records the tangent's linear ops too (the attention's tangent is not recorded:
-      model.detached_tangents). The tangent is detached: without that a second-order term
+      fastjvp.detached_tangents). The tangent is detached: without that a second-order term
       silently enters the gradient.
     The target is fp32 (fp64 for fp64 inputs) whatever the network's precision.
     u_fn_jvp: the same network for the split mode's JVP pass when u_fn cannot be differentiated
@@ -160,7 +161,7 @@ def meanflow_target(u_fn, z_t, t, s, v, cond=None, mode="split", u_fn_jvp=None):
     elif mode == "fused":
         u = torch.zeros_like(z_t, dtype=acc)
         if len(idx):
-            with _model.detached_tangents():      # dudt is detached below
+            with fastjvp.detached_tangents():      # dudt is detached below
                 u_neq, dudt = jvp(f, primals, tangents)
             u = u.index_put((idx,), u_neq.to(u.dtype))
             u_tgt[idx] += bc(s[idx] - t[idx]).to(acc) * dudt.detach().to(acc)     # Eq. (12)

@@ -14,19 +14,18 @@ x_sigma = (1 - sigma) x0 + sigma eps, sigma = 1 is noise, the network predicts e
 the time as `time_scale * sigma` (1000 for SD3.5 and DiT4SR, 1 for the MFSR student).
 Token layout: image tokens X (B, K, D), LR tokens L (B, K, D), text tokens C (B, M, D).
 """
-import contextlib
 import json
 import math
 import re
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
-import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
 from checkpoint import CheckpointError, SafetensorsFiles, atomic_save, check_keys
+from fastjvp import Linear, attention, linear, mlp_band_rows
 
 # --------------------------------------------------------------------------------------------
 # Config
@@ -76,256 +75,8 @@ CONFIGS = {
 
 
 # --------------------------------------------------------------------------------------------
-# Attention: fused SDPA normally; a forward-mode-AD-capable path when tangents are present.
-
-ATTN_CHUNK_ELEMENTS = 2 ** 20  # size of one (B, H, chunk, N) score block in the JVP paths
-MLP_CHUNK_ELEMENTS = 2 ** 21   # size of one (B, rows * w, 4 D) MLP hidden band in the JVP
-
-
-def _query_chunk(q, k):
-    """Query rows per chunk so that a score block stays under ATTN_CHUNK_ELEMENTS: O(N) memory."""
-    B, H, _, _ = q.shape
-    return max(1, ATTN_CHUNK_ELEMENTS // (B * H * k.shape[-2]))
-
-
-def _attention_and_tangent(q, k, v, dq, dk, dv, with_lse=False):
-    """O = softmax(s Q K^T) V and its tangent, in one pass over query chunks, never forming N x N.
-
-    dO = P dV + (P * dS) V - rowsum(P * dS) O,  with dS = s (dQ K^T + Q dK^T)   (per head)
-
-    Six (chunk, N, d) products, the primal's two among them, all on views of the inputs: no
-    (N, 2d) concatenations such as [K, dK], which cost more memory than they save time (6x384,
-    4096 tokens: JVP peak -20 MB, the pass within noise). Q dK^T is added by a batched
-    multiply-add into dQ K^T's block, not as a second block (6 heads x 2064 tokens: 0.26 -> 0.18 s
-    side by side). with_lse: also the rows' log-sum-exp, for the backward. Returns (O, dO, lse
-    or None).
-    """
-    scale, chunk = q.shape[-1] ** -0.5, _query_chunk(q, k)
-    kt, dkt = k.transpose(-1, -2), dk.transpose(-1, -2)                         # (B, H, d, N)
-    heads3 = lambda t: t.reshape(-1, *t.shape[-2:])        # (B, H, a, b) -> (B H, a, b), baddbmm's
-    o, do = (q.new_empty(*q.shape[:-1], v.shape[-1]) for _ in range(2))
-    acc = torch.promote_types(q.dtype, torch.float32)       # lse in fp32 for bf16, as SDPA's
-    lse = q.new_empty(q.shape[:-1], dtype=acc) if with_lse else None
-    for i in range(0, q.shape[-2], chunk):
-        rows = slice(i, i + chunk)
-        qc, dqc = q[..., rows, :] * scale, dq[..., rows, :] * scale
-        s = qc @ kt                                                             # (B, H, c, N)
-        p = torch.softmax(s, dim=-1)
-        if with_lse:     # log sum_j exp(s_j) = s_j - log p_j for any j; the row maximum is safest
-            lse[..., rows] = s.amax(-1).to(acc) - p.amax(-1).to(acc).log()
-        del s
-        pds = dqc @ kt                             # dS: dQ K^T, + Q dK^T in place, then * P
-        # (in-place ops escape autocast: the operands are cast to the block's dtype by hand)
-        pds.view(-1, *pds.shape[-2:]).baddbmm_(heads3(qc).to(pds.dtype), heads3(dkt).to(pds.dtype))
-        pds.mul_(p)                                                             # P * dS
-        o[..., rows, :] = p @ v
-        do[..., rows, :] = torch.addcmul((p @ dv).add_(pds @ v), pds.sum(-1, keepdim=True),
-                                         o[..., rows, :], value=-1)
-        del p, pds           # before the next chunk's scores, not after: two blocks fewer at the peak
-    return o, do, lse
-
-
-# PyTorch's CPU flash-attention backward (torch >= 2.3): gradients from a saved O and log-sum-exp
-_FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-
-
-def _attention_grads(q, k, v, go, o=None, lse=None):
-    """Gradients of softmax(s Q K^T) V w.r.t. q, k, v. On the CPU with O and its log-sum-exp saved,
-    the fused flash backward directly (measured 0.46 s vs 0.66 s recomputing, 6 heads x 4112
-    tokens); otherwise the fused SDPA forward is recomputed with autograd."""
-    if o is not None and q.device.type == "cpu" and _FLASH_CPU_BACKWARD is not None:
-        return _FLASH_CPU_BACKWARD(go, q, k, v, o, lse, 0.0, False)
-    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    with torch.enable_grad():
-        out = F.scaled_dot_product_attention(q, k, v)
-    return torch.autograd.grad(out, (q, k, v), go)
-
-
-def attention_chunked(q, k, v):
-    """softmax(s Q K^T) V in plain tensor ops over query chunks.
-
-    Forward AD and torch.compile both go through plain ops, so this is the JVP path inside a
-    compiled graph (dynamo ignores the custom jvp rule of JVPAttention). Memory O(chunk * N).
-    """
-    scale, chunk = q.shape[-1] ** -0.5, _query_chunk(q, k)
-    out = [torch.softmax((q[..., i:i + chunk, :] @ k.transpose(-1, -2)) * scale, dim=-1) @ v
-           for i in range(0, q.shape[-2], chunk)]
-    return torch.cat(out, dim=-2)                                                 # (B, H, N, d)
-
-
-class JVPAttention(torch.autograd.Function):
-    """Fused SDPA for the primal, a chunked rule for the tangent, recomputation for backward.
-
-    PyTorch's fused SDPA kernels have no forward-AD formula; the math backend has one but
-    materialises N x N for primal and tangent. This keeps the fast primal and O(N * chunk)
-    memory for the tangent. Backward recomputes the primal with autograd (only q, k, v saved).
-    """
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        q, k, v = inputs
-        ctx.save_for_backward(q, k, v)
-        ctx.save_for_forward(q, k, v)
-
-    @staticmethod
-    def jvp(ctx, dq, dk, dv):
-        q, k, v = ctx.saved_tensors
-        zero = torch.zeros_like
-        dq = zero(q) if dq is None else dq
-        dk = zero(k) if dk is None else dk
-        dv = zero(v) if dv is None else dv
-        with _tangent_recording():
-            return _attention_and_tangent(q, k, v, dq, dk, dv)[1]
-
-    @staticmethod
-    def backward(ctx, do):
-        return _attention_grads(*ctx.saved_tensors, do)
-
-
-class DualAttention(torch.autograd.Function):
-    """Attention and its tangent from one chunked pass (mfsr.py's JVP: dual tensors of
-    torch.autograd.forward_ad, tangent not trained). Backward from the saved O and log-sum-exp,
-    without recomputing the primal; the tangent output gets no gradient, so this path is taken
-    only when none is needed (no grad mode, or inside detached_tangents)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, dq, dk, dv):
-        train = any(ctx.needs_input_grad[:3])
-        o, do, lse = _attention_and_tangent(q, k, v, dq, dk, dv, with_lse=train)
-        if train:
-            ctx.save_for_backward(q, k, v, o, lse)
-        ctx.mark_non_differentiable(do)
-        return o, do
-
-    @staticmethod
-    def backward(ctx, go, _):
-        q, k, v, o, lse = ctx.saved_tensors
-        return *_attention_grads(q, k, v, go, o, lse), None, None, None
-
-
-def _dual_attention(q, k, v):
-    """`attention` on dual tensors: unpack, one DualAttention pass, pack the result."""
-    (q, dq), (k, dk), (v, dv) = (fwAD.unpack_dual(t) for t in (q, k, v))
-    o, do = DualAttention.apply(q, k, v, *(torch.zeros_like(p) if t is None else t
-                                            for p, t in ((q, dq), (k, dk), (v, dv))))
-    return fwAD.make_dual(o, do)
-
-
-def _has_tangent(x):
-    """True inside torch.func transforms (jvp, grad, vmap) or with forward-AD dual tensors."""
-    if torch._C._functorch.is_functorch_wrapped_tensor(x):
-        return True
-    return torch.autograd.forward_ad.unpack_dual(x).tangent is not None
-
-
-def attention(q, k, v, mode="auto"):
-    """Multi-head attention on (B, H, N, d) tensors; mode: auto | sdpa | dual | function | chunked
-    | math. auto: fused SDPA without tangents; with dual tensors whose tangent is not trained,
-    DualAttention; other tangents (torch.func, a trained tangent) JVPAttention; compiling a JVP,
-    the plain-ops chunked path."""
-    if mode == "auto":
-        if torch.compiler.is_compiling():
-            mode = "chunked" if _compiling_jvp() else "sdpa"
-        elif any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (q, k, v)):
-            mode = "function"
-        elif any(fwAD.unpack_dual(t).tangent is not None for t in (q, k, v)):
-            untrained = not torch.is_grad_enabled() or _SWITCHES["detached_tangents"]
-            mode = "dual" if untrained else "function"
-        else:
-            mode = "sdpa"
-    if mode == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v)
-    if mode == "dual":
-        return _dual_attention(q, k, v)
-    if mode == "function":
-        return JVPAttention.apply(q, k, v)
-    if mode == "chunked":
-        return attention_chunked(q, k, v)
-    if mode == "math":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        with sdpa_kernel(SDPBackend.MATH):
-            return F.scaled_dot_product_attention(q, k, v)
-    raise ValueError(f"unknown attention mode {mode!r}")
-
-
-_SWITCHES = {"compiled_jvp": False, "detached_tangents": False}
-
-
-class _Switch:
-    """Context manager: a module-level switch is on for the code inside it."""
-
-    def __init__(self, name):
-        self.name = name
-
-    def __enter__(self):
-        self.prev, _SWITCHES[self.name] = _SWITCHES[self.name], True
-
-    def __exit__(self, *exc):
-        _SWITCHES[self.name] = self.prev
-
-
-def compiled_jvp():
-    """Tell `attention` that the graph being compiled carries tangents.
-
-    Tensor wrappers cannot be inspected while dynamo traces, so code that compiles a JVP says so;
-    attention then uses the plain-ops chunked path there. mfsr.py and train.py run the JVP eagerly
-    (train.py --compile compiles the forward with gradients only); test_torch_compile_forward_and_jvp
-    compiles one under this context.
-    """
-    return _Switch("compiled_jvp")
-
-
-def detached_tangents():
-    """Promise that the JVP's tangent output will be detached: attention then computes its tangent
-    without recording it for backward.
-
-    In a grad-enabled JVP (mfsr's "fused" mode) autograd would otherwise keep every (chunk, N)
-    probability block of the tangent rule for a backward that never comes (GBs at 2k tokens).
-    Gradients through the primal output are unaffected; gradients through the tangent would be
-    wrong inside this context, which is why it is opt-in.
-    """
-    return _Switch("detached_tangents")
-
-
-def _compiling_jvp():
-    return _SWITCHES["compiled_jvp"]
-
-
-def _tangent_recording():
-    """The grad mode for computing a tangent by hand: off inside detached_tangents."""
-    return torch.no_grad() if _SWITCHES["detached_tangents"] else contextlib.nullcontext()
-
-
-# --------------------------------------------------------------------------------------------
-# Building blocks (names as in mmditx.py)
-
-
-def linear(x, w, b=None):
-    """F.linear with its own forward-mode rule under torch.autograd.forward_ad (what mfsr.py uses):
-    the tangent is dx W^T, one product. PyTorch's generic rule also multiplies x by the weight's
-    zero tangent, materialised: three products instead of two (a linear's JVP measured 3.2x its
-    forward; with this rule 2x). Inside detached_tangents the tangent is not recorded for backward.
-    Plain F.linear everywhere else (torch.func transforms, compiling, no dual input)."""
-    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(x):
-        return F.linear(x, w, b)
-    xp, dx = fwAD.unpack_dual(x)
-    if dx is None or fwAD.unpack_dual(w).tangent is not None:
-        return F.linear(x, w, b)
-    with _tangent_recording():
-        dy = F.linear(dx, w)
-    return fwAD.make_dual(F.linear(xp, w, b), dy)
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters and keys) through `linear`, for its cheaper forward-mode rule."""
-
-    def forward(self, x):
-        return linear(x, self.weight, self.bias)
+# Building blocks (names as in mmditx.py). Attention is one call, fastjvp.attention (fused SDPA;
+# its forward-AD paths live in fastjvp.py), and Linear is nn.Linear with a cheaper JVP rule.
 
 
 def modulate(x, shift, scale):
@@ -463,11 +214,9 @@ class SelfAttention(nn.Module):
 
     def image_qkv(self, nx, nl, shift, scale, key_mode, text=None):
         """q, k, v over the image tokens [X ; L] (L when nl is given, ARCH §3.3), with `text`
-        (the text tokens' q, k, v) appended: one concatenation per tensor, and each tensor's
-        parts freed once joined, so only one of q, k, v is ever held twice; X's v is copied out
-        of the qkv projection so that the projection is freed before the LR stream's is made
-        (6x384 at 4096 tokens: JVP peak 130 -> 118 MB). nx, nl: the normalised X and L; also
-        returns la, the modulated LR input."""
+        (the text tokens' q, k, v) appended. nx, nl: the normalised X and L; also returns la, the
+        modulated LR input. Each tensor's parts are freed once joined, so only one of q, k, v is
+        held twice (the JVP's memory peak is made of these)."""
         q, k, v = self.split_heads(modulate(nx, shift, scale))
         parts, la = [[self.ln_q(q)], [self.ln_k(k)], [v]], None
         del q, k, v                 # from here only `parts` holds them
@@ -533,9 +282,8 @@ class JointBlock(nn.Module):
 
     def _attention(self, x, lr, ctx, mods, c_mods, attn_mode):
         """The joint attention (and MMDiT-X's second, image-only one): new X and L, and the
-        attention output of the text tokens. Its own method, with explicit `del`s, so that its
-        intermediates (q, k, v, normalised inputs) are freed as soon as they are dead, not held
-        through the MLP (6x384 at 4096 tokens: forward peak 118 -> 76 MB, JVP 192 -> 172 MB)."""
+        attention output of the text tokens. A method of its own, with explicit `del`s, so that
+        q, k, v and the normalised inputs are freed when dead, not held through the MLP."""
         xb, cb, cfg = self.x_block, self.context_block, self.cfg
         shift_msa, scale_msa, gate_msa = mods[:3]
         nx, nl = xb.norm1(x), None if lr is None else xb.norm1(lr)
@@ -560,13 +308,10 @@ class JointBlock(nn.Module):
         return x2, lr2, oc
 
     def _mlp(self, x, lr, shift, scale, gate, grid):
-        """Both image streams' MLPs. Under forward AD (the JVP) they run over bands of image rows:
-        there every activation has a tangent beside it, and the 4x-wide hidden layers of X and L
-        are the largest of them (MLP_CHUNK_ELEMENTS; no effect on the result beyond rounding)."""
+        """Both image streams' MLPs, over all image rows at once (under a JVP, over bands of rows:
+        fastjvp.mlp_band_rows)."""
         h, w = grid
-        rows = h
-        if not torch.compiler.is_compiling() and _has_tangent(x):
-            rows = max(1, MLP_CHUNK_ELEMENTS // (x.shape[0] * w * self.x_block.mlp.fc1.out_features))
+        rows = mlp_band_rows(x, h, w, self.x_block.mlp.fc1.out_features)
         if rows >= h:
             return self._mlp_rows(x, lr, shift, scale, gate, grid, 0, h)
         parts = [self._mlp_rows(x, lr, shift, scale, gate, grid, r, min(r + rows, h)) for r in range(0, h, rows)]

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import fastjvp
 import model
 from model import CONFIGS, MMDiT, CheckpointError
 
@@ -327,10 +328,10 @@ def test_attention_jvp_matches_float64_finite_differences(jvp, monkeypatch):
     q, k, v = _qkv()
     dq, dk, dv = _qkv(seed=1)
     f = lambda q_, k_, v_: model.attention(q_, k_, v_)
-    calls, orig = [], model._attention_and_tangent
-    monkeypatch.setattr(model, "_attention_and_tangent", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
-    for elements in (2 * 53 * 5, model.ATTN_CHUNK_ELEMENTS):   # chunks of 5 query rows, or one
-        monkeypatch.setattr(model, "ATTN_CHUNK_ELEMENTS", elements)
+    calls, orig = [], fastjvp.attention_and_tangent
+    monkeypatch.setattr(fastjvp, "attention_and_tangent", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
+    for elements in (2 * 53 * 5, fastjvp.ATTN_CHUNK_ELEMENTS):   # chunks of 5 query rows, or one
+        monkeypatch.setattr(fastjvp, "ATTN_CHUNK_ELEMENTS", elements)
         with torch.no_grad():
             out, tangent = jvp(f, (q, k, v), (dq, dk, dv))
         eps = 1e-6
@@ -360,10 +361,10 @@ def test_attention_paths_agree_and_backward_through_the_jvp_primal():
     # mfsr's fused mode promises to detach the tangent: then the tangent rule records nothing,
     # and the primal's gradients stay those above
     leaves3 = [t.clone().requires_grad_() for t in (q, k, v)]
-    with model.detached_tangents():
+    with fastjvp.detached_tangents():
         out3, tan3 = torch.func.jvp(lambda *a: model.attention(*a), tuple(leaves3), tuple(tangents))
     _, tan = torch.func.jvp(lambda *a: model.attention(*a), tuple(leaves), tuple(tangents))
-    assert tan.requires_grad and not tan3.requires_grad and not model._SWITCHES["detached_tangents"]
+    assert tan.requires_grad and not tan3.requires_grad and not fastjvp._SWITCHES["detached_tangents"]
     assert torch.equal(tan3, tan.detach())
     grads3 = torch.autograd.grad((out3 * w).sum(), leaves3)
     for a, b in zip(grads3, grads):
@@ -371,7 +372,7 @@ def test_attention_paths_agree_and_backward_through_the_jvp_primal():
     # the same with dual tensors: DualAttention, whose backward starts from its saved O and
     # log-sum-exp; without the promise the tangent stays trainable (JVPAttention)
     leaves4 = [t.clone().requires_grad_() for t in (q, k, v)]
-    with model.detached_tangents():
+    with fastjvp.detached_tangents():
         out4, tan4 = _fw_jvp(lambda *a: model.attention(*a), leaves4, tangents)
     assert "DualAttentionBackward" in _backward_nodes(out4) and not tan4.requires_grad
     assert (tan4 - tan).abs().max() < 1e-5
@@ -384,9 +385,9 @@ def test_attention_paths_agree_and_backward_through_the_jvp_primal():
 def test_dual_attention_backward_matches_float64_gradcheck_on_both_backward_paths(monkeypatch):
     q, k, v = (t.requires_grad_() for t in _qkv(N=7, M=9, d=4))
     dq, dk, dv = _qkv(N=7, M=9, d=4, seed=1)
-    f = lambda *a: model.DualAttention.apply(*a, dq, dk, dv)[0]
+    f = lambda *a: fastjvp.DualAttention.apply(*a, dq, dk, dv)[0]
     assert torch.autograd.gradcheck(f, (q, k, v))              # the CPU flash backward
-    monkeypatch.setattr(model, "_FLASH_CPU_BACKWARD", None)    # recomputing (other devices)
+    monkeypatch.setattr(fastjvp, "_FLASH_CPU_BACKWARD", None)    # recomputing (other devices)
     assert torch.autograd.gradcheck(f, (q, k, v))
 
 
@@ -397,8 +398,8 @@ def test_model_jvp_uses_the_custom_attention_and_matches_math_backend(jvp, monke
     inp = _inputs(net.cfg, dtype=torch.float64)
     f = lambda x, sig: net(x, sig, inp["pooled"], inp["context"], lr=inp["lr"], sigma_s=inp["sigma_s"])
     tx, ts = torch.randn_like(inp["x"]), torch.ones_like(inp["sigma"])
-    calls, orig = [], model._attention_and_tangent
-    monkeypatch.setattr(model, "_attention_and_tangent", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
+    calls, orig = [], fastjvp.attention_and_tangent
+    monkeypatch.setattr(fastjvp, "attention_and_tangent", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
     with torch.no_grad():
         _, jvp_out = jvp(f, (inp["x"], inp["sigma"]), (tx, ts))
     assert len(calls) == net.cfg.depth + len(net.cfg.dual_layers)
@@ -409,6 +410,43 @@ def test_model_jvp_uses_the_custom_attention_and_matches_math_backend(jvp, monke
     fd = (f(inp["x"] + eps * tx, inp["sigma"] + eps * ts) - f(inp["x"] - eps * tx, inp["sigma"] - eps * ts)) / (2 * eps)
     assert (jvp_out - jvp_math).abs().max() <= 1e-10 * jvp_out.abs().max()
     assert (jvp_out - fd).norm() / fd.norm() <= 1e-6
+
+
+def test_fast_paths_off_give_the_same_forward_jvp_and_gradients_through_plain_ops(monkeypatch):
+    """fastjvp.plain(): the tutorial path (softmax(s Q K^T) V, F.linear, one MLP pass) gives the
+    numbers of the fast paths (chunked dual attention, the linear rule, MLP row bands) for the
+    forward, the JVP mfsr.py takes and the fused mode's gradients; and no fast path runs inside it."""
+    torch.manual_seed(0)
+    net = _randomize(MMDiT(replace(CONFIGS["tiny"], two_times=True)).double())
+    inp = _inputs(net.cfg, dtype=torch.float64)
+    f = lambda x, sig: net(x, sig, inp["pooled"], inp["context"], lr=inp["lr"], sigma_s=inp["sigma_s"])
+    prim, tan = (inp["x"], inp["sigma"]), (torch.randn_like(inp["x"]), torch.ones_like(inp["sigma"]))
+    monkeypatch.setattr(fastjvp, "MLP_CHUNK_ELEMENTS", 2 * 6 * 4 * net.cfg.hidden)   # 1-row MLP bands
+    calls = {"rule": 0, "bands": 0}
+    rule, bands = fastjvp.attention_and_tangent, fastjvp.mlp_band_rows
+    monkeypatch.setattr(fastjvp, "attention_and_tangent",
+                        lambda *a, **kw: calls.__setitem__("rule", calls["rule"] + 1) or rule(*a, **kw))
+    monkeypatch.setattr(model, "mlp_band_rows",
+                        lambda x, h, *a: (lambda r: calls.__setitem__("bands", calls["bands"] + (r < h)) or r)(bands(x, h, *a)))
+
+    def run():
+        with torch.no_grad():
+            out, dudt = mfsr.jvp(f, prim, tan)
+        net.zero_grad(set_to_none=True)
+        with fastjvp.detached_tangents():
+            u, d = mfsr.jvp(f, prim, tan)
+        (u - d.detach()).square().mean().backward()
+        return out, dudt, [p.grad.clone() for p in net.parameters() if p.grad is not None]
+    fast = run()
+    assert calls["rule"] > 0 and calls["bands"] > 0
+    calls.update(rule=0, bands=0)
+    with fastjvp.plain():
+        plain = run()
+    assert calls == {"rule": 0, "bands": 0}
+    assert (fast[0] - plain[0]).abs().max() <= 1e-10 and (fast[1] - plain[1]).abs().max() <= 1e-10 * fast[1].abs().max()
+    assert len(fast[2]) == len(plain[2]) > 0
+    assert all((a - b).abs().max() <= 1e-10 * max(1.0, a.abs().max().item()) for a, b in zip(fast[2], plain[2]))
+    assert not fastjvp._SWITCHES["plain"]
 
 
 def test_jvp_runs_the_mlps_in_row_bands_with_the_same_result(monkeypatch):
@@ -424,7 +462,7 @@ def test_jvp_runs_the_mlps_in_row_bands_with_the_same_result(monkeypatch):
         assert set(bands) == {(0, 4)}
         wide = 2 * 6 * 4 * net.cfg.hidden                    # elements of one row's hidden layer
         for rows, expect in ((1, {(0, 1), (1, 2), (2, 3), (3, 4)}), (3, {(0, 3), (3, 4)})):
-            monkeypatch.setattr(model, "MLP_CHUNK_ELEMENTS", rows * wide)
+            monkeypatch.setattr(fastjvp, "MLP_CHUNK_ELEMENTS", rows * wide)
             bands.clear()
             out = torch.func.jvp(f, prim, tan)
             assert set(bands) == expect and len(bands) == len(expect) * net.cfg.depth
@@ -470,13 +508,13 @@ def test_linear_forward_ad_rule_is_exact_and_takes_two_products():
             names.append(func.__name__.split(".")[0])
             return func(*args, **(kwargs or {}))
     torch.manual_seed(0)
-    lin = model.Linear(24, 40).double()
+    lin = fastjvp.Linear(24, 40).double()
     x, dx = torch.randn(2, 5, 24, dtype=torch.float64), torch.randn(2, 5, 24, dtype=torch.float64)
     ref_out, ref_tan = torch.func.jvp(lambda a: torch.nn.functional.linear(a, lin.weight, lin.bias), (x,), (dx,))
     for detached in (False, True):
         names = []
         with fwAD.dual_level(), Products():
-            with model.detached_tangents() if detached else contextlib.nullcontext():
+            with fastjvp.detached_tangents() if detached else contextlib.nullcontext():
                 out, tan = fwAD.unpack_dual(lin(fwAD.make_dual(x, dx)))
         assert sum(n in ("mm", "addmm", "bmm") for n in names) == 2     # x W^T + b and dx W^T only
         assert (out - ref_out).abs().max() < 1e-12 and (tan - ref_tan).abs().max() < 1e-12
@@ -488,7 +526,7 @@ def test_linear_forward_ad_rule_is_exact_and_takes_two_products():
     dw = torch.randn_like(lin.weight)
     ref = torch.func.jvp(lambda a, w: torch.nn.functional.linear(a, w, lin.bias), (x, lin.weight.detach()), (dx, dw))[1]
     with fwAD.dual_level():
-        tan = fwAD.unpack_dual(model.linear(fwAD.make_dual(x, dx), fwAD.make_dual(lin.weight.detach(), dw), lin.bias)).tangent
+        tan = fwAD.unpack_dual(fastjvp.linear(fwAD.make_dual(x, dx), fwAD.make_dual(lin.weight.detach(), dw), lin.bias)).tangent
     assert (tan - ref).abs().max() < 1e-12
 
 
@@ -680,7 +718,7 @@ def test_torch_compile_forward_and_jvp():
     tx, ts = torch.randn_like(inp["x"]), torch.ones_like(inp["sigma"])
 
     def jvp(x, sig, tx, ts):
-        with model.compiled_jvp():
+        with fastjvp.compiled_jvp():
             return torch.func.jvp(f, (x, sig), (tx, ts))
     with torch.no_grad():
         eager_out, eager_tangent = torch.func.jvp(f, (inp["x"], inp["sigma"]), (tx, ts))
@@ -1637,36 +1675,12 @@ def test_deg_preview_cli(tmp_path):
 
 
 def _deg_load_basicsr():
-    """BasicSR's degradations.py and img_process_util.py, loaded by path: `import basicsr` needs torchvision,
-    which does not import beside torch 2.13; only rgb_to_grayscale is taken from it, so stub that."""
-    pytest.importorskip("cv2")
-    pytest.importorskip("scipy")
-    import importlib.util
-    import sys
-    import types
-    spec = importlib.util.find_spec("basicsr")
-    if spec is None:
-        pytest.skip("basicsr not installed (pip install --no-deps --no-build-isolation basicsr==1.4.2)")
-    root = spec.submodule_search_locations[0]
-    stub = types.ModuleType("torchvision.transforms.functional_tensor")
-    stub.rgb_to_grayscale = lambda img, num_output_channels=1: (  # torchvision's weights, (..., 1, H, W)
-        0.2989 * img[..., 0:1, :, :] + 0.587 * img[..., 1:2, :, :] + 0.114 * img[..., 2:3, :, :])
-    saved = {k: sys.modules.get(k) for k in ("torchvision", "torchvision.transforms", stub.__name__)}
-    sys.modules.update({"torchvision": types.ModuleType("torchvision"),
-                        "torchvision.transforms": types.ModuleType("torchvision.transforms"), stub.__name__: stub})
-    mods = {}
+    """BasicSR's degradations.py and img_process_util.py (basicsr_ref.py); skipped without BasicSR."""
+    import basicsr_ref
     try:
-        for name, rel in (("deg", "data/degradations.py"), ("ipu", "utils/img_process_util.py")):
-            s = importlib.util.spec_from_file_location(f"_deg_basicsr_{name}", os.path.join(root, rel))
-            mods[name] = importlib.util.module_from_spec(s)
-            s.loader.exec_module(mods[name])
-    finally:
-        for k, v in saved.items():  # leave sys.modules as it was: other tests may probe torchvision
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
-    return mods["deg"], mods["ipu"]
+        return basicsr_ref.degradations()
+    except ImportError as e:
+        pytest.skip(str(e))
 
 
 def test_deg_matches_basicsr_kernels_and_usm():

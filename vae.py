@@ -21,11 +21,8 @@ computed in query chunks). GroupNorm is the other layer that sees a whole tile: 
 statistics every tile is normalised differently. By default (tile_norm="tiles") a first pass
 over all tiles sums every GroupNorm's mean and variance over the pixels each tile owns (overlaps
 split in the middle), and a second pass normalises every tile with those shared statistics; this
-doubles the tiled compute. Measured on random tiny weights, 256^2, 3 x 3 tiles (test_mfsr.py):
-mean |tiled - untiled| / mean |untiled| is 6% (encode) and 8% (decode) with shared statistics,
-29% and 26% with per-tile ones ("local"); statistics from one pass on a downscaled input ("down")
-were better than "local" for encode but worse for decode. Errors along tile borders are at most
-1.2x those elsewhere (no seam). Real weights were not available to measure.
+doubles the tiled compute, and keeps tiled output close to untiled with no seam along the tile
+borders (per-tile statistics do far worse; the tests bound both; figures in docs/modules.md).
 
 Layout. Inside, activations are channels-last (faster CPU convolutions); outputs are NCHW.
 
@@ -168,8 +165,8 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         B, C, H, W = x.shape
         h = self.norm(x)
-        # contiguous: with a strided last dim CPU SDPA falls back to the math kernel, which builds the
-        # whole score block and ran this layer 2.6x slower (tiny VAE, 512^2 decode 2.9 s -> 1.5 s)
+        # contiguous: with a strided last dim CPU SDPA falls back to the math kernel, which builds
+        # the whole score block
         q, k, v = (f(h).flatten(2).transpose(1, 2).contiguous()[:, None] for f in (self.q, self.k, self.v))  # (B, 1, HW, C)
         # queries in chunks, so the (chunk, HW) score block stays small at 256^2 latents (a 2048^2
         # image: 65536 positions); each row's softmax is whole, so the result is exact
@@ -232,8 +229,7 @@ class Level(nn.Module):
 
 def _to_dtype_of(module, x):
     """x in the module's dtype and in the channels-last layout, which the convs and GroupNorms
-    after it keep. CPU convolutions are faster in it (tiny VAE, 512^2, fp32: encode 0.44 -> 0.30 s,
-    decode 1.21 -> 0.85 s; the outputs agree to 2e-5). encode / decode return NCHW-contiguous tensors."""
+    after it keep (CPU convolutions are faster in it). encode / decode return NCHW-contiguous tensors."""
     return x.to(next(module.parameters()).dtype, memory_format=torch.channels_last)
 
 
