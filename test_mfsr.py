@@ -1990,6 +1990,25 @@ def test_teacher_loss_negative_rows_get_the_negative_prompt_and_the_lr_target():
             assert torch.equal(seen["context"], ctx)
 
 
+def test_teacher_loss_time_shift_is_sd3s_shift_of_the_logit_normal_sigma():
+    """--time-shift a: sigma = a u / (1 + (a - 1) u), u = sigmoid(N(0, 1)): median a / (1 + a)
+    (0.75 for SD3.5's 3, 0.5 without a shift); a shift <= 0 is refused by name."""
+    z = torch.zeros(4000, 1, 1, 1)
+    seen = []
+
+    def net(x, sigma, pooled, context, lr):
+        seen.append(sigma)
+        return torch.zeros_like(x)
+    for shift in (3.0, 1.0):
+        cfg = train.parse_args(_TINY + ["--data", "x", "--stage", "teacher", "--time-shift", str(shift)])
+        train.teacher_loss(net, z, z, torch.zeros(4000, 2, 64), torch.zeros(4000, 32), (torch.zeros(1, 64), torch.zeros(32)), cfg,
+                           torch.Generator().manual_seed(0))
+        assert abs(seen[-1].median().item() - shift / (1 + shift)) < 0.02, (shift, seen[-1].median())
+    assert (seen[0] > seen[1]).all()                         # the same u, shifted towards noise
+    with pytest.raises(SystemExit):
+        train.parse_args(_TINY + ["--data", "x", "--time-shift", "0"])
+
+
 def test_train_learning_rate_schedules():
     cfg = train.parse_args(["--data", "d", "--lr", "2e-3", "--steps", "100", "--lr-decay", "cosine"])
     lrs = [train.learning_rate(cfg, s) for s in range(100)]

@@ -74,6 +74,7 @@ class TrainConfig:
                                     # fitted to the teacher's velocity before the MeanFlow target)
     target: str = "neg"             # teacher velocity: gt | meanflow | null | neg (Table 3)
     cfg_w: float = 6.0              # w of Eq. 9 / 10 / 11 (a sampler's standard CFG scale is w + 1: mfsr.eq11_w)
+    time_shift: float = 3.0         # teacher stage: SD3's shift of the logit-normal sigma (3 as SD3.5, 1 none)
     kappa: float = 0.0              # kappa of MeanFlow's CFG (Eq. 9, --target meanflow; MeanFlow: w 1, kappa 0.83)
     cond_drop: float = 0.0          # distill: share of rows trained on the null prompt, unguided (MeanFlow: 0.1)
     loss: str = "pseudo_huber"      # pseudo_huber | l2 | adaptive
@@ -351,7 +352,8 @@ def encode_pair(vae, batch, g):
 
 
 def teacher_loss(net, z_hr, z_lr, context, pooled, null, cfg, g, neg=None):
-    """DiT4SR's rectified flow: logit-normal t, SD3 shift 3, x0-MSE (= sigma^2-weighted velocity).
+    """DiT4SR's rectified flow: logit-normal t, SD3's shift (cfg.time_shift, 3 as SD3.5), x0-MSE
+    (= sigma^2-weighted velocity).
 
     Caption dropout: a share `caption_dropout` of the rows gets the null prompt. With neg_prob > 0
     (the miniature) another share gets the negative prompt and the LR latent as its target, so the
@@ -366,7 +368,8 @@ def teacher_loss(net, z_hr, z_lr, context, pooled, null, cfg, g, neg=None):
         context, pooled = _with_rows(context, pooled, to_neg, neg)
         target = torch.where(to_neg[:, None, None, None], z_lr, z_hr)
     u = torch.sigmoid(torch.randn(B, generator=g))
-    sigma = (3 * u / (1 + 2 * u)).to(z_hr)
+    a = cfg.time_shift
+    sigma = (a * u / (1 + (a - 1) * u)).to(z_hr)                      # SD3's shifted sigma
     eps = torch.randn(z_hr.shape, generator=g).to(z_hr)
     x = (1 - sigma.view(-1, 1, 1, 1)) * target + sigma.view(-1, 1, 1, 1) * eps
     x0 = x - sigma.view(-1, 1, 1, 1) * net(x, sigma, pooled, context, lr=z_lr)
@@ -677,6 +680,8 @@ def parse_args(argv=None):
         p.error("give --encoders or the embedding files (--null-emb / --neg-emb / --prompt-emb), not both")
     if cfg.cache_latents and cfg.stage == "vae":
         p.error("--cache-latents is for the teacher and distill stages")
+    if not cfg.time_shift > 0:
+        p.error(f"--time-shift {cfg.time_shift}: must be > 0 (SD3's sigma shift; 1 is none)")
     if cfg.size % 32:
         p.error(f"--size {cfg.size}: must be a multiple of 32 (x4 LR, latent patches)")
     out = os.path.realpath(cfg.out)
