@@ -699,8 +699,8 @@ def learning_rate(cfg, step):
     return cfg.lr
 
 
-def main(argv=None):
-    cfg = parse_args(argv)
+def start_processes(cfg):
+    """(ddp, rank, world, device): one process, or one of torchrun's."""
     ddp = "RANK" in os.environ
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -710,15 +710,82 @@ def main(argv=None):
     else:
         rank, world = 0, 1
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    if rank == 0:
-        os.makedirs(cfg.out, exist_ok=True)
-        print("config:", json.dumps(asdict(cfg)))
+    return ddp, rank, world, device
+
+
+def training_images(cfg, rank):
+    """The image paths of --data; warns about captions that have no embedding file yet."""
     paths = find_images(cfg.data)
     uncoded = [q for q in paths if os.path.exists(os.path.splitext(q)[0] + ".txt")
                and not os.path.exists(os.path.splitext(q)[0] + ".safetensors")]
     if uncoded and rank == 0:
         print(f"warning: {len(uncoded)} captions (e.g. {os.path.splitext(uncoded[0])[0]}.txt) have no embedding "
               f"file; they train with the default prompt. Encode them first: python text.py --data DIR --encoders ...")
+    return paths
+
+
+def training_batches(cfg, paths, prompt, vae, device, rank, start):
+    """Batches from step `start` on: pairs made on the fly by worker processes, or from the
+    latent cache (--cache-latents)."""
+    import degrade
+    data = PairDataset(paths, cfg.size, prompt,
+                       None if cfg.stage == "vae" else degrade.DegradeConfig(usm_gt=not cfg.plain_gt), cfg.clean_prob)
+    if cfg.cache_latents:
+        return cached_batches(latent_cache(cfg, paths, data, vae, device, rank), cfg, rank, start)
+    return torch.utils.data.DataLoader(
+        data, batch_sampler=StepBatches(len(paths), cfg.batch * cfg.accum, cfg.seed, rank, start, cfg.steps),
+        collate_fn=collate, num_workers=cfg.workers, persistent_workers=False)
+
+
+def stage_loss(cfg, run, net, teacher, z_hr, z_lr, batch, sl, null, neg, g, stats, extra, step):
+    """The loss of micro-batch `sl` for the stage: vae_loss, teacher_loss or distill_loss."""
+    if cfg.stage == "vae":
+        return vae_loss(net, z_hr[sl], cfg, g, stats)
+    args = (z_hr[sl], z_lr[sl], batch["context"][sl], batch["pooled"][sl], null)
+    if cfg.stage == "teacher":
+        return teacher_loss(run, *args, cfg, g, neg=neg)
+    return distill_loss(run, net, teacher, *args, neg, cfg, g, log=extra, step=step)
+
+
+def update(cfg, net, opt, ema, trainable, sync, step):
+    """After backward: gradients synchronised and clipped, the learning rate of the step, Adam,
+    the EMA. Returns the gradient norm."""
+    if sync is not None:
+        sync.finish()
+    gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+    for group in opt.param_groups:
+        group["lr"] = learning_rate(cfg, step)
+    opt.step()
+    if ema is not None:
+        with torch.no_grad():
+            for n, p in net.named_parameters():
+                if n in ema:
+                    ema[n].lerp_(p.detach(), 1 - cfg.ema)
+    return gnorm
+
+
+def log_step(cfg, log, done, start, t0, loss, gnorm, lr, device, extra):
+    """One line of log.jsonl per step, a printed line every --log-every steps."""
+    rec = {"step": done, "loss": loss, "grad_norm": float(gnorm), "lr": lr,
+           "peak_mb": round(peak_memory_mb(device)), **extra}
+    log.write(json.dumps(rec) + "\n")
+    log.flush()
+    if done % cfg.log_every == 0 or done == cfg.steps:
+        rate = (done - start) / (time.time() - t0)
+        print(f"step {done}/{cfg.steps}  loss {loss:.4f}  grad {float(gnorm):.3f}  "
+              f"{rate:.2f} it/s  ETA {(cfg.steps - done) / max(rate, 1e-9) / 60:.1f} min  "
+              f"peak {rec['peak_mb']} MB", flush=True)
+
+
+def main(argv=None):
+    """The run: set up the models, optimizer and data, then per step a batch, the stage's loss over
+    --accum micro-batches, the update, logs, progress grids and checkpoints."""
+    cfg = parse_args(argv)
+    ddp, rank, world, device = start_processes(cfg)
+    if rank == 0:
+        os.makedirs(cfg.out, exist_ok=True)
+        print("config:", json.dumps(asdict(cfg)))
+    paths = training_images(cfg, rank)
     net, teacher, vae = build_models(cfg, device)
     net.grad_checkpointing = cfg.grad_ckpt
     null, neg, prompt = conditioning(cfg, None if cfg.stage == "vae" else net.cfg)
@@ -739,15 +806,7 @@ def main(argv=None):
     # static shapes: the JVP's rows (s != t) and the full batch are two fixed sizes, each compiled
     # once; automatic dynamic shapes made inductor (torch 2.13, CPU) fail on a symbolic size
     run = torch.compile(net, dynamic=False) if cfg.compile else net
-    import degrade
-    data = PairDataset(paths, cfg.size, prompt,
-                       None if cfg.stage == "vae" else degrade.DegradeConfig(usm_gt=not cfg.plain_gt), cfg.clean_prob)
-    if cfg.cache_latents:
-        batches = cached_batches(latent_cache(cfg, paths, data, vae, device, rank), cfg, rank, start)
-    else:
-        batches = torch.utils.data.DataLoader(
-            data, batch_sampler=StepBatches(len(paths), cfg.batch * cfg.accum, cfg.seed, rank, start, cfg.steps),
-            collate_fn=collate, num_workers=cfg.workers, persistent_workers=False)
+    batches = training_batches(cfg, paths, prompt, vae, device, rank, start)
     autocast = torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype),
                               enabled=device.type == "cuda" and cfg.dtype != "fp32")
     log = open(os.path.join(cfg.out, "log.jsonl"), "a") if rank == 0 else None
@@ -768,15 +827,9 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         loss_sum, nonfinite, extra = 0.0, 0, {}
         for a in range(cfg.accum):
-            sl = slice(a * cfg.batch, (a + 1) * cfg.batch)
-            args = (z_hr[sl], z_lr[sl], batch["context"][sl], batch["pooled"][sl], null)
             with autocast:
-                if cfg.stage == "vae":
-                    loss, nf = vae_loss(net, z_hr[sl], cfg, g, stats)
-                elif cfg.stage == "teacher":
-                    loss, nf = teacher_loss(run, *args, cfg, g, neg=neg)
-                else:
-                    loss, nf = distill_loss(run, net, teacher, *args, neg, cfg, g, log=extra, step=step)
+                loss, _ = stage_loss(cfg, run, net, teacher, z_hr, z_lr, batch, slice(a * cfg.batch, (a + 1) * cfg.batch),
+                                     null, neg, g, stats, extra, step)
             if _any_rank(sync, loss is None or not torch.isfinite(loss)):   # ranks skip together
                 nonfinite += 1
                 break
@@ -796,28 +849,10 @@ def main(argv=None):
         if step == start and any(p.grad is None for p in trainable):  # a frozen-by-mistake branch
             raise SystemExit("error: trainable parameters without a gradient: " + ", ".join(
                 n for n, p in net.named_parameters() if p.requires_grad and p.grad is None))
-        if sync is not None:
-            sync.finish()
-        gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(cfg, step)
-        opt.step()
-        if ema is not None:
-            with torch.no_grad():
-                for n, p in net.named_parameters():
-                    if n in ema:
-                        ema[n].lerp_(p.detach(), 1 - cfg.ema)
+        gnorm = update(cfg, net, opt, ema, trainable, sync, step)
         done = step + 1
         if rank == 0:
-            rec = {"step": done, "loss": loss_sum, "grad_norm": float(gnorm), "lr": opt.param_groups[0]["lr"],
-                   "peak_mb": round(peak_memory_mb(device)), **extra}
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                rate = (done - start) / (time.time() - t0)
-                print(f"step {done}/{cfg.steps}  loss {loss_sum:.4f}  grad {float(gnorm):.3f}  "
-                      f"{rate:.2f} it/s  ETA {(cfg.steps - done) / max(rate, 1e-9) / 60:.1f} min  "
-                      f"peak {rec['peak_mb']} MB", flush=True)
+            log_step(cfg, log, done, start, t0, loss_sum, gnorm, opt.param_groups[0]["lr"], device, extra)
             if done % cfg.sample_every == 0 or done == cfg.steps:
                 save_grid(os.path.join(cfg.out, f"grid-{done:07d}.png"), vae, net.eval(), cfg.stage, batch, z_lr, null)
                 net.train()
