@@ -5,6 +5,7 @@
     python miniature.py                 # data -> tiny VAE -> teacher -> CFG scan -> student (+ the
                                         # gt-target ablation) -> weights/mfsr-tiny/; resumes where it stopped
     python bench.py quality             # the README tables and figure, from weights/mfsr-tiny/
+    python miniature.py --ablations     # the paper's ablations from the trained teacher -> docs/ablations.md
 
 Every training stage is a train.py run (the same code as the full-scale path), in order:
   1. vae      the tiny VAE (vae.py "tiny": x4, 16 latent channels, every convolution at latent
@@ -268,7 +269,6 @@ def _final(out):
 
 def run(runs, scale=1.0, only=None, workers=2):
     prepare_data(runs)
-    emb = os.path.join(runs, "emb")
     for name, args in STAGES:
         if only and name not in only:
             continue
@@ -283,38 +283,45 @@ def run(runs, scale=1.0, only=None, workers=2):
             tune_decoder(runs, scale)
             continue
         w = mfsr.eq11_w(chosen_cfg(runs)) if "{w}" in args else None
-        argv = args.format(runs=runs, size=TRAIN_SIZE, w=w).split()
-        steps = max(2, round(int(argv[argv.index("--steps") + 1]) * scale))
-        argv[argv.index("--steps") + 1] = str(steps)
-        for flag, least in (("--cache-latents", 16), ("--warmup", 1)):   # a smoke run: fewer pairs, steps
-            if flag in argv:
-                i = argv.index(flag) + 1
-                argv[i] = str(max(least, round(int(argv[i]) * scale)))
-        argv += ["--data", os.path.join(runs, "data", "train"), "--out", out, "--workers", str(workers),
-                 "--save-every", str(max(1, steps // 5)), "--sample-every", str(max(1, steps // 5)),
-                 "--log-every", "50", "--keep", "2"]
-        if not name.startswith("vae"):
-            argv += ["--null-emb", f"{emb}/null.safetensors", "--prompt-emb", f"{emb}/prompt.safetensors",
-                     "--neg-emb", f"{emb}/neg.safetensors"]
-        if glob.glob(os.path.join(out, "ckpt-*[0-9]")):
-            argv.append("--resume")
-        shared = os.path.join(runs, "teacher", "latents-0.safetensors")   # same pairs for every stage
-        if "--cache-latents" in argv and os.path.exists(shared) and not os.path.exists(f"{out}/latents-0.safetensors"):
-            os.makedirs(out, exist_ok=True)
-            os.link(shared, os.path.join(out, "latents-0.safetensors"))
-        print(f"== {name}: python train.py {' '.join(argv)}", flush=True)
-        t0 = time.time()
-        try:
-            train.main(argv)
-        finally:   # an interrupted stage resumes: its minutes add up over the runs
-            os.makedirs(out, exist_ok=True)
-            with open(os.path.join(out, "minutes.log"), "a") as f:
-                f.write(f"{(time.time() - t0) / 60:.2f}\n")
-        _final(out)
-        with open(os.path.join(out, "minutes.log")) as f:
-            total = sum(float(line) for line in f if line.strip())
-        with open(os.path.join(out, "final", "minutes.txt"), "w") as f:
-            f.write(f"{total:.1f}\n")
+        train_stage(runs, name, args.format(runs=runs, size=TRAIN_SIZE, w=w).split(), out, scale, workers)
+
+
+def train_stage(runs, name, argv, out, scale=1.0, workers=2):
+    """One train.py run into `out` (resumed if it has checkpoints), its steps, warm-up and cached
+    pairs scaled by `scale`; then out/final and the minutes it took (summed over resumptions)."""
+    argv = list(argv)
+    steps = max(2, round(int(argv[argv.index("--steps") + 1]) * scale))
+    argv[argv.index("--steps") + 1] = str(steps)
+    for flag, least in (("--cache-latents", 16), ("--warmup", 1)):   # a smoke run: fewer pairs, steps
+        if flag in argv:
+            i = argv.index(flag) + 1
+            argv[i] = str(max(least, round(int(argv[i]) * scale)))
+    emb = os.path.join(runs, "emb")
+    argv += ["--data", os.path.join(runs, "data", "train"), "--out", out, "--workers", str(workers),
+             "--save-every", str(max(1, steps // 5)), "--sample-every", str(max(1, steps // 5)),
+             "--log-every", "50", "--keep", "2"]
+    if not name.startswith("vae"):
+        argv += ["--null-emb", f"{emb}/null.safetensors", "--prompt-emb", f"{emb}/prompt.safetensors",
+                 "--neg-emb", f"{emb}/neg.safetensors"]
+    if glob.glob(os.path.join(out, "ckpt-*[0-9]")):
+        argv.append("--resume")
+    shared = os.path.join(runs, "teacher", "latents-0.safetensors")   # same pairs for every stage
+    if "--cache-latents" in argv and os.path.exists(shared) and not os.path.exists(f"{out}/latents-0.safetensors"):
+        os.makedirs(out, exist_ok=True)
+        os.link(shared, os.path.join(out, "latents-0.safetensors"))
+    print(f"== {name}: python train.py {' '.join(argv)}", flush=True)
+    t0 = time.time()
+    try:
+        train.main(argv)
+    finally:   # an interrupted stage resumes: its minutes add up over the runs
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "minutes.log"), "a") as f:
+            f.write(f"{(time.time() - t0) / 60:.2f}\n")
+    _final(out)
+    with open(os.path.join(out, "minutes.log")) as f:
+        total = sum(float(line) for line in f if line.strip())
+    with open(os.path.join(out, "final", "minutes.txt"), "w") as f:
+        f.write(f"{total:.1f}\n")
 
 
 @torch.no_grad()
@@ -634,6 +641,103 @@ def save_figure(figures, path):
     os.replace(tmp, path)
 
 
+# --------------------------------------------------------------------------------------------
+# The paper's ablations at miniature size (`python miniature.py --ablations`): short distillations
+# of the one shipped teacher, each changing one setting of the row "neg-CFG"; 1-step student
+# metrics on the held-out crops in both settings. Eq. 11's w is ABLATION_W for every CFG row
+# (the pipeline's CFG scan chose w = 0, where Eq. 10 and Eq. 11 coincide).
+
+ABLATION_STEPS, ABLATION_WARMUP, ABLATION_W = 200, 40, 0.5
+_ABLATION_BASE = ("--stage distill --preset tiny --size {size} --batch 8 --lr 1e-4 --steps {steps} --warmup {warmup} "
+                  "--ema 0.99 --lora-rank 64 --target neg --cfg-w {w} --ratio 0.5 --loss pseudo_huber "
+                  f"--teacher {{runs}}/teacher/final/teacher.safetensors {_PAIRS}")
+ABLATIONS = [  # (table, row, flags that replace the base's)
+    ("Table 3: target", "gt (row 1)", "--target gt"),
+    ("Table 3: target", "MeanFlow CFG, Eq. 9 (w 1, kappa 0.83, condition dropped 10 %)",
+     "--target meanflow --cfg-w 1 --kappa 0.83 --cond-drop 0.1"),
+    ("Table 3: target", "null-prompt CFG, Eq. 10", "--target null"),
+    ("Table 3: target", "negative-prompt CFG, Eq. 11 (the base row)", ""),
+    ("Table 4: share of rows with s != t", "0", "--ratio 0"),
+    ("Table 4: share of rows with s != t", "0.25", "--ratio 0.25"),
+    ("Table 4: share of rows with s != t", "1", "--ratio 1"),
+    ("§4.4: c_noise", "1000 t (the teacher's)", "--time-scale 1000"),
+    ("loss", "squared L2", "--loss l2"),
+    ("loss", "adaptive L2", "--loss adaptive"),
+]
+
+
+def _with_flags(argv, flags):
+    argv = list(argv)
+    flags = flags.split()
+    for i in range(0, len(flags), 2):
+        if flags[i] in argv:
+            argv[argv.index(flags[i]) + 1] = flags[i + 1]
+        else:
+            argv += flags[i:i + 2]
+    return argv
+
+
+@torch.no_grad()
+def student_metrics(runs, student, size=128, names=HELD_OUT):
+    """The 1-step student on one size^2 crop of each held-out photograph, per setting:
+    {setting: (PSNR, SSIM, HF energy / HR)}, sampled as sample.py samples (tiles, AdaIN)."""
+    import sample
+    v = vae_lib.load_vae(os.path.join(runs, "decoder", "final", "vae.safetensors")).eval()
+    net = model.load_transformer(student).eval()
+    zeros = (torch.zeros(1, net.cfg.context_dim), torch.zeros(net.cfg.pooled_dim))
+    c, p = train.load_embedding(os.path.join(runs, "emb", "prompt.safetensors"), zeros)
+    out = {}
+    for setting in SETTINGS:
+        hr, lr = heldout_pairs(size, 1, 0, setting, names)
+        sr = torch.cat([sample.upscale(lr[i:i + 1], net, v, (p[None], c[None]), 1, seed=0, vae_tile=0,
+                                       **sample.sampling_settings(net)) for i in range(len(lr))])
+        out[setting] = (psnr(sr, hr).mean().item(), ssim(sr, hr).mean().item(), hf_ratio(sr, hr).mean().item())
+    return out
+
+
+def _log_medians(out, after):
+    """Median gradient norm and jvp_term (||u_tgt - v|| / ||v||, largest of the batch) of a run's
+    steps after `after` (the warm-up), from its log.jsonl."""
+    rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    rows = [r for r in rows if r["step"] > after]
+    med = lambda k: float(np.median([r[k] for r in rows if k in r])) if any(k in r for r in rows) else float("nan")
+    return med("grad_norm"), med("jvp_term")
+
+
+def ablations(runs, scale=1.0, workers=2, dest="docs/ablations.md"):
+    """Every ABLATIONS row distilled for ABLATION_STEPS (scaled) from the shipped pipeline's
+    teacher, then measured; the table is printed and written to `dest`."""
+    for stage in ("teacher", "decoder"):
+        if not os.path.exists(os.path.join(runs, stage, "final")):
+            raise SystemExit(f"error: {runs}/{stage}/final is missing: run `python miniature.py --runs {runs}` first")
+    base = _ABLATION_BASE.format(runs=runs, size=TRAIN_SIZE, steps=ABLATION_STEPS, warmup=ABLATION_WARMUP,
+                                 w=ABLATION_W).split()
+    lines = ["# The paper's ablations at miniature size", "",
+             f"`python miniature.py --ablations` ({time.strftime('%Y-%m-%d')}): each row a distillation of "
+             f"{max(2, round(ABLATION_STEPS * scale))} steps ({max(1, round(ABLATION_WARMUP * scale))} of them "
+             f"warm-up at s = t) from the miniature's teacher, changing one setting of the Eq. 11 row "
+             f"(w = {ABLATION_W:g}, ratio 0.5, pseudo-Huber, c_noise = t). The 1-step student on a 128^2 crop "
+             f"of each of the {len(HELD_OUT)} held-out photographs; grad norm and jvp_term are medians over "
+             "the steps after the warm-up (jvp_term: the batch's largest ||u_tgt - v|| / ||v||).", "",
+             "| table | row | Real-ESRGAN PSNR / SSIM / HF | clean bicubic PSNR / SSIM / HF | grad norm | jvp_term | minutes |",
+             "|---|---|---|---|---|---|---|"]
+    for i, (table, row, flags) in enumerate(ABLATIONS):
+        out = os.path.join(runs, "ablations", f"{i:02d}")
+        if not os.path.exists(os.path.join(out, "final")):
+            train_stage(runs, "student", _with_flags(base, flags), out, scale, workers)
+        m = student_metrics(runs, os.path.join(out, "final", "student.safetensors"))
+        gnorm, jvp_term = _log_medians(out, max(1, round(ABLATION_WARMUP * scale)))
+        cells = [" / ".join(f"{x:.3g}" for x in m[s]) for s in SETTINGS]
+        minutes = open(os.path.join(out, "final", "minutes.txt")).read().strip()
+        lines.append(f"| {table} | {row} | {cells[0]} | {cells[1]} | {gnorm:.3g} | {jvp_term:.3g} | {minutes} |")
+        print(lines[-1], flush=True)
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    with open(dest + ".tmp", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(dest + ".tmp", dest)
+    print(f"wrote {dest}")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default="runs/miniature", help="working folder (data, checkpoints)")
@@ -642,6 +746,8 @@ if __name__ == "__main__":
     ap.add_argument("--workers", type=int, default=2, help="data-loading processes per stage")
     ap.add_argument("--no-ship", action="store_true", help="do not copy the result to " + SHIP
                     + " (with --scale other than 1: to RUNS/mfsr-tiny)")
+    ap.add_argument("--ablations", action="store_true", help="the paper's ablations (Tables 3, 4, c_noise, the "
+                    "loss) from the trained teacher -> docs/ablations.md (with --scale other than 1: RUNS/ablations.md)")
     ap.add_argument("--packages", action="store_true",
                     help="print the Debian packages the photographs come from (for apt-get install) and exit")
     a = ap.parse_args()
@@ -649,6 +755,9 @@ if __name__ == "__main__":
         print(" ".join(sorted(_packages())))
         sys.exit(0)
     torch.set_num_threads(2)
+    if a.ablations:
+        ablations(a.runs, a.scale, a.workers, "docs/ablations.md" if a.scale == 1.0 else os.path.join(a.runs, "ablations.md"))
+        sys.exit(0)
     run(a.runs, a.scale, a.only, a.workers)
     if not a.no_ship:   # a scaled (smoke) run never replaces the shipped model or the example
         ship(a.runs, SHIP if a.scale == 1.0 else os.path.join(a.runs, "mfsr-tiny"))

@@ -3081,9 +3081,10 @@ def _png(path):
 
 
 @pytest.mark.slow
-def test_miniature_pipeline_runs_end_to_end_at_a_hundredth_of_the_steps(tmp_path):
+def test_miniature_pipeline_runs_end_to_end_at_a_hundredth_of_the_steps(tmp_path, monkeypatch):
     """`python miniature.py` as documented, every stage at 1 % of its steps: it finishes, writes its
-    own copy of the model, and leaves the shipped model and the example image as they were."""
+    own copy of the model, and leaves the shipped model and the example image as they were; then
+    the ablations (`--ablations`) from its teacher."""
     pytest.importorskip("skimage")
     missing = sorted({src for src, file, _ in miniature.PHOTOS.values() if src != "skimage" and not os.path.exists(file)})
     if missing:   # .ci/run installs them
@@ -3111,6 +3112,26 @@ def test_miniature_pipeline_runs_end_to_end_at_a_hundredth_of_the_steps(tmp_path
     assert info["eq11_w"] == scan["cfg"] - 1
     student_args = info["stages"]["student"].split()
     assert float(student_args[student_args.index("--cfg-w") + 1]) == info["eq11_w"]     # one guidance, two spellings
+    # --ablations on the same runs (three of its rows here; CI's time): one table row per run, each
+    # run with its setting
+    import miniature as mini
+    rows = [r for r in mini.ABLATIONS if r[2] in ("--target gt", "--time-scale 1000", "--ratio 0")]
+    monkeypatch.setattr(mini, "ABLATIONS", rows)
+    mini.ablations(str(runs), 0.01, 0, str(runs / "ablations.md"))
+    table = [line for line in (runs / "ablations.md").read_text().splitlines() if line.startswith("| ")][2:]
+    assert [line.split(" | ")[1] for line in table] == [r[1] for r in rows]
+    assert all(re.match(r"[\d.]+ / [\d.]+ / [\d.]+$", cell) for line in table for cell in line.split(" | ")[2:4])
+    nets = [model.load_transformer(str(runs / "ablations" / f"{i:02d}" / "final" / "student.safetensors")) for i in range(3)]
+    assert [n.cfg.time_scale for n in nets] == [1.0, 1000.0, 1.0]
+
+
+def test_ablation_flags_replace_the_base_rows_settings_or_are_added():
+    base = ["--target", "neg", "--cfg-w", "0.5", "--ratio", "0.5"]
+    assert miniature._with_flags(base, "--target meanflow --cfg-w 1 --kappa 0.83") == \
+        ["--target", "meanflow", "--cfg-w", "1", "--ratio", "0.5", "--kappa", "0.83"]
+    assert miniature._with_flags(base, "") == base and base[1] == "neg"
+    for _, _, flags in miniature.ABLATIONS:             # every row's flags are train.py flags
+        train.parse_args(["--data", "x", "--stage", "distill"] + flags.split())
 
 
 def test_sample_prompt_and_prompt_file_through_the_text_encoders(_txt_pipeline, tmp_path, capsys):
