@@ -648,9 +648,6 @@ def save_figure(figures, path):
 # (the pipeline's CFG scan chose w = 0, where Eq. 10 and Eq. 11 coincide).
 
 ABLATION_STEPS, ABLATION_WARMUP, ABLATION_W = 200, 40, 0.5
-_ABLATION_BASE = ("--stage distill --preset tiny --size {size} --batch 8 --lr 1e-4 --steps {steps} --warmup {warmup} "
-                  "--ema 0.99 --lora-rank 64 --target neg --cfg-w {w} --ratio 0.5 --loss pseudo_huber "
-                  f"--teacher {{runs}}/teacher/final/teacher.safetensors {_PAIRS}")
 ABLATIONS = [  # (table, row, flags that replace the base's)
     ("Table 3: target", "gt (row 1)", "--target gt"),
     ("Table 3: target", "MeanFlow CFG, Eq. 9 (w 1, kappa 0.83, condition dropped 10 %)",
@@ -710,8 +707,8 @@ def ablations(runs, scale=1.0, workers=2, dest="docs/ablations.md"):
     for stage in ("teacher", "decoder"):
         if not os.path.exists(os.path.join(runs, stage, "final")):
             raise SystemExit(f"error: {runs}/{stage}/final is missing: run `python miniature.py --runs {runs}` first")
-    base = _ABLATION_BASE.format(runs=runs, size=TRAIN_SIZE, steps=ABLATION_STEPS, warmup=ABLATION_WARMUP,
-                                 w=ABLATION_W).split()
+    base = _with_flags(dict(STAGES)["student"].format(runs=runs, size=TRAIN_SIZE, w=ABLATION_W).split(),
+                       f"--steps {ABLATION_STEPS} --warmup {ABLATION_WARMUP}")       # the student stage, shorter
     lines = ["# The paper's ablations at miniature size", "",
              f"`python miniature.py --ablations` ({time.strftime('%Y-%m-%d')}): each row a distillation of "
              f"{max(2, round(ABLATION_STEPS * scale))} steps ({max(1, round(ABLATION_WARMUP * scale))} of them "
