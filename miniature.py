@@ -57,6 +57,7 @@ from safetensors import safe_open
 
 import mfsr
 import model
+import sample
 import train
 import vae as vae_lib
 from checkpoint import atomic_save
@@ -180,17 +181,24 @@ CFG_TOLERANCE_DB = 0.3               # the largest scale within this PSNR of the
 
 # (stage name, train.py arguments); {size}, {runs}, {w} filled in by run(); steps and cached pairs
 # scaled by --scale. "cfg" is not a train.py run: see scan_cfg.
+# The teacher's --time-shift 1: SD3 shifts sigma by the token count (shift 3 is for 1024^2, 4096
+# tokens); a 32^2 latent has 256, SD3's unshifted 256^2 case. Below sigma = 0.3, where the
+# sampler's last steps and 30 % of the student's (uniform) distillation times are, shift 3 puts
+# 2.6 % of the training rows, shift 1 puts 20 %.
+# The students' --time-scale 1000 (the teacher's c_noise, not §4.4's t): a student then starts as
+# its teacher (u(z, t, t) = v), where with c_noise = t it starts from a time embedding it has never
+# seen; at this size and these step counts that start decides the result (docs/ablations.md, §4.4 row).
 _PAIRS = "--cache-latents 4000 --clean-prob 0.3 --plain-gt --vae {runs}/vae/final/vae.safetensors"
 STAGES = [
     ("vae", "--stage vae --preset tiny --size 64 --batch 16 --lr 5e-4 --lr-decay cosine --ema 0.999 --steps 3000"),
     ("teacher", "--stage teacher --preset tiny --size {size} --batch 8 --lr 5e-4 --lr-decay cosine --ema 0.999 "
-                f"--steps 5000 --caption-dropout 0.2 --neg-prob 0.1 {_PAIRS}"),
+                f"--steps 5000 --caption-dropout 0.2 --neg-prob 0.1 --time-shift 1 {_PAIRS}"),
     ("cfg", ""),
     ("student", "--stage distill --preset tiny --size {size} --batch 8 --lr 1e-4 --steps 1200 --warmup 200 --ema 0.99 "
-                "--lora-rank 64 --target neg --cfg-w {w} --ratio 0.5 --loss pseudo_huber "
+                "--lora-rank 64 --target neg --cfg-w {w} --ratio 0.5 --loss pseudo_huber --time-scale 1000 "
                 f"--teacher {{runs}}/teacher/final/teacher.safetensors {_PAIRS}"),
     ("student_gt", "--stage distill --preset tiny --size {size} --batch 8 --lr 1e-4 --steps 600 --ema 0.99 "
-                   "--lora-rank 64 --target gt --ratio 0.5 --loss pseudo_huber "
+                   "--lora-rank 64 --target gt --ratio 0.5 --loss pseudo_huber --time-scale 1000 "
                    f"--teacher {{runs}}/teacher/final/teacher.safetensors {_PAIRS}"),
     ("decoder", ""),
 ]
@@ -348,7 +356,7 @@ def scan_cfg(runs, scale=1.0, crops=16, steps=40, seed=0):
     rows = []
     for cfg_scale in CFG_SCALES:
         z = mfsr.sample_teacher(net, z_lr, cond["prompt"], cond["neg"], steps=steps, cfg=cfg_scale,
-                                generator=torch.Generator().manual_seed(seed))
+                                shift=sample.sampling_settings(net)["shift"], generator=torch.Generator().manual_seed(seed))
         out = v.decode(z, tile=0).float().add(1).div(2).clamp(0, 1)
         rows.append({"cfg": cfg_scale, "PSNR": psnr(out, hr).mean().item(), "HF energy / HR": hf_ratio(out, hr).mean().item()})
         print(f"cfg {cfg_scale:g}: PSNR {rows[-1]['PSNR']:.2f} dB, HF energy / HR {rows[-1]['HF energy / HR']:.2f}", flush=True)
@@ -420,7 +428,8 @@ def ship(runs, dest=SHIP):
     for name, file in (("student", "student"), ("student_gt", "student"), ("teacher", "teacher")):
         net = model.load_transformer(os.path.join(runs, name, "final", file + ".safetensors"))
         net.sampling = {"tile": tile, "tile_overlap": train.sample_overlap(tile, net.cfg.patch),
-                        **({"cfg": chosen_cfg(runs)} if name == "teacher" else {})}
+                        **({"cfg": chosen_cfg(runs), "shift": sample.sampling_settings(net)["shift"]}
+                           if name == "teacher" else {})}
         model.save_transformer(net.half(), os.path.join(dest, name + ".safetensors"))
     vae_lib.save_vae(v.half(), os.path.join(dest, "vae.safetensors"))
     for e in ("null", "prompt", "neg"):
@@ -589,7 +598,6 @@ def evaluate(dest=SHIP, size=256, per_image=1, teacher_steps=40, seed=0, setting
     """Rows of the README table for one setting, and the figure's rows (the first `figure_crops`
     crops). Every model runs through sample.upscale as sample.py runs it: latent tiles of the
     training size, AdaIN colour fix, the teacher at the CFG scale its file records."""
-    import sample
     nets, v, embs = load_shipped(dest)
     hr, lr = heldout_pairs(size, per_image, seed, setting, names)
     lr_up = torch.nn.functional.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
@@ -643,7 +651,7 @@ def save_figure(figures, path):
 
 # --------------------------------------------------------------------------------------------
 # The paper's ablations at miniature size (`python miniature.py --ablations`): short distillations
-# of the one shipped teacher, each changing one setting of the row "neg-CFG"; 1-step student
+# of the one shipped teacher, each changing one setting of the paper's row "neg-CFG"; 1-step student
 # metrics on the held-out crops in both settings. Eq. 11's w is ABLATION_W for every CFG row
 # (the pipeline's CFG scan chose w = 0, where Eq. 10 and Eq. 11 coincide).
 
@@ -678,7 +686,6 @@ def _with_flags(argv, flags):
 def student_metrics(runs, student, size=128, names=HELD_OUT):
     """The 1-step student on one size^2 crop of each held-out photograph, per setting:
     {setting: (PSNR, SSIM, HF energy / HR)}, sampled as sample.py samples (tiles, AdaIN)."""
-    import sample
     v = vae_lib.load_vae(os.path.join(runs, "decoder", "final", "vae.safetensors")).eval()
     net = model.load_transformer(student).eval()
     zeros = (torch.zeros(1, net.cfg.context_dim), torch.zeros(net.cfg.pooled_dim))
@@ -708,7 +715,8 @@ def ablations(runs, scale=1.0, workers=2, dest="docs/ablations.md"):
         if not os.path.exists(os.path.join(runs, stage, "final")):
             raise SystemExit(f"error: {runs}/{stage}/final is missing: run `python miniature.py --runs {runs}` first")
     base = _with_flags(dict(STAGES)["student"].format(runs=runs, size=TRAIN_SIZE, w=ABLATION_W).split(),
-                       f"--steps {ABLATION_STEPS} --warmup {ABLATION_WARMUP}")       # the student stage, shorter
+                       f"--steps {ABLATION_STEPS} --warmup {ABLATION_WARMUP} --time-scale 1")   # the student
+    # stage, shorter, with the paper's c_noise = t (§4.4), so the rows vary the paper's recipe
     lines = ["# The paper's ablations at miniature size", "",
              f"`python miniature.py --ablations` ({time.strftime('%Y-%m-%d')}): each row a distillation of "
              f"{max(2, round(ABLATION_STEPS * scale))} steps ({max(1, round(ABLATION_WARMUP * scale))} of them "

@@ -26,6 +26,8 @@ from einops import rearrange
 
 from checkpoint import CheckpointError, SafetensorsFiles, atomic_save, check_keys
 from fastjvp import Linear, attention, linear, mlp_band_rows
+from layouts import (DIT4SR_UNUSED, PREFIX, SHAPE_KEYS, swap_halves, to_diffusers_name,
+                     to_diffusers_state_dict)
 
 # --------------------------------------------------------------------------------------------
 # Config
@@ -529,72 +531,7 @@ def set_trainable(net: MMDiT, teacher_time_scale: float = 1000.0, verbose=True) 
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoint layouts: original single-file names (ours) <-> diffusers names (ARCH §2.5, §3.5)
-
-_PREFIX = "model.diffusion_model."
-_QKV = lambda a, names: [f"{a}.{n}." for n in names]
-_BLOCK_RULES = [  # (original suffix, diffusers suffix, or 3 suffixes that concatenate into qkv)
-    ("x_block.adaLN_modulation.1.", "norm1.linear."),
-    ("context_block.adaLN_modulation.1.", "norm1_context.linear."),
-    ("x_block.attn.qkv.", _QKV("attn", ("to_q", "to_k", "to_v"))),
-    ("context_block.attn.qkv.", _QKV("attn", ("add_q_proj", "add_k_proj", "add_v_proj"))),
-    ("x_block.attn.ln_q.", "attn.norm_q."), ("x_block.attn.ln_k.", "attn.norm_k."),
-    ("context_block.attn.ln_q.", "attn.norm_added_q."), ("context_block.attn.ln_k.", "attn.norm_added_k."),
-    ("x_block.attn.proj.", "attn.to_out.0."), ("context_block.attn.proj.", "attn.to_add_out."),
-    ("x_block.attn2.qkv.", _QKV("attn2", ("to_q", "to_k", "to_v"))),
-    ("x_block.attn2.ln_q.", "attn2.norm_q."), ("x_block.attn2.ln_k.", "attn2.norm_k."),
-    ("x_block.attn2.proj.", "attn2.to_out.0."),
-    ("x_block.mlp.fc1.", "ff.net.0.proj."), ("x_block.mlp.fc2.", "ff.net.2."),
-    ("context_block.mlp.fc1.", "ff_context.net.0.proj."), ("context_block.mlp.fc2.", "ff_context.net.2."),
-    ("x_block.mlp.control_conv.", "ff.control_conv."),
-] + [(f"x_block.{a}.{n}_control.", f"{a}.to_{n}_control.")
-     for a in ("attn", "attn2") for n in ("q", "k", "v", "out")]
-_GLOBAL_RULES = [
-    ("pos_embed", "pos_embed.pos_embed"),
-    ("x_embedder.proj.", "pos_embed.proj."),
-    ("t_embedder.mlp.0.", "time_text_embed.timestep_embedder.linear_1."),
-    ("t_embedder.mlp.2.", "time_text_embed.timestep_embedder.linear_2."),
-    ("s_embedder.mlp.0.", "time_text_embed.s_embedder.linear_1."),   # MFSR student (ours)
-    ("s_embedder.mlp.2.", "time_text_embed.s_embedder.linear_2."),
-    ("y_embedder.mlp.0.", "time_text_embed.text_embedder.linear_1."),
-    ("y_embedder.mlp.2.", "time_text_embed.text_embedder.linear_2."),
-    ("context_embedder.", "context_embedder."),
-    ("final_layer.adaLN_modulation.1.", "norm_out.linear."),
-    ("final_layer.linear.", "proj_out."),
-]
-# DiT4SR's attn2 was built with text projections it never uses (ARCH §3.5): 130 tensors, dropped.
-DIT4SR_UNUSED = re.compile(r"transformer_blocks\.\d+\.attn2\.(add_[qkv]_proj|to_add_out|norm_added_[qk])\.")
-
-
-def _to_diffusers_name(key, depth):
-    """Original key -> (diffusers keys, how): how is 'copy', 'qkv' (3 row blocks) or 'swap'
-    (halves (shift, scale) <-> (scale, shift): the last context adaLN and the final layer)."""
-    m = re.match(r"joint_blocks\.(\d+)\.(.*)", key)
-    rules, rest, head = (_BLOCK_RULES, m.group(2), f"transformer_blocks.{m.group(1)}.") if m \
-        else (_GLOBAL_RULES, key, "")
-    for orig, diff in rules:
-        if rest.startswith(orig):
-            tail = rest[len(orig):]
-            if isinstance(diff, list):
-                return [head + d + tail for d in diff], "qkv"
-            swap = (key.startswith("final_layer.adaLN") or
-                    (m and int(m.group(1)) == depth - 1 and orig.startswith("context_block.adaLN")))
-            return [head + diff + tail], "swap" if swap else "copy"
-    raise KeyError(f"no diffusers name for {key}")
-
-
-def _swap_halves(t):
-    a, b = t.chunk(2, dim=0)
-    return torch.cat([b, a], dim=0)
-
-
-def to_diffusers_state_dict(sd, depth):
-    out = {}
-    for key, t in sd.items():
-        names, how = _to_diffusers_name(key, depth)
-        parts = t.chunk(3, dim=0) if how == "qkv" else [_swap_halves(t) if how == "swap" else t]
-        out.update({n: p.clone() if how == "qkv" else p for n, p in zip(names, parts)})
-    return out
+# Loading and saving (the key maps: layouts.py)
 
 
 class _Source(SafetensorsFiles):
@@ -602,7 +539,7 @@ class _Source(SafetensorsFiles):
     diffusers folder (`transformer/`), a file; `layout` is "original" or "diffusers"."""
 
     def __init__(self, path):
-        super().__init__(path, subfolder="transformer", prefix=_PREFIX)
+        super().__init__(path, subfolder="transformer", prefix=PREFIX)
         if self.prefix or any(k.startswith("joint_blocks.") for k in self.where):
             self.layout = "original"
         elif any(k.startswith("transformer_blocks.") for k in self.where):
@@ -614,19 +551,8 @@ class _Source(SafetensorsFiles):
                                   f"the file starts with: {some or 'nothing'})")
 
 
-_NAMES = {  # where each shape-determined setting is read, per layout (ARCH §2.1)
-    "original": dict(patch="x_embedder.proj.weight", pos="pos_embed", y="y_embedder.mlp.0.weight",
-                     block=r"joint_blocks\.(\d+)\.", dual=r"joint_blocks\.(\d+)\.x_block\.attn2\.",
-                     qk="joint_blocks.0.x_block.attn.ln_q.weight", s="s_embedder."),
-    "diffusers": dict(patch="pos_embed.proj.weight", pos="pos_embed.pos_embed",
-                      y="time_text_embed.text_embedder.linear_1.weight",
-                      block=r"transformer_blocks\.(\d+)\.", dual=r"transformer_blocks\.(\d+)\.attn2\.to_q",
-                      qk="transformer_blocks.0.attn.norm_q.weight", s="time_text_embed.s_embedder."),
-}
-
-
 def _infer_config(src: _Source) -> MMDiTConfig:
-    n, keys = _NAMES[src.layout], list(src.where)
+    n, keys = SHAPE_KEYS[src.layout], list(src.where)
     try:
         hidden, in_ch, patch, _ = src.shape(n["patch"])
         pos_rows, ctx_dim, pooled = src.shape(n["pos"])[1], src.shape("context_embedder.weight")[1], \
@@ -678,9 +604,9 @@ def load_transformer(path, *, dtype=torch.float32, device="cpu", **overrides) ->
     sd = {}
     for key in expected:
         if src.layout == "diffusers":
-            names, how = _to_diffusers_name(key, cfg.depth)
+            names, how = to_diffusers_name(key, cfg.depth)
             parts = [src.get(k_).to(dtype) for k_ in names]
-            t = torch.cat(parts) if how == "qkv" else (_swap_halves(parts[0]) if how == "swap" else parts[0])
+            t = torch.cat(parts) if how == "qkv" else (swap_halves(parts[0]) if how == "swap" else parts[0])
         else:
             t = src.get(key).to(dtype)
         sd[key] = t
@@ -697,7 +623,7 @@ def save_transformer(net: MMDiT, path, layout="original"):
     sd = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
     lora = getattr(net, "lora", None)
     if layout == "original":
-        sd = {_PREFIX + k: v for k, v in sd.items()}
+        sd = {PREFIX + k: v for k, v in sd.items()}
     elif layout == "diffusers":
         if lora:
             raise ValueError("merge_lora(net) before a diffusers-layout export")

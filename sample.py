@@ -130,11 +130,11 @@ def wavelet_color_fix(y, ref, levels=5):
 
 
 COLOR_FIXES = {"adain": adain_color_fix, "wavelet": wavelet_color_fix, "none": lambda y, ref: y}
-DEFAULTS = {"tile": 64, "tile_overlap": 24, "cfg": 8.0}   # DiT4SR's, for checkpoints that record none
+DEFAULTS = {"tile": 64, "tile_overlap": 24, "cfg": 8.0, "shift": 3.0}   # DiT4SR's, for checkpoints that record none
 
 
 def sampling_settings(net):
-    """tile, tile_overlap and cfg for `upscale`: those recorded in the checkpoint, else DEFAULTS."""
+    """tile, tile_overlap, cfg and shift for `upscale`: those recorded in the checkpoint, else DEFAULTS."""
     return {k: getattr(net, "sampling", {}).get(k, v) for k, v in DEFAULTS.items()}
 
 
@@ -154,14 +154,15 @@ def pad_to(x, multiple):
 
 
 @torch.no_grad()
-def upscale(img, net, vae, cond, steps=1, *, teacher=False, cond_neg=None, cfg=8.0, seed=0,
+def upscale(img, net, vae, cond, steps=1, *, teacher=False, cond_neg=None, cfg=8.0, shift=3.0, seed=0,
             tile=64, tile_overlap=24, color_fix="adain", vae_tile=None):
     """x4 super-resolution of img (1, 3, H, W) in [0, 1] -> (1, 3, 4H, 4W) float32 in [0, 1], on CPU.
 
     net: a student (cfg.two_times) or, with teacher=True, a one-time teacher with the LR stream;
     both must be on the device and in the dtype wanted. cond = (pooled (1, P), context (1, L, D)),
     cond_neg likewise (the teacher's CFG negative, default cond). steps: uniform student steps
-    (Alg. 2) or the teacher's Euler steps with guidance `cfg`. tile / tile_overlap: latent tiles.
+    (Alg. 2) or the teacher's Euler steps with guidance `cfg` on SD3's grid shifted by `shift`
+    (the shift its training used). tile / tile_overlap: latent tiles.
     vae_tile: passed to vae.encode / decode (None: vae.py decides by size, 0: never)."""
     assert img.ndim == 4 and img.shape[:2] == (1, 3), f"img must be (1, 3, H, W), got {tuple(img.shape)}"
     if color_fix not in COLOR_FIXES:
@@ -179,7 +180,8 @@ def upscale(img, net, vae, cond, steps=1, *, teacher=False, cond_neg=None, cfg=8
     if teacher:
         neg = tuple(c.to(device, dtype) for c in (cond_neg or cond))
         (pooled, context), neg = _same_length((pooled, context), neg)
-        z = mfsr.sample_teacher(tiled, z_lr, (pooled, context), neg, steps=steps, cfg=cfg, generator=g)
+        z = mfsr.sample_teacher(tiled, z_lr, (pooled, context), neg, steps=steps, cfg=cfg,
+                                shift=shift, generator=g)
     else:
         z = mfsr.sample_student(tiled, z_lr, pooled, context, steps=steps, generator=g)
     y = vae.decode(z.to(next(vae.parameters()).dtype), tile=vae_tile).float()  # (1, 3, H', W') in [-1, 1]
@@ -319,7 +321,7 @@ def process(path, args, net, vae, cond, cond_neg, inputs, written, device):
     _reset_peak(device)
     t0 = time.perf_counter()
     y = upscale(img.rgb[None], net, vae, cond, args.steps, teacher=args.teacher, cond_neg=cond_neg,
-                cfg=args.cfg, seed=args.seed, tile=args.tile, tile_overlap=args.tile_overlap,
+                cfg=args.cfg, shift=args.shift, seed=args.seed, tile=args.tile, tile_overlap=args.tile_overlap,
                 color_fix=args.color_fix)
     alpha = None
     if img.alpha is not None:
@@ -354,6 +356,8 @@ def parse_args(argv=None):
     p.add_argument("--cfg-scale", "--cfg", dest="cfg", type=float, default=None,
                    help="the teacher's CFG scale, v_neg + scale (v_c - v_neg) (train.py's Eq. 11 --cfg-w is scale - 1; "
                    "default: the one recorded in the checkpoint, else DiT4SR's 8)")
+    p.add_argument("--shift", type=float, default=None, help="the teacher's sigma shift on SD3's grid (default: the "
+                   "one its training used, recorded in the checkpoint, else SD3.5's 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tile", type=int, default=None, help="latent tile side (default: the training size recorded "
                    "in the checkpoint, else DiT4SR's 64)")
@@ -368,6 +372,8 @@ def parse_args(argv=None):
         p.error(f"--steps {a.steps}: the student takes 1..8 steps")
     if a.teacher and a.steps < 1:
         p.error(f"--steps {a.steps}: at least 1")
+    if a.shift is not None and not a.shift > 0:
+        p.error(f"--shift {a.shift}: must be > 0 (1 is none)")
     if a.prompt_file is not None:
         if a.prompt is not None:
             p.error("give --prompt or --prompt-file, not both")
@@ -416,7 +422,7 @@ def main(argv=None):
             print(f"error: cannot create the output folder {args.output}: {e.strerror or e}", file=sys.stderr)
             return 2
     calls = args.steps * (2 if args.teacher else 1)
-    print(f"model: {args.ckpt or SHIPPED} ({'teacher, CFG scale ' + str(args.cfg) if args.teacher else 'student'}, "
+    print(f"model: {args.ckpt or SHIPPED} ({f'teacher, CFG scale {args.cfg:g}, shift {args.shift:g}' if args.teacher else 'student'}, "
           f"{calls} network calls per tile), prompt: {where}, {device}, {args.dtype}")
     inputs, written, failed = [os.path.abspath(q) for q in paths], set(), len(problems)
     for path in paths:

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import fastjvp
+import layouts
 import model
 from model import CONFIGS, MMDiT, CheckpointError
 
@@ -54,9 +55,9 @@ def test_full_size_keys_and_shapes_equal_the_sd35_manifests(name, manifest, coun
 
 def test_full_size_dit4sr_in_diffusers_layout_equals_the_dit4sr_manifest():
     net = _meta(CONFIGS["dit4sr"])
-    ours = {k: list(v.shape) for k, v in model.to_diffusers_state_dict(net.state_dict(), 24).items()}
+    ours = {k: list(v.shape) for k, v in layouts.to_diffusers_state_dict(net.state_dict(), 24).items()}
     ref = _manifest("keys_dit4sr_full_diffusers.json")
-    unused = {k for k in ref if model.DIT4SR_UNUSED.match(k)}
+    unused = {k for k in ref if layouts.DIT4SR_UNUSED.match(k)}
     assert len(unused) == 130
     assert ours == {k: v for k, v in ref.items() if k not in unused}
     assert _n_params(net) == 2_594_049_216
@@ -196,7 +197,7 @@ def test_dit4sr_layout_file_round_trips_and_drops_unused_extras(tmp_path):
     net = _randomize(MMDiT(CONFIGS["tiny"])).eval()
     path = tmp_path / "transformer" / "diffusion_pytorch_model.safetensors"
     path.parent.mkdir()
-    sd = model.to_diffusers_state_dict(net.state_dict(), net.cfg.depth)
+    sd = layouts.to_diffusers_state_dict(net.state_dict(), net.cfg.depth)
     for i in net.cfg.dual_layers:   # DiT4SR's never-used attn2 text projections, half precision
         for n in ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"):
             sd[f"transformer_blocks.{i}.attn2.{n}.weight"] = torch.randn(128, 128).half()
@@ -221,7 +222,7 @@ def test_dit4sr_layout_file_round_trips_and_drops_unused_extras(tmp_path):
 def test_sharded_diffusers_folder_loads(tmp_path):
     torch.manual_seed(0)
     net = MMDiT(CONFIGS["tiny"])
-    sd = model.to_diffusers_state_dict(net.state_dict(), net.cfg.depth)
+    sd = layouts.to_diffusers_state_dict(net.state_dict(), net.cfg.depth)
     keys = sorted(sd)
     shards = {"a.safetensors": keys[::2], "b.safetensors": keys[1::2]}
     for f, ks in shards.items():
@@ -685,7 +686,7 @@ def _dit4sr_reference(sd, cfg, x, sigma, pooled, context, lr):
 def test_lr_stream_matches_an_independent_restatement_of_dit4sr(mode):
     torch.manual_seed(0)
     net = _randomize(MMDiT(replace(CONFIGS["tiny"], lr_key_mode=mode)), std=0.1).double().eval()
-    sd = model.to_diffusers_state_dict(net.state_dict(), net.cfg.depth)
+    sd = layouts.to_diffusers_state_dict(net.state_dict(), net.cfg.depth)
     inp = _inputs(net.cfg, H=6, W=10, dtype=torch.float64)
     with torch.no_grad():
         ours = net(**inp)
@@ -1777,6 +1778,7 @@ def test_train_tiny_teacher_then_distill_end_to_end(tmp_path):
     assert student.cfg.two_times and student.cfg.time_scale == 1.0 and student.cfg.lr_stream
     # the export records its training tile (32^2 crops / the tiny VAE's x4 = 8) for sample.py
     assert student.sampling == {"tile": 8, "tile_overlap": 4} and trained.sampling["tile"] == 8
+    assert trained.sampling["shift"] == 3.0          # the teacher's sampler grid: its training's --time-shift
     logs = [json.loads(line) for line in (s_out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in logs)
     assert all(math.isfinite(r["jvp_term"]) and r["jvp_term"] >= 0 for r in logs)
@@ -2530,7 +2532,8 @@ def test_sample_defaults_come_from_the_checkpoint_then_dit4sr(_smp_models, tmp_p
     student = model.load_transformer(str(_smp_models / "student.safetensors"))
     assert student.sampling == {}                                      # nothing recorded: DiT4SR's tiles
     teacher = model.load_transformer(str(_smp_models / "teacher.safetensors"))
-    student.sampling, teacher.sampling = {"tile": 6, "tile_overlap": 2}, {"tile": 8, "tile_overlap": 4, "cfg": 1.5}
+    student.sampling = {"tile": 6, "tile_overlap": 2}
+    teacher.sampling = {"tile": 8, "tile_overlap": 4, "cfg": 1.5, "shift": 1.0}
     for name, net in (("s", student), ("t", teacher)):
         model.save_transformer(net, str(tmp_path / f"{name}.safetensors"))
     shutil.copy(_smp_models / "vae.safetensors", tmp_path / "vae.safetensors")
@@ -2541,8 +2544,24 @@ def test_sample_defaults_come_from_the_checkpoint_then_dit4sr(_smp_models, tmp_p
     assert run("--ckpt", str(tmp_path / "t.safetensors"), "--teacher", "--steps", "1") == 0
     assert run("--ckpt", str(tmp_path / "t.safetensors"), "--teacher", "--steps", "1", "--cfg", "7") == 0
     assert run("--ckpt", str(tmp_path / "t.safetensors"), "--teacher", "--steps", "1", "--cfg-scale", "3") == 0
-    got = [(kw["tile"], kw["tile_overlap"], kw["cfg"]) for kw in seen]
-    assert got == [(64, 24, 8.0), (6, 2, 8.0), (10, 0, 8.0), (8, 4, 1.5), (8, 4, 7.0), (8, 4, 3.0)]
+    assert run("--ckpt", str(tmp_path / "t.safetensors"), "--teacher", "--steps", "1", "--shift", "2") == 0
+    got = [(kw["tile"], kw["tile_overlap"], kw["cfg"], kw["shift"]) for kw in seen]
+    assert got == [(64, 24, 8.0, 3.0), (6, 2, 8.0, 3.0), (10, 0, 8.0, 3.0), (8, 4, 1.5, 1.0), (8, 4, 7.0, 1.0),
+                   (8, 4, 3.0, 1.0), (8, 4, 1.5, 2.0)]
+    with pytest.raises(SystemExit):
+        sample.parse_args([str(tmp_path / "a.png"), "--teacher", "--shift", "0"])
+
+
+def test_upscale_samples_the_teacher_on_the_grid_of_its_shift(_smp_models, monkeypatch):
+    net, vae = sample.load_models(str(_smp_models / "teacher.safetensors"), teacher=True)
+    cond = (torch.zeros(1, net.cfg.pooled_dim), torch.zeros(1, 4, net.cfg.context_dim))
+    seen = []
+    real = mfsr.sample_teacher
+    monkeypatch.setattr(mfsr, "sample_teacher", lambda *a, **kw: (seen.append(kw["shift"]), real(*a, **kw))[1])
+    img = torch.rand(1, 3, 8, 8)
+    a, b = (sample.upscale(img, net, vae, cond, 3, teacher=True, cfg=1.0, shift=s, tile=8, tile_overlap=4)
+            for s in (1.0, 3.0))
+    assert seen == [1.0, 3.0] and not torch.allclose(a, b)
 
 
 # ============================================================================================
@@ -2972,7 +2991,11 @@ _EXAMPLES = Path(__file__).resolve().parent / "examples"
 
 def test_shipped_miniature_loads_with_every_key_checked_and_fits_the_size_budget():
     nets, v, embs = miniature.load_shipped(str(_SHIP))        # load_* check every key and shape
-    assert nets["student"].cfg.two_times and nets["student"].cfg.time_scale == 1.0
+    student_args = json.loads((_SHIP / "training.json").read_text())["stages"]["student"].split()
+    assert nets["student"].cfg.two_times
+    scale = float(student_args[student_args.index("--time-scale") + 1]) if "--time-scale" in student_args \
+        else train.TrainConfig().time_scale                  # what its training ran with
+    assert nets["student"].cfg.time_scale == scale
     assert not nets["teacher"].cfg.two_times and nets["teacher"].cfg.lr_stream
     for name, net in nets.items():   # the file holds exactly the keys of the model its config builds
         with torch.device("meta"):
@@ -3109,6 +3132,8 @@ def test_miniature_pipeline_runs_end_to_end_at_a_hundredth_of_the_steps(tmp_path
     scan = json.loads((runs / "cfg" / "final" / "cfg.json").read_text())
     assert [r["cfg"] for r in scan["rows"]] == list(miniature.CFG_SCALES) and scan["cfg"] in miniature.CFG_SCALES
     assert nets["teacher"].sampling["cfg"] == scan["cfg"] == info["cfg_scale"]
+    teacher_args = info["stages"]["teacher"].split()
+    assert nets["teacher"].sampling["shift"] == float(teacher_args[teacher_args.index("--time-shift") + 1])
     assert info["eq11_w"] == scan["cfg"] - 1
     student_args = info["stages"]["student"].split()
     assert float(student_args[student_args.index("--cfg-w") + 1]) == info["eq11_w"]     # one guidance, two spellings

@@ -558,7 +558,8 @@ def save_checkpoint(cfg, net, opt, ema, step, rank, embs, stats, vae=None):
         vae_lib.save_vae(calibrated_vae(net, stats, ema), os.path.join(tmp, "vae.safetensors"))
     else:
         latent = cfg.size // (vae.cfg.factor if vae is not None else 8)
-        sampling = {"tile": latent, "tile_overlap": sample_overlap(latent, net.cfg.patch)}
+        sampling = {"tile": latent, "tile_overlap": sample_overlap(latent, net.cfg.patch),
+                    **({"shift": cfg.time_shift} if cfg.stage == "teacher" else {})}   # its sampler's grid
         save_full(net, os.path.join(tmp, f"{cfg.stage if cfg.stage == 'teacher' else 'student'}.safetensors"),
                   sampling, ema)
         if vae is not None and not (cfg.vae or cfg.ckpt):
