@@ -2570,6 +2570,7 @@ def test_upscale_samples_the_teacher_on_the_grid_of_its_shift(_smp_models, monke
 import io  # noqa: E402
 
 import text  # noqa: E402
+import text_tokenizers  # noqa: E402
 from checkpoint import SafetensorsFiles  # noqa: E402
 
 _TXT_CORPUS = [
@@ -2749,7 +2750,7 @@ def _txt_pipeline(tmp_path_factory):
 def test_text_clip_matches_transformers(_txt_pipeline):
     """Both CLIP variants (quick-GELU + eos id, GELU + argmax pooling), loaded from save_pretrained files."""
     root, hf, _ = _txt_pipeline
-    tok = text.CLIPTokenizer.from_folder(os.path.join(root, "tokenizer"))
+    tok = text_tokenizers.CLIPTokenizer.from_folder(os.path.join(root, "tokenizer"))
     ids = tok(["a photo of a cat", "", _TXT_CORPUS[11]])
     for which, sub in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2")):
         ours = text.load_clip(root, which)
@@ -2815,7 +2816,7 @@ def test_text_clip_tokenizer_matches_reference(_txt_pipeline):
     root, _, _ = _txt_pipeline
     for sub, pad in (("tokenizer", None), ("tokenizer_2", "!")):
         ref = tr.CLIPTokenizer.from_pretrained(os.path.join(root, sub))
-        ours = text.CLIPTokenizer.from_folder(os.path.join(root, sub))
+        ours = text_tokenizers.CLIPTokenizer.from_folder(os.path.join(root, sub))
         assert ours.pad == (ours.eos if pad is None else ours.vocab["!"])
         corpus = _TXT_CORPUS + (_TXT_SLOW_ONLY if not ref.is_fast else [])   # slow: transformers < 5
         want = ref(corpus, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
@@ -2827,13 +2828,13 @@ def test_text_clip_tokenizer_matches_reference(_txt_pipeline):
 
 def test_text_clip_cleaning():
     """The ftfy-less cleaning of transformers 4's CLIPTokenizer (checked against it when installed)."""
-    assert text.clip_clean("  A\x0bB\tC\u00a0 中文 x\x00y\ufffd ") == "ab c 中 文 xy"
-    assert text.clip_clean("Cafe\u0301") == "café"     # NFC composes
+    assert text_tokenizers.clip_clean("  A\x0bB\tC\u00a0 中文 x\x00y\ufffd ") == "ab c 中 文 xy"
+    assert text_tokenizers.clip_clean("Cafe\u0301") == "café"     # NFC composes
 
 
 def test_text_t5_tokenizer_matches_tokenizers(_txt_pipeline):
     root, _, ref = _txt_pipeline
-    ours = text.T5Tokenizer.from_file(os.path.join(root, "tokenizer_3", "tokenizer.json"))
+    ours = text_tokenizers.T5Tokenizer.from_file(os.path.join(root, "tokenizer_3", "tokenizer.json"))
     ref.enable_truncation(max_length=77)
     ref.enable_padding(length=77, pad_id=0, pad_token="<pad>")
     corpus = _TXT_CORPUS + _TXT_SLOW_ONLY
@@ -2850,8 +2851,8 @@ def test_text_precompiled_charsmap(_txt_pipeline):
     root, _, _ = _txt_pipeline
     with open(os.path.join(root, "tokenizer_3", "tokenizer.json"), encoding="utf-8") as f:
         spec = json.load(f)
-    blob = text._flatten(spec["normalizer"], "normalizers")[0]["precompiled_charsmap"]
-    cm = text.T5Tokenizer(spec)._precompiled(blob)
+    blob = text_tokenizers._flatten(spec["normalizer"], "normalizers")[0]["precompiled_charsmap"]
+    cm = text_tokenizers.T5Tokenizer(spec)._precompiled(blob)
     assert cm.normalize("ＡＢＣ ﬁ ① plain") == "ABC fi 1 plain"
 
 
