@@ -492,20 +492,20 @@ def _train_case(cfg, h, B, compiled):
 
 
 def _pairs_per_second(size, n=6):
-    """train.PairDataset (crop, degrade.py, embeddings) items per second in this process."""
+    """pairs.PairDataset (crop, degrade.py, embeddings) items per second in this process."""
     import tempfile
 
     import numpy as np
     from PIL import Image
 
     import degrade
-    import train
+    import pairs
     with tempfile.TemporaryDirectory() as d:
         rng = np.random.default_rng(0)
         for i in range(3):   # smooth random photographs-to-be, larger than the crop
             small = rng.random((size // 16, size // 16, 3)) * 255
             Image.fromarray(small.astype(np.uint8)).resize((size + 64, size + 64), Image.BICUBIC).save(f"{d}/{i}.png")
-        ds = train.PairDataset(train.find_images(d), size, (torch.zeros(1, 64), torch.zeros(32)), degrade.DegradeConfig())
+        ds = pairs.PairDataset(pairs.find_images(d), size, (torch.zeros(1, 64), torch.zeros(32)), degrade.DegradeConfig())
         ds[(0, 0)]
         t0 = time.perf_counter()
         for i in range(n):

@@ -57,6 +57,7 @@ from safetensors import safe_open
 
 import mfsr
 import model
+import pairs
 import sample
 import train
 import vae as vae_lib
@@ -343,7 +344,7 @@ def scan_cfg(runs, scale=1.0, crops=16, steps=40, seed=0):
     v = vae_lib.load_vae(os.path.join(runs, "vae", "final", "vae.safetensors")).eval()
     net = model.load_transformer(os.path.join(runs, "teacher", "final", "teacher.safetensors")).eval()
     zeros = (torch.zeros(1, net.cfg.context_dim), torch.zeros(net.cfg.pooled_dim))
-    emb = {e: train.load_embedding(os.path.join(runs, "emb", e + ".safetensors"), zeros) for e in ("prompt", "neg")}
+    emb = {e: pairs.load_embedding(os.path.join(runs, "emb", e + ".safetensors"), zeros) for e in ("prompt", "neg")}
     g = torch.Generator().manual_seed(seed)
     names = TRAIN[::max(1, len(TRAIN) // crops)][:crops]
     hr = torch.stack([degrade.random_crop_pair_source(torch.from_numpy(photo(n)).permute(2, 0, 1).float() / 255,
@@ -389,7 +390,7 @@ def tune_decoder(runs, scale=1.0, batch=16, size=64, lr=1e-4, ema=0.99, seed=0):
               for p in sorted(glob.glob(os.path.join(runs, "data", "train", "*.png")))]
     g = torch.Generator().manual_seed(seed)
     for step in range(steps):
-        x = torch.stack([train.random_crop(images[int(torch.randint(len(images), (1,), generator=g))], size, g)
+        x = torch.stack([pairs.random_crop(images[int(torch.randint(len(images), (1,), generator=g))], size, g)
                          for _ in range(batch)]) * 2 - 1                              # (B, 3, size, size)
         with torch.no_grad():
             z = v.encode(x, tile=0)                                                   # model space, mean
@@ -585,7 +586,7 @@ def load_shipped(dest=SHIP):
     nets = {n: model.load_transformer(os.path.join(dest, n + ".safetensors")).eval()
             for n in ("teacher", "student", "student_gt")}
     v = vae_lib.load_vae(os.path.join(dest, "vae.safetensors")).eval()
-    embs = {e: train.load_embedding(os.path.join(dest, e + ".safetensors"),
+    embs = {e: pairs.load_embedding(os.path.join(dest, e + ".safetensors"),
                                     (torch.zeros(1, nets["student"].cfg.context_dim),
                                      torch.zeros(nets["student"].cfg.pooled_dim)))
             for e in ("null", "prompt", "neg")}
@@ -689,7 +690,7 @@ def student_metrics(runs, student, size=128, names=HELD_OUT):
     v = vae_lib.load_vae(os.path.join(runs, "decoder", "final", "vae.safetensors")).eval()
     net = model.load_transformer(student).eval()
     zeros = (torch.zeros(1, net.cfg.context_dim), torch.zeros(net.cfg.pooled_dim))
-    c, p = train.load_embedding(os.path.join(runs, "emb", "prompt.safetensors"), zeros)
+    c, p = pairs.load_embedding(os.path.join(runs, "emb", "prompt.safetensors"), zeros)
     out = {}
     for setting in SETTINGS:
         hr, lr = heldout_pairs(size, 1, 0, setting, names)

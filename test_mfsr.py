@@ -1721,6 +1721,7 @@ def test_deg_noise_statistics_match_basicsr():
 # ============================================================================================
 # train.py (tiny preset, CPU)
 
+import pairs  # noqa: E402
 import train  # noqa: E402
 
 
@@ -1749,8 +1750,8 @@ def _fixed_teacher_loss(net, data):
     vae_ = train.vae_lib.VAE(train.vae_lib.CONFIGS["tiny"]).eval()
     null = (torch.zeros(1, 64), torch.zeros(32))
     import degrade
-    ds = train.PairDataset(train.find_images(data), 32, null, degrade.DegradeConfig())
-    batch = train.collate([ds[(i, 100 + i)] for i in range(4)])
+    ds = pairs.PairDataset(pairs.find_images(data), 32, null, degrade.DegradeConfig())
+    batch = pairs.collate([ds[(i, 100 + i)] for i in range(4)])
     g = torch.Generator().manual_seed(0)
     z_hr, z_lr = train.encode_pair(vae_, batch, g)
     cfg.caption_dropout = 0.0
@@ -2029,7 +2030,7 @@ def test_train_vae_stage_learns_and_exports_a_calibrated_vae(tmp_path):
     torch.manual_seed(0)
     init = V.VAE(V.CONFIGS["tiny"]).eval()                   # random (train.py starts from PCA, then trains)
     import degrade
-    x = torch.stack([degrade.load_image(p) for p in train.find_images(data)])[..., :32, :32] * 2 - 1
+    x = torch.stack([degrade.load_image(p) for p in pairs.find_images(data)])[..., :32, :32] * 2 - 1
     with torch.no_grad():
         err = {k: (v.decode(v.encode(x), clamp=False) - x).abs().mean().item() for k, v in
                (("init", init), ("trained", trained))}
@@ -2164,15 +2165,15 @@ def test_train_clean_prob_gives_bicubic_pairs_and_the_plain_gt(tmp_path):
     rng = np.random.default_rng(1)
     folder = tmp_path
     Image.fromarray((rng.random((48, 48, 3)) * 255).astype(np.uint8)).save(folder / "a.png")
-    paths = train.find_images(str(folder))
-    clean = train.PairDataset(paths, 32, null, degrade.DegradeConfig(gt_size=32), clean_prob=1.0)
-    real = train.PairDataset(paths, 32, null, degrade.DegradeConfig(gt_size=32, usm_gt=False), clean_prob=0.0)
+    paths = pairs.find_images(str(folder))
+    clean = pairs.PairDataset(paths, 32, null, degrade.DegradeConfig(gt_size=32), clean_prob=1.0)
+    real = pairs.PairDataset(paths, 32, null, degrade.DegradeConfig(gt_size=32, usm_gt=False), clean_prob=0.0)
     for seed in range(3):
         c, r = clean[(0, seed)], real[(0, seed)]
         assert torch.equal(c["gt"], r["gt"])                               # the same crop, not sharpened
         assert torch.equal(c["lr"], degrade.bicubic_down(c["gt"][None])[0])
         assert not torch.equal(r["lr"], c["lr"])
-    mixed = train.PairDataset(paths, 32, null, degrade.DegradeConfig(gt_size=32, usm_gt=False), clean_prob=0.5)
+    mixed = pairs.PairDataset(paths, 32, null, degrade.DegradeConfig(gt_size=32, usm_gt=False), clean_prob=0.5)
     n_clean = sum(torch.equal(mixed[(0, k)]["lr"], degrade.bicubic_down(mixed[(0, k)]["gt"][None])[0]) for k in range(40))
     assert 8 <= n_clean <= 32, n_clean
     assert train.parse_args(["--data", str(folder), "--plain-gt", "--clean-prob", "0.3"]).plain_gt
@@ -2945,7 +2946,6 @@ def test_text_load_errors(_txt_pipeline, tmp_path):
 
 
 def test_text_precompute_command(_txt_pipeline, tmp_path):
-    import train
     root, _, _ = _txt_pipeline
     data = tmp_path / "data"
     (data / "sub").mkdir(parents=True)
@@ -2957,7 +2957,7 @@ def test_text_precompute_command(_txt_pipeline, tmp_path):
     ref, ref_pooled = text.encode_prompts(["a red fox in snow", "", text.NEGATIVE_PROMPT], enc, 12)
     null = (torch.zeros(1, 224), torch.zeros(64))
     for name, i in (("a", 0), ("sub/b", 1), ("null", 1), ("neg", 2)):
-        context, pooled = train.load_embedding(str(data / f"{name}.safetensors"), null)
+        context, pooled = pairs.load_embedding(str(data / f"{name}.safetensors"), null)
         assert context.shape == (77 + 12, 224) and pooled.shape == (64,)
         assert (context - ref[i]).abs().max() <= 1e-6 and (pooled - ref_pooled[i]).abs().max() <= 1e-6
     assert (data / "a.png").read_bytes() == b"png" and not list(data.glob("*.tmp*"))

@@ -6,7 +6,7 @@ distilled from it with the MeanFlow identity (--stage distill, MFSR Alg. 1; the 
     python train.py --ckpt sd3.5_medium.safetensors --teacher dit4sr_q/ --data HR_DIR ...   # full scale
     torchrun --nproc_per_node 8 train.py ...                                              # many GPUs
 
-Pairs are made on the fly (paper §5.1): a random HR crop, USM-sharpened, degraded with the
+Pairs are made on the fly (paper §5.1; pairs.py): a random HR crop, USM-sharpened, degraded with the
 Real-ESRGAN pipeline (degrade.py) to LR at 1/4; LR bicubic-upsampled x4; both VAE-encoded.
 Conditioning comes from embedding files beside the images (`name.safetensors` with `context`
 (L, context_dim) and `pooled` (pooled_dim)), else the null embedding (--null-emb, zeros if absent).
@@ -21,7 +21,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -35,9 +34,8 @@ import mfsr
 import model
 import vae as vae_lib
 from checkpoint import CheckpointError, SafetensorsFiles, atomic_save
+from pairs import PairDataset, StepBatches, collate, find_images, load_embedding, mix
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-CACHE_BYTES = 512 * 2 ** 20     # decoded images each data worker keeps in memory
 PCA_CROPS = 256                 # vae stage: training crops whose patches initialise a patch VAE (PCA)
 
 
@@ -97,105 +95,7 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Data: HR images -> (gt, lr) pairs in worker processes, conditioning from embedding files
-
-
-def find_images(data):
-    paths = []
-    for root in [d for d in data.split(",") if d]:
-        if not os.path.isdir(root):
-            raise SystemExit(f"error: --data {root}: no such folder")
-        paths += sorted(p for p in glob.glob(os.path.join(root, "**", "*"), recursive=True)
-                        if p.lower().endswith(IMAGE_EXTS))
-    if not paths:
-        raise SystemExit(f"error: --data {data}: no images ({', '.join(IMAGE_EXTS)}) found")
-    return paths
-
-
-def random_crop(img, size, g):
-    """(3, H, W) uint8 or in [0, 1] -> (3, size, size) in [0, 1]: smaller images upscaled (bicubic)
-    first; of a large uint8 image only the crop is converted to float."""
-    _, H, W = img.shape
-    if min(H, W) < size:
-        img = img.float() / 255 if img.dtype == torch.uint8 else img
-        k = size / min(H, W)
-        img = F.interpolate(img[None], size=(max(size, round(H * k)), max(size, round(W * k))),
-                            mode="bicubic", align_corners=False)[0].clamp(0, 1)
-        _, H, W = img.shape
-    y = int(torch.randint(0, H - size + 1, (1,), generator=g))
-    x = int(torch.randint(0, W - size + 1, (1,), generator=g))
-    crop = img[:, y:y + size, x:x + size]
-    return crop.float() / 255 if crop.dtype == torch.uint8 else crop
-
-
-class PairDataset(torch.utils.data.Dataset):
-    """Item (index, seed) -> dict(gt, lr, context, pooled, name), or dict(unreadable=path)."""
-
-    def __init__(self, paths, size, default, degrade_cfg, clean_prob=0.0):
-        """default: the (context, pooled) of images without an embedding file; degrade_cfg None:
-        no degradation (the vae stage), lr is then the HR crop area-downsampled x4. A share
-        `clean_prob` of the items gets the clean bicubic x4 LR instead of the Real-ESRGAN one."""
-        self.paths, self.size, self.default, self.degrade_cfg = paths, size, default, degrade_cfg
-        self.clean_prob = clean_prob
-        self.decoded, self.decoded_bytes = {}, 0    # decoded images kept per worker, up to CACHE_BYTES
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, key):
-        import degrade
-        i, seed = key
-        path = self.paths[i]
-        arr = self.decoded.get(path)
-        if arr is None:
-            try:
-                with Image.open(path) as im:
-                    arr = np.array(im.convert("RGB"))                     # (H, W, 3) uint8
-            except Exception as e:  # PIL raises many types for truncated / odd files
-                print(f"warning: skipping unreadable image {path}: {e}", file=sys.stderr)
-                return dict(unreadable=path)
-            if self.decoded_bytes + arr.nbytes <= CACHE_BYTES:   # small data sets: decode each file once
-                self.decoded[path] = arr
-                self.decoded_bytes += arr.nbytes
-        g = torch.Generator().manual_seed(seed)
-        hr = random_crop(torch.from_numpy(arr).permute(2, 0, 1), self.size, g)
-        if self.degrade_cfg is None:
-            gt, lr = hr[None], F.avg_pool2d(hr[None], 4)
-        elif self.clean_prob > 0 and torch.rand((), generator=g) < self.clean_prob:
-            gt, lr = hr[None], degrade.bicubic_down(hr[None], self.degrade_cfg.scale)
-        else:
-            gt, lr, _ = degrade.degrade(hr[None], self.degrade_cfg, generator=g)
-        context, pooled = load_embedding(os.path.splitext(path)[0] + ".safetensors", self.default)
-        return dict(gt=gt[0], lr=lr[0], context=context, pooled=pooled, name=path)
-
-
-def load_embedding(path, null):
-    """(context, pooled) from an embedding file, or the null embedding when there is none."""
-    if not os.path.exists(path):
-        return null
-    f = SafetensorsFiles(path)
-    try:
-        context, pooled = f.get("context"), f.get("pooled")
-    except KeyError:
-        raise CheckpointError(f"{path}: an embedding file needs 'context' and 'pooled' tensors") from None
-    if context.shape[-1] != null[0].shape[-1] or pooled.shape != null[1].shape:
-        raise CheckpointError(f"{path}: context {tuple(context.shape)} / pooled {tuple(pooled.shape)} do not "
-                              f"fit the model ({null[0].shape[-1]} / {tuple(null[1].shape)})")
-    return context.float(), pooled.float()
-
-
-def collate(items):
-    """A batch dict; `unreadable` lists the paths of the items that could not be read (an all-unreadable
-    batch has nothing else)."""
-    unreadable = [it["unreadable"] for it in items if "unreadable" in it]
-    items = [it for it in items if "unreadable" not in it]
-    if not items:
-        return dict(unreadable=unreadable)
-    L = max(it["context"].shape[0] for it in items)   # pad contexts to one length (zeros = padding)
-    ctx = torch.stack([F.pad(it["context"], (0, 0, 0, L - it["context"].shape[0])) for it in items])
-    return dict(gt=torch.stack([it["gt"] for it in items]), lr=torch.stack([it["lr"] for it in items]),
-                context=ctx, pooled=torch.stack([it["pooled"] for it in items]),
-                names=[it["name"] for it in items], unreadable=unreadable)
+# Data: pairs.py makes them; --cache-latents encodes a fixed set once
 
 
 def latent_cache(cfg, paths, data, vae, device, rank):
@@ -213,14 +113,14 @@ def latent_cache(cfg, paths, data, vae, device, rank):
         print(f"warning: {path} was made with other settings; encoding again")
     n, parts = cfg.cache_latents, []
     steps = math.ceil(n / cfg.batch)
-    loader = torch.utils.data.DataLoader(data, batch_sampler=StepBatches(len(paths), cfg.batch, _mix(cfg.seed, 1),
+    loader = torch.utils.data.DataLoader(data, batch_sampler=StepBatches(len(paths), cfg.batch, mix(cfg.seed, 1),
                                                                          rank, 0, steps),
                                          collate_fn=collate, num_workers=cfg.workers)
     t0 = time.time()
     for k, batch in enumerate(loader):
         if "gt" not in batch:
             continue
-        g = torch.Generator().manual_seed(_mix(cfg.seed, k, rank, 11))
+        g = torch.Generator().manual_seed(mix(cfg.seed, k, rank, 11))
         z_hr, z_lr = encode_pair(vae, {k: batch[k].to(device) for k in ("gt", "lr")}, g)
         parts.append(dict(z_hr=z_hr.cpu(), z_lr=z_lr.cpu(), context=batch["context"], pooled=batch["pooled"]))
         if rank == 0 and (k + 1) % 20 == 0:
@@ -236,33 +136,9 @@ def cached_batches(cache, cfg, rank, start):
     """For step k: `batch` rows of the latent cache, drawn from a generator seeded by (seed, k, rank)."""
     n = cache["z_hr"].shape[0]
     for k in range(start, cfg.steps):
-        g = torch.Generator().manual_seed(_mix(cfg.seed, k, rank, 3))
+        g = torch.Generator().manual_seed(mix(cfg.seed, k, rank, 3))
         idx = torch.randint(n, (cfg.batch * cfg.accum,), generator=g).to(cache["z_hr"].device)
         yield {name: v[idx] for name, v in cache.items()} | {"names": [f"cached pair {i}" for i in idx.tolist()]}
-
-
-class StepBatches(torch.utils.data.Sampler):
-    """For step k: `batch` (index, seed) keys drawn from a generator seeded by (seed, k, rank)."""
-
-    def __init__(self, n, batch, seed, rank, start, stop):
-        self.n, self.batch, self.seed, self.rank, self.start, self.stop = n, batch, seed, rank, start, stop
-
-    def __iter__(self):
-        for k in range(self.start, self.stop):
-            g = torch.Generator().manual_seed(_mix(self.seed, k, self.rank))
-            idx = torch.randint(self.n, (self.batch,), generator=g).tolist()
-            seeds = torch.randint(2 ** 62, (self.batch,), generator=g).tolist()
-            yield list(zip(idx, seeds))
-
-    def __len__(self):
-        return self.stop - self.start
-
-
-def _mix(*xs):
-    h = 0
-    for x in xs:
-        h = (h * 1_000_003 + int(x) + 1) % (2 ** 62)
-    return h
 
 
 # --------------------------------------------------------------------------------------------
@@ -796,7 +672,7 @@ def main(argv=None):
               f"{sum(p.numel() for p in trainable):,}; {world} process(es)")
     if cfg.stage == "vae" and not cfg.vae and not cfg.resume and net.cfg.patch > 1:   # a new patch VAE starts as PCA
         crops = PairDataset(paths, cfg.size, prompt, None)
-        crops = [crops[(i % len(paths), _mix(cfg.seed, i, 11))] for i in range(PCA_CROPS)]
+        crops = [crops[(i % len(paths), mix(cfg.seed, i, 11))] for i in range(PCA_CROPS)]
         vae_lib.init_linear_code(net, torch.stack([c["gt"] for c in crops if "gt" in c]) * 2 - 1)
     opt = (torch.optim.Adam(trainable, lr=cfg.lr) if cfg.stage != "teacher"
            else torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=1e-2))
@@ -813,7 +689,7 @@ def main(argv=None):
     log = open(os.path.join(cfg.out, "log.jsonl"), "a") if rank == 0 else None
     bad, t0, unreadable = 0, time.time(), []
     for step, batch in zip(range(start, cfg.steps), batches):
-        g = torch.Generator().manual_seed(_mix(cfg.seed, step, rank, 7))
+        g = torch.Generator().manual_seed(mix(cfg.seed, step, rank, 7))
         unreadable += batch.get("unreadable", [])
         if _any_rank(sync, "gt" not in batch and "z_hr" not in batch):
             print(f"warning: step {step + 1}: no readable image in the batch, skipped")
