@@ -18,14 +18,16 @@ import math
 import os
 import sys
 import tempfile
-from contextlib import contextmanager
-from dataclasses import dataclass, fields
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw
+
+from images import load_image
 
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
 RESIZE_MODES = ("area", "bilinear", "bicubic")
@@ -376,16 +378,6 @@ def bicubic_down(hr, scale=4):
 # Pair sources and the preview command
 
 
-def load_image(path):
-    """(3, H, W) float in [0, 1]; a clear error naming the file if it can't be read."""
-    try:
-        with Image.open(path) as im:
-            arr = np.array(im.convert("RGB"))
-    except (OSError, UnidentifiedImageError) as e:
-        raise ValueError(f"{path}: cannot read image ({e.__class__.__name__}: {e})") from None
-    return torch.from_numpy(arr).permute(2, 0, 1).float() / 255
-
-
 def random_crop_pair_source(img, size=512, generator=None):
     """Random size x size crop of img (3, H, W); images smaller than size are upscaled first (bicubic)."""
     _, H, W = img.shape
@@ -478,7 +470,7 @@ def main(argv=None):
     cfg = DegradeConfig(gt_size=a.gt_size, final_sinc_prob=a.final_sinc_prob, usm_gt=not a.no_usm)
     print(cfg)
     try:
-        img = load_image(a.image)
+        img = load_image(a.image).rgb
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from checkpoint import CheckpointError, SafetensorsFiles
+from images import EXTS as IMAGE_EXTS
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 CACHE_BYTES = 512 * 2 ** 20     # decoded images each data worker keeps in memory
 
 

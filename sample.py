@@ -42,14 +42,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Latent tiles (ARCHITECTURE §3.7 step 6)
 
 
-def tile_starts(n, tile, overlap):
-    """Offsets of tiles of side `tile` along an axis of length n: stride tile - overlap, the last
-    one flush with the end (DiT4SR's layout). One tile of side n when n <= tile."""
-    if n <= tile:
-        return [0]
-    return list(range(0, n - tile, tile - overlap)) + [n - tile]
-
-
 def gaussian_weights(h, w, var=0.01):
     """DiT4SR's blending weight of an h x w tile: a separable Gaussian of variance `var` in
     tile-normalised coordinates, peaked at the centre, tiny but never zero at the edges."""
@@ -79,7 +71,7 @@ class TiledNet:
         """The (rows, cols) slices of every tile of an H x W latent."""
         T = self.tile
         return [(slice(y, y + min(T, H)), slice(x, x + min(T, W)))
-                for y in tile_starts(H, T, self.overlap) for x in tile_starts(W, T, self.overlap)]
+                for y in vae_lib.tile_starts(H, T, self.overlap) for x in vae_lib.tile_starts(W, T, self.overlap)]
 
     def __call__(self, x, sigma, pooled, context, lr=None, sigma_s=None):
         tiles = self.tiles(*x.shape[-2:])

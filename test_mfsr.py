@@ -1408,12 +1408,12 @@ def _vae_tiled_errors(kind, tile_norm, cfg=_VAE_X4):
         if kind == "encode":
             ref = vae.encode(x, tile=0)
             out = vae.encode(x, tile=128, overlap=32, tile_norm=tile_norm)
-            starts, tile, r = V._starts(256, 128, 32), 128, 1 / 4
+            starts, tile, r = V.tile_starts(256, 128, 32), 128, 1 / 4
         else:
             z = vae.encode(x, tile=0)
             ref = vae.decode(z, tile=0, clamp=False)
             out = vae.decode(z, tile=32, overlap=8, tile_norm=tile_norm, clamp=False)
-            starts, tile, r = V._starts(64, 32, 8), 32, 4
+            starts, tile, r = V.tile_starts(64, 32, 8), 32, 4
     err = (out - ref).abs()
     return err.max().item(), err.mean().item() / ref.abs().mean().item(), _vae_band_ratio(err, starts, tile, r)
 
@@ -1462,7 +1462,7 @@ def test_vae_blending_weights_sum_to_one_and_untouched_tiles_reproduce_the_input
     x = torch.randn(2, 3, 40, 56)
     out = V.run_tiled(lambda t: t, [], x, 16, 6, "local")
     assert (out - x).abs().max() < 1e-6
-    w = sum(V._ramp(56, s, 16, 6) for s in V._starts(56, 16, 6))
+    w = sum(V._ramp(56, s, 16, 6) for s in V.tile_starts(56, 16, 6))
     assert w.min() > 0.5
 
 
@@ -2029,8 +2029,7 @@ def test_train_vae_stage_learns_and_exports_a_calibrated_vae(tmp_path):
     trained = V.load_vae(str(out / "ckpt-0000030" / "vae.safetensors"))
     torch.manual_seed(0)
     init = V.VAE(V.CONFIGS["tiny"]).eval()                   # random (train.py starts from PCA, then trains)
-    import degrade
-    x = torch.stack([degrade.load_image(p) for p in pairs.find_images(data)])[..., :32, :32] * 2 - 1
+    x = torch.stack([images.load_image(p).rgb for p in pairs.find_images(data)])[..., :32, :32] * 2 - 1
     with torch.no_grad():
         err = {k: (v.decode(v.encode(x), clamp=False) - x).abs().mean().item() for k, v in
                (("init", init), ("trained", trained))}

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from checkpoint import CheckpointError, SafetensorsFiles, atomic_save, check_keys
+from images import EXTS as IMAGE_EXTS
 from text_tokenizers import CLIP_LEN, CLIPTokenizer, T5Tokenizer, read_json
 
 # DiT4SR's inference prompt suffix (ARCH §3.7).
@@ -58,7 +59,6 @@ def negative_prompt(name_or_text):
     return NEGATIVE_PROMPTS.get(name_or_text, name_or_text)
 
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")   # as train.py
 
 # --------------------------------------------------------------------------------------------
 # Configs

@@ -316,8 +316,10 @@ DECODE_TILE, DECODE_OVERLAP = 64, 16     # latents (x8: 512 and 128 pixels)
 TILE_NORM = "tiles"                     # "tiles" | "down" | "local": see the module docstring
 
 
-def _starts(n, tile, overlap):
-    """Tile offsets along an axis of length n: stride tile - overlap, the last flush with the end."""
+def tile_starts(n, tile, overlap):
+    """Offsets of tiles of side `tile` along an axis of length n: stride tile - overlap, the last
+    one flush with the end (DiT4SR's layout; sample.py's latent tiles use it too). One tile of
+    side n when n <= tile."""
     if n <= tile:
         return [0]
     return list(range(0, n - tile, tile - overlap)) + [n - tile]
@@ -360,7 +362,7 @@ def _shared_norm_stats(net, norms, mode, x, tile, overlap):
             for m in norms:
                 m.sums = [0, 0.0, 0.0]
             if mode == "tiles":
-                rows, cols = _starts(H, tile, overlap), _starts(W, tile, overlap)
+                rows, cols = tile_starts(H, tile, overlap), tile_starts(W, tile, overlap)
                 for y0, (ya, yb) in zip(rows, _owned(H, rows, tile)):
                     for x0, (xa, xb) in zip(cols, _owned(W, cols, tile)):
                         crop = x[..., y0:y0 + tile, x0:x0 + tile]
@@ -397,7 +399,7 @@ def run_tiled(net, norms, x, tile, overlap, tile_norm=TILE_NORM):
         raise ValueError(f"need 0 <= overlap < tile, got tile {tile}, overlap {overlap}")
     th, tw = min(tile, H), min(tile, W)
     tiles = [(..., slice(y0, y0 + th), slice(x0, x0 + tw))
-             for y0 in _starts(H, tile, overlap) for x0 in _starts(W, tile, overlap)]
+             for y0 in tile_starts(H, tile, overlap) for x0 in tile_starts(W, tile, overlap)]
     if len(tiles) == 1:   # fits in one tile: the untiled computation, no statistics pass
         with torch.no_grad():
             return net(x).float()
