@@ -141,34 +141,39 @@ def meanflow_target(u_fn, z_t, t, s, v, cond=None, mode="split", u_fn_jvp=None):
     """
     B = z_t.shape[0]
     assert t.shape == (B,) and s.shape == (B,) and v.shape == z_t.shape, "t, s (B,); v like z_t"
-    idx = (s != t).nonzero().squeeze(1)
-    same = (s == t).nonzero().squeeze(1)
-    bc = lambda a: a.view(-1, *[1] * (z_t.dim() - 1))
-    rows = lambda r: None if cond is None else tuple(c[r] for c in cond)
-    u_j = u_fn_jvp or u_fn
-    f = u_j if cond is None else (lambda z, t_, s_: u_j(z, t_, s_, rows(idx)))
-    call = lambda r: u_fn(z_t[r], t[r], s[r]) if cond is None else u_fn(z_t[r], t[r], s[r], rows(r))
-    primals = (z_t[idx], t[idx], s[idx])
-    tangents = (v[idx], torch.ones_like(t[idx]), torch.zeros_like(s[idx]))
+    if mode not in ("split", "fused"):
+        raise ValueError(f"mode must be 'split' or 'fused', got {mode!r}")
+    neq = (s != t).nonzero().squeeze(1)          # rows whose target needs du/dt
+    same = (s == t).nonzero().squeeze(1)         # rows whose target is v itself
+
+    def u_on(rows):                              # u_theta on some rows, with their conditions
+        if cond is None:
+            return u_fn(z_t[rows], t[rows], s[rows])
+        return u_fn(z_t[rows], t[rows], s[rows], tuple(c[rows] for c in cond))
+
+    def u_of(z, t_, s_):                         # what the JVP differentiates: u on the rows `neq`
+        f = u_fn_jvp or u_fn
+        return f(z, t_, s_) if cond is None else f(z, t_, s_, tuple(c[neq] for c in cond))
+
+    primals = (z_t[neq], t[neq], s[neq])
+    tangents = (v[neq], torch.ones_like(t[neq]), torch.zeros_like(s[neq]))     # dz/dt = v, dt/dt = 1, ds/dt = 0
     acc = torch.promote_types(v.dtype, torch.float32)       # fp32 target, fp64 stays fp64
+    gap = (s - t)[neq].view(-1, *[1] * (z_t.dim() - 1)).to(acc)                # (s - t) per row
     u_tgt = v.detach().to(acc).clone()
     if mode == "split":
-        if len(idx):
+        if len(neq):
             with torch.no_grad():
-                _, dudt = jvp(f, primals, tangents)
-            u_tgt[idx] += bc(s[idx] - t[idx]).to(acc) * dudt.to(acc)              # Eq. (12)
-        u = call(slice(None))
-    elif mode == "fused":
-        u = torch.zeros_like(z_t, dtype=acc)
-        if len(idx):
-            with fastjvp.detached_tangents():      # dudt is detached below
-                u_neq, dudt = jvp(f, primals, tangents)
-            u = u.index_put((idx,), u_neq.to(u.dtype))
-            u_tgt[idx] += bc(s[idx] - t[idx]).to(acc) * dudt.detach().to(acc)     # Eq. (12)
-        if len(same):
-            u = u.index_put((same,), call(same).to(u.dtype))
-    else:
-        raise ValueError(f"mode must be 'split' or 'fused', got {mode!r}")
+                _, dudt = jvp(u_of, primals, tangents)
+            u_tgt[neq] += gap * dudt.to(acc)                                     # Eq. (12)
+        return u_on(slice(None)), u_tgt.detach()                                 # stopgrad of Eq. (12)
+    u = torch.zeros_like(z_t, dtype=acc)                    # fused: the JVP's primal output is trained
+    if len(neq):
+        with fastjvp.detached_tangents():                   # dudt is detached below
+            u_neq, dudt = jvp(u_of, primals, tangents)
+        u = u.index_put((neq,), u_neq.to(u.dtype))
+        u_tgt[neq] += gap * dudt.detach().to(acc)                                # Eq. (12)
+    if len(same):
+        u = u.index_put((same,), u_on(same).to(u.dtype))
     return u, u_tgt.detach()
 
 
