@@ -1,4 +1,4 @@
-"""The miniature MFSR: the whole story of the paper at a size two CPU cores train in about 70 minutes.
+"""The miniature MFSR: the whole story of the paper at a size two CPU cores train in about 100 minutes.
 
     pip install scikit-image                              # dev-only: photographs (and SSIM's reference)
     apt-get install $(python miniature.py --packages)     # Debian packages that ship photographs
@@ -15,14 +15,15 @@ Every training stage is a train.py run (the same code as the full-scale path), i
   2. teacher  the LR-stream transformer (model.py "tiny") by rectified flow, 128^2 HR / 32^2 LR:
               70 % Real-ESRGAN pairs (degrade.py), 30 % clean bicubic x4 (what many users feed),
               the plain HR as target (no USM sharpening: the tables measure against the plain HR);
-              caption dropout 0.2; 4000 pairs encoded once (--cache-latents); EMA weights
+              caption dropout 0.2; SD3's logit-normal sigma unshifted (--time-shift 1: 256 tokens);
+              4000 pairs encoded once (--cache-latents); EMA weights
   3. cfg      the teacher's CFG scale: the 40-step teacher on training crops at each of
               CFG_SCALES, the largest within CFG_TOLERANCE_DB of the best PSNR (scan_cfg)
   4. distill  the MFSR student: teacher-CFG target with the negative prompt (Eq. 11, w = scale - 1,
               the same guidance the teacher samples with), ratio 0.5, pseudo-Huber, s-embedder,
-              c_noise(t) = t (§4.4). Its first 200 steps have s = t only (--warmup): the student's
-              new time embedding (t instead of the teacher's 1000 sigma) is fitted to the teacher's
-              velocity before the MeanFlow target, whose du/dt needs it. LoRA rank 64 (at width 128,
+              c_noise = 1000 t, the teacher's (not §4.4's t: so the student starts as its teacher;
+              the ablations measure both). Its first 200 steps have s = t only (--warmup): the
+              instantaneous velocity first, then the MeanFlow target. LoRA rank 64 (at width 128,
               half the rank of every layer: close to a full fine-tune, through the same code path
               as the real run), lr 1e-4, EMA 0.99
   5. distill with the ground-truth target (Table 3's first row), for the ablation in the table
@@ -490,10 +491,12 @@ def write_card(dest, info):
              "Training on 2 CPU cores (minutes): " + ", ".join(
                  f"{k} {m:.0f}" if m is not None else f"{k} ?" for k, m in info["minutes"].items()) + ".", "",
              f"Sampling defaults recorded in the files (sample.py uses them): latent tiles of the training "
-             f"size, {nets['student'].sampling}; the teacher's CFG scale {info['cfg_scale']:g} "
+             f"size, {nets['student'].sampling}; the teacher's sigma shift "
+             f"{nets['teacher'].sampling.get('shift', 3.0):g} (its training's) and CFG scale {info['cfg_scale']:g} "
              f"(v_neg + scale (v_c - v_neg)), chosen by the cfg stage (40-step teacher PSNR on training "
              f"crops: " + ", ".join(f"{r['cfg']:g}: {r['PSNR']:.2f} dB" for r in info["cfg_scan"]["rows"])
-             + f"); the student distils Eq. 11 with w = scale - 1 = {info['eq11_w']:g}.", "",
+             + f"); the student distils Eq. 11 with w = scale - 1 = {info['eq11_w']:g} and sees time as "
+             f"c_noise = {nets['student'].cfg.time_scale:g} t.", "",
              "Metrics: metrics.md and figure.png, written by `python bench.py quality` (the repository's "
              "README shows the same table)."]
     with open(os.path.join(dest, "MODEL_CARD.md"), "w") as f:
