@@ -15,15 +15,15 @@ Every training stage is a train.py run (the same code as the full-scale path), i
   2. teacher  the LR-stream transformer (model.py "tiny") by rectified flow, 128^2 HR / 32^2 LR:
               70 % Real-ESRGAN pairs (degrade.py), 30 % clean bicubic x4 (what many users feed),
               the plain HR as target (no USM sharpening: the tables measure against the plain HR);
-              caption dropout 0.2; SD3's logit-normal sigma unshifted (--time-shift 1: 256 tokens);
-              4000 pairs encoded once (--cache-latents); EMA weights
+              caption dropout 0.2; SD3.5's sigma shift 3; 4000 pairs encoded once
+              (--cache-latents); EMA weights
   3. cfg      the teacher's CFG scale: the 40-step teacher on training crops at each of
               CFG_SCALES, the largest within CFG_TOLERANCE_DB of the best PSNR (scan_cfg)
   4. distill  the MFSR student: teacher-CFG target with the negative prompt (Eq. 11, w = scale - 1,
               the same guidance the teacher samples with), ratio 0.5, pseudo-Huber, s-embedder,
-              c_noise = 1000 t, the teacher's (not §4.4's t: so the student starts as its teacher;
-              the ablations measure both). Its first 200 steps have s = t only (--warmup): the
-              instantaneous velocity first, then the MeanFlow target. LoRA rank 64 (at width 128,
+              c_noise(t) = t (§4.4). Its first 200 steps have s = t only (--warmup): the student's
+              new time embedding (t instead of the teacher's 1000 sigma) is fitted to the teacher's
+              velocity before the MeanFlow target, whose du/dt needs it. LoRA rank 64 (at width 128,
               half the rank of every layer: close to a full fine-tune, through the same code path
               as the real run), lr 1e-4, EMA 0.99
   5. distill with the ground-truth target (Table 3's first row), for the ablation in the table
@@ -183,24 +183,23 @@ CFG_TOLERANCE_DB = 0.3               # the largest scale within this PSNR of the
 
 # (stage name, train.py arguments); {size}, {runs}, {w} filled in by run(); steps and cached pairs
 # scaled by --scale. "cfg" is not a train.py run: see scan_cfg.
-# The teacher's --time-shift 1: SD3 shifts sigma by the token count (shift 3 is for 1024^2, 4096
-# tokens); a 32^2 latent has 256, SD3's unshifted 256^2 case. Below sigma = 0.3, where the
-# sampler's last steps and 30 % of the student's (uniform) distillation times are, shift 3 puts
-# 2.6 % of the training rows, shift 1 puts 20 %.
-# The students' --time-scale 1000 (the teacher's c_noise, not §4.4's t): a student then starts as
-# its teacher (u(z, t, t) = v), where with c_noise = t it starts from a time embedding it has never
-# seen; at this size and these step counts that start decides the result (docs/ablations.md, §4.4 row).
+# The teacher keeps SD3.5's --time-shift 3 although a 32^2 latent (256 tokens) is SD3's unshifted
+# case: shift 1 trains small sigma more and denoises better there, but its samples came out sharper
+# and less faithful, 0.7-1.0 dB lower at 40 steps on the held-out set (docs/benchmarks.md).
+# The students keep §4.4's c_noise = t. With the teacher's 1000 t a student starts as its teacher
+# and, over 1200 steps, stayed there: its one step was the teacher's one step (blurry, HF energy
+# 0.14 of the HR's), not the 40-step flow map (docs/benchmarks.md, "Pipeline variants").
 _PAIRS = "--cache-latents 4000 --clean-prob 0.3 --plain-gt --vae {runs}/vae/final/vae.safetensors"
 STAGES = [
     ("vae", "--stage vae --preset tiny --size 64 --batch 16 --lr 5e-4 --lr-decay cosine --ema 0.999 --steps 3000"),
     ("teacher", "--stage teacher --preset tiny --size {size} --batch 8 --lr 5e-4 --lr-decay cosine --ema 0.999 "
-                f"--steps 5000 --caption-dropout 0.2 --neg-prob 0.1 --time-shift 1 {_PAIRS}"),
+                f"--steps 5000 --caption-dropout 0.2 --neg-prob 0.1 --time-shift 3 {_PAIRS}"),
     ("cfg", ""),
     ("student", "--stage distill --preset tiny --size {size} --batch 8 --lr 1e-4 --steps 1200 --warmup 200 --ema 0.99 "
-                "--lora-rank 64 --target neg --cfg-w {w} --ratio 0.5 --loss pseudo_huber --time-scale 1000 "
+                "--lora-rank 64 --target neg --cfg-w {w} --ratio 0.5 --loss pseudo_huber "
                 f"--teacher {{runs}}/teacher/final/teacher.safetensors {_PAIRS}"),
     ("student_gt", "--stage distill --preset tiny --size {size} --batch 8 --lr 1e-4 --steps 600 --ema 0.99 "
-                   "--lora-rank 64 --target gt --ratio 0.5 --loss pseudo_huber --time-scale 1000 "
+                   "--lora-rank 64 --target gt --ratio 0.5 --loss pseudo_huber "
                    f"--teacher {{runs}}/teacher/final/teacher.safetensors {_PAIRS}"),
     ("decoder", ""),
 ]
