@@ -491,7 +491,7 @@ def write_card(dest, info):
                  f"{k} {m:.0f}" if m is not None else f"{k} ?" for k, m in info["minutes"].items()) + ".", "",
              f"Sampling defaults recorded in the files (sample.py uses them): latent tiles of the training "
              f"size, {nets['student'].sampling}; the teacher's sigma shift "
-             f"{nets['teacher'].sampling.get('shift', 3.0):g} (its training's) and CFG scale {info['cfg_scale']:g} "
+             f"{sample.sampling_settings(nets['teacher'])['shift']:g} (its training's) and CFG scale {info['cfg_scale']:g} "
              f"(v_neg + scale (v_c - v_neg)), chosen by the cfg stage (40-step teacher PSNR on training "
              f"crops: " + ", ".join(f"{r['cfg']:g}: {r['PSNR']:.2f} dB" for r in info["cfg_scan"]["rows"])
              + f"); the student distils Eq. 11 with w = scale - 1 = {info['eq11_w']:g} and sees time as "
