@@ -746,6 +746,76 @@ def ablations(runs, scale=1.0, workers=2, dest="docs/ablations.md"):
     print(f"wrote {dest}")
 
 
+# The size scan (issue 21's question: is the miniature capacity-limited?): teachers of other
+# (depth, heads) trained as the "teacher" stage, each on the shipped VAE's latents; the 40-step
+# teacher bounds what a distilled student can reach. 3 x 2 (the shipped size) is the shipped teacher.
+SIZE_SCAN = ((2, 1), (3, 2), (4, 3), (4, 2))
+
+
+@torch.no_grad()
+def teacher_metrics(net, v, embs, steps=40, size=256, names=HELD_OUT):
+    """The `steps`-step teacher at its recorded CFG scale on one size^2 crop of each held-out
+    photograph, per setting: {setting: (PSNR, SSIM, HF energy / HR)}, sampled as sample.py samples."""
+    cond = {e: (p[None], c[None]) for e, (c, p) in embs.items()}
+    out = {}
+    for setting in SETTINGS:
+        hr, lr = heldout_pairs(size, 1, 0, setting, names)
+        sr = torch.cat([sample.upscale(lr[i:i + 1], net, v, cond["prompt"], steps, teacher=True,
+                                       cond_neg=cond["neg"], seed=0, vae_tile=0, **sample.sampling_settings(net))
+                        for i in range(len(lr))])
+        out[setting] = (psnr(sr, hr).mean().item(), ssim(sr, hr).mean().item(), hf_ratio(sr, hr).mean().item())
+    return out
+
+
+def size_scan(runs, scale=1.0, workers=2, dest="docs/model_size.md", sizes=SIZE_SCAN, eval_steps=40, eval_size=256):
+    """Every SIZE_SCAN teacher trained with the shipped recipe (steps scaled) unless it is the
+    shipped size, then its `eval_steps`-step samples measured on `eval_size`^2 held-out crops; the
+    table is printed and written to `dest`."""
+    prepare_data(runs)
+    shipped, v, embs = load_shipped()
+    shipped = shipped["teacher"]
+    cfg_scale = sample.sampling_settings(shipped)["cfg"]
+    steps = max(2, round(int(dict(STAGES)["teacher"].split("--steps ")[1].split()[0]) * scale))
+    lines = ["# Teacher size at miniature scale", "",
+             f"`python miniature.py --size-scan` ({time.strftime('%Y-%m-%d')}): the teacher stage of "
+             f"`miniature.STAGES` ({steps} steps) at each (depth, heads of 64 channels), on the shipped VAE's "
+             f"latents; the shipped size is the shipped teacher. Each sampled with {eval_steps} steps at CFG "
+             f"scale {cfg_scale:g} (the shipped one) on a {eval_size}^2 crop of each of the {len(HELD_OUT)} held-out "
+             "photographs. A distilled student is measured against the 40-step teacher, so the teacher's "
+             "row bounds what its student can reach. fp16 MB: one transformer file as shipped (three are shipped).",
+             "", "| depth x width | parameters | fp16 MB | Real-ESRGAN PSNR / SSIM / HF | clean bicubic PSNR / SSIM / HF "
+             "| minutes |", "|---|---|---|---|---|---|"]
+    vae_path = os.path.abspath(os.path.join(SHIP, "vae.safetensors"))
+    for depth, heads in sizes:
+        if (depth, heads) == (shipped.cfg.depth, shipped.cfg.heads):
+            net = shipped
+            minutes = f'{json.load(open(os.path.join(SHIP, "training.json")))["minutes"]["teacher"]:.1f} (shipped run)'
+        else:
+            out = os.path.join(runs, "size-scan", f"{depth}x{heads}")
+            argv = _with_flags(dict(STAGES)["teacher"].format(runs=runs, size=TRAIN_SIZE).split(),
+                               f"--depth {depth} --heads {heads} --vae {vae_path}")
+            done = glob.glob(os.path.join(runs, "size-scan", "*", "latents-0.safetensors"))
+            if done and not os.path.exists(os.path.join(out, "latents-0.safetensors")):   # same pairs for all
+                os.makedirs(out, exist_ok=True)
+                os.link(done[0], os.path.join(out, "latents-0.safetensors"))
+            if not os.path.exists(os.path.join(out, "final")):
+                train_stage(runs, "teacher", argv, out, scale, workers)
+            net = model.load_transformer(os.path.join(out, "final", "teacher.safetensors")).eval()
+            net.sampling = {**net.sampling, "cfg": cfg_scale}
+            minutes = open(os.path.join(out, "final", "minutes.txt")).read().strip()
+        m = teacher_metrics(net, v, embs, eval_steps, eval_size)
+        n = sum(p.numel() for p in net.parameters())
+        cells = [" / ".join(f"{x:.3g}" for x in m[s]) for s in SETTINGS]
+        lines.append(f"| {depth} x {net.cfg.hidden} | {n / 1e6:.2f} M | {2 * n / 1e6:.1f} | {cells[0]} | {cells[1]} "
+                     f"| {minutes} |")
+        print(lines[-1], flush=True)
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    with open(dest + ".tmp", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(dest + ".tmp", dest)
+    print(f"wrote {dest}")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default="runs/miniature", help="working folder (data, checkpoints)")
@@ -756,6 +826,8 @@ if __name__ == "__main__":
                     + " (with --scale other than 1: to RUNS/mfsr-tiny)")
     ap.add_argument("--ablations", action="store_true", help="the paper's ablations (Tables 3, 4, c_noise, the "
                     "loss) from the trained teacher -> docs/ablations.md (with --scale other than 1: RUNS/ablations.md)")
+    ap.add_argument("--size-scan", action="store_true", help="teachers of other sizes (SIZE_SCAN), 40-step "
+                    "quality -> docs/model_size.md (with --scale other than 1: RUNS/model_size.md)")
     ap.add_argument("--packages", action="store_true",
                     help="print the Debian packages the photographs come from (for apt-get install) and exit")
     a = ap.parse_args()
@@ -765,6 +837,9 @@ if __name__ == "__main__":
     torch.set_num_threads(2)
     if a.ablations:
         ablations(a.runs, a.scale, a.workers, "docs/ablations.md" if a.scale == 1.0 else os.path.join(a.runs, "ablations.md"))
+        sys.exit(0)
+    if a.size_scan:
+        size_scan(a.runs, a.scale, a.workers, "docs/model_size.md" if a.scale == 1.0 else os.path.join(a.runs, "model_size.md"))
         sys.exit(0)
     run(a.runs, a.scale, a.only, a.workers)
     if not a.no_ship:   # a scaled (smoke) run never replaces the shipped model or the example

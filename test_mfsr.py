@@ -2012,6 +2012,23 @@ def test_teacher_loss_time_shift_is_sd3s_shift_of_the_logit_normal_sigma():
         train.parse_args(_TINY + ["--data", "x", "--time-shift", "0"])
 
 
+def test_depth_and_heads_size_a_tiny_teacher_from_scratch_and_are_refused_elsewhere(capsys):
+    """--depth / --heads (the size scan): the teacher stage builds that size, the unset one keeps the
+    tiny config's value; for a distill stage, a given --teacher or the full preset they are refused."""
+    tiny = model.CONFIGS["tiny"]
+    for flags, want in ((["--depth", "2", "--heads", "1"], (2, 1)), (["--depth", "4"], (4, tiny.heads)), ([], (3, 2))):
+        cfg = train.parse_args(_TINY + ["--data", "x", "--stage", "teacher"] + flags)
+        net, _, _ = train.build_models(cfg, torch.device("cpu"))
+        assert (net.cfg.depth, net.cfg.heads, len(net.joint_blocks), net.cfg.hidden) == (*want, want[0], 64 * want[1])
+        assert net.cfg.lr_stream and net.cfg.dual_layers == tiny.dual_layers
+    assert (tiny.depth, tiny.heads) == (3, 2)
+    for bad in (["--stage", "distill", "--depth", "2"], ["--stage", "teacher", "--teacher", "t.safetensors", "--heads", "1"],
+                ["--stage", "teacher", "--preset", "full", "--depth", "2"], ["--stage", "teacher", "--heads", "-1"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(_TINY + ["--data", "x"] + bad)
+        assert "--depth" in capsys.readouterr().err
+
+
 def test_train_learning_rate_schedules():
     cfg = train.parse_args(["--data", "d", "--lr", "2e-3", "--steps", "100", "--lr-decay", "cosine"])
     lrs = [train.learning_rate(cfg, s) for s in range(100)]
@@ -3149,6 +3166,30 @@ def test_miniature_pipeline_runs_end_to_end_at_a_hundredth_of_the_steps(tmp_path
     nets = [model.load_transformer(str(runs / "ablations" / f"{i:02d}" / "final" / "student.safetensors")) for i in range(3)]
     assert [n.cfg.time_scale for n in nets] == [1000.0 if "--time-scale" in r[2] else 1.0 for r in rows]
     assert sorted(n.cfg.time_scale for n in nets) == [1.0, 1.0, 1000.0]
+
+
+@pytest.mark.slow
+def test_size_scan_trains_the_other_sizes_and_measures_the_shipped_teacher_as_its_own_row(tmp_path):
+    """`python miniature.py --size-scan`, shortened: a 2 x 64 teacher trained from scratch on the
+    shipped VAE's latents (its file has that size), the shipped size not retrained but measured as
+    the shipped teacher, one table row each, in the order given."""
+    pytest.importorskip("skimage")
+    if any(src != "skimage" and not os.path.exists(file) for src, file, _ in miniature.PHOTOS.values()):
+        pytest.skip("the miniature's photographs need their Debian packages (.ci/run installs them)")
+    runs, dest = tmp_path / "runs", tmp_path / "model_size.md"
+    miniature.size_scan(str(runs), 0.001, 0, str(dest), sizes=((2, 1), (3, 2)), eval_steps=2, eval_size=64)
+    net = model.load_transformer(str(runs / "size-scan" / "2x1" / "final" / "teacher.safetensors"))
+    assert (net.cfg.depth, net.cfg.hidden, net.cfg.lr_stream, net.cfg.two_times) == (2, 64, True, False)
+    train_cfg = json.loads(SafetensorsFiles(str(runs / "size-scan" / "2x1" / "final" / "trainable.safetensors"))
+                           .metadata["train_config"])
+    assert train_cfg["vae"] == os.path.abspath(_SHIP / "vae.safetensors") and train_cfg["steps"] == 5
+    assert not (runs / "size-scan" / "3x2").exists()
+    shipped = model.load_transformer(str(_SHIP / "teacher.safetensors"))
+    rows = [line.split(" | ") for line in dest.read_text().splitlines() if line.startswith("| ")][1:]
+    assert [r[0] for r in rows] == ["| 2 x 64", "| 3 x 128"]
+    assert [r[1] for r in rows] == [f"{sum(p.numel() for p in n.parameters()) / 1e6:.2f} M" for n in (net, shipped)]
+    assert all(re.match(r"[\d.]+ / [\d.]+ / [\d.]+$", cell) for r in rows for cell in r[3:5])
+    assert rows[1][5].endswith("(shipped run) |")
 
 
 def test_ablation_flags_replace_the_base_rows_settings_or_are_added():

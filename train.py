@@ -61,6 +61,8 @@ class TrainConfig:
     kl: float = 1e-6                # vae stage: weight of the KL term
     cache_latents: int = 0          # > 0: encode this many pairs once and train on them (no per-step VAE)
     size: int = 0                   # HR crop; 0 = 512 (full) / 64 (tiny)
+    depth: int = 0                  # tiny teacher from scratch: joint blocks (0: model.CONFIGS["tiny"]'s)
+    heads: int = 0                  # ... and heads of 64 channels (0: the tiny config's); a size scan
     batch: int = 10                 # per process (paper: 80 over 8 GPUs)
     steps: int = 12000              # App. B: 12K iterations
     lr: float = 5e-5                # Adam (distill, App. B); teacher stage: AdamW like DiT4SR
@@ -167,7 +169,7 @@ def build_models(cfg, device):
             net = model.add_lr_stream(model.load_transformer(cfg.ckpt))
         else:
             torch.manual_seed(cfg.seed)
-            net = model.MMDiT(model.CONFIGS["tiny" if tiny else "dit4sr"])
+            net = model.MMDiT(tiny_config(cfg) if tiny else model.CONFIGS["dit4sr"])
         dead = set(model.dead_lr_params(net))
         for name, p in net.named_parameters():      # DiT4SR trains only the control layers
             p.requires_grad_(name not in dead and ("control" in name or (tiny and not cfg.ckpt)))
@@ -186,6 +188,12 @@ def build_models(cfg, device):
     student = mfsr.student_from_teacher(teacher, lora_rank=cfg.lora_rank, time_scale=cfg.time_scale)
     teacher.requires_grad_(False)
     return student, teacher, vae
+
+
+def tiny_config(cfg):
+    """model.CONFIGS["tiny"], with --depth / --heads where given."""
+    tiny = model.CONFIGS["tiny"]
+    return replace(tiny, depth=cfg.depth or tiny.depth, heads=cfg.heads or tiny.heads)
 
 
 def conditioning(cfg, mcfg):
@@ -559,6 +567,11 @@ def parse_args(argv=None):
         p.error("--cache-latents is for the teacher and distill stages")
     if not cfg.time_shift > 0:
         p.error(f"--time-shift {cfg.time_shift}: must be > 0 (SD3's sigma shift; 1 is none)")
+    if (cfg.depth or cfg.heads) and not (cfg.preset == "tiny" and cfg.stage == "teacher" and not cfg.teacher):
+        p.error("--depth / --heads size a tiny teacher trained from scratch (--preset tiny --stage teacher, "
+                "no --teacher); other models take their size from their checkpoint")
+    if cfg.depth < 0 or cfg.heads < 0:
+        p.error(f"--depth {cfg.depth} --heads {cfg.heads}: must be positive")
     if cfg.size % 32:
         p.error(f"--size {cfg.size}: must be a multiple of 32 (x4 LR, latent patches)")
     out = os.path.realpath(cfg.out)
