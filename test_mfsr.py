@@ -344,7 +344,6 @@ def test_attention_jvp_matches_float64_finite_differences(jvp, monkeypatch):
 
 
 def test_attention_paths_agree_and_backward_through_the_jvp_primal():
-    import torch.autograd.forward_ad as fwAD
     q, k, v = _qkv(dtype=torch.float32)
     ref = model.attention(q, k, v, mode="math")
     for mode in ("sdpa", "function", "chunked"):
