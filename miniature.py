@@ -495,7 +495,7 @@ def write_card(dest, info):
              f"(v_neg + scale (v_c - v_neg)), chosen by the cfg stage (40-step teacher PSNR on training "
              f"crops: " + ", ".join(f"{r['cfg']:g}: {r['PSNR']:.2f} dB" for r in info["cfg_scan"]["rows"])
              + f"); the student distils Eq. 11 with w = scale - 1 = {info['eq11_w']:g} and sees time as "
-             f"c_noise = {nets['student'].cfg.time_scale:g} t.", "",
+             f"c_noise = {'' if nets['student'].cfg.time_scale == 1 else format(nets['student'].cfg.time_scale, 'g') + ' '}t.", "",
              "Metrics: metrics.md and figure.png, written by `python bench.py quality` (the repository's "
              "README shows the same table)."]
     with open(os.path.join(dest, "MODEL_CARD.md"), "w") as f:
