@@ -6,6 +6,7 @@
                                         # gt-target ablation) -> weights/mfsr-tiny/; resumes where it stopped
     python bench.py quality             # the README tables and figure, from weights/mfsr-tiny/
     python miniature.py --ablations     # the paper's ablations from the trained teacher -> docs/ablations.md
+    python miniature.py --size-scan     # teachers of other sizes, 40-step quality -> docs/model_size.md
 
 Every training stage is a train.py run (the same code as the full-scale path), in order:
   1. vae      the tiny VAE (vae.py "tiny": x4, 16 latent channels, every convolution at latent
