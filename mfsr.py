@@ -252,7 +252,11 @@ def sample_student(net, z_lr, pooled, context, steps=1, generator=None):
     return sample(lambda z, t, s: u(z, t, s, c), z0, steps)
 
 
-def sd3_sigmas(steps=40, shift=3.0, device=None):
+SD35_SHIFT = 3.0   # SD3.5's sigma shift, in training (logit-normal sigma) and sampling (ARCHITECTURE §1)
+DIT4SR_CFG = 8.0   # DiT4SR's sampler: standard CFG scale 8 (Eq. 11's w = 7), 40 Euler steps
+
+
+def sd3_sigmas(steps=40, shift=SD35_SHIFT, device=None):
     """SD3.5's inference grid (ARCHITECTURE §1): shifted endpoints, linear, shifted again, then 0."""
     sh = lambda x: shift * x / (1 + (shift - 1) * x)
     grid = torch.linspace(sh(1.0), sh(0.001), steps, dtype=torch.float64)
@@ -260,7 +264,7 @@ def sd3_sigmas(steps=40, shift=3.0, device=None):
 
 
 @torch.no_grad()
-def sample_teacher(net, z_lr, cond, cond_neg, steps=40, cfg=8.0, shift=3.0, generator=None):
+def sample_teacher(net, z_lr, cond, cond_neg, steps=40, cfg=DIT4SR_CFG, shift=SD35_SHIFT, generator=None):
     """The teacher's Euler sampler with CFG on the SD3.5 shifted schedule (DiT4SR's recipe:
     40 steps, CFG 8, batch order [negative, positive]): v = v_neg + cfg (v_c - v_neg).
     cond, cond_neg: (pooled, context) pairs."""

@@ -122,7 +122,8 @@ def wavelet_color_fix(y, ref, levels=5):
 
 
 COLOR_FIXES = {"adain": adain_color_fix, "wavelet": wavelet_color_fix, "none": lambda y, ref: y}
-DEFAULTS = {"tile": 64, "tile_overlap": 24, "cfg": 8.0, "shift": 3.0}   # DiT4SR's, for checkpoints that record none
+DEFAULTS = {"tile": 64, "tile_overlap": 24, "cfg": mfsr.DIT4SR_CFG, "shift": mfsr.SD35_SHIFT}   # DiT4SR's, for
+# checkpoints that record none
 
 
 def sampling_settings(net):
@@ -146,8 +147,9 @@ def pad_to(x, multiple):
 
 
 @torch.no_grad()
-def upscale(img, net, vae, cond, steps=1, *, teacher=False, cond_neg=None, cfg=8.0, shift=3.0, seed=0,
-            tile=64, tile_overlap=24, color_fix="adain", vae_tile=None):
+def upscale(img, net, vae, cond, steps=1, *, teacher=False, cond_neg=None, cfg=DEFAULTS["cfg"],
+            shift=DEFAULTS["shift"], seed=0, tile=DEFAULTS["tile"], tile_overlap=DEFAULTS["tile_overlap"],
+            color_fix="adain", vae_tile=None):
     """x4 super-resolution of img (1, 3, H, W) in [0, 1] -> (1, 3, 4H, 4W) float32 in [0, 1], on CPU.
 
     net: a student (cfg.two_times) or, with teacher=True, a one-time teacher with the LR stream;

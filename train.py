@@ -74,7 +74,7 @@ class TrainConfig:
                                     # fitted to the teacher's velocity before the MeanFlow target)
     target: str = "neg"             # teacher velocity: gt | meanflow | null | neg (Table 3)
     cfg_w: float = 6.0              # w of Eq. 9 / 10 / 11 (a sampler's standard CFG scale is w + 1: mfsr.eq11_w)
-    time_shift: float = 3.0         # teacher stage: SD3's shift of the logit-normal sigma (3 as SD3.5, 1 none)
+    time_shift: float = mfsr.SD35_SHIFT   # teacher stage: SD3's shift of the logit-normal sigma (3 as SD3.5, 1 none)
     kappa: float = 0.0              # kappa of MeanFlow's CFG (Eq. 9, --target meanflow; MeanFlow: w 1, kappa 0.83)
     cond_drop: float = 0.0          # distill: share of rows trained on the null prompt, unguided (MeanFlow: 0.1)
     loss: str = "pseudo_huber"      # pseudo_huber | l2 | adaptive
