@@ -171,13 +171,14 @@ def _model_case(cfg, H, W, B=1, L=16, two_times=True):
 def _load_row(cfg):
     """Peak memory of load_transformer vs the file size: one copy of the weights, not two."""
     import tempfile
+    import layouts
     import model
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "t.safetensors")
-        model.save_transformer(model.MMDiT(cfg), path)
+        layouts.save_transformer(model.MMDiT(cfg), path)
         size = os.path.getsize(path) / 2 ** 20
-        secs = median_times({"load": lambda: model.load_transformer(path)}, repeat=1, warmup=0)["load"]
-        mb = peak_mb(lambda: model.load_transformer(path))[1]
+        secs = median_times({"load": lambda: layouts.load_transformer(path)}, repeat=1, warmup=0)["load"]
+        mb = peak_mb(lambda: layouts.load_transformer(path))[1]
     return {"config": "6x384", "tokens (X+LR)": "-",
             "variant": f"load_transformer: {size:.0f} MB file, peak/file {mb / size:.2f}",
             "seconds": secs, "peak MB": mb, "x fwd mem": "-", "time ratio": "-"}

@@ -1,8 +1,8 @@
 """The SD3.5 MMDiT-X transformer, DiT4SR's LR stream, and the MFSR two-time student.
 
-    from model import CONFIGS, MMDiT, load_transformer
-    net = load_transformer("sd3.5_medium.safetensors")          # config read from the shapes
-    v = net(x, sigma, pooled, context)                          # SD3 convention: eps - x0
+    from model import CONFIGS, MMDiT
+    net = MMDiT(CONFIGS["tiny"])                                 # or layouts.load_transformer(file)
+    v = net(x, sigma, pooled, context, lr=z_lr)                  # SD3 convention: eps - x0
 
 Follows Stability-AI's single-file reference (mmditx.py) for the architecture and the parameter
 names, so `state_dict()` keys are those of the released checkpoints; DiT4SR (Duan et al., ICCV 2025)
@@ -14,20 +14,15 @@ x_sigma = (1 - sigma) x0 + sigma eps, sigma = 1 is noise, the network predicts e
 the time as `time_scale * sigma` (1000 for SD3.5 and DiT4SR, 1 for the MFSR student).
 Token layout: image tokens X (B, K, D), LR tokens L (B, K, D), text tokens C (B, M, D).
 """
-import json
 import math
-import re
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from checkpoint import CheckpointError, SafetensorsFiles, atomic_save, check_keys
 from fastjvp import Linear, attention, linear, mlp_band_rows
-from layouts import (DIT4SR_UNUSED, PREFIX, SHAPE_KEYS, swap_halves, to_diffusers_name,
-                     to_diffusers_state_dict)
 
 # --------------------------------------------------------------------------------------------
 # Config
@@ -531,110 +526,7 @@ def set_trainable(net: MMDiT, teacher_time_scale: float = 1000.0, verbose=True) 
 
 
 # --------------------------------------------------------------------------------------------
-# Loading and saving (the key maps: layouts.py)
-
-
-class _Source(SafetensorsFiles):
-    """A transformer checkpoint: SD3.5 single file (its `model.diffusion_model.*` part), a
-    diffusers folder (`transformer/`), a file; `layout` is "original" or "diffusers"."""
-
-    def __init__(self, path):
-        super().__init__(path, subfolder="transformer", prefix=PREFIX)
-        if self.prefix or any(k.startswith("joint_blocks.") for k in self.where):
-            self.layout = "original"
-        elif any(k.startswith("transformer_blocks.") for k in self.where):
-            self.layout = "diffusers"
-        else:
-            some = ", ".join(self.all_keys[:3])
-            raise CheckpointError(f"{path}: no SD3/MMDiT transformer keys found "
-                                  f"(neither 'joint_blocks.*' nor 'transformer_blocks.*'; "
-                                  f"the file starts with: {some or 'nothing'})")
-
-
-def _infer_config(src: _Source) -> MMDiTConfig:
-    n, keys = SHAPE_KEYS[src.layout], list(src.where)
-    try:
-        hidden, in_ch, patch, _ = src.shape(n["patch"])
-        pos_rows, ctx_dim, pooled = src.shape(n["pos"])[1], src.shape("context_embedder.weight")[1], \
-            src.shape(n["y"])[1]
-    except KeyError as e:
-        raise CheckpointError(f"{src.path}: missing {e} needed to read the model size") from None
-    blocks = lambda pat: sorted({int(m.group(1)) for k in keys if (m := re.match(pat, k))})
-    qk = n["qk"] in src.where
-    head_dim = src.shape(n["qk"])[0] if qk else 64
-    return MMDiTConfig(
-        depth=len(blocks(n["block"])), heads=hidden // head_dim, head_dim=head_dim, patch=patch,
-        in_channels=in_ch, pos_grid=math.isqrt(pos_rows), context_dim=ctx_dim, pooled_dim=pooled,
-        dual_layers=tuple(blocks(n["dual"])), qk_norm=qk, lr_stream=any("control" in k for k in keys),
-        two_times=any(k.startswith(n["s"]) for k in keys))
-
-
-def load_transformer(path, *, dtype=torch.float32, device="cpu", **overrides) -> MMDiT:
-    """Load any supported transformer checkpoint; the config is read from its shapes and keys.
-
-    path: an SD3.5 single file (`model.diffusion_model.*`; VAE and text encoders beside it are
-    ignored), a diffusers transformer (.safetensors, or a folder, sharded or not, or its parent
-    with `transformer/`), a DiT4SR transformer (diffusers layout with `*control*` keys), or a file
-    written by `save_transformer`. overrides: config fields a file cannot tell, e.g.
-    lr_key_mode="r1" or time_scale=1.0. Tensors are cast to `dtype` (files mix fp16 and fp32).
-    """
-    src = _Source(path)
-    known = {f.name for f in fields(MMDiTConfig)}
-    if set(overrides) - known:
-        raise TypeError(f"unknown config overrides {sorted(set(overrides) - known)}; known: {sorted(known)}")
-    saved = src.config("mfsr_config")
-    told = {k: saved[k] for k in ("lr_key_mode", "ff_inject", "time_scale") if k in saved}
-    cfg = replace(_infer_config(src), **{**told, **overrides})
-    lora = json.loads(src.metadata.get("lora", "null"))
-    sampling = json.loads(src.metadata.get("mfsr_sampling", "{}"))
-    with torch.device("meta"):
-        net = MMDiT(cfg)
-        if lora:
-            add_lora(net, lora["rank"], lora["alpha"], lora["targets"])
-    expected = net.state_dict()
-    if src.layout == "diffusers":
-        if lora:
-            raise CheckpointError(f"{path}: LoRA weights are only stored in the original layout")
-        want = {k: v.shape for k, v in to_diffusers_state_dict(expected, cfg.depth).items()}
-        found = {k: src.shape(k) for k in src.where if not DIT4SR_UNUSED.match(k)}
-    else:
-        want = {k: v.shape for k, v in expected.items()}
-        found = {k: src.shape(k) for k in src.where}
-    check_keys(path, want, found, f"the {src.layout}-layout model read from it ({cfg})")
-    sd = {}
-    for key in expected:
-        if src.layout == "diffusers":
-            names, how = to_diffusers_name(key, cfg.depth)
-            parts = [src.get(k_).to(dtype) for k_ in names]
-            t = torch.cat(parts) if how == "qkv" else (swap_halves(parts[0]) if how == "swap" else parts[0])
-        else:
-            t = src.get(key).to(dtype)
-        sd[key] = t
-    net.load_state_dict(sd, assign=True)
-    net.sampling = sampling   # e.g. {"tile": 32, "tile_overlap": 12, "cfg": 1.25}: see sample.py
-    return net.to(device)
-
-
-def save_transformer(net: MMDiT, path, layout="original"):
-    """Write a safetensors file: "original" = SD3.5 single-file names (`model.diffusion_model.*`,
-    loadable by SD3.5 tools when the model has no added parts), "diffusers" = diffusers/DiT4SR
-    names. The config, LoRA settings and `net.sampling` (if set) go into the metadata; the write
-    is atomic."""
-    sd = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-    lora = getattr(net, "lora", None)
-    if layout == "original":
-        sd = {PREFIX + k: v for k, v in sd.items()}
-    elif layout == "diffusers":
-        if lora:
-            raise ValueError("merge_lora(net) before a diffusers-layout export")
-        sd = to_diffusers_state_dict(sd, net.cfg.depth)
-    else:
-        raise ValueError(f"layout must be 'original' or 'diffusers', got {layout!r}")
-    meta = {"format": "mfsr-mmdit", "layout": layout, "mfsr_config": json.dumps(asdict(net.cfg)),
-            "lora": json.dumps(lora)}
-    if getattr(net, "sampling", None):   # the sampler settings it was trained for (sample.py defaults)
-        meta["mfsr_sampling"] = json.dumps(net.sampling)
-    atomic_save(sd, path, meta)
+# DiT4SR's teacher from SD3.5, MFSR's student from the teacher
 
 
 def add_lr_stream(net: MMDiT) -> MMDiT:
@@ -676,44 +568,3 @@ def make_student(teacher: MMDiT, time_scale: float = 1.0, lora_rank: int = 64,
     add_lora(student, lora_rank, lora_alpha)
     set_trainable(student, teacher_time_scale=teacher.cfg.time_scale, verbose=False)
     return student
-
-
-def describe(path=None, config="tiny"):
-    """What `python model.py` prints: a checkpoint's inferred config (shapes only, nothing loaded)
-    or a preset's, its parameter count, and for small models one forward and one JVP."""
-    if path:
-        src = _Source(path)
-        saved = src.config("mfsr_config")
-        cfg = replace(_infer_config(src), **{k: saved[k] for k in ("lr_key_mode", "ff_inject", "time_scale")
-                                             if k in saved})
-        print(f"{path}: {src.layout} layout, {len(src.where)} transformer tensors")
-    else:
-        cfg = CONFIGS[config]
-    with torch.device("meta"):
-        n = sum(p.numel() for p in MMDiT(cfg).parameters())
-    print(f"{cfg}\nparameters (pos_embed buffer excluded): {n:,}")
-    if path or n > 50_000_000:
-        return
-    torch.manual_seed(0)
-    net = MMDiT(replace(cfg, two_times=True, time_scale=1.0)).eval()
-    B, H, W = 1, 16, 24
-    x = torch.randn(B, cfg.in_channels, H, W)
-    kw = dict(pooled=torch.randn(B, cfg.pooled_dim), context=torch.randn(B, 8, cfg.context_dim),
-              lr=torch.randn_like(x) if cfg.lr_stream else None, sigma_s=torch.ones(B))
-    with torch.no_grad():
-        out, dout = torch.func.jvp(lambda z, s: net(z, s, **kw), (x, torch.full((B,), 0.5)),
-                                   (torch.randn_like(x), torch.ones(B)))
-    print(f"forward + JVP on a {H}x{W} latent: output {tuple(out.shape)}, |u| {out.norm():.3f}, "
-          f"|du| {dout.norm():.3f} (custom JVP attention)")
-
-
-if __name__ == "__main__":
-    import argparse
-    ap = argparse.ArgumentParser(description="Inspect a transformer checkpoint or a preset config.")
-    ap.add_argument("ckpt", nargs="?", help="a .safetensors file or a diffusers folder")
-    ap.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
-    a = ap.parse_args()
-    try:
-        describe(a.ckpt, a.config)
-    except CheckpointError as e:
-        raise SystemExit(f"error: {e}")

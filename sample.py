@@ -28,8 +28,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+import layouts
 import mfsr
-import model as model_lib
 import vae as vae_lib
 from checkpoint import CheckpointError
 from images import EXTS, ImageError, load_image, save_image
@@ -207,7 +207,7 @@ def load_models(ckpt, vae_path=None, teacher=False, device="cpu", dtype=torch.fl
         if not os.path.exists(ckpt):
             raise CheckpointError(f"the shipped model is missing ({ckpt}); pass --ckpt (a student.safetensors "
                                   f"exported by train.py) and --vae")
-    net = model_lib.load_transformer(ckpt, dtype=dtype, device=device)
+    net = layouts.load_transformer(ckpt, dtype=dtype, device=device)
     if not net.cfg.lr_stream:
         raise CheckpointError(f"{ckpt}: a plain SD3 transformer (no LR stream), not a super-resolution model")
     if net.cfg.two_times and teacher:

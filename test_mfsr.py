@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 import fastjvp
 import layouts
 import model
-from model import CONFIGS, MMDiT, CheckpointError
+from checkpoint import CheckpointError
+from model import CONFIGS, MMDiT
 
 KEYS = Path(__file__).resolve().parent / "reference" / "keys"   # manifests of the real checkpoints
 
@@ -95,7 +96,7 @@ def test_matches_diffusers_sd3_transformer_both_ways(tmp_path):
     ref = _randomize(diffusers.SD3Transformer2DModel(**_DIFFUSERS_TINY).eval())
     path = tmp_path / "diffusers.safetensors"
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
-    net = model.load_transformer(str(path)).eval()          # our diffusers-layout loader
+    net = layouts.load_transformer(str(path)).eval()          # our diffusers-layout loader
     assert net.cfg == replace(CONFIGS["tiny"], lr_stream=False)
     inp = _inputs(net.cfg)                                   # non-square 8 x 12 latent
     run_ref = lambda m: m(hidden_states=inp["x"], encoder_hidden_states=inp["context"],
@@ -105,7 +106,7 @@ def test_matches_diffusers_sd3_transformer_both_ways(tmp_path):
         assert theirs.abs().max() > 0.5
         assert (ours - theirs).abs().max() <= 1e-5
         # our original-layout export through diffusers' own single-file converter
-        model.save_transformer(net, str(tmp_path / "orig.safetensors"), layout="original")
+        layouts.save_transformer(net, str(tmp_path / "orig.safetensors"), layout="original")
         conv = convert_sd3_transformer_checkpoint_to_diffusers(load_file(str(tmp_path / "orig.safetensors")))
         ref2 = diffusers.SD3Transformer2DModel(**_DIFFUSERS_TINY).eval()
         ref2.load_state_dict(conv, strict=True)
@@ -206,7 +207,7 @@ def test_dit4sr_layout_file_round_trips_and_drops_unused_extras(tmp_path):
             sd[f"transformer_blocks.{i}.attn2.{n}.weight"] = torch.ones(64).half()
     sd = {k: v.half() if "control" not in k else v for k, v in sd.items()}  # mixed, as DiT4SR saves
     save_file(sd, str(path))
-    loaded = model.load_transformer(str(tmp_path)).eval()    # folder with transformer/
+    loaded = layouts.load_transformer(str(tmp_path)).eval()    # folder with transformer/
     assert loaded.cfg == net.cfg and all(p.dtype == torch.float32 for p in loaded.parameters())
     for k, v in net.state_dict().items():
         tol = 0 if "control" in k else 1e-3 * v.abs().max()
@@ -229,7 +230,7 @@ def test_sharded_diffusers_folder_loads(tmp_path):
         save_file({k: sd[k] for k in ks}, str(tmp_path / f))
     index = {"weight_map": {k: f for f, ks in shards.items() for k in ks}}
     (tmp_path / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
-    loaded = model.load_transformer(str(tmp_path))
+    loaded = layouts.load_transformer(str(tmp_path))
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in net.state_dict().items())
 
 
@@ -240,7 +241,7 @@ def test_sd35_single_file_ignores_vae_and_reads_config_from_shapes(tmp_path):
     sd["first_stage_model.decoder.conv_in.weight"] = torch.zeros(4, 16, 3, 3)
     sd["text_encoders.clip_l.x"] = torch.zeros(3)
     save_file(sd, str(tmp_path / "sd35.safetensors"))
-    loaded = model.load_transformer(str(tmp_path / "sd35.safetensors"), time_scale=1.0)
+    loaded = layouts.load_transformer(str(tmp_path / "sd35.safetensors"), time_scale=1.0)
     assert loaded.cfg == replace(cfg, time_scale=1.0)
 
 
@@ -262,7 +263,7 @@ def test_malformed_checkpoints_give_clear_errors(tmp_path):
     for name, (sd, pattern) in cases.items():
         save_file(sd, str(tmp_path / name))
         with pytest.raises(CheckpointError, match=pattern) as e:
-            model.load_transformer(str(tmp_path / name))
+            layouts.load_transformer(str(tmp_path / name))
         assert name in str(e.value)
     data = (tmp_path / "missing.safetensors").read_bytes()
     (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])
@@ -272,10 +273,10 @@ def test_malformed_checkpoints_give_clear_errors(tmp_path):
                           ("garbage.safetensors", "not a readable safetensors"),
                           ("pickled.pt", "only .safetensors"), ("absent.safetensors", "no such file")]:
         with pytest.raises(CheckpointError, match=pattern) as e:
-            model.load_transformer(str(tmp_path / name))
+            layouts.load_transformer(str(tmp_path / name))
         assert name in str(e.value)
     with pytest.raises(TypeError, match="unknown config overrides"):
-        model.load_transformer(str(tmp_path / "extra.safetensors"), lr_mode="r1")
+        layouts.load_transformer(str(tmp_path / "extra.safetensors"), lr_mode="r1")
 
 
 def test_overwrite_is_atomic_and_project_files_keep_settings(tmp_path):
@@ -286,9 +287,9 @@ def test_overwrite_is_atomic_and_project_files_keep_settings(tmp_path):
             if isinstance(m, model.LoRALinear):
                 m.lora_up.weight.normal_(0, 0.1)
     path = str(tmp_path / "student.safetensors")
-    model.save_transformer(student, path)
+    layouts.save_transformer(student, path)
     assert os.listdir(tmp_path) == ["student.safetensors"]   # no temporary file left behind
-    loaded = model.load_transformer(path)
+    loaded = layouts.load_transformer(path)
     assert loaded.cfg == student.cfg and loaded.lora == student.lora
     inp = _inputs(student.cfg)
     with torch.no_grad():
@@ -1766,7 +1767,7 @@ def test_train_tiny_teacher_then_distill_end_to_end(tmp_path):
     train.main(_TINY + ["--data", data, "--stage", "teacher", "--steps", "40", "--lr", "1e-3",
                         "--out", str(t_out), "--save-every", "40", "--sample-every", "40"])
     teacher_file = t_out / "ckpt-0000040" / "teacher.safetensors"
-    trained = model.load_transformer(str(teacher_file)).eval()
+    trained = layouts.load_transformer(str(teacher_file)).eval()
     torch.manual_seed(0)
     init = MMDiT(CONFIGS["tiny"]).eval()                       # what train.py starts from (seed 0)
     before, after = _fixed_teacher_loss(init, data), _fixed_teacher_loss(trained, data)
@@ -1774,7 +1775,7 @@ def test_train_tiny_teacher_then_distill_end_to_end(tmp_path):
     assert (t_out / "grid-0000040.png").exists()
     train.main(_TINY + ["--data", data, "--teacher", str(teacher_file), "--steps", "3", "--lora-rank", "4",
                         "--out", str(s_out), "--save-every", "3", "--sample-every", "3"])
-    student = model.load_transformer(str(s_out / "ckpt-0000003" / "student.safetensors"))
+    student = layouts.load_transformer(str(s_out / "ckpt-0000003" / "student.safetensors"))
     assert student.cfg.two_times and student.cfg.time_scale == 1.0 and student.cfg.lr_stream
     # the export records its training tile (32^2 crops / the tiny VAE's x4 = 8) for sample.py
     assert student.sampling == {"tile": 8, "tile_overlap": 4} and trained.sampling["tile"] == 8
@@ -1802,7 +1803,7 @@ def test_train_export_carries_the_ema_weights(tmp_path, stage):
     assert logged == [train.learning_rate(cfg, s) for s in range(3)] and logged[0] > logged[1] > logged[2]
     ck = tmp_path / "t" / "ckpt-0000003"
     saved = load_file(str(ck / "trainable.safetensors"))
-    exported = (model.load_transformer(str(ck / "teacher.safetensors")) if stage == "teacher"
+    exported = (layouts.load_transformer(str(ck / "teacher.safetensors")) if stage == "teacher"
                 else V.load_vae(str(ck / "vae.safetensors"))).state_dict()
     ema = {k[4:]: v for k, v in saved.items() if k.startswith("ema.")}
     assert ema and set(ema) == {k for k in saved if not k.startswith("ema.")}
@@ -2300,8 +2301,8 @@ def _smp_models(tmp_path_factory):
             if "s_embedder" in name or "lora" in name:
                 p.add_(torch.randn_like(p) * 0.05)
     model.merge_lora(student)
-    model.save_transformer(student, str(d / "student.safetensors"))
-    model.save_transformer(teacher, str(d / "teacher.safetensors"))
+    layouts.save_transformer(student, str(d / "student.safetensors"))
+    layouts.save_transformer(teacher, str(d / "teacher.safetensors"))
     torch.manual_seed(1)
     V.save_vae(V.VAE(V.CONFIGS["tiny"]), str(d / "vae.safetensors"))
     return d
@@ -2545,13 +2546,13 @@ def test_sample_defaults_come_from_the_checkpoint_then_dit4sr(_smp_models, tmp_p
     Image.fromarray(_smp_u8(8, 8, 3)).save(tmp_path / "a.png")
     seen = []
     monkeypatch.setattr(sample, "upscale", lambda img, *a, **kw: (seen.append(kw), img.repeat(1, 1, 4, 4))[1])
-    student = model.load_transformer(str(_smp_models / "student.safetensors"))
+    student = layouts.load_transformer(str(_smp_models / "student.safetensors"))
     assert student.sampling == {}                                      # nothing recorded: DiT4SR's tiles
-    teacher = model.load_transformer(str(_smp_models / "teacher.safetensors"))
+    teacher = layouts.load_transformer(str(_smp_models / "teacher.safetensors"))
     student.sampling = {"tile": 6, "tile_overlap": 2}
     teacher.sampling = {"tile": 8, "tile_overlap": 4, "cfg": 1.5, "shift": 1.0}
     for name, net in (("s", student), ("t", teacher)):
-        model.save_transformer(net, str(tmp_path / f"{name}.safetensors"))
+        layouts.save_transformer(net, str(tmp_path / f"{name}.safetensors"))
     shutil.copy(_smp_models / "vae.safetensors", tmp_path / "vae.safetensors")
     run = lambda *a: sample.main([str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), *a])   # noqa: E731
     assert run("--ckpt", str(_smp_models / "student.safetensors")) == 0
@@ -3162,7 +3163,7 @@ def test_miniature_pipeline_runs_end_to_end_at_a_hundredth_of_the_steps(tmp_path
     table = [line for line in (runs / "ablations.md").read_text().splitlines() if line.startswith("| ")][1:]   # after the header
     assert [line.split(" | ")[1] for line in table] == [r[1] for r in rows]
     assert all(re.match(r"[\d.]+ / [\d.]+ / [\d.]+$", cell) for line in table for cell in line.split(" | ")[2:4])
-    nets = [model.load_transformer(str(runs / "ablations" / f"{i:02d}" / "final" / "student.safetensors")) for i in range(3)]
+    nets = [layouts.load_transformer(str(runs / "ablations" / f"{i:02d}" / "final" / "student.safetensors")) for i in range(3)]
     assert [n.cfg.time_scale for n in nets] == [1000.0 if "--time-scale" in r[2] else 1.0 for r in rows]
     assert sorted(n.cfg.time_scale for n in nets) == [1.0, 1.0, 1000.0]
 
@@ -3177,13 +3178,13 @@ def test_size_scan_trains_the_other_sizes_and_measures_the_shipped_teacher_as_it
         pytest.skip("the miniature's photographs need their Debian packages (.ci/run installs them)")
     runs, dest = tmp_path / "runs", tmp_path / "model_size.md"
     miniature.size_scan(str(runs), 0.001, 0, str(dest), sizes=((2, 1), (3, 2)), eval_steps=2, eval_size=64)
-    net = model.load_transformer(str(runs / "size-scan" / "2x1" / "final" / "teacher.safetensors"))
+    net = layouts.load_transformer(str(runs / "size-scan" / "2x1" / "final" / "teacher.safetensors"))
     assert (net.cfg.depth, net.cfg.hidden, net.cfg.lr_stream, net.cfg.two_times) == (2, 64, True, False)
     train_cfg = json.loads(SafetensorsFiles(str(runs / "size-scan" / "2x1" / "final" / "trainable.safetensors"))
                            .metadata["train_config"])
     assert train_cfg["vae"] == os.path.abspath(_SHIP / "vae.safetensors") and train_cfg["steps"] == 5
     assert not (runs / "size-scan" / "3x2").exists()
-    shipped = model.load_transformer(str(_SHIP / "teacher.safetensors"))
+    shipped = layouts.load_transformer(str(_SHIP / "teacher.safetensors"))
     rows = [line.split(" | ") for line in dest.read_text().splitlines() if line.startswith("| ")][1:]
     assert [r[0] for r in rows] == ["| 2 x 64", "| 3 x 128"]
     assert [r[1] for r in rows] == [f"{sum(p.numel() for p in n.parameters()) / 1e6:.2f} M" for n in (net, shipped)]
@@ -3208,7 +3209,7 @@ def test_sample_prompt_and_prompt_file_through_the_text_encoders(_txt_pipeline, 
     cfg = replace(model.CONFIGS["tiny"], context_dim=224, pooled_dim=64)   # the fixture encoders' widths
     student = mfsr.student_from_teacher(model.MMDiT(cfg), lora_rank=4)
     model.merge_lora(student)
-    model.save_transformer(student, str(tmp_path / "student.safetensors"))
+    layouts.save_transformer(student, str(tmp_path / "student.safetensors"))
     V.save_vae(V.VAE(V.CONFIGS["tiny"]), str(tmp_path / "vae.safetensors"))
     Image.fromarray(_smp_u8(16, 16, 3)).save(tmp_path / "in.png")
     (tmp_path / "fox.txt").write_text("a red fox in snow\n", encoding="utf-8")

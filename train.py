@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
+import layouts
 import mfsr
 import model
 import vae as vae_lib
@@ -164,9 +165,9 @@ def build_models(cfg, device):
     vae = vae.to(device).eval().requires_grad_(False)
     if cfg.stage == "teacher":
         if cfg.teacher:    # continue training a teacher (e.g. the shipped one)
-            net = model.load_transformer(cfg.teacher, lr_key_mode=cfg.teacher_mode)
+            net = layouts.load_transformer(cfg.teacher, lr_key_mode=cfg.teacher_mode)
         elif cfg.ckpt:
-            net = model.add_lr_stream(model.load_transformer(cfg.ckpt))
+            net = model.add_lr_stream(layouts.load_transformer(cfg.ckpt))
         else:
             torch.manual_seed(cfg.seed)
             net = model.MMDiT(tiny_config(cfg) if tiny else model.CONFIGS["dit4sr"])
@@ -181,7 +182,7 @@ def build_models(cfg, device):
         teacher = model.MMDiT(model.CONFIGS["tiny"])
         print("warning: no --teacher: distilling a random tiny teacher (a smoke run, not a model)")
     else:
-        teacher = model.load_transformer(cfg.teacher, lr_key_mode=cfg.teacher_mode)
+        teacher = layouts.load_transformer(cfg.teacher, lr_key_mode=cfg.teacher_mode)
     if not teacher.cfg.lr_stream or teacher.cfg.two_times:
         raise SystemExit(f"error: --teacher {cfg.teacher}: needs a one-time model with the LR stream")
     teacher = teacher.to(device).eval()
@@ -470,7 +471,7 @@ def save_full(net, path, sampling=None, ema=None):
     full.sampling = sampling
     if getattr(full, "lora", None):
         model.merge_lora(full)
-    model.save_transformer(full, path)
+    layouts.save_transformer(full, path)
 
 
 def load_checkpoint(cfg, net, opt):
