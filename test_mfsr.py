@@ -1259,9 +1259,11 @@ def _vae_compare(ref, ours, size):
         ref_sample = post.sample(torch.Generator().manual_seed(3))
         image, ref_image = ours.decoder(z), ref.decode(z).sample
         decoded = ours.decode((z - 0.0609) * 1.5305, tile=0)
-    assert (mean - post.mean).abs().max() < 1e-5
-    assert (logvar - post.logvar).abs().max() < 1e-5
-    assert (sample / 1.5305 + 0.0609 - ref_sample).abs().max() < 1e-5    # in the VAE's space, as the moments
+    # 2e-5 per unit of each output's range: fp32 rounding through the encoder grows with the values
+    # and with fewer threads (on 1 thread: 1.2e-5 on a mean of size 1.3; on 2: 6e-6)
+    close = lambda a, ref: (a - ref).abs().max() < 2e-5 * max(1.0, ref.abs().max().item())   # noqa: E731
+    assert close(mean, post.mean) and close(logvar, post.logvar)
+    assert close(sample / 1.5305 + 0.0609, ref_sample)     # in the VAE's space, as the moments
     # 1e-5 per unit of the decoder's output range: with random full-width weights the raw output
     # reaches 2.5 and fp32 rounding grows with it (vae.py runs channels-last; diffusers' own decoder
     # moves 1.2e-5 between the NCHW and channels-last layouts on this case)
