@@ -770,6 +770,23 @@ def teacher_metrics(net, v, embs, steps=40, size=256, names=HELD_OUT):
     return out
 
 
+def scan_teacher(runs, depth, heads, scale=1.0, workers=2):
+    """The "teacher" stage at (depth, heads) on the shipped VAE's latents, into
+    runs/size-scan/{depth}x{heads} (resumed, or reused when done): (net, its training minutes)."""
+    out = os.path.join(runs, "size-scan", f"{depth}x{heads}")
+    vae_path = os.path.abspath(os.path.join(SHIP, "vae.safetensors"))
+    argv = _with_flags(dict(STAGES)["teacher"].format(runs=runs, size=TRAIN_SIZE).split(),
+                       f"--depth {depth} --heads {heads} --vae {vae_path}")
+    done = glob.glob(os.path.join(runs, "size-scan", "*", "latents-0.safetensors"))
+    if done and not os.path.exists(os.path.join(out, "latents-0.safetensors")):   # the same pairs for all
+        os.makedirs(out, exist_ok=True)
+        os.link(done[0], os.path.join(out, "latents-0.safetensors"))
+    if not os.path.exists(os.path.join(out, "final")):
+        train_stage(runs, "teacher", argv, out, scale, workers)
+    net = layouts.load_transformer(os.path.join(out, "final", "teacher.safetensors")).eval()
+    return net, open(os.path.join(out, "final", "minutes.txt")).read().strip()
+
+
 def size_scan(runs, scale=1.0, workers=2, dest="docs/model_size.md", sizes=SIZE_SCAN, eval_steps=40, eval_size=256):
     """Every SIZE_SCAN teacher trained with the shipped recipe (steps scaled) unless it is the
     shipped size, then its `eval_steps`-step samples measured on `eval_size`^2 held-out crops; the
@@ -788,24 +805,13 @@ def size_scan(runs, scale=1.0, workers=2, dest="docs/model_size.md", sizes=SIZE_
              "row bounds what its student can reach. fp16 MB: one transformer file as shipped (three are shipped).",
              "", "| depth x width | parameters | fp16 MB | Real-ESRGAN PSNR / SSIM / HF | clean bicubic PSNR / SSIM / HF "
              "| minutes |", "|---|---|---|---|---|---|"]
-    vae_path = os.path.abspath(os.path.join(SHIP, "vae.safetensors"))
     for depth, heads in sizes:
         if (depth, heads) == (shipped.cfg.depth, shipped.cfg.heads):
             net = shipped
             minutes = f'{json.load(open(os.path.join(SHIP, "training.json")))["minutes"]["teacher"]:.1f} (shipped run)'
         else:
-            out = os.path.join(runs, "size-scan", f"{depth}x{heads}")
-            argv = _with_flags(dict(STAGES)["teacher"].format(runs=runs, size=TRAIN_SIZE).split(),
-                               f"--depth {depth} --heads {heads} --vae {vae_path}")
-            done = glob.glob(os.path.join(runs, "size-scan", "*", "latents-0.safetensors"))
-            if done and not os.path.exists(os.path.join(out, "latents-0.safetensors")):   # same pairs for all
-                os.makedirs(out, exist_ok=True)
-                os.link(done[0], os.path.join(out, "latents-0.safetensors"))
-            if not os.path.exists(os.path.join(out, "final")):
-                train_stage(runs, "teacher", argv, out, scale, workers)
-            net = layouts.load_transformer(os.path.join(out, "final", "teacher.safetensors")).eval()
+            net, minutes = scan_teacher(runs, depth, heads, scale, workers)
             net.sampling = {**net.sampling, "cfg": cfg_scale}
-            minutes = open(os.path.join(out, "final", "minutes.txt")).read().strip()
         m = teacher_metrics(net, v, embs, eval_steps, eval_size)
         n = sum(p.numel() for p in net.parameters())
         cells = [" / ".join(f"{x:.3g}" for x in m[s]) for s in SETTINGS]
