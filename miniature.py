@@ -5,8 +5,8 @@
     python miniature.py                 # data -> tiny VAE -> teacher -> CFG scan -> student (+ the
                                         # gt-target ablation) -> weights/mfsr-tiny/; resumes where it stopped
     python bench.py quality             # the README tables and figure, from weights/mfsr-tiny/
-    python miniature.py --ablations     # the paper's ablations from the trained teacher -> docs/ablations.md
-    python miniature.py --size-scan     # teachers of other sizes, 40-step quality -> docs/model_size.md
+    python sweeps.py --ablations        # the paper's ablations from the trained teacher -> docs/ablations.md
+    python sweeps.py --size-scan        # teachers of other sizes, 40-step quality -> docs/model_size.md
 
 Every training stage is a train.py run (the same code as the full-scale path), in order:
   1. vae      the tiny VAE (vae.py "tiny": x4, 16 latent channels, every convolution at latent
@@ -654,177 +654,6 @@ def save_figure(figures, path):
     os.replace(tmp, path)
 
 
-# --------------------------------------------------------------------------------------------
-# The paper's ablations at miniature size (`python miniature.py --ablations`): short distillations
-# of the one shipped teacher, each changing one setting of the paper's row "neg-CFG"; 1-step student
-# metrics on the held-out crops in both settings. Eq. 11's w is ABLATION_W for every CFG row
-# (the pipeline's CFG scan chose w = 0, where Eq. 10 and Eq. 11 coincide).
-
-ABLATION_STEPS, ABLATION_WARMUP, ABLATION_W = 200, 40, 0.5
-ABLATIONS = [  # (table, row, flags that replace the base's)
-    ("Table 3: target", "gt (row 1)", "--target gt"),
-    ("Table 3: target", "MeanFlow CFG, Eq. 9 (w 1, kappa 0.83, condition dropped 10 %)",
-     "--target meanflow --cfg-w 1 --kappa 0.83 --cond-drop 0.1"),
-    ("Table 3: target", "null-prompt CFG, Eq. 10", "--target null"),
-    ("Table 3: target", "negative-prompt CFG, Eq. 11 (the base row)", ""),
-    ("Table 4: share of rows with s != t", "0", "--ratio 0"),
-    ("Table 4: share of rows with s != t", "0.25", "--ratio 0.25"),
-    ("Table 4: share of rows with s != t", "1", "--ratio 1"),
-    ("§4.4: c_noise", "1000 t (the teacher's)", "--time-scale 1000"),
-    ("loss", "squared L2", "--loss l2"),
-    ("loss", "adaptive L2", "--loss adaptive"),
-]
-
-
-def _with_flags(argv, flags):
-    argv = list(argv)
-    flags = flags.split()
-    for i in range(0, len(flags), 2):
-        if flags[i] in argv:
-            argv[argv.index(flags[i]) + 1] = flags[i + 1]
-        else:
-            argv += flags[i:i + 2]
-    return argv
-
-
-@torch.no_grad()
-def student_metrics(runs, student, size=128, names=HELD_OUT):
-    """The 1-step student on one size^2 crop of each held-out photograph, per setting:
-    {setting: (PSNR, SSIM, HF energy / HR)}, sampled as sample.py samples (tiles, AdaIN)."""
-    v = vae_lib.load_vae(os.path.join(runs, "decoder", "final", "vae.safetensors")).eval()
-    net = layouts.load_transformer(student).eval()
-    zeros = (torch.zeros(1, net.cfg.context_dim), torch.zeros(net.cfg.pooled_dim))
-    c, p = pairs.load_embedding(os.path.join(runs, "emb", "prompt.safetensors"), zeros)
-    out = {}
-    for setting in SETTINGS:
-        hr, lr = heldout_pairs(size, 1, 0, setting, names)
-        sr = torch.cat([sample.upscale(lr[i:i + 1], net, v, (p[None], c[None]), 1, seed=0, vae_tile=0,
-                                       **sample.sampling_settings(net)) for i in range(len(lr))])
-        out[setting] = (psnr(sr, hr).mean().item(), ssim(sr, hr).mean().item(), hf_ratio(sr, hr).mean().item())
-    return out
-
-
-def _log_medians(out, after):
-    """Median gradient norm and jvp_term (||u_tgt - v|| / ||v||, largest of the batch) of a run's
-    steps after `after` (the warm-up), from its log.jsonl."""
-    rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-    rows = [r for r in rows if r["step"] > after]
-    med = lambda k: float(np.median([r[k] for r in rows if k in r])) if any(k in r for r in rows) else float("nan")
-    return med("grad_norm"), med("jvp_term")
-
-
-def ablations(runs, scale=1.0, workers=2, dest="docs/ablations.md"):
-    """Every ABLATIONS row distilled for ABLATION_STEPS (scaled) from the shipped pipeline's
-    teacher, then measured; the table is printed and written to `dest`."""
-    for stage in ("teacher", "decoder"):
-        if not os.path.exists(os.path.join(runs, stage, "final")):
-            raise SystemExit(f"error: {runs}/{stage}/final is missing: run `python miniature.py --runs {runs}` first")
-    base = _with_flags(dict(STAGES)["student"].format(runs=runs, size=TRAIN_SIZE, w=ABLATION_W).split(),
-                       f"--steps {ABLATION_STEPS} --warmup {ABLATION_WARMUP} --time-scale 1")   # the student
-    # stage, shorter, with the paper's c_noise = t (§4.4), so the rows vary the paper's recipe
-    lines = ["# The paper's ablations at miniature size", "",
-             f"`python miniature.py --ablations` ({time.strftime('%Y-%m-%d')}): each row a distillation of "
-             f"{max(2, round(ABLATION_STEPS * scale))} steps ({max(1, round(ABLATION_WARMUP * scale))} of them "
-             f"warm-up at s = t) from the miniature's teacher, changing one setting of the Eq. 11 row "
-             f"(w = {ABLATION_W:g}, ratio 0.5, pseudo-Huber, c_noise = t). The 1-step student on a 128^2 crop "
-             f"of each of the {len(HELD_OUT)} held-out photographs; grad norm and jvp_term are medians over "
-             "the steps after the warm-up (jvp_term: the batch's largest ||u_tgt - v|| / ||v||).", "",
-             "| table | row | Real-ESRGAN PSNR / SSIM / HF | clean bicubic PSNR / SSIM / HF | grad norm | jvp_term | minutes |",
-             "|---|---|---|---|---|---|---|"]
-    for i, (table, row, flags) in enumerate(ABLATIONS):
-        out = os.path.join(runs, "ablations", f"{i:02d}")
-        if not os.path.exists(os.path.join(out, "final")):
-            train_stage(runs, "student", _with_flags(base, flags), out, scale, workers)
-        m = student_metrics(runs, os.path.join(out, "final", "student.safetensors"))
-        gnorm, jvp_term = _log_medians(out, max(1, round(ABLATION_WARMUP * scale)))
-        cells = [" / ".join(f"{x:.3g}" for x in m[s]) for s in SETTINGS]
-        minutes = open(os.path.join(out, "final", "minutes.txt")).read().strip()
-        lines.append(f"| {table} | {row} | {cells[0]} | {cells[1]} | {gnorm:.3g} | {jvp_term:.3g} | {minutes} |")
-        print(lines[-1], flush=True)
-    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-    with open(dest + ".tmp", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(dest + ".tmp", dest)
-    print(f"wrote {dest}")
-
-
-# The size scan (is the miniature capacity-limited?): teachers of other (depth, heads) trained as
-# the "teacher" stage, each on the shipped VAE's latents; the 40-step teacher bounds what a distilled
-# student can reach. 3 x 2 (the shipped size) is the shipped teacher; 4 x 3 has 2.9x its parameters,
-# more than three transformer files can have within the 25 MB the miniature may ship.
-SIZE_SCAN = ((2, 1), (3, 2), (4, 3))
-
-
-@torch.no_grad()
-def teacher_metrics(net, v, embs, steps=40, size=256, names=HELD_OUT):
-    """The `steps`-step teacher at its recorded CFG scale on one size^2 crop of each held-out
-    photograph, per setting: {setting: (PSNR, SSIM, HF energy / HR)}, sampled as sample.py samples."""
-    cond = {e: (p[None], c[None]) for e, (c, p) in embs.items()}
-    out = {}
-    for setting in SETTINGS:
-        hr, lr = heldout_pairs(size, 1, 0, setting, names)
-        sr = torch.cat([sample.upscale(lr[i:i + 1], net, v, cond["prompt"], steps, teacher=True,
-                                       cond_neg=cond["neg"], seed=0, vae_tile=0, **sample.sampling_settings(net))
-                        for i in range(len(lr))])
-        out[setting] = (psnr(sr, hr).mean().item(), ssim(sr, hr).mean().item(), hf_ratio(sr, hr).mean().item())
-    return out
-
-
-def scan_teacher(runs, depth, heads, scale=1.0, workers=2):
-    """The "teacher" stage at (depth, heads) on the shipped VAE's latents, into
-    runs/size-scan/{depth}x{heads} (resumed, or reused when done): (net, its training minutes)."""
-    out = os.path.join(runs, "size-scan", f"{depth}x{heads}")
-    vae_path = os.path.abspath(os.path.join(SHIP, "vae.safetensors"))
-    argv = _with_flags(dict(STAGES)["teacher"].format(runs=runs, size=TRAIN_SIZE).split(),
-                       f"--depth {depth} --heads {heads} --vae {vae_path}")
-    done = glob.glob(os.path.join(runs, "size-scan", "*", "latents-0.safetensors"))
-    if done and not os.path.exists(os.path.join(out, "latents-0.safetensors")):   # the same pairs for all
-        os.makedirs(out, exist_ok=True)
-        os.link(done[0], os.path.join(out, "latents-0.safetensors"))
-    if not os.path.exists(os.path.join(out, "final")):
-        train_stage(runs, "teacher", argv, out, scale, workers)
-    net = layouts.load_transformer(os.path.join(out, "final", "teacher.safetensors")).eval()
-    return net, open(os.path.join(out, "final", "minutes.txt")).read().strip()
-
-
-def size_scan(runs, scale=1.0, workers=2, dest="docs/model_size.md", sizes=SIZE_SCAN, eval_steps=40, eval_size=256):
-    """Every SIZE_SCAN teacher trained with the shipped recipe (steps scaled) unless it is the
-    shipped size, then its `eval_steps`-step samples measured on `eval_size`^2 held-out crops; the
-    table is printed and written to `dest`."""
-    prepare_data(runs)
-    shipped, v, embs = load_shipped()
-    shipped = shipped["teacher"]
-    cfg_scale = sample.sampling_settings(shipped)["cfg"]
-    steps = max(2, round(int(dict(STAGES)["teacher"].split("--steps ")[1].split()[0]) * scale))
-    lines = ["# Teacher size at miniature scale", "",
-             f"`python miniature.py --size-scan` ({time.strftime('%Y-%m-%d')}): the teacher stage of "
-             f"`miniature.STAGES` ({steps} steps) at each (depth, heads of 64 channels), on the shipped VAE's "
-             f"latents; the shipped size is the shipped teacher. Each sampled with {eval_steps} steps at CFG "
-             f"scale {cfg_scale:g} (the shipped one) on a {eval_size}^2 crop of each of the {len(HELD_OUT)} held-out "
-             "photographs. A distilled student is measured against the 40-step teacher, so the teacher's "
-             "row bounds what its student can reach. fp16 MB: one transformer file as shipped (three are shipped).",
-             "", "| depth x width | parameters | fp16 MB | Real-ESRGAN PSNR / SSIM / HF | clean bicubic PSNR / SSIM / HF "
-             "| minutes |", "|---|---|---|---|---|---|"]
-    for depth, heads in sizes:
-        if (depth, heads) == (shipped.cfg.depth, shipped.cfg.heads):
-            net = shipped
-            minutes = f'{json.load(open(os.path.join(SHIP, "training.json")))["minutes"]["teacher"]:.1f} (shipped run)'
-        else:
-            net, minutes = scan_teacher(runs, depth, heads, scale, workers)
-            net.sampling = {**net.sampling, "cfg": cfg_scale}
-        m = teacher_metrics(net, v, embs, eval_steps, eval_size)
-        n = sum(p.numel() for p in net.parameters())
-        cells = [" / ".join(f"{x:.3g}" for x in m[s]) for s in SETTINGS]
-        lines.append(f"| {depth} x {net.cfg.hidden} | {n / 1e6:.2f} M | {2 * n / 1e6:.1f} | {cells[0]} | {cells[1]} "
-                     f"| {minutes} |")
-        print(lines[-1], flush=True)
-    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-    with open(dest + ".tmp", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(dest + ".tmp", dest)
-    print(f"wrote {dest}")
-
-
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default="runs/miniature", help="working folder (data, checkpoints)")
@@ -833,10 +662,6 @@ if __name__ == "__main__":
     ap.add_argument("--workers", type=int, default=2, help="data-loading processes per stage")
     ap.add_argument("--no-ship", action="store_true", help="do not copy the result to " + SHIP
                     + " (with --scale other than 1: to RUNS/mfsr-tiny)")
-    ap.add_argument("--ablations", action="store_true", help="the paper's ablations (Tables 3, 4, c_noise, the "
-                    "loss) from the trained teacher -> docs/ablations.md (with --scale other than 1: RUNS/ablations.md)")
-    ap.add_argument("--size-scan", action="store_true", help="teachers of other sizes (SIZE_SCAN), 40-step "
-                    "quality -> docs/model_size.md (with --scale other than 1: RUNS/model_size.md)")
     ap.add_argument("--packages", action="store_true",
                     help="print the Debian packages the photographs come from (for apt-get install) and exit")
     a = ap.parse_args()
@@ -844,12 +669,6 @@ if __name__ == "__main__":
         print(" ".join(sorted(_packages())))
         sys.exit(0)
     torch.set_num_threads(2)
-    if a.ablations:
-        ablations(a.runs, a.scale, a.workers, "docs/ablations.md" if a.scale == 1.0 else os.path.join(a.runs, "ablations.md"))
-        sys.exit(0)
-    if a.size_scan:
-        size_scan(a.runs, a.scale, a.workers, "docs/model_size.md" if a.scale == 1.0 else os.path.join(a.runs, "model_size.md"))
-        sys.exit(0)
     run(a.runs, a.scale, a.only, a.workers)
     if not a.no_ship:   # a scaled (smoke) run never replaces the shipped model or the example
         ship(a.runs, SHIP if a.scale == 1.0 else os.path.join(a.runs, "mfsr-tiny"))

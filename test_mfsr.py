@@ -3126,7 +3126,7 @@ def _png(path):
 def test_miniature_pipeline_runs_end_to_end_at_a_hundredth_of_the_steps(tmp_path, monkeypatch):
     """`python miniature.py` as documented, every stage at 1 % of its steps: it finishes, writes its
     own copy of the model, and leaves the shipped model and the example image as they were; then
-    the ablations (`--ablations`) from its teacher."""
+    the ablations (`python sweeps.py --ablations`) from its teacher."""
     pytest.importorskip("skimage")
     missing = sorted({src for src, file, _ in miniature.PHOTOS.values() if src != "skimage" and not os.path.exists(file)})
     if missing:   # .ci/run installs them
@@ -3156,12 +3156,12 @@ def test_miniature_pipeline_runs_end_to_end_at_a_hundredth_of_the_steps(tmp_path
     assert info["eq11_w"] == scan["cfg"] - 1
     student_args = info["stages"]["student"].split()
     assert float(student_args[student_args.index("--cfg-w") + 1]) == info["eq11_w"]     # one guidance, two spellings
-    # --ablations on the same runs (three of its rows here; CI's time): one table row per run, each
-    # run with its setting
-    import miniature as mini
-    rows = [r for r in mini.ABLATIONS if r[2] in ("--target gt", "--time-scale 1000", "--ratio 0")]
-    monkeypatch.setattr(mini, "ABLATIONS", rows)
-    mini.ablations(str(runs), 0.01, 0, str(runs / "ablations.md"))
+    # sweeps.py --ablations on the same runs (three of its rows here; CI's time): one table row per
+    # run, each run with its setting
+    import sweeps
+    rows = [r for r in sweeps.ABLATIONS if r[2] in ("--target gt", "--time-scale 1000", "--ratio 0")]
+    monkeypatch.setattr(sweeps, "ABLATIONS", rows)
+    sweeps.ablations(str(runs), 0.01, 0, str(runs / "ablations.md"))
     table = [line for line in (runs / "ablations.md").read_text().splitlines() if line.startswith("| ")][1:]   # after the header
     assert [line.split(" | ")[1] for line in table] == [r[1] for r in rows]
     assert all(re.match(r"[\d.]+ / [\d.]+ / [\d.]+$", cell) for line in table for cell in line.split(" | ")[2:4])
@@ -3172,14 +3172,15 @@ def test_miniature_pipeline_runs_end_to_end_at_a_hundredth_of_the_steps(tmp_path
 
 @pytest.mark.slow
 def test_size_scan_trains_the_other_sizes_and_measures_the_shipped_teacher_as_its_own_row(tmp_path):
-    """`python miniature.py --size-scan`, shortened: a 2 x 64 teacher trained from scratch on the
+    """`python sweeps.py --size-scan`, shortened: a 2 x 64 teacher trained from scratch on the
     shipped VAE's latents (its file has that size), the shipped size not retrained but measured as
     the shipped teacher, one table row each, in the order given."""
     pytest.importorskip("skimage")
     if any(src != "skimage" and not os.path.exists(file) for src, file, _ in miniature.PHOTOS.values()):
         pytest.skip("the miniature's photographs need their Debian packages (.ci/run installs them)")
     runs, dest = tmp_path / "runs", tmp_path / "model_size.md"
-    miniature.size_scan(str(runs), 0.001, 0, str(dest), sizes=((2, 1), (3, 2)), eval_steps=2, eval_size=64)
+    import sweeps
+    sweeps.size_scan(str(runs), 0.001, 0, str(dest), sizes=((2, 1), (3, 2)), eval_steps=2, eval_size=64)
     net = layouts.load_transformer(str(runs / "size-scan" / "2x1" / "final" / "teacher.safetensors"))
     assert (net.cfg.depth, net.cfg.hidden, net.cfg.lr_stream, net.cfg.two_times) == (2, 64, True, False)
     train_cfg = json.loads(SafetensorsFiles(str(runs / "size-scan" / "2x1" / "final" / "trainable.safetensors"))
@@ -3195,12 +3196,20 @@ def test_size_scan_trains_the_other_sizes_and_measures_the_shipped_teacher_as_it
 
 
 def test_ablation_flags_replace_the_base_rows_settings_or_are_added():
+    import subprocess
+    import sys
+    import sweeps
     base = ["--target", "neg", "--cfg-w", "0.5", "--ratio", "0.5"]
-    assert miniature._with_flags(base, "--target meanflow --cfg-w 1 --kappa 0.83") == \
+    assert sweeps._with_flags(base, "--target meanflow --cfg-w 1 --kappa 0.83") == \
         ["--target", "meanflow", "--cfg-w", "1", "--ratio", "0.5", "--kappa", "0.83"]
-    assert miniature._with_flags(base, "") == base and base[1] == "neg"
-    for _, _, flags in miniature.ABLATIONS:             # every row's flags are train.py flags
+    assert sweeps._with_flags(base, "") == base and base[1] == "neg"
+    for _, _, flags in sweeps.ABLATIONS:             # every row's flags are train.py flags
         train.parse_args(["--data", "x", "--stage", "distill"] + flags.split())
+    # sweeps.py needs one of its two sweeps: without one (or with both) argparse says so, nothing runs
+    for argv in ([], ["--ablations", "--size-scan"]):
+        done = subprocess.run([sys.executable, "sweeps.py", *argv], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "--ablations" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_sample_prompt_and_prompt_file_through_the_text_encoders(_txt_pipeline, tmp_path, capsys):
