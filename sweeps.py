@@ -1,7 +1,8 @@
-"""Measurements around the miniature: the paper's ablations and a scan of the teacher's size.
+"""Measurements around the miniature: the paper's ablations and scans of the teacher's size and training length.
 
     python sweeps.py --ablations     # Tables 3 and 4, c_noise, the loss, from the trained teacher -> docs/ablations.md
     python sweeps.py --size-scan     # teachers of other sizes, 40-step quality -> docs/model_size.md
+    python sweeps.py --length-scan   # the smallest teacher trained 2500 / 5000 / 10000 steps -> docs/teacher_length.md
 
 Both reuse a `python miniature.py` run's folder (--runs): its data, its cached training pairs and,
 for the ablations, its teacher and decoder. Every run is a train.py run through
@@ -55,6 +56,15 @@ def _with_flags(argv, flags):
         else:
             argv += flags[i:i + 2]
     return argv
+
+
+def _write_table(dest, lines):
+    """The table's lines to `dest`, atomically."""
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    with open(dest + ".tmp", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(dest + ".tmp", dest)
+    print(f"wrote {dest}")
 
 
 @torch.no_grad()
@@ -111,11 +121,7 @@ def ablations(runs, scale=1.0, workers=2, dest="docs/ablations.md"):
         minutes = open(os.path.join(out, "final", "minutes.txt")).read().strip()
         lines.append(f"| {table} | {row} | {cells[0]} | {cells[1]} | {gnorm:.3g} | {jvp_term:.3g} | {minutes} |")
         print(lines[-1], flush=True)
-    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-    with open(dest + ".tmp", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(dest + ".tmp", dest)
-    print(f"wrote {dest}")
+    _write_table(dest, lines)
 
 
 # The size scan (is the miniature capacity-limited?): teachers of other (depth, heads) trained as
@@ -140,13 +146,13 @@ def teacher_metrics(net, v, embs, steps=40, size=256, names=HELD_OUT):
     return out
 
 
-def scan_teacher(runs, depth, heads, scale=1.0, workers=2):
-    """The "teacher" stage at (depth, heads) on the shipped VAE's latents, into
-    runs/size-scan/{depth}x{heads} (resumed, or reused when done): (net, its training minutes)."""
-    out = os.path.join(runs, "size-scan", f"{depth}x{heads}")
+def scan_teacher(runs, depth, heads, scale=1.0, workers=2, steps=None):
+    """The "teacher" stage at (depth, heads), and `steps` if given, on the shipped VAE's latents, into
+    runs/size-scan/{depth}x{heads}[-{steps}] (resumed, or reused when done): (net, its training minutes)."""
+    out = os.path.join(runs, "size-scan", f"{depth}x{heads}" + (f"-{steps}" if steps else ""))
     vae_path = os.path.abspath(os.path.join(SHIP, "vae.safetensors"))
     argv = _with_flags(dict(STAGES)["teacher"].format(runs=runs, size=TRAIN_SIZE).split(),
-                       f"--depth {depth} --heads {heads} --vae {vae_path}")
+                       f"--depth {depth} --heads {heads} --vae {vae_path}" + (f" --steps {steps}" if steps else ""))
     done = glob.glob(os.path.join(runs, "size-scan", "*", "latents-0.safetensors"))
     if done and not os.path.exists(os.path.join(out, "latents-0.safetensors")):   # the same pairs for all
         os.makedirs(out, exist_ok=True)
@@ -188,11 +194,36 @@ def size_scan(runs, scale=1.0, workers=2, dest="docs/model_size.md", sizes=SIZE_
         lines.append(f"| {depth} x {net.cfg.hidden} | {n / 1e6:.2f} M | {2 * n / 1e6:.1f} | {cells[0]} | {cells[1]} "
                      f"| {minutes} |")
         print(lines[-1], flush=True)
-    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-    with open(dest + ".tmp", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(dest + ".tmp", dest)
-    print(f"wrote {dest}")
+    _write_table(dest, lines)
+
+
+# The length scan (is the teacher training-limited?): the smallest SIZE_SCAN teacher trained for
+# each of LENGTHS steps (the shipped recipe's 5000 among them, its cosine schedule stretched to each).
+LENGTH_SCAN = (2, 1)
+LENGTHS = (2500, 5000, 10000)
+
+
+def length_scan(runs, scale=1.0, workers=2, dest="docs/teacher_length.md", size=LENGTH_SCAN, lengths=LENGTHS,
+                eval_steps=40, eval_size=256):
+    """The `size` teacher trained for each of `lengths` steps (scaled), then measured as in size_scan."""
+    prepare_data(runs)
+    shipped, v, embs = load_shipped()
+    cfg_scale = sample.sampling_settings(shipped["teacher"])["cfg"]
+    lines = ["# Teacher training length at miniature scale", "",
+             f"`python sweeps.py --length-scan` ({time.strftime('%Y-%m-%d')}): the teacher stage of "
+             f"`miniature.STAGES` at {size[0]} blocks x {64 * size[1]} channels for each number of steps "
+             "(learning rate annealed to 0 over each), on the shipped VAE's latents and the same cached pairs. "
+             f"Each sampled with {eval_steps} steps at CFG scale {cfg_scale:g} on a {eval_size}^2 crop of each "
+             f"of the {len(HELD_OUT)} held-out photographs.", "",
+             "| steps | Real-ESRGAN PSNR / SSIM / HF | clean bicubic PSNR / SSIM / HF | minutes |", "|---|---|---|---|"]
+    for steps in lengths:
+        net, minutes = scan_teacher(runs, *size, scale, workers, steps)
+        net.sampling = {**net.sampling, "cfg": cfg_scale}
+        m = teacher_metrics(net, v, embs, eval_steps, eval_size)
+        cells = [" / ".join(f"{x:.3g}" for x in m[s]) for s in SETTINGS]
+        lines.append(f"| {max(2, round(steps * scale))} | {cells[0]} | {cells[1]} | {minutes} |")
+        print(lines[-1], flush=True)
+    _write_table(dest, lines)
 
 
 if __name__ == "__main__":
@@ -205,8 +236,11 @@ if __name__ == "__main__":
                       "loss) from the trained teacher -> docs/ablations.md (with --scale other than 1: RUNS/ablations.md)")
     what.add_argument("--size-scan", action="store_true", help="teachers of other sizes (SIZE_SCAN), 40-step "
                       "quality -> docs/model_size.md (with --scale other than 1: RUNS/model_size.md)")
+    what.add_argument("--length-scan", action="store_true", help="the smallest teacher at LENGTHS training steps, "
+                      "40-step quality -> docs/teacher_length.md (with --scale other than 1: RUNS/teacher_length.md)")
     a = ap.parse_args()
     torch.set_num_threads(2)
-    name, fn = ("ablations", ablations) if a.ablations else ("model_size", size_scan)
+    name, fn = (("ablations", ablations) if a.ablations else ("model_size", size_scan) if a.size_scan
+                else ("teacher_length", length_scan))
     fn(a.runs, a.scale, a.workers, f"docs/{name}.md" if a.scale == 1.0 else os.path.join(a.runs, name + ".md"))
     sys.exit(0)

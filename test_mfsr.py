@@ -3174,7 +3174,7 @@ def test_miniature_pipeline_runs_end_to_end_at_a_hundredth_of_the_steps(tmp_path
 def test_size_scan_trains_the_other_sizes_and_measures_the_shipped_teacher_as_its_own_row(tmp_path):
     """`python sweeps.py --size-scan`, shortened: a 2 x 64 teacher trained from scratch on the
     shipped VAE's latents (its file has that size), the shipped size not retrained but measured as
-    the shipped teacher, one table row each, in the order given."""
+    the shipped teacher, one table row each, in the order given; then `--length-scan`."""
     pytest.importorskip("skimage")
     if any(src != "skimage" and not os.path.exists(file) for src, file, _ in miniature.PHOTOS.values()):
         pytest.skip("the miniature's photographs need their Debian packages (.ci/run installs them)")
@@ -3193,6 +3193,14 @@ def test_size_scan_trains_the_other_sizes_and_measures_the_shipped_teacher_as_it
     assert [r[1] for r in rows] == [f"{sum(p.numel() for p in n.parameters()) / 1e6:.2f} M" for n in (net, shipped)]
     assert all(re.match(r"[\d.]+ / [\d.]+ / [\d.]+$", cell) for r in rows for cell in r[3:5])
     assert rows[1][5].endswith("(shipped run) |")
+    # --length-scan: the same size at other step counts, each its own run on the same cached pairs
+    sweeps.length_scan(str(runs), 0.001, 0, str(tmp_path / "length.md"), lengths=(3000, 6000), eval_steps=2, eval_size=64)
+    for steps in (3, 6):
+        out = runs / "size-scan" / f"2x1-{steps}000" / "final"
+        assert json.loads(SafetensorsFiles(str(out / "trainable.safetensors")).metadata["train_config"])["steps"] == steps
+        assert os.path.samefile(out.parent / "latents-0.safetensors", runs / "size-scan" / "2x1" / "latents-0.safetensors")
+    rows = [line.split(" | ") for line in (tmp_path / "length.md").read_text().splitlines() if line.startswith("| ")][1:]
+    assert [r[0] for r in rows] == ["| 3", "| 6"]
 
 
 def test_ablation_flags_replace_the_base_rows_settings_or_are_added():
