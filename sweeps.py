@@ -3,6 +3,7 @@
     python sweeps.py --ablations     # Tables 3 and 4, c_noise, the loss, from the trained teacher -> docs/ablations.md
     python sweeps.py --size-scan     # teachers of other sizes, 40-step quality -> docs/model_size.md
     python sweeps.py --length-scan   # the smallest teacher trained 2500 / 5000 / 10000 steps -> docs/teacher_length.md
+    python sweeps.py --teacher-samples   # the teacher's 40-step samples against their mean -> docs/teacher_samples.md
 
 Both reuse a `python miniature.py` run's folder (--runs): its data, its cached training pairs and,
 for the ablations, its teacher and decoder. Every run is a train.py run through
@@ -135,15 +136,19 @@ SIZE_SCAN = ((2, 1), (3, 2), (4, 3))
 def teacher_metrics(net, v, embs, steps=40, size=256, names=HELD_OUT):
     """The `steps`-step teacher at its recorded CFG scale on one size^2 crop of each held-out
     photograph, per setting: {setting: (PSNR, SSIM, HF energy / HR)}, sampled as sample.py samples."""
-    cond = {e: (p[None], c[None]) for e, (c, p) in embs.items()}
     out = {}
     for setting in SETTINGS:
         hr, lr = heldout_pairs(size, 1, 0, setting, names)
-        sr = torch.cat([sample.upscale(lr[i:i + 1], net, v, cond["prompt"], steps, teacher=True,
-                                       cond_neg=cond["neg"], seed=0, vae_tile=0, **sample.sampling_settings(net))
-                        for i in range(len(lr))])
+        sr = _teacher_sr(net, v, embs, lr, steps)
         out[setting] = (psnr(sr, hr).mean().item(), ssim(sr, hr).mean().item(), hf_ratio(sr, hr).mean().item())
     return out
+
+
+def _teacher_sr(net, v, embs, lr, steps, seed=0):
+    """The teacher's x4 samples of every LR image, one at a time as sample.py samples them."""
+    cond = {e: (p[None], c[None]) for e, (c, p) in embs.items()}
+    return torch.cat([sample.upscale(lr[i:i + 1], net, v, cond["prompt"], steps, teacher=True, cond_neg=cond["neg"],
+                                     seed=seed, vae_tile=0, **sample.sampling_settings(net)) for i in range(len(lr))])
 
 
 def scan_teacher(runs, depth, heads, scale=1.0, workers=2, steps=None):
@@ -226,6 +231,46 @@ def length_scan(runs, scale=1.0, workers=2, dest="docs/teacher_length.md", size=
     _write_table(dest, lines)
 
 
+# Are the teacher's 40-step samples draws from a posterior? K samples per crop (seeds 0..K-1): with
+# independent draws, one sample's squared error is M + V and the mean of K's is M + V / K, where M
+# is the error of the posterior mean (the best any deterministic one-step map can do) and V the
+# samples' spread; so M = (K * mse(mean) - mse(one)) / (K - 1). For exact posterior draws V = M,
+# and one sample's PSNR is 10 log10(2) = 3.0 dB below the posterior mean's.
+SAMPLE_SEEDS = 4
+
+
+@torch.no_grad()
+def teacher_samples(runs, scale=1.0, workers=2, dest="docs/teacher_samples.md", seeds=SAMPLE_SEEDS, steps=40,
+                    size=256):
+    """The shipped teacher's `seeds` samples of `steps` steps per held-out crop, per setting: PSNR of
+    bicubic, of the teacher's 1 step, of one sample, of the samples' mean and of the posterior mean
+    (estimated), and V / M; printed and written to `dest`. scale multiplies `steps` (a smoke run);
+    runs and workers are unused (the CLI passes every sweep the same)."""
+    steps = max(2, round(steps * scale))
+    nets, v, embs = load_shipped()
+    net = nets["teacher"]
+    mse = lambda a, b: (a.double() - b.double()).pow(2).flatten(1).mean(1)      # noqa: E731  per image
+    db = lambda m: (10 * torch.log10(1 / m)).mean().item()                      # noqa: E731  mean PSNR
+    lines = ["# The teacher's samples against their mean", "",
+             f"`python sweeps.py --teacher-samples` ({time.strftime('%Y-%m-%d')}): the shipped teacher, {steps} "
+             f"steps at its CFG scale {sample.sampling_settings(net)['cfg']:g}, seeds 0..{seeds - 1} on a {size}^2 "
+             f"crop of each of the {len(HELD_OUT)} held-out photographs. PSNR per image, averaged; the posterior "
+             f"mean's error M = ({seeds} mse(mean) - mse(one)) / {seeds - 1} per image, V = mse(one) - M (see sweeps.py).",
+             "", "| setting | bicubic | teacher 1 step | one 40-step sample | mean of the samples | posterior mean "
+             "(estimated) | V / M |", "|---|---|---|---|---|---|---|"]
+    for setting in SETTINGS:
+        hr, lr = heldout_pairs(size, 1, 0, setting)
+        bic = torch.nn.functional.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+        draws = torch.stack([_teacher_sr(net, v, embs, lr, steps, seed) for seed in range(seeds)])
+        one = torch.stack([mse(x, hr) for x in draws]).mean(0)
+        mean = mse(draws.mean(0), hr)
+        post = (seeds * mean - one) / (seeds - 1)
+        lines.append(f"| {SETTINGS[setting]} | {db(mse(bic, hr)):.2f} | {db(mse(_teacher_sr(net, v, embs, lr, 1), hr)):.2f} "
+                     f"| {db(one):.2f} | {db(mean):.2f} | {db(post):.2f} | {((one - post) / post).mean().item():.2f} |")
+        print(lines[-1], flush=True)
+    _write_table(dest, lines)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default="runs/miniature", help="the miniature's working folder (python miniature.py --runs)")
@@ -236,11 +281,13 @@ if __name__ == "__main__":
                       "loss) from the trained teacher -> docs/ablations.md (with --scale other than 1: RUNS/ablations.md)")
     what.add_argument("--size-scan", action="store_true", help="teachers of other sizes (SIZE_SCAN), 40-step "
                       "quality -> docs/model_size.md (with --scale other than 1: RUNS/model_size.md)")
+    what.add_argument("--teacher-samples", action="store_true", help="the shipped teacher's 40-step samples "
+                      "against their mean -> docs/teacher_samples.md (with --scale other than 1: RUNS/teacher_samples.md)")
     what.add_argument("--length-scan", action="store_true", help="the smallest teacher at LENGTHS training steps, "
                       "40-step quality -> docs/teacher_length.md (with --scale other than 1: RUNS/teacher_length.md)")
     a = ap.parse_args()
     torch.set_num_threads(2)
     name, fn = (("ablations", ablations) if a.ablations else ("model_size", size_scan) if a.size_scan
-                else ("teacher_length", length_scan))
+                else ("teacher_length", length_scan) if a.length_scan else ("teacher_samples", teacher_samples))
     fn(a.runs, a.scale, a.workers, f"docs/{name}.md" if a.scale == 1.0 else os.path.join(a.runs, name + ".md"))
     sys.exit(0)

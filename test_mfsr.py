@@ -3203,6 +3203,22 @@ def test_size_scan_trains_the_other_sizes_and_measures_the_shipped_teacher_as_it
     assert [r[0] for r in rows] == ["| 3", "| 6"]
 
 
+@pytest.mark.slow
+def test_teacher_samples_table_orders_one_sample_below_their_mean_and_the_posterior_mean(tmp_path):
+    """`python sweeps.py --teacher-samples`, shortened: one row per setting; by Jensen the mean of the
+    samples is nearer the HR than one sample on average, and the posterior-mean estimate nearer still."""
+    pytest.importorskip("skimage")
+    import sweeps
+    dest = tmp_path / "samples.md"
+    sweeps.teacher_samples("unused", 0.05, 0, str(dest), seeds=2, size=64)
+    rows = [line.split(" | ") for line in dest.read_text().splitlines() if line.startswith("| ")][1:]
+    assert [r[0] for r in rows] == [f"| {name}" for name in miniature.SETTINGS.values()]
+    for r in rows:
+        one, mean, post = float(r[3]), float(r[4]), float(r[5])
+        assert one < mean < post and float(r[6].strip(" |")) > 0
+    assert "2 steps" in dest.read_text()
+
+
 def test_ablation_flags_replace_the_base_rows_settings_or_are_added():
     import subprocess
     import sys
