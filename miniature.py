@@ -352,7 +352,7 @@ def scan_cfg(runs, scale=1.0, crops=16, steps=40, seed=0):
     hr = torch.stack([degrade.random_crop_pair_source(torch.from_numpy(photo(n)).permute(2, 0, 1).float() / 255,
                                                       TRAIN_SIZE, g)[0] for n in names])
     _, lr, _ = degrade.degrade(hr, degrade.DegradeConfig(gt_size=TRAIN_SIZE, usm_gt=False), generator=g)
-    lr_up = torch.nn.functional.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+    lr_up = bicubic_up(lr, hr.shape[-2:])
     z_lr = v.encode(lr_up * 2 - 1, tile=0)
     B = len(names)
     cond = {e: (p[None].expand(B, -1), c[None].expand(B, -1, -1)) for e, (c, p) in emb.items()}
@@ -523,10 +523,24 @@ def make_example(dest="examples", name="chelsea", top=24, left=136, size=256, se
 # Evaluation (python bench.py quality): our own metrics, the held-out pairs, the table
 
 
+def mse(x, y):
+    """Per image mean squared error, (B, C, H, W) -> (B,), in float64."""
+    return (x.double() - y.double()).pow(2).flatten(1).mean(1)
+
+
+def mse_to_psnr(m):
+    """PSNR in dB of a mean squared error of images in [0, 1]."""
+    return 10 * torch.log10(1 / m)
+
+
 def psnr(x, y):
     """Per image PSNR in dB of images in [0, 1], (B, 3, H, W) -> (B,)."""
-    mse = (x.double() - y.double()).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1 / mse.clamp_min(1e-12))
+    return mse_to_psnr(mse(x, y).clamp_min(1e-12))
+
+
+def bicubic_up(lr, hw):
+    """The bicubic baseline: lr (B, 3, h, w) in [0, 1] resized to hw, clamped to [0, 1]."""
+    return torch.nn.functional.interpolate(lr, size=hw, mode="bicubic", align_corners=False).clamp(0, 1)
 
 
 def _gauss_window(size, sigma):
@@ -605,7 +619,7 @@ def evaluate(dest=SHIP, size=256, per_image=1, teacher_steps=40, seed=0, setting
     training size, AdaIN colour fix, the teacher at the CFG scale its file records."""
     nets, v, embs = load_shipped(dest)
     hr, lr = heldout_pairs(size, per_image, seed, setting, names)
-    lr_up = torch.nn.functional.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+    lr_up = bicubic_up(lr, hr.shape[-2:])
     cond = {e: (p[None], c[None]) for e, (c, p) in embs.items()}
     cfg_scale = sample.sampling_settings(nets["teacher"])["cfg"]
 

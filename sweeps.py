@@ -5,8 +5,9 @@
     python sweeps.py --length-scan   # the smallest teacher trained 2500 / 5000 / 10000 steps -> docs/teacher_length.md
     python sweeps.py --teacher-samples   # the teacher's 40-step samples against their mean -> docs/teacher_samples.md
 
-Both reuse a `python miniature.py` run's folder (--runs): its data, its cached training pairs and,
-for the ablations, its teacher and decoder. Every run is a train.py run through
+The ablations need a finished `python miniature.py` run's folder (--runs: its teacher, decoder and
+data); the two scans prepare the data in --runs themselves and train on the shipped VAE's latents;
+the teacher samples use the shipped files only. Every training run is a train.py run through
 miniature.train_stage, resumable; the tables use the held-out crops of `bench.py quality`.
 """
 import argparse
@@ -23,8 +24,8 @@ import layouts
 import pairs
 import sample
 import vae as vae_lib
-from miniature import (HELD_OUT, SETTINGS, SHIP, STAGES, TRAIN_SIZE, heldout_pairs, hf_ratio, load_shipped,
-                       prepare_data, psnr, ssim, train_stage)
+from miniature import (HELD_OUT, SETTINGS, SHIP, STAGES, TRAIN_SIZE, bicubic_up, heldout_pairs, hf_ratio,
+                       load_shipped, mse, mse_to_psnr, prepare_data, psnr, ssim, train_stage)
 
 # The paper's ablations at miniature size (`python sweeps.py --ablations`): short distillations
 # of the one shipped teacher, each changing one setting of the paper's row "neg-CFG"; 1-step student
@@ -68,6 +69,16 @@ def _write_table(dest, lines):
     print(f"wrote {dest}")
 
 
+def _metrics(sr, hr):
+    """(PSNR, SSIM, HF energy / HR), each the mean over the images."""
+    return psnr(sr, hr).mean().item(), ssim(sr, hr).mean().item(), hf_ratio(sr, hr).mean().item()
+
+
+def _cells(m):
+    """The table's cells of {setting: _metrics}, one per setting: "PSNR / SSIM / HF"."""
+    return [" / ".join(f"{x:.3g}" for x in m[s]) for s in SETTINGS]
+
+
 @torch.no_grad()
 def student_metrics(runs, student, size=128, names=HELD_OUT):
     """The 1-step student on one size^2 crop of each held-out photograph, per setting:
@@ -81,7 +92,7 @@ def student_metrics(runs, student, size=128, names=HELD_OUT):
         hr, lr = heldout_pairs(size, 1, 0, setting, names)
         sr = torch.cat([sample.upscale(lr[i:i + 1], net, v, (p[None], c[None]), 1, seed=0, vae_tile=0,
                                        **sample.sampling_settings(net)) for i in range(len(lr))])
-        out[setting] = (psnr(sr, hr).mean().item(), ssim(sr, hr).mean().item(), hf_ratio(sr, hr).mean().item())
+        out[setting] = _metrics(sr, hr)
     return out
 
 
@@ -118,7 +129,7 @@ def ablations(runs, scale=1.0, workers=2, dest="docs/ablations.md"):
             train_stage(runs, "student", _with_flags(base, flags), out, scale, workers)
         m = student_metrics(runs, os.path.join(out, "final", "student.safetensors"))
         gnorm, jvp_term = _log_medians(out, max(1, round(ABLATION_WARMUP * scale)))
-        cells = [" / ".join(f"{x:.3g}" for x in m[s]) for s in SETTINGS]
+        cells = _cells(m)
         minutes = open(os.path.join(out, "final", "minutes.txt")).read().strip()
         lines.append(f"| {table} | {row} | {cells[0]} | {cells[1]} | {gnorm:.3g} | {jvp_term:.3g} | {minutes} |")
         print(lines[-1], flush=True)
@@ -139,8 +150,7 @@ def teacher_metrics(net, v, embs, steps=40, size=256, names=HELD_OUT):
     out = {}
     for setting in SETTINGS:
         hr, lr = heldout_pairs(size, 1, 0, setting, names)
-        sr = _teacher_sr(net, v, embs, lr, steps)
-        out[setting] = (psnr(sr, hr).mean().item(), ssim(sr, hr).mean().item(), hf_ratio(sr, hr).mean().item())
+        out[setting] = _metrics(_teacher_sr(net, v, embs, lr, steps), hr)
     return out
 
 
@@ -151,9 +161,10 @@ def _teacher_sr(net, v, embs, lr, steps, seed=0):
                                      seed=seed, vae_tile=0, **sample.sampling_settings(net)) for i in range(len(lr))])
 
 
-def scan_teacher(runs, depth, heads, scale=1.0, workers=2, steps=None):
+def scan_teacher(runs, depth, heads, cfg_scale, scale=1.0, workers=2, steps=None):
     """The "teacher" stage at (depth, heads), and `steps` if given, on the shipped VAE's latents, into
-    runs/size-scan/{depth}x{heads}[-{steps}] (resumed, or reused when done): (net, its training minutes)."""
+    runs/size-scan/{depth}x{heads}[-{steps}] (resumed, or reused when done): (net set to sample at
+    `cfg_scale`, the shipped teacher's, its training minutes)."""
     out = os.path.join(runs, "size-scan", f"{depth}x{heads}" + (f"-{steps}" if steps else ""))
     vae_path = os.path.abspath(os.path.join(SHIP, "vae.safetensors"))
     argv = _with_flags(dict(STAGES)["teacher"].format(runs=runs, size=TRAIN_SIZE).split(),
@@ -165,6 +176,7 @@ def scan_teacher(runs, depth, heads, scale=1.0, workers=2, steps=None):
     if not os.path.exists(os.path.join(out, "final")):
         train_stage(runs, "teacher", argv, out, scale, workers)
     net = layouts.load_transformer(os.path.join(out, "final", "teacher.safetensors")).eval()
+    net.sampling = {**net.sampling, "cfg": cfg_scale}
     return net, open(os.path.join(out, "final", "minutes.txt")).read().strip()
 
 
@@ -191,11 +203,10 @@ def size_scan(runs, scale=1.0, workers=2, dest="docs/model_size.md", sizes=SIZE_
             net = shipped
             minutes = f'{json.load(open(os.path.join(SHIP, "training.json")))["minutes"]["teacher"]:.1f} (shipped run)'
         else:
-            net, minutes = scan_teacher(runs, depth, heads, scale, workers)
-            net.sampling = {**net.sampling, "cfg": cfg_scale}
+            net, minutes = scan_teacher(runs, depth, heads, cfg_scale, scale, workers)
         m = teacher_metrics(net, v, embs, eval_steps, eval_size)
         n = sum(p.numel() for p in net.parameters())
-        cells = [" / ".join(f"{x:.3g}" for x in m[s]) for s in SETTINGS]
+        cells = _cells(m)
         lines.append(f"| {depth} x {net.cfg.hidden} | {n / 1e6:.2f} M | {2 * n / 1e6:.1f} | {cells[0]} | {cells[1]} "
                      f"| {minutes} |")
         print(lines[-1], flush=True)
@@ -222,10 +233,9 @@ def length_scan(runs, scale=1.0, workers=2, dest="docs/teacher_length.md", size=
              f"of the {len(HELD_OUT)} held-out photographs.", "",
              "| steps | Real-ESRGAN PSNR / SSIM / HF | clean bicubic PSNR / SSIM / HF | minutes |", "|---|---|---|---|"]
     for steps in lengths:
-        net, minutes = scan_teacher(runs, *size, scale, workers, steps)
-        net.sampling = {**net.sampling, "cfg": cfg_scale}
+        net, minutes = scan_teacher(runs, *size, cfg_scale, scale, workers, steps)
         m = teacher_metrics(net, v, embs, eval_steps, eval_size)
-        cells = [" / ".join(f"{x:.3g}" for x in m[s]) for s in SETTINGS]
+        cells = _cells(m)
         lines.append(f"| {max(2, round(steps * scale))} | {cells[0]} | {cells[1]} | {minutes} |")
         print(lines[-1], flush=True)
     _write_table(dest, lines)
@@ -249,18 +259,17 @@ def teacher_samples(runs, scale=1.0, workers=2, dest="docs/teacher_samples.md", 
     steps = max(2, round(steps * scale))
     nets, v, embs = load_shipped()
     net = nets["teacher"]
-    mse = lambda a, b: (a.double() - b.double()).pow(2).flatten(1).mean(1)      # noqa: E731  per image
-    db = lambda m: (10 * torch.log10(1 / m)).mean().item()                      # noqa: E731  mean PSNR
+    db = lambda m: mse_to_psnr(m).mean().item()        # noqa: E731  mean PSNR of per-image errors
     lines = ["# The teacher's samples against their mean", "",
              f"`python sweeps.py --teacher-samples` ({time.strftime('%Y-%m-%d')}): the shipped teacher, {steps} "
              f"steps at its CFG scale {sample.sampling_settings(net)['cfg']:g}, seeds 0..{seeds - 1} on a {size}^2 "
              f"crop of each of the {len(HELD_OUT)} held-out photographs. PSNR per image, averaged; the posterior "
              f"mean's error M = ({seeds} mse(mean) - mse(one)) / {seeds - 1} per image, V = mse(one) - M (see sweeps.py).",
-             "", "| setting | bicubic | teacher 1 step | one 40-step sample | mean of the samples | posterior mean "
+             "", f"| setting | bicubic | teacher 1 step | one {steps}-step sample | mean of the samples | posterior mean "
              "(estimated) | V / M |", "|---|---|---|---|---|---|---|"]
     for setting in SETTINGS:
         hr, lr = heldout_pairs(size, 1, 0, setting)
-        bic = torch.nn.functional.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+        bic = bicubic_up(lr, hr.shape[-2:])
         draws = torch.stack([_teacher_sr(net, v, embs, lr, steps, seed) for seed in range(seeds)])
         one = torch.stack([mse(x, hr) for x in draws]).mean(0)
         mean = mse(draws.mean(0), hr)

@@ -3229,7 +3229,7 @@ def test_ablation_flags_replace_the_base_rows_settings_or_are_added():
     assert sweeps._with_flags(base, "") == base and base[1] == "neg"
     for _, _, flags in sweeps.ABLATIONS:             # every row's flags are train.py flags
         train.parse_args(["--data", "x", "--stage", "distill"] + flags.split())
-    # sweeps.py needs one of its two sweeps: without one (or with both) argparse says so, nothing runs
+    # sweeps.py runs exactly one of its sweeps: without one (or with two) argparse says so, nothing runs
     for argv in ([], ["--ablations", "--size-scan"]):
         done = subprocess.run([sys.executable, "sweeps.py", *argv], cwd=Path(__file__).resolve().parent,
                               capture_output=True, text=True, timeout=120)
