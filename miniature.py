@@ -58,6 +58,7 @@ from PIL import Image
 from safetensors import safe_open
 
 import layouts
+import metrics
 import mfsr
 import model
 import pairs
@@ -361,14 +362,14 @@ def scan_cfg(runs, scale=1.0, crops=16, steps=40, seed=0):
         z = mfsr.sample_teacher(net, z_lr, cond["prompt"], cond["neg"], steps=steps, cfg=cfg_scale,
                                 shift=sample.sampling_settings(net)["shift"], generator=torch.Generator().manual_seed(seed))
         out = v.decode(z, tile=0).float().add(1).div(2).clamp(0, 1)
-        rows.append({"cfg": cfg_scale, "PSNR": psnr(out, hr).mean().item(), "HF energy / HR": hf_ratio(out, hr).mean().item()})
+        rows.append({"cfg": cfg_scale, "PSNR": metrics.psnr(out, hr).mean().item(), "HF energy / HR": metrics.hf_ratio(out, hr).mean().item()})
         print(f"cfg {cfg_scale:g}: PSNR {rows[-1]['PSNR']:.2f} dB, HF energy / HR {rows[-1]['HF energy / HR']:.2f}", flush=True)
     best = max(r["PSNR"] for r in rows)
     chosen = max(r["cfg"] for r in rows if r["PSNR"] >= best - CFG_TOLERANCE_DB)
     out_dir = os.path.join(runs, "cfg", "final")
     os.makedirs(out_dir, exist_ok=True)
     info = {"cfg": chosen, "rows": rows, "crops": list(names), "teacher_steps": steps,
-            "bicubic_PSNR": psnr(lr_up, hr).mean().item(), "minutes": (time.time() - t0) / 60}
+            "bicubic_PSNR": metrics.psnr(lr_up, hr).mean().item(), "minutes": (time.time() - t0) / 60}
     with open(os.path.join(out_dir, "cfg.json.tmp"), "w") as f:
         json.dump(info, f, indent=1)
     os.replace(os.path.join(out_dir, "cfg.json.tmp"), os.path.join(out_dir, "cfg.json"))
@@ -520,60 +521,12 @@ def make_example(dest="examples", name="chelsea", top=24, left=136, size=256, se
 
 
 # --------------------------------------------------------------------------------------------
-# Evaluation (python bench.py quality): our own metrics, the held-out pairs, the table
-
-
-def mse(x, y):
-    """Per image mean squared error, (B, C, H, W) -> (B,), in float64."""
-    return (x.double() - y.double()).pow(2).flatten(1).mean(1)
-
-
-def mse_to_psnr(m):
-    """PSNR in dB of a mean squared error of images in [0, 1]."""
-    return 10 * torch.log10(1 / m)
-
-
-def psnr(x, y):
-    """Per image PSNR in dB of images in [0, 1], (B, 3, H, W) -> (B,)."""
-    return mse_to_psnr(mse(x, y).clamp_min(1e-12))
+# Evaluation (python bench.py quality): the held-out pairs, the table (its metrics: metrics.py)
 
 
 def bicubic_up(lr, hw):
     """The bicubic baseline: lr (B, 3, h, w) in [0, 1] resized to hw, clamped to [0, 1]."""
     return torch.nn.functional.interpolate(lr, size=hw, mode="bicubic", align_corners=False).clamp(0, 1)
-
-
-def _gauss_window(size, sigma):
-    a = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    w = torch.exp(-a ** 2 / (2 * sigma ** 2))
-    return w / w.sum()
-
-
-def ssim(x, y, size=11, sigma=1.5):
-    """Per image SSIM (Wang et al. 2004) of images in [0, 1], (B, C, H, W) -> (B,): Gaussian window,
-    K1 = 0.01, K2 = 0.03, population (co)variances, averaged over the channels and the positions
-    whose window lies inside the image."""
-    x, y = x.double(), y.double()
-    C = x.shape[1]
-    w = _gauss_window(size, sigma)
-    k = (w[:, None] * w[None, :]).expand(C, 1, size, size)
-    f = lambda a: torch.nn.functional.conv2d(a, k, groups=C)             # noqa: E731  valid windows
-    mx, my = f(x), f(y)
-    vx, vy, cxy = f(x * x) - mx ** 2, f(y * y) - my ** 2, f(x * y) - mx * my
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    s = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
-    return s.flatten(1).mean(1)
-
-
-def hf_ratio(x, hr, cutoff=0.25):
-    """Texture: spectral energy above `cutoff` cycles/pixel (half Nyquist) of x over HR's, per image
-    on the luma; 1.0 = as much fine detail as the truth, < 1 smoother, > 1 noisier or sharper."""
-    def energy(a):
-        g = (0.299 * a[:, 0] + 0.587 * a[:, 1] + 0.114 * a[:, 2]).double()
-        P = torch.fft.fft2(g - g.mean((-2, -1), keepdim=True)).abs() ** 2
-        fy, fx = torch.fft.fftfreq(g.shape[-2]), torch.fft.fftfreq(g.shape[-1])
-        return (P * ((fy[:, None] ** 2 + fx[None, :] ** 2).sqrt() > cutoff)).sum((-2, -1))
-    return energy(x) / energy(hr)
 
 
 SETTINGS = {"realesrgan": "Real-ESRGAN degradation x4", "bicubic": "clean bicubic x4"}
@@ -628,8 +581,10 @@ def evaluate(dest=SHIP, size=256, per_image=1, teacher_steps=40, seed=0, setting
         return torch.cat([sample.upscale(lr[i:i + 1], net, v, cond["prompt"], steps, teacher=teacher,
                                          cond_neg=cond["neg"], seed=seed, vae_tile=0, **kw) for i in range(len(lr))])
 
+    through_vae = lambda x: v.decode(v.encode(x * 2 - 1, tile=0), tile=0).float().add(1).div(2).clamp(0, 1)  # noqa: E731
     methods = {"bicubic": lambda: lr_up,
-               "VAE(HR) (upper bound)": lambda: v.decode(v.encode(hr * 2 - 1, tile=0), tile=0).float().add(1).div(2).clamp(0, 1)}
+               "VAE(bicubic) (the latent path's cost)": lambda: through_vae(lr_up),
+               "VAE(HR) (upper bound)": lambda: through_vae(hr)}
     for k in sorted({1, 4, teacher_steps}):
         methods[teacher_name(k, cfg_scale)] = lambda k=k: run(nets["teacher"], k, teacher=True)
     for k in (1, 2, 4):
@@ -643,9 +598,9 @@ def evaluate(dest=SHIP, size=256, per_image=1, teacher_steps=40, seed=0, setting
         outs[name] = fn()
         secs[name] = (time.perf_counter() - t0) / B
     ref = outs[teacher_name(teacher_steps, cfg_scale)]
-    rows = [{"method": n, "PSNR": psnr(o, hr).mean().item(), "SSIM": ssim(o, hr).mean().item(),
-             f"PSNR vs teacher {teacher_steps}": psnr(o, ref).mean().item() if o is not ref else float("inf"),
-             "HF energy / HR": hf_ratio(o, hr).mean().item(), "s / image": secs[n]}
+    rows = [{"method": n, **metrics.table_row(o, hr),
+             f"PSNR vs teacher {teacher_steps}": metrics.psnr(o, ref).mean().item() if o is not ref else float("inf"),
+             "s / image": secs[n]}
             for n, o in outs.items()]
     k = min(figure_crops, B)
     figure = [torch.nn.functional.interpolate(lr[:k], size=hr.shape[-2:], mode="nearest"), lr_up[:k],

@@ -24,8 +24,10 @@ import layouts
 import pairs
 import sample
 import vae as vae_lib
-from miniature import (HELD_OUT, SETTINGS, SHIP, STAGES, TRAIN_SIZE, bicubic_up, heldout_pairs, hf_ratio,
-                       load_shipped, mse, mse_to_psnr, prepare_data, psnr, ssim, train_stage)
+import metrics
+from metrics import mse, mse_to_psnr
+from miniature import (HELD_OUT, SETTINGS, SHIP, STAGES, TRAIN_SIZE, bicubic_up, heldout_pairs, load_shipped,
+                       prepare_data, train_stage)
 
 # The paper's ablations at miniature size (`python sweeps.py --ablations`): short distillations
 # of the one shipped teacher, each changing one setting of the paper's row "neg-CFG"; 1-step student
@@ -69,20 +71,19 @@ def _write_table(dest, lines):
     print(f"wrote {dest}")
 
 
-def _metrics(sr, hr):
-    """(PSNR, SSIM, HF energy / HR), each the mean over the images."""
-    return psnr(sr, hr).mean().item(), ssim(sr, hr).mean().item(), hf_ratio(sr, hr).mean().item()
+# One cell per setting holds metrics.table_row's columns, in this order (NIQE "-" below 192^2 crops).
+CELL = "PSNR / SSIM / LPIPS / DISTS / NIQE / speckle / HF"
 
 
 def _cells(m):
-    """The table's cells of {setting: _metrics}, one per setting: "PSNR / SSIM / HF"."""
-    return [" / ".join(f"{x:.3g}" for x in m[s]) for s in SETTINGS]
+    """The table's cells of {setting: metrics.table_row}, one per setting, as CELL says."""
+    return [" / ".join("-" if x is None else f"{x:.3g}" for x in m[s].values()) for s in SETTINGS]
 
 
 @torch.no_grad()
 def student_metrics(runs, student, size=128, names=HELD_OUT):
     """The 1-step student on one size^2 crop of each held-out photograph, per setting:
-    {setting: (PSNR, SSIM, HF energy / HR)}, sampled as sample.py samples (tiles, AdaIN)."""
+    {setting: metrics.table_row}, sampled as sample.py samples (tiles, AdaIN)."""
     v = vae_lib.load_vae(os.path.join(runs, "decoder", "final", "vae.safetensors")).eval()
     net = layouts.load_transformer(student).eval()
     zeros = (torch.zeros(1, net.cfg.context_dim), torch.zeros(net.cfg.pooled_dim))
@@ -92,7 +93,7 @@ def student_metrics(runs, student, size=128, names=HELD_OUT):
         hr, lr = heldout_pairs(size, 1, 0, setting, names)
         sr = torch.cat([sample.upscale(lr[i:i + 1], net, v, (p[None], c[None]), 1, seed=0, vae_tile=0,
                                        **sample.sampling_settings(net)) for i in range(len(lr))])
-        out[setting] = _metrics(sr, hr)
+        out[setting] = metrics.table_row(sr, hr)
     return out
 
 
@@ -121,7 +122,7 @@ def ablations(runs, scale=1.0, workers=2, dest="docs/ablations.md"):
              f"(w = {ABLATION_W:g}, ratio 0.5, pseudo-Huber, c_noise = t). The 1-step student on a 128^2 crop "
              f"of each of the {len(HELD_OUT)} held-out photographs; grad norm and jvp_term are medians over "
              "the steps after the warm-up (jvp_term: the batch's largest ||u_tgt - v|| / ||v||).", "",
-             "| table | row | Real-ESRGAN PSNR / SSIM / HF | clean bicubic PSNR / SSIM / HF | grad norm | jvp_term | minutes |",
+             f"| table | row | Real-ESRGAN {CELL} | clean bicubic {CELL} | grad norm | jvp_term | minutes |",
              "|---|---|---|---|---|---|---|"]
     for i, (table, row, flags) in enumerate(ABLATIONS):
         out = os.path.join(runs, "ablations", f"{i:02d}")
@@ -146,11 +147,11 @@ SIZE_SCAN = ((2, 1), (3, 2), (4, 3))
 @torch.no_grad()
 def teacher_metrics(net, v, embs, steps=40, size=256, names=HELD_OUT):
     """The `steps`-step teacher at its recorded CFG scale on one size^2 crop of each held-out
-    photograph, per setting: {setting: (PSNR, SSIM, HF energy / HR)}, sampled as sample.py samples."""
+    photograph, per setting: {setting: metrics.table_row}, sampled as sample.py samples."""
     out = {}
     for setting in SETTINGS:
         hr, lr = heldout_pairs(size, 1, 0, setting, names)
-        out[setting] = _metrics(_teacher_sr(net, v, embs, lr, steps), hr)
+        out[setting] = metrics.table_row(_teacher_sr(net, v, embs, lr, steps), hr)
     return out
 
 
@@ -196,8 +197,7 @@ def size_scan(runs, scale=1.0, workers=2, dest="docs/model_size.md", sizes=SIZE_
              f"scale {cfg_scale:g} (the shipped one) on a {eval_size}^2 crop of each of the {len(HELD_OUT)} held-out "
              "photographs. A distilled student is measured against the 40-step teacher, so the teacher's "
              "row bounds what its student can reach. fp16 MB: one transformer file as shipped (three are shipped).",
-             "", "| depth x width | parameters | fp16 MB | Real-ESRGAN PSNR / SSIM / HF | clean bicubic PSNR / SSIM / HF "
-             "| minutes |", "|---|---|---|---|---|---|"]
+             "", f"| depth x width | parameters | fp16 MB | Real-ESRGAN {CELL} | clean bicubic {CELL} | minutes |", "|---|---|---|---|---|---|"]
     for depth, heads in sizes:
         if (depth, heads) == (shipped.cfg.depth, shipped.cfg.heads):
             net = shipped
@@ -231,7 +231,7 @@ def length_scan(runs, scale=1.0, workers=2, dest="docs/teacher_length.md", size=
              "(learning rate annealed to 0 over each), on the shipped VAE's latents and the same cached pairs. "
              f"Each sampled with {eval_steps} steps at CFG scale {cfg_scale:g} on a {eval_size}^2 crop of each "
              f"of the {len(HELD_OUT)} held-out photographs.", "",
-             "| steps | Real-ESRGAN PSNR / SSIM / HF | clean bicubic PSNR / SSIM / HF | minutes |", "|---|---|---|---|"]
+             f"| steps | Real-ESRGAN {CELL} | clean bicubic {CELL} | minutes |", "|---|---|---|---|"]
     for steps in lengths:
         net, minutes = scan_teacher(runs, *size, cfg_scale, scale, workers, steps)
         m = teacher_metrics(net, v, embs, eval_steps, eval_size)
