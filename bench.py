@@ -704,16 +704,45 @@ def bench_budget(args):
 
 
 # --------------------------------------------------------------------------------------------
+# metrics: what each column of the quality tables costs per 256^2 crop
+
+
+@bench
+def bench_metrics(args):
+    """Seconds per crop of each metric of metrics.table_row (and of the whole row), on 256^2 crops
+    of the scikit-image photographs against a blurred, noisy copy; the weights already cached."""
+    import metrics
+    import miniature
+    size = 192 if args.quick else 256
+    names = miniature.SKIMAGE_HELD_OUT
+    hr, _ = miniature.heldout_pairs(size, 1, 0, "bicubic", names)
+    g = torch.Generator().manual_seed(0)
+    x = (F.avg_pool2d(hr, 3, 1, 1, count_include_pad=False) + 0.03 * torch.randn(hr.shape, generator=g)).clamp(0, 1)
+    B = hr.shape[0]
+    fns = {"PSNR": lambda: metrics.psnr(x, hr), "SSIM": lambda: metrics.ssim(x, hr),
+           "LPIPS (alex)": lambda: metrics.lpips(x, hr), "LPIPS (vgg)": lambda: metrics.lpips(x, hr, "vgg"),
+           "DISTS": lambda: metrics.dists(x, hr), "NIQE": lambda: metrics.niqe(x),
+           "speckle": lambda: metrics.speckle(x, hr), "HF energy / HR": lambda: metrics.hf_ratio(x, hr),
+           "table_row (all but LPIPS vgg)": lambda: metrics.table_row(x, hr)}
+    times = median_times(fns, repeat=1 if args.quick else 3)
+    rows = [{"metric": k, "ms / crop": 1000 * t / B} for k, t in times.items()]
+    figures = {r["metric"]: r["ms / crop"] for r in rows}
+    return (f"metrics: {B} crops of {size}^2 ({', '.join(names)}), a blurred noisy copy against each; "
+            f"threads {torch.get_num_threads()}"), rows, figures
+
+
+# --------------------------------------------------------------------------------------------
 # quality: the miniature's table (issue 8) from the shipped models, on the held-out photographs
 
 
 @bench
 def bench_quality(args):
-    """PSNR / SSIM against HR, PSNR against the 40-step teacher, texture, seconds per image; one
-    table per setting (Real-ESRGAN degradation, clean bicubic), rows tagged by "setting"."""
+    """metrics.table_row against HR (PSNR, SSIM, LPIPS, DISTS, NIQE, speckle, texture), PSNR against
+    the 40-step teacher, seconds per image; one table per setting (Real-ESRGAN degradation, clean
+    bicubic), rows tagged by "setting"."""
     import miniature
     if args.quick:   # CI: the scikit-image photographs only (no Debian packages needed), 128^2, 8 steps
-        size, steps, names = 128, 8, miniature.SKIMAGE_HELD_OUT
+        size, steps, names = 192, 8, miniature.SKIMAGE_HELD_OUT   # 192: NIQE's two 96^2 blocks
     else:
         size, steps, names = 256, 40, miniature.HELD_OUT
     rows, figure = [], []
