@@ -100,11 +100,20 @@ def check_keys(path, expected, found, what):
 
 
 def atomic_save(tensors, path, metadata):
-    """save_file to a temporary name beside `path`, then rename: never a half-written file."""
+    """save_file to a temporary name beside `path`, then rename: never a half-written file. The
+    file gets the permissions of any file the user makes (0666 less the umask); safetensors alone
+    writes 0600."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _umask():
+    mask = os.umask(0)      # reading the umask means setting it; set it straight back
+    os.umask(mask)
+    return mask

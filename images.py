@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")                # read and written
+INPUT_EXTS = EXTS + (".gif", ".ppm", ".pgm", ".pbm", ".pnm")    # read only: results of these are PNG
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
            ".tif": "TIFF", ".tiff": "TIFF"}
 MAX_PIXELS = 100_000_000           # refuse bigger files (a decompression bomb, or a mistake)
@@ -43,6 +44,7 @@ class LoadedImage:
     gray: bool                         # the file was grayscale: write it back gray
     bits: int                          # 8 or 16 bits per sample in the file
     path: str = ""
+    note: str = ""                     # what the reader did that the user should know (animated GIF)
 
     @property
     def size(self):                    # (H, W)
@@ -54,7 +56,8 @@ class LoadedImage:
 
 
 def load_image(path) -> LoadedImage:
-    """Read png / jpg / webp / bmp / tiff into float RGB in [0, 1] (+ alpha, gray flag, bit depth)."""
+    """Read any INPUT_EXTS file into float RGB in [0, 1] (+ alpha, gray flag, bit depth); of an
+    animated file (GIF, WebP, TIFF pages) the first frame, said in `note`."""
     path = str(path)
     if not os.path.isfile(path):
         raise ImageError(f"{path}: no such file")
@@ -65,7 +68,8 @@ def load_image(path) -> LoadedImage:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # MAX_PIXELS decides
             with Image.open(path) as im:
                 _check_size(path, im.size)
-                arr, gray, bits = _pixels(path, im)                           # (H, W, C) float32
+                frames = getattr(im, "n_frames", 1)
+                arr, gray, bits = _pixels(path, im)                           # (H, W, C) float32 (frame 0)
                 arr = _orient(arr, im.getexif().get(0x0112, 1))
     except ImageError:
         raise
@@ -78,7 +82,8 @@ def load_image(path) -> LoadedImage:
     t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)          # (C, H, W)
     color, alpha = t[:-1] if t.shape[0] in (2, 4) else t, t[-1:] if t.shape[0] in (2, 4) else None
     rgb = color.expand(3, -1, -1).contiguous() if color.shape[0] == 1 else color.contiguous()
-    return LoadedImage(rgb=rgb, alpha=alpha, gray=gray, bits=bits, path=path)
+    note = f"animated, {frames} frames: the first is used" if frames > 1 else ""
+    return LoadedImage(rgb=rgb, alpha=alpha, gray=gray, bits=bits, path=path, note=note)
 
 
 def _check_size(path, size):
@@ -245,17 +250,8 @@ def save_image(path, rgb, alpha=None, gray=False, bits=8, protect=()):
     TIFF; other formats store 8 bits. JPEG cannot hold alpha (an error).
     protect: paths that must never be written over (the inputs). Returns the path."""
     path = str(path)
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in FORMATS:
-        raise ImageError(f"{path}: unknown image extension {ext!r}; use one of {', '.join(EXTS)}")
-    fmt = FORMATS[ext]
-    if any(_same_file(path, p) for p in protect):
-        raise ImageError(f"{path}: refusing to write over an input file")
-    if alpha is not None and fmt == "JPEG":
-        raise ImageError(f"{path}: JPEG cannot store the alpha channel; use .png or .webp")
+    fmt = check_output(path, alpha is not None, protect)
     folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ImageError(f"{path}: the folder {folder} does not exist")
     a = _to_array(rgb, alpha, gray)                                    # (H, W, C) float in [0, 1]
     deep = bits == 16 and fmt in ("PNG", "TIFF")
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
@@ -278,6 +274,22 @@ def save_image(path, rgb, alpha=None, gray=False, bits=8, protect=()):
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def check_output(path, has_alpha=False, protect=()):
+    """The checks save_image makes before writing, for callers to make before any compute: a
+    known extension, not an input, JPEG without alpha, an existing folder. Returns the format."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in FORMATS:
+        raise ImageError(f"{path}: cannot write {ext or 'a file without extension'}; use one of {', '.join(EXTS)}")
+    if any(_same_file(path, p) for p in protect):
+        raise ImageError(f"{path}: refusing to write over an input file")
+    if has_alpha and FORMATS[ext] == "JPEG":
+        raise ImageError(f"{path}: JPEG cannot store the alpha channel; use .png or .webp")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ImageError(f"{path}: the folder {folder} does not exist")
+    return FORMATS[ext]
 
 
 def _same_file(a, b):

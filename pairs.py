@@ -6,14 +6,14 @@ prompt conditioning read from embedding files beside the images.
     loader = DataLoader(data, batch_sampler=StepBatches(len(paths), 10, seed, rank, 0, steps),
                         collate_fn=collate)
 
-A pair: a random HR crop (smaller images are upscaled first), degraded with the Real-ESRGAN
+A pair: a random HR crop (`usable_images` leaves out the files smaller than the crop before
+training: an upscaled "HR" would teach blur), degraded with the Real-ESRGAN
 pipeline (degrade.py) to LR at 1/4, or with probability clean_prob the plain bicubic x4. Which
 images and which degradation a step sees is a function of (seed, step, rank) alone (`StepBatches`,
 `mix`), so a resumed run sees what an uninterrupted one would.
 """
 import glob
 import os
-import sys
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from checkpoint import CheckpointError, SafetensorsFiles
 from images import EXTS as IMAGE_EXTS
 
 CACHE_BYTES = 512 * 2 ** 20     # decoded images each data worker keeps in memory
+MAX_NAMED = 20                  # skipped images named one by one before a count
 
 
 
@@ -38,6 +39,33 @@ def find_images(data):
     if not paths:
         raise SystemExit(f"error: --data {data}: no images ({', '.join(IMAGE_EXTS)}) found")
     return paths
+
+
+def usable_images(paths, size, say=print):
+    """The paths Pillow opens whose shorter side is at least `size`. Every other file is named once
+    through `say` (at most MAX_NAMED lines, then a count); SystemExit before any training if none is
+    left. Returns (usable, {path: why not})."""
+    usable, skipped = [], {}
+    for p in paths:
+        try:
+            with Image.open(p) as im:                     # the header only
+                W, H = im.size
+        except Exception as e:                            # PIL raises many types for corrupt files
+            skipped[p] = f"unreadable ({e})"
+            continue
+        if min(W, H) < size:
+            skipped[p] = f"{W}x{H}, smaller than the {size}x{size} crop (upscaling it would teach blur)"
+            continue
+        usable.append(p)
+    for k, (p, why) in enumerate(skipped.items()):
+        if k == MAX_NAMED:
+            say(f"warning: ... and {len(skipped) - MAX_NAMED} more images skipped")
+            break
+        say(f"warning: skipping {p}: {why}")
+    if not usable:
+        raise SystemExit(f"error: none of the {len(paths)} images in --data is usable: {len(skipped)} skipped "
+                         f"(unreadable, or smaller than the {size}x{size} crop)")
+    return usable, skipped
 
 
 def random_crop(img, size, g):
@@ -80,8 +108,7 @@ class PairDataset(torch.utils.data.Dataset):
                 with Image.open(path) as im:
                     arr = np.array(im.convert("RGB"))                     # (H, W, 3) uint8
             except Exception as e:  # PIL raises many types for truncated / odd files
-                print(f"warning: skipping unreadable image {path}: {e}", file=sys.stderr)
-                return dict(unreadable=path)
+                return dict(unreadable=path, why=str(e))   # train.py warns once per file
             if self.decoded_bytes + arr.nbytes <= CACHE_BYTES:   # small data sets: decode each file once
                 self.decoded[path] = arr
                 self.decoded_bytes += arr.nbytes
@@ -113,9 +140,9 @@ def load_embedding(path, null):
 
 
 def collate(items):
-    """A batch dict; `unreadable` lists the paths of the items that could not be read (an all-unreadable
-    batch has nothing else)."""
-    unreadable = [it["unreadable"] for it in items if "unreadable" in it]
+    """A batch dict; `unreadable` lists (path, why) of the items that could not be read (an
+    all-unreadable batch has nothing else)."""
+    unreadable = [(it["unreadable"], it["why"]) for it in items if "unreadable" in it]
     items = [it for it in items if "unreadable" not in it]
     if not items:
         return dict(unreadable=unreadable)

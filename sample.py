@@ -21,6 +21,8 @@ Gray images come out gray, alpha is upscaled apart (bicubic), 16-bit files are w
 """
 import argparse
 import glob
+import json
+import math
 import os
 import sys
 import time
@@ -32,11 +34,12 @@ import layouts
 import mfsr
 import vae as vae_lib
 from checkpoint import CheckpointError
-from images import EXTS, ImageError, load_image, save_image
+from images import EXTS, INPUT_EXTS, ImageError, check_output, load_image, save_image
 
 SCALE = 4
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "mfsr-tiny")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PROGRESS_AFTER = 2.0     # seconds an image may take before its progress is shown
 
 # --------------------------------------------------------------------------------------------
 # Latent tiles (ARCHITECTURE §3.7 step 6)
@@ -58,7 +61,7 @@ class TiledNet:
     tile runs untiled (bit-identical to net). The network's outputs are linear in what the samplers
     combine (CFG, Euler steps), so blending the outputs is blending the velocities."""
 
-    def __init__(self, net, tile=64, overlap=24):
+    def __init__(self, net, tile=64, overlap=24, on_tile=None):
         p, most = net.cfg.patch, net.cfg.pos_grid * net.cfg.patch
         if tile % p or overlap % p or not 0 <= overlap < tile:
             raise ValueError(f"--tile {tile} / --tile-overlap {overlap}: need multiples of the patch {p} "
@@ -66,6 +69,7 @@ class TiledNet:
         if tile > most:
             raise ValueError(f"--tile {tile}: this model's position grid allows latent tiles up to {most}")
         self.net, self.tile, self.overlap, self.cfg = net, tile, overlap, net.cfg
+        self.on_tile = on_tile or (lambda: None)      # called after every tile's network call
 
     def tiles(self, H, W):
         """The (rows, cols) slices of every tile of an H x W latent."""
@@ -76,7 +80,9 @@ class TiledNet:
     def __call__(self, x, sigma, pooled, context, lr=None, sigma_s=None):
         tiles = self.tiles(*x.shape[-2:])
         if len(tiles) == 1:
-            return self.net(x, sigma, pooled, context, lr=lr, sigma_s=sigma_s)
+            y = self.net(x, sigma, pooled, context, lr=lr, sigma_s=sigma_s)
+            self.on_tile()
+            return y
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)           # (B, C, H, W)
         total = torch.zeros(x.shape[-2:], dtype=torch.float32, device=x.device)   # (H, W)
         for rows, cols in tiles:
@@ -86,6 +92,7 @@ class TiledNet:
             w = gaussian_weights(y.shape[-2], y.shape[-1]).to(x.device)
             out[crop] += y.float() * w
             total[rows, cols] += w
+            self.on_tile()
         return (out / total).to(x.dtype)
 
 
@@ -149,7 +156,7 @@ def pad_to(x, multiple):
 @torch.no_grad()
 def upscale(img, net, vae, cond, steps=1, *, teacher=False, cond_neg=None, cfg=DEFAULTS["cfg"],
             shift=DEFAULTS["shift"], seed=0, tile=DEFAULTS["tile"], tile_overlap=DEFAULTS["tile_overlap"],
-            color_fix="adain", vae_tile=None):
+            color_fix="adain", vae_tile=None, progress=None):
     """x4 super-resolution of img (1, 3, H, W) in [0, 1] -> (1, 3, 4H, 4W) float32 in [0, 1], on CPU.
 
     net: a student (cfg.two_times) or, with teacher=True, a one-time teacher with the LR stream;
@@ -157,7 +164,8 @@ def upscale(img, net, vae, cond, steps=1, *, teacher=False, cond_neg=None, cfg=D
     cond_neg likewise (the teacher's CFG negative, default cond). steps: uniform student steps
     (Alg. 2) or the teacher's Euler steps with guidance `cfg` on SD3's grid shifted by `shift`
     (the shift its training used). tile / tile_overlap: latent tiles.
-    vae_tile: passed to vae.encode / decode (None: vae.py decides by size, 0: never)."""
+    vae_tile: passed to vae.encode / decode (None: vae.py decides by size, 0: never).
+    progress: a Progress (or None), told the phases and every tile's network call."""
     assert img.ndim == 4 and img.shape[:2] == (1, 3), f"img must be (1, 3, H, W), got {tuple(img.shape)}"
     if color_fix not in COLOR_FIXES:
         raise ValueError(f"color_fix must be one of {sorted(COLOR_FIXES)}, got {color_fix!r}")
@@ -167,9 +175,12 @@ def upscale(img, net, vae, cond, steps=1, *, teacher=False, cond_neg=None, cfg=D
     lr_up = F.interpolate(img.float().to(device), size=(SCALE * H, SCALE * W), mode="bicubic",
                           align_corners=False).clamp(0, 1)                        # (1, 3, 4H, 4W)
     x = pad_to(lr_up, vae.cfg.factor * net.cfg.patch)                          # (1, 3, H', W')
+    progress = progress or Progress(None)
+    progress.phase("VAE encode")
     z_lr = vae.encode((x * 2 - 1).to(next(vae.parameters()).dtype), tile=vae_tile).to(dtype)  # (1, C, h, w)
     g = torch.Generator(device).manual_seed(seed)
-    tiled = TiledNet(net, tile, tile_overlap)
+    tiled = TiledNet(net, tile, tile_overlap, on_tile=progress.tile)
+    progress.phase("network", calls=steps * len(tiled.tiles(*z_lr.shape[-2:])))
     pooled, context = (c.to(device, dtype) for c in cond)
     if teacher:
         neg = tuple(c.to(device, dtype) for c in (cond_neg or cond))
@@ -178,9 +189,57 @@ def upscale(img, net, vae, cond, steps=1, *, teacher=False, cond_neg=None, cfg=D
                                 shift=shift, generator=g)
     else:
         z = mfsr.sample_student(tiled, z_lr, pooled, context, steps=steps, generator=g)
+    progress.phase("VAE decode")
     y = vae.decode(z.to(next(vae.parameters()).dtype), tile=vae_tile).float()  # (1, 3, H', W') in [-1, 1]
     y = ((y + 1) / 2)[..., :SCALE * H, :SCALE * W]                             # crop the padding
-    return COLOR_FIXES[color_fix](y, lr_up).clamp(0, 1).cpu()
+    progress.phase("colour fix")
+    y = COLOR_FIXES[color_fix](y, lr_up).clamp(0, 1).cpu()
+    progress.phase(None)
+    return y
+
+
+class Progress:
+    """Long work made visible on `stream` (default stderr): network calls on tiles done / total,
+    elapsed, ETA; a bar redrawn in place on a terminal, else a plain line every 10 %. Nothing while
+    the image has taken less than `after` seconds, so small images stay one summary line.
+    `seconds` holds each phase's time (VAE encode, network, VAE decode, colour fix).
+    name=None: records the phases only."""
+
+    def __init__(self, name, stream=None, after=2.0):
+        self.name, self.after = name, after
+        self.stream = stream or sys.stderr
+        self.tty = name is not None and self.stream.isatty()
+        self.t0 = self.phase_t0 = time.perf_counter()
+        self.seconds, self.current = {}, None
+        self.done = self.total = 0
+        self.next_line, self.drawn = 0.1, False
+
+    def phase(self, name, calls=0):
+        now = time.perf_counter()
+        if self.current is not None:
+            self.seconds[self.current] = self.seconds.get(self.current, 0.0) + now - self.phase_t0
+        self.current, self.phase_t0 = name, now
+        if calls:
+            self.done, self.total, self.network_t0 = 0, calls, now
+        if name is None and self.drawn and self.tty:
+            print(file=self.stream, flush=True)                              # end the bar's line
+
+    def tile(self):
+        self.done += 1
+        now = time.perf_counter()
+        if self.name is None or now - self.t0 < self.after or not self.total:
+            return
+        frac = self.done / self.total
+        eta = (now - self.network_t0) / self.done * (self.total - self.done)
+        text = (f"{self.name}: tiles {self.done}/{self.total}, {now - self.t0:.0f} s, "
+                f"ETA {eta:.0f} s (network; then the VAE decode)")
+        if self.tty:
+            bar = "#" * int(20 * frac)
+            print(f"\r[{bar:<20}] {text}", end="", file=self.stream, flush=True)
+            self.drawn = True
+        elif frac >= self.next_line or self.done == self.total:
+            print(text, file=self.stream, flush=True)
+            self.next_line = math.floor(frac * 10 + 1) / 10
 
 
 def _same_length(c, n):
@@ -233,7 +292,7 @@ def load_condition(net_cfg, emb=None, ckpt=None, beside=("prompt", "null")):
     """(pooled (1, P), context (1, L, D)): an embedding file, else the first of `beside` found next
     to the checkpoint (train.py stores the prompt, null and negative embeddings a model was trained
     with beside it), else zeros. Returns (cond, where from)."""
-    from train import load_embedding
+    from pairs import load_embedding
     zeros = (torch.zeros(1, net_cfg.context_dim), torch.zeros(net_cfg.pooled_dim))
     if emb:
         if not os.path.exists(emb):
@@ -269,11 +328,12 @@ def encode_condition(net_cfg, args, device=torch.device("cpu")):
 
 
 def find_inputs(specs, suffix):
-    """Files, folders (their images, not recursive) and globs -> (paths, problems)."""
-    paths, problems = [], []
+    """Files, folders (their images, not recursive) and globs -> (paths, problems). A file named
+    twice (a.png and ./a.png, or through a folder and a glob) is one input."""
+    paths, problems, seen = [], [], set()
     for spec in specs:
         if os.path.isdir(spec):
-            found = sorted(os.path.join(spec, f) for f in os.listdir(spec) if f.lower().endswith(EXTS))
+            found = sorted(os.path.join(spec, f) for f in os.listdir(spec) if f.lower().endswith(INPUT_EXTS))
             # earlier results in the same folder are not inputs again
             found = [f for f in found if not (suffix and os.path.splitext(f)[0].endswith(suffix))]
         elif any(ch in spec for ch in "*?["):
@@ -281,14 +341,19 @@ def find_inputs(specs, suffix):
         else:
             found = [spec] if os.path.exists(spec) else []
         if not found:
-            problems.append(f"{spec}: no such file, or no images ({', '.join(EXTS)}) there")
-        paths += [f for f in found if f not in paths]
+            problems.append(f"{spec}: no such file, or no images ({', '.join(INPUT_EXTS)}) there")
+        for f in found:
+            if os.path.realpath(f) not in seen:
+                seen.add(os.path.realpath(f))
+                paths.append(f)
     return paths, problems
 
 
 def output_path(src, out_dir, suffix, ext, has_alpha):
     stem, src_ext = os.path.splitext(os.path.basename(src))
     ext = src_ext.lower() if ext == "auto" else "." + ext.lstrip(".").lower()
+    if ext not in EXTS:
+        ext = ".png"                                   # read-only formats (GIF, PPM, ...) come out as PNG
     if has_alpha and ext in (".jpg", ".jpeg"):
         ext = ".png"                                   # JPEG has no alpha
     return os.path.join(out_dir or os.path.dirname(src), stem + suffix + ext)
@@ -307,32 +372,58 @@ def _reset_peak(device):
 
 def process(path, args, net, vae, cond, cond_neg, inputs, written, device):
     """One image: read, upscale (RGB; alpha bicubic apart), write. Returns the summary line."""
-    from train import peak_memory_mb
     img = load_image(path)
     out = output_path(path, args.output, args.suffix, args.ext, img.alpha is not None)
     if out in written:
         raise ImageError(f"{out}: already written for another input in this run; use --suffix or --ext")
+    check_output(out, img.alpha is not None, inputs)                  # before minutes of compute
+    if img.note:
+        print(f"note: {path}: {img.note}", file=sys.stderr, flush=True)
     _reset_peak(device)
     t0 = time.perf_counter()
+    progress = Progress(path, after=PROGRESS_AFTER)
     y = upscale(img.rgb[None], net, vae, cond, args.steps, teacher=args.teacher, cond_neg=cond_neg,
                 cfg=args.cfg, shift=args.shift, seed=args.seed, tile=args.tile, tile_overlap=args.tile_overlap,
-                color_fix=args.color_fix)
+                color_fix=args.color_fix, progress=progress)
     alpha = None
     if img.alpha is not None:
         alpha = F.interpolate(img.alpha[None], scale_factor=SCALE, mode="bicubic", align_corners=False)[0]
     save_image(out, y[0], alpha=alpha, gray=img.gray, bits=img.bits, protect=inputs)
     written.add(out)
     H, W = img.size
+    secs = time.perf_counter() - t0
+    where = ", ".join(f"{k} {v:.1f}" for k, v in progress.seconds.items()) if secs >= progress.after else ""
     return (f"{path} {W}x{H} -> {out} {SCALE * W}x{SCALE * H}, {args.steps} step{'s' * (args.steps > 1)}, "
-            f"{time.perf_counter() - t0:.2f} s, peak {peak_memory_mb(device):.0f} MB")
+            f"{secs:.2f} s{f' ({where})' if where else ''}, peak {peak_memory_mb(device):.0f} MB")
+
+
+def peak_memory_mb(device):
+    """The process's peak memory since _reset_peak: CUDA's allocator peak, else the resident set's (VmHWM)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM"))
+
+
+def _shipped_sampling():
+    """The sampler settings the shipped student records (for --help), or {} without it."""
+    try:
+        from safetensors import safe_open
+        with safe_open(os.path.join(SHIPPED, "student.safetensors"), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("mfsr_sampling", "{}"))
+    except Exception:      # a missing or unreadable file: --help still works
+        return {}
 
 
 def parse_args(argv=None):
+    rec = _shipped_sampling()
+    shipped = lambda k: f"; the shipped model records {rec[k]:g}" if k in rec else ""   # noqa: E731
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("inputs", nargs="+", help="image files, folders, globs")
     p.add_argument("-o", "--output", default=None, help="output folder (default: beside each input)")
     p.add_argument("--suffix", default="_mfsr", help="added to the file name (default _mfsr)")
-    p.add_argument("--ext", default="auto", help="png, jpg, webp, bmp, tif; auto = the input's")
+    p.add_argument("--ext", default="auto", help="png, jpg, webp, bmp, tif; auto = the input's "
+                   "(PNG for the formats only read: gif, ppm, pgm, pbm, pnm)")
     p.add_argument("--ckpt", default=None, help="student.safetensors from train.py (default: the shipped model)")
     p.add_argument("--teacher", action="store_true", help="--ckpt is a one-time teacher: Euler with CFG")
     p.add_argument("--vae", default=None, help="VAE file/folder or SD3.5 checkpoint (default: beside/inside --ckpt)")
@@ -349,16 +440,17 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="student 1..8 (default 1); teacher default 40")
     p.add_argument("--cfg-scale", "--cfg", dest="cfg", type=float, default=None,
                    help="the teacher's CFG scale, v_neg + scale (v_c - v_neg) (train.py's Eq. 11 --cfg-w is scale - 1; "
-                   "default: the one recorded in the checkpoint, else DiT4SR's 8)")
+                   f"default: the one recorded in the checkpoint, else DiT4SR's 8{shipped('cfg')})")
     p.add_argument("--shift", type=float, default=None, help="the teacher's sigma shift on SD3's grid (default: the "
                    "one its training used, recorded in the checkpoint, else SD3.5's 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tile", type=int, default=None, help="latent tile side (default: the training size recorded "
-                   "in the checkpoint, else DiT4SR's 64)")
-    p.add_argument("--tile-overlap", type=int, default=None, help="latent tile overlap (default: recorded, else 24)")
+                   f"in the checkpoint, else DiT4SR's 64{shipped('tile')})")
+    p.add_argument("--tile-overlap", type=int, default=None, help="latent tile overlap (default: recorded, else 24"
+                   f"{shipped('tile_overlap')}; with another --tile, the recorded overlap scaled with it)")
     p.add_argument("--color-fix", default="adain", choices=sorted(COLOR_FIXES))
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps")
     a = p.parse_args(argv)
     if a.steps is None:
         a.steps = 40 if a.teacher else 1
@@ -387,9 +479,55 @@ def parse_args(argv=None):
     return a
 
 
+def pick_device(name):
+    """torch.device for --device; ValueError naming it and what this torch has, if unusable."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    have = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    have += ["mps"] if torch.backends.mps.is_available() else []
+    try:
+        d = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name}: not a device name; this machine has {', '.join(have)}") from None
+    if d.type == "cpu" or (d.type == "cuda" and (d.index or 0) < torch.cuda.device_count()) \
+            or (d.type == "mps" and torch.backends.mps.is_available()):
+        return d
+    raise ValueError(f"--device {name}: not available to this torch {torch.__version__}; it has {', '.join(have)}")
+
+
+def apply_sampling_settings(args, net):
+    """Unset flags take the checkpoint's own settings. A --tile without --tile-overlap takes the
+    recorded overlap scaled with it (in whole patches, below the tile). Returns a note or ""."""
+    rec = sampling_settings(net)
+    scale_overlap = args.tile is not None and args.tile_overlap is None and args.tile != rec["tile"]
+    for key, value in rec.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if not scale_overlap:
+        return ""
+    p = net.cfg.patch
+    args.tile_overlap = max(0, min(p * round(rec["tile_overlap"] * args.tile / rec["tile"] / p), args.tile - p))
+    return (f"--tile {args.tile}: tile overlap {args.tile_overlap} (the model's {rec['tile_overlap']} for tile "
+            f"{rec['tile']}, scaled; --tile-overlap sets it)")
+
+
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    written = set()
+    try:
+        return run(args, written)
+    except KeyboardInterrupt:   # outputs are written atomically: each is whole or absent
+        print(f"\ninterrupted: {len(written)} output(s) written, none half-written", file=sys.stderr)
+        return 130
+
+
+def run(args, written):
+    """The program after parsing: inputs, models, then one image at a time into `written`."""
+    try:
+        device = pick_device(args.device)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     paths, problems = find_inputs(args.inputs, args.suffix)
     for msg in problems:
         print(f"error: {msg}", file=sys.stderr)
@@ -402,9 +540,9 @@ def main(argv=None):
         else:
             cond, where = load_condition(net.cfg, args.emb, args.ckpt)
             cond_neg = load_condition(net.cfg, args.neg_emb, args.ckpt, ("neg", "null"))[0] if args.teacher else None
-        for key, value in sampling_settings(net).items():   # unset flags: the checkpoint's own
-            if getattr(args, key) is None:
-                setattr(args, key, value)
+        note = apply_sampling_settings(args, net)
+        if note:
+            print(f"note: {note}", file=sys.stderr)
         TiledNet(net, args.tile, args.tile_overlap)                      # check the tiles once
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -418,7 +556,7 @@ def main(argv=None):
     calls = args.steps * (2 if args.teacher else 1)
     print(f"model: {args.ckpt or SHIPPED} ({f'teacher, CFG scale {args.cfg:g}, shift {args.shift:g}' if args.teacher else 'student'}, "
           f"{calls} network calls per tile), prompt: {where}, {device}, {args.dtype}")
-    inputs, written, failed = [os.path.abspath(q) for q in paths], set(), len(problems)
+    inputs, failed = [os.path.abspath(q) for q in paths], len(problems)
     for path in paths:
         try:
             print(process(path, args, net, vae, cond, cond_neg, inputs, written, device), flush=True)

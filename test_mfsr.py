@@ -9,7 +9,7 @@ import math
 import os
 import re
 import shutil
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -1742,7 +1742,7 @@ def _images(folder, n=4, size=72, seed=0):
 
 
 _TINY = ["--preset", "tiny", "--batch", "2", "--size", "32", "--workers", "0", "--log-every", "1000",
-         "--sample-every", "1000"]
+         "--sample-every", "1000", "--untrained-vae"]   # smoke runs: a random VAE, on purpose
 
 
 def _fixed_teacher_loss(net, data):
@@ -1957,20 +1957,28 @@ def test_train_bad_inputs_give_clear_messages(tmp_path, capsys, monkeypatch):
         train.main(_TINY + ["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "empty" / "run")])
     assert "is inside --data" in capsys.readouterr().err and not (tmp_path / "empty" / "run").exists()
     data = _images(tmp_path / "data", n=2)
-    (tmp_path / "data" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (tmp_path / "data" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")      # no header
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "data" / "tiny.png")   # below the 32^2 crop
+    good = Image.open(Path(data) / "img0.png")       # a whole header, the pixel data cut short
+    good.save(tmp_path / "data" / "cut.png")
+    raw = (tmp_path / "data" / "cut.png").read_bytes()
+    (tmp_path / "data" / "cut.png").write_bytes(raw[:len(raw) // 2])
     out = tmp_path / "run"
-    train.main(_TINY + ["--data", data, "--steps", "2", "--lora-rank", "4", "--out", str(out), "--save-every", "2"])
+    train.main(_TINY + ["--data", data, "--steps", "6", "--lora-rank", "4", "--out", str(out), "--save-every", "6"])
     captured = capsys.readouterr()
-    assert "skipping unreadable image" in captured.err and "broken.png" in captured.err
-    skipped = captured.err.count("skipping unreadable image")   # one warning per draw (batch 2, 2 steps)
-    assert skipped >= 1 and f"{skipped} draws of 1 unreadable image(s) were skipped: " in captured.out
+    # each bad file is named once: the two found before training, the cut one when first drawn
+    assert captured.err.count("broken.png") == 1 and "unreadable" in captured.err
+    assert captured.err.count("tiny.png") == 1 and "20x20, smaller than the 32x32 crop" in captured.err
+    assert captured.err.count("cut.png") == 1
+    assert "2 of 5 images were left out before training" in captured.out
+    assert re.search(r"\d+ draws of 1 unreadable image\(s\) were skipped: .*cut.png", captured.out)
     # a run whose losses are all non-finite stops with the step and the images, keeping what was written
     monkeypatch.setattr(mfsr, "mfd_loss", lambda *a, **k: {"loss": None, "per_sample": None, "n_nonfinite": 2,
                                                             "jvp_term": float("nan")})
     with pytest.raises(SystemExit, match=r"2 non-finite steps in a row, stopping at step \d+ \(.*img"):
         train.main(_TINY + ["--data", data, "--steps", "10", "--lora-rank", "4", "--out", str(out),
                             "--resume", "--max-bad", "2"])
-    assert (out / "ckpt-0000002" / "student.safetensors").exists()
+    assert (out / "ckpt-0000006" / "student.safetensors").exists()
 
 
 def test_teacher_loss_negative_rows_get_the_negative_prompt_and_the_lr_target():
@@ -2258,6 +2266,76 @@ def test_psnr_and_texture_ratio_on_known_cases():
     assert torch.allclose(metrics.hf_ratio(hr, hr), torch.ones(2, dtype=torch.float64))
     assert (metrics.hf_ratio(blurred, hr) < 0.3).all()                   # a 3x3 box kills high frequencies
     assert (metrics.hf_ratio(hr + 0.2 * torch.randn(hr.shape, generator=g), hr) > 1.1).all()
+
+
+# ---- train.py: the traps a new user walks into
+
+
+def test_train_help_gives_every_flag_a_text_its_default_and_choices_in_groups(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for group in ("data:", "model:", "stage:", "optimisation:", "checkpoints and logs:", "distributed and speed"):
+        assert f"\n{group}" in text, group
+    flags = [f for f in fields(train.TrainConfig)]
+    body = " ".join(text.split())
+    helps = train.field_help()
+    for f in flags:
+        flag = "--" + f.name.replace("_", "-")
+        assert body.count(flag + " ") + body.count(flag + ",") >= 1, flag
+        first_words = " ".join(helps[f.name].split()[:3])
+        assert len(helps[f.name]) > 10 and first_words in body, f.name   # its comment is its help
+    assert "[default: 12000]" in body and "[default: 5e-05]" in body and "(choices: distill, teacher, vae)" in body
+    assert "(choices: gt, meanflow, null, neg)" in body
+
+
+def test_train_refuses_an_untrained_vae_unless_asked(tmp_path):
+    data = _images(tmp_path / "data", n=2)
+    base = [a for a in _TINY if a != "--untrained-vae"] + ["--data", data, "--steps", "1", "--out", str(tmp_path / "o")]
+    for stage in ("teacher", "distill"):
+        with pytest.raises(SystemExit, match="--vae.*--untrained-vae"):
+            train.main(base + ["--stage", stage])
+    assert not (tmp_path / "o" / "ckpt-0000001").exists()
+    train.main(base + ["--stage", "vae"])                               # the VAE's own stage needs none
+    assert (tmp_path / "o" / "ckpt-0000001" / "vae.safetensors").exists()
+
+
+def test_train_without_one_usable_image_stops_before_step_one(tmp_path, capsys):
+    d = tmp_path / "data"
+    d.mkdir()
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(d / "small.png")
+    (d / "bad.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(SystemExit, match="none of the 2 images in --data is usable"):
+        train.main(_TINY + ["--data", str(d), "--steps", "2", "--out", str(tmp_path / "o")])
+    assert not any(p.name.startswith("ckpt-") for p in (tmp_path / "o").iterdir())
+    assert not (tmp_path / "o" / "log.jsonl").exists()
+
+
+def test_train_resume_falls_back_from_a_truncated_checkpoint_keeps_it_and_logs_each_step_once(tmp_path, capsys):
+    data = _images(tmp_path / "data")
+    out = tmp_path / "run"
+    common = _TINY + ["--data", data, "--lora-rank", "4", "--save-every", "2", "--out", str(out)]
+    old = os.umask(0o022)
+    try:
+        train.main(common + ["--steps", "4"])
+    finally:
+        os.umask(old)
+    # files are written with the umask's permissions (0644), as everything else in the tree
+    for f in (out / "ckpt-0000004").iterdir():
+        assert f.stat().st_mode & 0o777 == 0o644, (f.name, oct(f.stat().st_mode))
+    reference = {k: v.clone() for k, v in load_file(out / "ckpt-0000004" / "trainable.safetensors").items()}
+    t = out / "ckpt-0000004" / "trainable.safetensors"
+    t.write_bytes(t.read_bytes()[: t.stat().st_size // 2])              # a crash mid-write, or a full disk
+    cut = t.stat().st_size
+    capsys.readouterr()
+    train.main(common + ["--steps", "4", "--resume"])
+    printed = capsys.readouterr().out
+    assert "ckpt-0000004 is not a whole checkpoint" in printed and "resuming from" in printed and "step 2)" in printed
+    assert (out / "ckpt-0000004.broken" / "trainable.safetensors").stat().st_size == cut   # kept aside, as it was
+    again = load_file(out / "ckpt-0000004" / "trainable.safetensors")   # steps 3-4 redone from step 2
+    assert all(torch.equal(again[k], reference[k]) for k in reference)
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
 
 
 # ============================================================================================
@@ -2756,6 +2834,113 @@ def test_upscale_samples_the_teacher_on_the_grid_of_its_shift(_smp_models, monke
     assert seen == [1.0, 3.0] and not torch.allclose(a, b)
 
 
+# ---- sample.py: the inputs and situations a new user hits
+
+
+def test_sample_reads_gif_ppm_and_animated_files_and_checks_the_output_before_computing(_smp_models, tmp_path, capsys,
+                                                                                      monkeypatch):
+    src = tmp_path / "in"
+    src.mkdir()
+    frames = [Image.fromarray(_smp_u8(8, 8, 3, seed=k)) for k in range(3)]
+    frames[0].save(src / "anim.gif", save_all=True, append_images=frames[1:], duration=50)
+    Image.fromarray(_smp_u8(8, 12, 3)).save(src / "still.ppm")
+    ck = ["--ckpt", str(_smp_models / "student.safetensors")]
+    assert sample.main([str(src), "-o", str(tmp_path / "out")] + ck) == 0
+    out, err = capsys.readouterr()
+    assert sorted(os.listdir(tmp_path / "out")) == ["anim_mfsr.png", "still_mfsr.png"]   # PNG, as --ext auto says
+    assert Image.open(tmp_path / "out" / "still_mfsr.png").size == (48, 32)
+    assert "note:" in err and "anim.gif: animated, 3 frames: the first is used" in err and out.count(" -> ") == 2
+    # the first frame is what was upscaled: same result as that frame saved alone
+    frames[0].convert("RGB").save(tmp_path / "first.png")
+    assert sample.main([str(tmp_path / "first.png"), "-o", str(tmp_path / "out")] + ck) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "first_mfsr.png")),
+                          np.asarray(Image.open(tmp_path / "out" / "anim_mfsr.png")))
+    # an output that cannot be written is refused before any compute
+    monkeypatch.setattr(sample, "upscale", lambda *a, **k: pytest.fail("computed before checking the output"))
+    with pytest.raises(SystemExit):                                     # --ext ppm: a format only read
+        sample.main([str(src / "still.ppm"), "-o", str(src), "--suffix", "", "--ext", "ppm"] + ck)
+    assert "--ext ppm: choose from" in capsys.readouterr().err
+    Image.fromarray(_smp_u8(8, 8, 3)).save(tmp_path / "a.png")
+    rc = sample.main([str(tmp_path / "a.png"), "--suffix", ""] + ck)
+    assert rc == 1 and "refusing to write over an input" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:3", "mps", "foo"])
+def test_sample_unusable_device_is_one_line(device, tmp_path, capsys):
+    if device.startswith("cuda") and torch.cuda.device_count() > int(device[5:] or 0):
+        pytest.skip("this machine has that GPU")
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    Image.fromarray(_smp_u8(8, 8, 3)).save(tmp_path / "a.png")
+    assert sample.main([str(tmp_path / "a.png"), "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--device {device}" in err and "cpu" in err and "Traceback" not in err
+    assert os.listdir(tmp_path) == ["a.png"]
+
+
+def test_sample_ctrl_c_exits_130_with_one_line_and_no_partial_output(_smp_models, tmp_path, capsys, monkeypatch):
+    for name in ("a.png", "b.png"):
+        Image.fromarray(_smp_u8(8, 8, 3)).save(tmp_path / name)
+    real, calls = sample.upscale, []
+
+    def interrupted(*a, **k):        # the first image finishes, Ctrl-C arrives during the second
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(sample, "upscale", interrupted)
+    rc = sample.main([str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--ckpt", str(_smp_models / "student.safetensors")])
+    err = capsys.readouterr().err
+    assert rc == 130 and "interrupted: 1 output(s) written" in err and "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["a.png", "a_mfsr.png", "b.png"]      # no temporary files left
+
+
+def test_sample_long_work_shows_tiles_elapsed_eta_and_where_the_time_went(_smp_models, tmp_path, capsys, monkeypatch):
+    Image.fromarray(_smp_u8(24, 24, 3)).save(tmp_path / "a.png")     # latent 24 x 24 (x4, VAE /4)
+    monkeypatch.setattr(sample, "PROGRESS_AFTER", 0.0)                # report from the first tile
+    rc = sample.main([str(tmp_path / "a.png"), "--steps", "2", "--tile", "8", "--tile-overlap", "4",
+                      "--ckpt", str(_smp_models / "student.safetensors")])
+    out, err = capsys.readouterr()
+    tiles = len(sample.vae_lib.tile_starts(24, 8, 4)) ** 2
+    lines = [line for line in err.splitlines() if "tiles " in line]
+    assert rc == 0 and lines and lines[-1].startswith(f"{tmp_path / 'a.png'}: tiles {2 * tiles}/{2 * tiles}, ")
+    assert all("ETA" in line for line in lines) and len(lines) <= 11      # every 10 % on a non-terminal
+    assert "VAE encode" in out and "network" in out and "VAE decode" in out and "peak" in out
+    # on a terminal: one bar redrawn in place
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+    stream = Tty()
+    p = sample.Progress("x.png", stream, after=0.0)
+    p.phase("network", calls=4)
+    for _ in range(4):
+        p.tile()
+    p.phase(None)
+    assert stream.getvalue().count("\r[") == 4 and "tiles 4/4" in stream.getvalue() and stream.getvalue().endswith("\n")
+
+
+def test_sample_same_file_named_twice_is_one_input(_smp_models, tmp_path, capsys, monkeypatch):
+    Image.fromarray(_smp_u8(8, 8, 3)).save(tmp_path / "a.png")
+    monkeypatch.chdir(tmp_path)
+    rc = sample.main(["a.png", "./a.png", str(tmp_path / "a.png"), ".", "--ckpt", str(_smp_models / "student.safetensors")])
+    out, err = capsys.readouterr()
+    assert rc == 0 and out.count(" -> ") == 1 and "error" not in err
+
+
+def test_sample_small_tile_scales_the_recorded_overlap_and_help_shows_the_shipped_defaults(tmp_path, capsys):
+    Image.fromarray(_smp_u8(16, 16, 3)).save(tmp_path / "a.png")
+    rec = layouts.load_transformer(str(_SHIP / "student.safetensors")).sampling
+    assert rec["tile"] > 8 and rec["tile_overlap"] >= 8                 # as recorded, 8 would be refused
+    assert sample.main([str(tmp_path / "a.png"), "--tile", "8"]) == 0
+    err = capsys.readouterr().err
+    assert "--tile 8: tile overlap 4" in err and f"the model's {rec['tile_overlap']} for tile {rec['tile']}" in err
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"the shipped model records {rec['tile']}" in text and f"the shipped model records {rec['tile_overlap']}" in text
+
+
 # ============================================================================================
 # text.py
 
@@ -3235,12 +3420,15 @@ def test_quality_command_runs_at_a_reduced_size():
     assert [r["setting"] for r in rows] == ["realesrgan"] * (len(rows) // 2) + ["bicubic"] * (len(rows) // 2)
     for setting in miniature.SETTINGS:
         by = {r["method"]: r for r in rows if r["setting"] == setting}
-        for m in ("bicubic", "VAE(HR) (upper bound)", teacher8, "student 1 step", "student 2 steps",
-                  "student 4 steps", "student, gt target, 1 step"):
+        for m in ("bicubic", "VAE(bicubic) (the latent path's cost)", "VAE(HR) (upper bound)", teacher8,
+                  "student 1 step", "student 2 steps", "student 4 steps", "student, gt target, 1 step"):
             assert m in by, (setting, list(by))
         for r in by.values():
-            assert all(math.isfinite(r[k]) for k in ("PSNR", "SSIM", "HF energy / HR", "s / image")), r
+            assert all(math.isfinite(r[k]) for k in ("PSNR", "SSIM", "LPIPS", "DISTS", "NIQE", "speckle",
+                                                     "HF energy / HR", "s / image")), r
         assert by["bicubic"]["HF energy / HR"] < 0.6 < by["VAE(HR) (upper bound)"]["SSIM"]   # blurry vs faithful
+        for k in ("LPIPS", "DISTS"):                                     # the perceptual columns agree
+            assert by["VAE(HR) (upper bound)"][k] < by["bicubic"][k], (k, by["bicubic"], by["VAE(HR) (upper bound)"])
         assert by[teacher8]["PSNR vs teacher 8"] == math.inf
         assert figures[f"{setting}/student 1 step"]["PSNR"] == by["student 1 step"]["PSNR"]
     clean = {r["method"]: r["PSNR"] for r in rows if r["setting"] == "bicubic"}

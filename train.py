@@ -1,8 +1,10 @@
 """Train MFSR: the DiT4SR-style LR-stream teacher (--stage teacher) or the one-step student
 distilled from it with the MeanFlow identity (--stage distill, MFSR Alg. 1; the default).
 
-    python train.py --preset tiny --data DIR --stage teacher --steps 200 --out runs/teacher
-    python train.py --preset tiny --data DIR --teacher runs/teacher/teacher.safetensors --out runs/student
+    python train.py --preset tiny --data DIR --stage vae --steps 3000 --out runs/vae
+    python train.py --preset tiny --data DIR --stage teacher --vae runs/vae/ckpt-0003000/vae.safetensors --steps 200 --out runs/teacher
+    python train.py --preset tiny --data DIR --vae runs/vae/ckpt-0003000/vae.safetensors \
+        --teacher runs/teacher/ckpt-0000200/teacher.safetensors --out runs/student
     python train.py --ckpt sd3.5_medium.safetensors --teacher dit4sr_q/ --data HR_DIR ...   # full scale
     torchrun --nproc_per_node 8 train.py ...                                              # many GPUs
 
@@ -21,6 +23,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -35,7 +38,8 @@ import mfsr
 import model
 import vae as vae_lib
 from checkpoint import CheckpointError, SafetensorsFiles, atomic_save
-from pairs import PairDataset, StepBatches, collate, find_images, load_embedding, mix
+from pairs import PairDataset, StepBatches, collate, find_images, load_embedding, mix, usable_images
+from sample import peak_memory_mb
 
 PCA_CROPS = 256                 # vae stage: training crops whose patches initialise a patch VAE (PCA)
 
@@ -45,11 +49,12 @@ class TrainConfig:
     stage: str = "distill"          # "distill" (MFSR) | "teacher" (rectified flow) | "vae" (tiny VAE)
     preset: str = "full"            # "full" (SD3.5-medium / DiT4SR, 512 crops) | "tiny" (CPU)
     data: str = ""                  # folder(s) of HR images, comma-separated, searched recursively
-    out: str = "runs/mfsr"
+    out: str = "runs/mfsr"          # run folder: checkpoints, log.jsonl, progress grids
     ckpt: str = ""                  # SD3.5 single file or diffusers folder (base transformer + VAE)
     teacher: str = ""               # DiT4SR / our teacher transformer (distill stage)
     teacher_mode: str = "v1"        # DiT4SR key mode of the teacher file (v1 | r1)
     vae: str = ""                   # VAE file / folder, else the one inside --ckpt
+    untrained_vae: bool = False     # --preset tiny without --vae / --ckpt: a random VAE (smoke runs only)
     null_emb: str = ""              # safetensors with context / pooled of the empty prompt
     neg_emb: str = ""               # ... of the negative prompt (Eq. 11)
     prompt_emb: str = ""            # ... for images without their own embedding file (else the null)
@@ -68,7 +73,7 @@ class TrainConfig:
     steps: int = 12000              # App. B: 12K iterations
     lr: float = 5e-5                # Adam (distill, App. B); teacher stage: AdamW like DiT4SR
     lr_decay: str = "none"          # none (constant, as the paper) | cosine (to 0 at --steps; the tiny VAE)
-    lora_rank: int = 64
+    lora_rank: int = 64             # distill: rank of the student's LoRA (App. B)
     time_scale: float = 1.0         # student's c_noise(t) = time_scale * t (§4.4: 1; the teacher's is 1000)
     ratio: float = 0.5              # share of rows with s != t (Table 4)
     warmup: int = 0                 # distill: first steps at ratio 0 (s = t: the rescaled time embedding
@@ -81,20 +86,20 @@ class TrainConfig:
     loss: str = "pseudo_huber"      # pseudo_huber | l2 | adaptive
     mode: str = "split"             # JVP execution: split | fused
     caption_dropout: float = 0.2    # teacher stage
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0          # clip the gradient's global norm to this
     accum: int = 1                  # gradient accumulation steps
     ema: float = 0.0                # EMA decay of trainable weights (0 = off)
     dtype: str = "bf16"             # autocast dtype on GPU (CPU runs fp32)
-    compile: bool = False
-    grad_ckpt: bool = False
-    workers: int = 2
-    seed: int = 0
-    log_every: int = 10
-    sample_every: int = 500
-    save_every: int = 1000
+    compile: bool = False           # torch.compile the trained network
+    grad_ckpt: bool = False         # gradient checkpointing per block (less memory, ~1.3x time)
+    workers: int = 2                # data-loading processes per training process
+    seed: int = 0                   # every draw (data, degradation, noise, times) follows from it
+    log_every: int = 10             # print a line every this many steps (log.jsonl has every step)
+    sample_every: int = 500         # write a progress grid PNG every this many steps
+    save_every: int = 1000          # write a checkpoint every this many steps
     keep: int = 3                   # checkpoints kept
     max_bad: int = 5                # stop after this many non-finite losses in a row
-    resume: bool = False
+    resume: bool = False            # continue from the newest readable checkpoint in --out
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,6 +161,10 @@ def build_models(cfg, device):
     else:
         if not tiny:
             raise SystemExit("error: give --ckpt (SD3.5 with its VAE) or --vae; only --preset tiny runs without")
+        if cfg.stage != "vae" and not cfg.untrained_vae:
+            raise SystemExit(f"error: --stage {cfg.stage} trains on VAE latents: give --vae (a VAE file, e.g. "
+                             "weights/mfsr-tiny/vae.safetensors or one made by --stage vae); --untrained-vae runs "
+                             "on a random tiny VAE (reconstructions near 11.5 dB: a smoke run, not a model)")
         torch.manual_seed(cfg.seed)
         vae = vae_lib.VAE(vae_lib.CONFIGS["tiny"])
     if cfg.stage == "vae":
@@ -474,28 +483,59 @@ def save_full(net, path, sampling=None, ema=None):
     layouts.save_transformer(full, path)
 
 
-def load_checkpoint(cfg, net, opt):
-    """Latest ckpt-* in --out: trainable weights and optimizer state; returns (step, ema, stats)."""
+def load_checkpoint(cfg, net, opt, rank=0):
+    """The newest readable ckpt-* in --out: trainable weights and optimizer state; returns (step,
+    ema, stats). One that cannot be read (a file truncated by a crash or a full disk) is moved aside
+    to NAME.broken, never deleted, and the one before it is used."""
     found = sorted(glob.glob(os.path.join(cfg.out, "ckpt-*[0-9]")))
     if not found:
         raise SystemExit(f"error: --resume: no ckpt-* folder in {cfg.out}")
-    src = SafetensorsFiles(os.path.join(found[-1], "trainable.safetensors"))
-    params = dict(net.named_parameters())
-    train = {k for k, p in params.items() if p.requires_grad}
-    if set(k for k in src.keys() if not k.startswith("ema.")) != train:
-        raise CheckpointError(f"{found[-1]}: its trainable set differs from this run's (other stage or LoRA?)")
-    with torch.no_grad():
-        for k in train:
-            params[k].copy_(src.get(k))
-    ema = {k[4:]: src.get(k).to(params[k[4:]].device) for k in src.keys() if k.startswith("ema.")} or None
-    osrc = SafetensorsFiles(os.path.join(found[-1], "optimizer.safetensors"))
-    state = {}
-    for k in osrc.keys():
-        i, name = k.split(".", 1)
-        v = osrc.get(k)
-        state.setdefault(int(i), {})[name] = v.reshape(()) if name == "step" else v
-    opt.load_state_dict({"state": state, "param_groups": json.loads(osrc.metadata["param_groups"])})
-    return int(src.metadata["step"]), ema, json.loads(src.metadata.get("latent_stats", "{}"))
+    for folder in reversed(found):
+        try:
+            src, osrc = (SafetensorsFiles(os.path.join(folder, f)) for f in ("trainable.safetensors", "optimizer.safetensors"))
+            tensors = {k: src.get(k) for k in src.keys()}
+            otensors = {k: osrc.get(k) for k in osrc.keys()}
+            step, groups = int(src.metadata["step"]), json.loads(osrc.metadata["param_groups"])
+        except (CheckpointError, OSError, KeyError, ValueError, RuntimeError) as e:   # unreadable: the one before
+            aside = folder + ".broken"
+            if rank == 0:
+                aside = next(f"{folder}.broken{i or ''}" for i in range(1000) if not os.path.exists(f"{folder}.broken{i or ''}"))
+                os.replace(folder, aside)
+            print(f"warning: --resume: {folder} is not a whole checkpoint ({str(e).splitlines()[0]}); kept as {aside}")
+            continue
+        params = dict(net.named_parameters())
+        train = {k for k, p in params.items() if p.requires_grad}
+        if set(k for k in tensors if not k.startswith("ema.")) != train:
+            raise CheckpointError(f"{folder}: its trainable set differs from this run's (other stage or LoRA?)")
+        with torch.no_grad():
+            for k in train:
+                params[k].copy_(tensors[k])
+        ema = {k[4:]: v.to(params[k[4:]].device) for k, v in tensors.items() if k.startswith("ema.")} or None
+        state = {}
+        for k, v in otensors.items():
+            i, name = k.split(".", 1)
+            state.setdefault(int(i), {})[name] = v.reshape(()) if name == "step" else v
+        opt.load_state_dict({"state": state, "param_groups": groups})
+        if folder != found[-1]:
+            print(f"warning: --resume: resuming from {folder} (step {step})")
+        return step, ema, json.loads(src.metadata.get("latent_stats", "{}"))
+    raise SystemExit(f"error: --resume: no readable checkpoint in {cfg.out} (the broken ones are kept as *.broken)")
+
+
+def trim_log(path, step):
+    """log.jsonl without the lines after `step`: a resumed run logs those steps again."""
+    if not os.path.exists(path):
+        return
+    def before(line):
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):     # a line cut by the crash
+            return False
+    with open(path) as f:
+        keep = [line for line in f if before(line)]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -531,29 +571,59 @@ def save_grid(path, vae, net, stage, batch, z_lr, null):
     os.replace(tmp, path)
 
 
-def peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM"))
-
-
 # --------------------------------------------------------------------------------------------
 
 
+CHOICES = dict(stage=("distill", "teacher", "vae"), preset=("full", "tiny"), target=("gt", "meanflow", "null", "neg"),
+               loss=tuple(mfsr.LOSSES), mode=("split", "fused"), dtype=("bf16", "fp16", "fp32"),
+               teacher_mode=("v1", "r1"), lr_decay=("none", "cosine"))
+FLAG_GROUPS = {   # --help's sections, each flag in one
+    "data": ("data", "size", "cache_latents", "clean_prob", "plain_gt", "null_emb", "neg_emb", "prompt_emb",
+             "encoders", "prompt", "negative_prompt"),
+    "model": ("preset", "ckpt", "teacher", "teacher_mode", "vae", "untrained_vae", "depth", "heads", "lora_rank",
+              "time_scale"),
+    "stage": ("stage", "target", "cfg_w", "kappa", "cond_drop", "ratio", "warmup", "loss", "time_shift", "neg_prob",
+              "caption_dropout", "kl"),
+    "optimisation": ("batch", "accum", "steps", "lr", "lr_decay", "grad_clip", "ema", "seed", "max_bad"),
+    "checkpoints and logs": ("out", "resume", "save_every", "keep", "log_every", "sample_every"),
+    "distributed and speed (torchrun runs one process per GPU; every flag is per process)":
+        ("dtype", "compile", "grad_ckpt", "mode", "workers"),
+}
+
+
+def field_help():
+    """{field: its comment in TrainConfig} (a comment may go on over the next lines): the one
+    source of --help's texts."""
+    import inspect
+    helps, last = {}, None
+    for line in inspect.getsource(TrainConfig).splitlines()[2:]:
+        code, _, comment = line.partition("#")
+        if code.strip():
+            last = code.split(":")[0].strip()
+            helps[last] = comment.strip()
+        elif comment and last:
+            helps[last] += " " + comment.strip()
+    return helps
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or isinstance(f.default, bool):
-            p.add_argument(flag, action="store_true")
-        else:
-            p.add_argument(flag, type=type(f.default), default=f.default)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                epilog="Every flag is a field of train.TrainConfig; the resolved config is "
+                                       "printed and stored in every checkpoint.")
+    helps, defaults = field_help(), {f.name: f for f in fields(TrainConfig)}
+    for group, names in FLAG_GROUPS.items():
+        g = p.add_argument_group(group)
+        for name in names:
+            f = defaults[name]
+            flag, text = "--" + name.replace("_", "-"), helps[name].replace("%", "%%")
+            if f.type is bool or isinstance(f.default, bool):
+                g.add_argument(flag, action="store_true", help=text)
+            else:
+                shown = f" (choices: {', '.join(CHOICES[name])})" if name in CHOICES else ""
+                g.add_argument(flag, type=type(f.default), default=f.default, metavar=name.upper(),
+                               help=f"{text}{shown} [default: {f.default if f.default != '' else 'none'}]")
     cfg = TrainConfig(**{f.name: getattr(p.parse_args(argv), f.name) for f in fields(TrainConfig)})
-    choices = dict(stage=("distill", "teacher", "vae"), preset=("full", "tiny"), target=("gt", "meanflow", "null", "neg"),
-                   loss=tuple(mfsr.LOSSES), mode=("split", "fused"), dtype=("bf16", "fp16", "fp32"),
-                   teacher_mode=("v1", "r1"), lr_decay=("none", "cosine"))
-    for name, allowed in choices.items():
+    for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             p.error(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose from {', '.join(allowed)}")
     if not cfg.data:
@@ -605,14 +675,16 @@ def start_processes(cfg):
 
 
 def training_images(cfg, rank):
-    """The image paths of --data; warns about captions that have no embedding file yet."""
-    paths = find_images(cfg.data)
+    """(usable image paths of --data, {skipped path: why}); warns once about each skipped file and
+    about captions that have no embedding file yet."""
+    paths, skipped = usable_images(find_images(cfg.data), cfg.size,
+                                   (lambda m: print(m, file=sys.stderr)) if rank == 0 else (lambda m: None))
     uncoded = [q for q in paths if os.path.exists(os.path.splitext(q)[0] + ".txt")
                and not os.path.exists(os.path.splitext(q)[0] + ".safetensors")]
     if uncoded and rank == 0:
         print(f"warning: {len(uncoded)} captions (e.g. {os.path.splitext(uncoded[0])[0]}.txt) have no embedding "
               f"file; they train with the default prompt. Encode them first: python text.py --data DIR --encoders ...")
-    return paths
+    return paths, skipped
 
 
 def training_batches(cfg, paths, prompt, vae, device, rank, start):
@@ -676,7 +748,7 @@ def main(argv=None):
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
         print("config:", json.dumps(asdict(cfg)))
-    paths = training_images(cfg, rank)
+    paths, skipped = training_images(cfg, rank)
     net, teacher, vae = build_models(cfg, device)
     net.grad_checkpointing = cfg.grad_ckpt
     null, neg, prompt = conditioning(cfg, None if cfg.stage == "vae" else net.cfg)
@@ -690,7 +762,9 @@ def main(argv=None):
         vae_lib.init_linear_code(net, torch.stack([c["gt"] for c in crops if "gt" in c]) * 2 - 1)
     opt = (torch.optim.Adam(trainable, lr=cfg.lr) if cfg.stage != "teacher"
            else torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=1e-2))
-    start, ema, stats = load_checkpoint(cfg, net, opt) if cfg.resume else (0, None, {})
+    start, ema, stats = load_checkpoint(cfg, net, opt, rank) if cfg.resume else (0, None, {})
+    if rank == 0 and cfg.resume:
+        trim_log(os.path.join(cfg.out, "log.jsonl"), start)
     if cfg.ema and ema is None:
         ema = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
     sync = GradSync(trainable) if ddp else None
@@ -704,7 +778,10 @@ def main(argv=None):
     bad, t0, unreadable = 0, time.time(), []
     for step, batch in zip(range(start, cfg.steps), batches):
         g = torch.Generator().manual_seed(mix(cfg.seed, step, rank, 7))
-        unreadable += batch.get("unreadable", [])
+        for path, why in batch.get("unreadable", []):        # a file whose header read but data did not
+            if rank == 0 and path not in unreadable:
+                print(f"warning: skipping unreadable image {path}: {why}", file=sys.stderr, flush=True)
+            unreadable.append(path)
         if _any_rank(sync, "gt" not in batch and "z_hr" not in batch):
             print(f"warning: step {step + 1}: no readable image in the batch, skipped")
             continue
@@ -749,7 +826,10 @@ def main(argv=None):
                 net.train()
         if done % cfg.save_every == 0 or done == cfg.steps:
             save_checkpoint(cfg, net, opt, ema, done, rank, (null, neg, prompt), stats, vae)
-    if unreadable:
+    if skipped and rank == 0:
+        print(f"warning: {len(skipped)} of {len(paths) + len(skipped)} images were left out before training "
+              f"(unreadable or smaller than the crop; named above)")
+    if unreadable and rank == 0:
         names = sorted(set(unreadable))
         print(f"warning: {len(unreadable)} draws of {len(names)} unreadable image(s) were skipped: "
               f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
