@@ -171,11 +171,12 @@ def upscale(img, net, vae, cond, steps=1, *, teacher=False, cond_neg=None, cfg=D
         raise ValueError(f"color_fix must be one of {sorted(COLOR_FIXES)}, got {color_fix!r}")
     p = next(net.parameters())
     device, dtype = p.device, p.dtype
+    progress = progress or Progress(None)
+    progress.phase("bicubic x4")
     H, W = img.shape[-2:]
     lr_up = F.interpolate(img.float().to(device), size=(SCALE * H, SCALE * W), mode="bicubic",
                           align_corners=False).clamp(0, 1)                        # (1, 3, 4H, 4W)
     x = pad_to(lr_up, vae.cfg.factor * net.cfg.patch)                          # (1, 3, H', W')
-    progress = progress or Progress(None)
     progress.phase("VAE encode")
     z_lr = vae.encode((x * 2 - 1).to(next(vae.parameters()).dtype), tile=vae_tile).to(dtype)  # (1, C, h, w)
     g = torch.Generator(device).manual_seed(seed)
@@ -202,7 +203,7 @@ class Progress:
     """Long work made visible on `stream` (default stderr): network calls on tiles done / total,
     elapsed, ETA; a bar redrawn in place on a terminal, else a plain line every 10 %. Nothing while
     the image has taken less than `after` seconds, so small images stay one summary line.
-    `seconds` holds each phase's time (VAE encode, network, VAE decode, colour fix).
+    `seconds` holds each phase's time (bicubic x4, VAE encode, network, VAE decode, colour fix, write).
     name=None: records the phases only."""
 
     def __init__(self, name, stream=None, after=2.0):
@@ -223,6 +224,7 @@ class Progress:
             self.done, self.total, self.network_t0 = 0, calls, now
         if name is None and self.drawn and self.tty:
             print(file=self.stream, flush=True)                              # end the bar's line
+            self.drawn = False
 
     def tile(self):
         self.done += 1
@@ -388,7 +390,9 @@ def process(path, args, net, vae, cond, cond_neg, inputs, written, device):
     alpha = None
     if img.alpha is not None:
         alpha = F.interpolate(img.alpha[None], scale_factor=SCALE, mode="bicubic", align_corners=False)[0]
+    progress.phase("write")
     save_image(out, y[0], alpha=alpha, gray=img.gray, bits=img.bits, protect=inputs)
+    progress.phase(None)
     written.add(out)
     H, W = img.size
     secs = time.perf_counter() - t0
