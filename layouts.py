@@ -139,6 +139,10 @@ def _infer_config(src: _Source) -> MMDiTConfig:
         two_times=any(k.startswith(n["s"]) for k in keys))
 
 
+# config fields a file's shapes cannot tell, read from its metadata when save_transformer wrote them
+RECORDED = ("lr_key_mode", "ff_inject", "time_scale", "prediction")
+
+
 def load_transformer(path, *, dtype=torch.float32, device="cpu", **overrides) -> MMDiT:
     """Load any supported transformer checkpoint; the config is read from its shapes and keys.
 
@@ -153,7 +157,7 @@ def load_transformer(path, *, dtype=torch.float32, device="cpu", **overrides) ->
     if set(overrides) - known:
         raise TypeError(f"unknown config overrides {sorted(set(overrides) - known)}; known: {sorted(known)}")
     saved = src.config("mfsr_config")
-    told = {k: saved[k] for k in ("lr_key_mode", "ff_inject", "time_scale") if k in saved}
+    told = {k: saved[k] for k in RECORDED if k in saved}
     cfg = replace(_infer_config(src), **{**told, **overrides})
     lora = json.loads(src.metadata.get("lora", "null"))
     sampling = json.loads(src.metadata.get("mfsr_sampling", "{}"))
@@ -213,7 +217,7 @@ def describe(path=None, config="tiny"):
     if path:
         src = _Source(path)
         saved = src.config("mfsr_config")
-        cfg = replace(_infer_config(src), **{k: saved[k] for k in ("lr_key_mode", "ff_inject", "time_scale")
+        cfg = replace(_infer_config(src), **{k: saved[k] for k in RECORDED
                                              if k in saved})
         print(f"{path}: {src.layout} layout, {len(src.where)} transformer tensors")
     else:

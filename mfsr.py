@@ -12,9 +12,18 @@ Convention (the MFSR paper's, used everywhere in this file):
     z_t = t * z_HR + (1 - t) * eps,   t = 0 is noise, t = 1 is data,   s >= t,
     v(z_t, t)    = dz_t/dt             the instantaneous velocity (for straight paths z_HR - eps),
     u(z_t, t, s) = (z_s - z_t)/(s - t) the average velocity over [t, s]; sampling runs 0 -> 1.
-The transformers of model.py use SD3's sigma = 1 - t and predict eps - x0 = -v. The adapters
-`velocity` and `average_velocity` are the only place that converts; they compute 1 - t and
-1 - s inside the function that is differentiated, so the JVP's chain rule stays exact.
+The transformers of model.py use SD3's sigma = 1 - t and predict eps - x0 = -v (cfg.prediction
+"v", every full-scale path). The adapters `velocity`, `average_velocity` and `denoised` are the only
+place that converts; they compute 1 - t and 1 - s inside the function that is differentiated, so
+the JVP's chain rule stays exact.
+
+The miniature's networks predict data instead (cfg.prediction "x", JiT: Li & He 2025, "Back to
+Basics: Let Denoising Generative Models Denoise"): they output x - z_LR, so an untrained network
+already predicts the LR latent and training only learns the detail. A network of a few million
+weights cannot reproduce the noise it was given, as predicting eps - x0 at high noise asks, and
+every error it makes there stays in the sample as noise; predicting x, its errors are blur. Then
+    v(z_t, t) = (x - z_t) / (1 - t),   u(z_t, t, s) = (x(z_t, t, s) - z_t) / (1 - t),
+so one student step from t = 0 lands on z_1 = x exactly; 1 - t is clamped at X_PRED_MIN_SIGMA.
 """
 import math
 
@@ -28,18 +37,47 @@ import model as _model
 # Adapters from the SD3-convention networks of model.py to the paper's v and u
 
 
+X_PRED_MIN_SIGMA = 0.05   # JiT's clamp: near the data end (x - z_t) / (1 - t) divides noise-free error by ~0
+
+
+def _predicts_x(net):
+    """cfg.prediction == "x"; a plain function (the tests' stand-ins) predicts v."""
+    return getattr(getattr(net, "cfg", None), "prediction", "v") == "x"
+
+
+def _bc(t, z):
+    """(B,) -> (B, 1, ..., 1), to broadcast over z."""
+    return t.view(-1, *[1] * (z.dim() - 1))
+
+
+def denoised(net):
+    """x(z, t, c): the network's estimate of z_HR; c = (z_lr, pooled, context), batched like z.
+    "v": z + (1 - t) v; "x": z_lr + the network's output."""
+    def x(z, t, c):
+        out = net(z, 1 - t, c[1], c[2], lr=c[0])
+        return c[0] + out if _predicts_x(net) else z - _bc(1 - t, z) * out
+    return x
+
+
 def velocity(net):
-    """v(z, t, c) of a one-time network (the teacher): v = -net(z, sigma = 1 - t).
-    c = (z_lr, pooled, context): the LR latent and the prompt, batched like z."""
+    """v(z, t, c) of a one-time network (the teacher): v = -net(z, sigma = 1 - t), or from its x
+    (see the top of this file). c = (z_lr, pooled, context): the LR latent and the prompt."""
     def v(z, t, c):
-        return -net(z, 1 - t, c[1], c[2], lr=c[0])
+        out = net(z, 1 - t, c[1], c[2], lr=c[0])
+        if _predicts_x(net):
+            return (c[0] + out - z) / _bc(1 - t, z).clamp_min(X_PRED_MIN_SIGMA)
+        return -out
     return v
 
 
 def average_velocity(net):
-    """u(z, t, s, c) of a two-time network (the student): u = -net(z, 1 - t, sigma_s = 1 - s)."""
+    """u(z, t, s, c) of a two-time network (the student): u = -net(z, 1 - t, sigma_s = 1 - s), or
+    (x(z, t, s) - z) / (1 - t) for an x-predicting one (see the top of this file)."""
     def u(z, t, s, c):
-        return -net(z, 1 - t, c[1], c[2], lr=c[0], sigma_s=1 - s)
+        out = net(z, 1 - t, c[1], c[2], lr=c[0], sigma_s=1 - s)
+        if _predicts_x(net):
+            return (c[0] + out - z) / _bc(1 - t, z).clamp_min(X_PRED_MIN_SIGMA)
+        return -out
     return u
 
 

@@ -46,10 +46,15 @@ class MMDiTConfig:
     ff_inject: float = 1.2             # DiT4SR's factor on the LR conv injected into the MLP (ARCH §3.4)
     two_times: bool = False            # MFSR student: adds the s-embedder (§4.2)
     time_scale: float = 1000.0         # c_noise(sigma) = time_scale * sigma; MFSR student: 1 (§4.4)
+    prediction: str = "v"              # output: "v" SD3's eps - x0; "x" x0 - z_LR (miniature; mfsr.py converts)
 
     def __post_init__(self):
         if self.lr_key_mode not in ("v1", "r1"):
             raise ValueError(f"lr_key_mode must be 'v1' or 'r1', got {self.lr_key_mode!r}")
+        if self.prediction not in ("v", "x"):
+            raise ValueError(f"prediction must be 'v' or 'x', got {self.prediction!r}")
+        if self.prediction == "x" and not self.lr_stream:
+            raise ValueError("prediction 'x' predicts the residual over the LR latent: it needs lr_stream")
         bad = [i for i in self.dual_layers if not 0 <= i < self.depth]
         if bad:
             raise ValueError(f"dual_layers {bad} outside the {self.depth} blocks")
@@ -371,6 +376,9 @@ class MMDiT(nn.Module):
         self.context_embedder = Linear(cfg.context_dim, D)
         self.joint_blocks = nn.ModuleList(JointBlock(cfg, i) for i in range(cfg.depth))
         self.final_layer = FinalLayer(D, cfg.patch, cfg.in_channels)
+        if cfg.prediction == "x":   # output x - z_LR: untrained, the model predicts the LR latent
+            nn.init.zeros_(self.final_layer.linear.weight)
+            nn.init.zeros_(self.final_layer.linear.bias)
         self.attn_mode = "auto"          # see `attention`
         self.grad_checkpointing = False  # recompute each block in backward (full-scale training)
 

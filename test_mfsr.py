@@ -769,11 +769,11 @@ def _linear_flow_u(z, t, s):
     return torch.einsum("ij,bjk,bk->bi", _A, phi, z)
 
 
-def _identity_error(monkeypatch=None, bug=None):
+def _identity_error(monkeypatch=None, bug=None, u_fn=_linear_flow_u):
     g = torch.Generator().manual_seed(0)
     z = torch.randn(256, 2, generator=g, dtype=torch.float64)
     t, s = mfsr.sample_times(256, ratio=0.75, generator=g)
-    t, s = t.double(), s.double()
+    t, s = 0.9 * t.double(), s.double()                                        # 1 - t above the x clamp
     v = z @ _A.T                                                                 # v(z, t) = A z
     if bug:
         real = mfsr.jvp
@@ -787,8 +787,8 @@ def _identity_error(monkeypatch=None, bug=None):
             out, tan = real(f, primals, tangents)
             return out, -tan if bug == "sign" else tan
         monkeypatch.setattr(mfsr, "jvp", buggy)
-    u, u_tgt = mfsr.meanflow_target(_linear_flow_u, z, t, s, v)
-    assert torch.equal(u, _linear_flow_u(z, t, s))
+    u, u_tgt = mfsr.meanflow_target(u_fn, z, t, s, v)
+    assert torch.allclose(u, _linear_flow_u(z, t, s), rtol=1e-12, atol=1e-12)
     return ((u_tgt - u).norm(dim=1) / u.norm(dim=1)).max().item()
 
 
@@ -799,6 +799,28 @@ def test_meanflow_identity_is_exact_on_a_closed_form_flow():
 @pytest.mark.parametrize("bug", ["t tangent", "z tangent", "sign"])
 def test_identity_test_catches_planted_bugs(monkeypatch, bug):
     assert _identity_error(monkeypatch, bug) > 1e-2
+
+
+class _ClosedFormNet:
+    """A network in model.py's convention (sigma = 1 - t) whose u, through mfsr.average_velocity,
+    is the closed-form flow: it outputs -u ("v") or x - z_LR with x = z + (1 - t) u ("x")."""
+
+    def __init__(self, prediction):
+        self.cfg = type("Cfg", (), {"prediction": prediction})()
+
+    def __call__(self, z, sigma, pooled, context, lr=None, sigma_s=None):
+        u = _linear_flow_u(z, 1 - sigma, 1 - sigma_s)
+        return -u if self.cfg.prediction == "v" else z + sigma[:, None] * u - lr
+
+
+@pytest.mark.parametrize("prediction", ["v", "x"])
+@pytest.mark.parametrize("bug", [None, "t tangent", "z tangent", "sign"])
+def test_identity_holds_through_the_adapter_for_both_predictions(monkeypatch, prediction, bug):
+    """The JVP differentiates through the adapter: exact for both outputs, and the planted bugs show."""
+    u = mfsr.average_velocity(_ClosedFormNet(prediction))
+    z_lr = torch.randn(256, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    err = _identity_error(monkeypatch, bug, lambda z, t, s: u(z, t, s, (z_lr, None, None)))
+    assert err <= 1e-9 if bug is None else err > 1e-2
 
 
 def _mlp_u(seed=0, width=32, dtype=torch.float64):
@@ -1044,6 +1066,47 @@ def test_model_level_distillation_step_split_equals_fused():
     neq = ~same
     expect = v[neq] + (s - t)[neq].view(-1, 1, 1, 1) * full[neq]
     assert (res["split"][0][neq] - expect).abs().max() <= 1e-9 * expect.abs().max()
+
+
+def test_x_prediction_untrained_samples_the_lr_latent_in_one_step():
+    """An x-predicting network starts at output 0, i.e. x = z_LR: the teacher's one Euler step and
+    the student's one step both land on z_LR exactly, and its teacher loss sees x = z_LR."""
+    torch.manual_seed(0)
+    teacher = MMDiT(replace(CONFIGS["tiny"], prediction="x")).eval()
+    student = mfsr.student_from_teacher(teacher, lora_rank=4)
+    assert student.cfg.prediction == "x"
+    g = torch.Generator().manual_seed(0)
+    z_lr = torch.randn(2, 16, 8, 6, generator=g)
+    pooled, ctx = torch.randn(2, 32, generator=g), torch.randn(2, 5, 64, generator=g)
+    assert teacher(z_lr, torch.full((2,), 0.7), pooled, ctx, lr=z_lr).abs().max() == 0
+    z_t = mfsr.sample_teacher(teacher, z_lr, (pooled, ctx), (pooled, ctx), steps=1, cfg=3.0, generator=g)
+    z_s = mfsr.sample_student(student, z_lr, pooled, ctx, steps=1, generator=g)
+    assert torch.allclose(z_t, z_lr, atol=1e-6) and torch.allclose(z_s, z_lr, atol=1e-6)
+    x = mfsr.denoised(teacher)(torch.randn(z_lr.shape, generator=g), torch.full((2,), 0.3), (z_lr, pooled, ctx))
+    assert torch.equal(x, z_lr)
+    with pytest.raises(ValueError, match="prediction"):
+        MMDiTConfig = type(CONFIGS["tiny"])
+        MMDiTConfig(**{**asdict(CONFIGS["tiny"]), "prediction": "eps"})
+
+
+def test_v_prediction_samples_as_before_and_x_is_recorded_in_the_file(tmp_path):
+    """The shipped (v) student samples bit-identically to -net(...) in the plain Euler loop, as the
+    adapter did before x-prediction existed; an x model's file records it and loads it back."""
+    net = layouts.load_transformer(str(Path(__file__).resolve().parent / "weights" / "mfsr-tiny" / "student.safetensors"))
+    assert net.cfg.prediction == "v"
+    g = torch.Generator().manual_seed(0)
+    z_lr = torch.randn(1, net.cfg.in_channels, 8, 8, generator=g)
+    pooled, ctx = torch.zeros(1, net.cfg.pooled_dim), torch.zeros(1, 1, net.cfg.context_dim)
+    with torch.no_grad():
+        got = mfsr.sample_student(net, z_lr, pooled, ctx, steps=2, generator=torch.Generator().manual_seed(1))
+        z = torch.randn(z_lr.shape, generator=torch.Generator().manual_seed(1))
+        for i in range(2):
+            t, s = torch.full((1,), i / 2), torch.full((1,), (i + 1) / 2)
+            z = z + (s - t).view(-1, 1, 1, 1) * -net(z, 1 - t, pooled, ctx, lr=z_lr, sigma_s=1 - s)
+    assert torch.equal(got, z)
+    x_net = MMDiT(replace(CONFIGS["tiny"], prediction="x"))
+    layouts.save_transformer(x_net, str(tmp_path / "x.safetensors"))
+    assert layouts.load_transformer(str(tmp_path / "x.safetensors")).cfg.prediction == "x"
 
 
 def test_samplers_on_the_tiny_model():

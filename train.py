@@ -69,6 +69,7 @@ class TrainConfig:
     size: int = 0                   # HR crop; 0 = 512 (full) / 64 (tiny)
     depth: int = 0                  # tiny teacher from scratch: joint blocks (0: model.CONFIGS["tiny"]'s)
     heads: int = 0                  # ... and heads of 64 channels (0: the tiny config's); a size scan
+    prediction: str = "v"           # ... and its output: v (SD3's eps - x0) or x (x0 - z_LR, mfsr.py's top)
     batch: int = 10                 # per process (paper: 80 over 8 GPUs)
     steps: int = 12000              # App. B: 12K iterations
     lr: float = 5e-5                # Adam (distill, App. B); teacher stage: AdamW like DiT4SR
@@ -203,7 +204,7 @@ def build_models(cfg, device):
 def tiny_config(cfg):
     """model.CONFIGS["tiny"], with --depth / --heads where given."""
     tiny = model.CONFIGS["tiny"]
-    return replace(tiny, depth=cfg.depth or tiny.depth, heads=cfg.heads or tiny.heads)
+    return replace(tiny, depth=cfg.depth or tiny.depth, heads=cfg.heads or tiny.heads, prediction=cfg.prediction)
 
 
 def conditioning(cfg, mcfg):
@@ -266,7 +267,7 @@ def teacher_loss(net, z_hr, z_lr, context, pooled, null, cfg, g, neg=None):
     sigma = (a * u / (1 + (a - 1) * u)).to(z_hr)                      # SD3's shifted sigma
     eps = torch.randn(z_hr.shape, generator=g).to(z_hr)
     x = (1 - sigma.view(-1, 1, 1, 1)) * target + sigma.view(-1, 1, 1, 1) * eps
-    x0 = x - sigma.view(-1, 1, 1, 1) * net(x, sigma, pooled, context, lr=z_lr)
+    x0 = mfsr.denoised(net)(x, 1 - sigma, (z_lr, pooled, context))
     return (x0.float() - target.float()).pow(2).mean(), None
 
 
@@ -576,11 +577,12 @@ def save_grid(path, vae, net, stage, batch, z_lr, null):
 
 CHOICES = dict(stage=("distill", "teacher", "vae"), preset=("full", "tiny"), target=("gt", "meanflow", "null", "neg"),
                loss=tuple(mfsr.LOSSES), mode=("split", "fused"), dtype=("bf16", "fp16", "fp32"),
-               teacher_mode=("v1", "r1"), lr_decay=("none", "cosine"))
+               teacher_mode=("v1", "r1"), lr_decay=("none", "cosine"), prediction=("v", "x"))
 FLAG_GROUPS = {   # --help's sections, each flag in one
     "data": ("data", "size", "cache_latents", "clean_prob", "plain_gt", "null_emb", "neg_emb", "prompt_emb",
              "encoders", "prompt", "negative_prompt"),
-    "model": ("preset", "ckpt", "teacher", "teacher_mode", "vae", "untrained_vae", "depth", "heads", "lora_rank",
+    "model": ("preset", "ckpt", "teacher", "teacher_mode", "vae", "untrained_vae", "depth", "heads", "prediction",
+              "lora_rank",
               "time_scale"),
     "stage": ("stage", "target", "cfg_w", "kappa", "cond_drop", "ratio", "warmup", "loss", "time_shift", "neg_prob",
               "caption_dropout", "kl"),
@@ -638,9 +640,10 @@ def parse_args(argv=None):
         p.error("--cache-latents is for the teacher and distill stages")
     if not cfg.time_shift > 0:
         p.error(f"--time-shift {cfg.time_shift}: must be > 0 (SD3's sigma shift; 1 is none)")
-    if (cfg.depth or cfg.heads) and not (cfg.preset == "tiny" and cfg.stage == "teacher" and not cfg.teacher):
-        p.error("--depth / --heads size a tiny teacher trained from scratch (--preset tiny --stage teacher, "
-                "no --teacher); other models take their size from their checkpoint")
+    if (cfg.depth or cfg.heads or cfg.prediction != "v") and not (cfg.preset == "tiny" and cfg.stage == "teacher"
+                                                                 and not cfg.teacher):
+        p.error("--depth / --heads / --prediction shape a tiny teacher trained from scratch (--preset tiny --stage "
+                "teacher, no --teacher); other models take theirs from their checkpoint")
     if cfg.depth < 0 or cfg.heads < 0:
         p.error(f"--depth {cfg.depth} --heads {cfg.heads}: must be positive")
     if cfg.size % 32:
