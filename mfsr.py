@@ -59,14 +59,18 @@ def denoised(net):
     return x
 
 
+def _as_velocity(net, out, z, t, z_lr):
+    """A network output as the paper's velocity: -out ("v"), or (x - z) / (1 - t) with x = z_lr + out."""
+    if _predicts_x(net):
+        return (z_lr + out - z) / _bc(1 - t, z).clamp_min(X_PRED_MIN_SIGMA)
+    return -out
+
+
 def velocity(net):
     """v(z, t, c) of a one-time network (the teacher): v = -net(z, sigma = 1 - t), or from its x
     (see the top of this file). c = (z_lr, pooled, context): the LR latent and the prompt."""
     def v(z, t, c):
-        out = net(z, 1 - t, c[1], c[2], lr=c[0])
-        if _predicts_x(net):
-            return (c[0] + out - z) / _bc(1 - t, z).clamp_min(X_PRED_MIN_SIGMA)
-        return -out
+        return _as_velocity(net, net(z, 1 - t, c[1], c[2], lr=c[0]), z, t, c[0])
     return v
 
 
@@ -74,10 +78,7 @@ def average_velocity(net):
     """u(z, t, s, c) of a two-time network (the student): u = -net(z, 1 - t, sigma_s = 1 - s), or
     (x(z, t, s) - z) / (1 - t) for an x-predicting one (see the top of this file)."""
     def u(z, t, s, c):
-        out = net(z, 1 - t, c[1], c[2], lr=c[0], sigma_s=1 - s)
-        if _predicts_x(net):
-            return (c[0] + out - z) / _bc(1 - t, z).clamp_min(X_PRED_MIN_SIGMA)
-        return -out
+        return _as_velocity(net, net(z, 1 - t, c[1], c[2], lr=c[0], sigma_s=1 - s), z, t, c[0])
     return u
 
 

@@ -21,7 +21,6 @@ Gray images come out gray, alpha is upscaled apart (bicubic), 16-bit files are w
 """
 import argparse
 import glob
-import json
 import math
 import os
 import sys
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 import layouts
 import mfsr
 import vae as vae_lib
-from checkpoint import CheckpointError
+from checkpoint import CheckpointError, SafetensorsFiles
 from images import EXTS, INPUT_EXTS, ImageError, check_output, load_image, save_image
 
 SCALE = 4
@@ -412,10 +411,8 @@ def peak_memory_mb(device):
 def _shipped_sampling():
     """The sampler settings the shipped student records (for --help), or {} without it."""
     try:
-        from safetensors import safe_open
-        with safe_open(os.path.join(SHIPPED, "student.safetensors"), framework="pt") as f:
-            return json.loads((f.metadata() or {}).get("mfsr_sampling", "{}"))
-    except Exception:      # a missing or unreadable file: --help still works
+        return SafetensorsFiles(os.path.join(SHIPPED, "student.safetensors")).config("mfsr_sampling")
+    except CheckpointError:      # a missing or unreadable file: --help still works
         return {}
 
 

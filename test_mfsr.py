@@ -2991,7 +2991,7 @@ def test_sample_same_file_named_twice_is_one_input(_smp_models, tmp_path, capsys
     assert rc == 0 and out.count(" -> ") == 1 and "error" not in err
 
 
-def test_sample_small_tile_scales_the_recorded_overlap_and_help_shows_the_shipped_defaults(tmp_path, capsys):
+def test_sample_small_tile_scales_the_recorded_overlap_and_help_shows_the_shipped_defaults(tmp_path, capsys, monkeypatch):
     Image.fromarray(_smp_u8(16, 16, 3)).save(tmp_path / "a.png")
     rec = layouts.load_transformer(str(_SHIP / "student.safetensors")).sampling
     assert rec["tile"] > 8 and rec["tile_overlap"] >= 8                 # as recorded, 8 would be refused
@@ -3002,6 +3002,10 @@ def test_sample_small_tile_scales_the_recorded_overlap_and_help_shows_the_shippe
         sample.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert f"the shipped model records {rec['tile']}" in text and f"the shipped model records {rec['tile_overlap']}" in text
+    monkeypatch.setattr(sample, "SHIPPED", str(tmp_path / "absent"))   # without the shipped files --help still works
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--help"])
+    assert "--tile-overlap" in capsys.readouterr().out
 
 
 # ============================================================================================
