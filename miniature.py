@@ -17,7 +17,9 @@ Every training stage is a train.py run (the same code as the full-scale path), i
               70 % Real-ESRGAN pairs (degrade.py), 30 % clean bicubic x4 (what many users feed),
               the plain HR as target (no USM sharpening: the tables measure against the plain HR);
               caption dropout 0.2; SD3.5's sigma shift 3; 4000 pairs encoded once
-              (--cache-latents); EMA weights
+              (--cache-latents); EMA weights. It predicts the clean latent as an offset from the
+              LR latent (--prediction x, model.py), not SD3's velocity: at this size a velocity
+              network leaves its errors in the sample as speckle (mfsr.py's convention block)
   3. cfg      the teacher's CFG scale: the 40-step teacher on training crops at each of
               CFG_SCALES, the largest within CFG_TOLERANCE_DB of the best PSNR (scan_cfg)
   4. distill  the MFSR student: teacher-CFG target with the negative prompt (Eq. 11, w = scale - 1,
@@ -196,7 +198,7 @@ _PAIRS = "--cache-latents 4000 --clean-prob 0.3 --plain-gt --vae {runs}/vae/fina
 STAGES = [
     ("vae", "--stage vae --preset tiny --size 64 --batch 16 --lr 5e-4 --lr-decay cosine --ema 0.999 --steps 3000"),
     ("teacher", "--stage teacher --preset tiny --size {size} --batch 8 --lr 5e-4 --lr-decay cosine --ema 0.999 "
-                f"--steps 5000 --caption-dropout 0.2 --neg-prob 0.1 --time-shift 3 {_PAIRS}"),
+                f"--steps 5000 --caption-dropout 0.2 --neg-prob 0.1 --time-shift 3 --prediction x {_PAIRS}"),
     ("cfg", ""),
     ("student", "--stage distill --preset tiny --size {size} --batch 8 --lr 1e-4 --steps 1200 --warmup 200 --ema 0.99 "
                 "--lora-rank 64 --target neg --cfg-w {w} --ratio 0.5 --loss pseudo_huber "
