@@ -45,6 +45,12 @@ def _predicts_x(net):
     return getattr(getattr(net, "cfg", None), "prediction", "v") == "x"
 
 
+def error_scale(net, t):
+    """mfd_loss's scale for `net`: 1 - t (clamped as the adapters clamp it) for an x-predicting
+    network, whose errors are then measured in x; None (u itself) for a velocity network."""
+    return (1 - t).clamp_min(X_PRED_MIN_SIGMA) if _predicts_x(net) else None
+
+
 def _bc(t, z):
     """(B,) -> (B, 1, ..., 1), to broadcast over z."""
     return t.view(-1, *[1] * (z.dim() - 1))
@@ -249,8 +255,13 @@ def adaptive_l2(a, b, p=1.0, c=1e-3):
 LOSSES = {"pseudo_huber": pseudo_huber, "l2": squared_l2, "adaptive": adaptive_l2}
 
 
-def mfd_loss(u_fn, z_t, t, s, v, cond=None, mode="split", loss="pseudo_huber", u_fn_jvp=None):
+def mfd_loss(u_fn, z_t, t, s, v, cond=None, mode="split", loss="pseudo_huber", u_fn_jvp=None, scale=None):
     """One MeanFlow-distillation loss (Alg. 1): target by JVP, NaN guard, the chosen distance.
+
+    scale: an optional (B,) factor the distance measures (u - u_tgt) in. An x-predicting network
+    passes error_scale(t) = 1 - t: (1 - t)(u - u_tgt) is the error of its own output x, which
+    the identity's fixed point leaves unchanged, while u-space would weight the rows near the
+    data end by up to 1 / X_PRED_MIN_SIGMA^2 and let them drown the rest.
 
     Returns a dict: loss (None when the step must be skipped), per_sample, n_nonfinite, and
     jvp_term = max over rows of ||u_tgt - v|| / ||v||, the size of the (s - t) du/dt correction
@@ -261,7 +272,8 @@ def mfd_loss(u_fn, z_t, t, s, v, cond=None, mode="split", loss="pseudo_huber", u
     bad = int((~torch.isfinite(u_tgt.flatten(1)).all(1)).sum())
     if bad:
         return {"loss": None, "per_sample": None, "n_nonfinite": bad, "jvp_term": float("nan")}
-    mean, per = LOSSES[loss](u, u_tgt)
+    k = 1 if scale is None else _bc(scale.to(u_tgt), u_tgt)
+    mean, per = LOSSES[loss](u * k, u_tgt * k)
     v = v.to(u_tgt)
     term = (u_tgt - v).flatten(1).norm(dim=1) / v.flatten(1).norm(dim=1).clamp_min(1e-12)
     return {"loss": mean, "per_sample": per.detach(), "n_nonfinite": 0, "jvp_term": float(term.max())}

@@ -823,6 +823,26 @@ def test_identity_holds_through_the_adapter_for_both_predictions(monkeypatch, pr
     assert err <= 1e-9 if bug is None else err > 1e-2
 
 
+def test_an_x_network_is_trained_on_the_error_of_its_own_output():
+    """mfd_loss's scale: for an x-predicting network the distance is taken between (1 - t) u and
+    (1 - t) u_tgt (the x it outputs against the x the target implies), clamped as the adapter clamps;
+    a v network keeps the paper's u-space distance."""
+    g = torch.Generator().manual_seed(7)
+    t = torch.tensor([0.0, 0.5, 0.97, 1.0], dtype=torch.float64)
+    assert mfsr.error_scale(_ClosedFormNet("v"), t) is None
+    assert torch.equal(mfsr.error_scale(_ClosedFormNet("x"), t), torch.tensor([1.0, 0.5, 0.05, 0.05], dtype=torch.float64))
+    _, u_fn = _mlp_u()
+    z, v = torch.randn(16, 2, generator=g, dtype=torch.float64), torch.randn(16, 2, generator=g, dtype=torch.float64)
+    t, s = (x.double() for x in mfsr.sample_times(16, ratio=0.5, generator=g))
+    u, u_tgt = mfsr.meanflow_target(u_fn, z, t, s, v)
+    k = (1 - t).clamp_min(mfsr.X_PRED_MIN_SIGMA)
+    for loss in mfsr.LOSSES:
+        got = mfsr.mfd_loss(u_fn, z, t, s, v, loss=loss, scale=k)["loss"]
+        want = mfsr.LOSSES[loss](k[:, None] * u, k[:, None] * u_tgt)[0]
+        assert torch.allclose(got, want, rtol=1e-12)
+        assert not torch.allclose(got, mfsr.mfd_loss(u_fn, z, t, s, v, loss=loss)["loss"], rtol=1e-3)
+
+
 def _mlp_u(seed=0, width=32, dtype=torch.float64):
     torch.manual_seed(seed)
     net = torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.SiLU(), torch.nn.Linear(width, width),

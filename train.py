@@ -346,7 +346,7 @@ def distill_loss(student, raw_student, teacher, z_hr, z_lr, context, pooled, nul
     if cfg.target == "meanflow" and drop.any():    # Eq. 9 guides conditioned rows; dropped ones learn v itself
         v = torch.where(drop.view(-1, 1, 1, 1), (z_hr - eps).float(), v)
     res = mfsr.mfd_loss(mfsr.average_velocity(student), z_t, t, s, v, cond=c, mode=cfg.mode, loss=cfg.loss,
-                        u_fn_jvp=mfsr.average_velocity(raw_student))
+                        u_fn_jvp=mfsr.average_velocity(raw_student), scale=mfsr.error_scale(raw_student, t))
     if log is not None:
         log["jvp_term"] = max(log.get("jvp_term", 0.0), res["jvp_term"])
     return res["loss"], res["n_nonfinite"]
