@@ -310,20 +310,6 @@ def load_condition(net_cfg, emb=None, ckpt=None, beside=("prompt", "null")):
     return (pooled.reshape(1, -1), context[None]), where
 
 
-def encode_condition(net_cfg, args, device=torch.device("cpu")):
-    """(cond, cond_neg, description) from prompt text through the SD3.5 text encoders (text.py), run
-    once in --dtype on the device and then dropped; T5 length 256 as DiT4SR's inference."""
-    import text
-    enc = text.load_text_encoders(args.encoders, args.tokenizers, DTYPES[args.dtype]).to(device)
-    prompt = args.prompt or ""
-    negative = text.negative_prompt("mfsr" if args.negative_prompt is None else args.negative_prompt)
-    context, pooled = text.encode_prompts([prompt, negative], enc, t5_len=256)
-    if context.shape[-1] != net_cfg.context_dim or pooled.shape[-1] != net_cfg.pooled_dim:
-        raise CheckpointError(f"{args.encoders}: the encoders give context {context.shape[-1]} / pooled "
-                              f"{pooled.shape[-1]}, the model takes {net_cfg.context_dim} / {net_cfg.pooled_dim}")
-    return (pooled[:1], context[:1]), (pooled[1:], context[1:]), f"{prompt!r} (text encoders {args.encoders})"
-
-
 # --------------------------------------------------------------------------------------------
 # The program
 
@@ -419,7 +405,7 @@ def _shipped_sampling():
 def parse_args(argv=None):
     rec = _shipped_sampling()
     shipped = lambda k: f"; the shipped model records {rec[k]:g}" if k in rec else ""   # noqa: E731
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("inputs", nargs="+", help="image files, folders, globs")
     p.add_argument("-o", "--output", default=None, help="output folder (default: beside each input)")
     p.add_argument("--suffix", default="_mfsr", help="added to the file name (default _mfsr)")
@@ -428,15 +414,9 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", default=None, help="student.safetensors from train.py (default: the shipped model)")
     p.add_argument("--teacher", action="store_true", help="--ckpt is a one-time teacher: Euler with CFG")
     p.add_argument("--vae", default=None, help="VAE file/folder or SD3.5 checkpoint (default: beside/inside --ckpt)")
-    p.add_argument("--emb", default=None, help="prompt embedding file (context, pooled); default: the "
-                   "prompt.safetensors / null.safetensors stored beside the model")
-    p.add_argument("--prompt", default=None, help="prompt text (needs --encoders)")
-    p.add_argument("--prompt-file", default=None, help="read the prompt text from this UTF-8 file (needs --encoders)")
-    p.add_argument("--negative-prompt", default=None, help="the teacher's CFG negative (needs --encoders): a name, "
-                   "mfsr (MFSR's footnote 1, the default) or dit4sr, or the text itself")
-    p.add_argument("--encoders", default=None, help="SD3.5 text encoders (text.py: a diffusers pipeline folder, "
-                   "SD3.5's text_encoders/ or a single file bundling them)")
-    p.add_argument("--tokenizers", default=None, help="tokenizer folder, if not beside --encoders")
+    p.add_argument("--emb", default=None, help="prompt embedding file (context, pooled), e.g. from "
+                   "`python tools/text.py --prompt TEXT --out FILE`; default: the prompt.safetensors / "
+                   "null.safetensors stored beside the model")
     p.add_argument("--neg-emb", default=None, help="negative prompt embedding for the teacher's CFG")
     p.add_argument("--steps", type=int, default=None, help="student 1..8 (default 1); teacher default 40")
     p.add_argument("--cfg-scale", "--cfg", dest="cfg", type=float, default=None,
@@ -461,20 +441,6 @@ def parse_args(argv=None):
         p.error(f"--steps {a.steps}: at least 1")
     if a.shift is not None and not a.shift > 0:
         p.error(f"--shift {a.shift}: must be > 0 (1 is none)")
-    if a.prompt_file is not None:
-        if a.prompt is not None:
-            p.error("give --prompt or --prompt-file, not both")
-        try:
-            with open(a.prompt_file, encoding="utf-8") as f:
-                a.prompt = f.read().strip()
-        except (OSError, UnicodeDecodeError) as e:
-            why = getattr(e, "strerror", None) or e
-            p.error(f"--prompt-file {a.prompt_file}: cannot read it as UTF-8 text ({why})")
-    if (a.prompt is not None or a.negative_prompt is not None) and not a.encoders:
-        p.error("--prompt / --prompt-file / --negative-prompt need --encoders "
-                "(or precompute an embedding with text.py and pass --emb)")
-    if a.encoders and a.emb:
-        p.error("give --emb or --encoders (with --prompt), not both")
     if a.ext != "auto" and "." + a.ext.lstrip(".").lower() not in EXTS:
         p.error(f"--ext {a.ext}: choose from auto, {', '.join(e[1:] for e in EXTS)}")
     return a
@@ -536,11 +502,8 @@ def run(args, written):
         return 1
     try:
         net, vae = load_models(args.ckpt, args.vae, args.teacher, device, DTYPES[args.dtype])
-        if args.encoders:
-            cond, cond_neg, where = encode_condition(net.cfg, args, device)
-        else:
-            cond, where = load_condition(net.cfg, args.emb, args.ckpt)
-            cond_neg = load_condition(net.cfg, args.neg_emb, args.ckpt, ("neg", "null"))[0] if args.teacher else None
+        cond, where = load_condition(net.cfg, args.emb, args.ckpt)
+        cond_neg = load_condition(net.cfg, args.neg_emb, args.ckpt, ("neg", "null"))[0] if args.teacher else None
         note = apply_sampling_settings(args, net)
         if note:
             print(f"note: {note}", file=sys.stderr)

@@ -2560,7 +2560,6 @@ def test_negative_prompt_is_the_papers_by_default_and_dit4sr_by_name():
     assert text.negative_prompt("dit4sr").startswith("motion blur, noisy, dotted, bokeh") and \
         text.negative_prompt("dit4sr").endswith("deformed, lowres, chaotic")
     assert text.negative_prompt("grainy, dark") == "grainy, dark"                     # any other text as it is
-    assert train.parse_args(["--data", "d", "--out", "/x/o"]).negative_prompt == "mfsr"
 
 
 @pytest.mark.parametrize("target", ["meanflow", "neg"])
@@ -3433,13 +3432,20 @@ def test_text_precompute_command(_txt_pipeline, tmp_path):
         text.main(["--data", str(data), "--encoders", root])
 
 
-def test_prompt_flags_need_the_text_encoders_and_captions_without_embeddings_warn(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        sample.parse_args(["in.png", "--prompt", "a cat"])
-    assert "--prompt / --prompt-file / --negative-prompt need --encoders" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        train.parse_args(["--data", "d", "--prompt", "a cat"])
-    assert "--prompt needs --encoders" in capsys.readouterr().err
+def test_prompt_text_is_a_tools_step_and_captions_without_embeddings_warn(tmp_path, capsys):
+    """Prompt text is encoded by tools/text.py, never by train.py or sample.py (no card file imports the
+    text encoders): their --prompt flags are gone, and captions left unencoded are reported."""
+    for parse, argv in ((sample.parse_args, ["in.png", "--prompt", "a cat"]),
+                        (train.parse_args, ["--data", "d", "--prompt", "a cat"])):
+        with pytest.raises(SystemExit):
+            parse(argv)
+        assert "unrecognized arguments: --prompt" in capsys.readouterr().err
+    for argv, msg in ((["--prompt", "a cat", "--encoders", "e"], "--prompt needs --out"),
+                      (["--encoders", "e"], "give --data"),
+                      (["--data", "d", "--prompt", "x", "--out", "o", "--encoders", "e"], "give --data")):
+        with pytest.raises(SystemExit):
+            text.main(argv)
+        assert msg in capsys.readouterr().err
     data = _images(tmp_path / "data", n=2)
     (tmp_path / "data" / "img0.txt").write_text("a photo")
     train.main(_TINY + ["--data", data, "--steps", "1", "--lora-rank", "4", "--out", str(tmp_path / "o")])
@@ -3586,7 +3592,7 @@ def test_miniature_pipeline_runs_end_to_end_at_a_hundredth_of_the_steps(tmp_path
                       for d in (_SHIP, _EXAMPLES) for p in sorted(d.iterdir()) if p.is_file()}
     before = digest()
     runs = tmp_path / "runs"
-    done = subprocess.run([sys.executable, "miniature.py", "--scale", "0.01", "--runs", str(runs), "--workers", "0"],
+    done = subprocess.run([sys.executable, "experiments/miniature.py", "--scale", "0.01", "--runs", str(runs), "--workers", "0"],
                           cwd=repo, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     assert digest() == before
@@ -3678,14 +3684,14 @@ def test_ablation_flags_replace_the_base_rows_settings_or_are_added():
         train.parse_args(["--data", "x", "--stage", "distill"] + flags.split())
     # sweeps.py runs exactly one of its sweeps: without one (or with two) argparse says so, nothing runs
     for argv in ([], ["--ablations", "--size-scan"]):
-        done = subprocess.run([sys.executable, "sweeps.py", *argv], cwd=Path(__file__).resolve().parent,
+        done = subprocess.run([sys.executable, "experiments/sweeps.py", *argv], cwd=Path(__file__).resolve().parent,
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and "--ablations" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_sample_prompt_and_prompt_file_through_the_text_encoders(_txt_pipeline, tmp_path, capsys):
-    """sample.py --encoders with --prompt or --prompt-file: the same text gives the same image, another
-    text another image; unreadable prompt files and a conflicting pair of flags are refused."""
+    """tools/text.py --prompt / --prompt-file --out, then sample.py --emb: the same text gives the same
+    image, another text another image; unreadable prompt files and a conflicting pair of flags are refused."""
     root, _, _ = _txt_pipeline
     torch.manual_seed(0)
     cfg = replace(model.CONFIGS["tiny"], context_dim=224, pooled_dim=64)   # the fixture encoders' widths
@@ -3696,15 +3702,17 @@ def test_sample_prompt_and_prompt_file_through_the_text_encoders(_txt_pipeline, 
     Image.fromarray(_smp_u8(16, 16, 3)).save(tmp_path / "in.png")
     (tmp_path / "fox.txt").write_text("a red fox in snow\n", encoding="utf-8")
     (tmp_path / "cat.txt").write_text("a grey cat", encoding="utf-8")
-    common = [str(tmp_path / "in.png"), "--ckpt", str(tmp_path / "student.safetensors"), "--encoders", root]
+    common = [str(tmp_path / "in.png"), "--ckpt", str(tmp_path / "student.safetensors")]
 
     def run(name, *flags):
-        assert sample.main(common + ["-o", str(tmp_path / name), *flags]) == 0
+        emb = str(tmp_path / name / "prompt.safetensors")
+        text.main(["--encoders", root, "--out", emb, *flags])
+        assert sample.main(common + ["-o", str(tmp_path / name), "--emb", emb]) == 0
         return _png(tmp_path / name / "in_mfsr.png")
 
     fox_file, fox_text = run("a", "--prompt-file", str(tmp_path / "fox.txt")), run("b", "--prompt", "a red fox in snow")
     cat = run("c", "--prompt-file", str(tmp_path / "cat.txt"))
-    assert "'a red fox in snow' (text encoders" in capsys.readouterr().out
+    assert f"prompt: {tmp_path / 'c' / 'prompt.safetensors'}" in capsys.readouterr().out
     assert torch.equal(fox_file, fox_text) and fox_file.shape == (1, 3, 64, 64)
     assert (fox_file - cat).abs().max() > 1e-3
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
@@ -3712,5 +3720,5 @@ def test_sample_prompt_and_prompt_file_through_the_text_encoders(_txt_pipeline, 
                        (["--prompt-file", str(tmp_path / "absent.txt")], "absent.txt: cannot read it"),
                        (["--prompt-file", str(tmp_path / "fox.txt"), "--prompt", "x"], "not both")):
         with pytest.raises(SystemExit):
-            sample.parse_args(common + flags)
+            text.main(["--encoders", root, "--out", str(tmp_path / "x.safetensors"), *flags])
         assert msg in capsys.readouterr().err

@@ -58,9 +58,6 @@ class TrainConfig:
     null_emb: str = ""              # safetensors with context / pooled of the empty prompt
     neg_emb: str = ""               # ... of the negative prompt (Eq. 11)
     prompt_emb: str = ""            # ... for images without their own embedding file (else the null)
-    encoders: str = ""              # SD3.5 text encoders (text.py): null / negative / --prompt from text
-    prompt: str = ""                # with --encoders: the prompt of images without an embedding file
-    negative_prompt: str = "mfsr"   # with --encoders: Eq. 11's c_neg, a text.NEGATIVE_PROMPTS name or the text
     neg_prob: float = 0.0           # teacher stage: share of rows taught "negative prompt -> the LR latent"
     clean_prob: float = 0.0         # share of pairs whose LR is the plain bicubic x4 (degrade.bicubic_down)
     plain_gt: bool = False          # supervise with the HR crop itself, not Real-ESRGAN's USM-sharpened one
@@ -213,14 +210,6 @@ def conditioning(cfg, mcfg):
     if mcfg is None:   # the vae stage: no conditioning
         return ((torch.zeros(1, 1), torch.zeros(1)),) * 3
     zeros = (torch.zeros(1, mcfg.context_dim), torch.zeros(mcfg.pooled_dim))
-    if cfg.encoders:   # the empty prompt, DiT4SR's negative prompt and --prompt through the encoders
-        import text
-        context, pooled = text.encode_prompts(["", text.negative_prompt(cfg.negative_prompt), cfg.prompt],
-                                              text.load_text_encoders(cfg.encoders), t5_len=77)
-        if context.shape[-1] != mcfg.context_dim or pooled.shape[-1] != mcfg.pooled_dim:
-            raise CheckpointError(f"{cfg.encoders}: the encoders give context {context.shape[-1]} / pooled "
-                                  f"{pooled.shape[-1]}, the model takes {mcfg.context_dim} / {mcfg.pooled_dim}")
-        return tuple((context[i], pooled[i]) for i in range(3))
     null = load_embedding(cfg.null_emb, zeros) if cfg.null_emb else zeros
     if cfg.neg_emb:
         neg = load_embedding(cfg.neg_emb, null)
@@ -579,8 +568,7 @@ CHOICES = dict(stage=("distill", "teacher", "vae"), preset=("full", "tiny"), tar
                loss=tuple(mfsr.LOSSES), mode=("split", "fused"), dtype=("bf16", "fp16", "fp32"),
                teacher_mode=("v1", "r1"), lr_decay=("none", "cosine"), prediction=("v", "x"))
 FLAG_GROUPS = {   # --help's sections, each flag in one
-    "data": ("data", "size", "cache_latents", "clean_prob", "plain_gt", "null_emb", "neg_emb", "prompt_emb",
-             "encoders", "prompt", "negative_prompt"),
+    "data": ("data", "size", "cache_latents", "clean_prob", "plain_gt", "null_emb", "neg_emb", "prompt_emb"),
     "model": ("preset", "ckpt", "teacher", "teacher_mode", "vae", "untrained_vae", "depth", "heads", "prediction",
               "lora_rank", "time_scale"),
     "stage": ("stage", "target", "cfg_w", "kappa", "cond_drop", "ratio", "warmup", "loss", "time_shift", "neg_prob",
@@ -608,7 +596,7 @@ def field_help():
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                 epilog="Every flag is a field of train.TrainConfig; the resolved config is "
                                        "printed and stored in every checkpoint.")
     helps, defaults = field_help(), {f.name: f for f in fields(TrainConfig)}
@@ -631,10 +619,6 @@ def parse_args(argv=None):
         p.error("--data is required (a folder of HR images)")
     if cfg.size == 0:
         cfg.size = 64 if cfg.preset == "tiny" else 512
-    if cfg.prompt and not cfg.encoders:
-        p.error("--prompt needs --encoders (or an embedding file: python text.py ..., then --prompt-emb)")
-    if cfg.encoders and (cfg.null_emb or cfg.neg_emb or cfg.prompt_emb):
-        p.error("give --encoders or the embedding files (--null-emb / --neg-emb / --prompt-emb), not both")
     if cfg.cache_latents and cfg.stage == "vae":
         p.error("--cache-latents is for the teacher and distill stages")
     if not cfg.time_shift > 0:
@@ -685,7 +669,7 @@ def training_images(cfg, rank):
                and not os.path.exists(os.path.splitext(q)[0] + ".safetensors")]
     if uncoded and rank == 0:
         print(f"warning: {len(uncoded)} captions (e.g. {os.path.splitext(uncoded[0])[0]}.txt) have no embedding "
-              f"file; they train with the default prompt. Encode them first: python text.py --data DIR --encoders ...")
+              f"file; they train with the default prompt. Encode them first: python tools/text.py --data DIR --encoders ...")
     return paths, skipped
 
 

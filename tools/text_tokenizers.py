@@ -12,6 +12,7 @@ import base64
 import json
 import math
 import os
+import sys
 import re
 import struct
 import unicodedata
@@ -19,6 +20,8 @@ from functools import lru_cache
 from itertools import pairwise
 
 import torch
+
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the core files at the root
 
 from checkpoint import CheckpointError
 

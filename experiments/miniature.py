@@ -59,6 +59,8 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the core files at the root
+
 import layouts
 import metrics
 import mfsr

@@ -4,7 +4,8 @@ text_tokenizers.py), and `encode_prompts`, which builds (context, pooled) as the
     from text import load_text_encoders, encode_prompts
     enc = load_text_encoders("stable-diffusion-3.5-medium")   # diffusers folder or SD3.5 repo root
     context, pooled = encode_prompts(["a cat"], enc)          # (1, 77 + 77, 4096), (1, 2048)
-    python text.py --data DIR --encoders PATH [--t5-len 77]   # precompute embeddings for train.py
+    python tools/text.py --data DIR --encoders PATH            # embeddings beside each image, for train.py
+    python tools/text.py --prompt TEXT --out p.safetensors --encoders PATH   # one prompt, for sample.py --emb
 
 MFSR (and DiT4SR, whose teacher it distils) condition the transformer on a prompt c; the teacher's
 CFG uses a negative prompt c_neg (Eq. 11). The embeddings follow ../shared/reference/ARCHITECTURE.md
@@ -34,6 +35,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the core files at the root
 
 from checkpoint import CheckpointError, SafetensorsFiles, atomic_save, check_keys
 from images import EXTS as IMAGE_EXTS
@@ -528,14 +531,30 @@ def precompute(data, encoders, t5_len=77, batch=8, suffix="", negative=NEGATIVE_
     print(f"wrote {os.path.join(data, 'null.safetensors')} and {os.path.join(data, 'neg.safetensors')}")
 
 
+def write_prompts(out, encoders, prompt, negative, t5_len=256, dtype=torch.float32):
+    """One prompt's embedding to `out` and the negative prompt's to neg.safetensors beside it, for
+    sample.py --emb / --neg-emb (T5 length 256 as DiT4SR's inference)."""
+    context, pooled = encode_prompts([prompt, negative], encoders, t5_len)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    save_embedding(out, context[0], pooled[0], prompt, dtype)
+    neg = os.path.join(os.path.dirname(out) or ".", "neg.safetensors")
+    save_embedding(neg, context[1], pooled[1], negative, dtype)
+    print(f"wrote {out} ({prompt!r}) and {neg}")
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Precompute SD3.5 prompt embeddings beside each image from its caption.")
-    ap.add_argument("--data", required=True, help="folder of images with name.txt captions (missing: empty prompt)")
+    ap = argparse.ArgumentParser(description="Precompute SD3.5 prompt embeddings: beside each image of --data from "
+                                             "its caption (for train.py), or one --prompt to --out (for sample.py).")
+    ap.add_argument("--data", default=None, help="folder of images with name.txt captions (missing: empty prompt)")
+    ap.add_argument("--prompt", default=None, help="one prompt's text, written to --out")
+    ap.add_argument("--prompt-file", default=None, help="read --prompt from this UTF-8 file")
+    ap.add_argument("--out", default=None, help="with --prompt: the embedding file (neg.safetensors goes beside it)")
     ap.add_argument("--encoders", required=True, help="diffusers SD3.5 folder, SD3.5 text_encoders/ folder or "
                                                        "repository root, or a single file bundling text_encoders.*")
     ap.add_argument("--tokenizers", default="", help="folder with tokenizer/, tokenizer_2/, tokenizer_3/ "
                                                      "(default: --encoders)")
-    ap.add_argument("--t5-len", type=int, default=77, help="T5 tokens: 77 for training, 256 at inference (DiT4SR)")
+    ap.add_argument("--t5-len", type=int, default=None, help="T5 tokens: 77 for training (--data's default), 256 "
+                                                              "at inference (--prompt's default, DiT4SR)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--suffix", default="", help=f"appended to non-empty captions (DiT4SR inference: {POSITIVE_SUFFIX!r})")
     ap.add_argument("--negative", default="mfsr", help="the negative prompt written to neg.safetensors: a name "
@@ -545,14 +564,28 @@ def main(argv=None):
                     choices=["float32", "bfloat16", "float16"], help="encoder precision")
     ap.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     a = ap.parse_args(argv)
-    if not os.path.isdir(a.data):
+    if a.prompt_file is not None:
+        if a.prompt is not None:
+            ap.error("give --prompt or --prompt-file, not both")
+        try:
+            with open(a.prompt_file, encoding="utf-8") as f:
+                a.prompt = f.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            ap.error(f"--prompt-file {a.prompt_file}: cannot read it as UTF-8 text ({getattr(e, 'strerror', None) or e})")
+    if (a.data is None) == (a.prompt is None):
+        ap.error("give --data (captions beside images) or --prompt / --prompt-file with --out")
+    if a.prompt is not None and not a.out:
+        ap.error("--prompt needs --out, the embedding file to write")
+    if a.data is not None and not os.path.isdir(a.data):
         raise SystemExit(f"error: --data {a.data}: not a folder")
     try:
         enc = load_text_encoders(a.encoders, a.tokenizers or None, getattr(torch, a.dtype))
     except (CheckpointError, ValueError) as e:
         raise SystemExit(f"error: --encoders {a.encoders}: {e}") from None
-    precompute(a.data, enc.to(a.device), a.t5_len, a.batch, a.suffix, negative_prompt(a.negative),
-               getattr(torch, a.save_dtype))
+    dtype = getattr(torch, a.save_dtype)
+    if a.prompt is not None:
+        return write_prompts(a.out, enc.to(a.device), a.prompt, negative_prompt(a.negative), a.t5_len or 256, dtype)
+    precompute(a.data, enc.to(a.device), a.t5_len or 77, a.batch, a.suffix, negative_prompt(a.negative), dtype)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import time
 import numpy as np
 import torch
 
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the core files at the root
+
 import layouts
 import pairs
 import sample
