@@ -30,8 +30,6 @@ import math
 import torch
 import torch.autograd.forward_ad as fwAD
 
-import fastjvp
-import model as _model
 
 # --------------------------------------------------------------------------------------------
 # Adapters from the SD3-convention networks of model.py to the paper's v and u
@@ -86,12 +84,6 @@ def average_velocity(net):
     def u(z, t, s, c):
         return _as_velocity(net, net(z, 1 - t, c[1], c[2], lr=c[0], sigma_s=1 - s), z, t, c[0])
     return u
-
-
-def student_from_teacher(teacher, lora_rank=64, lora_alpha=None, time_scale=1.0):
-    """Alg. 1 lines 1-2: copy the teacher, add the s-embedder and LoRA, set the trainable set.
-    time_scale = 1 is §4.4's c_noise(t) = t (the teacher's 1000 would make du/dt 1000x larger)."""
-    return _model.make_student(teacher, time_scale=time_scale, lora_rank=lora_rank, lora_alpha=lora_alpha)
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,7 +151,7 @@ def _two_conditions(fn, z, t, c1, c2):
 
 def jvp(f, primals, tangents):
     """(f(*primals), the derivative of f along tangents): one forward-mode pass with dual tensors
-    (torch.autograd.forward_ad), like torch.func.jvp but letting model.py's layers apply their own
+    (torch.autograd.forward_ad), like torch.func.jvp but letting a network's layers apply their own
     cheaper tangent rules (fastjvp.py); autograd still records the primal for backward."""
     with fwAD.dual_level():
         out = f(*(fwAD.make_dual(p, t) for p, t in zip(primals, tangents)))
@@ -177,8 +169,8 @@ def meanflow_target(u_fn, z_t, t, s, v, cond=None, mode="split", u_fn_jvp=None):
     mode "split": the JVP without gradients gives the target, an ordinary forward with
       gradients (fused attention, checkpointing, DDP all fine) gives u. Memory of a plain step.
     mode "fused": one grad-enabled JVP whose primal output is trained; fewer FLOPs but eager
-      autograd records the tangent's linear ops too (the attention's tangent is not recorded:
-      fastjvp.detached_tangents). The tangent is detached: without that a second-order term
+      autograd records the tangent's ops too (train.py runs it inside fastjvp.detached_tangents,
+      which skips recording them). The tangent is detached: without that a second-order term
       silently enters the gradient.
     The target is fp32 (fp64 for fp64 inputs) whatever the network's precision.
     u_fn_jvp: the same network for the split mode's JVP pass when u_fn cannot be differentiated
@@ -213,8 +205,7 @@ def meanflow_target(u_fn, z_t, t, s, v, cond=None, mode="split", u_fn_jvp=None):
         return u_on(slice(None)), u_tgt.detach()                                 # stopgrad of Eq. (12)
     u = torch.zeros_like(z_t, dtype=acc)                    # fused: the JVP's primal output is trained
     if len(neq):
-        with fastjvp.detached_tangents():                   # dudt is detached below
-            u_neq, dudt = jvp(u_of, primals, tangents)
+        u_neq, dudt = jvp(u_of, primals, tangents)          # dudt is detached below
         u = u.index_put((neq,), u_neq.to(u.dtype))
         u_tgt[neq] += gap * dudt.detach().to(acc)                                # Eq. (12)
     if len(same):

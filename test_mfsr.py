@@ -1049,7 +1049,7 @@ def test_toy_teacher_target_beats_gt_target_and_two_steps_beat_one():
 def _tiny_pair(dtype=torch.float64):
     torch.manual_seed(0)
     teacher = _randomize(MMDiT(CONFIGS["tiny"])).to(dtype).eval()
-    student = mfsr.student_from_teacher(teacher, lora_rank=4)
+    student = model.make_student(teacher, lora_rank=4)
     with torch.no_grad():
         for name, p in student.named_parameters():
             if "lora_up" in name or name.startswith("s_embedder.mlp.2"):
@@ -1093,7 +1093,7 @@ def test_x_prediction_untrained_samples_the_lr_latent_in_one_step():
     the student's one step both land on z_LR exactly, and its teacher loss sees x = z_LR."""
     torch.manual_seed(0)
     teacher = MMDiT(replace(CONFIGS["tiny"], prediction="x")).eval()
-    student = mfsr.student_from_teacher(teacher, lora_rank=4)
+    student = model.make_student(teacher, lora_rank=4)
     assert student.cfg.prediction == "x"
     g = torch.Generator().manual_seed(0)
     z_lr = torch.randn(2, 16, 8, 6, generator=g)
@@ -2540,7 +2540,7 @@ def test_distill_warmup_steps_have_every_row_at_s_equal_t(monkeypatch):
                             "--ratio", "0.5", "--target", "gt"])
     torch.manual_seed(0)
     teacher = MMDiT(CONFIGS["tiny"]).eval()
-    student = mfsr.student_from_teacher(teacher, lora_rank=4)
+    student = model.make_student(teacher, lora_rank=4)
     z = torch.randn(2, 16, 8, 8)
     ctx, pooled = torch.randn(2, 4, 64), torch.randn(2, 32)
     null = (torch.zeros(1, 64), torch.zeros(32))
@@ -2575,7 +2575,7 @@ def test_distill_cond_drop_trains_the_null_branch_unguided(monkeypatch, target):
                             "--cond-drop", "1", "--kappa", "0.5", "--cfg-w", "2"])
     torch.manual_seed(0)
     teacher = MMDiT(CONFIGS["tiny"]).eval()
-    student = mfsr.student_from_teacher(teacher, lora_rank=4)
+    student = model.make_student(teacher, lora_rank=4)
     g = torch.Generator().manual_seed(1)
     z_hr, z_lr = torch.randn(3, 16, 8, 8, generator=g), torch.randn(3, 16, 8, 8, generator=g)
     ctx, pooled = torch.randn(3, 4, 64, generator=g), torch.randn(3, 32, generator=g)
@@ -2630,7 +2630,7 @@ def _smp_models(tmp_path_factory):
     d = tmp_path_factory.mktemp("smp_models")
     torch.manual_seed(0)
     teacher = model.MMDiT(model.CONFIGS["tiny"])
-    student = mfsr.student_from_teacher(teacher, lora_rank=4)
+    student = model.make_student(teacher, lora_rank=4)
     with torch.no_grad():                       # make the s-embedder and LoRA matter
         for name, p in student.named_parameters():
             if "s_embedder" in name or "lora" in name:
@@ -3695,7 +3695,7 @@ def test_sample_prompt_and_prompt_file_through_the_text_encoders(_txt_pipeline, 
     root, _, _ = _txt_pipeline
     torch.manual_seed(0)
     cfg = replace(model.CONFIGS["tiny"], context_dim=224, pooled_dim=64)   # the fixture encoders' widths
-    student = mfsr.student_from_teacher(model.MMDiT(cfg), lora_rank=4)
+    student = model.make_student(model.MMDiT(cfg), lora_rank=4)
     model.merge_lora(student)
     layouts.save_transformer(student, str(tmp_path / "student.safetensors"))
     V.save_vae(V.VAE(V.CONFIGS["tiny"]), str(tmp_path / "vae.safetensors"))

@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
+import fastjvp
 import layouts
 import mfsr
 import model
@@ -193,7 +194,7 @@ def build_models(cfg, device):
     if not teacher.cfg.lr_stream or teacher.cfg.two_times:
         raise SystemExit(f"error: --teacher {cfg.teacher}: needs a one-time model with the LR stream")
     teacher = teacher.to(device).eval()
-    student = mfsr.student_from_teacher(teacher, lora_rank=cfg.lora_rank, time_scale=cfg.time_scale)
+    student = model.make_student(teacher, lora_rank=cfg.lora_rank, time_scale=cfg.time_scale)
     teacher.requires_grad_(False)
     return student, teacher, vae
 
@@ -334,8 +335,9 @@ def distill_loss(student, raw_student, teacher, z_hr, z_lr, context, pooled, nul
                               cond_null=expand(null), w=cfg.cfg_w, kappa=cfg.kappa).float()   # the JVP tangent: fp32
     if cfg.target == "meanflow" and drop.any():    # Eq. 9 guides conditioned rows; dropped ones learn v itself
         v = torch.where(drop.view(-1, 1, 1, 1), (z_hr - eps).float(), v)
-    res = mfsr.mfd_loss(mfsr.average_velocity(student), z_t, t, s, v, cond=c, mode=cfg.mode, loss=cfg.loss,
-                        u_fn_jvp=mfsr.average_velocity(raw_student), scale=mfsr.error_scale(raw_student, t))
+    with fastjvp.detached_tangents():   # the target's du/dt is detached: its tangent rules need no backward
+        res = mfsr.mfd_loss(mfsr.average_velocity(student), z_t, t, s, v, cond=c, mode=cfg.mode, loss=cfg.loss,
+                            u_fn_jvp=mfsr.average_velocity(raw_student), scale=mfsr.error_scale(raw_student, t))
     if log is not None:
         log["jvp_term"] = max(log.get("jvp_term", 0.0), res["jvp_term"])
     return res["loss"], res["n_nonfinite"]

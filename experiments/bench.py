@@ -221,11 +221,12 @@ def bench_model(args):
 
 
 def _mfsr_case(cfg, H, W, B=2, L=16, rank=16):
+    import fastjvp
     import mfsr
     import model
     torch.manual_seed(0)
     teacher = model.MMDiT(cfg)
-    student = mfsr.student_from_teacher(teacher, lora_rank=rank)
+    student = model.make_student(teacher, lora_rank=rank)
     for p in teacher.parameters():
         p.requires_grad_(False)
     z_hr, eps, z_lr = (torch.randn(B, 16, H, W) for _ in range(3))
@@ -240,7 +241,8 @@ def _mfsr_case(cfg, H, W, B=2, L=16, rank=16):
             z = t.view(-1, 1, 1, 1) * z_hr + (1 - t.view(-1, 1, 1, 1)) * eps
             v = mfsr.teacher_velocity("neg", z, t, teacher=v_t, cond=c, cond_neg=c_neg, w=6.0)
             student.zero_grad(set_to_none=True)
-            mfsr.mfd_loss(u, z, t, s, v, cond=c, mode=mode)["loss"].backward()
+            with fastjvp.detached_tangents():                     # as train.py runs it
+                mfsr.mfd_loss(u, z, t, s, v, cond=c, mode=mode)["loss"].backward()
         return step
 
     def plain_student():
@@ -469,7 +471,7 @@ def _train_case(cfg, h, B, compiled):
     trained_teacher.load_state_dict(teacher.state_dict())
     for n, p in trained_teacher.named_parameters():
         p.requires_grad_("control" in n and n not in set(model.dead_lr_params(trained_teacher)))
-    student = mfsr.student_from_teacher(teacher, lora_rank=16)
+    student = model.make_student(teacher, lora_rank=16)
     teacher.requires_grad_(False)
     g = torch.Generator().manual_seed(0)
     z_hr, z_lr = torch.randn(B, 16, h, h, generator=g), torch.randn(B, 16, h, h, generator=g)
