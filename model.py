@@ -1,8 +1,12 @@
 """The SD3.5 MMDiT-X transformer, DiT4SR's LR stream, and the MFSR two-time student.
 
-    from model import CONFIGS, MMDiT
-    net = MMDiT(CONFIGS["tiny"])                                 # or layouts.load_transformer(file)
+    from model import CONFIGS, MMDiT, load_transformer, save_transformer
+    net = MMDiT(CONFIGS["tiny"])                                 # or load_transformer("sd3.5_medium.safetensors")
     v = net(x, sigma, pooled, context, lr=z_lr)                  # SD3 convention: eps - x0
+    save_transformer(net, "out.safetensors")                     # SD3.5 names, config in the metadata
+
+    python model.py CKPT                 # a checkpoint's model (shapes only, nothing loaded)
+    python model.py --config dit4sr      # a preset's config and parameter count
 
 Follows Stability-AI's single-file reference (mmditx.py) for the architecture and the parameter
 names, so `state_dict()` keys are those of the released checkpoints; DiT4SR (Duan et al., ICCV 2025)
@@ -13,14 +17,26 @@ Conventions of this file (the SD3 ones; mfsr.py converts to the paper's t = 1 - 
 x_sigma = (1 - sigma) x0 + sigma eps, sigma = 1 is noise, the network predicts eps - x0 and sees
 the time as `time_scale * sigma` (1000 for SD3.5 and DiT4SR, 1 for the MFSR student).
 Token layout: image tokens X (B, K, D), LR tokens L (B, K, D), text tokens C (B, M, D).
+
+Checkpoints (the end of this file): only safetensors are read (pickled files can run code when
+loaded), memory-mapped, so a full-size model is read tensor by tensor into a module built on the
+meta device. The transformer has two key layouts, SD3.5's single-file names (the ones the modules
+here use) and diffusers' (also DiT4SR's); how a key and its tensor map from one to the other is
+ARCH §2.5, §3.5. Every mismatch is a CheckpointError that names the file and lists what is
+missing, unexpected or misshapen.
 """
+import json
 import math
-from dataclasses import dataclass, replace
+import os
+import re
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from fastjvp import Linear, attention, linear, mlp_band_rows
 
@@ -576,3 +592,349 @@ def make_student(teacher: MMDiT, time_scale: float = 1.0, lora_rank: int = 64,
     add_lora(student, lora_rank, lora_alpha)
     set_trainable(student, teacher_time_scale=teacher.cfg.time_scale, verbose=False)
     return student
+
+
+# --------------------------------------------------------------------------------------------
+# Safetensors files (shared with vae.py and the programs)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: the message names the file and what is wrong."""
+
+
+class SafetensorsFiles:
+    """The tensors of one .safetensors file, a sharded index, or a folder: names, shapes, reads.
+
+    A folder may hold one .safetensors file or an index json; if it has a `subfolder` (e.g.
+    "transformer" or "vae", the diffusers pipeline layout) that is used instead.
+    `prefix`: when some keys start with it, only those are seen, with the prefix removed
+    (an SD3.5 single file holds `model.diffusion_model.*` beside `first_stage_model.*`).
+    """
+
+    def __init__(self, path, subfolder=None, prefix=None):
+        self.path = path
+        self.handles, where, self.metadata = [], {}, {}
+        for f in self._resolve(path, subfolder):
+            try:
+                h = safe_open(f, framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types for corrupt files
+                raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+            self.handles.append(h)
+            self.metadata.update(h.metadata() or {})
+            where.update({k: h for k in h.keys()})
+        self.prefix = prefix if prefix and any(k.startswith(prefix) for k in where) else ""
+        self.where = {k[len(self.prefix):]: h for k, h in where.items() if k.startswith(self.prefix)}
+        self.all_keys = list(where)
+
+    @staticmethod
+    def _resolve(path, subfolder):
+        if not os.path.exists(path):
+            raise CheckpointError(f"{path}: no such file or folder")
+        if os.path.isdir(path):
+            if subfolder and os.path.isdir(os.path.join(path, subfolder)):
+                return SafetensorsFiles._resolve(os.path.join(path, subfolder), None)
+            index = sorted(f for f in os.listdir(path) if f.endswith(".safetensors.index.json"))
+            if index:
+                return SafetensorsFiles._resolve(os.path.join(path, index[0]), None)
+            st = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+            if len(st) != 1:
+                raise CheckpointError(f"{path}: expected one .safetensors file or an index json, "
+                                      f"found {st or 'none'}")
+            return [os.path.join(path, st[0])]
+        if path.endswith(".index.json"):
+            try:
+                with open(path) as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"{path}: not a safetensors index ({e})") from None
+            return [os.path.join(os.path.dirname(path), s) for s in shards]
+        if not path.endswith(".safetensors"):
+            raise CheckpointError(f"{path}: only .safetensors checkpoints are read (pickled .pt/.ckpt/"
+                                  f".bin files can run code when loaded); convert it first")
+        return [path]
+
+    def __contains__(self, key):
+        return key in self.where
+
+    def keys(self):
+        return list(self.where)
+
+    def shape(self, key):
+        return tuple(self.where[key].get_slice(self.prefix + key).get_shape())
+
+    def get(self, key):
+        return self.where[key].get_tensor(self.prefix + key)
+
+    def config(self, name):
+        """A JSON config stored in the metadata by this project's `save_*` functions, or {}."""
+        return json.loads(self.metadata.get(name, "{}"))
+
+
+def check_keys(path, expected, found, what):
+    """expected/found: {key: shape}. Raise a CheckpointError that lists what differs."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    misshapen = [f"{k}: file {tuple(found[k])} vs model {tuple(expected[k])}"
+                 for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
+    if missing or unexpected or misshapen:
+        lines = [f"{path}: checkpoint does not match {what}"]
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)):
+            if items:
+                more = f" ... and {len(items) - 8} more" if len(items) > 8 else ""
+                lines.append(f"  {label} ({len(items)}): " + ", ".join(items[:8]) + more)
+        raise CheckpointError("\n".join(lines))
+
+
+def atomic_save(tensors, path, metadata):
+    """save_file to a temporary name beside `path`, then rename: never a half-written file. The
+    file gets the permissions of any file the user makes (0666 less the umask); safetensors alone
+    writes 0600."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _umask():
+    mask = os.umask(0)      # reading the umask means setting it; set it straight back
+    os.umask(mask)
+    return mask
+
+
+# --------------------------------------------------------------------------------------------
+# The transformer's key layouts, its loader and writer
+
+
+PREFIX = "model.diffusion_model."
+_QKV = lambda a, names: [f"{a}.{n}." for n in names]
+_BLOCK_RULES = [  # (original suffix, diffusers suffix, or 3 suffixes that concatenate into qkv)
+    ("x_block.adaLN_modulation.1.", "norm1.linear."),
+    ("context_block.adaLN_modulation.1.", "norm1_context.linear."),
+    ("x_block.attn.qkv.", _QKV("attn", ("to_q", "to_k", "to_v"))),
+    ("context_block.attn.qkv.", _QKV("attn", ("add_q_proj", "add_k_proj", "add_v_proj"))),
+    ("x_block.attn.ln_q.", "attn.norm_q."), ("x_block.attn.ln_k.", "attn.norm_k."),
+    ("context_block.attn.ln_q.", "attn.norm_added_q."), ("context_block.attn.ln_k.", "attn.norm_added_k."),
+    ("x_block.attn.proj.", "attn.to_out.0."), ("context_block.attn.proj.", "attn.to_add_out."),
+    ("x_block.attn2.qkv.", _QKV("attn2", ("to_q", "to_k", "to_v"))),
+    ("x_block.attn2.ln_q.", "attn2.norm_q."), ("x_block.attn2.ln_k.", "attn2.norm_k."),
+    ("x_block.attn2.proj.", "attn2.to_out.0."),
+    ("x_block.mlp.fc1.", "ff.net.0.proj."), ("x_block.mlp.fc2.", "ff.net.2."),
+    ("context_block.mlp.fc1.", "ff_context.net.0.proj."), ("context_block.mlp.fc2.", "ff_context.net.2."),
+    ("x_block.mlp.control_conv.", "ff.control_conv."),
+] + [(f"x_block.{a}.{n}_control.", f"{a}.to_{n}_control.")
+     for a in ("attn", "attn2") for n in ("q", "k", "v", "out")]
+_GLOBAL_RULES = [
+    ("pos_embed", "pos_embed.pos_embed"),
+    ("x_embedder.proj.", "pos_embed.proj."),
+    ("t_embedder.mlp.0.", "time_text_embed.timestep_embedder.linear_1."),
+    ("t_embedder.mlp.2.", "time_text_embed.timestep_embedder.linear_2."),
+    ("s_embedder.mlp.0.", "time_text_embed.s_embedder.linear_1."),   # MFSR student (ours)
+    ("s_embedder.mlp.2.", "time_text_embed.s_embedder.linear_2."),
+    ("y_embedder.mlp.0.", "time_text_embed.text_embedder.linear_1."),
+    ("y_embedder.mlp.2.", "time_text_embed.text_embedder.linear_2."),
+    ("context_embedder.", "context_embedder."),
+    ("final_layer.adaLN_modulation.1.", "norm_out.linear."),
+    ("final_layer.linear.", "proj_out."),
+]
+# DiT4SR's attn2 was built with text projections it never uses (ARCH §3.5): 130 tensors, dropped.
+DIT4SR_UNUSED = re.compile(r"transformer_blocks\.\d+\.attn2\.(add_[qkv]_proj|to_add_out|norm_added_[qk])\.")
+
+
+def to_diffusers_name(key, depth):
+    """Original key -> (diffusers keys, how): how is 'copy', 'qkv' (3 row blocks) or 'swap'
+    (halves (shift, scale) <-> (scale, shift): the last context adaLN and the final layer)."""
+    m = re.match(r"joint_blocks\.(\d+)\.(.*)", key)
+    rules, rest, head = (_BLOCK_RULES, m.group(2), f"transformer_blocks.{m.group(1)}.") if m \
+        else (_GLOBAL_RULES, key, "")
+    for orig, diff in rules:
+        if rest.startswith(orig):
+            tail = rest[len(orig):]
+            if isinstance(diff, list):
+                return [head + d + tail for d in diff], "qkv"
+            swap = (key.startswith("final_layer.adaLN") or
+                    (m and int(m.group(1)) == depth - 1 and orig.startswith("context_block.adaLN")))
+            return [head + diff + tail], "swap" if swap else "copy"
+    raise KeyError(f"no diffusers name for {key}")
+
+
+def swap_halves(t):
+    """(shift, scale) rows <-> (scale, shift): diffusers' order for the last adaLN layers."""
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def to_diffusers_state_dict(sd, depth):
+    """An original-layout state dict (no prefix) -> the diffusers layout (qkv split in three)."""
+    out = {}
+    for key, t in sd.items():
+        names, how = to_diffusers_name(key, depth)
+        parts = t.chunk(3, dim=0) if how == "qkv" else [swap_halves(t) if how == "swap" else t]
+        out.update({n: p.clone() if how == "qkv" else p for n, p in zip(names, parts)})
+    return out
+
+
+SHAPE_KEYS = {  # where each shape-determined setting is read, per layout (ARCH §2.1)
+    "original": dict(patch="x_embedder.proj.weight", pos="pos_embed", y="y_embedder.mlp.0.weight",
+                     block=r"joint_blocks\.(\d+)\.", dual=r"joint_blocks\.(\d+)\.x_block\.attn2\.",
+                     qk="joint_blocks.0.x_block.attn.ln_q.weight", s="s_embedder."),
+    "diffusers": dict(patch="pos_embed.proj.weight", pos="pos_embed.pos_embed",
+                      y="time_text_embed.text_embedder.linear_1.weight",
+                      block=r"transformer_blocks\.(\d+)\.", dual=r"transformer_blocks\.(\d+)\.attn2\.to_q",
+                      qk="transformer_blocks.0.attn.norm_q.weight", s="time_text_embed.s_embedder."),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and saving
+
+
+class _Source(SafetensorsFiles):
+    """A transformer checkpoint: SD3.5 single file (its `model.diffusion_model.*` part), a
+    diffusers folder (`transformer/`), a file; `layout` is "original" or "diffusers"."""
+
+    def __init__(self, path):
+        super().__init__(path, subfolder="transformer", prefix=PREFIX)
+        if self.prefix or any(k.startswith("joint_blocks.") for k in self.where):
+            self.layout = "original"
+        elif any(k.startswith("transformer_blocks.") for k in self.where):
+            self.layout = "diffusers"
+        else:
+            some = ", ".join(self.all_keys[:3])
+            raise CheckpointError(f"{path}: no SD3/MMDiT transformer keys found "
+                                  f"(neither 'joint_blocks.*' nor 'transformer_blocks.*'; "
+                                  f"the file starts with: {some or 'nothing'})")
+
+
+def _infer_config(src: _Source) -> MMDiTConfig:
+    n, keys = SHAPE_KEYS[src.layout], list(src.where)
+    try:
+        hidden, in_ch, patch, _ = src.shape(n["patch"])
+        pos_rows, ctx_dim, pooled = src.shape(n["pos"])[1], src.shape("context_embedder.weight")[1], \
+            src.shape(n["y"])[1]
+    except KeyError as e:
+        raise CheckpointError(f"{src.path}: missing {e} needed to read the model size") from None
+    blocks = lambda pat: sorted({int(m.group(1)) for k in keys if (m := re.match(pat, k))})
+    qk = n["qk"] in src.where
+    head_dim = src.shape(n["qk"])[0] if qk else 64
+    return MMDiTConfig(
+        depth=len(blocks(n["block"])), heads=hidden // head_dim, head_dim=head_dim, patch=patch,
+        in_channels=in_ch, pos_grid=math.isqrt(pos_rows), context_dim=ctx_dim, pooled_dim=pooled,
+        dual_layers=tuple(blocks(n["dual"])), qk_norm=qk, lr_stream=any("control" in k for k in keys),
+        two_times=any(k.startswith(n["s"]) for k in keys))
+
+
+# config fields a file's shapes cannot tell, read from its metadata when save_transformer wrote them
+RECORDED = ("lr_key_mode", "ff_inject", "time_scale", "prediction")
+
+
+def load_transformer(path, *, dtype=torch.float32, device="cpu", **overrides) -> MMDiT:
+    """Load any supported transformer checkpoint; the config is read from its shapes and keys.
+
+    path: an SD3.5 single file (`model.diffusion_model.*`; VAE and text encoders beside it are
+    ignored), a diffusers transformer (.safetensors, or a folder, sharded or not, or its parent
+    with `transformer/`), a DiT4SR transformer (diffusers layout with `*control*` keys), or a file
+    written by `save_transformer`. overrides: config fields a file cannot tell, e.g.
+    lr_key_mode="r1" or time_scale=1.0. Tensors are cast to `dtype` (files mix fp16 and fp32).
+    """
+    src = _Source(path)
+    known = {f.name for f in fields(MMDiTConfig)}
+    if set(overrides) - known:
+        raise TypeError(f"unknown config overrides {sorted(set(overrides) - known)}; known: {sorted(known)}")
+    saved = src.config("mfsr_config")
+    told = {k: saved[k] for k in RECORDED if k in saved}
+    cfg = replace(_infer_config(src), **{**told, **overrides})
+    lora = json.loads(src.metadata.get("lora", "null"))
+    sampling = json.loads(src.metadata.get("mfsr_sampling", "{}"))
+    with torch.device("meta"):
+        net = MMDiT(cfg)
+        if lora:
+            add_lora(net, lora["rank"], lora["alpha"], lora["targets"])
+    expected = net.state_dict()
+    if src.layout == "diffusers":
+        if lora:
+            raise CheckpointError(f"{path}: LoRA weights are only stored in the original layout")
+        want = {k: v.shape for k, v in to_diffusers_state_dict(expected, cfg.depth).items()}
+        found = {k: src.shape(k) for k in src.where if not DIT4SR_UNUSED.match(k)}
+    else:
+        want = {k: v.shape for k, v in expected.items()}
+        found = {k: src.shape(k) for k in src.where}
+    check_keys(path, want, found, f"the {src.layout}-layout model read from it ({cfg})")
+    sd = {}
+    for key in expected:
+        if src.layout == "diffusers":
+            names, how = to_diffusers_name(key, cfg.depth)
+            parts = [src.get(k_).to(dtype) for k_ in names]
+            t = torch.cat(parts) if how == "qkv" else (swap_halves(parts[0]) if how == "swap" else parts[0])
+        else:
+            t = src.get(key).to(dtype)
+        sd[key] = t
+    net.load_state_dict(sd, assign=True)
+    net.sampling = sampling   # e.g. {"tile": 32, "tile_overlap": 12, "cfg": 1.25}: see sample.py
+    return net.to(device)
+
+
+def save_transformer(net: MMDiT, path, layout="original"):
+    """Write a safetensors file: "original" = SD3.5 single-file names (`model.diffusion_model.*`,
+    loadable by SD3.5 tools when the model has no added parts), "diffusers" = diffusers/DiT4SR
+    names. The config, LoRA settings and `net.sampling` (if set) go into the metadata; the write
+    is atomic."""
+    sd = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+    lora = getattr(net, "lora", None)
+    if layout == "original":
+        sd = {PREFIX + k: v for k, v in sd.items()}
+    elif layout == "diffusers":
+        if lora:
+            raise ValueError("merge_lora(net) before a diffusers-layout export")
+        sd = to_diffusers_state_dict(sd, net.cfg.depth)
+    else:
+        raise ValueError(f"layout must be 'original' or 'diffusers', got {layout!r}")
+    meta = {"format": "mfsr-mmdit", "layout": layout, "mfsr_config": json.dumps(asdict(net.cfg)),
+            "lora": json.dumps(lora)}
+    if getattr(net, "sampling", None):   # the sampler settings it was trained for (sample.py defaults)
+        meta["mfsr_sampling"] = json.dumps(net.sampling)
+    atomic_save(sd, path, meta)
+
+
+def describe(path=None, config="tiny"):
+    """What `python model.py` prints: a checkpoint's inferred config (shapes only, nothing loaded)
+    or a preset's, its parameter count, and for small models one forward and one JVP."""
+    if path:
+        src = _Source(path)
+        saved = src.config("mfsr_config")
+        cfg = replace(_infer_config(src), **{k: saved[k] for k in RECORDED
+                                             if k in saved})
+        print(f"{path}: {src.layout} layout, {len(src.where)} transformer tensors")
+    else:
+        cfg = CONFIGS[config]
+    with torch.device("meta"):
+        n = sum(p.numel() for p in MMDiT(cfg).parameters())
+    print(f"{cfg}\nparameters (pos_embed buffer excluded): {n:,}")
+    if path or n > 50_000_000:
+        return
+    torch.manual_seed(0)
+    net = MMDiT(replace(cfg, two_times=True, time_scale=1.0)).eval()
+    B, H, W = 1, 16, 24
+    x = torch.randn(B, cfg.in_channels, H, W)
+    kw = dict(pooled=torch.randn(B, cfg.pooled_dim), context=torch.randn(B, 8, cfg.context_dim),
+              lr=torch.randn_like(x) if cfg.lr_stream else None, sigma_s=torch.ones(B))
+    with torch.no_grad():
+        out, dout = torch.func.jvp(lambda z, s: net(z, s, **kw), (x, torch.full((B,), 0.5)),
+                                   (torch.randn_like(x), torch.ones(B)))
+    print(f"forward + JVP on a {H}x{W} latent: output {tuple(out.shape)}, |u| {out.norm():.3f}, "
+          f"|du| {dout.norm():.3f} (custom JVP attention)")
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="Inspect a transformer checkpoint or a preset config.")
+    ap.add_argument("ckpt", nargs="?", help="a .safetensors file or a diffusers folder")
+    ap.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
+    a = ap.parse_args()
+    try:
+        describe(a.ckpt, a.config)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}")

@@ -17,9 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import fastjvp
-import layouts
 import model
-from checkpoint import CheckpointError
+from model import CheckpointError
 from model import CONFIGS, MMDiT
 
 KEYS = Path(__file__).resolve().parent / "reference" / "keys"   # manifests of the real checkpoints
@@ -56,9 +55,9 @@ def test_full_size_keys_and_shapes_equal_the_sd35_manifests(name, manifest, coun
 
 def test_full_size_dit4sr_in_diffusers_layout_equals_the_dit4sr_manifest():
     net = _meta(CONFIGS["dit4sr"])
-    ours = {k: list(v.shape) for k, v in layouts.to_diffusers_state_dict(net.state_dict(), 24).items()}
+    ours = {k: list(v.shape) for k, v in model.to_diffusers_state_dict(net.state_dict(), 24).items()}
     ref = _manifest("keys_dit4sr_full_diffusers.json")
-    unused = {k for k in ref if layouts.DIT4SR_UNUSED.match(k)}
+    unused = {k for k in ref if model.DIT4SR_UNUSED.match(k)}
     assert len(unused) == 130
     assert ours == {k: v for k, v in ref.items() if k not in unused}
     assert _n_params(net) == 2_594_049_216
@@ -96,7 +95,7 @@ def test_matches_diffusers_sd3_transformer_both_ways(tmp_path):
     ref = _randomize(diffusers.SD3Transformer2DModel(**_DIFFUSERS_TINY).eval())
     path = tmp_path / "diffusers.safetensors"
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
-    net = layouts.load_transformer(str(path)).eval()          # our diffusers-layout loader
+    net = model.load_transformer(str(path)).eval()          # our diffusers-layout loader
     assert net.cfg == replace(CONFIGS["tiny"], lr_stream=False)
     inp = _inputs(net.cfg)                                   # non-square 8 x 12 latent
     run_ref = lambda m: m(hidden_states=inp["x"], encoder_hidden_states=inp["context"],
@@ -106,7 +105,7 @@ def test_matches_diffusers_sd3_transformer_both_ways(tmp_path):
         assert theirs.abs().max() > 0.5
         assert (ours - theirs).abs().max() <= 1e-5
         # our original-layout export through diffusers' own single-file converter
-        layouts.save_transformer(net, str(tmp_path / "orig.safetensors"), layout="original")
+        model.save_transformer(net, str(tmp_path / "orig.safetensors"), layout="original")
         conv = convert_sd3_transformer_checkpoint_to_diffusers(load_file(str(tmp_path / "orig.safetensors")))
         ref2 = diffusers.SD3Transformer2DModel(**_DIFFUSERS_TINY).eval()
         ref2.load_state_dict(conv, strict=True)
@@ -198,7 +197,7 @@ def test_dit4sr_layout_file_round_trips_and_drops_unused_extras(tmp_path):
     net = _randomize(MMDiT(CONFIGS["tiny"])).eval()
     path = tmp_path / "transformer" / "diffusion_pytorch_model.safetensors"
     path.parent.mkdir()
-    sd = layouts.to_diffusers_state_dict(net.state_dict(), net.cfg.depth)
+    sd = model.to_diffusers_state_dict(net.state_dict(), net.cfg.depth)
     for i in net.cfg.dual_layers:   # DiT4SR's never-used attn2 text projections, half precision
         for n in ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"):
             sd[f"transformer_blocks.{i}.attn2.{n}.weight"] = torch.randn(128, 128).half()
@@ -207,7 +206,7 @@ def test_dit4sr_layout_file_round_trips_and_drops_unused_extras(tmp_path):
             sd[f"transformer_blocks.{i}.attn2.{n}.weight"] = torch.ones(64).half()
     sd = {k: v.half() if "control" not in k else v for k, v in sd.items()}  # mixed, as DiT4SR saves
     save_file(sd, str(path))
-    loaded = layouts.load_transformer(str(tmp_path)).eval()    # folder with transformer/
+    loaded = model.load_transformer(str(tmp_path)).eval()    # folder with transformer/
     assert loaded.cfg == net.cfg and all(p.dtype == torch.float32 for p in loaded.parameters())
     for k, v in net.state_dict().items():
         tol = 0 if "control" in k else 1e-3 * v.abs().max()
@@ -223,14 +222,14 @@ def test_dit4sr_layout_file_round_trips_and_drops_unused_extras(tmp_path):
 def test_sharded_diffusers_folder_loads(tmp_path):
     torch.manual_seed(0)
     net = MMDiT(CONFIGS["tiny"])
-    sd = layouts.to_diffusers_state_dict(net.state_dict(), net.cfg.depth)
+    sd = model.to_diffusers_state_dict(net.state_dict(), net.cfg.depth)
     keys = sorted(sd)
     shards = {"a.safetensors": keys[::2], "b.safetensors": keys[1::2]}
     for f, ks in shards.items():
         save_file({k: sd[k] for k in ks}, str(tmp_path / f))
     index = {"weight_map": {k: f for f, ks in shards.items() for k in ks}}
     (tmp_path / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
-    loaded = layouts.load_transformer(str(tmp_path))
+    loaded = model.load_transformer(str(tmp_path))
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in net.state_dict().items())
 
 
@@ -241,7 +240,7 @@ def test_sd35_single_file_ignores_vae_and_reads_config_from_shapes(tmp_path):
     sd["first_stage_model.decoder.conv_in.weight"] = torch.zeros(4, 16, 3, 3)
     sd["text_encoders.clip_l.x"] = torch.zeros(3)
     save_file(sd, str(tmp_path / "sd35.safetensors"))
-    loaded = layouts.load_transformer(str(tmp_path / "sd35.safetensors"), time_scale=1.0)
+    loaded = model.load_transformer(str(tmp_path / "sd35.safetensors"), time_scale=1.0)
     assert loaded.cfg == replace(cfg, time_scale=1.0)
 
 
@@ -263,7 +262,7 @@ def test_malformed_checkpoints_give_clear_errors(tmp_path):
     for name, (sd, pattern) in cases.items():
         save_file(sd, str(tmp_path / name))
         with pytest.raises(CheckpointError, match=pattern) as e:
-            layouts.load_transformer(str(tmp_path / name))
+            model.load_transformer(str(tmp_path / name))
         assert name in str(e.value)
     data = (tmp_path / "missing.safetensors").read_bytes()
     (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])
@@ -273,10 +272,10 @@ def test_malformed_checkpoints_give_clear_errors(tmp_path):
                           ("garbage.safetensors", "not a readable safetensors"),
                           ("pickled.pt", "only .safetensors"), ("absent.safetensors", "no such file")]:
         with pytest.raises(CheckpointError, match=pattern) as e:
-            layouts.load_transformer(str(tmp_path / name))
+            model.load_transformer(str(tmp_path / name))
         assert name in str(e.value)
     with pytest.raises(TypeError, match="unknown config overrides"):
-        layouts.load_transformer(str(tmp_path / "extra.safetensors"), lr_mode="r1")
+        model.load_transformer(str(tmp_path / "extra.safetensors"), lr_mode="r1")
 
 
 def test_overwrite_is_atomic_and_project_files_keep_settings(tmp_path):
@@ -287,9 +286,9 @@ def test_overwrite_is_atomic_and_project_files_keep_settings(tmp_path):
             if isinstance(m, model.LoRALinear):
                 m.lora_up.weight.normal_(0, 0.1)
     path = str(tmp_path / "student.safetensors")
-    layouts.save_transformer(student, path)
+    model.save_transformer(student, path)
     assert os.listdir(tmp_path) == ["student.safetensors"]   # no temporary file left behind
-    loaded = layouts.load_transformer(path)
+    loaded = model.load_transformer(path)
     assert loaded.cfg == student.cfg and loaded.lora == student.lora
     inp = _inputs(student.cfg)
     with torch.no_grad():
@@ -686,7 +685,7 @@ def _dit4sr_reference(sd, cfg, x, sigma, pooled, context, lr):
 def test_lr_stream_matches_an_independent_restatement_of_dit4sr(mode):
     torch.manual_seed(0)
     net = _randomize(MMDiT(replace(CONFIGS["tiny"], lr_key_mode=mode)), std=0.1).double().eval()
-    sd = layouts.to_diffusers_state_dict(net.state_dict(), net.cfg.depth)
+    sd = model.to_diffusers_state_dict(net.state_dict(), net.cfg.depth)
     inp = _inputs(net.cfg, H=6, W=10, dtype=torch.float64)
     with torch.no_grad():
         ours = net(**inp)
@@ -1112,7 +1111,7 @@ def test_x_prediction_untrained_samples_the_lr_latent_in_one_step():
 def test_v_prediction_samples_as_before_and_x_is_recorded_in_the_file(tmp_path):
     """The shipped (v) student samples bit-identically to -net(...) in the plain Euler loop, as the
     adapter did before x-prediction existed; an x model's file records it and loads it back."""
-    net = layouts.load_transformer(str(Path(__file__).resolve().parent / "weights" / "mfsr-tiny" / "student.safetensors"))
+    net = model.load_transformer(str(Path(__file__).resolve().parent / "weights" / "mfsr-tiny" / "student.safetensors"))
     assert net.cfg.prediction == "v"
     g = torch.Generator().manual_seed(0)
     z_lr = torch.randn(1, net.cfg.in_channels, 8, 8, generator=g)
@@ -1125,8 +1124,8 @@ def test_v_prediction_samples_as_before_and_x_is_recorded_in_the_file(tmp_path):
             z = z + (s - t).view(-1, 1, 1, 1) * -net(z, 1 - t, pooled, ctx, lr=z_lr, sigma_s=1 - s)
     assert torch.equal(got, z)
     x_net = MMDiT(replace(CONFIGS["tiny"], prediction="x"))
-    layouts.save_transformer(x_net, str(tmp_path / "x.safetensors"))
-    assert layouts.load_transformer(str(tmp_path / "x.safetensors")).cfg.prediction == "x"
+    model.save_transformer(x_net, str(tmp_path / "x.safetensors"))
+    assert model.load_transformer(str(tmp_path / "x.safetensors")).cfg.prediction == "x"
 
 
 def test_samplers_on_the_tiny_model():
@@ -1806,7 +1805,6 @@ def test_deg_noise_statistics_match_basicsr():
 # ============================================================================================
 # train.py (tiny preset, CPU)
 
-import pairs  # noqa: E402
 import train  # noqa: E402
 
 
@@ -1835,8 +1833,8 @@ def _fixed_teacher_loss(net, data):
     vae_ = train.vae_lib.VAE(train.vae_lib.CONFIGS["tiny"]).eval()
     null = (torch.zeros(1, 64), torch.zeros(32))
     import degrade
-    ds = pairs.PairDataset(pairs.find_images(data), 32, null, degrade.DegradeConfig())
-    batch = pairs.collate([ds[(i, 100 + i)] for i in range(4)])
+    ds = train.PairDataset(train.find_images(data), 32, null, degrade.DegradeConfig())
+    batch = train.collate([ds[(i, 100 + i)] for i in range(4)])
     g = torch.Generator().manual_seed(0)
     z_hr, z_lr = train.encode_pair(vae_, batch, g)
     cfg.caption_dropout = 0.0
@@ -1852,7 +1850,7 @@ def test_train_tiny_teacher_then_distill_end_to_end(tmp_path):
     train.main(_TINY + ["--data", data, "--stage", "teacher", "--steps", "40", "--lr", "1e-3",
                         "--out", str(t_out), "--save-every", "40", "--sample-every", "40"])
     teacher_file = t_out / "ckpt-0000040" / "teacher.safetensors"
-    trained = layouts.load_transformer(str(teacher_file)).eval()
+    trained = model.load_transformer(str(teacher_file)).eval()
     torch.manual_seed(0)
     init = MMDiT(CONFIGS["tiny"]).eval()                       # what train.py starts from (seed 0)
     before, after = _fixed_teacher_loss(init, data), _fixed_teacher_loss(trained, data)
@@ -1860,7 +1858,7 @@ def test_train_tiny_teacher_then_distill_end_to_end(tmp_path):
     assert (t_out / "grid-0000040.png").exists()
     train.main(_TINY + ["--data", data, "--teacher", str(teacher_file), "--steps", "3", "--lora-rank", "4",
                         "--out", str(s_out), "--save-every", "3", "--sample-every", "3"])
-    student = layouts.load_transformer(str(s_out / "ckpt-0000003" / "student.safetensors"))
+    student = model.load_transformer(str(s_out / "ckpt-0000003" / "student.safetensors"))
     assert student.cfg.two_times and student.cfg.time_scale == 1.0 and student.cfg.lr_stream
     # the export records its training tile (32^2 crops / the tiny VAE's x4 = 8) for sample.py
     assert student.sampling == {"tile": 8, "tile_overlap": 4} and trained.sampling["tile"] == 8
@@ -1888,7 +1886,7 @@ def test_train_export_carries_the_ema_weights(tmp_path, stage):
     assert logged == [train.learning_rate(cfg, s) for s in range(3)] and logged[0] > logged[1] > logged[2]
     ck = tmp_path / "t" / "ckpt-0000003"
     saved = load_file(str(ck / "trainable.safetensors"))
-    exported = (layouts.load_transformer(str(ck / "teacher.safetensors")) if stage == "teacher"
+    exported = (model.load_transformer(str(ck / "teacher.safetensors")) if stage == "teacher"
                 else V.load_vae(str(ck / "vae.safetensors"))).state_dict()
     ema = {k[4:]: v for k, v in saved.items() if k.startswith("ema.")}
     assert ema and set(ema) == {k for k in saved if not k.startswith("ema.")}
@@ -2139,7 +2137,7 @@ def test_train_vae_stage_learns_and_exports_a_calibrated_vae(tmp_path):
     trained = V.load_vae(str(out / "ckpt-0000030" / "vae.safetensors"))
     torch.manual_seed(0)
     init = V.VAE(V.CONFIGS["tiny"]).eval()                   # random (train.py starts from PCA, then trains)
-    x = torch.stack([images.load_image(p).rgb for p in pairs.find_images(data)])[..., :32, :32] * 2 - 1
+    x = torch.stack([sample.load_image(p).rgb for p in train.find_images(data)])[..., :32, :32] * 2 - 1
     with torch.no_grad():
         err = {k: (v.decode(v.encode(x), clamp=False) - x).abs().mean().item() for k, v in
                (("init", init), ("trained", trained))}
@@ -2517,15 +2515,15 @@ def test_train_clean_prob_gives_bicubic_pairs_and_the_plain_gt(tmp_path):
     rng = np.random.default_rng(1)
     folder = tmp_path
     Image.fromarray((rng.random((48, 48, 3)) * 255).astype(np.uint8)).save(folder / "a.png")
-    paths = pairs.find_images(str(folder))
-    clean = pairs.PairDataset(paths, 32, null, degrade.DegradeConfig(gt_size=32), clean_prob=1.0)
-    real = pairs.PairDataset(paths, 32, null, degrade.DegradeConfig(gt_size=32, usm_gt=False), clean_prob=0.0)
+    paths = train.find_images(str(folder))
+    clean = train.PairDataset(paths, 32, null, degrade.DegradeConfig(gt_size=32), clean_prob=1.0)
+    real = train.PairDataset(paths, 32, null, degrade.DegradeConfig(gt_size=32, usm_gt=False), clean_prob=0.0)
     for seed in range(3):
         c, r = clean[(0, seed)], real[(0, seed)]
         assert torch.equal(c["gt"], r["gt"])                               # the same crop, not sharpened
         assert torch.equal(c["lr"], degrade.bicubic_down(c["gt"][None])[0])
         assert not torch.equal(r["lr"], c["lr"])
-    mixed = pairs.PairDataset(paths, 32, null, degrade.DegradeConfig(gt_size=32, usm_gt=False), clean_prob=0.5)
+    mixed = train.PairDataset(paths, 32, null, degrade.DegradeConfig(gt_size=32, usm_gt=False), clean_prob=0.5)
     n_clean = sum(torch.equal(mixed[(0, k)]["lr"], degrade.bicubic_down(mixed[(0, k)]["gt"][None])[0]) for k in range(40))
     assert 8 <= n_clean <= 32, n_clean
     assert train.parse_args(["--data", str(folder), "--plain-gt", "--clean-prob", "0.3"]).plain_gt
@@ -2614,14 +2612,13 @@ def test_eq11_w_is_the_samplers_cfg_scale_minus_one():
 
 
 # ============================================================================================
-# sample.py and images.py
+# sample.py and sample.py
 
 import struct  # noqa: E402
 import zlib  # noqa: E402
 
 from PIL import Image  # noqa: E402
 
-import images  # noqa: E402
 import sample  # noqa: E402
 
 @pytest.fixture(scope="module")
@@ -2636,8 +2633,8 @@ def _smp_models(tmp_path_factory):
             if "s_embedder" in name or "lora" in name:
                 p.add_(torch.randn_like(p) * 0.05)
     model.merge_lora(student)
-    layouts.save_transformer(student, str(d / "student.safetensors"))
-    layouts.save_transformer(teacher, str(d / "teacher.safetensors"))
+    model.save_transformer(student, str(d / "student.safetensors"))
+    model.save_transformer(teacher, str(d / "teacher.safetensors"))
     torch.manual_seed(1)
     V.save_vae(V.VAE(V.CONFIGS["tiny"]), str(d / "vae.safetensors"))
     return d
@@ -2684,35 +2681,35 @@ def _smp_png16_filtered(path, a):
 def test_sample_images_round_trip_16bit_alpha_gray(tmp_path):
     a16 = _smp_u16(9, 13, 3)
     _smp_png16_filtered(tmp_path / "f.png", a16)                  # all five row filters
-    img = images.load_image(tmp_path / "f.png")
+    img = sample.load_image(tmp_path / "f.png")
     assert (img.bits, img.gray, img.alpha) == (16, False, None)
     assert np.array_equal(np.round(img.rgb.permute(1, 2, 0).numpy() * 65535).astype(np.uint16), a16)
     import importlib.util
     has_tifffile = importlib.util.find_spec("tifffile") is not None   # optional for users (requirements-test)
     for ext in (".png", ".tif") if has_tifffile else (".png",):   # 16-bit RGB written and read back exactly
-        images.save_image(tmp_path / f"w{ext}", img.rgb, bits=16)
-        back = images.load_image(tmp_path / f"w{ext}")
+        sample.save_image(tmp_path / f"w{ext}", img.rgb, bits=16)
+        back = sample.load_image(tmp_path / f"w{ext}")
         assert back.bits == 16 and torch.equal(back.rgb, img.rgb), ext
     if not has_tifffile:                                           # without it: refused clearly, by name
-        with pytest.raises(images.ImageError, match=r"w\.tif: 16-bit colour TIFF needs the tifffile package"):
-            images.save_image(tmp_path / "w.tif", img.rgb, bits=16)
+        with pytest.raises(sample.ImageError, match=r"w\.tif: 16-bit colour TIFF needs the tifffile package"):
+            sample.save_image(tmp_path / "w.tif", img.rgb, bits=16)
     if importlib.util.find_spec("cv2") is not None:                # an independent PNG codec agrees
         import cv2
         assert np.array_equal(cv2.imread(str(tmp_path / "w.png"), cv2.IMREAD_UNCHANGED)[..., ::-1], a16)
     g16 = _smp_u16(7, 5, 1)[..., 0]
     Image.fromarray(g16).save(tmp_path / "g.png")                  # Pillow: mode I;16
-    g = images.load_image(tmp_path / "g.png")
+    g = sample.load_image(tmp_path / "g.png")
     assert g.gray and g.bits == 16 and np.array_equal(np.round(g.rgb[1].numpy() * 65535), g16)
-    images.save_image(tmp_path / "g2.png", g.rgb, gray=True, bits=16)
+    sample.save_image(tmp_path / "g2.png", g.rgb, gray=True, bits=16)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "g2.png")), g16)
     rgba = _smp_u8(6, 4, 4)
     Image.fromarray(rgba).save(tmp_path / "a.png")
-    a = images.load_image(tmp_path / "a.png")
-    images.save_image(tmp_path / "a2.png", a.rgb, alpha=a.alpha)
+    a = sample.load_image(tmp_path / "a.png")
+    sample.save_image(tmp_path / "a2.png", a.rgb, alpha=a.alpha)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a2.png")), rgba)
     pal = Image.fromarray(_smp_u8(5, 5, 3)).convert("P")
     pal.save(tmp_path / "p.png", transparency=int(np.asarray(pal)[0, 0]))
-    p = images.load_image(tmp_path / "p.png")
+    p = sample.load_image(tmp_path / "p.png")
     assert p.alpha is not None and p.alpha[0, 0, 0] == 0 and not p.gray
 
 
@@ -2724,18 +2721,18 @@ def test_sample_images_errors_name_the_file(tmp_path):
     (tmp_path / "junk.png").write_bytes(b"not an image at all")
     for name, words in (("trunc.png", "truncated"), ("empty.jpg", "empty"), ("junk.png", "not an image"),
                         ("missing.png", "no such file")):
-        with pytest.raises(images.ImageError, match=words) as e:
-            images.load_image(tmp_path / name)
+        with pytest.raises(sample.ImageError, match=words) as e:
+            sample.load_image(tmp_path / name)
         assert name in str(e.value)
-    old = images.MAX_PIXELS
-    images.MAX_PIXELS = 1000
+    old = sample.MAX_PIXELS
+    sample.MAX_PIXELS = 1000
     try:
-        with pytest.raises(images.ImageError, match="decompression bomb"):
-            images.load_image(tmp_path / "ok.png")
+        with pytest.raises(sample.ImageError, match="decompression bomb"):
+            sample.load_image(tmp_path / "ok.png")
     finally:
-        images.MAX_PIXELS = old
-    with pytest.raises(images.ImageError, match="refusing to write over an input"):
-        images.save_image(tmp_path / "ok.png", torch.zeros(3, 2, 2), protect=[str(tmp_path / "ok.png")])
+        sample.MAX_PIXELS = old
+    with pytest.raises(sample.ImageError, match="refusing to write over an input"):
+        sample.save_image(tmp_path / "ok.png", torch.zeros(3, 2, 2), protect=[str(tmp_path / "ok.png")])
     assert (tmp_path / "ok.png").read_bytes() == data
 
 
@@ -2824,7 +2821,7 @@ def _smp_folder(d):
     Image.fromarray(_smp_u8(1, 1, 3)).save(d / "one.bmp")
     Image.fromarray(_smp_u8(16, 16, 3)).save(d / "photo.jpg", quality=90)
     Image.fromarray(_smp_u16(9, 7, 1)[..., 0]).save(d / "gray16.png")
-    images.save_image(d / "rgb16.png", torch.rand(3, 6, 10), bits=16)
+    sample.save_image(d / "rgb16.png", torch.rand(3, 6, 10), bits=16)
     (d / "bad.png").write_bytes((d / "odd.png").read_bytes()[:200])
 
 
@@ -2842,7 +2839,7 @@ def test_sample_folder_keeps_modes_and_survives_a_corrupt_file(_smp_models, tmp_
         stem, ext = os.path.splitext(name)
         with Image.open(out / f"{stem}_mfsr{ext}") as im:
             assert (im.size, im.mode) == (size, mode), name
-    rgb16 = images.load_image(out / "rgb16_mfsr.png")
+    rgb16 = sample.load_image(out / "rgb16_mfsr.png")
     assert rgb16.bits == 16 and rgb16.size == (24, 40) and not rgb16.gray
     # 16 bits are really used: values off the 8-bit grid
     assert (rgb16.rgb * 255 - (rgb16.rgb * 255).round()).abs().max() > 0.01
@@ -2881,13 +2878,13 @@ def test_sample_defaults_come_from_the_checkpoint_then_dit4sr(_smp_models, tmp_p
     Image.fromarray(_smp_u8(8, 8, 3)).save(tmp_path / "a.png")
     seen = []
     monkeypatch.setattr(sample, "upscale", lambda img, *a, **kw: (seen.append(kw), img.repeat(1, 1, 4, 4))[1])
-    student = layouts.load_transformer(str(_smp_models / "student.safetensors"))
+    student = model.load_transformer(str(_smp_models / "student.safetensors"))
     assert student.sampling == {}                                      # nothing recorded: DiT4SR's tiles
-    teacher = layouts.load_transformer(str(_smp_models / "teacher.safetensors"))
+    teacher = model.load_transformer(str(_smp_models / "teacher.safetensors"))
     student.sampling = {"tile": 6, "tile_overlap": 2}
     teacher.sampling = {"tile": 8, "tile_overlap": 4, "cfg": 1.5, "shift": 1.0}
     for name, net in (("s", student), ("t", teacher)):
-        layouts.save_transformer(net, str(tmp_path / f"{name}.safetensors"))
+        model.save_transformer(net, str(tmp_path / f"{name}.safetensors"))
     shutil.copy(_smp_models / "vae.safetensors", tmp_path / "vae.safetensors")
     run = lambda *a: sample.main([str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), *a])   # noqa: E731
     assert run("--ckpt", str(_smp_models / "student.safetensors")) == 0
@@ -3012,7 +3009,7 @@ def test_sample_same_file_named_twice_is_one_input(_smp_models, tmp_path, capsys
 
 def test_sample_small_tile_scales_the_recorded_overlap_and_help_shows_the_shipped_defaults(tmp_path, capsys, monkeypatch):
     Image.fromarray(_smp_u8(16, 16, 3)).save(tmp_path / "a.png")
-    rec = layouts.load_transformer(str(_SHIP / "student.safetensors")).sampling
+    rec = model.load_transformer(str(_SHIP / "student.safetensors")).sampling
     assert rec["tile"] > 8 and rec["tile_overlap"] >= 8                 # as recorded, 8 would be refused
     assert sample.main([str(tmp_path / "a.png"), "--tile", "8"]) == 0
     err = capsys.readouterr().err
@@ -3034,7 +3031,7 @@ import io  # noqa: E402
 
 import text  # noqa: E402
 import text_tokenizers  # noqa: E402
-from checkpoint import SafetensorsFiles  # noqa: E402
+from model import SafetensorsFiles  # noqa: E402
 
 _TXT_CORPUS = [
     "A photo of a cat.",
@@ -3419,7 +3416,7 @@ def test_text_precompute_command(_txt_pipeline, tmp_path):
     ref, ref_pooled = text.encode_prompts(["a red fox in snow", "", text.NEGATIVE_PROMPT], enc, 12)
     null = (torch.zeros(1, 224), torch.zeros(64))
     for name, i in (("a", 0), ("sub/b", 1), ("null", 1), ("neg", 2)):
-        context, pooled = pairs.load_embedding(str(data / f"{name}.safetensors"), null)
+        context, pooled = sample.load_embedding(str(data / f"{name}.safetensors"), null)
         assert context.shape == (77 + 12, 224) and pooled.shape == (64,)
         assert (context - ref[i]).abs().max() <= 1e-6 and (pooled - ref_pooled[i]).abs().max() <= 1e-6
     assert (data / "a.png").read_bytes() == b"png" and not list(data.glob("*.tmp*"))
@@ -3618,7 +3615,7 @@ def test_miniature_pipeline_runs_end_to_end_at_a_hundredth_of_the_steps(tmp_path
     table = [line for line in (runs / "ablations.md").read_text().splitlines() if line.startswith("| ")][1:]   # after the header
     assert [line.split(" | ")[1] for line in table] == [r[1] for r in rows]
     assert all(re.match(_CELL, cell) for line in table for cell in line.split(" | ")[2:4])
-    nets = [layouts.load_transformer(str(runs / "ablations" / f"{i:02d}" / "final" / "student.safetensors")) for i in range(3)]
+    nets = [model.load_transformer(str(runs / "ablations" / f"{i:02d}" / "final" / "student.safetensors")) for i in range(3)]
     assert [n.cfg.time_scale for n in nets] == [1000.0 if "--time-scale" in r[2] else 1.0 for r in rows]
     assert sorted(n.cfg.time_scale for n in nets) == [1.0, 1.0, 1000.0]
 
@@ -3634,13 +3631,13 @@ def test_size_scan_trains_the_other_sizes_and_measures_the_shipped_teacher_as_it
     runs, dest = tmp_path / "runs", tmp_path / "model_size.md"
     import sweeps
     sweeps.size_scan(str(runs), 0.001, 0, str(dest), sizes=((2, 1), (3, 2)), eval_steps=2, eval_size=64)
-    net = layouts.load_transformer(str(runs / "size-scan" / "2x1" / "final" / "teacher.safetensors"))
+    net = model.load_transformer(str(runs / "size-scan" / "2x1" / "final" / "teacher.safetensors"))
     assert (net.cfg.depth, net.cfg.hidden, net.cfg.lr_stream, net.cfg.two_times) == (2, 64, True, False)
     train_cfg = json.loads(SafetensorsFiles(str(runs / "size-scan" / "2x1" / "final" / "trainable.safetensors"))
                            .metadata["train_config"])
     assert train_cfg["vae"] == os.path.abspath(_SHIP / "vae.safetensors") and train_cfg["steps"] == 5
     assert not (runs / "size-scan" / "3x2").exists()
-    shipped = layouts.load_transformer(str(_SHIP / "teacher.safetensors"))
+    shipped = model.load_transformer(str(_SHIP / "teacher.safetensors"))
     rows = [line.split(" | ") for line in dest.read_text().splitlines() if line.startswith("| ")][1:]
     assert [r[0] for r in rows] == ["| 2 x 64", "| 3 x 128"]
     assert [r[1] for r in rows] == [f"{sum(p.numel() for p in n.parameters()) / 1e6:.2f} M" for n in (net, shipped)]
@@ -3697,7 +3694,7 @@ def test_sample_prompt_and_prompt_file_through_the_text_encoders(_txt_pipeline, 
     cfg = replace(model.CONFIGS["tiny"], context_dim=224, pooled_dim=64)   # the fixture encoders' widths
     student = model.make_student(model.MMDiT(cfg), lora_rank=4)
     model.merge_lora(student)
-    layouts.save_transformer(student, str(tmp_path / "student.safetensors"))
+    model.save_transformer(student, str(tmp_path / "student.safetensors"))
     V.save_vae(V.VAE(V.CONFIGS["tiny"]), str(tmp_path / "vae.safetensors"))
     Image.fromarray(_smp_u8(16, 16, 3)).save(tmp_path / "in.png")
     (tmp_path / "fox.txt").write_text("a red fox in snow\n", encoding="utf-8")

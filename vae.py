@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import CheckpointError, SafetensorsFiles, atomic_save, check_keys
+from model import CheckpointError, SafetensorsFiles, atomic_save, check_keys
 
 # --------------------------------------------------------------------------------------------
 # Config
@@ -620,7 +620,7 @@ def diffusers_config(cfg: VAEConfig):
 
 class _VAESource:
     """The VAE tensors of one checkpoint under their original-layout names, read lazily
-    (memory-mapped by checkpoint.SafetensorsFiles) so a full-size VAE is never held twice."""
+    (memory-mapped by model.SafetensorsFiles) so a full-size VAE is never held twice."""
 
     def __init__(self, path):
         self.path = path

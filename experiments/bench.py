@@ -173,14 +173,13 @@ def _model_case(cfg, H, W, B=1, L=16, two_times=True):
 def _load_row(cfg):
     """Peak memory of load_transformer vs the file size: one copy of the weights, not two."""
     import tempfile
-    import layouts
     import model
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "t.safetensors")
-        layouts.save_transformer(model.MMDiT(cfg), path)
+        model.save_transformer(model.MMDiT(cfg), path)
         size = os.path.getsize(path) / 2 ** 20
-        secs = median_times({"load": lambda: layouts.load_transformer(path)}, repeat=1, warmup=0)["load"]
-        mb = peak_mb(lambda: layouts.load_transformer(path))[1]
+        secs = median_times({"load": lambda: model.load_transformer(path)}, repeat=1, warmup=0)["load"]
+        mb = peak_mb(lambda: model.load_transformer(path))[1]
     return {"config": "6x384", "tokens (X+LR)": "-",
             "variant": f"load_transformer: {size:.0f} MB file, peak/file {mb / size:.2f}",
             "seconds": secs, "peak MB": mb, "x fwd mem": "-", "time ratio": "-"}
@@ -497,20 +496,20 @@ def _train_case(cfg, h, B, compiled):
 
 
 def _pairs_per_second(size, n=6):
-    """pairs.PairDataset (crop, degrade.py, embeddings) items per second in this process."""
+    """train.PairDataset (crop, degrade.py, embeddings) items per second in this process."""
     import tempfile
 
     import numpy as np
     from PIL import Image
 
     import degrade
-    import pairs
+    import train
     with tempfile.TemporaryDirectory() as d:
         rng = np.random.default_rng(0)
         for i in range(3):   # smooth random photographs-to-be, larger than the crop
             small = rng.random((size // 16, size // 16, 3)) * 255
             Image.fromarray(small.astype(np.uint8)).resize((size + 64, size + 64), Image.BICUBIC).save(f"{d}/{i}.png")
-        ds = pairs.PairDataset(pairs.find_images(d), size, (torch.zeros(1, 64), torch.zeros(32)), degrade.DegradeConfig())
+        ds = train.PairDataset(train.find_images(d), size, (torch.zeros(1, 64), torch.zeros(32)), degrade.DegradeConfig())
         ds[(0, 0)]
         t0 = time.perf_counter()
         for i in range(n):

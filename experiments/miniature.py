@@ -61,15 +61,13 @@ from safetensors import safe_open
 
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the core files at the root
 
-import layouts
+import model
 import metrics
 import mfsr
-import model
-import pairs
 import sample
 import train
 import vae as vae_lib
-from checkpoint import atomic_save
+from model import atomic_save
 
 # The photographs: (source, file, licence). Sources are packages an ordinary client installs:
 #   pip install scikit-image
@@ -349,9 +347,9 @@ def scan_cfg(runs, scale=1.0, crops=16, steps=40, seed=0):
     t0 = time.time()
     steps = max(2, round(steps * min(1.0, scale * 10)))     # a smoke run samples with fewer steps
     v = vae_lib.load_vae(os.path.join(runs, "vae", "final", "vae.safetensors")).eval()
-    net = layouts.load_transformer(os.path.join(runs, "teacher", "final", "teacher.safetensors")).eval()
+    net = model.load_transformer(os.path.join(runs, "teacher", "final", "teacher.safetensors")).eval()
     zeros = (torch.zeros(1, net.cfg.context_dim), torch.zeros(net.cfg.pooled_dim))
-    emb = {e: pairs.load_embedding(os.path.join(runs, "emb", e + ".safetensors"), zeros) for e in ("prompt", "neg")}
+    emb = {e: sample.load_embedding(os.path.join(runs, "emb", e + ".safetensors"), zeros) for e in ("prompt", "neg")}
     g = torch.Generator().manual_seed(seed)
     names = TRAIN[::max(1, len(TRAIN) // crops)][:crops]
     hr = torch.stack([degrade.random_crop_pair_source(torch.from_numpy(photo(n)).permute(2, 0, 1).float() / 255,
@@ -397,7 +395,7 @@ def tune_decoder(runs, scale=1.0, batch=16, size=64, lr=1e-4, ema=0.99, seed=0):
               for p in sorted(glob.glob(os.path.join(runs, "data", "train", "*.png")))]
     g = torch.Generator().manual_seed(seed)
     for step in range(steps):
-        x = torch.stack([pairs.random_crop(images[int(torch.randint(len(images), (1,), generator=g))], size, g)
+        x = torch.stack([train.random_crop(images[int(torch.randint(len(images), (1,), generator=g))], size, g)
                          for _ in range(batch)]) * 2 - 1                              # (B, 3, size, size)
         with torch.no_grad():
             z = v.encode(x, tile=0)                                                   # model space, mean
@@ -434,11 +432,11 @@ def ship(runs, dest=SHIP):
     v = vae_lib.load_vae(os.path.join(runs, "decoder", "final", "vae.safetensors"))   # the tuned decoder
     tile = TRAIN_SIZE // v.cfg.factor    # sample.py's defaults: tiles of the training size, our w
     for name, file in (("student", "student"), ("student_gt", "student"), ("teacher", "teacher")):
-        net = layouts.load_transformer(os.path.join(runs, name, "final", file + ".safetensors"))
+        net = model.load_transformer(os.path.join(runs, name, "final", file + ".safetensors"))
         net.sampling = {"tile": tile, "tile_overlap": train.sample_overlap(tile, net.cfg.patch),
                         **({"cfg": chosen_cfg(runs), "shift": sample.sampling_settings(net)["shift"]}
                            if name == "teacher" else {})}
-        layouts.save_transformer(net.half(), os.path.join(dest, name + ".safetensors"))
+        model.save_transformer(net.half(), os.path.join(dest, name + ".safetensors"))
     vae_lib.save_vae(v.half(), os.path.join(dest, "vae.safetensors"))
     for e in ("null", "prompt", "neg"):
         shutil.copy(os.path.join(runs, "emb", e + ".safetensors"), os.path.join(dest, e + ".safetensors"))
@@ -467,7 +465,7 @@ def ship(runs, dest=SHIP):
 
 def write_card(dest, info):
     """weights/mfsr-tiny/MODEL_CARD.md: what the files are, how they were made."""
-    nets = {n: layouts.load_transformer(os.path.join(dest, n + ".safetensors")) for n in ("student", "teacher")}
+    nets = {n: model.load_transformer(os.path.join(dest, n + ".safetensors")) for n in ("student", "teacher")}
     v = vae_lib.load_vae(os.path.join(dest, "vae.safetensors"))
     count = lambda m: f"{sum(p.numel() for p in m.parameters()):,}"                         # noqa: E731
     lines = ["# mfsr-tiny: the miniature MFSR (made by `python miniature.py`)", "",
@@ -558,10 +556,10 @@ def heldout_pairs(size=256, per_image=1, seed=0, setting="realesrgan", names=HEL
 
 def load_shipped(dest=SHIP):
     """{name: net}, vae, {null, prompt, neg: (context, pooled)} of a shipped miniature."""
-    nets = {n: layouts.load_transformer(os.path.join(dest, n + ".safetensors")).eval()
+    nets = {n: model.load_transformer(os.path.join(dest, n + ".safetensors")).eval()
             for n in ("teacher", "student", "student_gt")}
     v = vae_lib.load_vae(os.path.join(dest, "vae.safetensors")).eval()
-    embs = {e: pairs.load_embedding(os.path.join(dest, e + ".safetensors"),
+    embs = {e: sample.load_embedding(os.path.join(dest, e + ".safetensors"),
                                     (torch.zeros(1, nets["student"].cfg.context_dim),
                                      torch.zeros(nets["student"].cfg.pooled_dim)))
             for e in ("null", "prompt", "neg")}

@@ -22,8 +22,7 @@ import torch
 
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the core files at the root
 
-import layouts
-import pairs
+import model
 import sample
 import vae as vae_lib
 import metrics
@@ -87,9 +86,9 @@ def student_metrics(runs, student, size=128, names=HELD_OUT):
     """The 1-step student on one size^2 crop of each held-out photograph, per setting:
     {setting: metrics.table_row}, sampled as sample.py samples (tiles, AdaIN)."""
     v = vae_lib.load_vae(os.path.join(runs, "decoder", "final", "vae.safetensors")).eval()
-    net = layouts.load_transformer(student).eval()
+    net = model.load_transformer(student).eval()
     zeros = (torch.zeros(1, net.cfg.context_dim), torch.zeros(net.cfg.pooled_dim))
-    c, p = pairs.load_embedding(os.path.join(runs, "emb", "prompt.safetensors"), zeros)
+    c, p = sample.load_embedding(os.path.join(runs, "emb", "prompt.safetensors"), zeros)
     out = {}
     for setting in SETTINGS:
         hr, lr = heldout_pairs(size, 1, 0, setting, names)
@@ -178,7 +177,7 @@ def scan_teacher(runs, depth, heads, cfg_scale, scale=1.0, workers=2, steps=None
         os.link(done[0], os.path.join(out, "latents-0.safetensors"))
     if not os.path.exists(os.path.join(out, "final")):
         train_stage(runs, "teacher", argv, out, scale, workers)
-    net = layouts.load_transformer(os.path.join(out, "final", "teacher.safetensors")).eval()
+    net = model.load_transformer(os.path.join(out, "final", "teacher.safetensors")).eval()
     net.sampling = {**net.sampling, "cfg": cfg_scale}
     return net, open(os.path.join(out, "final", "minutes.txt")).read().strip()
 
