@@ -77,7 +77,7 @@ CONFIGS = {
     # The shipped miniature's: x4, 16 latent channels so it feeds the same transformer. It folds
     # 4 x 4 pixel patches into channels (pixel_unshuffle), so every convolution runs at latent
     # resolution: 512^2 encode + decode 0.11 s against 0.88 s for the SD3 structure at x4 (three
-    # levels of 32 / 64 / 64 channels, the previous tiny VAE; python bench.py vae_tiny). Beside the
+    # levels of 32 / 64 / 64 channels, the previous tiny VAE; python experiments/bench.py vae_tiny). Beside the
     # convolutions a linear code of the patches (`linear`, started as PCA by init_linear_code)
     # carries most of the image: 16 principal components of 4 x 4 patches already reconstruct the
     # held-out photographs at 37 dB, where the three-level VAE reached 30 dB after 46 minutes of

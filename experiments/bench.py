@@ -1,7 +1,7 @@
 """Benchmarks: every figure the issues ask for, measured side by side in one run.
 
-    python bench.py model            # forward / JVP / JVP+backward of the transformer
-    python bench.py model --json     # the same figures as one JSON object
+    python experiments/bench.py model            # forward / JVP / JVP+backward of the transformer
+    python experiments/bench.py model --json     # the same figures as one JSON object
 
 Each bench prints a table. Time is the median of interleaved repeats (this is a shared
 2-core VM: interleaving keeps slow phases from landing on one variant only). Peak memory
@@ -23,6 +23,7 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -739,6 +740,22 @@ def bench_metrics(args):
 
 
 @bench
+def _previous_release(rev):
+    """--previous: a folder holding an earlier release's files, or a git revision whose
+    weights/mfsr-tiny is extracted (once) to a temporary folder. None without it."""
+    if not rev or os.path.isdir(rev):
+        return rev or None
+    dest = os.path.join(tempfile.gettempdir(), f"mfsr-release-{rev}")
+    if not os.path.isdir(os.path.join(dest, "weights", "mfsr-tiny")):
+        os.makedirs(dest, exist_ok=True)
+        archive = subprocess.run(["git", "archive", rev, "weights/mfsr-tiny"], capture_output=True, check=False)
+        if archive.returncode:
+            raise SystemExit(f"error: --previous {rev}: not a folder, and git has no such revision "
+                             f"({archive.stderr.decode().strip()})")
+        subprocess.run(["tar", "-x", "-C", dest], input=archive.stdout, check=True)
+    return os.path.join(dest, "weights", "mfsr-tiny")
+
+
 def bench_quality(args):
     """metrics.table_row against HR (PSNR, SSIM, LPIPS, DISTS, NIQE, speckle, texture), PSNR against
     the 40-step teacher, seconds per image; one table per setting (Real-ESRGAN degradation, clean
@@ -750,7 +767,8 @@ def bench_quality(args):
         size, steps, names = 256, 40, miniature.HELD_OUT
     rows, figure = [], []
     for setting in miniature.SETTINGS:
-        r, f = miniature.evaluate(size=size, teacher_steps=steps, setting=setting, names=names)
+        r, f = miniature.evaluate(size=size, teacher_steps=steps, setting=setting, names=names,
+                                  previous=_previous_release(getattr(args, "previous", None)))
         rows += [{"setting": setting, **row} for row in r]
         figure.append(f)
     figures = {f"{r['setting']}/{r['method']}": {k: v for k, v in r.items() if k not in ("method", "setting")}
@@ -761,7 +779,7 @@ def bench_quality(args):
         miniature.save_figure(figure, os.path.join(miniature.SHIP, "figure.png"))
         tmp = os.path.join(miniature.SHIP, "metrics.md.tmp")
         with open(tmp, "w") as f:
-            f.write(f"# {title}\n\n`python bench.py quality` ({time.strftime('%Y-%m-%d')})\n")
+            f.write(f"# {title}\n\n`python experiments/bench.py quality` ({time.strftime('%Y-%m-%d')})\n")
             for setting, what in miniature.SETTINGS.items():
                 table = [{k: v for k, v in r.items() if k != "setting"} for r in rows if r["setting"] == setting]
                 f.write(f"\n## {what}\n\n{markdown_table(table)}")
@@ -775,6 +793,8 @@ def main(argv=None):
     p.add_argument("--json", action="store_true", help="print one JSON object of the figures")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--quick", action="store_true", help="small sizes only (smoke run)")
+    p.add_argument("--previous", default=None, help="quality: also an earlier release's teacher and student, from "
+                   "its folder or a git revision (e.g. the tag miniature-v1)")
     args = p.parse_args(argv)
     if args.which in TWO_PASS and _PASS["name"] is None:
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MFSR_BENCH_PASS="peaks")

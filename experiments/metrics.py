@@ -1,6 +1,6 @@
 """Image quality metrics for the miniature's tables (not on the tutorial path).
 
-    python bench.py metrics      # what each metric costs per 256^2 crop
+    python experiments/bench.py metrics      # what each metric costs per 256^2 crop
 
 Full-reference, against the HR: PSNR, SSIM (Wang et al. 2004), the HF-energy ratio, speckle, and
 the perceptual metrics the MFSR paper reports, LPIPS v0.1 (Zhang et al. 2018, "The Unreasonable

@@ -1,12 +1,12 @@
 """The miniature MFSR: the whole story of the paper at a size two CPU cores train in about 100 minutes.
 
     pip install scikit-image                              # dev-only: photographs (and SSIM's reference)
-    apt-get install $(python miniature.py --packages)     # Debian packages that ship photographs
-    python miniature.py                 # data -> tiny VAE -> teacher -> CFG scan -> student (+ the
+    apt-get install $(python experiments/miniature.py --packages)     # Debian packages that ship photographs
+    python experiments/miniature.py                 # data -> tiny VAE -> teacher -> CFG scan -> student (+ the
                                         # gt-target ablation) -> weights/mfsr-tiny/; resumes where it stopped
-    python bench.py quality             # the README tables and figure, from weights/mfsr-tiny/
-    python sweeps.py --ablations        # the paper's ablations from the trained teacher -> docs/ablations.md
-    python sweeps.py --size-scan        # teachers of other sizes, 40-step quality -> docs/model_size.md
+    python experiments/bench.py quality             # the README tables and figure, from weights/mfsr-tiny/
+    python experiments/sweeps.py --ablations        # the paper's ablations from the trained teacher -> docs/ablations.md
+    python experiments/sweeps.py --size-scan        # teachers of other sizes, 40-step quality -> docs/model_size.md
 
 Every training stage is a train.py run (the same code as the full-scale path), in order:
   1. vae      the tiny VAE (vae.py "tiny": x4, 16 latent channels, every convolution at latent
@@ -468,7 +468,9 @@ def write_card(dest, info):
     nets = {n: model.load_transformer(os.path.join(dest, n + ".safetensors")) for n in ("student", "teacher")}
     v = vae_lib.load_vae(os.path.join(dest, "vae.safetensors"))
     count = lambda m: f"{sum(p.numel() for p in m.parameters()):,}"                         # noqa: E731
-    lines = ["# mfsr-tiny: the miniature MFSR (made by `python miniature.py`)", "",
+    pred = ("predicts the clean latent as an offset from the LR latent (prediction x; the student's MFD loss "
+            "is measured in x)" if nets["teacher"].cfg.prediction == "x" else "predicts SD3's velocity (prediction v)")
+    lines = ["# mfsr-tiny: the miniature MFSR (made by `python experiments/miniature.py`)", "",
              "| file | what |", "|---|---|",
              f"| student.safetensors | the MFSR student (teacher-CFG target, Eq. 11), LoRA merged, "
              f"{count(nets['student'])} parameters, fp16 |",
@@ -480,7 +482,7 @@ def write_card(dest, info):
              "| prompt / null / neg .safetensors | the fixed prompt embedding (every training image), the "
              "null (zeros, caption dropout) and the negative prompt (taught to mean the LR image) |",
              "| training.json | the train.py arguments of every stage, their minutes, the data |", "",
-             f"Transformer config: `{nets['student'].cfg}`", "",
+             f"Transformer config: `{nets['student'].cfg}`; the network {pred}.", "",
              f"Data: {len(PHOTOS)} photographs from scikit-image and Debian packages "
              f"({', '.join(sorted(_packages()))}), long side at most {MAX_SIDE} px; {len(TRAIN)} for "
              f"training, {len(HELD_OUT)} whole photographs held out for evaluation and the example image "
@@ -501,8 +503,9 @@ def write_card(dest, info):
              f"crops: " + ", ".join(f"{r['cfg']:g}: {r['PSNR']:.2f} dB" for r in info["cfg_scan"]["rows"])
              + f"); the student distils Eq. 11 with w = scale - 1 = {info['eq11_w']:g} and sees time as "
              f"c_noise = {'' if nets['student'].cfg.time_scale == 1 else format(nets['student'].cfg.time_scale, 'g') + ' '}t.", "",
-             "Metrics: metrics.md and figure.png, written by `python bench.py quality` (the repository's "
-             "README shows the same table)."]
+             "Metrics: metrics.md and figure.png, written by `python experiments/bench.py quality` (the "
+             "repository's README shows the same table). The previous release (velocity prediction) is the "
+             "git tag miniature-v1."]
     with open(os.path.join(dest, "MODEL_CARD.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -523,7 +526,7 @@ def make_example(dest="examples", name="chelsea", top=24, left=136, size=256, se
 
 
 # --------------------------------------------------------------------------------------------
-# Evaluation (python bench.py quality): the held-out pairs, the table (its metrics: metrics.py)
+# Evaluation (python experiments/bench.py quality): the held-out pairs, the table (its metrics: metrics.py)
 
 
 def bicubic_up(lr, hw):
@@ -568,19 +571,24 @@ def load_shipped(dest=SHIP):
 
 @torch.no_grad()
 def evaluate(dest=SHIP, size=256, per_image=1, teacher_steps=40, seed=0, setting="realesrgan", names=HELD_OUT,
-             figure_crops=2):
+             figure_crops=2, previous=None):
     """Rows of the README table for one setting, and the figure's rows (the first `figure_crops`
     crops). Every model runs through sample.upscale as sample.py runs it: latent tiles of the
-    training size, AdaIN colour fix, the teacher at the CFG scale its file records."""
-    nets, v, embs = load_shipped(dest)
+    training size, AdaIN colour fix, the teacher at the CFG scale its file records. previous: the
+    folder of an earlier release, whose teacher and student get rows of their own (with its VAE)."""
+    models = {"": load_shipped(dest)}
+    if previous:
+        models["previous release: "] = load_shipped(previous)
+    nets, v, _ = models[""]
     hr, lr = heldout_pairs(size, per_image, seed, setting, names)
     lr_up = bicubic_up(lr, hr.shape[-2:])
-    cond = {e: (p[None], c[None]) for e, (c, p) in embs.items()}
     cfg_scale = sample.sampling_settings(nets["teacher"])["cfg"]
 
-    def run(net, steps, teacher=False):
-        kw = {**sample.sampling_settings(net), "cfg": cfg_scale}
-        return torch.cat([sample.upscale(lr[i:i + 1], net, v, cond["prompt"], steps, teacher=teacher,
+    def run(net, steps, teacher=False, release=""):
+        _, vae, embs = models[release]
+        cond = {e: (p[None], c[None]) for e, (c, p) in embs.items()}
+        kw = sample.sampling_settings(net)
+        return torch.cat([sample.upscale(lr[i:i + 1], net, vae, cond["prompt"], steps, teacher=teacher,
                                          cond_neg=cond["neg"], seed=seed, vae_tile=0, **kw) for i in range(len(lr))])
 
     through_vae = lambda x: v.decode(v.encode(x * 2 - 1, tile=0), tile=0).float().add(1).div(2).clamp(0, 1)  # noqa: E731
@@ -593,6 +601,15 @@ def evaluate(dest=SHIP, size=256, per_image=1, teacher_steps=40, seed=0, setting
         methods[f"student {k} step{'s' * (k > 1)}"] = lambda k=k: run(nets["student"], k)
     for k in (1, 2):
         methods[f"student, gt target, {k} step{'s' * (k > 1)}"] = lambda k=k: run(nets["student_gt"], k)
+    if previous:
+        old_nets = models["previous release: "][0]
+        old_cfg = sample.sampling_settings(old_nets["teacher"])["cfg"]
+        for k in (1, teacher_steps):
+            methods["previous release: " + teacher_name(k, old_cfg)] = \
+                lambda k=k: run(old_nets["teacher"], k, True, "previous release: ")
+        for k in (1, 2):
+            methods[f"previous release: student {k} step{'s' * (k > 1)}"] = \
+                lambda k=k: run(old_nets["student"], k, False, "previous release: ")
     B = hr.shape[0]
     outs, secs = {}, {}
     for name, fn in methods.items():

@@ -1,11 +1,11 @@
 """Measurements around the miniature: the paper's ablations and scans of the teacher's size and training length.
 
-    python sweeps.py --ablations     # Tables 3 and 4, c_noise, the loss, from the trained teacher -> docs/ablations.md
-    python sweeps.py --size-scan     # teachers of other sizes, 40-step quality -> docs/model_size.md
-    python sweeps.py --length-scan   # the smallest teacher trained 2500 / 5000 / 10000 steps -> docs/teacher_length.md
-    python sweeps.py --teacher-samples   # the teacher's 40-step samples against their mean -> docs/teacher_samples.md
+    python experiments/sweeps.py --ablations     # Tables 3 and 4, c_noise, the loss, from the trained teacher -> docs/ablations.md
+    python experiments/sweeps.py --size-scan     # teachers of other sizes, 40-step quality -> docs/model_size.md
+    python experiments/sweeps.py --length-scan   # the smallest teacher trained 2500 / 5000 / 10000 steps -> docs/teacher_length.md
+    python experiments/sweeps.py --teacher-samples   # the teacher's 40-step samples against their mean -> docs/teacher_samples.md
 
-The ablations need a finished `python miniature.py` run's folder (--runs: its teacher, decoder and
+The ablations need a finished `python experiments/miniature.py` run's folder (--runs: its teacher, decoder and
 data); the two scans prepare the data in --runs themselves and train on the shipped VAE's latents;
 the teacher samples use the shipped files only. Every training run is a train.py run through
 miniature.train_stage, resumable; the tables use the held-out crops of `bench.py quality`.
@@ -30,7 +30,7 @@ from metrics import mse, mse_to_psnr
 from miniature import (HELD_OUT, SETTINGS, SHIP, STAGES, TRAIN_SIZE, bicubic_up, heldout_pairs, load_shipped,
                        prepare_data, train_stage)
 
-# The paper's ablations at miniature size (`python sweeps.py --ablations`): short distillations
+# The paper's ablations at miniature size (`python experiments/sweeps.py --ablations`): short distillations
 # of the one shipped teacher, each changing one setting of the paper's row "neg-CFG"; 1-step student
 # metrics on the held-out crops in both settings. Eq. 11's w is ABLATION_W for every CFG row
 # (the pipeline's CFG scan chose w = 0, where Eq. 10 and Eq. 11 coincide).
@@ -112,12 +112,12 @@ def ablations(runs, scale=1.0, workers=2, dest="docs/ablations.md"):
     teacher, then measured; the table is printed and written to `dest`."""
     for stage in ("teacher", "decoder"):
         if not os.path.exists(os.path.join(runs, stage, "final")):
-            raise SystemExit(f"error: {runs}/{stage}/final is missing: run `python miniature.py --runs {runs}` first")
+            raise SystemExit(f"error: {runs}/{stage}/final is missing: run `python experiments/miniature.py --runs {runs}` first")
     base = _with_flags(dict(STAGES)["student"].format(runs=runs, size=TRAIN_SIZE, w=ABLATION_W).split(),
                        f"--steps {ABLATION_STEPS} --warmup {ABLATION_WARMUP} --time-scale 1")   # the student
     # stage, shorter, with the paper's c_noise = t (§4.4), so the rows vary the paper's recipe
     lines = ["# The paper's ablations at miniature size", "",
-             f"`python sweeps.py --ablations` ({time.strftime('%Y-%m-%d')}): each row a distillation of "
+             f"`python experiments/sweeps.py --ablations` ({time.strftime('%Y-%m-%d')}): each row a distillation of "
              f"{max(2, round(ABLATION_STEPS * scale))} steps ({max(1, round(ABLATION_WARMUP * scale))} of them "
              f"warm-up at s = t) from the miniature's teacher, changing one setting of the Eq. 11 row "
              f"(w = {ABLATION_W:g}, ratio 0.5, pseudo-Huber, c_noise = t). The 1-step student on a 128^2 crop "
@@ -192,7 +192,7 @@ def size_scan(runs, scale=1.0, workers=2, dest="docs/model_size.md", sizes=SIZE_
     cfg_scale = sample.sampling_settings(shipped)["cfg"]
     steps = max(2, round(int(dict(STAGES)["teacher"].split("--steps ")[1].split()[0]) * scale))
     lines = ["# Teacher size at miniature scale", "",
-             f"`python sweeps.py --size-scan` ({time.strftime('%Y-%m-%d')}): the teacher stage of "
+             f"`python experiments/sweeps.py --size-scan` ({time.strftime('%Y-%m-%d')}): the teacher stage of "
              f"`miniature.STAGES` ({steps} steps) at each (depth, heads of 64 channels), on the shipped VAE's "
              f"latents; the shipped size is the shipped teacher. Each sampled with {eval_steps} steps at CFG "
              f"scale {cfg_scale:g} (the shipped one) on a {eval_size}^2 crop of each of the {len(HELD_OUT)} held-out "
@@ -227,7 +227,7 @@ def length_scan(runs, scale=1.0, workers=2, dest="docs/teacher_length.md", size=
     shipped, v, embs = load_shipped()
     cfg_scale = sample.sampling_settings(shipped["teacher"])["cfg"]
     lines = ["# Teacher training length at miniature scale", "",
-             f"`python sweeps.py --length-scan` ({time.strftime('%Y-%m-%d')}): the teacher stage of "
+             f"`python experiments/sweeps.py --length-scan` ({time.strftime('%Y-%m-%d')}): the teacher stage of "
              f"`miniature.STAGES` at {size[0]} blocks x {64 * size[1]} channels for each number of steps "
              "(learning rate annealed to 0 over each), on the shipped VAE's latents and the same cached pairs. "
              f"Each sampled with {eval_steps} steps at CFG scale {cfg_scale:g} on a {eval_size}^2 crop of each "
@@ -262,7 +262,7 @@ def teacher_samples(runs, scale=1.0, workers=2, dest="docs/teacher_samples.md", 
     net = nets["teacher"]
     db = lambda m: mse_to_psnr(m).mean().item()        # noqa: E731  mean PSNR of per-image errors
     lines = ["# The teacher's samples against their mean", "",
-             f"`python sweeps.py --teacher-samples` ({time.strftime('%Y-%m-%d')}): the shipped teacher, {steps} "
+             f"`python experiments/sweeps.py --teacher-samples` ({time.strftime('%Y-%m-%d')}): the shipped teacher, {steps} "
              f"steps at its CFG scale {sample.sampling_settings(net)['cfg']:g}, seeds 0..{seeds - 1} on a {size}^2 "
              f"crop of each of the {len(HELD_OUT)} held-out photographs. PSNR per image, averaged; the posterior "
              f"mean's error M = ({seeds} mse(mean) - mse(one)) / {seeds - 1} per image, V = mse(one) - M (see sweeps.py).",
@@ -283,7 +283,7 @@ def teacher_samples(runs, scale=1.0, workers=2, dest="docs/teacher_samples.md", 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", default="runs/miniature", help="the miniature's working folder (python miniature.py --runs)")
+    ap.add_argument("--runs", default="runs/miniature", help="the miniature's working folder (python experiments/miniature.py --runs)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every run's steps (0.01: a smoke run)")
     ap.add_argument("--workers", type=int, default=2, help="data-loading processes per run")
     what = ap.add_mutually_exclusive_group(required=True)
