@@ -1,0 +1,489 @@
+"""Tests of train.py (tiny preset, CPU): the stages end to end, resuming, two processes, the losses, its messages."""
+
+import json
+import math
+import os
+import re
+from dataclasses import fields, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import mfsr
+import model
+import sample
+import train
+import vae as V
+from builders import _TINY, _images, _randomize
+from model import CONFIGS, MMDiT
+
+
+def _fixed_teacher_loss(net, data):
+    """The teacher-stage loss of `net` on one fixed batch with fixed noise (mean of 4 draws)."""
+    cfg = train.parse_args(_TINY + ["--data", data, "--stage", "teacher"])
+    torch.manual_seed(cfg.seed)
+    vae_ = train.vae_lib.VAE(train.vae_lib.CONFIGS["tiny"]).eval()
+    null = (torch.zeros(1, 64), torch.zeros(32))
+    import degrade
+    ds = train.PairDataset(train.find_images(data), 32, null, degrade.DegradeConfig())
+    batch = train.collate([ds[(i, 100 + i)] for i in range(4)])
+    g = torch.Generator().manual_seed(0)
+    z_hr, z_lr = train.encode_pair(vae_, batch, g)
+    cfg.caption_dropout = 0.0
+    with torch.no_grad():
+        return sum(train.teacher_loss(net, z_hr, z_lr, batch["context"], batch["pooled"], null, cfg, g)[0].item()
+                   for _ in range(4)) / 4
+
+
+@pytest.mark.slow
+def test_train_tiny_teacher_then_distill_end_to_end(tmp_path):
+    data = _images(tmp_path / "data")
+    t_out, s_out = tmp_path / "teacher", tmp_path / "student"
+    train.main(_TINY + ["--data", data, "--stage", "teacher", "--steps", "40", "--lr", "1e-3",
+                        "--out", str(t_out), "--save-every", "40", "--sample-every", "40"])
+    teacher_file = t_out / "ckpt-0000040" / "teacher.safetensors"
+    trained = model.load_transformer(str(teacher_file)).eval()
+    torch.manual_seed(0)
+    init = MMDiT(CONFIGS["tiny"]).eval()                       # what train.py starts from (seed 0)
+    before, after = _fixed_teacher_loss(init, data), _fixed_teacher_loss(trained, data)
+    assert after < 0.95 * before, (before, after)   # measured 1.97 -> 1.75 (stand-in degradation)
+    assert (t_out / "grid-0000040.png").exists()
+    train.main(_TINY + ["--data", data, "--teacher", str(teacher_file), "--steps", "3", "--lora-rank", "4",
+                        "--out", str(s_out), "--save-every", "3", "--sample-every", "3"])
+    student = model.load_transformer(str(s_out / "ckpt-0000003" / "student.safetensors"))
+    assert student.cfg.two_times and student.cfg.time_scale == 1.0 and student.cfg.lr_stream
+    # the export records its training tile (32^2 crops / the tiny VAE's x4 = 8) for sample.py
+    assert student.sampling == {"tile": 8, "tile_overlap": 4} and trained.sampling["tile"] == 8
+    assert trained.sampling["shift"] == 3.0          # the teacher's sampler grid: its training's --time-shift
+    logs = [json.loads(line) for line in (s_out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in logs)
+    assert all(math.isfinite(r["jvp_term"]) and r["jvp_term"] >= 0 for r in logs)
+    # sample.py takes the export as it is: student, the VAE and the prompt embedding beside it
+    from PIL import Image as PILImage
+    PILImage.fromarray((torch.rand(12, 10, 3) * 255).byte().numpy()).save(tmp_path / "lr.png")
+    assert sample.main([str(tmp_path / "lr.png"), "--ckpt", str(s_out / "ckpt-0000003" / "student.safetensors"),
+                        "-o", str(tmp_path / "sr")]) == 0
+    with PILImage.open(tmp_path / "sr" / "lr_mfsr.png") as im:
+        assert im.size == (40, 48)
+
+
+@pytest.mark.parametrize("stage", ["teacher", "vae"])
+def test_train_export_carries_the_ema_weights(tmp_path, stage):
+    data = _images(tmp_path / "data")
+    args = ["--data", data, "--stage", stage, "--steps", "3", "--lr", "1e-2", "--ema", "0.5", "--lr-decay", "cosine",
+            "--out", str(tmp_path / "t"), "--save-every", "3", "--sample-every", "100"]
+    train.main(_TINY + args)
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "t" / "log.jsonl").read_text().splitlines()]
+    cfg = train.parse_args(_TINY + args)
+    assert logged == [train.learning_rate(cfg, s) for s in range(3)] and logged[0] > logged[1] > logged[2]
+    ck = tmp_path / "t" / "ckpt-0000003"
+    saved = load_file(str(ck / "trainable.safetensors"))
+    exported = (model.load_transformer(str(ck / "teacher.safetensors")) if stage == "teacher"
+                else V.load_vae(str(ck / "vae.safetensors"))).state_dict()
+    ema = {k[4:]: v for k, v in saved.items() if k.startswith("ema.")}
+    assert ema and set(ema) == {k for k in saved if not k.startswith("ema.")}
+    for name, value in ema.items():
+        assert torch.equal(exported[name], value), name
+    assert any(not torch.equal(saved[n], ema[n]) for n in ema)      # the live weights differ from the EMA
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cache", [[], ["--cache-latents", "6"]])
+def test_train_resume_repeats_the_uninterrupted_run(tmp_path, cache):
+    data = _images(tmp_path / "data")
+    common = _TINY + ["--data", data, "--lora-rank", "4", "--save-every", "2"] + cache
+    train.main(common + ["--steps", "4", "--out", str(tmp_path / "a")])
+    train.main(common + ["--steps", "2", "--out", str(tmp_path / "b")])
+    if cache:   # the resumed run must reuse the cache, not encode new pairs
+        (tmp_path / "b" / "latents-0.safetensors").touch()
+        stamp = (tmp_path / "b" / "latents-0.safetensors").stat().st_mtime_ns
+    train.main(common + ["--steps", "4", "--out", str(tmp_path / "b"), "--resume"])
+    losses = lambda d: [json.loads(line)["loss"] for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+    assert len(losses("a")) == 4 and losses("a") == losses("b")
+    if cache:
+        assert (tmp_path / "b" / "latents-0.safetensors").stat().st_mtime_ns == stamp
+        z = load_file(tmp_path / "a" / "latents-0.safetensors")
+        assert z["z_hr"].shape == (6, 16, 8, 8) and z["z_lr"].shape == z["z_hr"].shape
+        assert not torch.equal(z["z_hr"], z["z_lr"])
+
+
+@pytest.mark.slow
+def test_train_compile_gives_the_eager_losses(tmp_path):
+    """--compile (the student's forward with gradients, static shapes) trains like the eager run."""
+    data = _images(tmp_path / "data")
+    common = _TINY + ["--data", data, "--lora-rank", "4", "--steps", "2", "--save-every", "2"]
+    train.main(common + ["--out", str(tmp_path / "eager")])
+    from torch._dynamo.utils import counters
+    counters.clear()
+    train.main(common + ["--out", str(tmp_path / "compiled"), "--compile"])
+    assert counters["stats"]["unique_graphs"] >= 1             # the compiled path really ran
+    logs = lambda d: [json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+    eager, compiled = logs("eager"), logs("compiled")
+    assert [r["step"] for r in compiled] == [1, 2]
+    for a, b in zip(eager, compiled):   # step 2 also checks the update made from step 1's gradients
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4) and a["loss"] > 0
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
+
+
+def _ddp_worker(rank, world, init_file, data_file, out_file, mode):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    student, d = _ddp_student(), torch.load(data_file)
+    sync = train.GradSync([p for p in student.parameters() if p.requires_grad], bucket_mb=0.02)
+    assert len(sync.buckets) > 3       # several buckets, so their start order is exercised
+    u = mfsr.average_velocity(student)
+    for a in (0, 1):                   # this rank's two rows as two accumulated micro-batches
+        row = slice(2 * rank + a, 2 * rank + a + 1)
+        if a == 1:
+            sync.arm()
+        res = mfsr.mfd_loss(u, d["z"][row], d["t"][row], d["s"][row], d["v"][row],
+                            cond=tuple(c[row] for c in d["cond"]), mode=mode)
+        (res["loss"] / 2).backward()
+    sync.finish()
+    torch.save({n: p.grad for n, p in student.named_parameters() if p.grad is not None}, f"{out_file}.{rank}")
+    dist.destroy_process_group()
+
+
+def _ddp_student():
+    torch.manual_seed(0)
+    student = model.make_student(_randomize(MMDiT(CONFIGS["tiny"])), lora_rank=4)
+    with torch.no_grad():
+        for n, p in student.named_parameters():
+            if "lora_up" in n:
+                p.normal_(0, 0.02)
+    return student
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["split", "fused"])
+def test_two_process_gradients_equal_one_process_on_the_union_batch(tmp_path, mode):
+    import torch.multiprocessing as mp
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 16, 8, 8, generator=g)
+    d = {"z": z, "v": torch.randn_like(z), "t": torch.tensor([0.1, 0.5, 0.3, 0.7]),
+         "s": torch.tensor([0.6, 0.5, 0.9, 0.8]),
+         "cond": (torch.randn_like(z), torch.randn(4, 32, generator=g), torch.randn(4, 5, 64, generator=g))}
+    torch.save(d, tmp_path / "data.pt")
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "data.pt"), str(tmp_path / "g"), mode),
+             nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"g.{r}") for r in (0, 1)]
+    student = _ddp_student()
+    mfsr.mfd_loss(mfsr.average_velocity(student), d["z"], d["t"], d["s"], d["v"], cond=d["cond"],
+                  mode=mode)["loss"].backward()
+    one = {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
+    assert set(one) == set(ranks[0]) == set(ranks[1]) and len(one) > 10
+    for n, g1 in one.items():
+        assert torch.equal(ranks[0][n], ranks[1][n]), n
+        assert (ranks[0][n] - g1).abs().max() <= 1e-5 * (g1.abs().max() + 1e-8), n
+
+
+def _torchrun_worker(rank, world, port, argv, out):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    saved = train.save_checkpoint
+
+    def spy(cfg, net, *args, **kw):      # every rank's trainable weights, to compare across ranks
+        torch.save({n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad},
+                   os.path.join(out, f"weights-{rank}.pt"))
+        return saved(cfg, net, *args, **kw)
+
+    train.save_checkpoint = spy
+    train.main(argv)
+
+
+@pytest.mark.slow
+def test_train_main_under_two_processes_keeps_ranks_in_step(tmp_path):
+    """train.main as torchrun starts it (RANK / WORLD_SIZE / MASTER_* in the environment), fused
+    JVP mode with gradient accumulation: both ranks end with identical weights, which moved."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    data = _images(tmp_path / "data", n=4)
+    out = tmp_path / "run"
+    argv = _TINY + ["--data", data, "--steps", "2", "--lora-rank", "4", "--mode", "fused", "--accum", "2",
+                    "--save-every", "2", "--out", str(out)]
+    mp.spawn(_torchrun_worker, args=(2, port, argv, str(tmp_path)), nprocs=2, join=True)
+    w0, w1 = (torch.load(tmp_path / f"weights-{r}.pt") for r in (0, 1))
+    assert set(w0) == set(w1) and all(torch.equal(w0[n], w1[n]) for n in w0)
+    lines = (out / "log.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and all(math.isfinite(json.loads(x)["loss"]) for x in lines)
+    first = load_file(out / "ckpt-0000002" / "trainable.safetensors")
+    assert all(torch.equal(first[n], w0[n]) for n in w0)
+    init = model.make_student(MMDiT(CONFIGS["tiny"]), lora_rank=4)
+    assert any(not torch.equal(w0[n], p) for n, p in init.named_parameters() if n in w0 and "lora_up" in n)
+
+
+def test_train_bad_inputs_give_clear_messages(tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit, match="no such folder"):
+        train.main(_TINY + ["--data", str(tmp_path / "absent"), "--out", str(tmp_path / "o")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no images"):
+        train.main(_TINY + ["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit):
+        train.main(_TINY + ["--data", str(tmp_path / "empty"), "--stage", "student"])
+    assert "--stage 'student': choose from distill, teacher, vae" in capsys.readouterr().err
+    with pytest.raises(SystemExit):   # progress grids written into the data would be trained on
+        train.main(_TINY + ["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "empty" / "run")])
+    assert "is inside --data" in capsys.readouterr().err and not (tmp_path / "empty" / "run").exists()
+    data = _images(tmp_path / "data", n=2)
+    (tmp_path / "data" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")      # no header
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "data" / "tiny.png")   # below the 32^2 crop
+    good = Image.open(Path(data) / "img0.png")       # a whole header, the pixel data cut short
+    good.save(tmp_path / "data" / "cut.png")
+    raw = (tmp_path / "data" / "cut.png").read_bytes()
+    (tmp_path / "data" / "cut.png").write_bytes(raw[:len(raw) // 2])
+    out = tmp_path / "run"
+    train.main(_TINY + ["--data", data, "--steps", "6", "--lora-rank", "4", "--out", str(out), "--save-every", "6"])
+    captured = capsys.readouterr()
+    # each bad file is named once: the two found before training, the cut one when first drawn
+    assert captured.err.count("broken.png") == 1 and "unreadable" in captured.err
+    assert captured.err.count("tiny.png") == 1 and "20x20, smaller than the 32x32 crop" in captured.err
+    assert captured.err.count("cut.png") == 1
+    assert "2 of 5 images were left out before training" in captured.out
+    assert re.search(r"\d+ draws of 1 unreadable image\(s\) were skipped: .*cut.png", captured.out)
+    # a run whose losses are all non-finite stops with the step and the images, keeping what was written
+    monkeypatch.setattr(mfsr, "mfd_loss", lambda *a, **k: {"loss": None, "per_sample": None, "n_nonfinite": 2,
+                                                            "jvp_term": float("nan")})
+    with pytest.raises(SystemExit, match=r"2 non-finite steps in a row, stopping at step \d+ \(.*img"):
+        train.main(_TINY + ["--data", data, "--steps", "10", "--lora-rank", "4", "--out", str(out),
+                            "--resume", "--max-bad", "2"])
+    assert (out / "ckpt-0000006" / "student.safetensors").exists()
+
+
+def test_teacher_loss_negative_rows_get_the_negative_prompt_and_the_lr_target():
+    cfg = train.parse_args(_TINY + ["--data", "x", "--stage", "teacher", "--caption-dropout", "0"])
+    g = torch.Generator().manual_seed(0)
+    z_hr, z_lr = torch.randn(3, 16, 4, 4, generator=g), torch.randn(3, 16, 4, 4, generator=g)
+    ctx, pooled = torch.randn(3, 2, 64, generator=g), torch.randn(3, 32, generator=g)
+    null, neg = (torch.zeros(1, 64), torch.zeros(32)), (torch.ones(3, 64), torch.ones(32))
+    seen = {}
+
+    def net(x, sigma, pooled, context, lr):   # predicts the velocity that lands exactly on z_lr
+        seen.update(context=context, pooled=pooled)
+        return (x - lr) / sigma.view(-1, 1, 1, 1)
+
+    for neg_prob, want_loss in ((1.0, 0.0), (0.0, (z_lr - z_hr).pow(2).mean().item())):
+        cfg.neg_prob = neg_prob
+        loss, _ = train.teacher_loss(net, z_hr, z_lr, ctx, pooled, null, cfg, g, neg=neg)
+        assert abs(loss.item() - want_loss) < 1e-5 * max(1, want_loss)
+        if neg_prob:   # every row: the negative prompt, padded to the longer length
+            assert seen["context"].shape == (3, 3, 64) and (seen["context"] == 1).all() and (seen["pooled"] == 1).all()
+        else:
+            assert torch.equal(seen["context"], ctx)
+
+
+def test_teacher_loss_time_shift_is_sd3s_shift_of_the_logit_normal_sigma():
+    """--time-shift a: sigma = a u / (1 + (a - 1) u), u = sigmoid(N(0, 1)): median a / (1 + a)
+    (0.75 for SD3.5's 3, 0.5 without a shift); a shift <= 0 is refused by name."""
+    z = torch.zeros(4000, 1, 1, 1)
+    seen = []
+
+    def net(x, sigma, pooled, context, lr):
+        seen.append(sigma)
+        return torch.zeros_like(x)
+    for shift in (3.0, 1.0):
+        cfg = train.parse_args(_TINY + ["--data", "x", "--stage", "teacher", "--time-shift", str(shift)])
+        train.teacher_loss(net, z, z, torch.zeros(4000, 2, 64), torch.zeros(4000, 32), (torch.zeros(1, 64), torch.zeros(32)), cfg,
+                           torch.Generator().manual_seed(0))
+        assert abs(seen[-1].median().item() - shift / (1 + shift)) < 0.02, (shift, seen[-1].median())
+    assert (seen[0] > seen[1]).all()                         # the same u, shifted towards noise
+    with pytest.raises(SystemExit):
+        train.parse_args(_TINY + ["--data", "x", "--time-shift", "0"])
+
+
+def test_depth_and_heads_size_a_tiny_teacher_from_scratch_and_are_refused_elsewhere(capsys):
+    """--depth / --heads (the size scan): the teacher stage builds that size, the unset one keeps the
+    tiny config's value; for a distill stage, a given --teacher or the full preset they are refused."""
+    tiny = model.CONFIGS["tiny"]
+    for flags, want in ((["--depth", "2", "--heads", "1"], (2, 1)), (["--depth", "4"], (4, tiny.heads)), ([], (3, 2))):
+        cfg = train.parse_args(_TINY + ["--data", "x", "--stage", "teacher"] + flags)
+        net, _, _ = train.build_models(cfg, torch.device("cpu"))
+        assert (net.cfg.depth, net.cfg.heads, len(net.joint_blocks), net.cfg.hidden) == (*want, want[0], 64 * want[1])
+        assert net.cfg.lr_stream and net.cfg.dual_layers == tiny.dual_layers
+    assert (tiny.depth, tiny.heads) == (3, 2)
+    for bad in (["--stage", "distill", "--depth", "2"], ["--stage", "teacher", "--teacher", "t.safetensors", "--heads", "1"],
+                ["--stage", "teacher", "--preset", "full", "--depth", "2"], ["--stage", "teacher", "--heads", "-1"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(_TINY + ["--data", "x"] + bad)
+        assert "--depth" in capsys.readouterr().err
+
+
+def test_train_learning_rate_schedules():
+    cfg = train.parse_args(["--data", "d", "--lr", "2e-3", "--steps", "100", "--lr-decay", "cosine"])
+    lrs = [train.learning_rate(cfg, s) for s in range(100)]
+    assert lrs[0] == 2e-3 and abs(lrs[50] - 1e-3) < 1e-12 and 0 < lrs[99] < 1e-6
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert {train.learning_rate(replace(cfg, lr_decay="none"), s) for s in range(100)} == {2e-3}
+
+
+@pytest.mark.slow
+def test_train_vae_stage_learns_and_exports_a_calibrated_vae(tmp_path):
+    data = _images(tmp_path / "data", size=64)
+    out = tmp_path / "vae"
+    train.main(_TINY + ["--data", data, "--stage", "vae", "--steps", "30", "--batch", "4", "--lr", "2e-3",
+                        "--out", str(out), "--save-every", "30", "--sample-every", "30"])
+    trained = V.load_vae(str(out / "ckpt-0000030" / "vae.safetensors"))
+    torch.manual_seed(0)
+    init = V.VAE(V.CONFIGS["tiny"]).eval()                   # random (train.py starts from PCA, then trains)
+    x = torch.stack([sample.load_image(p).rgb for p in train.find_images(data)])[..., :32, :32] * 2 - 1
+    with torch.no_grad():
+        err = {k: (v.decode(v.encode(x), clamp=False) - x).abs().mean().item() for k, v in
+               (("init", init), ("trained", trained))}
+        z = trained.encode(x)
+    assert err["trained"] < 0.7 * err["init"], err
+    # shift / scale from the running latent statistics: model-space latents near mean 0, std 1
+    assert abs(z.mean().item()) < 0.3 and 0.6 < z.std().item() < 1.6, (z.mean().item(), z.std().item())
+    assert (trained.cfg.scale, trained.cfg.shift) != (V.CONFIGS["tiny"].scale, V.CONFIGS["tiny"].shift)
+    assert (out / "grid-0000030.png").exists()
+
+
+# ---- train.py: the traps a new user walks into
+
+
+def test_train_help_gives_every_flag_a_text_its_default_and_choices_in_groups(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for group in ("data:", "model:", "stage:", "optimisation:", "checkpoints and logs:", "distributed and speed"):
+        assert f"\n{group}" in text, group
+    flags = [f for f in fields(train.TrainConfig)]
+    body = " ".join(text.split())
+    helps = train.field_help()
+    for f in flags:
+        flag = "--" + f.name.replace("_", "-")
+        assert body.count(flag + " ") + body.count(flag + ",") >= 1, flag
+        first_words = " ".join(helps[f.name].split()[:3])
+        assert len(helps[f.name]) > 10 and first_words in body, f.name   # its comment is its help
+    assert "[default: 12000]" in body and "[default: 5e-05]" in body and "(choices: distill, teacher, vae)" in body
+    assert "(choices: gt, meanflow, null, neg)" in body
+
+
+def test_train_refuses_an_untrained_vae_unless_asked(tmp_path):
+    data = _images(tmp_path / "data", n=2)
+    base = [a for a in _TINY if a != "--untrained-vae"] + ["--data", data, "--steps", "1", "--out", str(tmp_path / "o")]
+    for stage in ("teacher", "distill"):
+        with pytest.raises(SystemExit, match="--vae.*--untrained-vae"):
+            train.main(base + ["--stage", stage])
+    assert not (tmp_path / "o" / "ckpt-0000001").exists()
+    train.main(base + ["--stage", "vae"])                               # the VAE's own stage needs none
+    assert (tmp_path / "o" / "ckpt-0000001" / "vae.safetensors").exists()
+
+
+def test_train_without_one_usable_image_stops_before_step_one(tmp_path, capsys):
+    d = tmp_path / "data"
+    d.mkdir()
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(d / "small.png")
+    (d / "bad.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(SystemExit, match="none of the 2 images in --data is usable"):
+        train.main(_TINY + ["--data", str(d), "--steps", "2", "--out", str(tmp_path / "o")])
+    assert not any(p.name.startswith("ckpt-") for p in (tmp_path / "o").iterdir())
+    assert not (tmp_path / "o" / "log.jsonl").exists()
+
+
+def test_train_resume_falls_back_from_a_truncated_checkpoint_keeps_it_and_logs_each_step_once(tmp_path, capsys):
+    data = _images(tmp_path / "data")
+    out = tmp_path / "run"
+    common = _TINY + ["--data", data, "--lora-rank", "4", "--save-every", "2", "--out", str(out)]
+    old = os.umask(0o022)
+    try:
+        train.main(common + ["--steps", "4"])
+    finally:
+        os.umask(old)
+    # files are written with the umask's permissions (0644), as everything else in the tree
+    for f in (out / "ckpt-0000004").iterdir():
+        assert f.stat().st_mode & 0o777 == 0o644, (f.name, oct(f.stat().st_mode))
+    reference = {k: v.clone() for k, v in load_file(out / "ckpt-0000004" / "trainable.safetensors").items()}
+    t = out / "ckpt-0000004" / "trainable.safetensors"
+    t.write_bytes(t.read_bytes()[: t.stat().st_size // 2])              # a crash mid-write, or a full disk
+    cut = t.stat().st_size
+    capsys.readouterr()
+    train.main(common + ["--steps", "4", "--resume"])
+    printed = capsys.readouterr().out
+    assert "ckpt-0000004 is not a whole checkpoint" in printed and "resuming from" in printed and "step 2)" in printed
+    assert (out / "ckpt-0000004.broken" / "trainable.safetensors").stat().st_size == cut   # kept aside, as it was
+    again = load_file(out / "ckpt-0000004" / "trainable.safetensors")   # steps 3-4 redone from step 2
+    assert all(torch.equal(again[k], reference[k]) for k in reference)
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_train_clean_prob_gives_bicubic_pairs_and_the_plain_gt(tmp_path):
+    import degrade
+    null = (torch.zeros(1, 64), torch.zeros(32))
+    rng = np.random.default_rng(1)
+    folder = tmp_path
+    Image.fromarray((rng.random((48, 48, 3)) * 255).astype(np.uint8)).save(folder / "a.png")
+    paths = train.find_images(str(folder))
+    clean = train.PairDataset(paths, 32, null, degrade.DegradeConfig(gt_size=32), clean_prob=1.0)
+    real = train.PairDataset(paths, 32, null, degrade.DegradeConfig(gt_size=32, usm_gt=False), clean_prob=0.0)
+    for seed in range(3):
+        c, r = clean[(0, seed)], real[(0, seed)]
+        assert torch.equal(c["gt"], r["gt"])                               # the same crop, not sharpened
+        assert torch.equal(c["lr"], degrade.bicubic_down(c["gt"][None])[0])
+        assert not torch.equal(r["lr"], c["lr"])
+    mixed = train.PairDataset(paths, 32, null, degrade.DegradeConfig(gt_size=32, usm_gt=False), clean_prob=0.5)
+    n_clean = sum(torch.equal(mixed[(0, k)]["lr"], degrade.bicubic_down(mixed[(0, k)]["gt"][None])[0]) for k in range(40))
+    assert 8 <= n_clean <= 32, n_clean
+    assert train.parse_args(["--data", str(folder), "--plain-gt", "--clean-prob", "0.3"]).plain_gt
+
+
+def test_distill_warmup_steps_have_every_row_at_s_equal_t(monkeypatch):
+    """--warmup N: the first N steps sample times at ratio 0 (no s != t rows, no JVP), then cfg.ratio."""
+    seen = []
+    real = mfsr.sample_times
+    monkeypatch.setattr(mfsr, "sample_times", lambda B, ratio, g: seen.append(ratio) or real(B, ratio, g))
+    cfg = train.parse_args(["--data", "data", "--out", "/nonexistent/out", "--preset", "tiny", "--warmup", "2",
+                            "--ratio", "0.5", "--target", "gt"])
+    torch.manual_seed(0)
+    teacher = MMDiT(CONFIGS["tiny"]).eval()
+    student = model.make_student(teacher, lora_rank=4)
+    z = torch.randn(2, 16, 8, 8)
+    ctx, pooled = torch.randn(2, 4, 64), torch.randn(2, 32)
+    null = (torch.zeros(1, 64), torch.zeros(32))
+    logs = []
+    for step in range(4):
+        log = {}
+        train.distill_loss(student, student, teacher, z, z, ctx, pooled, null, null, cfg,
+                           torch.Generator().manual_seed(step), log=log, step=step)
+        logs.append(log["jvp_term"])
+    assert seen == [0.0, 0.0, 0.5, 0.5]
+    assert logs[0] == logs[1] == 0.0 and logs[2] > 0 and logs[3] > 0
+
+
+@pytest.mark.parametrize("target", ["meanflow", "neg"])
+def test_distill_cond_drop_trains_the_null_branch_unguided(monkeypatch, target):
+    """--cond-drop 1: every row's condition is the null prompt and its target the unguided velocity
+    (meanflow: the data path z_HR - eps; neg: the teacher's v(z | null)); --kappa reaches Eq. 9."""
+    seen = {}
+    real_tv, real_loss = mfsr.teacher_velocity, mfsr.mfd_loss
+    monkeypatch.setattr(mfsr, "teacher_velocity", lambda *a, **k: seen.update(tv=k) or real_tv(*a, **k))
+    monkeypatch.setattr(mfsr, "mfd_loss", lambda u, z, t, s, v, **k: seen.update(z=z, t=t, v=v, cond=k["cond"])
+                        or real_loss(u, z, t, s, v, **k))
+    cfg = train.parse_args(["--data", "data", "--out", "/nonexistent/out", "--preset", "tiny", "--target", target,
+                            "--cond-drop", "1", "--kappa", "0.5", "--cfg-w", "2"])
+    torch.manual_seed(0)
+    teacher = MMDiT(CONFIGS["tiny"]).eval()
+    student = model.make_student(teacher, lora_rank=4)
+    g = torch.Generator().manual_seed(1)
+    z_hr, z_lr = torch.randn(3, 16, 8, 8, generator=g), torch.randn(3, 16, 8, 8, generator=g)
+    ctx, pooled = torch.randn(3, 4, 64, generator=g), torch.randn(3, 32, generator=g)
+    null = (torch.zeros(1, 64), torch.ones(32))
+    neg = (torch.full((4, 64), 2.0), torch.full((32,), 2.0))
+    train.distill_loss(student, student, teacher, z_hr, z_lr, ctx, pooled, null, neg, cfg, torch.Generator().manual_seed(2))
+    _, c_pooled, c_ctx = seen["cond"]
+    assert torch.equal(c_pooled, torch.ones(3, 32)) and not c_ctx[:, :1].any()          # null everywhere
+    assert seen["tv"]["kappa"] == 0.5 and seen["tv"]["w"] == 2.0
+    if target == "meanflow":
+        expected = seen["tv"]["z_hr"] - seen["tv"]["eps"]
+    else:
+        with torch.no_grad():
+            expected = mfsr.velocity(teacher)(seen["z"], seen["t"], seen["cond"])
+    torch.testing.assert_close(seen["v"], expected, rtol=1e-5, atol=1e-5)
