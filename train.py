@@ -487,79 +487,33 @@ def distill_loss(student, raw_student, teacher, z_hr, z_lr, context, pooled, nul
 
 
 # --------------------------------------------------------------------------------------------
-# Many processes: the gradients of the trainable parameters, averaged by hand. DDP is not used: the
-# JVP runs on the raw module (mfsr's u_fn_jvp), and the fused mode trains the primal output of that
-# JVP. Each rank runs the raw module on its own data shard.
+# Many processes: the trainable parameters' gradients are averaged by hand after backward (as
+# py-meanflow does). DDP is not used: the JVP runs on the raw module (mfsr's u_fn_jvp), and the
+# fused mode trains the primal output of that JVP. Each rank runs the raw module on its own shard.
 
 
-class GradSync:
-    """Average the trainable parameters' gradients over all ranks, in buckets of `bucket_mb`.
+def all_reduce_grads(params):
+    """Average the gradients of `params` over all ranks; a missing gradient counts as zeros."""
+    world = dist.get_world_size()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= world
 
-    A bucket's all-reduce starts (async) as soon as backward has accumulated every gradient in it,
-    so communication overlaps the rest of backward. Buckets hold parameters in reverse order (the
-    order backward reaches them) and start strictly in bucket order, so every rank issues the same
-    collectives in the same sequence. With gradient accumulation call `arm()` before the last
-    micro-batch's backward only; `finish()` after it waits, reduces any bucket backward left
-    unstarted (parameters without a gradient count as zeros) and writes the averages back."""
 
-    def __init__(self, params, bucket_mb=25.0):
-        self.world = dist.get_world_size()
-        params = list(params)
-        self.device = params[0].device
-        self.buckets, size, limit = [[]], 0, bucket_mb * 2 ** 20
-        for p in reversed(params):
-            if size >= limit:
-                self.buckets.append([])
-                size = 0
-            self.buckets[-1].append(p)
-            size += p.numel() * p.element_size()
-        self.bucket_of = {p: i for i, b in enumerate(self.buckets) for p in b}
-        self.armed = False
-        for p in self.bucket_of:
-            p.register_post_accumulate_grad_hook(self._ready)
-
-    def any(self, flag):
-        """True on every rank if `flag` is true on any rank (so all skip a step together)."""
-        t = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(t)
-        return bool(t.item() > 0)
-
-    def arm(self):
-        self.armed, self.pending, self.work, self.next = True, [len(b) for b in self.buckets], {}, 0
-
-    def _ready(self, p):
-        if not self.armed:
-            return
-        self.pending[self.bucket_of[p]] -= 1
-        while self.next < len(self.buckets) and self.pending[self.next] == 0:
-            self._start(self.next)
-
-    def _start(self, i):
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                          for p in self.buckets[i]])
-        self.work[i] = (flat, dist.all_reduce(flat, async_op=True))
-        self.next = i + 1
-
-    def finish(self):
-        while self.next < len(self.buckets):
-            self._start(self.next)
-        for i, (flat, work) in self.work.items():
-            work.wait()
-            flat /= self.world
-            for p, g in zip(self.buckets[i], flat.split([p.numel() for p in self.buckets[i]])):
-                if p.grad is None:
-                    p.grad = g.view_as(p).to(p.dtype)
-                else:
-                    p.grad.copy_(g.view_as(p))
-        self.armed = False
+def any_rank(params, flag):
+    """True on every rank if `flag` is true on any (so all skip a step together); `params` is the
+    synchronised parameter list, None in a single process."""
+    if params is None:
+        return flag
+    t = torch.tensor([float(flag)], device=params[0].device)
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
 
 
 # --------------------------------------------------------------------------------------------
 # Checkpoints: trainable weights + config; optimizer state; a full export for sample.py
-
-
-def _any_rank(sync, flag):
-    return flag if sync is None else sync.any(flag)
 
 
 def save_checkpoint(cfg, net, opt, ema, step, rank, embs, stats, vae=None):
@@ -845,7 +799,7 @@ def update(cfg, net, opt, ema, trainable, sync, step):
     """After backward: gradients synchronised and clipped, the learning rate of the step, Adam,
     the EMA. Returns the gradient norm."""
     if sync is not None:
-        sync.finish()
+        all_reduce_grads(sync)
     gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
     for group in opt.param_groups:
         group["lr"] = learning_rate(cfg, step)
@@ -898,7 +852,7 @@ def main(argv=None):
         trim_log(os.path.join(cfg.out, "log.jsonl"), start)
     if cfg.ema and ema is None:
         ema = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
-    sync = GradSync(trainable) if ddp else None
+    sync = trainable if ddp else None   # the parameters whose gradients are averaged
     # static shapes: the JVP's rows (s != t) and the full batch are two fixed sizes, each compiled
     # once; automatic dynamic shapes made inductor (torch 2.13, CPU) fail on a symbolic size
     run = torch.compile(net, dynamic=False) if cfg.compile else net
@@ -913,7 +867,7 @@ def main(argv=None):
             if rank == 0 and path not in unreadable:
                 print(f"warning: skipping unreadable image {path}: {why}", file=sys.stderr, flush=True)
             unreadable.append(path)
-        if _any_rank(sync, "gt" not in batch and "z_hr" not in batch):
+        if any_rank(sync, "gt" not in batch and "z_hr" not in batch):
             print(f"warning: step {step + 1}: no readable image in the batch, skipped")
             continue
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -929,11 +883,9 @@ def main(argv=None):
             with autocast:
                 loss, _ = stage_loss(cfg, run, net, teacher, z_hr, z_lr, batch, slice(a * cfg.batch, (a + 1) * cfg.batch),
                                      null, neg, g, stats, extra, step)
-            if _any_rank(sync, loss is None or not torch.isfinite(loss)):   # ranks skip together
+            if any_rank(sync, loss is None or not torch.isfinite(loss)):   # ranks skip together
                 nonfinite += 1
                 break
-            if sync is not None and a == cfg.accum - 1:
-                sync.arm()
             (loss / cfg.accum).backward()
             loss_sum += loss.item() / cfg.accum
         if nonfinite:
