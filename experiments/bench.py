@@ -739,7 +739,6 @@ def bench_metrics(args):
 # quality: the miniature's table (issue 8) from the shipped models, on the held-out photographs
 
 
-@bench
 def _previous_release(rev):
     """--previous: a folder holding an earlier release's files, or a git revision whose
     weights/mfsr-tiny is extracted (once) to a temporary folder. None without it."""
@@ -756,6 +755,7 @@ def _previous_release(rev):
     return os.path.join(dest, "weights", "mfsr-tiny")
 
 
+@bench
 def bench_quality(args):
     """metrics.table_row against HR (PSNR, SSIM, LPIPS, DISTS, NIQE, speckle, texture), PSNR against
     the 40-step teacher, seconds per image; one table per setting (Real-ESRGAN degradation, clean

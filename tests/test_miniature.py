@@ -142,6 +142,7 @@ def test_quality_command_runs_at_a_reduced_size():
     import argparse
 
     import bench
+    assert bench.BENCHES["quality"] is bench.bench_quality     # `bench.py quality` reaches it
     title, rows, figures = bench.bench_quality(argparse.Namespace(quick=True))
     teacher8 = miniature.teacher_name(8, miniature.load_shipped()[0]["teacher"].sampling["cfg"])
     assert [r["setting"] for r in rows] == ["realesrgan"] * (len(rows) // 2) + ["bicubic"] * (len(rows) // 2)
