@@ -24,9 +24,8 @@ Every training stage is a train.py run (the same code as the full-scale path), i
               CFG_SCALES, the largest within CFG_TOLERANCE_DB of the best PSNR (scan_cfg)
   4. distill  the MFSR student: teacher-CFG target with the negative prompt (Eq. 11, w = scale - 1,
               the same guidance the teacher samples with), ratio 0.5, pseudo-Huber, s-embedder,
-              c_noise(t) = t (§4.4). Its first 200 steps have s = t only (--warmup): the student's
-              new time embedding (t instead of the teacher's 1000 sigma) is fitted to the teacher's
-              velocity before the MeanFlow target, whose du/dt needs it. LoRA rank 64 (at width 128,
+              the teacher's c_noise = 1000 t (not §4.4's t: see STAGES). Its first 200 steps
+              have s = t only (--warmup), where it equals its teacher. LoRA rank 64 (at width 128,
               half the rank of every layer: close to a full fine-tune, through the same code path
               as the real run), lr 1e-4, EMA 0.99
   5. distill with the ground-truth target (Table 3's first row), for the ablation in the table
@@ -191,9 +190,12 @@ CFG_TOLERANCE_DB = 0.3               # the largest scale within this PSNR of the
 # The teacher keeps SD3.5's --time-shift 3 although a 32^2 latent (256 tokens) is SD3's unshifted
 # case: shift 1 trains small sigma more and denoises better there, but its samples came out sharper
 # and less faithful, 0.7-1.0 dB lower at 40 steps on the held-out set (docs/benchmarks.md).
-# The students keep §4.4's c_noise = t. With the teacher's 1000 t a student starts as its teacher
-# and, over 1200 steps, stayed there: its one step was the teacher's one step (blurry, HF energy
-# 0.14 of the HR's), not the 40-step flow map (docs/benchmarks.md, "Pipeline variants").
+# The students keep the teacher's c_noise = 1000 t (SD3's), not §4.4's t: a student then starts as
+# its teacher exactly (u(z, t, t) = v), and the x-predicting teacher's one-step prediction is already
+# a clean sample. With §4.4's t a student starts from a time embedding it has never seen (loss 76 at
+# step 1, against 0) and after 1200 steps its one step was speckled, 3 dB below the teacher's
+# (docs/benchmarks.md, "The x-predicting miniature"). The price: a 1000 t student moves little
+# from the teacher's one-step prediction (the v-prediction release chose t for that reason).
 _PAIRS = "--cache-latents 4000 --clean-prob 0.3 --plain-gt --vae {runs}/vae/final/vae.safetensors"
 STAGES = [
     ("vae", "--stage vae --preset tiny --size 64 --batch 16 --lr 5e-4 --lr-decay cosine --ema 0.999 --steps 3000"),
@@ -201,10 +203,10 @@ STAGES = [
                 f"--steps 5000 --caption-dropout 0.2 --neg-prob 0.1 --time-shift 3 --prediction x {_PAIRS}"),
     ("cfg", ""),
     ("student", "--stage distill --preset tiny --size {size} --batch 8 --lr 1e-4 --steps 1200 --warmup 200 --ema 0.99 "
-                "--lora-rank 64 --target neg --cfg-w {w} --ratio 0.5 --loss pseudo_huber "
+                "--lora-rank 64 --target neg --cfg-w {w} --ratio 0.5 --loss pseudo_huber --time-scale 1000 "
                 f"--teacher {{runs}}/teacher/final/teacher.safetensors {_PAIRS}"),
     ("student_gt", "--stage distill --preset tiny --size {size} --batch 8 --lr 1e-4 --steps 600 --ema 0.99 "
-                   "--lora-rank 64 --target gt --ratio 0.5 --loss pseudo_huber "
+                   "--lora-rank 64 --target gt --ratio 0.5 --loss pseudo_huber --time-scale 1000 "
                    f"--teacher {{runs}}/teacher/final/teacher.safetensors {_PAIRS}"),
     ("decoder", ""),
 ]
