@@ -5,9 +5,6 @@
     v = net(x, sigma, pooled, context, lr=z_lr)                  # SD3 convention: eps - x0
     save_transformer(net, "out.safetensors")                     # SD3.5 names, config in the metadata
 
-    python model.py CKPT                 # a checkpoint's model (shapes only, nothing loaded)
-    python model.py --config dit4sr      # a preset's config and parameter count
-
 Follows Stability-AI's single-file reference (mmditx.py) for the architecture and the parameter
 names, so `state_dict()` keys are those of the released checkpoints; DiT4SR (Duan et al., ICCV 2025)
 for the LR stream; MFSR (§4.2, §4.4) for the s-embedder and the time scale. Facts, key maps and
@@ -897,44 +894,3 @@ def save_transformer(net: MMDiT, path, layout="original"):
     if getattr(net, "sampling", None):   # the sampler settings it was trained for (sample.py defaults)
         meta["mfsr_sampling"] = json.dumps(net.sampling)
     atomic_save(sd, path, meta)
-
-
-def describe(path=None, config="tiny"):
-    """What `python model.py` prints: a checkpoint's inferred config (shapes only, nothing loaded)
-    or a preset's, its parameter count, and for small models one forward and one JVP."""
-    if path:
-        src = _Source(path)
-        saved = src.config("mfsr_config")
-        cfg = replace(_infer_config(src), **{k: saved[k] for k in RECORDED
-                                             if k in saved})
-        print(f"{path}: {src.layout} layout, {len(src.where)} transformer tensors")
-    else:
-        cfg = CONFIGS[config]
-    with torch.device("meta"):
-        n = sum(p.numel() for p in MMDiT(cfg).parameters())
-    print(f"{cfg}\nparameters (pos_embed buffer excluded): {n:,}")
-    if path or n > 50_000_000:
-        return
-    torch.manual_seed(0)
-    net = MMDiT(replace(cfg, two_times=True, time_scale=1.0)).eval()
-    B, H, W = 1, 16, 24
-    x = torch.randn(B, cfg.in_channels, H, W)
-    kw = dict(pooled=torch.randn(B, cfg.pooled_dim), context=torch.randn(B, 8, cfg.context_dim),
-              lr=torch.randn_like(x) if cfg.lr_stream else None, sigma_s=torch.ones(B))
-    with torch.no_grad():
-        out, dout = torch.func.jvp(lambda z, s: net(z, s, **kw), (x, torch.full((B,), 0.5)),
-                                   (torch.randn_like(x), torch.ones(B)))
-    print(f"forward + JVP on a {H}x{W} latent: output {tuple(out.shape)}, |u| {out.norm():.3f}, "
-          f"|du| {dout.norm():.3f} (custom JVP attention)")
-
-
-if __name__ == "__main__":
-    import argparse
-    ap = argparse.ArgumentParser(description="Inspect a transformer checkpoint or a preset config.")
-    ap.add_argument("ckpt", nargs="?", help="a .safetensors file or a diffusers folder")
-    ap.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
-    a = ap.parse_args()
-    try:
-        describe(a.ckpt, a.config)
-    except CheckpointError as e:
-        raise SystemExit(f"error: {e}")

@@ -4,7 +4,6 @@
     vae = load_vae("sd3.5_medium.safetensors")   # or a diffusers vae/ folder, or a bare VAE file
     z = vae.encode(x)                             # x (B, 3, H, W) in [-1, 1] -> (B, 16, H/8, W/8)
     y = vae.decode(z)                             # model-space latents -> images in [-1, 1]
-    python vae.py [checkpoint]                    # print the config read from a file (or a preset)
 
 Follows Stability-AI's single-file reference (sd3_impls.VAEEncoder / VAEDecoder) for the layers
 and the parameter names, so `state_dict()` keys equal the released `first_stage_model.*` keys
@@ -725,29 +724,3 @@ def save_vae(vae: VAE, path, layout="original"):
         os.replace(tmp, os.path.join(path, "config.json"))
     else:
         raise ValueError(f"layout must be 'original' or 'diffusers', got {layout!r}")
-
-
-def describe(path=None, config="tiny"):
-    """What `python vae.py` prints: a checkpoint's config (shapes only) or a preset's, and counts."""
-    if path:
-        src = _VAESource(path)
-        cfg = _infer_config(src)
-        print(f"{path}: {src.layout} layout, {len(src.where)} VAE tensors")
-    else:
-        cfg = CONFIGS[config]
-    with torch.device("meta"):
-        vae = VAE(cfg)
-    n = lambda m: sum(p.numel() for p in m.parameters())
-    print(f"{cfg}\nparameters: {n(vae):,} (encoder {n(vae.encoder):,}, decoder {n(vae.decoder):,}); x{cfg.factor}")
-
-
-if __name__ == "__main__":
-    import argparse
-    ap = argparse.ArgumentParser(description="Inspect a VAE checkpoint or a preset config.")
-    ap.add_argument("ckpt", nargs="?", help="a .safetensors file or a diffusers folder")
-    ap.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
-    a = ap.parse_args()
-    try:
-        describe(a.ckpt, a.config)
-    except CheckpointError as e:
-        raise SystemExit(f"error: {e}")

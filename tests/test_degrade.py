@@ -152,21 +152,6 @@ def test_deg_crop_source():
     assert torch.equal(c, big[:, info["top"]:info["top"] + 64, info["left"]:info["left"] + 64])
 
 
-def test_deg_preview_cli(tmp_path):
-    from PIL import Image
-    torch.manual_seed(0)
-    src = tmp_path / "in.png"
-    Image.fromarray((np.random.rand(50, 70, 3) * 255).astype(np.uint8)).save(src)
-    out = tmp_path / "grid.png"
-    assert D.main([str(src), "-n", "2", "-o", str(out), "--gt-size", "64"]) == 0
-    assert Image.open(out).size == (3 * 64, 64 + 120)
-    bad = tmp_path / "bad.png"
-    bad.write_bytes(b"not an image")
-    assert D.main([str(bad), "-o", str(tmp_path / "x.png"), "--gt-size", "64"]) == 2
-    with pytest.raises(SystemExit):
-        D.main([str(src), "-o", str(src)])                # never over the input
-
-
 def _deg_load_basicsr():
     """BasicSR's degradations.py and img_process_util.py (basicsr_ref.py); skipped without BasicSR."""
     import basicsr_ref
