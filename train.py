@@ -1,9 +1,8 @@
 """Train MFSR: the DiT4SR-style LR-stream teacher (--stage teacher) or the one-step student
 distilled from it with the MeanFlow identity (--stage distill, MFSR Alg. 1; the default).
 
-    python train.py --preset tiny --data DIR --stage vae --steps 3000 --out runs/vae
-    python train.py --preset tiny --data DIR --stage teacher --vae runs/vae/ckpt-0003000/vae.safetensors --steps 200 --out runs/teacher
-    python train.py --preset tiny --data DIR --vae runs/vae/ckpt-0003000/vae.safetensors \
+    python train.py --preset tiny --data DIR --stage teacher --vae weights/mfsr-tiny/vae.safetensors --steps 200 --out runs/teacher
+    python train.py --preset tiny --data DIR --vae weights/mfsr-tiny/vae.safetensors \
         --teacher runs/teacher/ckpt-0000200/teacher.safetensors --out runs/student
     python train.py --ckpt sd3.5_medium.safetensors --teacher dit4sr_q/ --data HR_DIR ...   # full scale
     torchrun --nproc_per_node 8 train.py ...                                              # many GPUs
@@ -42,12 +41,11 @@ from sample import EXTS as IMAGE_EXTS, load_embedding, peak_memory_mb
 
 CACHE_BYTES = 512 * 2 ** 20     # decoded images each data worker keeps in memory
 MAX_NAMED = 20                  # skipped images named one by one before a count
-PCA_CROPS = 256                 # vae stage: training crops whose patches initialise a patch VAE (PCA)
 
 
 @dataclass
 class TrainConfig:
-    stage: str = "distill"          # "distill" (MFSR) | "teacher" (rectified flow) | "vae" (tiny VAE)
+    stage: str = "distill"          # "distill" (MFSR) | "teacher" (rectified flow)
     preset: str = "full"            # "full" (SD3.5-medium / DiT4SR, 512 crops) | "tiny" (CPU)
     data: str = ""                  # folder(s) of HR images, comma-separated, searched recursively
     out: str = "runs/mfsr"          # run folder: checkpoints, log.jsonl, progress grids
@@ -62,7 +60,6 @@ class TrainConfig:
     neg_prob: float = 0.0           # teacher stage: share of rows taught "negative prompt -> the LR latent"
     clean_prob: float = 0.0         # share of pairs whose LR is the plain bicubic x4 (degrade.bicubic_down)
     plain_gt: bool = False          # supervise with the HR crop itself, not Real-ESRGAN's USM-sharpened one
-    kl: float = 1e-6                # vae stage: weight of the KL term
     cache_latents: int = 0          # > 0: encode this many pairs once and train on them (no per-step VAE)
     size: int = 0                   # HR crop; 0 = 512 (full) / 64 (tiny)
     depth: int = 0                  # tiny teacher from scratch: joint blocks (0: model.CONFIGS["tiny"]'s)
@@ -170,8 +167,7 @@ class PairDataset(torch.utils.data.Dataset):
     """Item (index, seed) -> dict(gt, lr, context, pooled, name), or dict(unreadable=path)."""
 
     def __init__(self, paths, size, default, degrade_cfg, clean_prob=0.0):
-        """default: the (context, pooled) of images without an embedding file; degrade_cfg None:
-        no degradation (the vae stage), lr is then the HR crop area-downsampled x4. A share
+        """default: the (context, pooled) of images without an embedding file. A share
         `clean_prob` of the items gets the clean bicubic x4 LR instead of the Real-ESRGAN one."""
         self.paths, self.size, self.default, self.degrade_cfg = paths, size, default, degrade_cfg
         self.clean_prob = clean_prob
@@ -196,9 +192,7 @@ class PairDataset(torch.utils.data.Dataset):
                 self.decoded_bytes += arr.nbytes
         g = torch.Generator().manual_seed(seed)
         hr = random_crop(torch.from_numpy(arr).permute(2, 0, 1), self.size, g)
-        if self.degrade_cfg is None:
-            gt, lr = hr[None], F.avg_pool2d(hr[None], 4)
-        elif self.clean_prob > 0 and torch.rand((), generator=g) < self.clean_prob:
+        if self.clean_prob > 0 and torch.rand((), generator=g) < self.clean_prob:
             gt, lr = hr[None], degrade.bicubic_down(hr[None], self.degrade_cfg.scale)
         else:
             gt, lr, _ = degrade.degrade(hr[None], self.degrade_cfg, generator=g)
@@ -303,16 +297,12 @@ def build_models(cfg, device):
     else:
         if not tiny:
             raise SystemExit("error: give --ckpt (SD3.5 with its VAE) or --vae; only --preset tiny runs without")
-        if cfg.stage != "vae" and not cfg.untrained_vae:
+        if not cfg.untrained_vae:
             raise SystemExit(f"error: --stage {cfg.stage} trains on VAE latents: give --vae (a VAE file, e.g. "
-                             "weights/mfsr-tiny/vae.safetensors or one made by --stage vae); --untrained-vae runs "
+                             "weights/mfsr-tiny/vae.safetensors); --untrained-vae runs "
                              "on a random tiny VAE (reconstructions near 11.5 dB: a smoke run, not a model)")
         torch.manual_seed(cfg.seed)
         vae = vae_lib.VAE(vae_lib.CONFIGS["tiny"])
-    if cfg.stage == "vae":
-        if not tiny and not cfg.vae:
-            raise SystemExit("error: --stage vae trains the tiny VAE (--preset tiny) or continues a --vae")
-        return vae.to(device).train().requires_grad_(True), None, None
     vae = vae.to(device).eval().requires_grad_(False)
     if cfg.stage == "teacher":
         if cfg.teacher:    # continue training a teacher (e.g. the shipped one)
@@ -351,8 +341,6 @@ def tiny_config(cfg):
 def conditioning(cfg, mcfg):
     """Null, negative and default (context, pooled): zeros for the null, the null for the others
     when their files are not given."""
-    if mcfg is None:   # the vae stage: no conditioning
-        return ((torch.zeros(1, 1), torch.zeros(1)),) * 3
     zeros = (torch.zeros(1, mcfg.context_dim), torch.zeros(mcfg.pooled_dim))
     null = load_embedding(cfg.null_emb, zeros) if cfg.null_emb else zeros
     if cfg.neg_emb:
@@ -412,25 +400,6 @@ def _with_rows(context, pooled, rows, emb):
     return torch.where(rows[:, None, None], e, context), torch.where(rows[:, None], emb[1][None].to(pooled), pooled)
 
 
-def vae_loss(vae, gt, cfg, g, stats):
-    """The tiny VAE: squared-error reconstruction (PSNR is what the miniature asks of it) from a
-    posterior sample + kl * KL(q(z|x) || N(0, I)).
-    `stats` keeps a running mean and variance (over ~10 batches) of the latent means: the exported
-    shift and scale."""
-    x = gt * 2 - 1
-    mean, logvar = vae.moments(x, tile=0)
-    logvar = logvar.clamp(-30.0, 20.0)
-    z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g).to(mean)
-    rec = vae.decoder(z).float()                                        # (B, 3, H, W)
-    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
-    with torch.no_grad():
-        m, v = mean.mean().item(), mean.var().item()
-        old = stats.get("mean")
-        stats["mean"] = m if old is None else 0.9 * old + 0.1 * m
-        stats["var"] = v if old is None else 0.9 * stats["var"] + 0.1 * v
-    return (rec - x).pow(2).mean() + cfg.kl * kl, None
-
-
 def export_copy(net, ema=None):
     """A CPU copy of `net` to export; with `ema` (name -> tensor) it carries the EMA weights, the ones
     to sample with."""
@@ -440,15 +409,6 @@ def export_copy(net, ema=None):
         for n, p in out.named_parameters():
             if ema and n in ema:
                 p.copy_(ema[n])
-    return out
-
-
-def calibrated_vae(vae, stats, ema=None):
-    """A copy of the VAE whose shift / scale map its latents to mean 0, variance 1 (SD3 does the same
-    with its 0.0609 / 1.5305, measured on its training data); with `ema`, the EMA weights."""
-    out = export_copy(vae, ema).eval()
-    if stats.get("mean") is not None:
-        out.cfg = replace(out.cfg, shift=float(stats["mean"]), scale=float(1 / math.sqrt(stats["var"])))
     return out
 
 
@@ -516,10 +476,10 @@ def any_rank(params, flag):
 # Checkpoints: trainable weights + config; optimizer state; a full export for sample.py
 
 
-def save_checkpoint(cfg, net, opt, ema, step, rank, embs, stats, vae=None):
+def save_checkpoint(cfg, net, opt, ema, step, rank, embs, vae=None):
     """out/ckpt-{step}/: trainable.safetensors (+ EMA), optimizer.safetensors, and the export:
     student.safetensors / teacher.safetensors (whole model, LoRA merged) with the null, negative and
-    default prompt embeddings it was trained with, or vae.safetensors (vae stage). A VAE that came
+    default prompt embeddings it was trained with. A VAE that came
     from no file (--preset tiny without --vae) is saved beside the model too, so sample.py finds it."""
     if rank != 0:
         return
@@ -528,7 +488,7 @@ def save_checkpoint(cfg, net, opt, ema, step, rank, embs, stats, vae=None):
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     meta = {"train_config": json.dumps(asdict(cfg)), "model_config": json.dumps(asdict(net.cfg)),
-            "lora": json.dumps(getattr(net, "lora", None)), "step": str(step), "latent_stats": json.dumps(stats)}
+            "lora": json.dumps(getattr(net, "lora", None)), "step": str(step)}
     train = {n: p.detach().cpu().contiguous() for n, p in net.named_parameters() if p.requires_grad}
     train.update({"ema." + n: v.cpu() for n, v in (ema or {}).items()})
     atomic_save(train, os.path.join(tmp, "trainable.safetensors"), meta)
@@ -537,19 +497,16 @@ def save_checkpoint(cfg, net, opt, ema, step, rank, embs, stats, vae=None):
                for i, st in state["state"].items() for k, v in st.items()}
     atomic_save(tensors, os.path.join(tmp, "optimizer.safetensors"),
                 {"param_groups": json.dumps(state["param_groups"]), "step": str(step)})
-    if cfg.stage == "vae":
-        vae_lib.save_vae(calibrated_vae(net, stats, ema), os.path.join(tmp, "vae.safetensors"))
-    else:
-        latent = cfg.size // (vae.cfg.factor if vae is not None else 8)
-        sampling = {"tile": latent, "tile_overlap": sample_overlap(latent, net.cfg.patch),
-                    **({"shift": cfg.time_shift} if cfg.stage == "teacher" else {})}   # its sampler's grid
-        save_full(net, os.path.join(tmp, f"{cfg.stage if cfg.stage == 'teacher' else 'student'}.safetensors"),
-                  sampling, ema)
-        if vae is not None and not (cfg.vae or cfg.ckpt):
-            vae_lib.save_vae(vae, os.path.join(tmp, "vae.safetensors"))
-        for name, (context, pooled) in zip(("null", "neg", "prompt"), embs):
-            atomic_save({"context": context.contiguous(), "pooled": pooled.contiguous()},
-                        os.path.join(tmp, f"{name}.safetensors"), {"format": "mfsr-embedding"})
+    latent = cfg.size // vae.cfg.factor
+    sampling = {"tile": latent, "tile_overlap": sample_overlap(latent, net.cfg.patch),
+                **({"shift": cfg.time_shift} if cfg.stage == "teacher" else {})}   # its sampler's grid
+    save_full(net, os.path.join(tmp, f"{cfg.stage if cfg.stage == 'teacher' else 'student'}.safetensors"),
+              sampling, ema)
+    if not (cfg.vae or cfg.ckpt):
+        vae_lib.save_vae(vae, os.path.join(tmp, "vae.safetensors"))
+    for name, (context, pooled) in zip(("null", "neg", "prompt"), embs):
+        atomic_save({"context": context.contiguous(), "pooled": pooled.contiguous()},
+                    os.path.join(tmp, f"{name}.safetensors"), {"format": "mfsr-embedding"})
     if os.path.exists(final):   # a rerun of this step: replaced only now that the new one is whole
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -574,7 +531,7 @@ def save_full(net, path, sampling=None, ema=None):
 
 def load_checkpoint(cfg, net, opt, rank=0):
     """The newest readable ckpt-* in --out: trainable weights and optimizer state; returns (step,
-    ema, stats). One that cannot be read (a file truncated by a crash or a full disk) is moved aside
+    ema). One that cannot be read (a file truncated by a crash or a full disk) is moved aside
     to NAME.broken, never deleted, and the one before it is used."""
     found = sorted(glob.glob(os.path.join(cfg.out, "ckpt-*[0-9]")))
     if not found:
@@ -607,7 +564,7 @@ def load_checkpoint(cfg, net, opt, rank=0):
         opt.load_state_dict({"state": state, "param_groups": groups})
         if folder != found[-1]:
             print(f"warning: --resume: resuming from {folder} (step {step})")
-        return step, ema, json.loads(src.metadata.get("latent_stats", "{}"))
+        return step, ema
     raise SystemExit(f"error: --resume: no readable checkpoint in {cfg.out} (the broken ones are kept as *.broken)")
 
 
@@ -633,27 +590,22 @@ def trim_log(path, step):
 
 @torch.no_grad()
 def save_grid(path, vae, net, stage, batch, z_lr, null):
-    """Rows of LR (upsampled) | 1 step | 2 steps (distill) or 4 Euler steps (teacher) | HR;
-    HR | reconstruction for the vae stage."""
+    """Rows of LR (upsampled) | 1 step | 2 steps (distill) or 4 Euler steps (teacher) | HR."""
     if "gt" not in batch:   # cached latents: the HR and (bicubic-upsampled) LR images through the VAE
         batch = dict(batch, gt=vae.decode(batch["z_hr"][:4]).float().add(1).div(2).clamp(0, 1),
                      lr=vae.decode(batch["z_lr"][:4]).float().add(1).div(2).clamp(0, 1))
     n = min(4, batch["gt"].shape[0])
     gt = batch["gt"][:n]
     g = torch.Generator().manual_seed(0)
-    if stage == "vae":
-        rec = net.decode(net.encode(gt * 2 - 1, tile=0), tile=0).float().add(1).div(2)
-        cols = [gt, rec]
+    ctx, pooled = batch["context"][:n], batch["pooled"][:n]
+    if stage == "distill":
+        outs = [mfsr.sample_student(net, z_lr[:n], pooled, ctx, steps=k, generator=g) for k in (1, 2)]
     else:
-        ctx, pooled = batch["context"][:n], batch["pooled"][:n]
-        if stage == "distill":
-            outs = [mfsr.sample_student(net, z_lr[:n], pooled, ctx, steps=k, generator=g) for k in (1, 2)]
-        else:
-            nctx, npooled = _with_rows(ctx, pooled, torch.ones(n, dtype=torch.bool), null)
-            outs = [mfsr.sample_teacher(net, z_lr[:n], (pooled, ctx), (npooled, nctx), steps=k, cfg=1.0,
-                                        generator=g) for k in (1, 4)]
-        lr_up = F.interpolate(batch["lr"][:n], size=gt.shape[-2:], mode="bicubic")
-        cols = [lr_up] + [vae.decode(o.to(z_lr)).float().add(1).div(2) for o in outs] + [gt]
+        nctx, npooled = _with_rows(ctx, pooled, torch.ones(n, dtype=torch.bool), null)
+        outs = [mfsr.sample_teacher(net, z_lr[:n], (pooled, ctx), (npooled, nctx), steps=k, cfg=1.0,
+                                    generator=g) for k in (1, 4)]
+    lr_up = F.interpolate(batch["lr"][:n], size=gt.shape[-2:], mode="bicubic")
+    cols = [lr_up] + [vae.decode(o.to(z_lr)).float().add(1).div(2) for o in outs] + [gt]
     rows = torch.cat([torch.cat([c[i].cpu().clamp(0, 1) for c in cols], 2) for i in range(n)], 1)  # (3, nH, kW)
     tmp = path + ".tmp.png"
     Image.fromarray((rows.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(tmp)
@@ -663,7 +615,7 @@ def save_grid(path, vae, net, stage, batch, z_lr, null):
 # --------------------------------------------------------------------------------------------
 
 
-CHOICES = dict(stage=("distill", "teacher", "vae"), preset=("full", "tiny"), target=("gt", "meanflow", "null", "neg"),
+CHOICES = dict(stage=("distill", "teacher"), preset=("full", "tiny"), target=("gt", "meanflow", "null", "neg"),
                loss=tuple(mfsr.LOSSES), mode=("split", "fused"), dtype=("bf16", "fp16", "fp32"),
                teacher_mode=("v1", "r1"), lr_decay=("none", "cosine"), prediction=("v", "x"))
 FLAG_GROUPS = {   # --help's sections, each flag in one
@@ -671,7 +623,7 @@ FLAG_GROUPS = {   # --help's sections, each flag in one
     "model": ("preset", "ckpt", "teacher", "teacher_mode", "vae", "untrained_vae", "depth", "heads", "prediction",
               "lora_rank", "time_scale"),
     "stage": ("stage", "target", "cfg_w", "kappa", "cond_drop", "ratio", "warmup", "loss", "time_shift", "neg_prob",
-              "caption_dropout", "kl"),
+              "caption_dropout"),
     "optimisation": ("batch", "accum", "steps", "lr", "lr_decay", "grad_clip", "ema", "seed", "max_bad"),
     "checkpoints and logs": ("out", "resume", "save_every", "keep", "log_every", "sample_every"),
     "distributed and speed (torchrun runs one process per GPU; every flag is per process)":
@@ -718,8 +670,6 @@ def parse_args(argv=None):
         p.error("--data is required (a folder of HR images)")
     if cfg.size == 0:
         cfg.size = 64 if cfg.preset == "tiny" else 512
-    if cfg.cache_latents and cfg.stage == "vae":
-        p.error("--cache-latents is for the teacher and distill stages")
     if not cfg.time_shift > 0:
         p.error(f"--time-shift {cfg.time_shift}: must be > 0 (SD3's sigma shift; 1 is none)")
     if (cfg.depth or cfg.heads or cfg.prediction != "v") and not (cfg.preset == "tiny" and cfg.stage == "teacher"
@@ -751,8 +701,6 @@ def start_processes(cfg):
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
-        if cfg.stage == "vae":
-            raise SystemExit("error: --stage vae (the miniature's VAE) runs in one process only")
     else:
         rank, world = 0, 1
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
@@ -776,8 +724,7 @@ def training_batches(cfg, paths, prompt, vae, device, rank, start):
     """Batches from step `start` on: pairs made on the fly by worker processes, or from the
     latent cache (--cache-latents)."""
     import degrade
-    data = PairDataset(paths, cfg.size, prompt,
-                       None if cfg.stage == "vae" else degrade.DegradeConfig(usm_gt=not cfg.plain_gt), cfg.clean_prob)
+    data = PairDataset(paths, cfg.size, prompt, degrade.DegradeConfig(usm_gt=not cfg.plain_gt), cfg.clean_prob)
     if cfg.cache_latents:
         return cached_batches(latent_cache(cfg, paths, data, vae, device, rank), cfg, rank, start)
     return torch.utils.data.DataLoader(
@@ -785,10 +732,8 @@ def training_batches(cfg, paths, prompt, vae, device, rank, start):
         collate_fn=collate, num_workers=cfg.workers, persistent_workers=False)
 
 
-def stage_loss(cfg, run, net, teacher, z_hr, z_lr, batch, sl, null, neg, g, stats, extra, step):
-    """The loss of micro-batch `sl` for the stage: vae_loss, teacher_loss or distill_loss."""
-    if cfg.stage == "vae":
-        return vae_loss(net, z_hr[sl], cfg, g, stats)
+def stage_loss(cfg, run, net, teacher, z_hr, z_lr, batch, sl, null, neg, g, extra, step):
+    """The loss of micro-batch `sl` for the stage: teacher_loss or distill_loss."""
     args = (z_hr[sl], z_lr[sl], batch["context"][sl], batch["pooled"][sl], null)
     if cfg.stage == "teacher":
         return teacher_loss(run, *args, cfg, g, neg=neg)
@@ -836,18 +781,14 @@ def main(argv=None):
     paths, skipped = training_images(cfg, rank)
     net, teacher, vae = build_models(cfg, device)
     net.grad_checkpointing = cfg.grad_ckpt
-    null, neg, prompt = conditioning(cfg, None if cfg.stage == "vae" else net.cfg)
+    null, neg, prompt = conditioning(cfg, net.cfg)
     trainable = [p for p in net.parameters() if p.requires_grad]
     if rank == 0:
         print(f"{len(paths)} images; model {net.cfg}; trainable parameters "
               f"{sum(p.numel() for p in trainable):,}; {world} process(es)")
-    if cfg.stage == "vae" and not cfg.vae and not cfg.resume and net.cfg.patch > 1:   # a new patch VAE starts as PCA
-        crops = PairDataset(paths, cfg.size, prompt, None)
-        crops = [crops[(i % len(paths), mix(cfg.seed, i, 11))] for i in range(PCA_CROPS)]
-        vae_lib.init_linear_code(net, torch.stack([c["gt"] for c in crops if "gt" in c]) * 2 - 1)
     opt = (torch.optim.Adam(trainable, lr=cfg.lr) if cfg.stage != "teacher"
            else torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=1e-2))
-    start, ema, stats = load_checkpoint(cfg, net, opt, rank) if cfg.resume else (0, None, {})
+    start, ema = load_checkpoint(cfg, net, opt, rank) if cfg.resume else (0, None)
     if rank == 0 and cfg.resume:
         trim_log(os.path.join(cfg.out, "log.jsonl"), start)
     if cfg.ema and ema is None:
@@ -873,8 +814,6 @@ def main(argv=None):
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         if "z_hr" in batch:     # from the latent cache
             z_hr, z_lr = batch["z_hr"], batch["z_lr"]
-        elif cfg.stage == "vae":
-            z_hr, z_lr = batch["gt"], batch["lr"]
         else:
             z_hr, z_lr = encode_pair(vae, batch, g)
         opt.zero_grad(set_to_none=True)
@@ -882,7 +821,7 @@ def main(argv=None):
         for a in range(cfg.accum):
             with autocast:
                 loss, _ = stage_loss(cfg, run, net, teacher, z_hr, z_lr, batch, slice(a * cfg.batch, (a + 1) * cfg.batch),
-                                     null, neg, g, stats, extra, step)
+                                     null, neg, g, extra, step)
             if any_rank(sync, loss is None or not torch.isfinite(loss)):   # ranks skip together
                 nonfinite += 1
                 break
@@ -908,7 +847,7 @@ def main(argv=None):
                 save_grid(os.path.join(cfg.out, f"grid-{done:07d}.png"), vae, net.eval(), cfg.stage, batch, z_lr, null)
                 net.train()
         if done % cfg.save_every == 0 or done == cfg.steps:
-            save_checkpoint(cfg, net, opt, ema, done, rank, (null, neg, prompt), stats, vae)
+            save_checkpoint(cfg, net, opt, ema, done, rank, (null, neg, prompt), vae)
     if skipped and rank == 0:
         print(f"warning: {len(skipped)} of {len(paths) + len(skipped)} images were left out before training "
               f"(unreadable or smaller than the crop; named above)")

@@ -77,7 +77,7 @@ CONFIGS = {
     # 4 x 4 pixel patches into channels (pixel_unshuffle), so every convolution runs at latent
     # resolution: 512^2 encode + decode 0.11 s against 0.88 s for the SD3 structure at x4 (three
     # levels of 32 / 64 / 64 channels, the previous tiny VAE; python experiments/bench.py vae_tiny). Beside the
-    # convolutions a linear code of the patches (`linear`, started as PCA by init_linear_code)
+    # convolutions a linear code of the patches (`linear`, started as PCA by experiments/tiny_vae.py)
     # carries most of the image: 16 principal components of 4 x 4 patches already reconstruct the
     # held-out photographs at 37 dB, where the three-level VAE reached 30 dB after 46 minutes of
     # training. 8 GroupNorm groups, not sd3's 32 (at 32 channels that normalised every channel on its
@@ -501,41 +501,6 @@ class VAE(nn.Module):
             x = dec(z_vae).float()                                       # (B, 3, h f, w f)
         x = x.contiguous()                                               # channels-last stays inside vae.py
         return (x.clamp(-1, 1) if clamp else x).to(z.dtype)
-
-
-@torch.no_grad()
-def init_linear_code(vae: VAE, x, logvar=-8.0):
-    """Start a patch VAE (cfg.patch > 1) as principal component analysis of the p x p patches of the
-    images x (N, 3, H, W) in [-1, 1]: the linear code keeps the `latent_channels` leading components,
-    the posterior log-variance starts at `logvar`, and both conv_out layers are zeroed, so encode ->
-    decode is at first exactly the PCA projection; training then learns what the linear code misses.
-    (Held-out photographs: 16 of 48 components of 4 x 4 patches reconstruct at about 37 dB.)
-
-    Component i (variance lam_i) is scaled to variance sqrt(lam_i / mean(lam)), which is how much the
-    transformer's squared error weighs it. Whitened (every variance 1), the 12 texture components
-    (5-16 on the training photographs, 2 % of the pixels' variance) weighed 12/16, and the miniature's
-    teacher, 800 steps in, painted 4 x 4 blocks of wrong colour (errors of the per-patch mean, which
-    got 1/16). Orthonormal (variance lam_i: the error is the pixels' squared error) they would weigh
-    2 %, at 39x less amplitude than the first component's. The square root is halfway: 26 %."""
-    p, L = vae.cfg.patch, vae.cfg.latent_channels
-    if p == 1:
-        raise ValueError("init_linear_code is for VAEs with patch > 1")
-    rows = F.pixel_unshuffle(x.double(), p).permute(0, 2, 3, 1).flatten(0, 2)      # (N h w, 3 p p)
-    mu = rows.mean(0)
-    lam, U = torch.linalg.eigh(torch.cov((rows - mu).T))                          # ascending
-    lam, U = lam.flip(0)[:L].clamp_min(1e-10), U.flip(1)[:, :L]                   # (L,), (3 p p, L)
-    std = (lam / lam.mean()) ** 0.25                                             # of the latents
-    enc, dec = vae.encoder.linear, vae.decoder.linear
-    w = U.T * (std / lam.sqrt())[:, None]                                         # (L, 3 p p)
-    enc.weight.zero_()
-    enc.weight[:L, :, 0, 0] = w.to(enc.weight)
-    enc.bias.copy_(torch.cat([-w @ mu, torch.full((L,), logvar, dtype=mu.dtype)]))
-    dec.weight[:, :, 0, 0] = (U * (lam.sqrt() / std)).to(dec.weight)
-    dec.bias.copy_(mu)
-    for conv in (vae.encoder.conv_out, vae.decoder.conv_out):
-        conv.weight.zero_()
-        conv.bias.zero_()
-    return vae
 
 
 # parts of the SD VAE decoder that overflow fp16 and run in fp32 instead (diffusers' upcast_vae)

@@ -8,9 +8,9 @@
     python experiments/sweeps.py --ablations        # the paper's ablations from the trained teacher -> docs/ablations.md
     python experiments/sweeps.py --size-scan        # teachers of other sizes, 40-step quality -> docs/model_size.md
 
-Every training stage is a train.py run (the same code as the full-scale path), in order:
+The transformers' stages are train.py runs (the same code as the full-scale path), in order:
   1. vae      the tiny VAE (vae.py "tiny": x4, 16 latent channels, every convolution at latent
-              resolution on 4 x 4 pixel patches), started by train.py as PCA of the patches, then
+              resolution on 4 x 4 pixel patches), by tiny_vae.py: started as PCA of the patches, then
               trained: squared error + a tiny KL, 64^2 crops, learning rate annealed to 0 (cosine),
               EMA weights exported
   2. teacher  the LR-stream transformer (model.py "tiny") by rectified flow, 128^2 HR / 32^2 LR:
@@ -64,6 +64,7 @@ import model
 import metrics
 import mfsr
 import sample
+import tiny_vae
 import train
 import vae as vae_lib
 from model import atomic_save
@@ -186,7 +187,7 @@ CFG_SCALES = (1.0, 1.25, 1.5, 2.0, 3.0)
 CFG_TOLERANCE_DB = 0.3               # the largest scale within this PSNR of the best one is taken
 
 # (stage name, train.py arguments); {size}, {runs}, {w} filled in by run(); steps and cached pairs
-# scaled by --scale. "cfg" is not a train.py run: see scan_cfg.
+# scaled by --scale. "vae", "cfg" and "decoder" are not train.py runs: VAE_RECIPE, scan_cfg, tune_decoder.
 # The teacher keeps SD3.5's --time-shift 3 although a 32^2 latent (256 tokens) is SD3's unshifted
 # case: shift 1 trains small sigma more and denoises better there, but its samples came out sharper
 # and less faithful, 0.7-1.0 dB lower at 40 steps on the held-out set (docs/benchmarks.md).
@@ -198,7 +199,7 @@ CFG_TOLERANCE_DB = 0.3               # the largest scale within this PSNR of the
 # from the teacher's one-step prediction (the v-prediction release chose t for that reason).
 _PAIRS = "--cache-latents 4000 --clean-prob 0.3 --plain-gt --vae {runs}/vae/final/vae.safetensors"
 STAGES = [
-    ("vae", "--stage vae --preset tiny --size 64 --batch 16 --lr 5e-4 --lr-decay cosine --ema 0.999 --steps 3000"),
+    ("vae", ""),
     ("teacher", "--stage teacher --preset tiny --size {size} --batch 8 --lr 5e-4 --lr-decay cosine --ema 0.999 "
                 f"--steps 5000 --caption-dropout 0.2 --neg-prob 0.1 --time-shift 3 --prediction x {_PAIRS}"),
     ("cfg", ""),
@@ -210,6 +211,8 @@ STAGES = [
                    f"--teacher {{runs}}/teacher/final/teacher.safetensors {_PAIRS}"),
     ("decoder", ""),
 ]
+# The "vae" stage: tiny_vae.train_vae's arguments (its steps scaled by --scale).
+VAE_RECIPE = dict(size=64, batch=16, lr=5e-4, ema=0.999, steps=3000)
 # The "decoder" stage (tune_decoder): the patch VAE's decoder maps every latent element to a 4 x 4
 # pixel block, so the generators' latent errors come out as a mosaic. It is fine-tuned to decode
 # noisy latents of the training crops (noise std up to DECODER_NOISE, in model-space units) to the
@@ -292,6 +295,9 @@ def run(runs, scale=1.0, only=None, workers=2):
         if os.path.exists(os.path.join(out, "final")):
             print(f"== {name}: done ({out}/final)")
             continue
+        if name == "vae":
+            train_vae(runs, scale)
+            continue
         if name == "cfg":
             scan_cfg(runs, scale)
             continue
@@ -316,9 +322,8 @@ def train_stage(runs, name, argv, out, scale=1.0, workers=2):
     argv += ["--data", os.path.join(runs, "data", "train"), "--out", out, "--workers", str(workers),
              "--save-every", str(max(1, steps // 5)), "--sample-every", str(max(1, steps // 5)),
              "--log-every", "50", "--keep", "2"]
-    if not name.startswith("vae"):
-        argv += ["--null-emb", f"{emb}/null.safetensors", "--prompt-emb", f"{emb}/prompt.safetensors",
-                 "--neg-emb", f"{emb}/neg.safetensors"]
+    argv += ["--null-emb", f"{emb}/null.safetensors", "--prompt-emb", f"{emb}/prompt.safetensors",
+             "--neg-emb", f"{emb}/neg.safetensors"]
     if glob.glob(os.path.join(out, "ckpt-*[0-9]")):
         argv.append("--resume")
     shared = os.path.join(runs, "teacher", "latents-0.safetensors")   # same pairs for every stage
@@ -338,6 +343,20 @@ def train_stage(runs, name, argv, out, scale=1.0, workers=2):
         total = sum(float(line) for line in f if line.strip())
     with open(os.path.join(out, "final", "minutes.txt"), "w") as f:
         f.write(f"{total:.1f}\n")
+
+
+def train_vae(runs, scale=1.0):
+    """The "vae" stage: tiny_vae.train_vae with VAE_RECIPE on the training photographs ->
+    runs/vae/final/ (vae.safetensors, grid.png, steps.txt, minutes.txt). An interrupted run
+    starts the stage again (12 minutes at scale 1)."""
+    t0 = time.time()
+    out, tmp = os.path.join(runs, "vae", "final"), os.path.join(runs, "vae", "final.tmp")
+    recipe = dict(VAE_RECIPE, steps=max(2, round(VAE_RECIPE["steps"] * scale)))
+    print(f"== vae: tiny_vae.train_vae({recipe})", flush=True)
+    tiny_vae.train_vae(os.path.join(runs, "data", "train"), tmp, **recipe)
+    with open(os.path.join(tmp, "minutes.txt"), "w") as f:
+        f.write(f"{(time.time() - t0) / 60:.1f}\n")
+    os.replace(tmp, out)
 
 
 @torch.no_grad()
@@ -450,12 +469,13 @@ def ship(runs, dest=SHIP):
         if os.path.exists(p):                                # the cfg stage trains nothing
             with safe_open(p, "pt") as f:
                 steps[name] = int(f.metadata()["step"])      # what ran (--scale changes it)
-        elif os.path.exists(os.path.join(runs, name, "final", "steps.txt")):   # the decoder stage
+        elif os.path.exists(os.path.join(runs, name, "final", "steps.txt")):   # the vae and decoder stages
             steps[name] = int(open(os.path.join(runs, name, "final", "steps.txt")).read())
     with open(os.path.join(runs, "cfg", "final", "cfg.json")) as f:
         scan = json.load(f)
     w = mfsr.eq11_w(scan["cfg"])
-    info = {"stages": {n: a.format(runs=runs, size=TRAIN_SIZE, w=w) for n, a in STAGES}, "steps": steps,
+    info = {"stages": {n: a.format(runs=runs, size=TRAIN_SIZE, w=w) for n, a in STAGES}, "vae_recipe": VAE_RECIPE,
+            "steps": steps,
             "minutes": minutes, "cfg_scale": scan["cfg"], "eq11_w": w, "cfg_scan": scan,
             "train_images": list(TRAIN), "held_out_images": list(HELD_OUT), "torch": torch.__version__}
     with open(os.path.join(dest, "training.json"), "w") as f:

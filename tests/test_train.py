@@ -17,7 +17,6 @@ import mfsr
 import model
 import sample
 import train
-import vae as V
 from builders import _TINY, _images, _randomize
 from model import CONFIGS, MMDiT
 
@@ -71,10 +70,9 @@ def test_train_tiny_teacher_then_distill_end_to_end(tmp_path):
         assert im.size == (40, 48)
 
 
-@pytest.mark.parametrize("stage", ["teacher", "vae"])
-def test_train_export_carries_the_ema_weights(tmp_path, stage):
+def test_train_export_carries_the_ema_weights(tmp_path):
     data = _images(tmp_path / "data")
-    args = ["--data", data, "--stage", stage, "--steps", "3", "--lr", "1e-2", "--ema", "0.5", "--lr-decay", "cosine",
+    args = ["--data", data, "--stage", "teacher", "--steps", "3", "--lr", "1e-2", "--ema", "0.5", "--lr-decay", "cosine",
             "--out", str(tmp_path / "t"), "--save-every", "3", "--sample-every", "100"]
     train.main(_TINY + args)
     logged = [json.loads(line)["lr"] for line in (tmp_path / "t" / "log.jsonl").read_text().splitlines()]
@@ -82,8 +80,7 @@ def test_train_export_carries_the_ema_weights(tmp_path, stage):
     assert logged == [train.learning_rate(cfg, s) for s in range(3)] and logged[0] > logged[1] > logged[2]
     ck = tmp_path / "t" / "ckpt-0000003"
     saved = load_file(str(ck / "trainable.safetensors"))
-    exported = (model.load_transformer(str(ck / "teacher.safetensors")) if stage == "teacher"
-                else V.load_vae(str(ck / "vae.safetensors"))).state_dict()
+    exported = model.load_transformer(str(ck / "teacher.safetensors")).state_dict()
     ema = {k[4:]: v for k, v in saved.items() if k.startswith("ema.")}
     assert ema and set(ema) == {k for k in saved if not k.startswith("ema.")}
     for name, value in ema.items():
@@ -226,7 +223,7 @@ def test_train_bad_inputs_give_clear_messages(tmp_path, capsys, monkeypatch):
         train.main(_TINY + ["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit):
         train.main(_TINY + ["--data", str(tmp_path / "empty"), "--stage", "student"])
-    assert "--stage 'student': choose from distill, teacher, vae" in capsys.readouterr().err
+    assert "--stage 'student': choose from distill, teacher" in capsys.readouterr().err
     with pytest.raises(SystemExit):   # progress grids written into the data would be trained on
         train.main(_TINY + ["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "empty" / "run")])
     assert "is inside --data" in capsys.readouterr().err and not (tmp_path / "empty" / "run").exists()
@@ -321,27 +318,6 @@ def test_train_learning_rate_schedules():
     assert {train.learning_rate(replace(cfg, lr_decay="none"), s) for s in range(100)} == {2e-3}
 
 
-@pytest.mark.slow
-def test_train_vae_stage_learns_and_exports_a_calibrated_vae(tmp_path):
-    data = _images(tmp_path / "data", size=64)
-    out = tmp_path / "vae"
-    train.main(_TINY + ["--data", data, "--stage", "vae", "--steps", "30", "--batch", "4", "--lr", "2e-3",
-                        "--out", str(out), "--save-every", "30", "--sample-every", "30"])
-    trained = V.load_vae(str(out / "ckpt-0000030" / "vae.safetensors"))
-    torch.manual_seed(0)
-    init = V.VAE(V.CONFIGS["tiny"]).eval()                   # random (train.py starts from PCA, then trains)
-    x = torch.stack([sample.load_image(p).rgb for p in train.find_images(data)])[..., :32, :32] * 2 - 1
-    with torch.no_grad():
-        err = {k: (v.decode(v.encode(x), clamp=False) - x).abs().mean().item() for k, v in
-               (("init", init), ("trained", trained))}
-        z = trained.encode(x)
-    assert err["trained"] < 0.7 * err["init"], err
-    # shift / scale from the running latent statistics: model-space latents near mean 0, std 1
-    assert abs(z.mean().item()) < 0.3 and 0.6 < z.std().item() < 1.6, (z.mean().item(), z.std().item())
-    assert (trained.cfg.scale, trained.cfg.shift) != (V.CONFIGS["tiny"].scale, V.CONFIGS["tiny"].shift)
-    assert (out / "grid-0000030.png").exists()
-
-
 # ---- train.py: the traps a new user walks into
 
 
@@ -359,7 +335,7 @@ def test_train_help_gives_every_flag_a_text_its_default_and_choices_in_groups(ca
         assert body.count(flag + " ") + body.count(flag + ",") >= 1, flag
         first_words = " ".join(helps[f.name].split()[:3])
         assert len(helps[f.name]) > 10 and first_words in body, f.name   # its comment is its help
-    assert "[default: 12000]" in body and "[default: 5e-05]" in body and "(choices: distill, teacher, vae)" in body
+    assert "[default: 12000]" in body and "[default: 5e-05]" in body and "(choices: distill, teacher)" in body
     assert "(choices: gt, meanflow, null, neg)" in body
 
 
@@ -370,8 +346,6 @@ def test_train_refuses_an_untrained_vae_unless_asked(tmp_path):
         with pytest.raises(SystemExit, match="--vae.*--untrained-vae"):
             train.main(base + ["--stage", stage])
     assert not (tmp_path / "o" / "ckpt-0000001").exists()
-    train.main(base + ["--stage", "vae"])                               # the VAE's own stage needs none
-    assert (tmp_path / "o" / "ckpt-0000001" / "vae.safetensors").exists()
 
 
 def test_train_without_one_usable_image_stops_before_step_one(tmp_path, capsys):

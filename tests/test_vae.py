@@ -3,7 +3,6 @@
 import json
 from dataclasses import asdict, replace
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -86,44 +85,6 @@ def test_vae_tiny_is_x4_with_16_latent_channels():
     for h in hooks:
         h.remove()
     assert len(shapes) > 10 and set(shapes) == {(8, 8)}
-
-
-def _patch_subspace_images(n=4, size=32, rank=16, seed=0):
-    """Images whose 4 x 4 patches lie in a `rank`-dimensional affine subspace, plus that basis."""
-    g = torch.Generator().manual_seed(seed)
-    basis = torch.linalg.qr(torch.randn(48, rank, generator=g, dtype=torch.float64))[0]
-    coef = torch.randn(n, size // 4, size // 4, rank, generator=g, dtype=torch.float64) * torch.linspace(0.3, 0.02, rank)
-    rows = coef @ basis.T + 0.1                                             # (n, h, w, 48)
-    return F.pixel_shuffle(rows.permute(0, 3, 1, 2), 4).float()
-
-
-def test_vae_linear_code_starts_as_pca():
-    """init_linear_code: on images whose patches span 16 dimensions the untrained patch VAE
-    reconstructs them exactly (the nonlinear path is zeroed), with uncorrelated latents of variance
-    sqrt(lam_i / mean(lam)) (lam: the patches' covariance eigenvalues, from numpy); the images are
-    not reconstructed by a random VAE, and a 12-channel code loses some."""
-    x = _patch_subspace_images()
-    torch.manual_seed(0)
-    vae = V.init_linear_code(V.VAE(V.CONFIGS["tiny"]).eval(), x)
-    with torch.no_grad():
-        mean, logvar = vae.moments(x, tile=0)
-        rec = vae.decode((mean - vae.cfg.shift) * vae.cfg.scale, clamp=False)
-        rand = V.VAE(V.CONFIGS["tiny"]).eval()
-        rand_rec = rand.decode(rand.encode(x), clamp=False)
-    assert (rec - x).abs().max() < 1e-4 and (rand_rec - x).abs().max() > 0.1
-    flat = mean.permute(0, 2, 3, 1).reshape(-1, 16).double()
-    patches = F.pixel_unshuffle(x.double(), 4).permute(0, 2, 3, 1).reshape(-1, 48).numpy()
-    lam = np.sort(np.linalg.eigvalsh(np.cov(patches.T)))[::-1][:16]
-    want = torch.from_numpy(np.sqrt(lam / lam.mean()).copy())
-    assert (torch.cov(flat.T) - torch.diag(want)).abs().max() < 1e-3 * want.max()
-    assert (logvar == -8.0).all()
-    small = V.init_linear_code(V.VAE(replace(V.CONFIGS["tiny"], latent_channels=12)).eval(), x)
-    with torch.no_grad():
-        m12 = small.moments(x, tile=0)[0]
-        err12 = (small.decoder(m12) - x).pow(2).mean()
-    assert err12 > 1e-4
-    with pytest.raises(ValueError, match="patch > 1"):
-        V.init_linear_code(V.VAE(_VAE_X4), x)
 
 
 # --------------------------------------------------------------------------------------------
