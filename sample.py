@@ -21,10 +21,10 @@ Gray images come out gray, alpha is upscaled apart (bicubic), 16-bit files are w
 """
 import argparse
 import glob
+import importlib.util
 import math
 import os
 import sys
-import struct
 import time
 import warnings
 import zlib
@@ -336,7 +336,8 @@ def load_condition(net_cfg, emb=None, ckpt=None, beside=("prompt", "null")):
 # - 16-bit grayscale (modes I;16*, I) is read at full precision (Pillow's convert("RGB") clips it
 #   to 255); 32-bit float (F) is clipped to [0, 1] and written back as 16 bits.
 # - 16-bit colour PNG (48/64-bit RGB/RGBA): Pillow (13) opens it as 8 bits and cannot make an image
-#   from a (H, W, 3) uint16 array, so it is decoded and encoded here (zlib and the PNG row filters).
+#   from a (H, W, 3) uint16 array; the optional `pypng` package reads and writes all 16 bits. Without
+#   it such a file is read at 8 bits and the user is told so (`note`).
 # - 16-bit colour TIFF needs the optional `tifffile` package; without it such files are refused
 #   rather than silently read at 8 bits.
 # Gray files stay gray, transparency is kept apart ((1, H, W) alpha), EXIF orientation is applied.
@@ -389,18 +390,21 @@ def load_image(path) -> LoadedImage:
                 frames = getattr(im, "n_frames", 1)
                 arr, gray, bits = _pixels(path, im)                           # (H, W, C) float32 (frame 0)
                 arr = _orient(arr, im.getexif().get(0x0112, 1))
+                shallow = bits == 8 and im.format == "PNG" and _png_depth(path) == 16
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
         raise ImageError(f"{path}: too many pixels ({e})") from None
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image Pillow can read (unknown or corrupt format)") from None
-    except (OSError, SyntaxError, ValueError, zlib.error, struct.error) as e:  # truncated / corrupt data
+    except (OSError, SyntaxError, ValueError, zlib.error) as e:  # truncated / corrupt data
         raise ImageError(f"{path}: unreadable image data ({e})") from None
     t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)          # (C, H, W)
     color, alpha = t[:-1] if t.shape[0] in (2, 4) else t, t[-1:] if t.shape[0] in (2, 4) else None
     rgb = color.expand(3, -1, -1).contiguous() if color.shape[0] == 1 else color.contiguous()
     note = f"animated, {frames} frames: the first is used" if frames > 1 else ""
+    if shallow:
+        note = "16-bit colour PNG read at 8 bits (pip install pypng to keep all 16)"
     return LoadedImage(rgb=rgb, alpha=alpha, gray=gray, bits=bits, path=path, note=note)
 
 
@@ -415,7 +419,7 @@ def _check_size(path, size):
 
 def _pixels(path, im):
     """(array (H, W, C) float32 in [0, 1] with C in 1..4 (gray, gray+alpha, RGB, RGBA), gray, bits)."""
-    if im.format == "PNG" and _png_header(path)[2] == 16 and im.mode not in ("I", "I;16", "I;16B"):
+    if im.format == "PNG" and im.mode not in ("I", "I;16", "I;16B") and _png_depth(path) == 16 and _has_pypng():
         return _read_png16(path)                       # 16-bit colour or gray+alpha: Pillow gives 8 bits
     if im.format == "TIFF" and im.mode in ("RGB", "RGBA") and _tiff_bits(im) == 16:
         return _read_tiff16(path)
@@ -472,90 +476,39 @@ def _read_tiff16(path):
     return (a.astype(np.float32) / 65535), False, 16
 
 
-# 16-bit PNG, decoded and encoded here (PNG specification, ISO/IEC 15948: chunks, zlib, row filters)
-
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_CHANNELS = {0: 1, 4: 2, 2: 3, 6: 4}               # colour type -> samples per pixel
+# 16-bit colour PNG through pypng (optional)
 
 
-def _png_chunks(data):
-    pos = 8
-    while pos + 8 <= len(data):
-        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        yield kind, data[pos + 8:pos + 8 + n]
-        pos += 12 + n
+def _has_pypng():
+    return importlib.util.find_spec("png") is not None
 
 
-def _png_header(path):
-    """(width, height, bit depth, colour type, interlace) from the IHDR chunk."""
+def _png_depth(path):
+    """The bit depth in a PNG's IHDR chunk (byte 24 of the file)."""
     with open(path, "rb") as f:
-        head = f.read(33)
-    if head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
-        raise ImageError(f"{path}: not a PNG file")
-    W, H, depth, ctype, _, _, interlace = struct.unpack(">IIBBBBB", head[16:29])
-    return W, H, depth, ctype, interlace
+        head = f.read(25)
+    return head[24] if len(head) == 25 and head[12:16] == b"IHDR" else 8
 
 
 def _read_png16(path):
-    W, H, _, ctype, interlace = _png_header(path)
-    if interlace or ctype not in _PNG_CHANNELS:
-        raise ImageError(f"{path}: interlaced or palette 16-bit PNG is not supported; save it without interlacing")
-    with open(path, "rb") as f:
-        data = f.read()
-    idat = b"".join(body for kind, body in _png_chunks(data) if kind == b"IDAT")
-    raw = zlib.decompressobj().decompress(idat)
-    C = _PNG_CHANNELS[ctype]
-    bpp, stride = 2 * C, 2 * C * W                     # bytes per pixel, per row
-    if len(raw) < H * (stride + 1):
-        raise ImageError(f"{path}: truncated PNG data ({len(raw)} of {H * (stride + 1)} bytes)")
-    rows = np.frombuffer(raw, np.uint8)[:H * (stride + 1)].reshape(H, stride + 1)
-    out = np.zeros((H, stride), np.uint8)
-    prev = np.zeros(stride, np.uint8)
-    for y in range(H):
-        out[y] = prev = _unfilter(rows[y, 0], rows[y, 1:], prev, bpp, path)
-    a = out.view(">u2").reshape(H, W, C)                # big-endian samples
-    return a.astype(np.float32) / 65535, C <= 2, 16
+    import png
+    try:
+        w, h, rows, info = png.Reader(filename=path).asDirect()
+        a = np.vstack([np.asarray(r, np.uint16) for r in rows]).reshape(h, w, info["planes"])
+    except png.Error as e:
+        raise ImageError(f"{path}: unreadable PNG data ({e})") from None
+    return a.astype(np.float32) / 65535, info["planes"] <= 2, 16
 
 
-def _unfilter(kind, line, prev, bpp, path):
-    """Undo one PNG row filter (0 None, 1 Sub, 2 Up, 3 Average, 4 Paeth); uint8 arithmetic wraps."""
-    if kind == 0:
-        return line
-    if kind == 1:
-        return np.cumsum(line.reshape(-1, bpp), axis=0, dtype=np.uint8).reshape(-1)
-    if kind == 2:
-        return line + prev
-    if kind not in (3, 4):
-        raise ImageError(f"{path}: bad PNG row filter {kind}")
-    # Average and Paeth depend on the reconstructed left neighbour: a scan along the row
-    L, P = line.reshape(-1, bpp).astype(np.int32), prev.reshape(-1, bpp).astype(np.int32)
-    r = np.zeros_like(L)
-    a = c = np.zeros(bpp, np.int32)
-    for x in range(L.shape[0]):
-        b = P[x]
-        if kind == 3:
-            a = (L[x] + (a + b) // 2) & 255
-        else:
-            p = a + b - c
-            pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
-            a = (L[x] + np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))) & 255
-            c = b
-        r[x] = a
-    return r.astype(np.uint8).reshape(-1)
-
-
-def _write_png16(f, a):
-    """a: (H, W, C) uint16, C in 1..4. Every row uses filter 2 (Up), which compresses smooth images well."""
+def _write_png16(f, a, path):
+    """a: (H, W, C) uint16, C in 1..4; gray through Pillow (mode I;16), the rest through pypng."""
     H, W, C = a.shape
-    ctype = {v: k for k, v in _PNG_CHANNELS.items()}[C]
-    rows = np.ascontiguousarray(a, dtype=">u2").view(np.uint8).reshape(H, W * 2 * C)
-    up = np.diff(rows, axis=0, prepend=np.zeros((1, rows.shape[1]), np.uint8))   # wraps mod 256
-    raw = np.concatenate([np.full((H, 1), 2, np.uint8), up], axis=1).tobytes()
-
-    def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    f.write(_PNG_SIGNATURE + chunk(b"IHDR", struct.pack(">IIBBBBB", W, H, 16, ctype, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+    if C == 1:
+        return Image.fromarray(np.ascontiguousarray(a[..., 0])).save(f, format="PNG")
+    if not _has_pypng():
+        raise ImageError(f"{path}: 16-bit colour PNG needs the pypng package (pip install pypng)")
+    import png
+    png.Writer(W, H, bitdepth=16, greyscale=C <= 2, alpha=C in (2, 4)).write(f, a.reshape(H, W * C))
 
 
 # --------------------------------------------------------------------------------------------
@@ -628,7 +581,7 @@ def _to_array(rgb, alpha, gray):
 
 def _write16(f, fmt, a, path):
     if fmt == "PNG":
-        return _write_png16(f, a)
+        return _write_png16(f, a, path)
     if a.shape[2] == 1:                                                # 16-bit gray TIFF: Pillow can
         return Image.fromarray(np.ascontiguousarray(a[..., 0])).save(f, format="TIFF")
     try:
