@@ -239,11 +239,11 @@ def mix(*xs):
 
 
 # --------------------------------------------------------------------------------------------
-# --cache-latents encodes a fixed set of pairs once
+# cache_latents (the miniature's, CODE_ONLY) encodes a fixed set of pairs once
 
 
 def latent_cache(cfg, paths, data, vae, device, rank):
-    """--cache-latents N: N pairs drawn, degraded and VAE-encoded once, then reused by every step
+    """cache_latents = N: N pairs drawn, degraded and VAE-encoded once, then reused by every step
     (a fixed set of degradations instead of fresh ones: much faster when the VAE dominates a step,
     as it does at small model sizes). Kept in out/latents-{rank}.safetensors and reused by a rerun
     or --resume with the same settings."""
@@ -333,7 +333,7 @@ def build_models(cfg, device):
 
 
 def tiny_config(cfg):
-    """model.CONFIGS["tiny"], with --depth / --heads where given."""
+    """model.CONFIGS["tiny"], with depth / heads / prediction where given."""
     tiny = model.CONFIGS["tiny"]
     return replace(tiny, depth=cfg.depth or tiny.depth, heads=cfg.heads or tiny.heads, prediction=cfg.prediction)
 
@@ -618,11 +618,13 @@ def save_grid(path, vae, net, stage, batch, z_lr, null):
 CHOICES = dict(stage=("distill", "teacher"), preset=("full", "tiny"), target=("gt", "meanflow", "null", "neg"),
                loss=tuple(mfsr.LOSSES), mode=("split", "fused"), dtype=("bf16", "fp16", "fp32"),
                teacher_mode=("v1", "r1"), lr_decay=("none", "cosine"), prediction=("v", "x"))
+# Settings only the miniature and the sweeps use (experiments/): they pass them to main() in code,
+# and the command line, which a full-scale run reads, does not carry them.
+CODE_ONLY = ("cache_latents", "clean_prob", "plain_gt", "neg_prob", "depth", "heads", "prediction")
 FLAG_GROUPS = {   # --help's sections, each flag in one
-    "data": ("data", "size", "cache_latents", "clean_prob", "plain_gt", "null_emb", "neg_emb", "prompt_emb"),
-    "model": ("preset", "ckpt", "teacher", "teacher_mode", "vae", "untrained_vae", "depth", "heads", "prediction",
-              "lora_rank", "time_scale"),
-    "stage": ("stage", "target", "cfg_w", "kappa", "cond_drop", "ratio", "warmup", "loss", "time_shift", "neg_prob",
+    "data": ("data", "size", "null_emb", "neg_emb", "prompt_emb"),
+    "model": ("preset", "ckpt", "teacher", "teacher_mode", "vae", "untrained_vae", "lora_rank", "time_scale"),
+    "stage": ("stage", "target", "cfg_w", "kappa", "cond_drop", "ratio", "warmup", "loss", "time_shift",
               "caption_dropout"),
     "optimisation": ("batch", "accum", "steps", "lr", "lr_decay", "grad_clip", "ema", "seed", "max_bad"),
     "checkpoints and logs": ("out", "resume", "save_every", "keep", "log_every", "sample_every"),
@@ -646,7 +648,16 @@ def field_help():
     return helps
 
 
-def parse_args(argv=None):
+def _flag(name):
+    """How a setting is named to the user: its flag, or for a CODE_ONLY one its field."""
+    return name if name in CODE_ONLY else "--" + name.replace("_", "-")
+
+
+def parse_args(argv=None, **code_only):
+    """The TrainConfig of the command line `argv`, with the CODE_ONLY settings given as keywords."""
+    unknown = set(code_only) - set(CODE_ONLY)
+    if unknown:
+        raise TypeError(f"parse_args: {', '.join(sorted(unknown))} are command-line flags, not code-only settings")
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                 epilog="Every flag is a field of train.TrainConfig; the resolved config is "
                                        "printed and stored in every checkpoint.")
@@ -662,10 +673,12 @@ def parse_args(argv=None):
                 shown = f" (choices: {', '.join(CHOICES[name])})" if name in CHOICES else ""
                 g.add_argument(flag, type=type(f.default), default=f.default, metavar=name.upper(),
                                help=f"{text}{shown} [default: {f.default if f.default != '' else 'none'}]")
-    cfg = TrainConfig(**{f.name: getattr(p.parse_args(argv), f.name) for f in fields(TrainConfig)})
+    args = p.parse_args(argv)
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in CODE_ONLY},
+                      **code_only)
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
-            p.error(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose from {', '.join(allowed)}")
+            p.error(f"{_flag(name)} {getattr(cfg, name)!r}: choose from {', '.join(allowed)}")
     if not cfg.data:
         p.error("--data is required (a folder of HR images)")
     if cfg.size == 0:
@@ -674,10 +687,10 @@ def parse_args(argv=None):
         p.error(f"--time-shift {cfg.time_shift}: must be > 0 (SD3's sigma shift; 1 is none)")
     if (cfg.depth or cfg.heads or cfg.prediction != "v") and not (cfg.preset == "tiny" and cfg.stage == "teacher"
                                                                  and not cfg.teacher):
-        p.error("--depth / --heads / --prediction shape a tiny teacher trained from scratch (--preset tiny --stage "
+        p.error("depth / heads / prediction shape a tiny teacher trained from scratch (--preset tiny --stage "
                 "teacher, no --teacher); other models take theirs from their checkpoint")
     if cfg.depth < 0 or cfg.heads < 0:
-        p.error(f"--depth {cfg.depth} --heads {cfg.heads}: must be positive")
+        p.error(f"depth {cfg.depth}, heads {cfg.heads}: must be positive")
     if cfg.size % 32:
         p.error(f"--size {cfg.size}: must be a multiple of 32 (x4 LR, latent patches)")
     out = os.path.realpath(cfg.out)
@@ -722,7 +735,7 @@ def training_images(cfg, rank):
 
 def training_batches(cfg, paths, prompt, vae, device, rank, start):
     """Batches from step `start` on: pairs made on the fly by worker processes, or from the
-    latent cache (--cache-latents)."""
+    latent cache (cache_latents)."""
     import degrade
     data = PairDataset(paths, cfg.size, prompt, degrade.DegradeConfig(usm_gt=not cfg.plain_gt), cfg.clean_prob)
     if cfg.cache_latents:
@@ -770,10 +783,11 @@ def log_step(cfg, log, done, start, t0, loss, gnorm, lr, device, extra):
               f"peak {rec['peak_mb']} MB", flush=True)
 
 
-def main(argv=None):
+def main(argv=None, **code_only):
     """The run: set up the models, optimizer and data, then per step a batch, the stage's loss over
-    --accum micro-batches, the update, logs, progress grids and checkpoints."""
-    cfg = parse_args(argv)
+    --accum micro-batches, the update, logs, progress grids and checkpoints. code_only: the
+    CODE_ONLY settings (the miniature's)."""
+    cfg = parse_args(argv, **code_only)
     ddp, rank, world, device = start_processes(cfg)
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)

@@ -36,7 +36,7 @@ The transformers' stages are train.py runs (the same code as the full-scale path
 Text at this size: there are no captions and no text encoders. The "prompt" is a fixed random
 embedding given to every training image, the null prompt is zeros (caption dropout swaps it in),
 and the negative prompt is another fixed random embedding that the teacher learns to associate
-with the LR image as the target (train.py --neg-prob): in the paper the negative prompt means
+with the LR image as the target (train.py's neg_prob): in the paper the negative prompt means
 "blurry, low-res, ...", and here it is taught to mean exactly that, so CFG (Eq. 11) pushes the
 teacher away from the blurry answer as it does at full scale.
 
@@ -52,6 +52,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import fields
 
 import numpy as np
 import torch
@@ -187,7 +188,7 @@ CFG_SCALES = (1.0, 1.25, 1.5, 2.0, 3.0)
 CFG_TOLERANCE_DB = 0.3               # the largest scale within this PSNR of the best one is taken
 
 # (stage name, train.py arguments); {size}, {runs}, {w} filled in by run(); steps and cached pairs
-# scaled by --scale. "vae", "cfg" and "decoder" are not train.py runs: VAE_RECIPE, scan_cfg, tune_decoder.
+# scaled by --scale. The flags of train.CODE_ONLY reach train.main as keywords (split_code_only). "vae", "cfg" and "decoder" are not train.py runs: VAE_RECIPE, scan_cfg, tune_decoder.
 # The teacher keeps SD3.5's --time-shift 3 although a 32^2 latent (256 tokens) is SD3's unshifted
 # case: shift 1 trains small sigma more and denoises better there, but its samples came out sharper
 # and less faithful, 0.7-1.0 dB lower at 40 steps on the held-out set (docs/benchmarks.md).
@@ -330,10 +331,11 @@ def train_stage(runs, name, argv, out, scale=1.0, workers=2):
     if "--cache-latents" in argv and os.path.exists(shared) and not os.path.exists(f"{out}/latents-0.safetensors"):
         os.makedirs(out, exist_ok=True)
         os.link(shared, os.path.join(out, "latents-0.safetensors"))
-    print(f"== {name}: python train.py {' '.join(argv)}", flush=True)
+    argv, code_only = split_code_only(argv)
+    print(f"== {name}: train.main({' '.join(argv)}, {code_only})", flush=True)
     t0 = time.time()
     try:
-        train.main(argv)
+        train.main(argv, **code_only)
     finally:   # an interrupted stage resumes: its minutes add up over the runs
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "minutes.log"), "a") as f:
@@ -343,6 +345,24 @@ def train_stage(runs, name, argv, out, scale=1.0, workers=2):
         total = sum(float(line) for line in f if line.strip())
     with open(os.path.join(out, "final", "minutes.txt"), "w") as f:
         f.write(f"{total:.1f}\n")
+
+
+def split_code_only(argv):
+    """A stage's flags -> (train.py's command line, {train.CODE_ONLY setting: value}): the stages
+    write every setting as a flag, train.main takes the miniature's own settings as keywords."""
+    kinds = {f.name: type(f.default) for f in fields(train.TrainConfig)}
+    flags, code_only, i = [], {}, 0
+    while i < len(argv):
+        name = argv[i][2:].replace("-", "_") if argv[i].startswith("--") else None
+        if name not in train.CODE_ONLY:
+            flags.append(argv[i])
+        elif kinds[name] is bool:
+            code_only[name] = True
+        else:
+            i += 1
+            code_only[name] = kinds[name](argv[i])
+        i += 1
+    return flags, code_only
 
 
 def train_vae(runs, scale=1.0):

@@ -303,6 +303,23 @@ def test_teacher_samples_table_orders_one_sample_below_their_mean_and_the_poster
     assert "2 steps" in dest.read_text()
 
 
+def test_every_miniature_stage_is_a_valid_train_run_with_its_code_only_settings_apart():
+    """split_code_only: each train.py stage of miniature.STAGES parses as train.py's command line
+    plus keywords, and the settings it names arrive in the TrainConfig either way."""
+    for name, args in miniature.STAGES:
+        if not args:
+            continue
+        argv = args.format(runs="r", size=miniature.TRAIN_SIZE, w=1.0).split()
+        flags, code_only = miniature.split_code_only(argv)
+        assert set(code_only) <= set(train.CODE_ONLY) and not any(a[2:].replace("-", "_") in train.CODE_ONLY
+                                                                   for a in flags if a.startswith("--"))
+        cfg = train.parse_args(flags + ["--data", "d"], **code_only)
+        for k, v in code_only.items():
+            assert getattr(cfg, k) == v and v != getattr(train.TrainConfig, k), (name, k)
+    teacher = dict(miniature.STAGES)["teacher"].split()
+    assert miniature.split_code_only(teacher)[1]["prediction"] == "x"
+
+
 def test_ablation_flags_replace_the_base_rows_settings_or_are_added():
     import subprocess
     import sys

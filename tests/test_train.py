@@ -89,16 +89,16 @@ def test_train_export_carries_the_ema_weights(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cache", [[], ["--cache-latents", "6"]])
+@pytest.mark.parametrize("cache", [{}, {"cache_latents": 6}])
 def test_train_resume_repeats_the_uninterrupted_run(tmp_path, cache):
     data = _images(tmp_path / "data")
-    common = _TINY + ["--data", data, "--lora-rank", "4", "--save-every", "2"] + cache
-    train.main(common + ["--steps", "4", "--out", str(tmp_path / "a")])
-    train.main(common + ["--steps", "2", "--out", str(tmp_path / "b")])
+    common = _TINY + ["--data", data, "--lora-rank", "4", "--save-every", "2"]
+    train.main(common + ["--steps", "4", "--out", str(tmp_path / "a")], **cache)
+    train.main(common + ["--steps", "2", "--out", str(tmp_path / "b")], **cache)
     if cache:   # the resumed run must reuse the cache, not encode new pairs
         (tmp_path / "b" / "latents-0.safetensors").touch()
         stamp = (tmp_path / "b" / "latents-0.safetensors").stat().st_mtime_ns
-    train.main(common + ["--steps", "4", "--out", str(tmp_path / "b"), "--resume"])
+    train.main(common + ["--steps", "4", "--out", str(tmp_path / "b"), "--resume"], **cache)
     losses = lambda d: [json.loads(line)["loss"] for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
     assert len(losses("a")) == 4 and losses("a") == losses("b")
     if cache:
@@ -294,20 +294,26 @@ def test_teacher_loss_time_shift_is_sd3s_shift_of_the_logit_normal_sigma():
 
 
 def test_depth_and_heads_size_a_tiny_teacher_from_scratch_and_are_refused_elsewhere(capsys):
-    """--depth / --heads (the size scan): the teacher stage builds that size, the unset one keeps the
-    tiny config's value; for a distill stage, a given --teacher or the full preset they are refused."""
+    """depth / heads (the size scan's code-only settings): the teacher stage builds that size, the
+    unset one keeps the tiny config's value; for a distill stage, a given --teacher or the full preset
+    they are refused; they are not command-line flags."""
     tiny = model.CONFIGS["tiny"]
-    for flags, want in ((["--depth", "2", "--heads", "1"], (2, 1)), (["--depth", "4"], (4, tiny.heads)), ([], (3, 2))):
-        cfg = train.parse_args(_TINY + ["--data", "x", "--stage", "teacher"] + flags)
+    for kw, want in (({"depth": 2, "heads": 1}, (2, 1)), ({"depth": 4}, (4, tiny.heads)), ({}, (3, 2))):
+        cfg = train.parse_args(_TINY + ["--data", "x", "--stage", "teacher"], **kw)
         net, _, _ = train.build_models(cfg, torch.device("cpu"))
         assert (net.cfg.depth, net.cfg.heads, len(net.joint_blocks), net.cfg.hidden) == (*want, want[0], 64 * want[1])
         assert net.cfg.lr_stream and net.cfg.dual_layers == tiny.dual_layers
     assert (tiny.depth, tiny.heads) == (3, 2)
-    for bad in (["--stage", "distill", "--depth", "2"], ["--stage", "teacher", "--teacher", "t.safetensors", "--heads", "1"],
-                ["--stage", "teacher", "--preset", "full", "--depth", "2"], ["--stage", "teacher", "--heads", "-1"]):
+    for bad, kw in ((["--stage", "distill"], {"depth": 2}), (["--stage", "teacher", "--teacher", "t.safetensors"], {"heads": 1}),
+                    (["--stage", "teacher", "--preset", "full"], {"depth": 2}), (["--stage", "teacher"], {"heads": -1})):
         with pytest.raises(SystemExit):
-            train.parse_args(_TINY + ["--data", "x"] + bad)
-        assert "--depth" in capsys.readouterr().err
+            train.parse_args(_TINY + ["--data", "x"] + bad, **kw)
+        assert "depth" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(_TINY + ["--data", "x", "--stage", "teacher", "--depth", "2"])
+    assert "unrecognized arguments: --depth" in capsys.readouterr().err
+    with pytest.raises(TypeError, match="--steps|steps"):
+        train.parse_args(_TINY + ["--data", "x"], steps=3)
 
 
 def test_train_learning_rate_schedules():
@@ -327,8 +333,10 @@ def test_train_help_gives_every_flag_a_text_its_default_and_choices_in_groups(ca
     text = capsys.readouterr().out
     for group in ("data:", "model:", "stage:", "optimisation:", "checkpoints and logs:", "distributed and speed"):
         assert f"\n{group}" in text, group
-    flags = [f for f in fields(train.TrainConfig)]
+    flags = [f for f in fields(train.TrainConfig) if f.name not in train.CODE_ONLY]
     body = " ".join(text.split())
+    for name in train.CODE_ONLY:                     # the miniature's settings stay off the command line
+        assert "--" + name.replace("_", "-") not in body, name
     helps = train.field_help()
     for f in flags:
         flag = "--" + f.name.replace("_", "-")
@@ -403,7 +411,7 @@ def test_train_clean_prob_gives_bicubic_pairs_and_the_plain_gt(tmp_path):
     mixed = train.PairDataset(paths, 32, null, degrade.DegradeConfig(gt_size=32, usm_gt=False), clean_prob=0.5)
     n_clean = sum(torch.equal(mixed[(0, k)]["lr"], degrade.bicubic_down(mixed[(0, k)]["gt"][None])[0]) for k in range(40))
     assert 8 <= n_clean <= 32, n_clean
-    assert train.parse_args(["--data", str(folder), "--plain-gt", "--clean-prob", "0.3"]).plain_gt
+    assert train.parse_args(["--data", str(folder)], plain_gt=True, clean_prob=0.3).plain_gt
 
 
 def test_distill_warmup_steps_have_every_row_at_s_equal_t(monkeypatch):
