@@ -368,7 +368,7 @@ def split_code_only(argv):
 def train_vae(runs, scale=1.0):
     """The "vae" stage: tiny_vae.train_vae with VAE_RECIPE on the training photographs ->
     runs/vae/final/ (vae.safetensors, grid.png, steps.txt, minutes.txt). An interrupted run
-    starts the stage again (12 minutes at scale 1)."""
+    resumes from the state train_vae keeps in runs/vae/final.tmp."""
     t0 = time.time()
     out, tmp = os.path.join(runs, "vae", "final"), os.path.join(runs, "vae", "final.tmp")
     recipe = dict(VAE_RECIPE, steps=max(2, round(VAE_RECIPE["steps"] * scale)))

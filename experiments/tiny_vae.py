@@ -10,9 +10,11 @@ squared-error reconstruction from a posterior sample + kl * KL(q(z|x) || N(0, I)
 cosine learning rate, gradient clipping at 1, an EMA of the weights (the exported ones). The latent
 means' running mean and variance become the exported shift and scale, so the transformer sees
 latents of mean 0 and variance 1 (SD3 measured its 0.0609 / 1.5305 the same way). Crops and noise
-follow train.py's (seed, step) scheme: a rerun repeats a run exactly.
+follow train.py's (seed, step) scheme: a rerun repeats a run exactly, and an interrupted one resumes
+from its last saved state as if it had not stopped.
 """
 import copy
+import json
 import math
 import os
 import sys
@@ -28,6 +30,7 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import train
 import vae as vae_lib
+from model import SafetensorsFiles, atomic_save
 from train import mix
 
 PCA_CROPS = 256     # training crops whose patches start the linear code
@@ -96,10 +99,39 @@ def _crops(paths, images, keys, size):
     return torch.stack(out) * 2 - 1
 
 
-def train_vae(data, out, *, steps=3000, batch=16, size=64, lr=5e-4, ema=0.999, kl=1e-6, seed=0):
+def _save_state(path, step, vae, avg, opt, stats):
+    """Everything a resumed run needs, atomically: weights, EMA, Adam's state, latent statistics."""
+    tensors = {f"vae.{n}": p.detach().contiguous() for n, p in vae.named_parameters()}
+    tensors.update({f"ema.{n}": a.contiguous() for n, a in avg.items()})
+    state = opt.state_dict()
+    tensors.update({f"opt.{i}.{k}": v.reshape(-1) if v.ndim == 0 else v
+                    for i, st in state["state"].items() for k, v in st.items()})
+    atomic_save(tensors, path, {"step": str(step), "stats": json.dumps(stats),
+                                "param_groups": json.dumps(state["param_groups"])})
+
+
+def _load_state(path, vae, avg, opt):
+    """Restore what _save_state wrote; returns (step, stats)."""
+    f = SafetensorsFiles(path)
+    with torch.no_grad():
+        for n, p in vae.named_parameters():
+            p.copy_(f.get(f"vae.{n}"))
+            avg[n].copy_(f.get(f"ema.{n}"))
+    state = {}
+    for k in f.keys():
+        if k.startswith("opt."):
+            _, i, name = k.split(".", 2)
+            state.setdefault(int(i), {})[name] = f.get(k).reshape(()) if name == "step" else f.get(k)
+    opt.load_state_dict({"state": state, "param_groups": json.loads(f.metadata["param_groups"])})
+    return int(f.metadata["step"]), json.loads(f.metadata["stats"])
+
+
+def train_vae(data, out, *, steps=3000, batch=16, size=64, lr=5e-4, ema=0.999, kl=1e-6, seed=0, save_every=500):
     """Train the tiny VAE on the images in `data` (a folder, or folders comma-separated); writes
     out/vae.safetensors (EMA weights, calibrated shift / scale), out/grid.png (HR | reconstruction),
-    out/steps.txt. Returns the exported VAE."""
+    out/steps.txt. Returns the exported VAE. Every `save_every` steps the state goes to
+    out/state.safetensors, from which a rerun into the same `out` resumes, exactly (crops and noise
+    are functions of the step); it is removed at the end."""
     paths, _ = train.usable_images(train.find_images(data), size)
     images = {}
     torch.manual_seed(seed)
@@ -108,8 +140,13 @@ def train_vae(data, out, *, steps=3000, batch=16, size=64, lr=5e-4, ema=0.999, k
     params = list(vae.parameters())
     opt = torch.optim.Adam(params, lr=lr)
     avg = {n: p.detach().clone() for n, p in vae.named_parameters()}
+    state_path, start = os.path.join(out, "state.safetensors"), 0
     stats, t0 = {}, time.time()
-    for step, keys in enumerate(train.StepBatches(len(paths), batch, seed, 0, 0, steps)):
+    if os.path.exists(state_path):
+        start, stats = _load_state(state_path, vae, avg, opt)
+        print(f"vae: resuming at step {start} from {state_path}", flush=True)
+    os.makedirs(out, exist_ok=True)
+    for step, keys in enumerate(train.StepBatches(len(paths), batch, seed, 0, start, steps), start):
         g = torch.Generator().manual_seed(mix(seed, step, 0, 7))
         loss = vae_loss(vae, _crops(paths, images, keys, size), kl, g, stats)
         opt.zero_grad(set_to_none=True)
@@ -123,12 +160,13 @@ def train_vae(data, out, *, steps=3000, batch=16, size=64, lr=5e-4, ema=0.999, k
                 avg[n].lerp_(p.detach(), 1 - ema)
         if (step + 1) % 200 == 0 or step + 1 == steps:
             print(f"vae step {step + 1}/{steps}: loss {loss.item():.5f} ({time.time() - t0:.0f} s)", flush=True)
+        if (step + 1) % save_every == 0 and step + 1 < steps:
+            _save_state(state_path, step + 1, vae, avg, opt, stats)
     final = copy.deepcopy(vae).eval().requires_grad_(False)
     with torch.no_grad():
         for n, p in final.named_parameters():
             p.copy_(avg[n])
     final.cfg = replace(final.cfg, shift=float(stats["mean"]), scale=float(1 / math.sqrt(stats["var"])))
-    os.makedirs(out, exist_ok=True)
     vae_lib.save_vae(final, os.path.join(out, "vae.safetensors"))
     x = _crops(paths, images, [(i % len(paths), mix(seed, i, 13)) for i in range(4)], size)
     with torch.no_grad():
@@ -137,4 +175,6 @@ def train_vae(data, out, *, steps=3000, batch=16, size=64, lr=5e-4, ema=0.999, k
     Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(os.path.join(out, "grid.png"))
     with open(os.path.join(out, "steps.txt"), "w") as f:
         f.write(f"{steps}\n")
+    if os.path.exists(state_path):
+        os.remove(state_path)
     return final

@@ -84,3 +84,27 @@ def test_tiny_vae_exports_the_ema_weights(tmp_path):
     for conv in ("encoder.conv_out", "decoder.conv_out"):
         assert not frozen.get_submodule(conv).weight.any()
         assert live.get_submodule(conv).weight.abs().max() > 1e-4
+
+
+def test_tiny_vae_resumes_an_interrupted_run_exactly(tmp_path, monkeypatch):
+    """Interrupted after its step-2 state was saved, a rerun into the same folder does steps 3 and 4
+    only and exports what an uninterrupted run exports, bit for bit; the state file is then gone."""
+    data = _images(tmp_path / "data", size=64)
+    kw = dict(steps=4, batch=2, size=32, lr=1e-2, ema=0.5, save_every=2)
+    whole = tiny_vae.train_vae(data, str(tmp_path / "a"), **kw)
+    loss, calls = tiny_vae.vae_loss, []
+
+    def interrupted(*a):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return loss(*a)
+    monkeypatch.setattr(tiny_vae, "vae_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_vae.train_vae(data, str(tmp_path / "b"), **kw)
+    assert (tmp_path / "b" / "state.safetensors").exists()
+    calls.clear()
+    resumed = tiny_vae.train_vae(data, str(tmp_path / "b"), **kw)
+    assert len(calls) == 2 and not (tmp_path / "b" / "state.safetensors").exists()
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and (whole.cfg.shift, whole.cfg.scale) == (resumed.cfg.shift, resumed.cfg.scale)
