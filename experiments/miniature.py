@@ -40,12 +40,13 @@ with the LR image as the target (train.py's neg_prob): in the paper the negative
 "blurry, low-res, ...", and here it is taught to mean exactly that, so CFG (Eq. 11) pushes the
 teacher away from the blurry answer as it does at full scale.
 
-Data: PHOTOS below, photographs of people, animals, buildings, text, foliage, landscapes and
+Data: PHOTOS (photos.csv), photographs of people, animals, buildings, text, foliage, landscapes and
 objects from scikit-image and Debian packages, their licences recorded (and in the model card).
 HELD_OUT photographs are never trained on: bench.py quality evaluates on them, and the README's
 example image is cut from one of them (chelsea).
 """
 import argparse
+import csv
 import glob
 import json
 import os
@@ -70,109 +71,14 @@ import train
 import vae as vae_lib
 from model import atomic_save
 
-# The photographs: (source, file, licence). Sources are packages an ordinary client installs:
+# The photographs: photos.csv beside this file, one row each: name, kind (of content), source, file,
+# licence. Sources are packages an ordinary client installs:
 #   pip install scikit-image
 #   apt-get install opencv-doc palapeli-data lomiri-wallpapers-16.04 lomiri-wallpapers-20.04 mate-backgrounds
 # "skimage" files are skimage.data names; the others are paths inside the Debian package, whose
 # licence is the one its /usr/share/doc/<package>/copyright file states.
-_CV = "/usr/share/doc/opencv-doc/examples/"
-_CV_LIC = "Apache-2.0 AND BSD-3-Clause (OpenCV samples, Debian opencv-doc)"
-_PAL = "/usr/share/palapeli/collection/"
-_PAL_LIC = "GPL-2+ (KDE Palapeli, Debian palapeli-data)"
-_LOM = "/usr/share/backgrounds/"
-_MATE = "/usr/share/backgrounds/mate/nature/"
-_MATE_LIC = "GPL-2+ (MATE, Debian mate-backgrounds)"
-PHOTOS = {
-    # people
-    "astronaut": ("skimage", "astronaut", "public domain (NASA)"),
-    "camera": ("skimage", "camera", "CC0 (Lav Varshney)"),
-    "messi": ("opencv-doc", _CV + "data/messi5.jpg", _CV_LIC),
-    # animals
-    "chelsea": ("skimage", "chelsea", "CC0 (Stefan van der Walt)"),
-    "baboon": ("opencv-doc", _CV + "data/baboon.jpg", _CV_LIC),
-    "chicky": ("opencv-doc", _CV + "data/chicky_512.png", _CV_LIC),
-    "squirrel": ("opencv-doc", _CV + "data/squirrel_cls.jpg", _CV_LIC),
-    "butterfly": ("opencv-doc", _CV + "data/butterfly.jpg", _CV_LIC),
-    "robin": ("opencv-doc", _CV + "hfs/data/000.jpg", _CV_LIC),
-    "honey_bee": ("palapeli-data", _PAL + "european-honey-bee.jpg", _PAL_LIC),
-    "chameleon": ("palapeli-data", _PAL + "panther-chameleon-female.jpg", _PAL_LIC),
-    "dragonfly": ("lomiri-wallpapers-16.04", _LOM + "Dragonfly_by_Bolly.jpg", "CC-BY-SA-4.0 (Bolly)"),
-    "bee": ("lomiri-wallpapers-16.04", _LOM + "free_by_Peter_Nerlich.jpg", "CC-BY-SA-4.0 (Peter Nerlich)"),
-    "dogs": ("lomiri-wallpapers-16.04", _LOM + "friends_by_Aitzol_Berasategi.jpg", "CC-BY-4.0 (Aitzol Berasategi)"),
-    "ladybird": ("mate-backgrounds", _MATE + "LadyBird.jpg", _MATE_LIC),
-    "two_wings": ("mate-backgrounds", _MATE + "TwoWings.jpg", _MATE_LIC),
-    # buildings and streets
-    "building": ("opencv-doc", _CV + "data/building.jpg", _CV_LIC),
-    "home": ("opencv-doc", _CV + "data/home.jpg", _CV_LIC),
-    "house": ("opencv-doc", _CV + "reg/home.png", _CV_LIC),
-    "leuven": ("opencv-doc", _CV + "data/leuvenA.jpg", _CV_LIC),
-    "aerial_1": ("opencv-doc", _CV + "data/aero1.jpg", _CV_LIC),
-    "castle": ("palapeli-data", _PAL + "castle-maintenon.jpg", _PAL_LIC),
-    "cincinnati_bridge": ("palapeli-data", _PAL + "cincinnati-bridge.jpg", _PAL_LIC),
-    "bridge": ("lomiri-wallpapers-16.04", _LOM + "Bridge_by_Sander_Klootwijk.jpg", "CC-BY-SA-4.0 (Sander Klootwijk)"),
-    "rocket": ("skimage", "rocket", "public domain (SpaceX)"),
-    # text and signs
-    "sign_parking": ("opencv-doc", _CV + "text/scenetext01.jpg", _CV_LIC),
-    "sign_sports": ("opencv-doc", _CV + "text/scenetext02.jpg", _CV_LIC),
-    "copy_centre": ("opencv-doc", _CV + "text/scenetext03.jpg", _CV_LIC),
-    "street_sign": ("opencv-doc", _CV + "text/scenetext04.jpg", _CV_LIC),
-    "roadworks": ("opencv-doc", _CV + "text/scenetext05.jpg", _CV_LIC),
-    "pub": ("opencv-doc", _CV + "text/scenetext06.jpg", _CV_LIC),
-    "hotel": ("opencv-doc", _CV + "text/scenetext_segmented_word01.jpg", _CV_LIC),
-    "stationery": ("opencv-doc", _CV + "text/scenetext_segmented_word02.jpg", _CV_LIC),
-    "freephone": ("opencv-doc", _CV + "text/scenetext_segmented_word03.jpg", _CV_LIC),
-    "fosters": ("opencv-doc", _CV + "text/scenetext_segmented_word04.jpg", _CV_LIC),
-    "sanyo": ("opencv-doc", _CV + "text/scenetext_segmented_word05.jpg", _CV_LIC),
-    "sudoku": ("opencv-doc", _CV + "data/sudoku.png", _CV_LIC),
-    "books": ("opencv-doc", _CV + "data/ela_original.jpg", _CV_LIC),
-    "box": ("opencv-doc", _CV + "data/left.jpg", _CV_LIC),
-    "text": ("skimage", "text", "CC0 (scikit-image)"),
-    # foliage, flowers, landscapes
-    "plant": ("opencv-doc", _CV + "alphamat/input_images/plant.jpg", _CV_LIC),
-    "aloe": ("opencv-doc", _CV + "data/aloeL.jpg", _CV_LIC),
-    "lake": ("opencv-doc", _CV + "hfs/data/001.jpg", _CV_LIC),
-    "tree": ("opencv-doc", _CV + "hfs/data/002.jpg", _CV_LIC),
-    "mountains": ("lomiri-wallpapers-16.04", _LOM + "aitzgorri_by_Aitzol_Berasategi.jpg", "CC-BY-4.0 (Aitzol Berasategi)"),
-    "forest_stream": ("lomiri-wallpapers-16.04", _LOM + "life_by_Aitzol_Berasategi.jpg", "CC-BY-4.0 (Aitzol Berasategi)"),
-    "picos": ("lomiri-wallpapers-16.04", _LOM + "picosdeeuropa_by_Aitzol_Berasategi.jpg", "CC-BY-4.0 (Aitzol Berasategi)"),
-    "sunset": ("lomiri-wallpapers-16.04", _LOM + "sunset_by_Aitzol_Berasategi.jpg", "CC-BY-4.0 (Aitzol Berasategi)"),
-    "dandelions": ("lomiri-wallpapers-16.04", _LOM + "seeding_by_Clements_Engelhardt.jpg", "CC0-1.0 (Clemens Engelhardt)"),
-    "tree_trunk": ("lomiri-wallpapers-20.04", _LOM + "Kleiber_by_Lukas_Baubkus.jpg", "CC-BY-SA-3.0 (Lukas Baubkus)"),
-    "leaf": ("mate-backgrounds", _MATE + "Blinds.jpg", _MATE_LIC),
-    "dune": ("mate-backgrounds", _MATE + "Dune.jpg", _MATE_LIC),
-    "fresh_flower": ("mate-backgrounds", _MATE + "FreshFlower.jpg", _MATE_LIC),
-    "garden": ("mate-backgrounds", _MATE + "Garden.jpg", _MATE_LIC),
-    "meadow": ("mate-backgrounds", _MATE + "GreenMeadow.jpg", _MATE_LIC),
-    "raindrops": ("mate-backgrounds", _MATE + "RainDrops.jpg", _MATE_LIC),
-    "storm": ("mate-backgrounds", _MATE + "Storm.jpg", _MATE_LIC),
-    "yellow_flower": ("mate-backgrounds", _MATE + "YellowFlower.jpg", _MATE_LIC),
-    "water_drop": ("mate-backgrounds", _MATE + "Aqua.jpg", _MATE_LIC),
-    "wood": ("mate-backgrounds", _MATE + "Wood.jpg", _MATE_LIC),
-    "grass": ("skimage", "grass", "CC0"),
-    "gravel": ("skimage", "gravel", "CC0 (CC0Textures)"),
-    "brick": ("skimage", "brick", "CC0 (CC0Textures)"),
-    # objects, food
-    "coffee": ("skimage", "coffee", "CC0 (Rachel Michetti)"),
-    "motorcycle": ("skimage", "stereo_motorcycle", "CC0 (Middlebury stereo, scikit-image)"),
-    "coins": ("skimage", "coins", "no known restrictions"),
-    "apple": ("opencv-doc", _CV + "data/apple.jpg", _CV_LIC),
-    "orange": ("opencv-doc", _CV + "data/orange.jpg", _CV_LIC),
-    "fruits": ("opencv-doc", _CV + "data/fruits.jpg", _CV_LIC),
-    "citrus": ("palapeli-data", _PAL + "citrus-fruits.jpg", _PAL_LIC),
-    "smarties": ("opencv-doc", _CV + "data/smarties.png", _CV_LIC),
-    "circuit_board": ("opencv-doc", _CV + "data/board.jpg", _CV_LIC),
-    "toys": ("opencv-doc", _CV + "data/rubberwhale1.png", _CV_LIC),
-    "desk": ("opencv-doc", _CV + "data/stuff.jpg", _CV_LIC),
-    "graffiti": ("opencv-doc", _CV + "data/graf1.png", _CV_LIC),
-    "fig": ("lomiri-wallpapers-16.04", _LOM + "Picture_0B_by_freespace.jpg", "CC-BY-4.0 (Trevor \"Freespace\")"),
-    "brushes": ("lomiri-wallpapers-16.04", _LOM + "Picture_1A_by_freespace.jpg", "CC-BY-4.0 (Trevor \"Freespace\")"),
-    "wine": ("lomiri-wallpapers-16.04", _LOM + "Wine_by_Jakkub_Mede.jpg", "CC-BY-4.0 (Jakub Mede)"),
-    "clock_face": ("lomiri-wallpapers-16.04", _LOM + "greentock_by_Peter_Nerlich.jpg", "CC-BY-SA-4.0 (Peter Nerlich)"),
-    # science
-    "hubble": ("skimage", "hubble_deep_field", "public domain (NASA)"),
-    "retina": ("skimage", "retina", "CC0"),
-    "immunohistochemistry": ("skimage", "immunohistochemistry", "no known restrictions"),
-}
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "photos.csv"), newline="") as _f:
+    PHOTOS = {r["name"]: (r["source"], r["file"], r["licence"]) for r in csv.DictReader(_f)}   # name -> (source, file, licence)
 # Whole photographs never trained on: the quality table and the README's example (chelsea) use
 # them; one of each kind of content.
 HELD_OUT = ("chelsea", "coffee", "astronaut", "motorcycle", "copy_centre", "castle", "ladybird", "picos")
