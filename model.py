@@ -828,6 +828,18 @@ def _infer_config(src: _Source) -> MMDiTConfig:
 RECORDED = ("lr_key_mode", "ff_inject", "time_scale", "prediction")
 
 
+def checkpoint_config(path, **overrides):
+    """(config, source) of a transformer file, without reading a weight: the config from its shapes
+    (_infer_config), the fields save_transformer recorded (RECORDED), then `overrides`."""
+    src = _Source(path)
+    known = {f.name for f in fields(MMDiTConfig)}
+    if set(overrides) - known:
+        raise TypeError(f"unknown config overrides {sorted(set(overrides) - known)}; known: {sorted(known)}")
+    saved = src.config("mfsr_config")
+    told = {k: saved[k] for k in RECORDED if k in saved}
+    return replace(_infer_config(src), **{**told, **overrides}), src
+
+
 def load_transformer(path, *, dtype=torch.float32, device="cpu", **overrides) -> MMDiT:
     """Load any supported transformer checkpoint; the config is read from its shapes and keys.
 
@@ -837,13 +849,7 @@ def load_transformer(path, *, dtype=torch.float32, device="cpu", **overrides) ->
     written by `save_transformer`. overrides: config fields a file cannot tell, e.g.
     lr_key_mode="r1" or time_scale=1.0. Tensors are cast to `dtype` (files mix fp16 and fp32).
     """
-    src = _Source(path)
-    known = {f.name for f in fields(MMDiTConfig)}
-    if set(overrides) - known:
-        raise TypeError(f"unknown config overrides {sorted(set(overrides) - known)}; known: {sorted(known)}")
-    saved = src.config("mfsr_config")
-    told = {k: saved[k] for k in RECORDED if k in saved}
-    cfg = replace(_infer_config(src), **{**told, **overrides})
+    cfg, src = checkpoint_config(path, **overrides)
     lora = json.loads(src.metadata.get("lora", "null"))
     sampling = json.loads(src.metadata.get("mfsr_sampling", "{}"))
     with torch.device("meta"):

@@ -650,14 +650,19 @@ def _infer_config(src: _VAESource, groups=None) -> VAEConfig:
         raise CheckpointError(f"{src.path}: {e}; pass groups= to load_vae") from None
 
 
+def checkpoint_config(path, groups=None):
+    """(config, source) of a VAE file, from its shapes, without reading a weight (groups as in load_vae)."""
+    src = _VAESource(path)
+    return _infer_config(src, groups), src
+
+
 def load_vae(path, *, dtype=torch.float32, device="cpu", groups=None) -> VAE:
     """Load the SD3 VAE from an SD3.5 single file (`first_stage_model.*`; the rest ignored), a
     diffusers pipeline folder, its `vae/` folder or diffusion_pytorch_model.safetensors, a
     standalone VAE file with bare keys, or a file written by `save_vae`. The config is read from
     the shapes; every key and shape is checked. Tensors are cast to `dtype` (files may mix fp16
     and fp32). groups: GroupNorm groups when the file cannot tell (default 32, the SD3 value)."""
-    src = _VAESource(path)
-    cfg = _infer_config(src, groups)
+    cfg, src = checkpoint_config(path, groups)
     with torch.device("meta"):
         vae = VAE(cfg)
     expected = {k: tuple(v.shape) for k, v in vae.state_dict().items()}

@@ -28,9 +28,7 @@ def count(module):
 def transformer(path=None, config="tiny"):
     """The transformer config a file's shapes give (with the fields save_transformer records), or a preset's."""
     if path:
-        src = model._Source(path)
-        saved = src.config("mfsr_config")
-        cfg = replace(model._infer_config(src), **{k: saved[k] for k in model.RECORDED if k in saved})
+        cfg, src = model.checkpoint_config(path)
         print(f"{path}: {src.layout} layout, {len(src.where)} transformer tensors")
     else:
         cfg = model.CONFIGS[config]
@@ -53,8 +51,7 @@ def transformer(path=None, config="tiny"):
 def vae(path=None, config="tiny"):
     """The VAE config a file's shapes give, or a preset's, and its parameter counts."""
     if path:
-        src = vae_lib._VAESource(path)
-        cfg = vae_lib._infer_config(src)
+        cfg, src = vae_lib.checkpoint_config(path)
         print(f"{path}: {src.layout} layout, {len(src.where)} VAE tensors")
     else:
         cfg = vae_lib.CONFIGS[config]
