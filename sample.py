@@ -388,9 +388,9 @@ def load_image(path) -> LoadedImage:
             with Image.open(path) as im:
                 _check_size(path, im.size)
                 frames = getattr(im, "n_frames", 1)
-                arr, gray, bits = _pixels(path, im)                           # (H, W, C) float32 (frame 0)
+                deep_png = im.format == "PNG" and _png_depth(path) == 16
+                arr, gray, bits = _pixels(path, im, deep_png)                 # (H, W, C) float32 (frame 0)
                 arr = _orient(arr, im.getexif().get(0x0112, 1))
-                shallow = bits == 8 and im.format == "PNG" and _png_depth(path) == 16
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
@@ -402,9 +402,9 @@ def load_image(path) -> LoadedImage:
     t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)          # (C, H, W)
     color, alpha = t[:-1] if t.shape[0] in (2, 4) else t, t[-1:] if t.shape[0] in (2, 4) else None
     rgb = color.expand(3, -1, -1).contiguous() if color.shape[0] == 1 else color.contiguous()
-    note = f"animated, {frames} frames: the first is used" if frames > 1 else ""
-    if shallow:
-        note = "16-bit colour PNG read at 8 bits (pip install pypng to keep all 16)"
+    notes = [f"animated, {frames} frames: the first is used"] * (frames > 1)
+    notes += ["16-bit colour PNG read at 8 bits (pip install pypng to keep all 16)"] * (deep_png and bits == 8)
+    note = "; ".join(notes)
     return LoadedImage(rgb=rgb, alpha=alpha, gray=gray, bits=bits, path=path, note=note)
 
 
@@ -417,9 +417,10 @@ def _check_size(path, size):
                          f"(a decompression bomb?); raise sample.MAX_PIXELS if the file is genuine")
 
 
-def _pixels(path, im):
-    """(array (H, W, C) float32 in [0, 1] with C in 1..4 (gray, gray+alpha, RGB, RGBA), gray, bits)."""
-    if im.format == "PNG" and im.mode not in ("I", "I;16", "I;16B") and _png_depth(path) == 16 and _has_pypng():
+def _pixels(path, im, deep_png=False):
+    """(array (H, W, C) float32 in [0, 1] with C in 1..4 (gray, gray+alpha, RGB, RGBA), gray, bits).
+    deep_png: the file is a 16-bit PNG."""
+    if deep_png and im.mode not in ("I", "I;16", "I;16B") and _has_pypng():
         return _read_png16(path)                       # 16-bit colour or gray+alpha: Pillow gives 8 bits
     if im.format == "TIFF" and im.mode in ("RGB", "RGBA") and _tiff_bits(im) == 16:
         return _read_tiff16(path)
