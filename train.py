@@ -476,6 +476,26 @@ def any_rank(params, flag):
 # Checkpoints: trainable weights + config; optimizer state; a full export for sample.py
 
 
+def optimizer_tensors(opt, prefix=""):
+    """opt.state_dict() as safetensors can hold it: {prefix + "param index.name": tensor} (0-d
+    tensors as (1,)) and the param groups as JSON."""
+    state = opt.state_dict()
+    tensors = {f"{prefix}{i}.{k}": v.detach().cpu().reshape(-1) if v.ndim == 0 else v.detach().cpu()
+               for i, st in state["state"].items() for k, v in st.items()}
+    return tensors, json.dumps(state["param_groups"])
+
+
+def load_optimizer(opt, tensors, groups, prefix=""):
+    """Restore `opt` from optimizer_tensors' entries (the keys starting with `prefix`) and its
+    param groups (the parsed JSON)."""
+    state = {}
+    for k, v in tensors.items():
+        if k.startswith(prefix):
+            i, name = k[len(prefix):].split(".", 1)
+            state.setdefault(int(i), {})[name] = v.reshape(()) if name == "step" else v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
 def save_checkpoint(cfg, net, opt, ema, step, rank, embs, vae=None):
     """out/ckpt-{step}/: trainable.safetensors (+ EMA), optimizer.safetensors, and the export:
     student.safetensors / teacher.safetensors (whole model, LoRA merged) with the null, negative and
@@ -492,11 +512,8 @@ def save_checkpoint(cfg, net, opt, ema, step, rank, embs, vae=None):
     train = {n: p.detach().cpu().contiguous() for n, p in net.named_parameters() if p.requires_grad}
     train.update({"ema." + n: v.cpu() for n, v in (ema or {}).items()})
     atomic_save(train, os.path.join(tmp, "trainable.safetensors"), meta)
-    state = opt.state_dict()
-    tensors = {f"{i}.{k}": v.detach().cpu().reshape(-1) if v.ndim == 0 else v.detach().cpu()
-               for i, st in state["state"].items() for k, v in st.items()}
-    atomic_save(tensors, os.path.join(tmp, "optimizer.safetensors"),
-                {"param_groups": json.dumps(state["param_groups"]), "step": str(step)})
+    tensors, groups = optimizer_tensors(opt)
+    atomic_save(tensors, os.path.join(tmp, "optimizer.safetensors"), {"param_groups": groups, "step": str(step)})
     latent = cfg.size // vae.cfg.factor
     sampling = {"tile": latent, "tile_overlap": sample_overlap(latent, net.cfg.patch),
                 **({"shift": cfg.time_shift} if cfg.stage == "teacher" else {})}   # its sampler's grid
@@ -557,11 +574,7 @@ def load_checkpoint(cfg, net, opt, rank=0):
             for k in train:
                 params[k].copy_(tensors[k])
         ema = {k[4:]: v.to(params[k[4:]].device) for k, v in tensors.items() if k.startswith("ema.")} or None
-        state = {}
-        for k, v in otensors.items():
-            i, name = k.split(".", 1)
-            state.setdefault(int(i), {})[name] = v.reshape(()) if name == "step" else v
-        opt.load_state_dict({"state": state, "param_groups": groups})
+        load_optimizer(opt, otensors, groups)
         if folder != found[-1]:
             print(f"warning: --resume: resuming from {folder} (step {step})")
         return step, ema

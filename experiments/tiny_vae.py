@@ -103,11 +103,8 @@ def _save_state(path, step, vae, avg, opt, stats):
     """Everything a resumed run needs, atomically: weights, EMA, Adam's state, latent statistics."""
     tensors = {f"vae.{n}": p.detach().contiguous() for n, p in vae.named_parameters()}
     tensors.update({f"ema.{n}": a.contiguous() for n, a in avg.items()})
-    state = opt.state_dict()
-    tensors.update({f"opt.{i}.{k}": v.reshape(-1) if v.ndim == 0 else v
-                    for i, st in state["state"].items() for k, v in st.items()})
-    atomic_save(tensors, path, {"step": str(step), "stats": json.dumps(stats),
-                                "param_groups": json.dumps(state["param_groups"])})
+    opt_tensors, groups = train.optimizer_tensors(opt, prefix="opt.")
+    atomic_save(tensors | opt_tensors, path, {"step": str(step), "stats": json.dumps(stats), "param_groups": groups})
 
 
 def _load_state(path, vae, avg, opt):
@@ -117,12 +114,8 @@ def _load_state(path, vae, avg, opt):
         for n, p in vae.named_parameters():
             p.copy_(f.get(f"vae.{n}"))
             avg[n].copy_(f.get(f"ema.{n}"))
-    state = {}
-    for k in f.keys():
-        if k.startswith("opt."):
-            _, i, name = k.split(".", 2)
-            state.setdefault(int(i), {})[name] = f.get(k).reshape(()) if name == "step" else f.get(k)
-    opt.load_state_dict({"state": state, "param_groups": json.loads(f.metadata["param_groups"])})
+    train.load_optimizer(opt, {k: f.get(k) for k in f.keys() if k.startswith("opt.")},
+                         json.loads(f.metadata["param_groups"]), prefix="opt.")
     return int(f.metadata["step"]), json.loads(f.metadata["stats"])
 
 
