@@ -670,7 +670,8 @@ def parse_args(argv=None, **code_only):
     """The TrainConfig of the command line `argv`, with the CODE_ONLY settings given as keywords."""
     unknown = set(code_only) - set(CODE_ONLY)
     if unknown:
-        raise TypeError(f"parse_args: {', '.join(sorted(unknown))} are command-line flags, not code-only settings")
+        raise TypeError(f"parse_args: {', '.join(sorted(unknown))}: not among train.CODE_ONLY ({', '.join(CODE_ONLY)}); "
+                        "the other settings are flags in argv")
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                 epilog="Every flag is a field of train.TrainConfig; the resolved config is "
                                        "printed and stored in every checkpoint.")
