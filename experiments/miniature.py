@@ -53,6 +53,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import fields
 
 import numpy as np
@@ -94,7 +95,8 @@ CFG_SCALES = (1.0, 1.25, 1.5, 2.0, 3.0)
 CFG_TOLERANCE_DB = 0.3               # the largest scale within this PSNR of the best one is taken
 
 # (stage name, train.py arguments); {size}, {runs}, {w} filled in by run(); steps and cached pairs
-# scaled by --scale. The flags of train.CODE_ONLY reach train.main as keywords (split_code_only). "vae", "cfg" and "decoder" are not train.py runs: VAE_RECIPE, scan_cfg, tune_decoder.
+# scaled by --scale. The flags of train.CODE_ONLY reach train.main as keywords (split_code_only).
+# "vae", "cfg" and "decoder" are not train.py runs: VAE_RECIPE, scan_cfg, tune_decoder.
 # The teacher keeps SD3.5's --time-shift 3 although a 32^2 latent (256 tokens) is SD3's unshifted
 # case: shift 1 trains small sigma more and denoises better there, but its samples came out sharper
 # and less faithful, 0.7-1.0 dB lower at 40 steps on the held-out set (docs/benchmarks.md).
@@ -239,17 +241,30 @@ def train_stage(runs, name, argv, out, scale=1.0, workers=2):
         os.link(shared, os.path.join(out, "latents-0.safetensors"))
     argv, code_only = split_code_only(argv)
     print(f"== {name}: train.main({' '.join(argv)}, {code_only})", flush=True)
+    with _minutes(out):
+        train.main(argv, **code_only)
+    _final(out)
+    _write_minutes(out, os.path.join(out, "final"))
+
+
+@contextmanager
+def _minutes(stage_dir):
+    """Adds the minutes of the block to stage_dir/minutes.log, also when it is interrupted: a
+    resumed stage's minutes add up over its runs."""
     t0 = time.time()
     try:
-        train.main(argv, **code_only)
-    finally:   # an interrupted stage resumes: its minutes add up over the runs
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "minutes.log"), "a") as f:
+        yield
+    finally:
+        os.makedirs(stage_dir, exist_ok=True)
+        with open(os.path.join(stage_dir, "minutes.log"), "a") as f:
             f.write(f"{(time.time() - t0) / 60:.2f}\n")
-    _final(out)
-    with open(os.path.join(out, "minutes.log")) as f:
+
+
+def _write_minutes(stage_dir, final):
+    """final/minutes.txt: the stage's minutes over all its runs."""
+    with open(os.path.join(stage_dir, "minutes.log")) as f:
         total = sum(float(line) for line in f if line.strip())
-    with open(os.path.join(out, "final", "minutes.txt"), "w") as f:
+    with open(os.path.join(final, "minutes.txt"), "w") as f:
         f.write(f"{total:.1f}\n")
 
 
@@ -275,13 +290,13 @@ def train_vae(runs, scale=1.0):
     """The "vae" stage: tiny_vae.train_vae with VAE_RECIPE on the training photographs ->
     runs/vae/final/ (vae.safetensors, grid.png, steps.txt, minutes.txt). An interrupted run
     resumes from the state train_vae keeps in runs/vae/final.tmp."""
-    t0 = time.time()
-    out, tmp = os.path.join(runs, "vae", "final"), os.path.join(runs, "vae", "final.tmp")
+    stage = os.path.join(runs, "vae")
+    out, tmp = os.path.join(stage, "final"), os.path.join(stage, "final.tmp")
     recipe = dict(VAE_RECIPE, steps=max(2, round(VAE_RECIPE["steps"] * scale)))
     print(f"== vae: tiny_vae.train_vae({recipe})", flush=True)
-    tiny_vae.train_vae(os.path.join(runs, "data", "train"), tmp, **recipe)
-    with open(os.path.join(tmp, "minutes.txt"), "w") as f:
-        f.write(f"{(time.time() - t0) / 60:.1f}\n")
+    with _minutes(stage):
+        tiny_vae.train_vae(os.path.join(runs, "data", "train"), tmp, **recipe)
+    _write_minutes(stage, tmp)
     os.replace(tmp, out)
 
 
@@ -401,8 +416,7 @@ def ship(runs, dest=SHIP):
         scan = json.load(f)
     w = mfsr.eq11_w(scan["cfg"])
     info = {"stages": {n: a.format(runs=runs, size=TRAIN_SIZE, w=w) for n, a in STAGES}, "vae_recipe": VAE_RECIPE,
-            "steps": steps,
-            "minutes": minutes, "cfg_scale": scan["cfg"], "eq11_w": w, "cfg_scan": scan,
+            "steps": steps, "minutes": minutes, "cfg_scale": scan["cfg"], "eq11_w": w, "cfg_scan": scan,
             "train_images": list(TRAIN), "held_out_images": list(HELD_OUT), "torch": torch.__version__}
     with open(os.path.join(dest, "training.json"), "w") as f:
         json.dump(info, f, indent=1)
