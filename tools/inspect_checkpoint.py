@@ -25,13 +25,18 @@ def count(module):
     return sum(p.numel() for p in module.parameters())
 
 
+def _config(lib, path, config, what):
+    """lib (model or vae): the config a file's shapes give, after a line on the file, or a preset's."""
+    if not path:
+        return lib.CONFIGS[config]
+    cfg, src = lib.checkpoint_config(path)
+    print(f"{path}: {src.layout} layout, {len(src.where)} {what} tensors")
+    return cfg
+
+
 def transformer(path=None, config="tiny"):
     """The transformer config a file's shapes give (with the fields save_transformer records), or a preset's."""
-    if path:
-        cfg, src = model.checkpoint_config(path)
-        print(f"{path}: {src.layout} layout, {len(src.where)} transformer tensors")
-    else:
-        cfg = model.CONFIGS[config]
+    cfg = _config(model, path, config, "transformer")
     with torch.device("meta"):
         n = count(model.MMDiT(cfg))
     print(f"{cfg}\nparameters (pos_embed buffer excluded): {n:,}")
@@ -50,11 +55,7 @@ def transformer(path=None, config="tiny"):
 
 def vae(path=None, config="tiny"):
     """The VAE config a file's shapes give, or a preset's, and its parameter counts."""
-    if path:
-        cfg, src = vae_lib.checkpoint_config(path)
-        print(f"{path}: {src.layout} layout, {len(src.where)} VAE tensors")
-    else:
-        cfg = vae_lib.CONFIGS[config]
+    cfg = _config(vae_lib, path, config, "VAE")
     with torch.device("meta"):
         v = vae_lib.VAE(cfg)
     print(f"{cfg}\nparameters: {count(v):,} (encoder {count(v.encoder):,}, decoder {count(v.decoder):,}); "
