@@ -111,30 +111,24 @@ def adain_color_fix(y, ref, eps=1e-5):
     return (y - my) / (sy + eps) * sr + mr
 
 
-def wavelet_blur(x, dilation):
-    """One level of the a-trous (dilated) 3x3 binomial blur, replicate-padded."""
+def wavelet_low(x, levels=5):
+    """x blurred `levels` times by the a-trous (dilated) 3x3 binomial kernel, dilations 1, 2, 4, ...,
+    replicate-padded: the low frequencies of a `levels`-level wavelet split."""
     k = torch.tensor([[1, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=x.dtype, device=x.device) / 16
     k = k.expand(x.shape[1], 1, 3, 3)                                          # depthwise
-    xp = F.pad(x, (dilation,) * 4, mode="replicate")
-    return F.conv2d(xp, k, dilation=dilation, groups=x.shape[1])
-
-
-def wavelet_split(x, levels=5):
-    """(high, low): low is x blurred `levels` times with dilations 1, 2, 4, ...; high = x - low."""
-    low = x
     for i in range(levels):
-        low = wavelet_blur(low, 2 ** i)
-    return x - low, low
+        x = F.conv2d(F.pad(x, (2 ** i,) * 4, mode="replicate"), k, dilation=2 ** i, groups=x.shape[1])
+    return x
 
 
 def wavelet_color_fix(y, ref, levels=5):
     """y's high frequencies on ref's low frequencies (5-level a-trous wavelet, as DiT4SR / StableSR)."""
-    return wavelet_split(y, levels)[0] + wavelet_split(ref, levels)[1]
+    return y - wavelet_low(y, levels) + wavelet_low(ref, levels)
 
 
 COLOR_FIXES = {"adain": adain_color_fix, "wavelet": wavelet_color_fix, "none": lambda y, ref: y}
-DEFAULTS = {"tile": 64, "tile_overlap": 24, "cfg": mfsr.DIT4SR_CFG, "shift": mfsr.SD35_SHIFT}   # DiT4SR's, for
-# checkpoints that record none
+# DiT4SR's sampler settings, for checkpoints that record none
+DEFAULTS = {"tile": 64, "tile_overlap": 24, "cfg": mfsr.DIT4SR_CFG, "shift": mfsr.SD35_SHIFT}
 
 
 def sampling_settings(net):
@@ -204,15 +198,12 @@ def upscale(img, net, vae, cond, steps=1, *, teacher=False, cond_neg=None, cfg=D
 
 
 class Progress:
-    """Long work made visible on `stream` (default stderr): network calls on tiles done / total,
-    elapsed, ETA; a bar redrawn in place on a terminal, else a plain line every 10 %. Nothing while
-    the image has taken less than `after` seconds, so small images stay one summary line.
-    `seconds` holds each phase's time (bicubic x4, VAE encode, network, VAE decode, colour fix, write).
-    name=None: records the phases only."""
+    """Network calls on tiles done / total, elapsed and ETA on `stream` (default stderr): a bar redrawn
+    in place on a terminal, else a line every 10 %; nothing before `after` seconds (small images stay one
+    summary line) nor with name=None. `seconds`: each phase's time, as upscale and process name them."""
 
     def __init__(self, name, stream=None, after=2.0):
-        self.name, self.after = name, after
-        self.stream = stream or sys.stderr
+        self.name, self.after, self.stream = name, after, stream or sys.stderr
         self.tty = name is not None and self.stream.isatty()
         self.t0 = self.phase_t0 = time.perf_counter()
         self.seconds, self.current = {}, None
@@ -226,7 +217,7 @@ class Progress:
         self.current, self.phase_t0 = name, now
         if calls:
             self.done, self.total, self.network_t0 = 0, calls, now
-        if name is None and self.drawn and self.tty:
+        if name is None and self.drawn:
             print(file=self.stream, flush=True)                              # end the bar's line
             self.drawn = False
 
@@ -240,8 +231,7 @@ class Progress:
         text = (f"{self.name}: tiles {self.done}/{self.total}, {now - self.t0:.0f} s, "
                 f"ETA {eta:.0f} s (network; then the VAE decode)")
         if self.tty:
-            bar = "#" * int(20 * frac)
-            print(f"\r[{bar:<20}] {text}", end="", file=self.stream, flush=True)
+            print(f"\r[{'#' * int(20 * frac):<20}] {text}", end="", file=self.stream, flush=True)
             self.drawn = True
         elif frac >= self.next_line or self.done == self.total:
             print(text, file=self.stream, flush=True)
@@ -314,32 +304,28 @@ def load_condition(net_cfg, emb=None, ckpt=None, beside=("prompt", "null")):
     to the checkpoint (train.py stores the prompt, null and negative embeddings a model was trained
     with beside it), else zeros. Returns (cond, where from)."""
     zeros = (torch.zeros(1, net_cfg.context_dim), torch.zeros(net_cfg.pooled_dim))
-    if emb:
-        if not os.path.exists(emb):
-            raise CheckpointError(f"{emb}: no such embedding file")
-        where = emb
-    else:
-        model_file = ckpt or os.path.join(SHIPPED, "student.safetensors")
-        found = [w for w in (_beside(model_file, n + ".safetensors") for n in beside) if os.path.exists(w)]
-        if not found:
-            return (zeros[1][None], zeros[0][None]), f"zeros (no {' / '.join(beside)}.safetensors beside the model)"
-        where = found[0]
+    if emb and not os.path.exists(emb):
+        raise CheckpointError(f"{emb}: no such embedding file")
+    near_model = (_beside(ckpt or os.path.join(SHIPPED, "student.safetensors"), n + ".safetensors") for n in beside)
+    found = [emb] if emb else [w for w in near_model if os.path.exists(w)]
+    if not found:
+        return (zeros[1][None], zeros[0][None]), f"zeros (no {' / '.join(beside)}.safetensors beside the model)"
+    where = found[0]
     context, pooled = load_embedding(where, zeros)
     context = context if context.ndim == 2 else context.reshape(-1, net_cfg.context_dim)
     return (pooled.reshape(1, -1), context[None]), where
 
 
 # --------------------------------------------------------------------------------------------
-# Image files: every common file in, float RGB in [0, 1] out, and back to a file of the same kind
-# (train.py and degrade.py read theirs here too). Pillow reads the files; what it cannot do right
-# is done with numpy:
-# - 16-bit grayscale (modes I;16*, I) is read at full precision (Pillow's convert("RGB") clips it
-#   to 255); 32-bit float (F) is clipped to [0, 1] and written back as 16 bits.
-# - 16-bit colour PNG (48/64-bit RGB/RGBA): Pillow (13) opens it as 8 bits and cannot make an image
-#   from a (H, W, 3) uint16 array; the optional `pypng` package reads and writes all 16 bits. Without
-#   it such a file is read at 8 bits and the user is told so (`note`).
-# - 16-bit colour TIFF needs the optional `tifffile` package; without it such files are refused
-#   rather than silently read at 8 bits.
+# Image files: every common file in, float RGB in [0, 1] out, and back to a file of the same kind.
+# Pillow reads and writes them, except where it would lose bits:
+# - 16-bit gray (modes I;16*, I) is read at full precision (Pillow's convert("RGB") clips it to
+#   255); 32-bit float (F) is clipped to [0, 1] and written back as 16 bits.
+# - 16-bit colour PNG: Pillow (13) opens it as 8 bits and cannot make an image from a (H, W, 3)
+#   uint16 array; the optional `pypng` reads and writes all 16 bits. Without it such a file is read
+#   at 8 bits and the user is told so (`note`).
+# - 16-bit colour TIFF needs the optional `tifffile`; without it such files are refused rather than
+#   silently read at 8 bits.
 # Gray files stay gray, transparency is kept apart ((1, H, W) alpha), EXIF orientation is applied.
 # Every failure is an ImageError naming the file.
 
@@ -362,16 +348,11 @@ class LoadedImage:
     alpha: torch.Tensor | None         # (1, H, W) float32 in [0, 1], or None
     gray: bool                         # the file was grayscale: write it back gray
     bits: int                          # 8 or 16 bits per sample in the file
-    path: str = ""
     note: str = ""                     # what the reader did that the user should know (animated GIF)
 
     @property
     def size(self):                    # (H, W)
         return tuple(self.rgb.shape[-2:])
-
-
-# --------------------------------------------------------------------------------------------
-# Reading
 
 
 def load_image(path) -> LoadedImage:
@@ -386,7 +367,12 @@ def load_image(path) -> LoadedImage:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # MAX_PIXELS decides
             with Image.open(path) as im:
-                _check_size(path, im.size)
+                W, H = im.size
+                if W * H == 0:
+                    raise ImageError(f"{path}: the image has zero size ({W}x{H})")
+                if W * H > MAX_PIXELS:
+                    raise ImageError(f"{path}: {W}x{H} = {W * H:,} pixels is above the limit of {MAX_PIXELS:,} "
+                                     f"(a decompression bomb?); raise sample.MAX_PIXELS if the file is genuine")
                 frames = getattr(im, "n_frames", 1)
                 deep_png = im.format == "PNG" and _png_depth(path) == 16
                 arr, gray, bits = _pixels(path, im, deep_png)                 # (H, W, C) float32 (frame 0)
@@ -400,21 +386,10 @@ def load_image(path) -> LoadedImage:
     except (OSError, SyntaxError, ValueError, zlib.error) as e:  # truncated / corrupt data
         raise ImageError(f"{path}: unreadable image data ({e})") from None
     t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)          # (C, H, W)
-    color, alpha = t[:-1] if t.shape[0] in (2, 4) else t, t[-1:] if t.shape[0] in (2, 4) else None
-    rgb = color.expand(3, -1, -1).contiguous() if color.shape[0] == 1 else color.contiguous()
+    color, alpha = (t[:-1], t[-1:]) if t.shape[0] in (2, 4) else (t, None)
     notes = [f"animated, {frames} frames: the first is used"] * (frames > 1)
     notes += ["16-bit colour PNG read at 8 bits (pip install pypng to keep all 16)"] * (deep_png and bits == 8)
-    note = "; ".join(notes)
-    return LoadedImage(rgb=rgb, alpha=alpha, gray=gray, bits=bits, path=path, note=note)
-
-
-def _check_size(path, size):
-    W, H = size
-    if W * H == 0:
-        raise ImageError(f"{path}: the image has zero size ({W}x{H})")
-    if W * H > MAX_PIXELS:
-        raise ImageError(f"{path}: {W}x{H} = {W * H:,} pixels is above the limit of {MAX_PIXELS:,} "
-                         f"(a decompression bomb?); raise sample.MAX_PIXELS if the file is genuine")
+    return LoadedImage(color.expand(3, -1, -1).contiguous(), alpha, gray, bits, "; ".join(notes))
 
 
 def _pixels(path, im, deep_png=False):
@@ -422,34 +397,26 @@ def _pixels(path, im, deep_png=False):
     deep_png: the file is a 16-bit PNG."""
     if deep_png and im.mode not in ("I", "I;16", "I;16B") and _has_pypng():
         return _read_png16(path)                       # 16-bit colour or gray+alpha: Pillow gives 8 bits
-    if im.format == "TIFF" and im.mode in ("RGB", "RGBA") and _tiff_bits(im) == 16:
-        return _read_tiff16(path)
+    if im.format == "TIFF" and im.mode in ("RGB", "RGBA") and np.max(im.tag_v2.get(258, 8)) == 16:
+        a = _tifffile(path).imread(path)               # tag 258: BitsPerSample, one or one per channel
+        if a.dtype != np.uint16 or a.ndim != 3 or a.shape[2] not in (3, 4):
+            raise ImageError(f"{path}: unsupported 16-bit TIFF layout {a.shape} {a.dtype}")
+        return a.astype(np.float32) / 65535, False, 16
     im.load()                                          # decode now, so truncation raises here
-    mode = im.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         a = np.asarray(im).astype(np.float64)
         if a.min() < 0 or a.max() > 65535:
             raise ImageError(f"{path}: 32-bit integer image (values {a.min():.0f}..{a.max():.0f}) is not supported")
         return (a / 65535).astype(np.float32)[..., None], True, 16
-    if mode == "F":
+    if im.mode == "F":
         return np.clip(np.asarray(im, dtype=np.float32), 0, 1)[..., None], True, 16
-    if mode in ("1", "L"):
-        return _u8(im.convert("L"))[..., None], True, 8
-    if mode in ("LA", "La"):
-        return _u8(im.convert("LA")), True, 8
-    if mode in ("P", "PA"):
-        has_alpha = mode == "PA" or "transparency" in im.info
-        return _u8(im.convert("RGBA" if has_alpha else "RGB")), False, 8
-    if mode in ("RGBA", "RGBa"):
-        return _u8(im.convert("RGBA")), False, 8
-    try:                                               # RGB, RGBX, CMYK, YCbCr, LAB, HSV
-        return _u8(im.convert("RGB")), False, 8
+    gray = im.mode in ("1", "L", "LA", "La")
+    alpha = im.mode in ("LA", "La", "PA", "RGBA", "RGBa") or (im.mode == "P" and "transparency" in im.info)
+    try:                                               # other modes (RGBX, CMYK, YCbCr, LAB, HSV) as RGB
+        a = np.asarray(im.convert(("L" if gray else "RGB") + "A" * alpha), dtype=np.float32) / 255.0
     except ValueError as e:
-        raise ImageError(f"{path}: unsupported image mode {mode!r} ({e})") from None
-
-
-def _u8(im):
-    return np.asarray(im, dtype=np.float32) / 255.0
+        raise ImageError(f"{path}: unsupported image mode {im.mode!r} ({e})") from None
+    return a.reshape(*a.shape[:2], -1), gray, 8
 
 
 def _orient(a, orientation):
@@ -460,62 +427,6 @@ def _orient(a, orientation):
     return ops[orientation](a) if orientation in ops else a
 
 
-def _tiff_bits(im):
-    bits = im.tag_v2.get(258, (8,))                     # BitsPerSample
-    return max(bits) if isinstance(bits, tuple) else bits
-
-
-def _read_tiff16(path):
-    try:
-        import tifffile
-    except ImportError:
-        raise ImageError(f"{path}: 16-bit colour TIFF needs the tifffile package (pip install tifffile); "
-                         f"Pillow would read it at 8 bits") from None
-    a = tifffile.imread(path)
-    if a.dtype != np.uint16 or a.ndim != 3 or a.shape[2] not in (3, 4):
-        raise ImageError(f"{path}: unsupported 16-bit TIFF layout {a.shape} {a.dtype}")
-    return (a.astype(np.float32) / 65535), False, 16
-
-
-# 16-bit colour PNG through pypng (optional)
-
-
-def _has_pypng():
-    return importlib.util.find_spec("png") is not None
-
-
-def _png_depth(path):
-    """The bit depth in a PNG's IHDR chunk (byte 24 of the file)."""
-    with open(path, "rb") as f:
-        head = f.read(25)
-    return head[24] if len(head) == 25 and head[12:16] == b"IHDR" else 8
-
-
-def _read_png16(path):
-    import png
-    try:
-        w, h, rows, info = png.Reader(filename=path).asDirect()
-        a = np.vstack([np.asarray(r, np.uint16) for r in rows]).reshape(h, w, info["planes"])
-    except png.Error as e:
-        raise ImageError(f"{path}: unreadable PNG data ({e})") from None
-    return a.astype(np.float32) / 65535, info["planes"] <= 2, 16
-
-
-def _write_png16(f, a, path):
-    """a: (H, W, C) uint16, C in 1..4; gray through Pillow (mode I;16), the rest through pypng."""
-    H, W, C = a.shape
-    if C == 1:
-        return Image.fromarray(np.ascontiguousarray(a[..., 0])).save(f, format="PNG")
-    if not _has_pypng():
-        raise ImageError(f"{path}: 16-bit colour PNG needs the pypng package (pip install pypng)")
-    import png
-    png.Writer(W, H, bitdepth=16, greyscale=C <= 2, alpha=C in (2, 4)).write(f, a.reshape(H, W * C))
-
-
-# --------------------------------------------------------------------------------------------
-# Writing
-
-
 def save_image(path, rgb, alpha=None, gray=False, bits=8, protect=()):
     """Write rgb (3, H, W) in [0, 1] (+ alpha (1, H, W)) atomically: a temporary file in the same
     folder, then a rename. gray: store one channel (ITU-R 601 luma). bits=16 is kept for PNG and
@@ -524,12 +435,17 @@ def save_image(path, rgb, alpha=None, gray=False, bits=8, protect=()):
     path = str(path)
     fmt = check_output(path, alpha is not None, protect)
     folder = os.path.dirname(os.path.abspath(path))
-    a = _to_array(rgb, alpha, gray)                                    # (H, W, C) float in [0, 1]
-    deep = bits == 16 and fmt in ("PNG", "TIFF")
+    rgb = torch.as_tensor(rgb).detach().float().cpu()
+    assert rgb.ndim == 3 and rgb.shape[0] == 3, f"rgb must be (3, H, W), got {tuple(rgb.shape)}"
+    if gray:
+        rgb = sum(w * c for w, c in zip(LUMA, rgb))[None]                           # (1, H, W)
+    if alpha is not None:
+        rgb = torch.cat([rgb, torch.as_tensor(alpha).detach().float().cpu().reshape(1, *rgb.shape[1:])])
+    a = rgb.clamp(0, 1).permute(1, 2, 0).numpy()                                   # (H, W, C) in [0, 1]
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            if deep:
+            if bits == 16 and fmt in ("PNG", "TIFF"):
                 _write16(f, fmt, np.round(a * 65535).astype(np.uint16), path)
             else:
                 u8 = np.round(a * 255).astype(np.uint8)
@@ -571,26 +487,51 @@ def _same_file(a, b):
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _to_array(rgb, alpha, gray):
-    rgb = torch.as_tensor(rgb).detach().float().cpu()
-    assert rgb.ndim == 3 and rgb.shape[0] == 3, f"rgb must be (3, H, W), got {tuple(rgb.shape)}"
-    if gray:
-        rgb = sum(w * c for w, c in zip(LUMA, rgb))[None]                           # (1, H, W)
-    chans = [rgb] if alpha is None else [rgb, torch.as_tensor(alpha).detach().float().cpu().reshape(1, *rgb.shape[1:])]
-    return torch.cat(chans).clamp(0, 1).permute(1, 2, 0).numpy()                     # (H, W, C)
+# 16-bit colour files through the optional pypng (PNG) and tifffile (TIFF)
 
 
-def _write16(f, fmt, a, path):
-    if fmt == "PNG":
-        return _write_png16(f, a, path)
-    if a.shape[2] == 1:                                                # 16-bit gray TIFF: Pillow can
-        return Image.fromarray(np.ascontiguousarray(a[..., 0])).save(f, format="TIFF")
+def _has_pypng():
+    return importlib.util.find_spec("png") is not None
+
+
+def _tifffile(path):
     try:
         import tifffile
     except ImportError:
         raise ImageError(f"{path}: 16-bit colour TIFF needs the tifffile package (pip install tifffile); "
-                         f"or write .png") from None
-    tifffile.imwrite(f, a, photometric="rgb" if a.shape[2] >= 3 else "minisblack")
+                         f"Pillow handles 8 bits only") from None
+    return tifffile
+
+
+def _png_depth(path):
+    """The bit depth in a PNG's IHDR chunk (byte 24 of the file)."""
+    with open(path, "rb") as f:
+        head = f.read(25)
+    return head[24] if len(head) == 25 and head[12:16] == b"IHDR" else 8
+
+
+def _read_png16(path):
+    import png
+    try:
+        w, h, rows, info = png.Reader(filename=path).asDirect()
+        a = np.vstack([np.asarray(r, np.uint16) for r in rows]).reshape(h, w, info["planes"])
+    except png.Error as e:
+        raise ImageError(f"{path}: unreadable PNG data ({e})") from None
+    return a.astype(np.float32) / 65535, info["planes"] <= 2, 16
+
+
+def _write16(f, fmt, a, path):
+    """a: (H, W, C) uint16, C in 1..4: gray through Pillow (mode I;16), colour through pypng / tifffile."""
+    H, W, C = a.shape
+    if C == 1:
+        Image.fromarray(np.ascontiguousarray(a[..., 0])).save(f, format=fmt)
+    elif fmt == "TIFF":
+        _tifffile(path).imwrite(f, a, photometric="rgb" if C >= 3 else "minisblack")
+    elif not _has_pypng():
+        raise ImageError(f"{path}: 16-bit colour PNG needs the pypng package (pip install pypng)")
+    else:
+        import png
+        png.Writer(W, H, bitdepth=16, greyscale=C <= 2, alpha=C in (2, 4)).write(f, a.reshape(H, W * C))
 
 
 # --------------------------------------------------------------------------------------------
