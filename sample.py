@@ -20,6 +20,7 @@ The pipeline (MFSR Alg. 2; DiT4SR's inference recipe, ARCHITECTURE §3.7, for th
 Gray images come out gray, alpha is upscaled apart (bicubic), 16-bit files are written at 16 bits.
 """
 import argparse
+import contextlib
 import glob
 import importlib.util
 import math
@@ -145,8 +146,6 @@ def pad_to(x, multiple):
     image is big enough, else edge replication (a 4 x 4 image cannot reflect 4 pixels)."""
     H, W = x.shape[-2:]
     ph, pw = -H % multiple, -W % multiple
-    if ph == 0 and pw == 0:
-        return x
     mode = "reflect" if ph < H and pw < W else "replicate"
     return F.pad(x, (0, pw, 0, ph), mode=mode)
 
@@ -182,10 +181,11 @@ def upscale(img, net, vae, cond, steps=1, *, teacher=False, cond_neg=None, cfg=D
     progress.phase("network", calls=steps * len(tiled.tiles(*z_lr.shape[-2:])))
     pooled, context = (c.to(device, dtype) for c in cond)
     if teacher:
-        neg = tuple(c.to(device, dtype) for c in (cond_neg or cond))
-        (pooled, context), neg = _same_length((pooled, context), neg)
-        z = mfsr.sample_teacher(tiled, z_lr, (pooled, context), neg, steps=steps, cfg=cfg,
-                                shift=shift, generator=g)
+        pooled_neg, context_neg = (c.to(device, dtype) for c in (cond_neg or cond))
+        L = max(context.shape[1], context_neg.shape[1])     # zero-pad the shorter context so CFG can batch them
+        pad = lambda ctx: F.pad(ctx, (0, 0, 0, L - ctx.shape[1]))
+        z = mfsr.sample_teacher(tiled, z_lr, (pooled, pad(context)), (pooled_neg, pad(context_neg)), steps=steps,
+                                cfg=cfg, shift=shift, generator=g)
     else:
         z = mfsr.sample_student(tiled, z_lr, pooled, context, steps=steps, generator=g)
     progress.phase("VAE decode")
@@ -238,20 +238,12 @@ class Progress:
             self.next_line = math.floor(frac * 10 + 1) / 10
 
 
-def _same_length(c, n):
-    """Zero-pad the shorter of two contexts (zeros are padding) so CFG can batch them."""
-    L = max(c[1].shape[1], n[1].shape[1])
-    pad = lambda ctx: F.pad(ctx, (0, 0, 0, L - ctx.shape[1]))
-    return (c[0], pad(c[1])), (n[0], pad(n[1]))
-
-
 # --------------------------------------------------------------------------------------------
 # Loading the model and the prompt embeddings
 
 
 def _beside(ckpt, name):
-    folder = ckpt if os.path.isdir(ckpt) else os.path.dirname(os.path.abspath(ckpt))
-    return os.path.join(folder, name)
+    return os.path.join(ckpt if os.path.isdir(ckpt) else os.path.dirname(os.path.abspath(ckpt)), name)
 
 
 def load_models(ckpt, vae_path=None, teacher=False, device="cpu", dtype=torch.float32):
@@ -570,17 +562,6 @@ def output_path(src, out_dir, suffix, ext, has_alpha):
     return os.path.join(out_dir or os.path.dirname(src), stem + suffix + ext)
 
 
-def _reset_peak(device):
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")                               # Linux: VmHWM restarts from the current RSS
-    except OSError:
-        pass
-
-
 def process(path, args, net, vae, cond, cond_neg, inputs, written, device):
     """One image: read, upscale (RGB; alpha bicubic apart), write. Returns the summary line."""
     img = load_image(path)
@@ -596,9 +577,8 @@ def process(path, args, net, vae, cond, cond_neg, inputs, written, device):
     y = upscale(img.rgb[None], net, vae, cond, args.steps, teacher=args.teacher, cond_neg=cond_neg,
                 cfg=args.cfg, shift=args.shift, seed=args.seed, tile=args.tile, tile_overlap=args.tile_overlap,
                 color_fix=args.color_fix, progress=progress)
-    alpha = None
-    if img.alpha is not None:
-        alpha = F.interpolate(img.alpha[None], scale_factor=SCALE, mode="bicubic", align_corners=False)[0]
+    alpha = None if img.alpha is None else F.interpolate(img.alpha[None], scale_factor=SCALE, mode="bicubic",
+                                                          align_corners=False)[0]
     progress.phase("write")
     save_image(out, y[0], alpha=alpha, gray=img.gray, bits=img.bits, protect=inputs)
     progress.phase(None)
@@ -608,6 +588,13 @@ def process(path, args, net, vae, cond, cond_neg, inputs, written, device):
     where = ", ".join(f"{k} {v:.1f}" for k, v in progress.seconds.items()) if secs >= progress.after else ""
     return (f"{path} {W}x{H} -> {out} {SCALE * W}x{SCALE * H}, {args.steps} step{'s' * (args.steps > 1)}, "
             f"{secs:.2f} s{f' ({where})' if where else ''}, peak {peak_memory_mb(device):.0f} MB")
+
+
+def _reset_peak(device):
+    if device.type == "cuda":
+        return torch.cuda.reset_peak_memory_stats(device)
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")                                   # Linux: VmHWM restarts from the current RSS
 
 
 def peak_memory_mb(device):
@@ -638,9 +625,8 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", default=None, help="student.safetensors from train.py (default: the shipped model)")
     p.add_argument("--teacher", action="store_true", help="--ckpt is a one-time teacher: Euler with CFG")
     p.add_argument("--vae", default=None, help="VAE file/folder or SD3.5 checkpoint (default: beside/inside --ckpt)")
-    p.add_argument("--emb", default=None, help="prompt embedding file (context, pooled), e.g. from "
-                   "`python tools/text.py --prompt TEXT --out FILE`; default: the prompt.safetensors / "
-                   "null.safetensors stored beside the model")
+    p.add_argument("--emb", default=None, help="prompt embedding file (context, pooled) from `python tools/text.py "
+                   "--prompt TEXT --out FILE`; default: the prompt.safetensors / null.safetensors beside the model")
     p.add_argument("--neg-emb", default=None, help="negative prompt embedding for the teacher's CFG")
     p.add_argument("--steps", type=int, default=None, help="student 1..8 (default 1); teacher default 40")
     p.add_argument("--cfg-scale", "--cfg", dest="cfg", type=float, default=None,
@@ -680,8 +666,7 @@ def pick_device(name):
         d = torch.device(name)
     except (RuntimeError, ValueError):
         raise ValueError(f"--device {name}: not a device name; this machine has {', '.join(have)}") from None
-    if d.type == "cpu" or (d.type == "cuda" and (d.index or 0) < torch.cuda.device_count()) \
-            or (d.type == "mps" and torch.backends.mps.is_available()):
+    if d.type in have or f"{d.type}:{d.index or 0}" in have:          # cpu, mps, or a GPU this machine has
         return d
     raise ValueError(f"--device {name}: not available to this torch {torch.__version__}; it has {', '.join(have)}")
 
@@ -716,15 +701,11 @@ def run(args, written):
     """The program after parsing: inputs, models, then one image at a time into `written`."""
     try:
         device = pick_device(args.device)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    paths, problems = find_inputs(args.inputs, args.suffix)
-    for msg in problems:
-        print(f"error: {msg}", file=sys.stderr)
-    if not paths:
-        return 1
-    try:
+        paths, problems = find_inputs(args.inputs, args.suffix)
+        for msg in problems:
+            print(f"error: {msg}", file=sys.stderr)
+        if not paths:
+            return 1
         net, vae = load_models(args.ckpt, args.vae, args.teacher, device, DTYPES[args.dtype])
         cond, where = load_condition(net.cfg, args.emb, args.ckpt)
         cond_neg = load_condition(net.cfg, args.neg_emb, args.ckpt, ("neg", "null"))[0] if args.teacher else None
@@ -732,7 +713,7 @@ def run(args, written):
         if note:
             print(f"note: {note}", file=sys.stderr)
         TiledNet(net, args.tile, args.tile_overlap)                      # check the tiles once
-    except (CheckpointError, ValueError) as e:
+    except ValueError as e:                            # a CheckpointError, or a setting that cannot work
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.output:
@@ -741,14 +722,15 @@ def run(args, written):
         except OSError as e:
             print(f"error: cannot create the output folder {args.output}: {e.strerror or e}", file=sys.stderr)
             return 2
+    kind = f"teacher, CFG scale {args.cfg:g}, shift {args.shift:g}" if args.teacher else "student"
     calls = args.steps * (2 if args.teacher else 1)
-    print(f"model: {args.ckpt or SHIPPED} ({f'teacher, CFG scale {args.cfg:g}, shift {args.shift:g}' if args.teacher else 'student'}, "
-          f"{calls} network calls per tile), prompt: {where}, {device}, {args.dtype}")
+    print(f"model: {args.ckpt or SHIPPED} ({kind}, {calls} network calls per tile), prompt: {where}, "
+          f"{device}, {args.dtype}")
     inputs, failed = [os.path.abspath(q) for q in paths], len(problems)
     for path in paths:
         try:
             print(process(path, args, net, vae, cond, cond_neg, inputs, written, device), flush=True)
-        except (ImageError, CheckpointError, ValueError, OSError, RuntimeError) as e:
+        except (ValueError, OSError, RuntimeError) as e:      # ImageError and CheckpointError are ValueErrors
             failed += 1
             print(f"error: {path}: {e}" if path not in str(e) else f"error: {e}", file=sys.stderr, flush=True)
     if failed:
