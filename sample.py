@@ -310,22 +310,18 @@ def load_condition(net_cfg, emb=None, ckpt=None, beside=("prompt", "null")):
 
 # --------------------------------------------------------------------------------------------
 # Image files: every common file in, float RGB in [0, 1] out, and back to a file of the same kind.
-# Pillow reads and writes them, except where it would lose bits:
-# - 16-bit gray (modes I;16*, I) is read at full precision (Pillow's convert("RGB") clips it to
-#   255); 32-bit float (F) is clipped to [0, 1] and written back as 16 bits.
-# - 16-bit colour PNG: Pillow (13) opens it as 8 bits and cannot make an image from a (H, W, 3)
-#   uint16 array; the optional `pypng` reads and writes all 16 bits. Without it such a file is read
-#   at 8 bits and the user is told so (`note`).
-# - 16-bit colour TIFF needs the optional `tifffile`; without it such files are refused rather than
-#   silently read at 8 bits.
-# Gray files stay gray, transparency is kept apart ((1, H, W) alpha), EXIF orientation is applied.
-# Every failure is an ImageError naming the file.
+# Gray stays gray, transparency is kept apart ((1, H, W) alpha), EXIF orientation is applied, every
+# failure is an ImageError naming the file. Pillow does the work except where it would lose bits:
+# 16-bit gray (I;16*, I) is read at full precision (its convert("RGB") clips to 255), 32-bit float
+# (F) clipped to [0, 1] and written back at 16 bits; 16-bit colour PNG, which Pillow 13 reads at
+# 8 bits and cannot write, goes through the optional pypng (without it: read at 8 bits, said in
+# `note`), 16-bit colour TIFF through the optional tifffile (without it: refused, not read at 8 bits).
 
 
-EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")                # read and written
-INPUT_EXTS = EXTS + (".gif", ".ppm", ".pgm", ".pbm", ".pnm")    # read only: results of these are PNG
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
            ".tif": "TIFF", ".tiff": "TIFF"}
+EXTS = tuple(FORMATS)                                           # read and written
+INPUT_EXTS = EXTS + (".gif", ".ppm", ".pgm", ".pbm", ".pnm")    # read only: results of these are PNG
 MAX_PIXELS = 100_000_000           # refuse bigger files (a decompression bomb, or a mistake)
 LUMA = (0.299, 0.587, 0.114)       # ITU-R 601, what Pillow's convert("L") uses
 
