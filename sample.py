@@ -401,7 +401,7 @@ def _pixels(path, im, deep_png=False):
     gray = im.mode in ("1", "L", "LA", "La")
     alpha = im.mode in ("LA", "La", "PA", "RGBA", "RGBa") or (im.mode == "P" and "transparency" in im.info)
     try:                                               # other modes (RGBX, CMYK, YCbCr, LAB, HSV) as RGB
-        a = np.asarray(im.convert(("L" if gray else "RGB") + "A" * alpha), dtype=np.float32) / 255.0
+        a = np.asarray(im.convert(("L" if gray else "RGB") + ("A" if alpha else "")), dtype=np.float32) / 255.0
     except ValueError as e:
         raise ImageError(f"{path}: unsupported image mode {im.mode!r} ({e})") from None
     return a.reshape(*a.shape[:2], -1), gray, 8
