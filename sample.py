@@ -594,11 +594,15 @@ def _reset_peak(device):
 
 
 def peak_memory_mb(device):
-    """The process's peak memory since _reset_peak: CUDA's allocator peak, else the resident set's (VmHWM)."""
+    """The process's peak memory since _reset_peak: CUDA's allocator peak, else the resident set's
+    (Linux's VmHWM); NaN where the system does not say (no /proc: macOS, Windows)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM"))
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM"))
+    except (OSError, StopIteration):
+        return math.nan
 
 
 def _shipped_sampling():

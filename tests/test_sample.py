@@ -2,6 +2,7 @@
 
 import importlib.util
 import io
+import math
 import os
 import shutil
 import struct
@@ -480,3 +481,12 @@ def test_sample_prompt_and_prompt_file_through_the_text_encoders(_txt_pipeline, 
         with pytest.raises(SystemExit):
             text.main(["--encoders", root, "--out", str(tmp_path / "x.safetensors"), *flags])
         assert msg in capsys.readouterr().err
+
+
+def test_peak_memory_is_nan_where_the_system_has_no_proc(monkeypatch):
+    """macOS / Windows have no /proc/self/status: the summary line says nan, the image is not failed."""
+    def no_proc(path, *a, **k):
+        raise FileNotFoundError(path)
+    assert sample.peak_memory_mb(torch.device("cpu")) > 0
+    monkeypatch.setattr(sample, "open", no_proc, raising=False)
+    assert math.isnan(sample.peak_memory_mb(torch.device("cpu")))
