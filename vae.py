@@ -517,33 +517,16 @@ def set_dtype(vae: VAE, dtype, upcast=FP16_UPCAST):
 
 
 # --------------------------------------------------------------------------------------------
-# Key names: original (Stability single file) <-> diffusers AutoencoderKL (ARCH §4.3)
+# Key names: diffusers AutoencoderKL -> original (Stability single file) (ARCH §4.3)
 
-_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-_ATTN_BACK = {v: k for k, v in _ATTN.items()}
-_ATTN_OLD = {"query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}   # older diffusers files
-
-
-def to_diffusers_name(key, levels):
-    """Original key -> diffusers key; diffusers numbers the decoder levels from the deepest."""
-    key = re.sub(r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out.", key)
-    key = re.sub(r"\.mid\.block_([12])\.", lambda m: f".mid_block.resnets.{int(m[1]) - 1}.", key)
-    key = re.sub(r"\.mid\.attn_1\.(\w+)\.", lambda m: f".mid_block.attentions.0.{_ATTN[m[1]]}.", key)
-    key = re.sub(r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets.", key)
-    key = re.sub(r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0.", key)
-    flip = lambda m: levels - 1 - int(m[1])   # noqa: E731
-    key = re.sub(r"^decoder\.up\.(\d+)\.block\.", lambda m: f"decoder.up_blocks.{flip(m)}.resnets.", key)
-    key = re.sub(r"^decoder\.up\.(\d+)\.upsample\.", lambda m: f"decoder.up_blocks.{flip(m)}.upsamplers.0.", key)
-    return key.replace(".nin_shortcut.", ".conv_shortcut.")
+_ATTN_NAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
+               "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}   # the last four: older files
 
 
 def from_diffusers_name(key, levels):
-    """diffusers key -> original key: the inverse of to_diffusers_name (also reads the older
-    query/key/value/proj_attn attention names)."""
-    key = re.sub(r"\.mid_block\.attentions\.0\.(query|key|value|proj_attn)\.",
-                 lambda m: f".mid.attn_1.{_ATTN_OLD[m[1]]}.", key)
-    key = re.sub(r"\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.",
-                 lambda m: f".mid.attn_1.{_ATTN_BACK[m[1]]}.", key)
+    """diffusers key -> original key; diffusers numbers the decoder levels from the deepest."""
+    attn = "|".join(map(re.escape, _ATTN_NAMES))
+    key = re.sub(rf"\.mid_block\.attentions\.0\.({attn})\.", lambda m: f".mid.attn_1.{_ATTN_NAMES[m[1]]}.", key)
     key = re.sub(r"\.mid_block\.resnets\.([01])\.", lambda m: f".mid.block_{int(m[1]) + 1}.", key)
     key = re.sub(r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out.", key)
     key = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", key)
@@ -556,26 +539,6 @@ def from_diffusers_name(key, levels):
 
 def _is_attn_matrix(key):   # 1x1 conv weights in the original layout, (C, C) linears in diffusers
     return re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", key) is not None
-
-
-def to_diffusers_state_dict(sd, levels):
-    return {to_diffusers_name(k, levels): (v.flatten(1) if _is_attn_matrix(k) else v) for k, v in sd.items()}
-
-
-def diffusers_config(cfg: VAEConfig):
-    """The diffusers AutoencoderKL config (config.json) of a VAEConfig."""
-    n = len(cfg.channels)
-    if cfg.patch != 1:
-        raise ValueError(f"diffusers' AutoencoderKL has no patch (pixel-unshuffle) VAE; got {cfg}")
-    if cfg.dec_blocks != cfg.enc_blocks + 1:
-        raise ValueError(f"diffusers' AutoencoderKL has layers_per_block + 1 decoder blocks; got {cfg}")
-    return {"_class_name": "AutoencoderKL", "in_channels": cfg.image_channels, "out_channels": cfg.image_channels,
-            "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
-            "block_out_channels": list(cfg.channels), "layers_per_block": cfg.enc_blocks,
-            "latent_channels": cfg.latent_channels, "norm_num_groups": cfg.groups, "act_fn": "silu",
-            "scaling_factor": cfg.scale, "shift_factor": cfg.shift, "use_quant_conv": False,
-            "use_post_quant_conv": False, "mid_block_add_attention": cfg.mid_attn, "force_upcast": True,
-            "sample_size": 1024}
 
 
 # --------------------------------------------------------------------------------------------
@@ -660,37 +623,22 @@ def load_vae(path, *, dtype=torch.float32, device="cpu", groups=None) -> VAE:
     """Load the SD3 VAE from an SD3.5 single file (`first_stage_model.*`; the rest ignored), a
     diffusers pipeline folder, its `vae/` folder or diffusion_pytorch_model.safetensors, a
     standalone VAE file with bare keys, or a file written by `save_vae`. The config is read from
-    the shapes; every key and shape is checked. Tensors are cast to `dtype` (files may mix fp16
-    and fp32). groups: GroupNorm groups when the file cannot tell (default 32, the SD3 value)."""
+    the shapes; every key and shape is checked, under the original-layout names the tensors load by.
+    Tensors are cast to `dtype` (files may mix fp16 and fp32). groups: GroupNorm groups when the
+    file cannot tell (default 32, the SD3 value)."""
     cfg, src = checkpoint_config(path, groups)
     with torch.device("meta"):
         vae = VAE(cfg)
     expected = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
-    want = expected
-    if src.layout == "diffusers":   # compare under the file's own names, so errors name them
-        want = {to_diffusers_name(k, src.levels): s[:2] if _is_attn_matrix(k) else s for k, s in expected.items()}
-    found = {k: src.files.shape(k) for k in src.files.keys()}
-    check_keys(path, want, found, f"the {src.layout}-layout VAE read from it ({cfg})")
+    renamed = "" if src.layout == "original" else ", its keys renamed to the original layout (ARCH §4.3)"
+    found = {k: src.shape(k) for k in src.where}
+    check_keys(path, expected, found, f"the {src.layout}-layout VAE read from it ({cfg}){renamed}")
     vae.load_state_dict({k: src.get(k).to(dtype) for k in expected}, assign=True)
     return vae.to(device).eval()
 
 
-def save_vae(vae: VAE, path, layout="original"):
-    """Write the VAE with its config in the metadata, atomically. "original": a standalone VAE
-    file with bare Stability names (`encoder.*`, `decoder.*`); "diffusers": `path` is a folder that
-    gets diffusion_pytorch_model.safetensors and config.json (AutoencoderKL.from_pretrained reads it)."""
+def save_vae(vae: VAE, path):
+    """Write the VAE as a standalone file with bare Stability names (`encoder.*`, `decoder.*`) and
+    its config in the metadata, atomically."""
     sd = {k: v.detach().contiguous() for k, v in vae.state_dict().items()}
-    meta = {"format": "mfsr-vae", "layout": layout, "vae_config": json.dumps(asdict(vae.cfg))}
-    if layout == "original":
-        atomic_save(sd, path, meta)
-    elif layout == "diffusers":
-        config = diffusers_config(vae.cfg)   # first: raises for a VAE diffusers cannot hold
-        os.makedirs(path, exist_ok=True)
-        sd = to_diffusers_state_dict(sd, len(vae.cfg.channels))
-        atomic_save(sd, os.path.join(path, "diffusion_pytorch_model.safetensors"), meta)
-        tmp = os.path.join(path, f"config.json.tmp{os.getpid()}")
-        with open(tmp, "w") as f:
-            json.dump(config, f, indent=2)
-        os.replace(tmp, os.path.join(path, "config.json"))
-    else:
-        raise ValueError(f"layout must be 'original' or 'diffusers', got {layout!r}")
+    atomic_save(sd, path, {"format": "mfsr-vae", "layout": "original", "vae_config": json.dumps(asdict(vae.cfg))})
