@@ -98,8 +98,11 @@ class GroupNorm(nn.GroupNorm):
         H, W = x.shape[-2:]
         G = self.num_groups
         g = x.float().permute(0, 2, 3, 1).reshape(B, H * W, G, C // G)  # (B, H W, G, C/G); a view when channels-last
-        if self.sums is not None:
-            self._record(g, (H, W))
+        if self.sums is not None:   # add this tile's sums over the pixels it owns (`mask`, at input resolution)
+            m = F.interpolate(self.mask[None, None], size=(H, W), mode="nearest").reshape(1, H * W, 1, 1)
+            n, s1, s2 = self.sums
+            self.sums = [n + m.sum().double() * g.shape[3], s1 + (g * m).sum((1, 3)).double(),
+                         s2 + (g * g * m).sum((1, 3)).double()]                        # (B, G)
         if self.stats is not None:
             mean, var = self.stats
         else:
@@ -107,15 +110,6 @@ class GroupNorm(nn.GroupNorm):
         y = (g - mean[:, None, :, None]) * torch.rsqrt(var[:, None, :, None] + self.eps)
         y = y.reshape(B, H, W, C).permute(0, 3, 1, 2)                   # (B, C, H, W), channels-last
         return (y * w.view(1, C, 1, 1) + b.view(1, C, 1, 1)).to(x.dtype)
-
-    def _record(self, g, size):
-        """Add this tile's sums, counting only the pixels it owns (`mask`, at input resolution)."""
-        m = F.interpolate(self.mask[None, None], size=tuple(size), mode="nearest").flatten()  # (H W)
-        m = m[None, :, None, None]
-        n = m.sum().double() * g.shape[3]
-        s1 = (g * m).sum((1, 3)).double()
-        s2 = (g * g * m).sum((1, 3)).double()                      # (B, G)
-        self.sums = [self.sums[0] + n, self.sums[1] + s1, self.sums[2] + s2]
 
 
 def _silu(x):
@@ -188,8 +182,7 @@ class Mid(nn.Module):
         self.block_2 = ResnetBlock(channels, channels, groups)
 
     def forward(self, x):
-        x = _to_dtype_of(self, x)
-        return self.block_2(self.attn_1(self.block_1(x)))
+        return self.block_2(self.attn_1(self.block_1(_to_dtype_of(self, x))))
 
 
 class Level(nn.Module):
@@ -246,8 +239,7 @@ class Encoder(nn.Module):
         return h
 
     def tail(self, h, x):
-        """Mid (global attention) and output head at latent resolution, plus the linear code of the
-        image x (patch > 1); never tiled."""
+        """Mid (global attention), output head and the linear code of the image x; never tiled."""
         h = self.mid(h)
         m = self.conv_out(_silu(self.norm_out(_to_dtype_of(self.conv_out, h))))
         if self.patch > 1:
@@ -303,8 +295,7 @@ TILE_NORM = "tiles"                     # "tiles" | "down" | "local": see the mo
 
 def tile_starts(n, tile, overlap):
     """Offsets of tiles of side `tile` along an axis of length n: stride tile - overlap, the last
-    one flush with the end (DiT4SR's layout; sample.py's latent tiles use it too). One tile of
-    side n when n <= tile."""
+    one flush with the end (DiT4SR's layout; sample.py's latent tiles use it too)."""
     if n <= tile:
         return [0]
     return list(range(0, n - tile, tile - overlap)) + [n - tile]
