@@ -11,24 +11,16 @@ without the prefix. Facts and the original <-> diffusers key map: ../shared/refe
 §4, cited as "ARCH §4.x". Latents leave `encode` in the transformer's space, (z - shift) * scale
 (ARCH §1); `decode` undoes it.
 
-Tiling. Above TILE_AUTO_ELEMENTS per image (positions x the first level's channels: sd3 at one
-megapixel, the tiny VAE at 32 megapixels), `encode` and `decode` run the full-resolution levels
-(encoder conv_in + down levels; decoder up levels + head) on overlapping tiles blended with
-linear ramps, so memory is bounded by the tile size. The mid block, whose attention sees every
-latent position, always runs on the whole latent (64x smaller than the image; its attention is
-computed in query chunks). GroupNorm is the other layer that sees a whole tile: with per-tile
-statistics every tile is normalised differently. By default (tile_norm="tiles") a first pass
-over all tiles sums every GroupNorm's mean and variance over the pixels each tile owns (overlaps
-split in the middle), and a second pass normalises every tile with those shared statistics; this
-doubles the tiled compute, and keeps tiled output close to untiled with no seam along the tile
-borders (per-tile statistics do far worse; the tests bound both; figures in docs/modules.md).
+Tiling. Above TILE_AUTO_ELEMENTS, `encode` and `decode` run the full-resolution levels on
+overlapping tiles blended with linear ramps, so memory is bounded by the tile size; the mid block,
+whose attention sees every latent position, runs on the whole latent. With per-tile GroupNorm
+statistics every tile would be normalised differently, so by default (tile_norm="tiles") a first
+pass over all tiles sums each GroupNorm's statistics over the pixels each tile owns and a second
+pass normalises every tile with them: twice the compute, no seams (figures in docs/modules.md).
 
-Layout. Inside, activations are channels-last (faster CPU convolutions); outputs are NCHW.
-
-Precision. fp32, bf16 and fp16 run. GroupNorm always normalises in fp32 (its sums of squares
-overflow fp16 at these sizes). `set_dtype(vae, torch.float16)` keeps the decoder's up levels and
-output head in fp32, the parts known to overflow fp16 in SD VAEs (what diffusers' `upcast_vae`
-keeps in fp32); activations are cast at those module boundaries.
+Inside, activations are channels-last (faster CPU convolutions); outputs are NCHW. GroupNorm
+normalises in fp32 (its sums of squares overflow fp16); `set_dtype(vae, torch.float16)` keeps the
+decoder's up levels and head in fp32, the parts of SD VAEs that overflow fp16 (diffusers' `upcast_vae`).
 """
 import json
 import math
@@ -73,16 +65,11 @@ class VAEConfig:
 
 CONFIGS = {
     "sd3": VAEConfig(),
-    # The shipped miniature's: x4, 16 latent channels so it feeds the same transformer. It folds
-    # 4 x 4 pixel patches into channels (pixel_unshuffle), so every convolution runs at latent
-    # resolution: 512^2 encode + decode 0.11 s against 0.88 s for the SD3 structure at x4 (three
-    # levels of 32 / 64 / 64 channels, the previous tiny VAE; python experiments/bench.py vae_tiny). Beside the
-    # convolutions a linear code of the patches (`linear`, started as PCA by experiments/tiny_vae.py)
-    # carries most of the image: 16 principal components of 4 x 4 patches already reconstruct the
-    # held-out photographs at 37 dB, where the three-level VAE reached 30 dB after 46 minutes of
-    # training. 8 GroupNorm groups, not sd3's 32 (at 32 channels that normalised every channel on its
-    # own and trained markedly slower); groups and patch are recorded in the file's metadata. No
-    # mid-block attention: its global cost grows with the square of the image.
+    # The shipped miniature's: x4, 16 latent channels so it feeds the same transformer. It folds 4 x 4
+    # pixel patches into channels, so every convolution runs at latent resolution, and a linear code of
+    # the patches (`linear`, started as PCA by experiments/tiny_vae.py) carries most of the image
+    # (docs/modules.md). 8 GroupNorm groups: 32 normalised every channel alone and trained slower. No
+    # mid attention: its cost grows with the square of the image.
     "tiny": VAEConfig(channels=(64,), enc_blocks=1, dec_blocks=2, groups=8, mid_attn=False, patch=4),
     # the SD3 structure at x4 (the previous tiny VAE): small, and diffusers can read it (tests, bench)
     "x4": VAEConfig(channels=(32, 64, 64), enc_blocks=1, dec_blocks=2, groups=8, mid_attn=False),
@@ -111,8 +98,11 @@ class GroupNorm(nn.GroupNorm):
         H, W = x.shape[-2:]
         G = self.num_groups
         g = x.float().permute(0, 2, 3, 1).reshape(B, H * W, G, C // G)  # (B, H W, G, C/G); a view when channels-last
-        if self.sums is not None:
-            self._record(g, (H, W))
+        if self.sums is not None:   # add this tile's sums over the pixels it owns (`mask`, at input resolution)
+            m = F.interpolate(self.mask[None, None], size=(H, W), mode="nearest").reshape(1, H * W, 1, 1)
+            n, s1, s2 = self.sums
+            self.sums = [n + m.sum().double() * g.shape[3], s1 + (g * m).sum((1, 3)).double(),
+                         s2 + (g * g * m).sum((1, 3)).double()]                        # (B, G)
         if self.stats is not None:
             mean, var = self.stats
         else:
@@ -121,19 +111,9 @@ class GroupNorm(nn.GroupNorm):
         y = y.reshape(B, H, W, C).permute(0, 3, 1, 2)                   # (B, C, H, W), channels-last
         return (y * w.view(1, C, 1, 1) + b.view(1, C, 1, 1)).to(x.dtype)
 
-    def _record(self, g, size):
-        """Add this tile's sums, counting only the pixels it owns (`mask`, at input resolution)."""
-        m = F.interpolate(self.mask[None, None], size=tuple(size), mode="nearest").flatten()  # (H W)
-        m = m[None, :, None, None]
-        n = m.sum().double() * g.shape[3]
-        s1 = (g * m).sum((1, 3)).double()
-        s2 = (g * g * m).sum((1, 3)).double()                      # (B, G)
-        self.sums = [self.sums[0] + n, self.sums[1] + s1, self.sums[2] + s2]
-
 
 def _silu(x):
-    """SiLU, in place when no gradient is recorded (it always follows a GroupNorm, whose output is
-    fresh): one pass over the activation instead of a new tensor. Tiny VAE, 512^2 decode: -13 %."""
+    """SiLU, in place when no gradient is recorded: it always follows a GroupNorm, whose output is fresh."""
     return F.silu(x, inplace=not torch.is_grad_enabled())
 
 
@@ -166,7 +146,8 @@ class AttnBlock(nn.Module):
         h = self.norm(x)
         # contiguous: with a strided last dim CPU SDPA falls back to the math kernel, which builds
         # the whole score block
-        q, k, v = (f(h).flatten(2).transpose(1, 2).contiguous()[:, None] for f in (self.q, self.k, self.v))  # (B, 1, HW, C)
+        q, k, v = (f(h).flatten(2).transpose(1, 2).contiguous()[:, None]
+                   for f in (self.q, self.k, self.v))                                         # (B, 1, HW, C)
         # queries in chunks, so the (chunk, HW) score block stays small at 256^2 latents (a 2048^2
         # image: 65536 positions); each row's softmax is whole, so the result is exact
         step = max(1, ATTN_CHUNK_ELEMENTS // (B * H * W))
@@ -201,8 +182,7 @@ class Mid(nn.Module):
         self.block_2 = ResnetBlock(channels, channels, groups)
 
     def forward(self, x):
-        x = _to_dtype_of(self, x)
-        return self.block_2(self.attn_1(self.block_1(x)))
+        return self.block_2(self.attn_1(self.block_1(_to_dtype_of(self, x))))
 
 
 class Level(nn.Module):
@@ -227,8 +207,7 @@ class Level(nn.Module):
 
 
 def _to_dtype_of(module, x):
-    """x in the module's dtype and in the channels-last layout, which the convs and GroupNorms
-    after it keep (CPU convolutions are faster in it). encode / decode return NCHW-contiguous tensors."""
+    """x in the module's dtype and channels-last, which the convs and GroupNorms after it keep."""
     return x.to(next(module.parameters()).dtype, memory_format=torch.channels_last)
 
 
@@ -260,8 +239,7 @@ class Encoder(nn.Module):
         return h
 
     def tail(self, h, x):
-        """Mid (global attention) and output head at latent resolution, plus the linear code of the
-        image x (patch > 1); never tiled."""
+        """Mid (global attention), output head and the linear code of the image x; never tiled."""
         h = self.mid(h)
         m = self.conv_out(_silu(self.norm_out(_to_dtype_of(self.conv_out, h))))
         if self.patch > 1:
@@ -317,8 +295,7 @@ TILE_NORM = "tiles"                     # "tiles" | "down" | "local": see the mo
 
 def tile_starts(n, tile, overlap):
     """Offsets of tiles of side `tile` along an axis of length n: stride tile - overlap, the last
-    one flush with the end (DiT4SR's layout; sample.py's latent tiles use it too). One tile of
-    side n when n <= tile."""
+    one flush with the end (DiT4SR's layout; sample.py's latent tiles use it too)."""
     if n <= tile:
         return [0]
     return list(range(0, n - tile, tile - overlap)) + [n - tile]
@@ -349,9 +326,8 @@ def _shared_norm_stats(net, norms, mode, x, tile, overlap):
     """Inside the block the GroupNorms `norms` of `net` use statistics estimated over all of x.
 
     "tiles": one pass over every tile (normalised with its own statistics), each GroupNorm summing
-    over the pixels the tile owns. (Repeating the pass with the previous estimate in place of the
-    per-tile statistics made the decoder worse on random weights: errors then pass through the
-    layers uncorrected.) "down": one pass on x shrunk to a single tile. "local": no sharing.
+    over the pixels the tile owns (a second such pass, normalised with the first's estimate, made
+    the decoder worse). "down": one pass on x shrunk to a single tile. "local": no sharing.
     """
     if mode not in ("tiles", "down", "local"):
         raise ValueError(f"tile_norm must be 'tiles', 'down' or 'local', got {mode!r}")
@@ -386,6 +362,7 @@ def _shared_norm_stats(net, norms, mode, x, tile, overlap):
             m.stats, m.sums, m.mask = None, None, None
 
 
+@torch.no_grad()   # tiling is for inference: no graph through the tiles
 def run_tiled(net, norms, x, tile, overlap, tile_norm=TILE_NORM):
     """net(x) computed on overlapping square tiles of side `tile` (in x's pixels) and blended.
 
@@ -400,10 +377,9 @@ def run_tiled(net, norms, x, tile, overlap, tile_norm=TILE_NORM):
     tiles = [(..., slice(y0, y0 + th), slice(x0, x0 + tw))
              for y0 in tile_starts(H, tile, overlap) for x0 in tile_starts(W, tile, overlap)]
     if len(tiles) == 1:   # fits in one tile: the untiled computation, no statistics pass
-        with torch.no_grad():
-            return net(x).float()
+        return net(x).float()
     out = weight = None
-    with torch.no_grad(), _shared_norm_stats(net, norms, tile_norm, x, tile, overlap):
+    with _shared_norm_stats(net, norms, tile_norm, x, tile, overlap):
         for crop in tiles:
             y = net(x[crop]).float()                                     # (B, C', r th, r tw)
             r = y.shape[-1] / tw
@@ -460,12 +436,10 @@ class VAE(nn.Module):
             f"expected (B, {self.cfg.image_channels}, H, W) with H, W multiples of {f}, got {tuple(x.shape)}"
         plan = _tile_plan(tile, overlap, ENCODE_TILE, ENCODE_OVERLAP, self._first_level_elements(H, W), f)
         enc = self.encoder
-        if plan:   # the full-resolution levels in tiles; mid attention sees the whole latent
-            with torch.no_grad():   # tiling is for inference: no graph through the tiles
-                h = run_tiled(enc.body, _norms(enc.down), x, *plan, tile_norm or TILE_NORM)  # (B, C, H/f, W/f)
-                m = enc.tail(h, x)
-        else:
-            m = enc(x)                                                   # (B, 2 latent, H/f, W/f)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not plan):   # tiles are for inference: no graph
+            # the full-resolution levels, in tiles if planned; mid attention sees all of h
+            h = run_tiled(enc.body, _norms(enc.down), x, *plan, tile_norm or TILE_NORM) if plan else enc.body(x)
+            m = enc.tail(h, x)                                           # (B, 2 latent, H/f, W/f)
         return m.float().contiguous().chunk(2, dim=1)   # channels-last stays inside vae.py
 
     def encode(self, x, generator=None, sample=False, tile=None, overlap=None, tile_norm=None):
@@ -492,13 +466,13 @@ class VAE(nn.Module):
         z_vae = z.float() / self.cfg.scale + self.cfg.shift
         plan = _tile_plan(tile, overlap, DECODE_TILE, DECODE_OVERLAP, self._first_level_elements(h * f, w * f), 1)
         dec = self.decoder
-        if plan:   # mid attention on the whole latent; the up levels in tiles
-            with torch.no_grad():   # tiling is for inference: no graph through the tiles
-                feat = dec.head(z_vae)                                   # (B, C, h, w)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not plan):   # tiles are for inference: no graph
+            feat = dec.head(z_vae)                                       # (B, C, h, w): mid attention sees all of it
+            if plan:   # the up levels and the output head in tiles
                 x = run_tiled(dec.body, _norms(dec.up, dec.norm_out), feat, *plan, tile_norm or TILE_NORM)
-                x = x + dec.linear_part(z_vae)
-        else:
-            x = dec(z_vae).float()                                       # (B, 3, h f, w f)
+            else:
+                x = dec.body(feat)
+            x = (x + dec.linear_part(z_vae)).float()                     # (B, 3, h f, w f)
         x = x.contiguous()                                               # channels-last stays inside vae.py
         return (x.clamp(-1, 1) if clamp else x).to(z.dtype)
 
@@ -517,65 +491,28 @@ def set_dtype(vae: VAE, dtype, upcast=FP16_UPCAST):
 
 
 # --------------------------------------------------------------------------------------------
-# Key names: original (Stability single file) <-> diffusers AutoencoderKL (ARCH §4.3)
+# Key names: diffusers AutoencoderKL -> original (Stability single file) (ARCH §4.3)
 
-_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-_ATTN_BACK = {v: k for k, v in _ATTN.items()}
-_ATTN_OLD = {"query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}   # older diffusers files
-
-
-def to_diffusers_name(key, levels):
-    """Original key -> diffusers key; diffusers numbers the decoder levels from the deepest."""
-    key = re.sub(r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out.", key)
-    key = re.sub(r"\.mid\.block_([12])\.", lambda m: f".mid_block.resnets.{int(m[1]) - 1}.", key)
-    key = re.sub(r"\.mid\.attn_1\.(\w+)\.", lambda m: f".mid_block.attentions.0.{_ATTN[m[1]]}.", key)
-    key = re.sub(r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets.", key)
-    key = re.sub(r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0.", key)
-    flip = lambda m: levels - 1 - int(m[1])   # noqa: E731
-    key = re.sub(r"^decoder\.up\.(\d+)\.block\.", lambda m: f"decoder.up_blocks.{flip(m)}.resnets.", key)
-    key = re.sub(r"^decoder\.up\.(\d+)\.upsample\.", lambda m: f"decoder.up_blocks.{flip(m)}.upsamplers.0.", key)
-    return key.replace(".nin_shortcut.", ".conv_shortcut.")
+_ATTN_NAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
+               "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}   # the last four: older files
+_LEVEL_PARTS = {"resnets": "block", "downsamplers.0": "downsample", "upsamplers.0": "upsample"}
 
 
 def from_diffusers_name(key, levels):
-    """diffusers key -> original key: the inverse of to_diffusers_name (also reads the older
-    query/key/value/proj_attn attention names)."""
-    key = re.sub(r"\.mid_block\.attentions\.0\.(query|key|value|proj_attn)\.",
-                 lambda m: f".mid.attn_1.{_ATTN_OLD[m[1]]}.", key)
-    key = re.sub(r"\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.",
-                 lambda m: f".mid.attn_1.{_ATTN_BACK[m[1]]}.", key)
+    """diffusers key -> original key; diffusers numbers the decoder levels from the deepest."""
+    attn = "|".join(map(re.escape, _ATTN_NAMES))
+    key = re.sub(rf"\.mid_block\.attentions\.0\.({attn})\.", lambda m: f".mid.attn_1.{_ATTN_NAMES[m[1]]}.", key)
     key = re.sub(r"\.mid_block\.resnets\.([01])\.", lambda m: f".mid.block_{int(m[1]) + 1}.", key)
     key = re.sub(r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out.", key)
-    key = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", key)
-    key = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", key)
-    flip = lambda m: levels - 1 - int(m[1])   # noqa: E731
-    key = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{flip(m)}.block.", key)
-    key = re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{flip(m)}.upsample.", key)
+    key = re.sub(r"^encoder\.down_blocks\.(\d+)\.(resnets|downsamplers\.0)\.",
+                 lambda m: f"encoder.down.{m[1]}.{_LEVEL_PARTS[m[2]]}.", key)
+    key = re.sub(r"^decoder\.up_blocks\.(\d+)\.(resnets|upsamplers\.0)\.",
+                 lambda m: f"decoder.up.{levels - 1 - int(m[1])}.{_LEVEL_PARTS[m[2]]}.", key)
     return key.replace(".conv_shortcut.", ".nin_shortcut.")
 
 
 def _is_attn_matrix(key):   # 1x1 conv weights in the original layout, (C, C) linears in diffusers
     return re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", key) is not None
-
-
-def to_diffusers_state_dict(sd, levels):
-    return {to_diffusers_name(k, levels): (v.flatten(1) if _is_attn_matrix(k) else v) for k, v in sd.items()}
-
-
-def diffusers_config(cfg: VAEConfig):
-    """The diffusers AutoencoderKL config (config.json) of a VAEConfig."""
-    n = len(cfg.channels)
-    if cfg.patch != 1:
-        raise ValueError(f"diffusers' AutoencoderKL has no patch (pixel-unshuffle) VAE; got {cfg}")
-    if cfg.dec_blocks != cfg.enc_blocks + 1:
-        raise ValueError(f"diffusers' AutoencoderKL has layers_per_block + 1 decoder blocks; got {cfg}")
-    return {"_class_name": "AutoencoderKL", "in_channels": cfg.image_channels, "out_channels": cfg.image_channels,
-            "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
-            "block_out_channels": list(cfg.channels), "layers_per_block": cfg.enc_blocks,
-            "latent_channels": cfg.latent_channels, "norm_num_groups": cfg.groups, "act_fn": "silu",
-            "scaling_factor": cfg.scale, "shift_factor": cfg.shift, "use_quant_conv": False,
-            "use_post_quant_conv": False, "mid_block_add_attention": cfg.mid_attn, "force_upcast": True,
-            "sample_size": 1024}
 
 
 # --------------------------------------------------------------------------------------------
@@ -610,8 +547,7 @@ class _VAESource:
         return s + (1, 1) if len(s) == 2 and _is_attn_matrix(key) else s
 
     def get(self, key):
-        t = self.files.get(self.where[key])
-        return t.view(*t.shape, 1, 1) if t.dim() == 2 and _is_attn_matrix(key) else t
+        return self.files.get(self.where[key]).view(self.shape(key))
 
     def told(self):
         """Settings the shapes cannot give: from this project's metadata or a diffusers config.json."""
@@ -626,9 +562,11 @@ class _VAESource:
         return told
 
 
-def _infer_config(src: _VAESource, groups=None) -> VAEConfig:
-    """Levels, channels and block counts from shapes; groups/scale/shift from what the file tells
-    (a bare checkpoint cannot: then the SD3 values)."""
+def checkpoint_config(path, groups=None):
+    """(config, source) of a VAE file without reading a weight: levels, channels and block counts
+    from shapes; groups/scale/shift from what the file tells (a bare checkpoint cannot: then the
+    SD3 values, or `groups` as in load_vae)."""
+    src = _VAESource(path)
     keys = list(src.where)
     told = src.told() | ({"groups": groups} if groups else {})
     patch = told.get("patch", 1)   # a bare file with the linear code: RGB patches assumed
@@ -643,54 +581,33 @@ def _infer_config(src: _VAESource, groups=None) -> VAEConfig:
                      image_channels=src.shape("encoder.conv_in.weight")[1] // patch ** 2,
                      mid_attn=any(k.startswith("encoder.mid.attn_1.") for k in keys), patch=patch)
     except KeyError as e:
-        raise CheckpointError(f"{src.path}: missing {e} needed to read the VAE size") from None
+        raise CheckpointError(f"{path}: missing {e} needed to read the VAE size") from None
     try:
-        return VAEConfig(**{**shape, **told})
+        return VAEConfig(**{**shape, **told}), src
     except ValueError as e:
-        raise CheckpointError(f"{src.path}: {e}; pass groups= to load_vae") from None
-
-
-def checkpoint_config(path, groups=None):
-    """(config, source) of a VAE file, from its shapes, without reading a weight (groups as in load_vae)."""
-    src = _VAESource(path)
-    return _infer_config(src, groups), src
+        raise CheckpointError(f"{path}: {e}; pass groups= to load_vae") from None
 
 
 def load_vae(path, *, dtype=torch.float32, device="cpu", groups=None) -> VAE:
     """Load the SD3 VAE from an SD3.5 single file (`first_stage_model.*`; the rest ignored), a
     diffusers pipeline folder, its `vae/` folder or diffusion_pytorch_model.safetensors, a
     standalone VAE file with bare keys, or a file written by `save_vae`. The config is read from
-    the shapes; every key and shape is checked. Tensors are cast to `dtype` (files may mix fp16
-    and fp32). groups: GroupNorm groups when the file cannot tell (default 32, the SD3 value)."""
+    the shapes; every key and shape is checked, under the original-layout names the tensors load by.
+    Tensors are cast to `dtype` (files may mix fp16 and fp32). groups: GroupNorm groups when the
+    file cannot tell (default 32, the SD3 value)."""
     cfg, src = checkpoint_config(path, groups)
     with torch.device("meta"):
         vae = VAE(cfg)
     expected = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
-    want = expected
-    if src.layout == "diffusers":   # compare under the file's own names, so errors name them
-        want = {to_diffusers_name(k, src.levels): s[:2] if _is_attn_matrix(k) else s for k, s in expected.items()}
-    found = {k: src.files.shape(k) for k in src.files.keys()}
-    check_keys(path, want, found, f"the {src.layout}-layout VAE read from it ({cfg})")
+    renamed = "" if src.layout == "original" else ", its keys renamed to the original layout (ARCH §4.3)"
+    found = {k: src.shape(k) for k in src.where}
+    check_keys(path, expected, found, f"the {src.layout}-layout VAE read from it ({cfg}){renamed}")
     vae.load_state_dict({k: src.get(k).to(dtype) for k in expected}, assign=True)
     return vae.to(device).eval()
 
 
-def save_vae(vae: VAE, path, layout="original"):
-    """Write the VAE with its config in the metadata, atomically. "original": a standalone VAE
-    file with bare Stability names (`encoder.*`, `decoder.*`); "diffusers": `path` is a folder that
-    gets diffusion_pytorch_model.safetensors and config.json (AutoencoderKL.from_pretrained reads it)."""
+def save_vae(vae: VAE, path):
+    """Write the VAE as a standalone file with bare Stability names (`encoder.*`, `decoder.*`) and
+    its config in the metadata, atomically."""
     sd = {k: v.detach().contiguous() for k, v in vae.state_dict().items()}
-    meta = {"format": "mfsr-vae", "layout": layout, "vae_config": json.dumps(asdict(vae.cfg))}
-    if layout == "original":
-        atomic_save(sd, path, meta)
-    elif layout == "diffusers":
-        config = diffusers_config(vae.cfg)   # first: raises for a VAE diffusers cannot hold
-        os.makedirs(path, exist_ok=True)
-        sd = to_diffusers_state_dict(sd, len(vae.cfg.channels))
-        atomic_save(sd, os.path.join(path, "diffusion_pytorch_model.safetensors"), meta)
-        tmp = os.path.join(path, f"config.json.tmp{os.getpid()}")
-        with open(tmp, "w") as f:
-            json.dump(config, f, indent=2)
-        os.replace(tmp, os.path.join(path, "config.json"))
-    else:
-        raise ValueError(f"layout must be 'original' or 'diffusers', got {layout!r}")
+    atomic_save(sd, path, {"format": "mfsr-vae", "layout": "original", "vae_config": json.dumps(asdict(vae.cfg))})

@@ -1,11 +1,16 @@
 """Plain helpers shared by several test files (imported explicitly): the repository's paths, inputs, images."""
 
+import json
+import os
+import re
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import text
+from model import atomic_save
 
 ROOT = Path(__file__).resolve().parents[1]   # the repository
 
@@ -64,3 +69,58 @@ _TXT_CORPUS = [
 
 
 _SHIP = ROOT / "weights" / "mfsr-tiny"
+
+
+# --------------------------------------------------------------------------------------------
+# The VAE in diffusers' AutoencoderKL layout (ARCH §4.3). vae.py reads this layout (real SD3.5
+# folders have it); only the tests write it, so that diffusers can serve as the numeric reference.
+
+_VAE_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+
+
+def vae_diffusers_name(key, levels):
+    """Original key -> diffusers key (vae.from_diffusers_name inverts it); diffusers numbers the
+    decoder levels from the deepest."""
+    key = re.sub(r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out.", key)
+    key = re.sub(r"\.mid\.block_([12])\.", lambda m: f".mid_block.resnets.{int(m[1]) - 1}.", key)
+    key = re.sub(r"\.mid\.attn_1\.(\w+)\.", lambda m: f".mid_block.attentions.0.{_VAE_ATTN[m[1]]}.", key)
+    key = re.sub(r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets.", key)
+    key = re.sub(r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0.", key)
+    flip = lambda m: levels - 1 - int(m[1])   # noqa: E731
+    key = re.sub(r"^decoder\.up\.(\d+)\.block\.", lambda m: f"decoder.up_blocks.{flip(m)}.resnets.", key)
+    key = re.sub(r"^decoder\.up\.(\d+)\.upsample\.", lambda m: f"decoder.up_blocks.{flip(m)}.upsamplers.0.", key)
+    return key.replace(".nin_shortcut.", ".conv_shortcut.")
+
+
+def vae_diffusers_state_dict(sd, levels):
+    """The attention's 1x1 conv weights become diffusers' (C, C) linears."""
+    return {vae_diffusers_name(k, levels): (v.flatten(1) if ".mid.attn_1." in k and v.dim() == 4 else v)
+            for k, v in sd.items()}
+
+
+def vae_diffusers_config(cfg):
+    """The diffusers AutoencoderKL config (config.json) of a vae.VAEConfig."""
+    n = len(cfg.channels)
+    if cfg.patch != 1:
+        raise ValueError(f"diffusers' AutoencoderKL has no patch (pixel-unshuffle) VAE; got {cfg}")
+    if cfg.dec_blocks != cfg.enc_blocks + 1:
+        raise ValueError(f"diffusers' AutoencoderKL has layers_per_block + 1 decoder blocks; got {cfg}")
+    return {"_class_name": "AutoencoderKL", "in_channels": cfg.image_channels, "out_channels": cfg.image_channels,
+            "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+            "block_out_channels": list(cfg.channels), "layers_per_block": cfg.enc_blocks,
+            "latent_channels": cfg.latent_channels, "norm_num_groups": cfg.groups, "act_fn": "silu",
+            "scaling_factor": cfg.scale, "shift_factor": cfg.shift, "use_quant_conv": False,
+            "use_post_quant_conv": False, "mid_block_add_attention": cfg.mid_attn, "force_upcast": True,
+            "sample_size": 1024}
+
+
+def save_vae_diffusers(vae, folder):
+    """`folder` gets diffusion_pytorch_model.safetensors and config.json, as AutoencoderKL.save_pretrained
+    writes them (nothing at all for a VAE diffusers cannot hold)."""
+    config = vae_diffusers_config(vae.cfg)   # first: raises for a VAE diffusers cannot hold
+    os.makedirs(folder, exist_ok=True)
+    sd = vae_diffusers_state_dict({k: v.detach().contiguous() for k, v in vae.state_dict().items()},
+                                  len(vae.cfg.channels))
+    meta = {"format": "mfsr-vae", "layout": "diffusers", "vae_config": json.dumps(asdict(vae.cfg))}
+    atomic_save(sd, os.path.join(folder, "diffusion_pytorch_model.safetensors"), meta)
+    Path(folder, "config.json").write_text(json.dumps(config, indent=2))

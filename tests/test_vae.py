@@ -1,6 +1,7 @@
 """Tests of vae.py: the SD3 VAE's structure and key names, equivalence with diffusers, files, tiling and precision."""
 
 import json
+import re
 from dataclasses import asdict, replace
 
 import pytest
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import vae as V
-from builders import ROOT
+from builders import ROOT, save_vae_diffusers, vae_diffusers_config, vae_diffusers_name, vae_diffusers_state_dict
 from model import CheckpointError
 
 
@@ -62,10 +63,10 @@ def test_vae_full_size_keys_shapes_and_counts_equal_the_manifest():
 def test_vae_diffusers_names_equal_the_diffusers_manifest_and_invert():
     with torch.device("meta"):
         sd = V.VAE(V.CONFIGS["sd3"]).state_dict()
-    ours = {k: list(v.shape) for k, v in V.to_diffusers_state_dict(sd, 4).items()}
+    ours = {k: list(v.shape) for k, v in vae_diffusers_state_dict(sd, 4).items()}
     assert ours == _vae_manifest("keys_sd3_vae_diffusers.json")
-    assert all(V.from_diffusers_name(V.to_diffusers_name(k, 4), 4) == k for k in sd)
-    assert V.to_diffusers_name("decoder.up.3.upsample.conv.weight", 4) == "decoder.up_blocks.0.upsamplers.0.conv.weight"
+    assert all(V.from_diffusers_name(vae_diffusers_name(k, 4), 4) == k for k in sd)
+    assert vae_diffusers_name("decoder.up.3.upsample.conv.weight", 4) == "decoder.up_blocks.0.upsamplers.0.conv.weight"
 
 
 def test_vae_tiny_is_x4_with_16_latent_channels():
@@ -99,7 +100,7 @@ def _vae_diffusers_pair(cfg, tmp_path, route):
     torch.manual_seed(0)
     cfg_dir = tmp_path / "cfg"
     cfg_dir.mkdir()
-    (cfg_dir / "config.json").write_text(json.dumps(V.diffusers_config(cfg)))
+    (cfg_dir / "config.json").write_text(json.dumps(vae_diffusers_config(cfg)))
     if route == "diffusers":
         ref = _vae_perturb(diffusers.AutoencoderKL.from_config(diffusers.AutoencoderKL.load_config(cfg_dir)))
         ref.save_pretrained(tmp_path / "vae")
@@ -174,7 +175,7 @@ def test_vae_patch_config_round_trips_and_is_read_from_shapes(tmp_path):
         if name == "own.safetensors":
             assert back.cfg == vae.cfg
     with pytest.raises(ValueError, match="no patch"):
-        V.save_vae(vae, str(tmp_path / "pipe"), layout="diffusers")
+        save_vae_diffusers(vae, str(tmp_path / "pipe"))
     assert not (tmp_path / "pipe").exists()                       # refused before writing anything
     # tiling is decided by the first level's activation: at latent resolution for the patch VAE
     assert vae._first_level_elements(512, 512) == 128 * 128 * 64
@@ -190,7 +191,7 @@ def _vae_same(a, b):
 def test_vae_save_load_round_trips_in_every_layout(tmp_path, mid_attn):
     vae = _vae_tiny(mid_attn=mid_attn)
     V.save_vae(vae, str(tmp_path / "own.safetensors"))
-    V.save_vae(vae, str(tmp_path / "pipe" / "vae"), layout="diffusers")
+    save_vae_diffusers(vae, str(tmp_path / "pipe" / "vae"))
     sd = {"first_stage_model." + k: v for k, v in vae.state_dict().items()}
     sd["model.diffusion_model.x_embedder.proj.bias"] = torch.zeros(4)       # an SD3.5 single file
     save_file(sd, str(tmp_path / "single.safetensors"))
@@ -201,6 +202,17 @@ def test_vae_save_load_round_trips_in_every_layout(tmp_path, mid_attn):
         assert back.cfg == vae.cfg, path
         assert _vae_same(back, vae), path
     assert not list(tmp_path.rglob("*.tmp*"))   # atomic writes leave nothing behind
+
+
+def test_vae_reads_older_diffusers_attention_names(tmp_path):
+    """Older diffusers files name the mid attention query / key / value / proj_attn (not to_q ...)."""
+    vae = _vae_tiny()
+    old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    sd = {re.sub(r"attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.", lambda m: f"attentions.0.{old[m[1]]}.", k): v
+          for k, v in vae_diffusers_state_dict(vae.state_dict(), 3).items()}
+    assert any(".attentions.0.query." in k for k in sd)
+    save_file(sd, str(tmp_path / "diffusion_pytorch_model.safetensors"), metadata={"vae_config": '{"groups": 8}'})
+    assert _vae_same(V.load_vae(str(tmp_path)), vae)
 
 
 def test_vae_mixed_precision_file_is_cast_on_load(tmp_path):
@@ -374,3 +386,4 @@ def test_vae_fp16_upcast_keeps_an_overflowing_decoder_finite():
     assert (y_up - y32).abs().max() < 0.02 * y32.abs().max()
     assert upcast.decoder.up[0].block[0].conv1.weight.dtype == torch.float32
     assert upcast.decoder.mid.attn_1.q.weight.dtype == torch.float16
+
