@@ -15,12 +15,10 @@ x_sigma = (1 - sigma) x0 + sigma eps, sigma = 1 is noise, the network predicts e
 the time as `time_scale * sigma` (1000 for SD3.5 and DiT4SR, 1 for the MFSR student).
 Token layout: image tokens X (B, K, D), LR tokens L (B, K, D), text tokens C (B, M, D).
 
-Checkpoints (the end of this file): only safetensors are read (pickled files can run code when
-loaded), memory-mapped, so a full-size model is read tensor by tensor into a module built on the
-meta device. The transformer has two key layouts, SD3.5's single-file names (the ones the modules
-here use) and diffusers' (also DiT4SR's); how a key and its tensor map from one to the other is
-ARCH §2.5, §3.5. Every mismatch is a CheckpointError that names the file and lists what is
-missing, unexpected or misshapen.
+Checkpoints (the end of this file): only safetensors are read (pickled files can run code), memory-
+mapped into a module built on the meta device. The transformer's two key layouts, SD3.5's single-file
+names (the modules') and diffusers' (also DiT4SR's), map as in ARCH §2.5, §3.5. A mismatch is a
+CheckpointError that names the file and lists what is missing, unexpected or misshapen.
 """
 import json
 import math
@@ -600,23 +598,19 @@ class CheckpointError(ValueError):
 
 
 class SafetensorsFiles:
-    """The tensors of one .safetensors file, a sharded index, or a folder: names, shapes, reads.
-
-    A folder may hold one .safetensors file or an index json; if it has a `subfolder` (e.g.
-    "transformer" or "vae", the diffusers pipeline layout) that is used instead.
-    `prefix`: when some keys start with it, only those are seen, with the prefix removed
-    (an SD3.5 single file holds `model.diffusion_model.*` beside `first_stage_model.*`).
-    """
+    """The tensors of one .safetensors file, a sharded index, or a folder (one .safetensors file or an
+    index json; its `subfolder`, e.g. diffusers' "transformer" or "vae", if it has one): names, shapes,
+    reads. `prefix`: when some keys start with it, only those are seen, without it (an SD3.5 single
+    file holds `model.diffusion_model.*` beside `first_stage_model.*`)."""
 
     def __init__(self, path, subfolder=None, prefix=None):
         self.path = path
-        self.handles, where, self.metadata = [], {}, {}
+        where, self.metadata = {}, {}
         for f in self._resolve(path, subfolder):
             try:
                 h = safe_open(f, framework="pt", device="cpu")
             except Exception as e:  # safetensors raises its own error types for corrupt files
                 raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
-            self.handles.append(h)
             self.metadata.update(h.metadata() or {})
             where.update({k: h for k in h.keys()})
         self.prefix = prefix if prefix and any(k.startswith(prefix) for k in where) else ""
@@ -689,17 +683,13 @@ def atomic_save(tensors, path, metadata):
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_umask())
+        mask = os.umask(0)      # reading the umask means setting it; set it straight back
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def _umask():
-    mask = os.umask(0)      # reading the umask means setting it; set it straight back
-    os.umask(mask)
-    return mask
 
 
 # --------------------------------------------------------------------------------------------
@@ -774,17 +764,6 @@ def to_diffusers_state_dict(sd, depth):
     return out
 
 
-SHAPE_KEYS = {  # where each shape-determined setting is read, per layout (ARCH §2.1)
-    "original": dict(patch="x_embedder.proj.weight", pos="pos_embed", y="y_embedder.mlp.0.weight",
-                     block=r"joint_blocks\.(\d+)\.", dual=r"joint_blocks\.(\d+)\.x_block\.attn2\.",
-                     qk="joint_blocks.0.x_block.attn.ln_q.weight", s="s_embedder."),
-    "diffusers": dict(patch="pos_embed.proj.weight", pos="pos_embed.pos_embed",
-                      y="time_text_embed.text_embedder.linear_1.weight",
-                      block=r"transformer_blocks\.(\d+)\.", dual=r"transformer_blocks\.(\d+)\.attn2\.to_q",
-                      qk="transformer_blocks.0.attn.norm_q.weight", s="time_text_embed.s_embedder."),
-}
-
-
 # --------------------------------------------------------------------------------------------
 # Loading and saving
 
@@ -807,36 +786,36 @@ class _Source(SafetensorsFiles):
 
 
 def _infer_config(src: _Source) -> MMDiTConfig:
-    n, keys = SHAPE_KEYS[src.layout], list(src.where)
+    """The config a file's shapes and keys tell (ARCH §2.1); keys are asked for by original-layout names."""
+    name = (lambda k: k) if src.layout == "original" else (lambda k: to_diffusers_name(k, 0)[0][0])
+    shape = lambda k: src.shape(name(k))
     try:
-        hidden, in_ch, patch, _ = src.shape(n["patch"])
-        pos_rows, ctx_dim, pooled = src.shape(n["pos"])[1], src.shape("context_embedder.weight")[1], \
-            src.shape(n["y"])[1]
+        hidden, in_ch, patch, _ = shape("x_embedder.proj.weight")
+        pos_rows, ctx_dim = shape("pos_embed")[1], shape("context_embedder.weight")[1]
+        pooled = shape("y_embedder.mlp.0.weight")[1]
     except KeyError as e:
         raise CheckpointError(f"{src.path}: missing {e} needed to read the model size") from None
-    blocks = lambda pat: sorted({int(m.group(1)) for k in keys if (m := re.match(pat, k))})
-    qk = n["qk"] in src.where
-    head_dim = src.shape(n["qk"])[0] if qk else 64
+    block = r"joint_blocks\.(\d+)\." if src.layout == "original" else r"transformer_blocks\.(\d+)\."
+    blocks = sorted({int(m.group(1)) for k in src.where if (m := re.match(block, k))})
+    has = lambda k: name(k) in src.where
+    qk = has("joint_blocks.0.x_block.attn.ln_q.weight")
+    head_dim = shape("joint_blocks.0.x_block.attn.ln_q.weight")[0] if qk else 64
     return MMDiTConfig(
-        depth=len(blocks(n["block"])), heads=hidden // head_dim, head_dim=head_dim, patch=patch,
-        in_channels=in_ch, pos_grid=math.isqrt(pos_rows), context_dim=ctx_dim, pooled_dim=pooled,
-        dual_layers=tuple(blocks(n["dual"])), qk_norm=qk, lr_stream=any("control" in k for k in keys),
-        two_times=any(k.startswith(n["s"]) for k in keys))
-
-
-# config fields a file's shapes cannot tell, read from its metadata when save_transformer wrote them
-RECORDED = ("lr_key_mode", "ff_inject", "time_scale", "prediction")
+        depth=len(blocks), heads=hidden // head_dim, head_dim=head_dim, patch=patch, in_channels=in_ch,
+        pos_grid=math.isqrt(pos_rows), context_dim=ctx_dim, pooled_dim=pooled, qk_norm=qk,
+        dual_layers=tuple(i for i in blocks if has(f"joint_blocks.{i}.x_block.attn2.qkv.weight")),
+        lr_stream=any("control" in k for k in src.where), two_times=has("s_embedder.mlp.0.weight"))
 
 
 def checkpoint_config(path, **overrides):
-    """(config, source) of a transformer file, without reading a weight: the config from its shapes
-    (_infer_config), the fields save_transformer recorded (RECORDED), then `overrides`."""
+    """(config, source) of a transformer file, without reading a weight: the config from its shapes,
+    then the fields shapes cannot tell that save_transformer recorded, then `overrides`."""
     src = _Source(path)
     known = {f.name for f in fields(MMDiTConfig)}
     if set(overrides) - known:
         raise TypeError(f"unknown config overrides {sorted(set(overrides) - known)}; known: {sorted(known)}")
     saved = src.config("mfsr_config")
-    told = {k: saved[k] for k in RECORDED if k in saved}
+    told = {k: saved[k] for k in ("lr_key_mode", "ff_inject", "time_scale", "prediction") if k in saved}
     return replace(_infer_config(src), **{**told, **overrides}), src
 
 
@@ -850,41 +829,34 @@ def load_transformer(path, *, dtype=torch.float32, device="cpu", **overrides) ->
     lr_key_mode="r1" or time_scale=1.0. Tensors are cast to `dtype` (files mix fp16 and fp32).
     """
     cfg, src = checkpoint_config(path, **overrides)
-    lora = json.loads(src.metadata.get("lora", "null"))
-    sampling = json.loads(src.metadata.get("mfsr_sampling", "{}"))
+    lora = src.config("lora")       # None or {} without LoRA
     with torch.device("meta"):
         net = MMDiT(cfg)
         if lora:
             add_lora(net, lora["rank"], lora["alpha"], lora["targets"])
     expected = net.state_dict()
+    want = {k: v.shape for k, v in expected.items()}
+    found = {k: src.shape(k) for k in src.where}
     if src.layout == "diffusers":
         if lora:
             raise CheckpointError(f"{path}: LoRA weights are only stored in the original layout")
         want = {k: v.shape for k, v in to_diffusers_state_dict(expected, cfg.depth).items()}
-        found = {k: src.shape(k) for k in src.where if not DIT4SR_UNUSED.match(k)}
-    else:
-        want = {k: v.shape for k, v in expected.items()}
-        found = {k: src.shape(k) for k in src.where}
+        found = {k: shape for k, shape in found.items() if not DIT4SR_UNUSED.match(k)}
     check_keys(path, want, found, f"the {src.layout}-layout model read from it ({cfg})")
     sd = {}
     for key in expected:
-        if src.layout == "diffusers":
-            names, how = to_diffusers_name(key, cfg.depth)
-            parts = [src.get(k_).to(dtype) for k_ in names]
-            t = torch.cat(parts) if how == "qkv" else (swap_halves(parts[0]) if how == "swap" else parts[0])
-        else:
-            t = src.get(key).to(dtype)
-        sd[key] = t
+        names, how = to_diffusers_name(key, cfg.depth) if src.layout == "diffusers" else ([key], "copy")
+        parts = [src.get(k).to(dtype) for k in names]
+        sd[key] = torch.cat(parts) if how == "qkv" else (swap_halves(parts[0]) if how == "swap" else parts[0])
     net.load_state_dict(sd, assign=True)
-    net.sampling = sampling   # e.g. {"tile": 32, "tile_overlap": 12, "cfg": 1.25}: see sample.py
+    net.sampling = src.config("mfsr_sampling")   # e.g. {"tile": 32, "tile_overlap": 12, "cfg": 1.25}: see sample.py
     return net.to(device)
 
 
 def save_transformer(net: MMDiT, path, layout="original"):
-    """Write a safetensors file: "original" = SD3.5 single-file names (`model.diffusion_model.*`,
-    loadable by SD3.5 tools when the model has no added parts), "diffusers" = diffusers/DiT4SR
-    names. The config, LoRA settings and `net.sampling` (if set) go into the metadata; the write
-    is atomic."""
+    """Write a safetensors file atomically in the "original" layout (SD3.5's `model.diffusion_model.*`,
+    loadable by SD3.5 tools if the model has no added parts) or the "diffusers" (DiT4SR's) one. The
+    config, LoRA settings and `net.sampling` (if set) go into the metadata."""
     sd = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
     lora = getattr(net, "lora", None)
     if layout == "original":
