@@ -116,17 +116,6 @@ def timestep_embedding(t, dim=256, max_period=10000.0):
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-class TimestepEmbedder(nn.Module):
-    def __init__(self, hidden, freq_dim=256):
-        super().__init__()
-        self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(Linear(freq_dim, hidden), nn.SiLU(), Linear(hidden, hidden))
-
-    def forward(self, t):
-        w = self.mlp[0].weight
-        return self.mlp(timestep_embedding(t, self.freq_dim).to(w.dtype))
-
-
 class VectorEmbedder(nn.Module):
     def __init__(self, in_dim, hidden):
         super().__init__()
@@ -134,6 +123,14 @@ class VectorEmbedder(nn.Module):
 
     def forward(self, y):
         return self.mlp(y)
+
+
+class TimestepEmbedder(VectorEmbedder):
+    def __init__(self, hidden):
+        super().__init__(256, hidden)      # over timestep_embedding's 256 features
+
+    def forward(self, t):
+        return self.mlp(timestep_embedding(t).to(self.mlp[0].weight.dtype))
 
 
 class PatchEmbed(nn.Module):
@@ -192,9 +189,8 @@ class SelfAttention(nn.Module):
             self.add_control()
 
     def add_control(self):
-        """DiT4SR's LR-stream layers, stacked on the frozen q/k/v for the LR tokens and zero at
-        init (ARCH §3.3). DiT4SR meant out_control to start as a copy of proj; its training
-        script copied the random init instead (ARCH §3.3), so a plain init is as faithful."""
+        """DiT4SR's LR-stream layers on the frozen q/k/v, zero at init (ARCH §3.3). out_control
+        gets a plain init: DiT4SR's script copied proj's random init, not proj (ARCH §3.3)."""
         D = self.qkv.in_features
         kw = dict(device=self.qkv.weight.device, dtype=self.qkv.weight.dtype)
         self.q_control, self.k_control, self.v_control = (Linear(D, D, **kw) for _ in range(3))
@@ -212,8 +208,7 @@ class SelfAttention(nn.Module):
         return self.ln_q(q), self.ln_k(k), v
 
     def qkv_lr(self, la, k_x, key_mode):
-        """LR q/k/v: the control layers composed on the frozen projections (ARCH §3.3 step 2).
-        k_x: the image keys after ln_k."""
+        """LR q/k/v: the control layers on the frozen projections (ARCH §3.3 step 2); k_x: image keys after ln_k."""
         heads = lambda t: rearrange(t, "b n (h d) -> b h n d", h=self.heads)
         flat = lambda t: rearrange(t, "b h n d -> b n (h d)")
         q, k, v = self.split_heads(la)
@@ -226,10 +221,8 @@ class SelfAttention(nn.Module):
         return q, k, v
 
     def image_qkv(self, nx, nl, shift, scale, key_mode, text=None):
-        """q, k, v over the image tokens [X ; L] (L when nl is given, ARCH §3.3), with `text`
-        (the text tokens' q, k, v) appended. nx, nl: the normalised X and L; also returns la, the
-        modulated LR input. Each tensor's parts are freed once joined, so only one of q, k, v is
-        held twice (the JVP's memory peak is made of these)."""
+        """q, k, v over [X ; L] (L if nl is given, ARCH §3.3) with the text's q, k, v appended, and la,
+        the modulated LR input. Parts are freed once joined: only one of q, k, v is ever held twice."""
         q, k, v = self.split_heads(modulate(nx, shift, scale))
         parts, la = [[self.ln_q(q)], [self.ln_k(k)], [v]], None
         del q, k, v                 # from here only `parts` holds them
@@ -294,9 +287,8 @@ class JointBlock(nn.Module):
         return x, lr, ctx
 
     def _attention(self, x, lr, ctx, mods, c_mods, attn_mode):
-        """The joint attention (and MMDiT-X's second, image-only one): new X and L, and the
-        attention output of the text tokens. A method of its own, with explicit `del`s, so that
-        q, k, v and the normalised inputs are freed when dead, not held through the MLP."""
+        """The joint attention (and MMDiT-X's image-only second one): new X and L, and the text
+        tokens' attention output. Its `del`s free q, k, v and the normalised inputs when dead."""
         xb, cb, cfg = self.x_block, self.context_block, self.cfg
         shift_msa, scale_msa, gate_msa = mods[:3]
         nx, nl = xb.norm1(x), None if lr is None else xb.norm1(lr)
@@ -321,8 +313,7 @@ class JointBlock(nn.Module):
         return x2, lr2, oc
 
     def _mlp(self, x, lr, shift, scale, gate, grid):
-        """Both image streams' MLPs, over all image rows at once (under a JVP, over bands of rows:
-        fastjvp.mlp_band_rows)."""
+        """Both image streams' MLPs over all image rows at once (under a JVP in bands: fastjvp.mlp_band_rows)."""
         h, w = grid
         rows = mlp_band_rows(x, h, w, self.x_block.mlp.fc1.out_features)
         if rows >= h:
@@ -416,14 +407,11 @@ class MMDiT(nn.Module):
             raise ValueError(f"pooled must be (B, {cfg.pooled_dim}), got {tuple(pooled.shape)}")
         if context.ndim != 3 or context.shape[0] != B or context.shape[2] != cfg.context_dim:
             raise ValueError(f"context must be (B, L, {cfg.context_dim}), got {tuple(context.shape)}")
-        if cfg.lr_stream and (lr is None or lr.shape != x.shape):
-            raise ValueError("the LR stream needs lr shaped like x")
-        if not cfg.lr_stream and lr is not None:
-            raise ValueError("this model has no LR stream")
-        if cfg.two_times and (sigma_s is None or sigma_s.shape != (B,)):
-            raise ValueError("a two-time model needs sigma_s (B,)")
-        if not cfg.two_times and sigma_s is not None:
-            raise ValueError("this model has one time input")
+        if (lr is not None) != cfg.lr_stream or (lr is not None and lr.shape != x.shape):
+            raise ValueError("the LR stream needs lr shaped like x" if cfg.lr_stream else "this model has no LR stream")
+        if (sigma_s is not None) != cfg.two_times or (sigma_s is not None and sigma_s.shape != (B,)):
+            raise ValueError("a two-time model needs sigma_s (B,)" if cfg.two_times
+                             else "this model has one time input")
 
     def forward(self, x, sigma, pooled, context, lr=None, sigma_s=None):
         self.check_inputs(x, sigma, pooled, context, lr, sigma_s)
@@ -455,10 +443,7 @@ LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")  # attention and MLP linears of bot
 
 
 class LoRALinear(Linear):
-    """A Linear plus a low-rank update  W x + (alpha / rank) * up(down(x)); up starts at zero.
-
-    Keeps the `weight` / `bias` names of the layer it replaces, so checkpoint keys stay valid.
-    """
+    """W x + (alpha / rank) * up(down(x)), up zero at init; the replaced layer's `weight` / `bias` keys stay."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
         nn.Module.__init__(self)
@@ -472,10 +457,8 @@ class LoRALinear(Linear):
         self.scale = alpha / rank
 
     def forward(self, x):
-        # Without gradients for the LoRA factors (sampling, the JVP of the split mode, a frozen
-        # student), one linear with the merged weight is cheaper than three whenever the rows
-        # outnumber in * out / (in + out); under forward AD it also halves the tangent's ops.
-        # With them, the low-rank path keeps the weight gradients low-rank.
+        # Without gradients for the LoRA factors, one linear with the merged weight is cheaper than
+        # three once the rows outnumber in * out / (in + out); with them, the gradients stay low-rank.
         rows = x.numel() // self.in_features
         lora_grad = torch.is_grad_enabled() and (self.lora_up.weight.requires_grad
                                                  or self.lora_down.weight.requires_grad)
@@ -485,8 +468,7 @@ class LoRALinear(Linear):
         return linear(x, self.weight, self.bias) + self.scale * self.lora_up(self.lora_down(x))
 
     def merged(self) -> nn.Linear:
-        lin = Linear(self.in_features, self.out_features, device=self.weight.device,
-                        dtype=self.weight.dtype)
+        lin = Linear(self.in_features, self.out_features, device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
             lin.weight.copy_(self.weight + self.scale * self.lora_up.weight @ self.lora_down.weight)
             lin.bias.copy_(self.bias)
@@ -526,22 +508,16 @@ def dead_lr_params(net: MMDiT):
             or (net.cfg.lr_key_mode == "v1" and ".k_control." in n)]
 
 
-def set_trainable(net: MMDiT, teacher_time_scale: float = 1000.0, verbose=True) -> int:
-    """MFSR's trainable set: LR-stream control layers, LoRA, the s-embedder, and the t-embedder
-    when the student's time scale differs from the teacher's (its input changed). All else frozen.
-    Returns the number of trainable parameters."""
+def set_trainable(net: MMDiT, teacher_time_scale: float = 1000.0) -> int:
+    """MFSR's trainable set, all else frozen: LR-stream control layers, LoRA, the s-embedder, and the
+    t-embedder if the student's time scale differs from the teacher's. Returns its parameter count."""
     train_t = net.cfg.time_scale != teacher_time_scale
     dead = set(dead_lr_params(net))
-    n_train = n_all = 0
     for name, p in net.named_parameters():
         p.requires_grad_(name not in dead and (
             "control" in name or "lora_" in name or name.startswith("s_embedder.")
             or (train_t and name.startswith("t_embedder."))))
-        n_all += p.numel()
-        n_train += p.numel() if p.requires_grad else 0
-    if verbose:
-        print(f"trainable parameters: {n_train:,} of {n_all:,} ({100 * n_train / n_all:.1f}%)")
-    return n_train
+    return sum(p.numel() for p in net.parameters() if p.requires_grad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -555,22 +531,17 @@ def add_lr_stream(net: MMDiT) -> MMDiT:
     net.cfg = replace(net.cfg, lr_stream=True)
     for blk in net.joint_blocks:
         blk.cfg = net.cfg
-        for attn in (blk.x_block.attn, getattr(blk.x_block, "attn2", None)):
-            if attn is not None:
-                attn.add_control()
-        blk.x_block.mlp.add_control()
+        for layer in list(blk.x_block.children()):     # attn, attn2 if dual, mlp: in this order
+            if isinstance(layer, (SelfAttention, Mlp)):
+                layer.add_control()
     return net
 
 
 def make_student(teacher: MMDiT, time_scale: float = 1.0, lora_rank: int = 64,
                  lora_alpha: float | None = None) -> MMDiT:
-    """MFSR Alg. 1 lines 1-2: the student starts as the teacher plus an s-embedder and LoRA.
-
-    Frozen base weights are shared with the teacher (no second copy of the 2.5B parameters);
-    the tensors the student trains (LR-stream control layers, the t-embedder if its time scale
-    changes) are cloned so the teacher stays fixed. With time_scale equal to the teacher's, the
-    student's output equals the teacher's for every s (zero s-embedder output, zero LoRA).
-    """
+    """MFSR Alg. 1 lines 1-2: the student is the teacher plus an s-embedder and LoRA, both zero at
+    init (so with the teacher's time_scale it equals the teacher for every s). Frozen weights are
+    shared with the teacher; the ones the student trains are cloned, so the teacher stays fixed."""
     cfg = replace(teacher.cfg, two_times=True, time_scale=time_scale)
     w = next(teacher.parameters())
     new_t = time_scale != teacher.cfg.time_scale
@@ -585,7 +556,7 @@ def make_student(teacher: MMDiT, time_scale: float = 1.0, lora_rank: int = 64,
         student = MMDiT(cfg)
     student.load_state_dict(sd, assign=True)
     add_lora(student, lora_rank, lora_alpha)
-    set_trainable(student, teacher_time_scale=teacher.cfg.time_scale, verbose=False)
+    set_trainable(student, teacher_time_scale=teacher.cfg.time_scale)
     return student
 
 
