@@ -368,9 +368,8 @@ class MMDiT(nn.Module):
         self.register_buffer("pos_embed", sincos_pos_table(cfg.pos_grid, D))
         self.t_embedder = TimestepEmbedder(D)
         if cfg.two_times:
-            # MFSR §4.2: s enters through its own embedder of the t-embedder's structure, added to
-            # the t-embedding. The paper does not say how it starts; a zero last layer makes the
-            # student's output at init exactly the teacher's, whatever s is.
+            # MFSR §4.2: s has its own embedder, added to the t-embedding. The paper does not say how it
+            # starts; a zero last layer makes the student at init exactly the teacher, whatever s is.
             self.s_embedder = TimestepEmbedder(D)
             nn.init.zeros_(self.s_embedder.mlp[2].weight)
             nn.init.zeros_(self.s_embedder.mlp[2].bias)
@@ -600,8 +599,7 @@ class SafetensorsFiles:
                 return SafetensorsFiles._resolve(os.path.join(path, index[0]), None)
             st = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
             if len(st) != 1:
-                raise CheckpointError(f"{path}: expected one .safetensors file or an index json, "
-                                      f"found {st or 'none'}")
+                raise CheckpointError(f"{path}: expected one .safetensors file or an index json, found {st or 'none'}")
             return [os.path.join(path, st[0])]
         if path.endswith(".index.json"):
             try:
@@ -750,10 +748,9 @@ class _Source(SafetensorsFiles):
         elif any(k.startswith("transformer_blocks.") for k in self.where):
             self.layout = "diffusers"
         else:
-            some = ", ".join(self.all_keys[:3])
-            raise CheckpointError(f"{path}: no SD3/MMDiT transformer keys found "
-                                  f"(neither 'joint_blocks.*' nor 'transformer_blocks.*'; "
-                                  f"the file starts with: {some or 'nothing'})")
+            some = ", ".join(self.all_keys[:3]) or "nothing"
+            raise CheckpointError(f"{path}: no SD3/MMDiT transformer keys found (neither 'joint_blocks.*' nor "
+                                  f"'transformer_blocks.*'; the file starts with: {some})")
 
 
 def _infer_config(src: _Source) -> MMDiTConfig:
