@@ -15,12 +15,10 @@ x_sigma = (1 - sigma) x0 + sigma eps, sigma = 1 is noise, the network predicts e
 the time as `time_scale * sigma` (1000 for SD3.5 and DiT4SR, 1 for the MFSR student).
 Token layout: image tokens X (B, K, D), LR tokens L (B, K, D), text tokens C (B, M, D).
 
-Checkpoints (the end of this file): only safetensors are read (pickled files can run code when
-loaded), memory-mapped, so a full-size model is read tensor by tensor into a module built on the
-meta device. The transformer has two key layouts, SD3.5's single-file names (the ones the modules
-here use) and diffusers' (also DiT4SR's); how a key and its tensor map from one to the other is
-ARCH §2.5, §3.5. Every mismatch is a CheckpointError that names the file and lists what is
-missing, unexpected or misshapen.
+Checkpoints (the end of this file): only safetensors are read (pickled files can run code), memory-
+mapped into a module built on the meta device. The transformer's two key layouts, SD3.5's single-file
+names (the modules') and diffusers' (also DiT4SR's), map as in ARCH §2.5, §3.5. A mismatch is a
+CheckpointError that names the file and lists what is missing, unexpected or misshapen.
 """
 import json
 import math
@@ -118,17 +116,6 @@ def timestep_embedding(t, dim=256, max_period=10000.0):
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-class TimestepEmbedder(nn.Module):
-    def __init__(self, hidden, freq_dim=256):
-        super().__init__()
-        self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(Linear(freq_dim, hidden), nn.SiLU(), Linear(hidden, hidden))
-
-    def forward(self, t):
-        w = self.mlp[0].weight
-        return self.mlp(timestep_embedding(t, self.freq_dim).to(w.dtype))
-
-
 class VectorEmbedder(nn.Module):
     def __init__(self, in_dim, hidden):
         super().__init__()
@@ -136,6 +123,14 @@ class VectorEmbedder(nn.Module):
 
     def forward(self, y):
         return self.mlp(y)
+
+
+class TimestepEmbedder(VectorEmbedder):
+    def __init__(self, hidden):
+        super().__init__(256, hidden)      # over timestep_embedding's 256 features
+
+    def forward(self, t):
+        return self.mlp(timestep_embedding(t).to(self.mlp[0].weight.dtype))
 
 
 class PatchEmbed(nn.Module):
@@ -194,9 +189,8 @@ class SelfAttention(nn.Module):
             self.add_control()
 
     def add_control(self):
-        """DiT4SR's LR-stream layers, stacked on the frozen q/k/v for the LR tokens and zero at
-        init (ARCH §3.3). DiT4SR meant out_control to start as a copy of proj; its training
-        script copied the random init instead (ARCH §3.3), so a plain init is as faithful."""
+        """DiT4SR's LR-stream layers on the frozen q/k/v, zero at init (ARCH §3.3). out_control
+        gets a plain init: DiT4SR's script copied proj's random init, not proj (ARCH §3.3)."""
         D = self.qkv.in_features
         kw = dict(device=self.qkv.weight.device, dtype=self.qkv.weight.dtype)
         self.q_control, self.k_control, self.v_control = (Linear(D, D, **kw) for _ in range(3))
@@ -214,8 +208,7 @@ class SelfAttention(nn.Module):
         return self.ln_q(q), self.ln_k(k), v
 
     def qkv_lr(self, la, k_x, key_mode):
-        """LR q/k/v: the control layers composed on the frozen projections (ARCH §3.3 step 2).
-        k_x: the image keys after ln_k."""
+        """LR q/k/v: the control layers on the frozen projections (ARCH §3.3 step 2); k_x: image keys after ln_k."""
         heads = lambda t: rearrange(t, "b n (h d) -> b h n d", h=self.heads)
         flat = lambda t: rearrange(t, "b h n d -> b n (h d)")
         q, k, v = self.split_heads(la)
@@ -228,10 +221,8 @@ class SelfAttention(nn.Module):
         return q, k, v
 
     def image_qkv(self, nx, nl, shift, scale, key_mode, text=None):
-        """q, k, v over the image tokens [X ; L] (L when nl is given, ARCH §3.3), with `text`
-        (the text tokens' q, k, v) appended. nx, nl: the normalised X and L; also returns la, the
-        modulated LR input. Each tensor's parts are freed once joined, so only one of q, k, v is
-        held twice (the JVP's memory peak is made of these)."""
+        """q, k, v over [X ; L] (L if nl is given, ARCH §3.3) with the text's q, k, v appended, and la,
+        the modulated LR input. Parts are freed once joined: only one of q, k, v is ever held twice."""
         q, k, v = self.split_heads(modulate(nx, shift, scale))
         parts, la = [[self.ln_q(q)], [self.ln_k(k)], [v]], None
         del q, k, v                 # from here only `parts` holds them
@@ -296,9 +287,8 @@ class JointBlock(nn.Module):
         return x, lr, ctx
 
     def _attention(self, x, lr, ctx, mods, c_mods, attn_mode):
-        """The joint attention (and MMDiT-X's second, image-only one): new X and L, and the
-        attention output of the text tokens. A method of its own, with explicit `del`s, so that
-        q, k, v and the normalised inputs are freed when dead, not held through the MLP."""
+        """The joint attention (and MMDiT-X's image-only second one): new X and L, and the text
+        tokens' attention output. Its `del`s free q, k, v and the normalised inputs when dead."""
         xb, cb, cfg = self.x_block, self.context_block, self.cfg
         shift_msa, scale_msa, gate_msa = mods[:3]
         nx, nl = xb.norm1(x), None if lr is None else xb.norm1(lr)
@@ -323,8 +313,7 @@ class JointBlock(nn.Module):
         return x2, lr2, oc
 
     def _mlp(self, x, lr, shift, scale, gate, grid):
-        """Both image streams' MLPs, over all image rows at once (under a JVP, over bands of rows:
-        fastjvp.mlp_band_rows)."""
+        """Both image streams' MLPs over all image rows at once (under a JVP in bands: fastjvp.mlp_band_rows)."""
         h, w = grid
         rows = mlp_band_rows(x, h, w, self.x_block.mlp.fc1.out_features)
         if rows >= h:
@@ -379,9 +368,8 @@ class MMDiT(nn.Module):
         self.register_buffer("pos_embed", sincos_pos_table(cfg.pos_grid, D))
         self.t_embedder = TimestepEmbedder(D)
         if cfg.two_times:
-            # MFSR §4.2: s enters through its own embedder of the t-embedder's structure, added to
-            # the t-embedding. The paper does not say how it starts; a zero last layer makes the
-            # student's output at init exactly the teacher's, whatever s is.
+            # MFSR §4.2: s has its own embedder, added to the t-embedding. The paper does not say how it
+            # starts; a zero last layer makes the student at init exactly the teacher, whatever s is.
             self.s_embedder = TimestepEmbedder(D)
             nn.init.zeros_(self.s_embedder.mlp[2].weight)
             nn.init.zeros_(self.s_embedder.mlp[2].bias)
@@ -418,14 +406,11 @@ class MMDiT(nn.Module):
             raise ValueError(f"pooled must be (B, {cfg.pooled_dim}), got {tuple(pooled.shape)}")
         if context.ndim != 3 or context.shape[0] != B or context.shape[2] != cfg.context_dim:
             raise ValueError(f"context must be (B, L, {cfg.context_dim}), got {tuple(context.shape)}")
-        if cfg.lr_stream and (lr is None or lr.shape != x.shape):
-            raise ValueError("the LR stream needs lr shaped like x")
-        if not cfg.lr_stream and lr is not None:
-            raise ValueError("this model has no LR stream")
-        if cfg.two_times and (sigma_s is None or sigma_s.shape != (B,)):
-            raise ValueError("a two-time model needs sigma_s (B,)")
-        if not cfg.two_times and sigma_s is not None:
-            raise ValueError("this model has one time input")
+        if (lr is not None) != cfg.lr_stream or (lr is not None and lr.shape != x.shape):
+            raise ValueError("the LR stream needs lr shaped like x" if cfg.lr_stream else "this model has no LR stream")
+        if (sigma_s is not None) != cfg.two_times or (sigma_s is not None and sigma_s.shape != (B,)):
+            raise ValueError("a two-time model needs sigma_s (B,)" if cfg.two_times
+                             else "this model has one time input")
 
     def forward(self, x, sigma, pooled, context, lr=None, sigma_s=None):
         self.check_inputs(x, sigma, pooled, context, lr, sigma_s)
@@ -457,10 +442,7 @@ LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")  # attention and MLP linears of bot
 
 
 class LoRALinear(Linear):
-    """A Linear plus a low-rank update  W x + (alpha / rank) * up(down(x)); up starts at zero.
-
-    Keeps the `weight` / `bias` names of the layer it replaces, so checkpoint keys stay valid.
-    """
+    """W x + (alpha / rank) * up(down(x)), up zero at init; the replaced layer's `weight` / `bias` keys stay."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
         nn.Module.__init__(self)
@@ -474,10 +456,8 @@ class LoRALinear(Linear):
         self.scale = alpha / rank
 
     def forward(self, x):
-        # Without gradients for the LoRA factors (sampling, the JVP of the split mode, a frozen
-        # student), one linear with the merged weight is cheaper than three whenever the rows
-        # outnumber in * out / (in + out); under forward AD it also halves the tangent's ops.
-        # With them, the low-rank path keeps the weight gradients low-rank.
+        # Without gradients for the LoRA factors, one linear with the merged weight is cheaper than
+        # three once the rows outnumber in * out / (in + out); with them, the gradients stay low-rank.
         rows = x.numel() // self.in_features
         lora_grad = torch.is_grad_enabled() and (self.lora_up.weight.requires_grad
                                                  or self.lora_down.weight.requires_grad)
@@ -487,8 +467,7 @@ class LoRALinear(Linear):
         return linear(x, self.weight, self.bias) + self.scale * self.lora_up(self.lora_down(x))
 
     def merged(self) -> nn.Linear:
-        lin = Linear(self.in_features, self.out_features, device=self.weight.device,
-                        dtype=self.weight.dtype)
+        lin = Linear(self.in_features, self.out_features, device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
             lin.weight.copy_(self.weight + self.scale * self.lora_up.weight @ self.lora_down.weight)
             lin.bias.copy_(self.bias)
@@ -528,22 +507,16 @@ def dead_lr_params(net: MMDiT):
             or (net.cfg.lr_key_mode == "v1" and ".k_control." in n)]
 
 
-def set_trainable(net: MMDiT, teacher_time_scale: float = 1000.0, verbose=True) -> int:
-    """MFSR's trainable set: LR-stream control layers, LoRA, the s-embedder, and the t-embedder
-    when the student's time scale differs from the teacher's (its input changed). All else frozen.
-    Returns the number of trainable parameters."""
+def set_trainable(net: MMDiT, teacher_time_scale: float = 1000.0) -> int:
+    """MFSR's trainable set, all else frozen: LR-stream control layers, LoRA, the s-embedder, and the
+    t-embedder if the student's time scale differs from the teacher's. Returns its parameter count."""
     train_t = net.cfg.time_scale != teacher_time_scale
     dead = set(dead_lr_params(net))
-    n_train = n_all = 0
     for name, p in net.named_parameters():
         p.requires_grad_(name not in dead and (
             "control" in name or "lora_" in name or name.startswith("s_embedder.")
             or (train_t and name.startswith("t_embedder."))))
-        n_all += p.numel()
-        n_train += p.numel() if p.requires_grad else 0
-    if verbose:
-        print(f"trainable parameters: {n_train:,} of {n_all:,} ({100 * n_train / n_all:.1f}%)")
-    return n_train
+    return sum(p.numel() for p in net.parameters() if p.requires_grad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -557,22 +530,17 @@ def add_lr_stream(net: MMDiT) -> MMDiT:
     net.cfg = replace(net.cfg, lr_stream=True)
     for blk in net.joint_blocks:
         blk.cfg = net.cfg
-        for attn in (blk.x_block.attn, getattr(blk.x_block, "attn2", None)):
-            if attn is not None:
-                attn.add_control()
-        blk.x_block.mlp.add_control()
+        for layer in list(blk.x_block.children()):     # attn, attn2 if dual, mlp: in this order
+            if isinstance(layer, (SelfAttention, Mlp)):
+                layer.add_control()
     return net
 
 
 def make_student(teacher: MMDiT, time_scale: float = 1.0, lora_rank: int = 64,
                  lora_alpha: float | None = None) -> MMDiT:
-    """MFSR Alg. 1 lines 1-2: the student starts as the teacher plus an s-embedder and LoRA.
-
-    Frozen base weights are shared with the teacher (no second copy of the 2.5B parameters);
-    the tensors the student trains (LR-stream control layers, the t-embedder if its time scale
-    changes) are cloned so the teacher stays fixed. With time_scale equal to the teacher's, the
-    student's output equals the teacher's for every s (zero s-embedder output, zero LoRA).
-    """
+    """MFSR Alg. 1 lines 1-2: the student is the teacher plus an s-embedder and LoRA, both zero at
+    init (so with the teacher's time_scale it equals the teacher for every s). Frozen weights are
+    shared with the teacher; the ones the student trains are cloned, so the teacher stays fixed."""
     cfg = replace(teacher.cfg, two_times=True, time_scale=time_scale)
     w = next(teacher.parameters())
     new_t = time_scale != teacher.cfg.time_scale
@@ -587,7 +555,7 @@ def make_student(teacher: MMDiT, time_scale: float = 1.0, lora_rank: int = 64,
         student = MMDiT(cfg)
     student.load_state_dict(sd, assign=True)
     add_lora(student, lora_rank, lora_alpha)
-    set_trainable(student, teacher_time_scale=teacher.cfg.time_scale, verbose=False)
+    set_trainable(student, teacher_time_scale=teacher.cfg.time_scale)
     return student
 
 
@@ -600,23 +568,19 @@ class CheckpointError(ValueError):
 
 
 class SafetensorsFiles:
-    """The tensors of one .safetensors file, a sharded index, or a folder: names, shapes, reads.
-
-    A folder may hold one .safetensors file or an index json; if it has a `subfolder` (e.g.
-    "transformer" or "vae", the diffusers pipeline layout) that is used instead.
-    `prefix`: when some keys start with it, only those are seen, with the prefix removed
-    (an SD3.5 single file holds `model.diffusion_model.*` beside `first_stage_model.*`).
-    """
+    """The tensors of one .safetensors file, a sharded index, or a folder (one .safetensors file or an
+    index json; its `subfolder`, e.g. diffusers' "transformer" or "vae", if it has one): names, shapes,
+    reads. `prefix`: when some keys start with it, only those are seen, without it (an SD3.5 single
+    file holds `model.diffusion_model.*` beside `first_stage_model.*`)."""
 
     def __init__(self, path, subfolder=None, prefix=None):
         self.path = path
-        self.handles, where, self.metadata = [], {}, {}
+        where, self.metadata = {}, {}
         for f in self._resolve(path, subfolder):
             try:
                 h = safe_open(f, framework="pt", device="cpu")
             except Exception as e:  # safetensors raises its own error types for corrupt files
                 raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
-            self.handles.append(h)
             self.metadata.update(h.metadata() or {})
             where.update({k: h for k in h.keys()})
         self.prefix = prefix if prefix and any(k.startswith(prefix) for k in where) else ""
@@ -635,8 +599,7 @@ class SafetensorsFiles:
                 return SafetensorsFiles._resolve(os.path.join(path, index[0]), None)
             st = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
             if len(st) != 1:
-                raise CheckpointError(f"{path}: expected one .safetensors file or an index json, "
-                                      f"found {st or 'none'}")
+                raise CheckpointError(f"{path}: expected one .safetensors file or an index json, found {st or 'none'}")
             return [os.path.join(path, st[0])]
         if path.endswith(".index.json"):
             try:
@@ -689,17 +652,13 @@ def atomic_save(tensors, path, metadata):
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_umask())
+        mask = os.umask(0)      # reading the umask means setting it; set it straight back
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def _umask():
-    mask = os.umask(0)      # reading the umask means setting it; set it straight back
-    os.umask(mask)
-    return mask
 
 
 # --------------------------------------------------------------------------------------------
@@ -774,17 +733,6 @@ def to_diffusers_state_dict(sd, depth):
     return out
 
 
-SHAPE_KEYS = {  # where each shape-determined setting is read, per layout (ARCH §2.1)
-    "original": dict(patch="x_embedder.proj.weight", pos="pos_embed", y="y_embedder.mlp.0.weight",
-                     block=r"joint_blocks\.(\d+)\.", dual=r"joint_blocks\.(\d+)\.x_block\.attn2\.",
-                     qk="joint_blocks.0.x_block.attn.ln_q.weight", s="s_embedder."),
-    "diffusers": dict(patch="pos_embed.proj.weight", pos="pos_embed.pos_embed",
-                      y="time_text_embed.text_embedder.linear_1.weight",
-                      block=r"transformer_blocks\.(\d+)\.", dual=r"transformer_blocks\.(\d+)\.attn2\.to_q",
-                      qk="transformer_blocks.0.attn.norm_q.weight", s="time_text_embed.s_embedder."),
-}
-
-
 # --------------------------------------------------------------------------------------------
 # Loading and saving
 
@@ -800,43 +748,42 @@ class _Source(SafetensorsFiles):
         elif any(k.startswith("transformer_blocks.") for k in self.where):
             self.layout = "diffusers"
         else:
-            some = ", ".join(self.all_keys[:3])
-            raise CheckpointError(f"{path}: no SD3/MMDiT transformer keys found "
-                                  f"(neither 'joint_blocks.*' nor 'transformer_blocks.*'; "
-                                  f"the file starts with: {some or 'nothing'})")
+            some = ", ".join(self.all_keys[:3]) or "nothing"
+            raise CheckpointError(f"{path}: no SD3/MMDiT transformer keys found (neither 'joint_blocks.*' nor "
+                                  f"'transformer_blocks.*'; the file starts with: {some})")
 
 
 def _infer_config(src: _Source) -> MMDiTConfig:
-    n, keys = SHAPE_KEYS[src.layout], list(src.where)
+    """The config a file's shapes and keys tell (ARCH §2.1); keys are asked for by original-layout names."""
+    name = (lambda k: k) if src.layout == "original" else (lambda k: to_diffusers_name(k, 0)[0][0])
+    shape = lambda k: src.shape(name(k))
     try:
-        hidden, in_ch, patch, _ = src.shape(n["patch"])
-        pos_rows, ctx_dim, pooled = src.shape(n["pos"])[1], src.shape("context_embedder.weight")[1], \
-            src.shape(n["y"])[1]
+        hidden, in_ch, patch, _ = shape("x_embedder.proj.weight")
+        pos_rows, ctx_dim = shape("pos_embed")[1], shape("context_embedder.weight")[1]
+        pooled = shape("y_embedder.mlp.0.weight")[1]
     except KeyError as e:
         raise CheckpointError(f"{src.path}: missing {e} needed to read the model size") from None
-    blocks = lambda pat: sorted({int(m.group(1)) for k in keys if (m := re.match(pat, k))})
-    qk = n["qk"] in src.where
-    head_dim = src.shape(n["qk"])[0] if qk else 64
+    block = r"joint_blocks\.(\d+)\." if src.layout == "original" else r"transformer_blocks\.(\d+)\."
+    blocks = sorted({int(m.group(1)) for k in src.where if (m := re.match(block, k))})
+    has = lambda k: name(k) in src.where
+    qk = has("joint_blocks.0.x_block.attn.ln_q.weight")
+    head_dim = shape("joint_blocks.0.x_block.attn.ln_q.weight")[0] if qk else 64
     return MMDiTConfig(
-        depth=len(blocks(n["block"])), heads=hidden // head_dim, head_dim=head_dim, patch=patch,
-        in_channels=in_ch, pos_grid=math.isqrt(pos_rows), context_dim=ctx_dim, pooled_dim=pooled,
-        dual_layers=tuple(blocks(n["dual"])), qk_norm=qk, lr_stream=any("control" in k for k in keys),
-        two_times=any(k.startswith(n["s"]) for k in keys))
-
-
-# config fields a file's shapes cannot tell, read from its metadata when save_transformer wrote them
-RECORDED = ("lr_key_mode", "ff_inject", "time_scale", "prediction")
+        depth=len(blocks), heads=hidden // head_dim, head_dim=head_dim, patch=patch, in_channels=in_ch,
+        pos_grid=math.isqrt(pos_rows), context_dim=ctx_dim, pooled_dim=pooled, qk_norm=qk,
+        dual_layers=tuple(i for i in blocks if has(f"joint_blocks.{i}.x_block.attn2.qkv.weight")),
+        lr_stream=any("control" in k for k in src.where), two_times=has("s_embedder.mlp.0.weight"))
 
 
 def checkpoint_config(path, **overrides):
-    """(config, source) of a transformer file, without reading a weight: the config from its shapes
-    (_infer_config), the fields save_transformer recorded (RECORDED), then `overrides`."""
+    """(config, source) of a transformer file, without reading a weight: the config from its shapes,
+    then the fields shapes cannot tell that save_transformer recorded, then `overrides`."""
     src = _Source(path)
     known = {f.name for f in fields(MMDiTConfig)}
     if set(overrides) - known:
         raise TypeError(f"unknown config overrides {sorted(set(overrides) - known)}; known: {sorted(known)}")
     saved = src.config("mfsr_config")
-    told = {k: saved[k] for k in RECORDED if k in saved}
+    told = {k: saved[k] for k in ("lr_key_mode", "ff_inject", "time_scale", "prediction") if k in saved}
     return replace(_infer_config(src), **{**told, **overrides}), src
 
 
@@ -850,41 +797,34 @@ def load_transformer(path, *, dtype=torch.float32, device="cpu", **overrides) ->
     lr_key_mode="r1" or time_scale=1.0. Tensors are cast to `dtype` (files mix fp16 and fp32).
     """
     cfg, src = checkpoint_config(path, **overrides)
-    lora = json.loads(src.metadata.get("lora", "null"))
-    sampling = json.loads(src.metadata.get("mfsr_sampling", "{}"))
+    lora = src.config("lora")       # None or {} without LoRA
     with torch.device("meta"):
         net = MMDiT(cfg)
         if lora:
             add_lora(net, lora["rank"], lora["alpha"], lora["targets"])
     expected = net.state_dict()
+    want = {k: v.shape for k, v in expected.items()}
+    found = {k: src.shape(k) for k in src.where}
     if src.layout == "diffusers":
         if lora:
             raise CheckpointError(f"{path}: LoRA weights are only stored in the original layout")
         want = {k: v.shape for k, v in to_diffusers_state_dict(expected, cfg.depth).items()}
-        found = {k: src.shape(k) for k in src.where if not DIT4SR_UNUSED.match(k)}
-    else:
-        want = {k: v.shape for k, v in expected.items()}
-        found = {k: src.shape(k) for k in src.where}
+        found = {k: shape for k, shape in found.items() if not DIT4SR_UNUSED.match(k)}
     check_keys(path, want, found, f"the {src.layout}-layout model read from it ({cfg})")
     sd = {}
     for key in expected:
-        if src.layout == "diffusers":
-            names, how = to_diffusers_name(key, cfg.depth)
-            parts = [src.get(k_).to(dtype) for k_ in names]
-            t = torch.cat(parts) if how == "qkv" else (swap_halves(parts[0]) if how == "swap" else parts[0])
-        else:
-            t = src.get(key).to(dtype)
-        sd[key] = t
+        names, how = to_diffusers_name(key, cfg.depth) if src.layout == "diffusers" else ([key], "copy")
+        parts = [src.get(k).to(dtype) for k in names]
+        sd[key] = torch.cat(parts) if how == "qkv" else (swap_halves(parts[0]) if how == "swap" else parts[0])
     net.load_state_dict(sd, assign=True)
-    net.sampling = sampling   # e.g. {"tile": 32, "tile_overlap": 12, "cfg": 1.25}: see sample.py
+    net.sampling = src.config("mfsr_sampling")   # e.g. {"tile": 32, "tile_overlap": 12, "cfg": 1.25}: see sample.py
     return net.to(device)
 
 
 def save_transformer(net: MMDiT, path, layout="original"):
-    """Write a safetensors file: "original" = SD3.5 single-file names (`model.diffusion_model.*`,
-    loadable by SD3.5 tools when the model has no added parts), "diffusers" = diffusers/DiT4SR
-    names. The config, LoRA settings and `net.sampling` (if set) go into the metadata; the write
-    is atomic."""
+    """Write a safetensors file atomically in the "original" layout (SD3.5's `model.diffusion_model.*`,
+    loadable by SD3.5 tools if the model has no added parts) or the "diffusers" (DiT4SR's) one. The
+    config, LoRA settings and `net.sampling` (if set) go into the metadata."""
     sd = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
     lora = getattr(net, "lora", None)
     if layout == "original":

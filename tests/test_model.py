@@ -560,7 +560,7 @@ def test_trainable_set_counts():
     with torch.device("meta"):
         net = MMDiT(replace(CONFIGS["dit4sr"], two_times=True, time_scale=1.0))
     model.add_lora(net, rank=64)
-    n = model.set_trainable(net, teacher_time_scale=1000.0, verbose=False)
+    n = model.set_trainable(net, teacher_time_scale=1000.0)
     D = 1536
     control = 350_877_696
     emb = 2 * (256 * D + D + D * D + D)                         # s- and t-embedders
