@@ -145,18 +145,11 @@ def usable_images(paths, size, say=print):
 
 
 def random_crop(img, size, g):
-    """(3, H, W) uint8 or in [0, 1] -> (3, size, size) in [0, 1]: smaller images upscaled (bicubic)
-    first; of a large uint8 image only the crop is converted to float."""
-    _, H, W = img.shape
-    if min(H, W) < size:
-        img = img.float() / 255 if img.dtype == torch.uint8 else img
-        k = size / min(H, W)
-        img = F.interpolate(img[None], size=(max(size, round(H * k)), max(size, round(W * k))),
-                            mode="bicubic", align_corners=False)[0].clamp(0, 1)
-        _, H, W = img.shape
-    y = int(torch.randint(0, H - size + 1, (1,), generator=g))
-    x = int(torch.randint(0, W - size + 1, (1,), generator=g))
-    crop = img[:, y:y + size, x:x + size]
+    """(3, H, W) uint8 or in [0, 1] -> a random (3, size, size) crop in [0, 1]: degrade's crop, which
+    upscales smaller images (bicubic); of a large uint8 image only the crop is converted to float."""
+    if min(img.shape[1:]) < size and img.dtype == torch.uint8:
+        img = img.float() / 255
+    crop = degrade.random_crop_pair_source(img, size, g)[0]
     return crop.float() / 255 if crop.dtype == torch.uint8 else crop
 
 
@@ -350,16 +343,10 @@ def build_models(cfg, device):
 def conditioning(cfg, mcfg):
     """Null, negative and default (context, pooled): zeros for the null, the null for the others
     when their files are not given."""
-    zeros = (torch.zeros(1, mcfg.context_dim), torch.zeros(mcfg.pooled_dim))
-    null = load_embedding(cfg.null_emb, zeros) if cfg.null_emb else zeros
-    if cfg.neg_emb:
-        neg = load_embedding(cfg.neg_emb, null)
-    else:
-        neg = null
-        if (cfg.stage == "distill" and cfg.target == "neg") or cfg.neg_prob > 0:
-            print("warning: no --neg-emb: the negative prompt is the null prompt (Eq. 11 = Eq. 10)")
-    prompt = load_embedding(cfg.prompt_emb, null) if cfg.prompt_emb else null
-    return null, neg, prompt
+    null = load_embedding(cfg.null_emb, (torch.zeros(1, mcfg.context_dim), torch.zeros(mcfg.pooled_dim)))
+    if not cfg.neg_emb and ((cfg.stage == "distill" and cfg.target == "neg") or cfg.neg_prob > 0):
+        print("warning: no --neg-emb: the negative prompt is the null prompt (Eq. 11 = Eq. 10)")
+    return null, load_embedding(cfg.neg_emb, null), load_embedding(cfg.prompt_emb, null)
 
 
 # --------------------------------------------------------------------------------------------
@@ -792,10 +779,7 @@ def main(argv=None, **code_only):
             print(f"warning: step {step + 1}: no readable image in the batch, skipped")
             continue
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        if "z_hr" in batch:     # from the latent cache
-            z_hr, z_lr = batch["z_hr"], batch["z_lr"]
-        else:
-            z_hr, z_lr = encode_pair(vae, batch, g)
+        z_hr, z_lr = (batch["z_hr"], batch["z_lr"]) if "z_hr" in batch else encode_pair(vae, batch, g)  # cached?
         opt.zero_grad(set_to_none=True)
         loss_sum, extra = 0.0, {}
         for a in range(cfg.accum):
