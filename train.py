@@ -779,7 +779,7 @@ def main(argv=None, **code_only):
             print(f"warning: step {step + 1}: no readable image in the batch, skipped")
             continue
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        z_hr, z_lr = (batch["z_hr"], batch["z_lr"]) if "z_hr" in batch else encode_pair(vae, batch, g)  # cached?
+        z_hr, z_lr = (batch["z_hr"], batch["z_lr"]) if "z_hr" in batch else encode_pair(vae, batch, g)  # cache rows?
         opt.zero_grad(set_to_none=True)
         loss_sum, extra = 0.0, {}
         for a in range(cfg.accum):
