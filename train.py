@@ -1,23 +1,26 @@
 """Train MFSR: the DiT4SR-style LR-stream teacher (--stage teacher) or the one-step student
 distilled from it with the MeanFlow identity (--stage distill, MFSR Alg. 1; the default).
 
-    python train.py --preset tiny --data DIR --stage teacher --vae weights/mfsr-tiny/vae.safetensors --steps 200 --out runs/teacher
+    python train.py --preset tiny --data DIR --stage teacher --vae weights/mfsr-tiny/vae.safetensors \
+        --steps 200 --out runs/teacher
     python train.py --preset tiny --data DIR --vae weights/mfsr-tiny/vae.safetensors \
         --teacher runs/teacher/ckpt-0000200/teacher.safetensors --out runs/student
     python train.py --ckpt sd3.5_medium.safetensors --teacher dit4sr_q/ --data HR_DIR ...   # full scale
     torchrun --nproc_per_node 8 train.py ...                                              # many GPUs
 
-Pairs are made on the fly (paper §5.1; the data section below): a random HR crop, USM-sharpened, degraded with the
-Real-ESRGAN pipeline (degrade.py) to LR at 1/4; LR bicubic-upsampled x4; both VAE-encoded.
-Conditioning comes from embedding files beside the images (`name.safetensors` with `context`
-(L, context_dim) and `pooled` (pooled_dim)), else the null embedding (--null-emb, zeros if absent).
+Pairs are made on the fly (paper §5.1): a random HR crop, USM-sharpened, degraded with the Real-ESRGAN
+pipeline (degrade.py) to LR at 1/4; LR bicubic-upsampled x4; both VAE-encoded. Conditioning comes
+from embedding files beside the images (`name.safetensors` with `context` (L, context_dim) and
+`pooled` (pooled_dim)), else --prompt-emb's, else the null embedding (--null-emb, zeros if absent).
 
-Randomness is a function of (seed, step, rank): which images, crops, degradations, noise and
-times a step sees. So `--resume` only needs the weights, the optimizer state and the step, and a
-resumed run repeats the uninterrupted one exactly.
+Randomness is a function of (seed, step, rank): which images, crops, degradations, noise and times a
+step sees. So `--resume` only needs the weights, the optimizer state and the step, and a resumed run
+repeats the uninterrupted one exactly.
 """
 import argparse
+import copy
 import glob
+import inspect
 import json
 import math
 import os
@@ -32,6 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
+import degrade
 import fastjvp
 import model
 import mfsr
@@ -99,13 +103,8 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Data: HR images -> (gt, lr) pairs made in worker processes (paper §5.1). A pair is a random HR
-# crop (usable_images leaves out the files smaller than the crop: an upscaled "HR" would teach
-# blur), degraded by degrade.py to LR at 1/4, or with probability clean_prob the plain bicubic x4.
-# Which images and which degradation a step sees is a function of (seed, step, rank) alone
-# (StepBatches, mix), so a resumed run sees what an uninterrupted one would.
-
-
+# Data: HR images -> (gt, lr) pairs made in worker processes (paper §5.1): a random HR crop,
+# degraded by degrade.py to LR at 1/4, or with probability clean_prob the plain bicubic x4.
 
 
 def find_images(data):
@@ -121,9 +120,8 @@ def find_images(data):
 
 
 def usable_images(paths, size, say=print):
-    """The paths Pillow opens whose shorter side is at least `size`. Every other file is named once
-    through `say` (at most MAX_NAMED lines, then a count); SystemExit before any training if none is
-    left. Returns (usable, {path: why not})."""
+    """(the paths Pillow opens whose shorter side is at least `size`, {every other path: why}). Each
+    skipped file is named through `say` (MAX_NAMED of them, then a count); SystemExit if none is left."""
     usable, skipped = [], {}
     for p in paths:
         try:
@@ -134,13 +132,12 @@ def usable_images(paths, size, say=print):
             continue
         if min(W, H) < size:
             skipped[p] = f"{W}x{H}, smaller than the {size}x{size} crop (upscaling it would teach blur)"
-            continue
-        usable.append(p)
-    for k, (p, why) in enumerate(skipped.items()):
-        if k == MAX_NAMED:
-            say(f"warning: ... and {len(skipped) - MAX_NAMED} more images skipped")
-            break
+        else:
+            usable.append(p)
+    for p, why in list(skipped.items())[:MAX_NAMED]:
         say(f"warning: skipping {p}: {why}")
+    if len(skipped) > MAX_NAMED:
+        say(f"warning: ... and {len(skipped) - MAX_NAMED} more images skipped")
     if not usable:
         raise SystemExit(f"error: none of the {len(paths)} images in --data is usable: {len(skipped)} skipped "
                          f"(unreadable, or smaller than the {size}x{size} crop)")
@@ -148,27 +145,20 @@ def usable_images(paths, size, say=print):
 
 
 def random_crop(img, size, g):
-    """(3, H, W) uint8 or in [0, 1] -> (3, size, size) in [0, 1]: smaller images upscaled (bicubic)
-    first; of a large uint8 image only the crop is converted to float."""
-    _, H, W = img.shape
-    if min(H, W) < size:
-        img = img.float() / 255 if img.dtype == torch.uint8 else img
-        k = size / min(H, W)
-        img = F.interpolate(img[None], size=(max(size, round(H * k)), max(size, round(W * k))),
-                            mode="bicubic", align_corners=False)[0].clamp(0, 1)
-        _, H, W = img.shape
-    y = int(torch.randint(0, H - size + 1, (1,), generator=g))
-    x = int(torch.randint(0, W - size + 1, (1,), generator=g))
-    crop = img[:, y:y + size, x:x + size]
+    """(3, H, W) uint8 or in [0, 1] -> a random (3, size, size) crop in [0, 1]: degrade's crop, which
+    upscales smaller images (bicubic); of a large uint8 image only the crop is converted to float."""
+    if min(img.shape[1:]) < size and img.dtype == torch.uint8:
+        img = img.float() / 255
+    crop = degrade.random_crop_pair_source(img, size, g)[0]
     return crop.float() / 255 if crop.dtype == torch.uint8 else crop
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Item (index, seed) -> dict(gt, lr, context, pooled, name), or dict(unreadable=path)."""
+    """Item (index, seed) -> dict(gt, lr, context, pooled, name), or dict(unreadable=path, why=...).
+    default: the (context, pooled) of images without an embedding file. A share clean_prob of the
+    items gets the clean bicubic x4 LR instead of the Real-ESRGAN one."""
 
     def __init__(self, paths, size, default, degrade_cfg, clean_prob=0.0):
-        """default: the (context, pooled) of images without an embedding file. A share
-        `clean_prob` of the items gets the clean bicubic x4 LR instead of the Real-ESRGAN one."""
         self.paths, self.size, self.default, self.degrade_cfg = paths, size, default, degrade_cfg
         self.clean_prob = clean_prob
         self.decoded, self.decoded_bytes = {}, 0    # decoded images kept per worker, up to CACHE_BYTES
@@ -177,7 +167,6 @@ class PairDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, key):
-        import degrade
         i, seed = key
         path = self.paths[i]
         arr = self.decoded.get(path)
@@ -186,7 +175,7 @@ class PairDataset(torch.utils.data.Dataset):
                 with Image.open(path) as im:
                     arr = np.array(im.convert("RGB"))                     # (H, W, 3) uint8
             except Exception as e:  # PIL raises many types for truncated / odd files
-                return dict(unreadable=path, why=str(e))   # train.py warns once per file
+                return dict(unreadable=path, why=str(e))
             if self.decoded_bytes + arr.nbytes <= CACHE_BYTES:   # small data sets: decode each file once
                 self.decoded[path] = arr
                 self.decoded_bytes += arr.nbytes
@@ -200,35 +189,33 @@ class PairDataset(torch.utils.data.Dataset):
         return dict(gt=gt[0], lr=lr[0], context=context, pooled=pooled, name=path)
 
 
+def pad_tokens(context, L):
+    """context (..., l, D) zero-padded to L tokens (zero rows are padding)."""
+    return F.pad(context, (0, 0, 0, L - context.shape[-2]))
+
+
 def collate(items):
-    """A batch dict; `unreadable` lists (path, why) of the items that could not be read (an
-    all-unreadable batch has nothing else)."""
+    """A batch dict; `unreadable`: (path, why) of the items that could not be read (an all-unreadable
+    batch has nothing else)."""
     unreadable = [(it["unreadable"], it["why"]) for it in items if "unreadable" in it]
     items = [it for it in items if "unreadable" not in it]
     if not items:
         return dict(unreadable=unreadable)
-    L = max(it["context"].shape[0] for it in items)   # pad contexts to one length (zeros = padding)
-    ctx = torch.stack([F.pad(it["context"], (0, 0, 0, L - it["context"].shape[0])) for it in items])
+    L = max(it["context"].shape[0] for it in items)
     return dict(gt=torch.stack([it["gt"] for it in items]), lr=torch.stack([it["lr"] for it in items]),
-                context=ctx, pooled=torch.stack([it["pooled"] for it in items]),
+                context=torch.stack([pad_tokens(it["context"], L) for it in items]),
+                pooled=torch.stack([it["pooled"] for it in items]),
                 names=[it["name"] for it in items], unreadable=unreadable)
 
 
-class StepBatches(torch.utils.data.Sampler):
-    """For step k: `batch` (index, seed) keys drawn from a generator seeded by (seed, k, rank)."""
-
-    def __init__(self, n, batch, seed, rank, start, stop):
-        self.n, self.batch, self.seed, self.rank, self.start, self.stop = n, batch, seed, rank, start, stop
-
-    def __iter__(self):
-        for k in range(self.start, self.stop):
-            g = torch.Generator().manual_seed(mix(self.seed, k, self.rank))
-            idx = torch.randint(self.n, (self.batch,), generator=g).tolist()
-            seeds = torch.randint(2 ** 62, (self.batch,), generator=g).tolist()
-            yield list(zip(idx, seeds))
-
-    def __len__(self):
-        return self.stop - self.start
+def step_batches(n, batch, seed, rank, start, stop):
+    """For each step k in [start, stop): `batch` (index, seed) keys of n items, drawn from a generator
+    seeded by (seed, k, rank), so a resumed run draws what an uninterrupted one would."""
+    for k in range(start, stop):
+        g = torch.Generator().manual_seed(mix(seed, k, rank))
+        idx = torch.randint(n, (batch,), generator=g).tolist()
+        seeds = torch.randint(2 ** 62, (batch,), generator=g).tolist()
+        yield list(zip(idx, seeds))
 
 
 def mix(*xs):
@@ -238,15 +225,37 @@ def mix(*xs):
     return h
 
 
+def training_images(cfg, rank):
+    """(usable image paths of --data, {skipped path: why}); rank 0 names each skipped file and warns
+    about captions that have no embedding file yet."""
+    say = (lambda m: print(m, file=sys.stderr)) if rank == 0 else (lambda m: None)
+    paths, skipped = usable_images(find_images(cfg.data), cfg.size, say)
+    uncoded = [q for q in paths if os.path.exists(os.path.splitext(q)[0] + ".txt")
+               and not os.path.exists(os.path.splitext(q)[0] + ".safetensors")]
+    if uncoded and rank == 0:
+        print(f"warning: {len(uncoded)} captions (e.g. {os.path.splitext(uncoded[0])[0]}.txt) have no embedding "
+              "file; they train with the default prompt. Encode them first: "
+              "python tools/text.py --data DIR --encoders ...")
+    return paths, skipped
+
+
+def training_batches(cfg, paths, prompt, vae, device, rank, start):
+    """The batches of the steps from `start` on: pairs made by worker processes, or latent cache rows."""
+    data = PairDataset(paths, cfg.size, prompt, degrade.DegradeConfig(usm_gt=not cfg.plain_gt), cfg.clean_prob)
+    if cfg.cache_latents:
+        return cached_batches(latent_cache(cfg, data, vae, device, rank), cfg, rank, start)
+    keys = step_batches(len(paths), cfg.batch * cfg.accum, cfg.seed, rank, start, cfg.steps)
+    return torch.utils.data.DataLoader(data, batch_sampler=keys, collate_fn=collate, num_workers=cfg.workers)
+
+
 # --------------------------------------------------------------------------------------------
-# cache_latents (the miniature's, CODE_ONLY) encodes a fixed set of pairs once
+# cache_latents (the miniature's, CODE_ONLY): a fixed set of pairs encoded once
 
 
-def latent_cache(cfg, paths, data, vae, device, rank):
-    """cache_latents = N: N pairs drawn, degraded and VAE-encoded once, then reused by every step
-    (a fixed set of degradations instead of fresh ones: much faster when the VAE dominates a step,
-    as it does at small model sizes). Kept in out/latents-{rank}.safetensors and reused by a rerun
-    or --resume with the same settings."""
+def latent_cache(cfg, data, vae, device, rank):
+    """cache_latents = N: N pairs drawn, degraded and VAE-encoded once, then reused by every step (a
+    fixed set of degradations: much faster when the VAE dominates a step, as at small model sizes).
+    Kept in out/latents-{rank}.safetensors, reused by a rerun or --resume with the same settings."""
     path = os.path.join(cfg.out, f"latents-{rank}.safetensors")
     key = json.dumps({k: getattr(cfg, k) for k in ("cache_latents", "size", "seed", "data", "vae", "ckpt",
                                                    "prompt_emb", "null_emb", "clean_prob", "plain_gt")})
@@ -255,12 +264,9 @@ def latent_cache(cfg, paths, data, vae, device, rank):
         if f.metadata.get("key") == key:
             return {k: f.get(k).to(device) for k in f.keys()}
         print(f"warning: {path} was made with other settings; encoding again")
-    n, parts = cfg.cache_latents, []
-    steps = math.ceil(n / cfg.batch)
-    loader = torch.utils.data.DataLoader(data, batch_sampler=StepBatches(len(paths), cfg.batch, mix(cfg.seed, 1),
-                                                                         rank, 0, steps),
-                                         collate_fn=collate, num_workers=cfg.workers)
-    t0 = time.time()
+    n, parts, t0 = cfg.cache_latents, [], time.time()
+    keys = step_batches(len(data), cfg.batch, mix(cfg.seed, 1), rank, 0, math.ceil(n / cfg.batch))
+    loader = torch.utils.data.DataLoader(data, batch_sampler=keys, collate_fn=collate, num_workers=cfg.workers)
     for k, batch in enumerate(loader):
         if "gt" not in batch:
             continue
@@ -270,9 +276,9 @@ def latent_cache(cfg, paths, data, vae, device, rank):
         if rank == 0 and (k + 1) % 20 == 0:
             print(f"cache: {(k + 1) * cfg.batch}/{n} pairs encoded ({time.time() - t0:.0f} s)", flush=True)
     L = max(p["context"].shape[1] for p in parts)
-    cache = {k: torch.cat([F.pad(p[k], (0, 0, 0, L - p[k].shape[1])) if k == "context" else p[k] for p in parts])[:n]
+    cache = {k: torch.cat([pad_tokens(p[k], L) if k == "context" else p[k] for p in parts])[:n].contiguous()
              for k in parts[0]}
-    atomic_save({k: v.contiguous() for k, v in cache.items()}, path, {"key": key})
+    atomic_save(cache, path, {"key": key})
     return {k: v.to(device) for k, v in cache.items()}
 
 
@@ -290,7 +296,7 @@ def cached_batches(cache, cfg, rank, start):
 
 
 def build_models(cfg, device):
-    """(trained net, frozen teacher or None, vae, conditioning size)."""
+    """(trained net, frozen teacher or None, frozen vae)."""
     tiny = cfg.preset == "tiny"
     if cfg.vae or cfg.ckpt:
         vae = vae_lib.load_vae(cfg.vae or cfg.ckpt)
@@ -309,21 +315,23 @@ def build_models(cfg, device):
             net = model.load_transformer(cfg.teacher, lr_key_mode=cfg.teacher_mode)
         elif cfg.ckpt:
             net = model.add_lr_stream(model.load_transformer(cfg.ckpt))
-        else:
+        else:              # from scratch; a tiny one with the size scan's depth / heads / prediction if given
             torch.manual_seed(cfg.seed)
-            net = model.MMDiT(tiny_config(cfg) if tiny else model.CONFIGS["dit4sr"])
+            t = model.CONFIGS["tiny"]
+            net = model.MMDiT(replace(t, depth=cfg.depth or t.depth, heads=cfg.heads or t.heads,
+                                      prediction=cfg.prediction) if tiny else model.CONFIGS["dit4sr"])
         dead = set(model.dead_lr_params(net))
         for name, p in net.named_parameters():      # DiT4SR trains only the control layers
             p.requires_grad_(name not in dead and ("control" in name or (tiny and not cfg.ckpt)))
         return net.to(device), None, vae
-    if not cfg.teacher:
-        if not tiny:
-            raise SystemExit("error: --stage distill needs --teacher (a DiT4SR or teacher-stage checkpoint)")
+    if cfg.teacher:
+        teacher = model.load_transformer(cfg.teacher, lr_key_mode=cfg.teacher_mode)
+    elif tiny:
         torch.manual_seed(cfg.seed)
         teacher = model.MMDiT(model.CONFIGS["tiny"])
         print("warning: no --teacher: distilling a random tiny teacher (a smoke run, not a model)")
     else:
-        teacher = model.load_transformer(cfg.teacher, lr_key_mode=cfg.teacher_mode)
+        raise SystemExit("error: --stage distill needs --teacher (a DiT4SR or teacher-stage checkpoint)")
     if not teacher.cfg.lr_stream or teacher.cfg.two_times:
         raise SystemExit(f"error: --teacher {cfg.teacher}: needs a one-time model with the LR stream")
     teacher = teacher.to(device).eval()
@@ -332,25 +340,13 @@ def build_models(cfg, device):
     return student, teacher, vae
 
 
-def tiny_config(cfg):
-    """model.CONFIGS["tiny"], with depth / heads / prediction where given."""
-    tiny = model.CONFIGS["tiny"]
-    return replace(tiny, depth=cfg.depth or tiny.depth, heads=cfg.heads or tiny.heads, prediction=cfg.prediction)
-
-
 def conditioning(cfg, mcfg):
     """Null, negative and default (context, pooled): zeros for the null, the null for the others
     when their files are not given."""
-    zeros = (torch.zeros(1, mcfg.context_dim), torch.zeros(mcfg.pooled_dim))
-    null = load_embedding(cfg.null_emb, zeros) if cfg.null_emb else zeros
-    if cfg.neg_emb:
-        neg = load_embedding(cfg.neg_emb, null)
-    else:
-        neg = null
-        if (cfg.stage == "distill" and cfg.target == "neg") or cfg.neg_prob > 0:
-            print("warning: no --neg-emb: the negative prompt is the null prompt (Eq. 11 = Eq. 10)")
-    prompt = load_embedding(cfg.prompt_emb, null) if cfg.prompt_emb else null
-    return null, neg, prompt
+    null = load_embedding(cfg.null_emb, (torch.zeros(1, mcfg.context_dim), torch.zeros(mcfg.pooled_dim)))
+    if not cfg.neg_emb and ((cfg.stage == "distill" and cfg.target == "neg") or cfg.neg_prob > 0):
+        print("warning: no --neg-emb: the negative prompt is the null prompt (Eq. 11 = Eq. 10)")
+    return null, load_embedding(cfg.neg_emb, null), load_embedding(cfg.prompt_emb, null)
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,13 +364,10 @@ def encode_pair(vae, batch, g):
 
 
 def teacher_loss(net, z_hr, z_lr, context, pooled, null, cfg, g, neg=None):
-    """DiT4SR's rectified flow: logit-normal t, SD3's shift (cfg.time_shift, 3 as SD3.5), x0-MSE
-    (= sigma^2-weighted velocity).
-
-    Caption dropout: a share `caption_dropout` of the rows gets the null prompt. With neg_prob > 0
+    """DiT4SR's rectified flow: logit-normal t with SD3's shift (cfg.time_shift), x0-MSE (= sigma^2-
+    weighted velocity). A share caption_dropout of the rows gets the null prompt; with neg_prob > 0
     (the miniature) another share gets the negative prompt and the LR latent as its target, so the
-    negative prompt ("blurry, low-res, ...") means what it says and CFG can push away from it.
-    """
+    negative prompt ("blurry, low-res, ...") means what it says and CFG can push away from it."""
     B = z_hr.shape[0]
     r = torch.rand(B, generator=g)
     context, pooled = _with_rows(context, pooled, r < cfg.caption_dropout, null)
@@ -395,21 +388,8 @@ def teacher_loss(net, z_hr, z_lr, context, pooled, null, cfg, g, neg=None):
 def _with_rows(context, pooled, rows, emb):
     """context (B, L, D) / pooled (B, P) with the rows `rows` replaced by emb = (context, pooled)."""
     L = max(context.shape[1], emb[0].shape[0])
-    context = F.pad(context, (0, 0, 0, L - context.shape[1]))   # zero rows = padding
-    e = F.pad(emb[0], (0, 0, 0, L - emb[0].shape[0]))[None].to(context)
+    context, e = pad_tokens(context, L), pad_tokens(emb[0], L)[None].to(context)
     return torch.where(rows[:, None, None], e, context), torch.where(rows[:, None], emb[1][None].to(pooled), pooled)
-
-
-def export_copy(net, ema=None):
-    """A CPU copy of `net` to export; with `ema` (name -> tensor) it carries the EMA weights, the ones
-    to sample with."""
-    import copy
-    out = copy.deepcopy(net).cpu()
-    with torch.no_grad():
-        for n, p in out.named_parameters():
-            if ema and n in ema:
-                p.copy_(ema[n])
-    return out
 
 
 def distill_loss(student, raw_student, teacher, z_hr, z_lr, context, pooled, null, neg, cfg, g, log=None, step=0):
@@ -429,7 +409,7 @@ def distill_loss(student, raw_student, teacher, z_hr, z_lr, context, pooled, nul
         context, pooled = _with_rows(context, pooled, drop, null)
     c = (z_lr, pooled, context)
     expand = lambda e: (z_lr, e[1][None].expand_as(pooled).to(pooled),
-                        F.pad(e[0], (0, 0, 0, context.shape[1] - e[0].shape[0]))[None].expand_as(context).to(context))
+                        pad_tokens(e[0], context.shape[1])[None].expand_as(context).to(context))
     # dropped rows take the null prompt as their negative too: Eq. 10 / 11 then reduce to v(z | null)
     _, neg_pooled, neg_context = expand(neg)
     cond_neg = (z_lr, *_with_rows(neg_context, neg_pooled, drop, null)[::-1])
@@ -496,11 +476,10 @@ def load_optimizer(opt, tensors, groups, prefix=""):
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-def save_checkpoint(cfg, net, opt, ema, step, rank, embs, vae=None):
-    """out/ckpt-{step}/: trainable.safetensors (+ EMA), optimizer.safetensors, and the export:
-    student.safetensors / teacher.safetensors (whole model, LoRA merged) with the null, negative and
-    default prompt embeddings it was trained with. A VAE that came
-    from no file (--preset tiny without --vae) is saved beside the model too, so sample.py finds it."""
+def save_checkpoint(cfg, net, opt, ema, step, rank, embs, vae):
+    """out/ckpt-{step}/, whole or not at all: trainable.safetensors (+ EMA) and optimizer.safetensors
+    to resume from, and the export sample.py reads: student.safetensors / teacher.safetensors with the
+    null, negative and default prompt embeddings it was trained with, and a VAE that came from no file."""
     if rank != 0:
         return
     final = os.path.join(cfg.out, f"ckpt-{step:07d}")
@@ -517,7 +496,7 @@ def save_checkpoint(cfg, net, opt, ema, step, rank, embs, vae=None):
     latent = cfg.size // vae.cfg.factor
     sampling = {"tile": latent, "tile_overlap": sample_overlap(latent, net.cfg.patch),
                 **({"shift": cfg.time_shift} if cfg.stage == "teacher" else {})}   # its sampler's grid
-    save_full(net, os.path.join(tmp, f"{cfg.stage if cfg.stage == 'teacher' else 'student'}.safetensors"),
+    save_full(net, os.path.join(tmp, f"{'teacher' if cfg.stage == 'teacher' else 'student'}.safetensors"),
               sampling, ema)
     if not (cfg.vae or cfg.ckpt):
         vae_lib.save_vae(vae, os.path.join(tmp, "vae.safetensors"))
@@ -537,9 +516,13 @@ def sample_overlap(tile, patch):
 
 
 def save_full(net, path, sampling=None, ema=None):
-    """The whole model, LoRA merged, loadable by load_transformer / sample.py; `sampling`: the
-    latent tile size it was trained at, sample.py's default for it; `ema` as in export_copy."""
-    full = export_copy(net, ema)
+    """The whole model, LoRA merged, loadable by load_transformer / sample.py, with the EMA weights
+    where `ema` (name -> tensor) has them: the ones to sample with. `sampling`: its sampler's defaults."""
+    full = copy.deepcopy(net).cpu()
+    with torch.no_grad():
+        for n, p in full.named_parameters():
+            if ema and n in ema:
+                p.copy_(ema[n])
     full.sampling = sampling
     if getattr(full, "lora", None):
         model.merge_lora(full)
@@ -547,24 +530,23 @@ def save_full(net, path, sampling=None, ema=None):
 
 
 def load_checkpoint(cfg, net, opt, rank=0):
-    """The newest readable ckpt-* in --out: trainable weights and optimizer state; returns (step,
-    ema). One that cannot be read (a file truncated by a crash or a full disk) is moved aside
-    to NAME.broken, never deleted, and the one before it is used."""
+    """The newest readable ckpt-* in --out into `net` and `opt`; returns (step, ema). One that cannot be
+    read (a file truncated by a crash or a full disk) is moved aside to NAME.broken, never deleted, and
+    the one before it is used."""
     found = sorted(glob.glob(os.path.join(cfg.out, "ckpt-*[0-9]")))
     if not found:
         raise SystemExit(f"error: --resume: no ckpt-* folder in {cfg.out}")
     for folder in reversed(found):
         try:
-            src, osrc = (SafetensorsFiles(os.path.join(folder, f)) for f in ("trainable.safetensors", "optimizer.safetensors"))
-            tensors = {k: src.get(k) for k in src.keys()}
-            otensors = {k: osrc.get(k) for k in osrc.keys()}
-            step, groups = int(src.metadata["step"]), json.loads(osrc.metadata["param_groups"])
+            files = [SafetensorsFiles(os.path.join(folder, f"{f}.safetensors")) for f in ("trainable", "optimizer")]
+            tensors, otensors = ({k: f.get(k) for k in f.keys()} for f in files)
+            step, groups = int(files[0].metadata["step"]), json.loads(files[1].metadata["param_groups"])
         except (CheckpointError, OSError, KeyError, ValueError, RuntimeError) as e:   # unreadable: the one before
-            aside = folder + ".broken"
+            aside = next(a for a in (f"{folder}.broken{i or ''}" for i in range(1000)) if not os.path.exists(a))
             if rank == 0:
-                aside = next(f"{folder}.broken{i or ''}" for i in range(1000) if not os.path.exists(f"{folder}.broken{i or ''}"))
                 os.replace(folder, aside)
-            print(f"warning: --resume: {folder} is not a whole checkpoint ({str(e).splitlines()[0]}); kept as {aside}")
+                print(f"warning: --resume: {folder} is not a whole checkpoint ({str(e).splitlines()[0]}); "
+                      f"kept as {aside}")
             continue
         params = dict(net.named_parameters())
         train = {k for k, p in params.items() if p.requires_grad}
@@ -582,13 +564,13 @@ def load_checkpoint(cfg, net, opt, rank=0):
 
 
 def trim_log(path, step):
-    """log.jsonl without the lines after `step`: a resumed run logs those steps again."""
+    """log.jsonl without the lines after `step` (or cut by the crash): a resumed run logs those steps again."""
     if not os.path.exists(path):
         return
     def before(line):
         try:
             return json.loads(line)["step"] <= step
-        except (ValueError, KeyError, TypeError):     # a line cut by the crash
+        except (ValueError, KeyError, TypeError):
             return False
     with open(path) as f:
         keep = [line for line in f if before(line)]
@@ -626,6 +608,7 @@ def save_grid(path, vae, net, stage, batch, z_lr, null):
 
 
 # --------------------------------------------------------------------------------------------
+# The command line: every TrainConfig field is a flag (but CODE_ONLY), its comment the help text
 
 
 CHOICES = dict(stage=("distill", "teacher"), preset=("full", "tiny"), target=("gt", "meanflow", "null", "neg"),
@@ -647,9 +630,7 @@ FLAG_GROUPS = {   # --help's sections, each flag in one
 
 
 def field_help():
-    """{field: its comment in TrainConfig} (a comment may go on over the next lines): the one
-    source of --help's texts."""
-    import inspect
+    """{field: its comment in TrainConfig, which may go on over the next lines}."""
     helps, last = {}, None
     for line in inspect.getsource(TrainConfig).splitlines()[2:]:
         code, _, comment = line.partition("#")
@@ -661,17 +642,12 @@ def field_help():
     return helps
 
 
-def _flag(name):
-    """How a setting is named to the user: its flag, or for a CODE_ONLY one its field."""
-    return name if name in CODE_ONLY else "--" + name.replace("_", "-")
-
-
 def parse_args(argv=None, **code_only):
     """The TrainConfig of the command line `argv`, with the CODE_ONLY settings given as keywords."""
     unknown = set(code_only) - set(CODE_ONLY)
     if unknown:
-        raise TypeError(f"parse_args: {', '.join(sorted(unknown))}: not among train.CODE_ONLY ({', '.join(CODE_ONLY)}); "
-                        "the other settings are flags in argv")
+        raise TypeError(f"parse_args: {', '.join(sorted(unknown))}: not among train.CODE_ONLY "
+                        f"({', '.join(CODE_ONLY)}); the other settings are flags in argv")
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                 epilog="Every flag is a field of train.TrainConfig; the resolved config is "
                                        "printed and stored in every checkpoint.")
@@ -692,7 +668,8 @@ def parse_args(argv=None, **code_only):
                       **code_only)
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
-            p.error(f"{_flag(name)} {getattr(cfg, name)!r}: choose from {', '.join(allowed)}")
+            flag = name if name in CODE_ONLY else "--" + name.replace("_", "-")
+            p.error(f"{flag} {getattr(cfg, name)!r}: choose from {', '.join(allowed)}")
     if not cfg.data:
         p.error("--data is required (a folder of HR images)")
     if cfg.size == 0:
@@ -715,6 +692,10 @@ def parse_args(argv=None, **code_only):
     return cfg
 
 
+# --------------------------------------------------------------------------------------------
+# The run
+
+
 def learning_rate(cfg, step):
     """--lr, constant, or on a half cosine from --lr at step 0 to 0 at --steps."""
     if cfg.lr_decay == "cosine":
@@ -722,53 +703,8 @@ def learning_rate(cfg, step):
     return cfg.lr
 
 
-def start_processes(cfg):
-    """(ddp, rank, world, device): one process, or one of torchrun's."""
-    ddp = "RANK" in os.environ
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world = 0, 1
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    return ddp, rank, world, device
-
-
-def training_images(cfg, rank):
-    """(usable image paths of --data, {skipped path: why}); warns once about each skipped file and
-    about captions that have no embedding file yet."""
-    paths, skipped = usable_images(find_images(cfg.data), cfg.size,
-                                   (lambda m: print(m, file=sys.stderr)) if rank == 0 else (lambda m: None))
-    uncoded = [q for q in paths if os.path.exists(os.path.splitext(q)[0] + ".txt")
-               and not os.path.exists(os.path.splitext(q)[0] + ".safetensors")]
-    if uncoded and rank == 0:
-        print(f"warning: {len(uncoded)} captions (e.g. {os.path.splitext(uncoded[0])[0]}.txt) have no embedding "
-              f"file; they train with the default prompt. Encode them first: python tools/text.py --data DIR --encoders ...")
-    return paths, skipped
-
-
-def training_batches(cfg, paths, prompt, vae, device, rank, start):
-    """Batches from step `start` on: pairs made on the fly by worker processes, or from the
-    latent cache (cache_latents)."""
-    import degrade
-    data = PairDataset(paths, cfg.size, prompt, degrade.DegradeConfig(usm_gt=not cfg.plain_gt), cfg.clean_prob)
-    if cfg.cache_latents:
-        return cached_batches(latent_cache(cfg, paths, data, vae, device, rank), cfg, rank, start)
-    return torch.utils.data.DataLoader(
-        data, batch_sampler=StepBatches(len(paths), cfg.batch * cfg.accum, cfg.seed, rank, start, cfg.steps),
-        collate_fn=collate, num_workers=cfg.workers, persistent_workers=False)
-
-
-def stage_loss(cfg, run, net, teacher, z_hr, z_lr, batch, sl, null, neg, g, extra, step):
-    """The loss of micro-batch `sl` for the stage: teacher_loss or distill_loss."""
-    args = (z_hr[sl], z_lr[sl], batch["context"][sl], batch["pooled"][sl], null)
-    if cfg.stage == "teacher":
-        return teacher_loss(run, *args, cfg, g, neg=neg)
-    return distill_loss(run, net, teacher, *args, neg, cfg, g, log=extra, step=step)
-
-
 def update(cfg, net, opt, ema, trainable, sync, step):
-    """After backward: gradients synchronised and clipped, the learning rate of the step, Adam,
+    """After backward: the gradients averaged over ranks and clipped, Adam at the step's learning rate,
     the EMA. Returns the gradient norm."""
     if sync is not None:
         all_reduce_grads(sync)
@@ -798,11 +734,14 @@ def log_step(cfg, log, done, start, t0, loss, gnorm, lr, device, extra):
 
 
 def main(argv=None, **code_only):
-    """The run: set up the models, optimizer and data, then per step a batch, the stage's loss over
-    --accum micro-batches, the update, logs, progress grids and checkpoints. code_only: the
-    CODE_ONLY settings (the miniature's)."""
+    """The run (code_only: the CODE_ONLY settings): models, optimizer and data, then per step a batch,
+    the stage's loss over --accum micro-batches, the update, the log, progress grids and checkpoints."""
     cfg = parse_args(argv, **code_only)
-    ddp, rank, world, device = start_processes(cfg)
+    ddp = "RANK" in os.environ     # under torchrun: one process per GPU
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
         print("config:", json.dumps(asdict(cfg)))
@@ -811,6 +750,7 @@ def main(argv=None, **code_only):
     net.grad_checkpointing = cfg.grad_ckpt
     null, neg, prompt = conditioning(cfg, net.cfg)
     trainable = [p for p in net.parameters() if p.requires_grad]
+    sync = trainable if ddp else None   # the parameters whose gradients are averaged
     if rank == 0:
         print(f"{len(paths)} images; model {net.cfg}; trainable parameters "
               f"{sum(p.numel() for p in trainable):,}; {world} process(es)")
@@ -821,7 +761,6 @@ def main(argv=None, **code_only):
         trim_log(os.path.join(cfg.out, "log.jsonl"), start)
     if cfg.ema and ema is None:
         ema = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
-    sync = trainable if ddp else None   # the parameters whose gradients are averaged
     # static shapes: the JVP's rows (s != t) and the full batch are two fixed sizes, each compiled
     # once; automatic dynamic shapes made inductor (torch 2.13, CPU) fail on a symbolic size
     run = torch.compile(net, dynamic=False) if cfg.compile else net
@@ -840,25 +779,25 @@ def main(argv=None, **code_only):
             print(f"warning: step {step + 1}: no readable image in the batch, skipped")
             continue
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        if "z_hr" in batch:     # from the latent cache
-            z_hr, z_lr = batch["z_hr"], batch["z_lr"]
-        else:
-            z_hr, z_lr = encode_pair(vae, batch, g)
+        z_hr, z_lr = (batch["z_hr"], batch["z_lr"]) if "z_hr" in batch else encode_pair(vae, batch, g)  # cache rows?
         opt.zero_grad(set_to_none=True)
-        loss_sum, nonfinite, extra = 0.0, 0, {}
+        loss_sum, extra = 0.0, {}
         for a in range(cfg.accum):
+            rows = slice(a * cfg.batch, (a + 1) * cfg.batch)
+            args = (z_hr[rows], z_lr[rows], batch["context"][rows], batch["pooled"][rows], null)
             with autocast:
-                loss, _ = stage_loss(cfg, run, net, teacher, z_hr, z_lr, batch, slice(a * cfg.batch, (a + 1) * cfg.batch),
-                                     null, neg, g, extra, step)
+                if cfg.stage == "teacher":
+                    loss, _ = teacher_loss(run, *args, cfg, g, neg=neg)
+                else:
+                    loss, _ = distill_loss(run, net, teacher, *args, neg, cfg, g, log=extra, step=step)
             if any_rank(sync, loss is None or not torch.isfinite(loss)):   # ranks skip together
-                nonfinite += 1
+                loss_sum = None
                 break
             (loss / cfg.accum).backward()
             loss_sum += loss.item() / cfg.accum
-        if nonfinite:
+        if loss_sum is None:
             bad += 1
-            print(f"warning: step {step + 1}: non-finite loss or target, step skipped "
-                  f"({', '.join(batch['names'])})")
+            print(f"warning: step {step + 1}: non-finite loss or target, step skipped ({', '.join(batch['names'])})")
             if bad >= cfg.max_bad:
                 raise SystemExit(f"error: {bad} non-finite steps in a row, stopping at step {step + 1} "
                                  f"({', '.join(batch['names'])})")

@@ -139,7 +139,7 @@ def train_vae(data, out, *, steps=3000, batch=16, size=64, lr=5e-4, ema=0.999, k
         start, stats = _load_state(state_path, vae, avg, opt)
         print(f"vae: resuming at step {start} from {state_path}", flush=True)
     os.makedirs(out, exist_ok=True)
-    for step, keys in enumerate(train.StepBatches(len(paths), batch, seed, 0, start, steps), start):
+    for step, keys in enumerate(train.step_batches(len(paths), batch, seed, 0, start, steps), start):
         g = torch.Generator().manual_seed(mix(seed, step, 0, 7))
         loss = vae_loss(vae, _crops(paths, images, keys, size), kl, g, stats)
         opt.zero_grad(set_to_none=True)
