@@ -689,6 +689,9 @@ def parse_args(argv=None, **code_only):
         root = os.path.realpath(d)
         if os.path.commonpath([out, root]) == root:
             p.error(f"--out {cfg.out} is inside --data {d}: its images would be trained on; choose another folder")
+    for name in ("null_emb", "neg_emb", "prompt_emb"):   # a mistyped path must not train on the null prompt
+        if getattr(cfg, name) and not os.path.isfile(getattr(cfg, name)):
+            p.error(f"--{name.replace('_', '-')} {getattr(cfg, name)}: no such file")
     return cfg
 
 
@@ -722,8 +725,9 @@ def update(cfg, net, opt, ema, trainable, sync, step):
 
 def log_step(cfg, log, done, start, t0, loss, gnorm, lr, device, extra):
     """One line of log.jsonl per step, a printed line every --log-every steps."""
+    peak = peak_memory_mb(device)   # NaN where the system does not report it
     rec = {"step": done, "loss": loss, "grad_norm": float(gnorm), "lr": lr,
-           "peak_mb": round(peak_memory_mb(device)), **extra}
+           "peak_mb": None if math.isnan(peak) else round(peak), **extra}
     log.write(json.dumps(rec) + "\n")
     log.flush()
     if done % cfg.log_every == 0 or done == cfg.steps:

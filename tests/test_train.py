@@ -466,3 +466,15 @@ def test_distill_cond_drop_trains_the_null_branch_unguided(monkeypatch, target):
         with torch.no_grad():
             expected = mfsr.velocity(teacher)(seen["z"], seen["t"], seen["cond"])
     torch.testing.assert_close(seen["v"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_train_refuses_a_prompt_embedding_path_that_does_not_exist(tmp_path, capsys):
+    """A mistyped --null-emb / --neg-emb / --prompt-emb is an error naming the flag and the path, not a
+    silent run on the zero (null) prompt."""
+    real = tmp_path / "neg.safetensors"
+    real.write_bytes(b"")
+    assert train.parse_args(_TINY + ["--data", "x", "--neg-emb", str(real)]).neg_emb == str(real)
+    for flag in ("--null-emb", "--neg-emb", "--prompt-emb"):
+        with pytest.raises(SystemExit):
+            train.parse_args(_TINY + ["--data", "x", flag, str(tmp_path / "typo.safetensors")])
+        assert f"{flag} {tmp_path / 'typo.safetensors'}: no such file" in capsys.readouterr().err
