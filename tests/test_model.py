@@ -726,3 +726,26 @@ def test_add_lr_stream_turns_sd35_into_a_dit4sr_teacher():
     inp = _inputs(net.cfg)
     with torch.no_grad():
         assert net(**inp).shape == inp["x"].shape
+
+
+def test_save_transformer_diffusers_export_loads_back_equal_and_refuses_unmerged_lora(tmp_path):
+    """save_transformer(layout="diffusers") writes DiT4SR's names (qkv split, last adaLN halves swapped),
+    keeps the recorded config and sampler settings, and loads back to the same network; a LoRA model
+    must be merged first."""
+    torch.manual_seed(0)
+    net = _randomize(MMDiT(replace(CONFIGS["tiny"], time_scale=1.0, lr_key_mode="r1"))).eval()
+    net.sampling = {"tile": 16, "tile_overlap": 6}
+    path = tmp_path / "net.safetensors"
+    model.save_transformer(net, str(path), layout="diffusers")
+    on_disk = load_file(str(path))
+    assert set(on_disk) == set(model.to_diffusers_state_dict(net.state_dict(), net.cfg.depth))
+    assert "transformer_blocks.0.attn.to_q.weight" in on_disk and not any(k.startswith("joint_blocks") for k in on_disk)
+    loaded = model.load_transformer(str(path)).eval()
+    assert loaded.cfg == net.cfg and loaded.sampling == net.sampling
+    inp = _inputs(net.cfg)
+    with torch.no_grad():
+        assert torch.equal(loaded(**inp), net(**inp))
+    with pytest.raises(ValueError, match="merge_lora"):
+        model.save_transformer(model.add_lora(net, rank=2), str(tmp_path / "lora.safetensors"), layout="diffusers")
+    with pytest.raises(ValueError, match="layout must be"):
+        model.save_transformer(net, str(tmp_path / "x.safetensors"), layout="sd3")

@@ -1,9 +1,11 @@
 """Tests of train.py (tiny preset, CPU): the stages end to end, resuming, two processes, the losses, its messages."""
 
+import io
 import json
 import math
 import os
 import re
+import time
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -478,3 +480,16 @@ def test_train_refuses_a_prompt_embedding_path_that_does_not_exist(tmp_path, cap
         with pytest.raises(SystemExit):
             train.parse_args(_TINY + ["--data", "x", flag, str(tmp_path / "typo.safetensors")])
         assert f"{flag} {tmp_path / 'typo.safetensors'}: no such file" in capsys.readouterr().err
+
+
+def test_log_step_writes_null_peak_where_the_system_reports_none(monkeypatch, capsys):
+    """Without /proc (macOS, Windows) sample.peak_memory_mb is NaN: log.jsonl gets peak_mb null, valid
+    JSON, and the printed line still comes; with a figure, peak_mb is its rounded value."""
+    cfg = train.parse_args(_TINY + ["--data", "x", "--steps", "4", "--log-every", "2"])
+    for peak, want in ((float("nan"), None), (123.4, 123)):
+        monkeypatch.setattr(train, "peak_memory_mb", lambda device, p=peak: p)
+        log = io.StringIO()
+        train.log_step(cfg, log, 2, 0, time.time() - 1, 0.5, torch.tensor(1.0), 1e-4, torch.device("cpu"), {})
+        rec = json.loads(log.getvalue(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+        assert rec["peak_mb"] == want and rec["step"] == 2
+        assert f"peak {want} MB" in capsys.readouterr().out
