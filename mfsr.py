@@ -24,6 +24,18 @@ weights cannot reproduce the noise it was given, as predicting eps - x0 at high 
 every error it makes there stays in the sample as noise; predicting x, its errors are blur. Then
     v(z_t, t) = (x - z_t) / (1 - t),   u(z_t, t, s) = (x(z_t, t, s) - z_t) / (1 - t),
 so one student step from t = 0 lands on z_1 = x exactly; 1 - t is clamped at X_PRED_MIN_SIGMA.
+
+Time embedding (§4.4). A network sees c_noise = time_scale * (1 - t) through sinusoids of up to 1 rad
+per unit c_noise, so the JVP's time term factors as d_t u = dc_noise/dt * demb/dc_noise * du/demb.
+With SD3's c_noise = 1000 t the first factor is 1000 and the features ripple at up to 1000 rad per
+unit t: du/dt then measures the embedding's ripple, not the flow, and Eq. 12's target points
+nowhere useful (the miniature's former 1000 t student: time term 2.58 against a secant of 0.14-0.37
+over h = 0.1; `dudt_terms` logs both). Hence the paper's student c_noise = t. The miniature's
+teacher is trained with c_noise = t as well, so its student starts as its teacher. A teacher that
+cannot be retrained (SD3.5 / DiT4SR, 1000 t) leaves two choices: the paper's, a student at t whose
+t-embedder relearns time, or, beyond the paper, a student that keeps 1000 t with its time features
+above a cutoff dropped (MMDiTConfig.time_cutoff, e.g. 20 rad per unit t): it starts near its teacher
+and its du/dt is the flow's (docs/miniature.md measures what the cut changes in the teacher).
 """
 import math
 
@@ -90,15 +102,37 @@ def average_velocity(net):
 # §4.4: time sampling
 
 
-def sample_times(batch, ratio=0.5, generator=None, device=None):
+TIME_PAIRS = ("uniform", "to-data", "logit-normal")
+
+
+def sample_times(batch, ratio=0.5, generator=None, device=None, pairs="uniform", max_gap=1.0):
     """t ~ U[0, 1], s | t ~ U[t, 1]; a share `ratio` of the rows has s != t (App. F, Table 4),
     the rest s = t. The count is ratio * batch rounded stochastically (exact on average, and
     fixed when ratio * batch is whole, which keeps shapes static for compile); those rows come
-    first. Returns (t, s), each (B,)."""
+    first. Returns (t, s), each (B,).
+
+    Beyond the paper, other draws of the s != t rows (docs/miniature.md has their scans):
+      pairs "to-data": every other one of them jumps to the data, s = 1, t ~ U[0, 1]: the one-step
+        sampler's jump (0, 1) is such a pair, and its MeanFlow target at (t, 1) uses u(., t', 1)
+        near t, which the paper's draw visits rarely (t < 0.1 and s > 0.9: 0.5 % of its pairs);
+      pairs "logit-normal": py-meanflow's: two noise levels sigmoid(N(-0.4, 1)), sorted;
+      max_gap < 1: s - t at most max_gap (t raised to s - max_gap): a short-to-long curriculum
+        (Kim et al. 2025, AlphaFlow) raises it to 1 over the training (train.py --gap-ramp)."""
+    if pairs not in TIME_PAIRS:
+        raise ValueError(f"pairs must be one of {', '.join(TIME_PAIRS)}, got {pairs!r}")
     r = torch.rand(2 * batch + 1, generator=generator, device=device)
     t, u01 = r[:batch], r[batch:2 * batch]
     n_neq = min(batch, math.floor(ratio * batch + r[-1].item()))
     s = t + (1 - t) * u01
+    if pairs == "to-data":
+        s = torch.where(torch.arange(batch, device=s.device) % 2 == 0, torch.ones_like(s), s)
+    elif pairs == "logit-normal":
+        noise = torch.sigmoid(torch.randn(2, batch, generator=generator, device=device) - 0.4)
+        t_ln, s_ln = 1 - noise.max(0).values, 1 - noise.min(0).values       # t = 0 is noise
+        t = torch.cat([t_ln[:n_neq], t[n_neq:]])
+        s = s_ln
+    if max_gap < 1:
+        t = torch.cat([torch.maximum(t[:n_neq], s[:n_neq] - max_gap), t[n_neq:]])
     s = torch.cat([s[:n_neq], t[n_neq:]])
     return t, s
 
@@ -211,6 +245,30 @@ def meanflow_target(u_fn, z_t, t, s, v, cond=None, mode="split", u_fn_jvp=None):
     if len(same):
         u = u.index_put((same,), u_on(same).to(u.dtype))
     return u, u_tgt.detach()
+
+
+def dudt_terms(u_fn, z_t, t, s, v, cond=None, h=0.1):
+    """Where Eq. 8's du/dt = J_z u . v + d_t u comes from, on the rows with s != t: the JVP's noise
+    term (tangents (v, 0, 0)) and time term ((0, 1, 0)), and secants over h of the same: of the
+    time term (u(z, t + h, s) - u(z, t, s)) / h, and of du/dt along the flow (u(z + h v, t + h, s)
+    - u(z, t, s)) / h (h < 0 on rows where t + h > 1). Each an RMS per row, averaged over the rows
+    (an empty dict without such rows). The time term is ∂c_noise/∂t · ∂emb/∂c_noise · ...: with
+    c_noise = 1000 t it measures the embedding's ripple, far above its secant (§4.4)."""
+    rows = (s != t).nonzero().squeeze(1)
+    if not len(rows):
+        return {}
+    z, t, s, v = z_t[rows], t[rows], s[rows], v[rows].to(z_t)
+    c = None if cond is None else tuple(x[rows] for x in cond)
+    f = (lambda z_, t_, s_: u_fn(z_, t_, s_)) if c is None else (lambda z_, t_, s_: u_fn(z_, t_, s_, c))
+    rms = lambda x: float(x.float().flatten(1).pow(2).mean(1).sqrt().mean())      # noqa: E731
+    with torch.no_grad():
+        u0, d_noise = jvp(f, (z, t, s), (v, torch.zeros_like(t), torch.zeros_like(s)))
+        _, d_time = jvp(f, (z, t, s), (torch.zeros_like(z), torch.ones_like(t), torch.zeros_like(s)))
+        hh = torch.where(t + h <= 1, h, -h).to(t)
+        sec_time = (f(z, t + hh, s) - u0) / _bc(hh, z)
+        sec_flow = (f(z + _bc(hh, z) * v, t + hh, s) - u0) / _bc(hh, z)
+    return {"dudt_time": rms(d_time), "dudt_noise": rms(d_noise), "dudt_jvp": rms(d_time + d_noise),
+            "dudt_secant_time": rms(sec_time), "dudt_secant": rms(sec_flow)}
 
 
 # --------------------------------------------------------------------------------------------

@@ -57,6 +57,8 @@ class MMDiTConfig:
     ff_inject: float = 1.2             # DiT4SR's factor on the LR conv injected into the MLP (ARCH §3.4)
     two_times: bool = False            # MFSR student: adds the s-embedder (§4.2)
     time_scale: float = 1000.0         # c_noise(sigma) = time_scale * sigma; MFSR student: 1 (§4.4)
+    time_cutoff: float = 0.0           # > 0: time features above this many rad per unit sigma dropped
+                                       # (a student of a 1000 sigma teacher; not the paper's, mfsr.py top)
     prediction: str = "v"              # output: "v" SD3's eps - x0; "x" x0 - z_LR (miniature; mfsr.py converts)
 
     def __post_init__(self):
@@ -107,13 +109,16 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
-def timestep_embedding(t, dim=256, max_period=10000.0):
-    """Sinusoidal features of t (B,) -> (B, dim), cos first (ARCH §2.2 step 3), in >= fp32."""
+def timestep_embedding(t, dim=256, max_period=10000.0, max_freq=None):
+    """Sinusoidal features of t (B,) -> (B, dim), cos first (ARCH §2.2 step 3), in >= fp32.
+    max_freq: features of a higher frequency (rad per unit of t) are zero, as if the next layer's
+    columns for them were cut (a low-passed embedding, see MMDiTConfig.time_cutoff)."""
     half = dim // 2
     dtype = torch.promote_types(t.dtype, torch.float32)
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
     args = t.to(dtype)[:, None] * freqs[None]                                     # (B, half)
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return emb if max_freq is None else emb * (freqs <= max_freq).repeat(2).to(dtype)
 
 
 class VectorEmbedder(nn.Module):
@@ -129,8 +134,8 @@ class TimestepEmbedder(VectorEmbedder):
     def __init__(self, hidden):
         super().__init__(256, hidden)      # over timestep_embedding's 256 features
 
-    def forward(self, t):
-        return self.mlp(timestep_embedding(t).to(self.mlp[0].weight.dtype))
+    def forward(self, t, max_freq=None):
+        return self.mlp(timestep_embedding(t, max_freq=max_freq).to(self.mlp[0].weight.dtype))
 
 
 class PatchEmbed(nn.Module):
@@ -420,9 +425,10 @@ class MMDiT(nn.Module):
         pos = self.cropped_pos_embed(*grid)
         x_tok = self.x_embedder(x) + pos                                           # (B, K, D)
         lr_tok = self.x_embedder(lr) + pos if lr is not None else None           # (B, K, D)
-        c = self.t_embedder(cfg.time_scale * sigma) + self.y_embedder(pooled)    # (B, D)
+        low = cfg.time_cutoff / cfg.time_scale if cfg.time_cutoff > 0 else None  # per unit of c_noise
+        c = self.t_embedder(cfg.time_scale * sigma, low) + self.y_embedder(pooled)  # (B, D)
         if cfg.two_times:
-            c = c + self.s_embedder(cfg.time_scale * sigma_s)
+            c = c + self.s_embedder(cfg.time_scale * sigma_s, low)
         ctx = self.context_embedder(context)                                       # (B, M, D)
         for block in self.joint_blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
@@ -537,11 +543,12 @@ def add_lr_stream(net: MMDiT) -> MMDiT:
 
 
 def make_student(teacher: MMDiT, time_scale: float = 1.0, lora_rank: int = 64,
-                 lora_alpha: float | None = None) -> MMDiT:
+                 lora_alpha: float | None = None, time_cutoff: float = 0.0) -> MMDiT:
     """MFSR Alg. 1 lines 1-2: the student is the teacher plus an s-embedder and LoRA, both zero at
-    init (so with the teacher's time_scale it equals the teacher for every s). Frozen weights are
-    shared with the teacher; the ones the student trains are cloned, so the teacher stays fixed."""
-    cfg = replace(teacher.cfg, two_times=True, time_scale=time_scale)
+    init (so with the teacher's time_scale it equals the teacher for every s; with a time_cutoff, the
+    low-passed teacher). Frozen weights are shared with the teacher; the ones the student trains
+    are cloned, so the teacher stays fixed."""
+    cfg = replace(teacher.cfg, two_times=True, time_scale=time_scale, time_cutoff=time_cutoff)
     w = next(teacher.parameters())
     new_t = time_scale != teacher.cfg.time_scale
     sd = {k: v.detach().clone() if "control" in k or (new_t and k.startswith("t_embedder.")) else v.detach()
@@ -783,7 +790,7 @@ def checkpoint_config(path, **overrides):
     if set(overrides) - known:
         raise TypeError(f"unknown config overrides {sorted(set(overrides) - known)}; known: {sorted(known)}")
     saved = src.config("mfsr_config")
-    told = {k: saved[k] for k in ("lr_key_mode", "ff_inject", "time_scale", "prediction") if k in saved}
+    told = {k: saved[k] for k in ("lr_key_mode", "ff_inject", "time_scale", "time_cutoff", "prediction") if k in saved}
     return replace(_infer_config(src), **{**told, **overrides}), src
 
 

@@ -482,3 +482,82 @@ def test_eq11_w_is_the_samplers_cfg_scale_minus_one():
                               w=mfsr.eq11_w(scale))
     assert mfsr.eq11_w(scale) == 1.5
     torch.testing.assert_close(z1, z0 + (sig[0] - sig[1]).item() * v, rtol=1e-5, atol=1e-5)
+
+
+def _two_time_net(time_scale, time_cutoff=0.0):
+    """A random tiny student in fp32 (the precision training runs in), LR stream, given time scale."""
+    torch.manual_seed(0)
+    net = MMDiT(replace(CONFIGS["tiny"], two_times=True, time_scale=time_scale, time_cutoff=time_cutoff))
+    return _randomize(net).eval()
+
+
+@pytest.mark.parametrize("time_scale, time_cutoff, agrees", [(1.0, 0.0, True), (1000.0, 0.0, False),
+                                                              (1000.0, 20.0, True)])
+def test_jvp_du_dt_agrees_with_a_central_difference_only_for_a_smooth_time_embedding(time_scale, time_cutoff,
+                                                                                        agrees):
+    """§4.4: du/dt as the trainer computes it (meanflow_target's JVP, fp32) against a central
+    difference along the flow at h = 1e-2. With c_noise = t (or 1000 t low-passed at 20 rad per
+    unit t) they agree within 20 %; with SD3's 1000 t the embedding ripples faster than h resolves
+    and the JVP's du/dt is the ripple's slope, not the flow's."""
+    net = _two_time_net(time_scale, time_cutoff)
+    g = torch.Generator().manual_seed(1)
+    B = 6
+    z, v, z_lr = (torch.randn(B, 16, 8, 8, generator=g) for _ in range(3))
+    cond = (z_lr, torch.randn(B, 32, generator=g), torch.randn(B, 4, 64, generator=g))
+    t = torch.rand(B, generator=g) * 0.6 + 0.1
+    s = t + 0.2
+    u = mfsr.average_velocity(net)
+    with torch.no_grad():
+        _, u_tgt = mfsr.meanflow_target(u, z, t, s, v, cond=cond)
+        dudt = (u_tgt - v) / (s - t).view(-1, 1, 1, 1)
+        h = 1e-2
+        fd = (u(z + h * v, t + h, s, cond) - u(z - h * v, t - h, s, cond)) / (2 * h)
+    err = ((dudt - fd).flatten(1).norm(dim=1) / fd.flatten(1).norm(dim=1)).max().item()
+    assert (err < 0.2) == agrees, err
+
+
+def test_dudt_terms_split_the_jvp_and_see_the_ripple():
+    """dudt_terms: time + noise terms are the JVP's du/dt (the tangent is linear); the time term's
+    secant over h = 0.1 is near the time term for c_noise = t and far below it for 1000 t."""
+    g = torch.Generator().manual_seed(2)
+    B = 4
+    z, v, z_lr = (torch.randn(B, 16, 8, 8, generator=g) for _ in range(3))
+    cond = (z_lr, torch.randn(B, 32, generator=g), torch.randn(B, 4, 64, generator=g))
+    t = torch.tensor([0.1, 0.3, 0.5, 0.95])
+    s = torch.tensor([0.6, 0.3, 0.9, 1.0])          # one row with s = t: left out
+    ratio = {}
+    for scale in (1.0, 1000.0):
+        u = mfsr.average_velocity(_two_time_net(scale))
+        d = mfsr.dudt_terms(u, z, t, s, v, cond=cond)
+        rows = torch.tensor([0, 2, 3])
+        with torch.no_grad():
+            _, u_tgt = mfsr.meanflow_target(u, z[rows], t[rows], s[rows], v[rows], cond=tuple(c[rows] for c in cond))
+        dudt = (u_tgt - v[rows]) / (s - t)[rows].view(-1, 1, 1, 1)
+        rms = dudt.flatten(1).pow(2).mean(1).sqrt().mean().item()
+        assert d["dudt_jvp"] == pytest.approx(rms, rel=1e-4)
+        assert d["dudt_time"] > 0 and d["dudt_noise"] > 0 and d["dudt_secant"] > 0
+        ratio[scale] = d["dudt_time"] / d["dudt_secant_time"]
+    assert 0.5 < ratio[1.0] < 2 and ratio[1000.0] > 5, ratio
+    assert mfsr.dudt_terms(u, z, t, t, v, cond=cond) == {}
+
+
+def test_time_pair_options():
+    g = lambda: torch.Generator().manual_seed(3)                                     # noqa: E731
+    for pairs in mfsr.TIME_PAIRS:
+        t, s = mfsr.sample_times(4000, ratio=0.75, generator=g(), pairs=pairs)
+        assert (t >= 0).all() and (s <= 1).all() and (s >= t).all()
+        assert (s[:3000] != t[:3000]).all() and (s[3000:] == t[3000:]).all()        # the ratio holds
+    t, s = mfsr.sample_times(4000, ratio=0.75, generator=g(), pairs="to-data")
+    assert (s[:3000:2] == 1).all() and (s[1:3000:2] < 1).all()                       # every other row jumps to data
+    corner = lambda t, s: ((t < 0.1) & (s > 0.9)).float().mean().item()               # noqa: E731
+    assert corner(t, s) > 3 * corner(*mfsr.sample_times(4000, 0.75, g()))           # the one-step corner: ~5x
+    t, s = mfsr.sample_times(4000, ratio=0.75, generator=g(), pairs="logit-normal")
+    noise = 1 - t[:3000]                                                             # sigmoid(N(-0.4, 1)) max of two
+    assert abs(torch.logit(1 - s[:3000]).mean().item() - torch.logit(noise).mean().item()) > 0.5
+    for pairs in mfsr.TIME_PAIRS:
+        t, s = mfsr.sample_times(4000, ratio=1.0, generator=g(), pairs=pairs, max_gap=0.25)
+        assert (s - t <= 0.25 + 1e-6).all() and (s - t).max() > 0.2
+    a, b = mfsr.sample_times(64, 0.5, g()), mfsr.sample_times(64, 0.5, g(), pairs="uniform", max_gap=1.0)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])                       # the paper's draw unchanged
+    with pytest.raises(ValueError, match="pairs must be one of"):
+        mfsr.sample_times(4, pairs="corner")

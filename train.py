@@ -74,10 +74,16 @@ class TrainConfig:
     lr: float = 5e-5                # Adam (distill, App. B); teacher stage: AdamW like DiT4SR
     lr_decay: str = "none"          # none (constant, as the paper) | cosine (to 0 at --steps; the tiny VAE)
     lora_rank: int = 64             # distill: rank of the student's LoRA (App. B)
-    time_scale: float = 1.0         # student's c_noise(t) = time_scale * t (§4.4: 1; the teacher's is 1000)
+    time_scale: float = 1.0         # c_noise(t) = time_scale * t of the student (§4.4: 1; SD3.5's teacher: 1000)
+                                    # and of a tiny teacher trained from scratch
+    time_cutoff: float = 0.0        # distill: drop the student's time features above this many rad per unit t
+                                    # (0: none; for a 1000 t teacher that cannot be retrained, not the paper's)
     ratio: float = 0.5              # share of rows with s != t (Table 4)
     warmup: int = 0                 # distill: first steps at ratio 0 (s = t: the rescaled time embedding
                                     # fitted to the teacher's velocity before the MeanFlow target)
+    time_pairs: str = "uniform"     # distill: how the s != t pairs are drawn (mfsr.sample_times; uniform is the paper's)
+    gap_ramp: int = 0               # distill: s - t at most (steps after --warmup) / gap_ramp, a short-to-long
+                                    # curriculum (0: no cap)
     target: str = "neg"             # teacher velocity: gt | meanflow | null | neg (Table 3)
     cfg_w: float = 6.0              # w of Eq. 9 / 10 / 11 (a sampler's standard CFG scale is w + 1: mfsr.eq11_w)
     time_shift: float = mfsr.SD35_SHIFT   # teacher stage: SD3's shift of the logit-normal sigma (3 as SD3.5, 1 none)
@@ -319,7 +325,8 @@ def build_models(cfg, device):
             torch.manual_seed(cfg.seed)
             t = model.CONFIGS["tiny"]
             net = model.MMDiT(replace(t, depth=cfg.depth or t.depth, heads=cfg.heads or t.heads,
-                                      prediction=cfg.prediction) if tiny else model.CONFIGS["dit4sr"])
+                                      prediction=cfg.prediction, time_scale=cfg.time_scale)
+                              if tiny else model.CONFIGS["dit4sr"])
         dead = set(model.dead_lr_params(net))
         for name, p in net.named_parameters():      # DiT4SR trains only the control layers
             p.requires_grad_(name not in dead and ("control" in name or (tiny and not cfg.ckpt)))
@@ -335,7 +342,8 @@ def build_models(cfg, device):
     if not teacher.cfg.lr_stream or teacher.cfg.two_times:
         raise SystemExit(f"error: --teacher {cfg.teacher}: needs a one-time model with the LR stream")
     teacher = teacher.to(device).eval()
-    student = model.make_student(teacher, lora_rank=cfg.lora_rank, time_scale=cfg.time_scale)
+    student = model.make_student(teacher, lora_rank=cfg.lora_rank, time_scale=cfg.time_scale,
+                                 time_cutoff=cfg.time_cutoff)
     teacher.requires_grad_(False)
     return student, teacher, vae
 
@@ -392,15 +400,18 @@ def _with_rows(context, pooled, rows, emb):
     return torch.where(rows[:, None, None], e, context), torch.where(rows[:, None], emb[1][None].to(pooled), pooled)
 
 
-def distill_loss(student, raw_student, teacher, z_hr, z_lr, context, pooled, null, neg, cfg, g, log=None, step=0):
+def distill_loss(student, raw_student, teacher, z_hr, z_lr, context, pooled, null, neg, cfg, g, log=None, step=0,
+                 diagnose=False):
     """MFSR Alg. 1: t, s; z_t; the teacher's CFG velocity; the MeanFlow target by JVP; the loss.
-    log: a dict that gets the step's jvp_term (see mfsr.mfd_loss), the largest over micro-batches.
+    log: a dict that gets the step's jvp_term (see mfsr.mfd_loss), the largest over micro-batches,
+    and with `diagnose` du/dt's time and noise terms and their secants (mfsr.dudt_terms).
     During the first cfg.warmup steps every row has s = t (no JVP). A share cfg.cond_drop of the rows
     gets the null prompt and the unguided velocity as target (MeanFlow's condition dropout: it
     trains u(. | null), which Eq. 9's target calls)."""
     B = z_hr.shape[0]
     ratio = 0.0 if step < cfg.warmup else cfg.ratio
-    t, s = (x.to(z_hr) for x in mfsr.sample_times(B, ratio, g))
+    gap = min(1.0, (step - cfg.warmup + 1) / cfg.gap_ramp) if cfg.gap_ramp else 1.0
+    t, s = (x.to(z_hr) for x in mfsr.sample_times(B, ratio, g, pairs=cfg.time_pairs, max_gap=gap))
     eps = torch.randn(z_hr.shape, generator=g).to(z_hr)
     z_t = t.view(-1, 1, 1, 1) * z_hr + (1 - t.view(-1, 1, 1, 1)) * eps
     drop = torch.zeros(B, dtype=torch.bool, device=z_hr.device)
@@ -423,6 +434,8 @@ def distill_loss(student, raw_student, teacher, z_hr, z_lr, context, pooled, nul
                             u_fn_jvp=mfsr.average_velocity(raw_student), scale=mfsr.error_scale(raw_student, t))
     if log is not None:
         log["jvp_term"] = max(log.get("jvp_term", 0.0), res["jvp_term"])
+        if diagnose:
+            log.update(mfsr.dudt_terms(mfsr.average_velocity(raw_student), z_t, t, s, v, cond=c))
     return res["loss"], res["n_nonfinite"]
 
 
@@ -613,15 +626,17 @@ def save_grid(path, vae, net, stage, batch, z_lr, null):
 
 CHOICES = dict(stage=("distill", "teacher"), preset=("full", "tiny"), target=("gt", "meanflow", "null", "neg"),
                loss=tuple(mfsr.LOSSES), mode=("split", "fused"), dtype=("bf16", "fp16", "fp32"),
-               teacher_mode=("v1", "r1"), lr_decay=("none", "cosine"), prediction=("v", "x"))
+               teacher_mode=("v1", "r1"), lr_decay=("none", "cosine"), prediction=("v", "x"),
+               time_pairs=mfsr.TIME_PAIRS)
 # Settings only the miniature and the sweeps use (experiments/): they pass them to main() in code,
 # and the command line, which a full-scale run reads, does not carry them.
 CODE_ONLY = ("cache_latents", "clean_prob", "plain_gt", "neg_prob", "depth", "heads", "prediction")
 FLAG_GROUPS = {   # --help's sections, each flag in one
     "data": ("data", "size", "null_emb", "neg_emb", "prompt_emb"),
-    "model": ("preset", "ckpt", "teacher", "teacher_mode", "vae", "untrained_vae", "lora_rank", "time_scale"),
-    "stage": ("stage", "target", "cfg_w", "kappa", "cond_drop", "ratio", "warmup", "loss", "time_shift",
-              "caption_dropout"),
+    "model": ("preset", "ckpt", "teacher", "teacher_mode", "vae", "untrained_vae", "lora_rank", "time_scale",
+              "time_cutoff"),
+    "stage": ("stage", "target", "cfg_w", "kappa", "cond_drop", "ratio", "warmup", "time_pairs", "gap_ramp",
+              "loss", "time_shift", "caption_dropout"),
     "optimisation": ("batch", "accum", "steps", "lr", "lr_decay", "grad_clip", "ema", "seed", "max_bad"),
     "checkpoints and logs": ("out", "resume", "save_every", "keep", "log_every", "sample_every"),
     "distributed and speed (torchrun runs one process per GPU; every flag is per process)":
@@ -674,6 +689,8 @@ def parse_args(argv=None, **code_only):
         p.error("--data is required (a folder of HR images)")
     if cfg.size == 0:
         cfg.size = 64 if cfg.preset == "tiny" else 512
+    if cfg.gap_ramp < 0 or cfg.time_cutoff < 0:
+        p.error(f"--gap-ramp {cfg.gap_ramp}, --time-cutoff {cfg.time_cutoff}: must be >= 0")
     if not cfg.time_shift > 0:
         p.error(f"--time-shift {cfg.time_shift}: must be > 0 (SD3's sigma shift; 1 is none)")
     if (cfg.depth or cfg.heads or cfg.prediction != "v") and not (cfg.preset == "tiny" and cfg.stage == "teacher"
@@ -734,7 +751,9 @@ def log_step(cfg, log, done, start, t0, loss, gnorm, lr, device, extra):
         rate = (done - start) / (time.time() - t0)
         print(f"step {done}/{cfg.steps}  loss {loss:.4f}  grad {float(gnorm):.3f}  "
               f"{rate:.2f} it/s  ETA {(cfg.steps - done) / max(rate, 1e-9) / 60:.1f} min  "
-              f"peak {rec['peak_mb']} MB", flush=True)
+              f"peak {rec['peak_mb']} MB" + (f"  du/dt: time {extra['dudt_time']:.3g} (secant "
+              f"{extra['dudt_secant_time']:.3g}), noise {extra['dudt_noise']:.3g}" if "dudt_time" in extra else ""),
+              flush=True)
 
 
 def main(argv=None, **code_only):
@@ -793,7 +812,9 @@ def main(argv=None, **code_only):
                 if cfg.stage == "teacher":
                     loss, _ = teacher_loss(run, *args, cfg, g, neg=neg)
                 else:
-                    loss, _ = distill_loss(run, net, teacher, *args, neg, cfg, g, log=extra, step=step)
+                    loss, _ = distill_loss(run, net, teacher, *args, neg, cfg, g, log=extra, step=step,
+                                           diagnose=a == 0 and ((step + 1) % cfg.log_every == 0
+                                                                        or step + 1 == cfg.steps))
             if any_rank(sync, loss is None or not torch.isfinite(loss)):   # ranks skip together
                 loss_sum = None
                 break

@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import math
 import os
 import re
 from dataclasses import replace
@@ -554,6 +555,32 @@ def test_student_from_teacher_reproduces_teacher_for_any_s():
     assert student.get_parameter(c).data_ptr() != teacher.get_parameter(c).data_ptr()
     b = "joint_blocks.0.x_block.mlp.fc1.weight"
     assert student.get_parameter(b).data_ptr() == teacher.get_parameter(b).data_ptr()
+
+
+def test_time_cutoff_low_passes_the_embedding_and_round_trips(tmp_path):
+    """time_cutoff (a 1000 t teacher's student, beyond the paper): the features above the cutoff
+    are zero, exactly as if the t-embedder's columns for them were cut; a student made with it
+    starts as the low-passed teacher for every s; the file records it."""
+    t = torch.tensor([0.0, 0.3, 0.9]) * 1000
+    full, low = model.timestep_embedding(t), model.timestep_embedding(t, max_freq=20 / 1000)
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(128) / 128).repeat(2)
+    assert torch.equal(low[:, freqs <= 0.02], full[:, freqs <= 0.02]) and (low[:, freqs > 0.02] == 0).all()
+    assert 0 < int((freqs > 0.02).sum()) < 256
+    torch.manual_seed(0)
+    teacher = _randomize(MMDiT(CONFIGS["tiny"])).eval()
+    cut = MMDiT(replace(CONFIGS["tiny"], time_cutoff=20.0)).eval()
+    cut.load_state_dict(teacher.state_dict())
+    with torch.no_grad():                           # the same as cutting the first layer's columns
+        teacher.t_embedder.mlp[0].weight[:, freqs > 0.02] = 0
+    student = model.make_student(cut, time_scale=1000.0, lora_rank=4, time_cutoff=20.0).eval()
+    inp = _inputs(student.cfg)
+    with torch.no_grad():
+        ref = teacher(inp["x"], inp["sigma"], inp["pooled"], inp["context"], lr=inp["lr"])
+        assert torch.allclose(cut(inp["x"], inp["sigma"], inp["pooled"], inp["context"], lr=inp["lr"]), ref, atol=1e-6)
+        for s in (inp["sigma_s"], torch.ones(2)):
+            assert torch.allclose(student(**{**inp, "sigma_s": s}), ref, atol=1e-6)
+    model.save_transformer(student, str(tmp_path / "s.safetensors"))
+    assert model.load_transformer(str(tmp_path / "s.safetensors")).cfg.time_cutoff == 20.0
 
 
 def test_trainable_set_counts():

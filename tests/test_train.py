@@ -63,6 +63,7 @@ def test_train_tiny_teacher_then_distill_end_to_end(tmp_path):
     logs = [json.loads(line) for line in (s_out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in logs)
     assert all(math.isfinite(r["jvp_term"]) and r["jvp_term"] >= 0 for r in logs)
+    assert "dudt_time" not in logs[0] and logs[-1]["dudt_secant"] > 0   # du/dt's terms on printed steps, the last
     # sample.py takes the export as it is: student, the VAE and the prompt embedding beside it
     from PIL import Image as PILImage
     PILImage.fromarray((torch.rand(12, 10, 3) * 255).byte().numpy()).save(tmp_path / "lr.png")
@@ -420,7 +421,7 @@ def test_distill_warmup_steps_have_every_row_at_s_equal_t(monkeypatch):
     """--warmup N: the first N steps sample times at ratio 0 (no s != t rows, no JVP), then cfg.ratio."""
     seen = []
     real = mfsr.sample_times
-    monkeypatch.setattr(mfsr, "sample_times", lambda B, ratio, g: seen.append(ratio) or real(B, ratio, g))
+    monkeypatch.setattr(mfsr, "sample_times", lambda B, ratio, g, **kw: seen.append(ratio) or real(B, ratio, g, **kw))
     cfg = train.parse_args(["--data", "data", "--out", "/nonexistent/out", "--preset", "tiny", "--warmup", "2",
                             "--ratio", "0.5", "--target", "gt"])
     torch.manual_seed(0)
@@ -437,6 +438,32 @@ def test_distill_warmup_steps_have_every_row_at_s_equal_t(monkeypatch):
         logs.append(log["jvp_term"])
     assert seen == [0.0, 0.0, 0.5, 0.5]
     assert logs[0] == logs[1] == 0.0 and logs[2] > 0 and logs[3] > 0
+
+
+def test_distill_time_pairs_gap_ramp_and_the_du_dt_diagnostic_reach_the_step(monkeypatch):
+    """--time-pairs and --gap-ramp (the cap on s - t rises by 1 / gap_ramp a step after --warmup)
+    reach mfsr.sample_times; a diagnosed step logs du/dt's terms, the others do not."""
+    seen = []
+    real = mfsr.sample_times
+    monkeypatch.setattr(mfsr, "sample_times", lambda B, ratio, g, **kw: seen.append(kw) or real(B, ratio, g, **kw))
+    cfg = train.parse_args(["--data", "data", "--out", "/nonexistent/out", "--preset", "tiny", "--warmup", "1",
+                            "--time-pairs", "to-data", "--gap-ramp", "4", "--ratio", "1", "--target", "gt"])
+    torch.manual_seed(0)
+    student = model.make_student(MMDiT(CONFIGS["tiny"]).eval(), lora_rank=4)
+    z = torch.randn(2, 16, 8, 8)
+    ctx, pooled, null = torch.randn(2, 4, 64), torch.randn(2, 32), (torch.zeros(1, 64), torch.zeros(32))
+    logs = []
+    for step in range(4):
+        logs.append({})
+        train.distill_loss(student, student, None, z, z, ctx, pooled, null, null, cfg,
+                           torch.Generator().manual_seed(step), log=logs[-1], step=step, diagnose=step == 3)
+    assert [k["pairs"] for k in seen] == ["to-data"] * 4 and [k["max_gap"] for k in seen][1:] == [0.25, 0.5, 0.75]
+    keys = {"dudt_time", "dudt_noise", "dudt_jvp", "dudt_secant_time", "dudt_secant"}
+    assert keys <= set(logs[3]) and all(math.isfinite(logs[3][k]) and logs[3][k] > 0 for k in keys)
+    assert not keys & set(logs[2])
+    for bad in (["--time-pairs", "corner"], ["--gap-ramp", "-1"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--data", "data", "--preset", "tiny", *bad])
 
 
 @pytest.mark.parametrize("target", ["meanflow", "neg"])
