@@ -363,18 +363,32 @@ def sd3_sigmas(steps=40, shift=SD35_SHIFT, device=None):
     return torch.cat([sh(grid), torch.zeros(1, dtype=torch.float64)]).to(device)
 
 
+def uniform_sigmas(steps, device=None):
+    """Alg. 2's uniform grid tau_i = i / N as SD3 sigmas 1 - tau_i: the teacher's Euler on the
+    student's grid, the fair comparison for the student's 2 and 4 steps."""
+    return torch.linspace(1, 0, steps + 1, dtype=torch.float64, device=device)
+
+
 @torch.no_grad()
-def sample_teacher(net, z_lr, cond, cond_neg, steps=40, cfg=DIT4SR_CFG, shift=SD35_SHIFT, generator=None):
+def sample_teacher(net, z_lr, cond, cond_neg, steps=40, cfg=DIT4SR_CFG, shift=SD35_SHIFT, generator=None,
+                   grid="shifted", noise=None):
     """The teacher's Euler sampler with CFG on the SD3.5 shifted schedule (DiT4SR's recipe:
     40 steps, CFG 8, batch order [negative, positive]): v = v_neg + cfg (v_c - v_neg).
-    cond, cond_neg: (pooled, context) pairs."""
-    z = torch.randn(z_lr.shape, generator=generator, device=z_lr.device, dtype=z_lr.dtype)
+    cond, cond_neg: (pooled, context) pairs. grid "uniform": uniform_sigmas instead.
+    noise: the starting z_0 (default: drawn from `generator`)."""
+    z = torch.randn(z_lr.shape, generator=generator, device=z_lr.device, dtype=z_lr.dtype) if noise is None else noise
     B = z.shape[0]
     c = (torch.cat([z_lr, z_lr]), torch.cat([cond_neg[0], cond[0]]), torch.cat([cond_neg[1], cond[1]]))
     v_fn = velocity(net)
-    sig = sd3_sigmas(steps, shift, z.device)
+    if grid not in ("shifted", "uniform"):
+        raise ValueError(f"grid must be 'shifted' or 'uniform', got {grid!r}")
+    sig = sd3_sigmas(steps, shift, z.device) if grid == "shifted" else uniform_sigmas(steps, z.device)
     for i in range(steps):
         t = torch.full((2 * B,), 1 - sig[i].item(), device=z.device, dtype=z.dtype)
-        v_neg, v_c = v_fn(torch.cat([z, z]), t, c).chunk(2)
-        z = z + (sig[i] - sig[i + 1]).item() * (v_neg + cfg * (v_c - v_neg))   # dt = -(dsigma)
+        if cfg == 1:        # v_neg + 1 (v_c - v_neg) = v_c: the negative branch is not needed
+            v = v_fn(z, t[:B], tuple(x[B:] for x in c))
+        else:
+            v_neg, v_c = v_fn(torch.cat([z, z]), t, c).chunk(2)
+            v = v_neg + cfg * (v_c - v_neg)
+        z = z + (sig[i] - sig[i + 1]).item() * v                                # dt = -(dsigma)
     return z

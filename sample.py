@@ -153,14 +153,14 @@ def pad_to(x, multiple):
 @torch.no_grad()
 def upscale(img, net, vae, cond, steps=1, *, teacher=False, cond_neg=None, cfg=DEFAULTS["cfg"],
             shift=DEFAULTS["shift"], seed=0, tile=DEFAULTS["tile"], tile_overlap=DEFAULTS["tile_overlap"],
-            color_fix="adain", vae_tile=None, progress=None):
+            color_fix="adain", vae_tile=None, progress=None, grid="shifted"):
     """x4 super-resolution of img (1, 3, H, W) in [0, 1] -> (1, 3, 4H, 4W) float32 in [0, 1], on CPU.
 
     net: a student (cfg.two_times) or, with teacher=True, a one-time teacher with the LR stream;
     both must be on the device and in the dtype wanted. cond = (pooled (1, P), context (1, L, D)),
     cond_neg likewise (the teacher's CFG negative, default cond). steps: uniform student steps
     (Alg. 2) or the teacher's Euler steps with guidance `cfg` on SD3's grid shifted by `shift`
-    (the shift its training used). tile / tile_overlap: latent tiles.
+    (the shift its training used; grid "uniform": Alg. 2's grid). tile / tile_overlap: latent tiles.
     vae_tile: passed to vae.encode / decode (None: vae.py decides by size, 0: never).
     progress: a Progress (or None), told the phases and every tile's network call."""
     assert img.ndim == 4 and img.shape[:2] == (1, 3), f"img must be (1, 3, H, W), got {tuple(img.shape)}"
@@ -185,7 +185,7 @@ def upscale(img, net, vae, cond, steps=1, *, teacher=False, cond_neg=None, cfg=D
         L = max(context.shape[1], context_neg.shape[1])     # zero-pad the shorter context so CFG can batch them
         pad = lambda ctx: F.pad(ctx, (0, 0, 0, L - ctx.shape[1]))
         z = mfsr.sample_teacher(tiled, z_lr, (pooled, pad(context)), (pooled_neg, pad(context_neg)), steps=steps,
-                                cfg=cfg, shift=shift, generator=g)
+                                cfg=cfg, shift=shift, generator=g, grid=grid)
     else:
         z = mfsr.sample_student(tiled, z_lr, pooled, context, steps=steps, generator=g)
     progress.phase("VAE decode")

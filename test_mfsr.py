@@ -433,6 +433,24 @@ def test_samplers_on_the_tiny_model():
     zt = mfsr.sample_teacher(teacher, z_lr, cond[1:], cond_neg[1:], steps=3, cfg=8.0,
                              generator=torch.Generator().manual_seed(1))
     assert zt.shape == z_lr.shape and calls == [8, 8, 8]     # one batched [neg ; pos] call per step
+    # CFG scale 1 is the positive branch alone: one call of B rows, the same samples
+    sigmas = []
+    teacher.forward = lambda *a, **k: calls.append(a[0].shape[0]) or sigmas.append(a[1][0].item()) or forward(*a, **k)
+    calls.clear()
+    z1 = mfsr.sample_teacher(teacher, z_lr, cond[1:], cond_neg[1:], steps=3, cfg=1.0,
+                             generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    z, v = torch.randn(z_lr.shape, generator=g), mfsr.velocity(teacher)
+    sig = mfsr.sd3_sigmas(3)
+    for i in range(3):
+        z = z + (sig[i] - sig[i + 1]).item() * v(z, torch.full((4,), 1 - sig[i].item()), cond)
+    assert calls[:3] == [4, 4, 4] and torch.allclose(z1, z, atol=1e-6)
+    # the uniform grid (Alg. 2's, for the teacher's rows beside the student's): sigma 1, 1/2, then 0
+    calls.clear(), sigmas.clear()
+    mfsr.sample_teacher(teacher, z_lr, cond[1:], cond_neg[1:], steps=2, cfg=1.0, grid="uniform")
+    assert sigmas == [1.0, 0.5] and mfsr.uniform_sigmas(4).tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
+    with pytest.raises(ValueError, match="grid"):
+        mfsr.sample_teacher(teacher, z_lr, cond[1:], cond_neg[1:], steps=2, grid="linear")
 
 
 def test_model_du_dt_at_s_equal_t_matches_finite_differences():

@@ -81,6 +81,8 @@ class TrainConfig:
     ratio: float = 0.5              # share of rows with s != t (Table 4)
     warmup: int = 0                 # distill: first steps at ratio 0 (s = t: the rescaled time embedding
                                     # fitted to the teacher's velocity before the MeanFlow target)
+    anchor: float = 0.0             # distill: share of rows trained at (t, s) = (0, 1) on the teacher's 40-step
+                                    # endpoint from their noise instead of Eq. 12 (0: none, the paper's)
     time_pairs: str = "uniform"     # distill: how the s != t pairs are drawn (mfsr.sample_times; uniform is the paper's)
     gap_ramp: int = 0               # distill: s - t at most (steps after --warmup) / gap_ramp, a short-to-long
                                     # curriculum (0: no cap)
@@ -407,8 +409,12 @@ def distill_loss(student, raw_student, teacher, z_hr, z_lr, context, pooled, nul
     and with `diagnose` du/dt's time and noise terms and their secants (mfsr.dudt_terms).
     During the first cfg.warmup steps every row has s = t (no JVP). A share cfg.cond_drop of the rows
     gets the null prompt and the unguided velocity as target (MeanFlow's condition dropout: it
-    trains u(. | null), which Eq. 9's target calls)."""
+    trains u(. | null), which Eq. 9's target calls). After the warm-up a share cfg.anchor of the rows
+    (the last ones) is trained by anchor_loss instead."""
     B = z_hr.shape[0]
+    n = min(B - 1, round(cfg.anchor * B)) if step >= cfg.warmup else 0
+    anchor_rows = (z_lr[B - n:], pooled[B - n:], context[B - n:])
+    z_hr, z_lr, context, pooled, B = z_hr[:B - n], z_lr[:B - n], context[:B - n], pooled[:B - n], B - n
     ratio = 0.0 if step < cfg.warmup else cfg.ratio
     gap = min(1.0, (step - cfg.warmup + 1) / cfg.gap_ramp) if cfg.gap_ramp else 1.0
     t, s = (x.to(z_hr) for x in mfsr.sample_times(B, ratio, g, pairs=cfg.time_pairs, max_gap=gap))
@@ -436,7 +442,27 @@ def distill_loss(student, raw_student, teacher, z_hr, z_lr, context, pooled, nul
         log["jvp_term"] = max(log.get("jvp_term", 0.0), res["jvp_term"])
         if diagnose:
             log.update(mfsr.dudt_terms(mfsr.average_velocity(raw_student), z_t, t, s, v, cond=c))
-    return res["loss"], res["n_nonfinite"]
+    if not n or res["loss"] is None:
+        return res["loss"], res["n_nonfinite"]
+    anchor = anchor_loss(student, teacher, *anchor_rows, neg, cfg, g)
+    if log is not None:
+        log["anchor_loss"] = anchor.item()
+    return (res["loss"] * B + anchor * n) / (B + n), res["n_nonfinite"]
+
+
+def anchor_loss(student, teacher, z_lr, pooled, context, neg, cfg, g):
+    """Consistency mid-training, beyond the paper (--anchor): the one-step jump u(z_0, 0, 1)
+    regressed on the teacher's own 40-step sample from the same noise, z_1 - z_0 (its CFG scale
+    cfg_w + 1, its sampling shift), with the MFD distance. Eq. 12 reaches the flow map only through
+    its own derivatives; this pins the one-step corner to where the teacher's samples land."""
+    z0 = torch.randn(z_lr.shape, generator=g).to(z_lr)
+    c_neg = (neg[1][None].expand_as(pooled).to(pooled), pad_tokens(neg[0], context.shape[1])[None].expand_as(context).to(context))
+    with torch.no_grad():
+        z1 = mfsr.sample_teacher(teacher, z_lr, (pooled, context), c_neg, steps=40, cfg=cfg.cfg_w + 1,
+                                 shift=(getattr(teacher, "sampling", None) or {}).get("shift", mfsr.SD35_SHIFT), noise=z0)
+    t = torch.zeros(z_lr.shape[0], device=z_lr.device, dtype=z_lr.dtype)
+    u = mfsr.average_velocity(student)(z0, t, t + 1, (z_lr, pooled, context))
+    return mfsr.LOSSES[cfg.loss](u.float(), (z1 - z0).float())[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -635,7 +661,7 @@ FLAG_GROUPS = {   # --help's sections, each flag in one
     "data": ("data", "size", "null_emb", "neg_emb", "prompt_emb"),
     "model": ("preset", "ckpt", "teacher", "teacher_mode", "vae", "untrained_vae", "lora_rank", "time_scale",
               "time_cutoff"),
-    "stage": ("stage", "target", "cfg_w", "kappa", "cond_drop", "ratio", "warmup", "time_pairs", "gap_ramp",
+    "stage": ("stage", "target", "cfg_w", "kappa", "cond_drop", "ratio", "warmup", "time_pairs", "gap_ramp", "anchor",
               "loss", "time_shift", "caption_dropout"),
     "optimisation": ("batch", "accum", "steps", "lr", "lr_decay", "grad_clip", "ema", "seed", "max_bad"),
     "checkpoints and logs": ("out", "resume", "save_every", "keep", "log_every", "sample_every"),
@@ -689,6 +715,8 @@ def parse_args(argv=None, **code_only):
         p.error("--data is required (a folder of HR images)")
     if cfg.size == 0:
         cfg.size = 64 if cfg.preset == "tiny" else 512
+    if not 0 <= cfg.anchor < 1:
+        p.error(f"--anchor {cfg.anchor}: a share of the batch, in [0, 1)")
     if cfg.gap_ramp < 0 or cfg.time_cutoff < 0:
         p.error(f"--gap-ramp {cfg.gap_ramp}, --time-cutoff {cfg.time_cutoff}: must be >= 0")
     if not cfg.time_shift > 0:

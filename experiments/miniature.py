@@ -546,12 +546,13 @@ def evaluate(dest=SHIP, size=256, per_image=1, teacher_steps=40, seed=0, setting
     lr_up = bicubic_up(lr, hr.shape[-2:])
     cfg_scale = sample.sampling_settings(nets["teacher"])["cfg"]
 
-    def run(net, steps, teacher=False, release=""):
+    def run(net, steps, teacher=False, release="", grid="shifted"):
         _, vae, embs = models[release]
         cond = {e: (p[None], c[None]) for e, (c, p) in embs.items()}
         kw = sample.sampling_settings(net)
         return torch.cat([sample.upscale(lr[i:i + 1], net, vae, cond["prompt"], steps, teacher=teacher,
-                                         cond_neg=cond["neg"], seed=seed, vae_tile=0, **kw) for i in range(len(lr))])
+                                         cond_neg=cond["neg"], seed=seed, vae_tile=0, grid=grid, **kw)
+                          for i in range(len(lr))])
 
     through_vae = lambda x: v.decode(v.encode(x * 2 - 1, tile=0), tile=0).float().add(1).div(2).clamp(0, 1)  # noqa: E731
     methods = {"bicubic": lambda: lr_up,
@@ -559,6 +560,9 @@ def evaluate(dest=SHIP, size=256, per_image=1, teacher_steps=40, seed=0, setting
                "VAE(HR) (upper bound)": lambda: through_vae(hr)}
     for k in sorted({1, 4, teacher_steps}):
         methods[teacher_name(k, cfg_scale)] = lambda k=k: run(nets["teacher"], k, teacher=True)
+    for k in (2, 4):        # the teacher's Euler on the student's grid (Alg. 2): what distillation must beat
+        methods[teacher_name(k, cfg_scale) + ", uniform grid"] = \
+            lambda k=k: run(nets["teacher"], k, teacher=True, grid="uniform")
     for k in (1, 2, 4):
         methods[f"student {k} step{'s' * (k > 1)}"] = lambda k=k: run(nets["student"], k)
     for k in (1, 2):

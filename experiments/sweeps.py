@@ -281,6 +281,195 @@ def teacher_samples(runs, scale=1.0, workers=2, dest="docs/teacher_samples.md", 
     _write_table(dest, lines)
 
 
+# The time-pair scan (issue 42): how the (t, s) pairs are drawn decides how much of the teacher's
+# 40-step flow map the student learns. The miniature's student stage with one change each (steps
+# PAIR_SCAN_STEPS), from the pipeline's teacher; each 1- and 2-step student against the 40-step
+# teacher's samples from the same noise (PSNR) and against the HR.
+PAIR_SCAN_STEPS = 600
+PAIR_SCAN = [  # (row, flags replacing the student stage's)
+    ("uniform, ratio 0.5 (the paper's)", ""),
+    ("to-data, ratio 0.75", "--time-pairs to-data --ratio 0.75"),
+    ("logit-normal, ratio 0.75 (py-meanflow's)", "--time-pairs logit-normal --ratio 0.75"),
+    ("uniform, ratio 0.75, s - t ramped to 1 over the run", "--ratio 0.75 --gap-ramp {ramp}"),
+    ("to-data, ratio 0.75, a quarter of the rows anchored on 40-step samples",
+     "--time-pairs to-data --ratio 0.75 --anchor 0.25"),
+]
+
+
+@torch.no_grad()
+def versus_teacher(runs, students, size=256, names=HELD_OUT, teacher_steps=40):
+    """{row: {setting: {column: value}}} for the pipeline's teacher (1 step, 2 and 4 uniform
+    steps) and each {row: student file} (1 and 2 steps) on the bench's held-out crops: PSNR to the
+    teacher's `teacher_steps`-step samples from the same noise, and PSNR, LPIPS and speckle
+    against the HR. The teacher's samples are kept in runs/pairs-scan/ (they take minutes)."""
+    from miniature import chosen_cfg
+    v = vae_lib.load_vae(os.path.join(runs, "decoder", "final", "vae.safetensors")).eval()
+    teacher = model.load_transformer(os.path.join(runs, "teacher", "final", "teacher.safetensors")).eval()
+    teacher.sampling = {**teacher.sampling, "cfg": chosen_cfg(runs)}
+    zeros = (torch.zeros(1, teacher.cfg.context_dim), torch.zeros(teacher.cfg.pooled_dim))
+    embs = {e: sample.load_embedding(os.path.join(runs, "emb", e + ".safetensors"), zeros) for e in ("prompt", "neg")}
+    cond = {e: (p[None], c[None]) for e, (c, p) in embs.items()}
+
+    def sr(net, lr, steps, **kw):
+        return torch.cat([sample.upscale(lr[i:i + 1], net, v, cond["prompt"], steps, cond_neg=cond["neg"], seed=0,
+                                         vae_tile=0, **{**sample.sampling_settings(net), **kw}) for i in range(len(lr))])
+    rows = {}
+    for setting in SETTINGS:
+        hr, lr = heldout_pairs(size, 1, 0, setting, names)
+        cache = os.path.join(runs, "pairs-scan", f"teacher{teacher_steps}-{setting}-{size}.pt")
+        if not os.path.exists(cache):
+            os.makedirs(os.path.dirname(cache), exist_ok=True)
+            torch.save(sr(teacher, lr, teacher_steps, teacher=True), cache + ".tmp")
+            os.replace(cache + ".tmp", cache)
+        ref = torch.load(cache)
+        outs = {f"teacher {k} step{'s' * (k > 1)}{', uniform grid' * (k > 1)}":
+                sr(teacher, lr, k, teacher=True, grid="uniform") for k in (1, 2, 4)}
+        outs[f"teacher {teacher_steps} steps"] = ref
+        for name, path in students.items():
+            net = model.load_transformer(path).eval()
+            for k in (1, 2):
+                outs[f"{name}: {k} step{'s' * (k > 1)}"] = sr(net, lr, k)
+        for name, o in outs.items():
+            m = metrics.table_row(o, hr)
+            rows.setdefault(name, {})[setting] = {
+                "PSNR vs teacher": metrics.psnr(o, ref).mean().item() if o is not ref else float("inf"),
+                "PSNR": m["PSNR"], "LPIPS": m["LPIPS"], "speckle": m["speckle"]}
+    return rows
+
+
+def _dudt_ratio(out, after):
+    """Median over a run's logged steps after `after` of du/dt's JVP time term over its secant."""
+    rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    r = [x["dudt_time"] / x["dudt_secant_time"] for x in rows if x["step"] > after and "dudt_time" in x]
+    return float(np.median(r)) if r else float("nan")
+
+
+def pairs_scan(runs, scale=1.0, workers=2, dest="docs/time_pairs.md", rows=None, train_only=False):
+    """Every PAIR_SCAN row (or those numbered in `rows`) distilled for PAIR_SCAN_STEPS (scaled) from
+    the pipeline's teacher into runs/pairs-scan/NN, then (unless train_only) all of them measured
+    by versus_teacher; the table is printed and written to `dest`."""
+    for stage in ("teacher", "cfg", "decoder"):
+        if not os.path.exists(os.path.join(runs, stage, "final")):
+            raise SystemExit(f"error: {runs}/{stage}/final is missing: run `python experiments/miniature.py --runs {runs}` first")
+    from miniature import chosen_cfg
+    import mfsr
+    steps = max(2, round(PAIR_SCAN_STEPS * scale))
+    student = dict(STAGES)["student"].format(runs=runs, size=TRAIN_SIZE, w=mfsr.eq11_w(chosen_cfg(runs)))
+    warmup = int(student.split("--warmup ")[1].split()[0])
+    base = _with_flags(student.split(), f"--steps {PAIR_SCAN_STEPS}")
+    files, extra = {}, {}
+    for i, (row, flags) in enumerate(PAIR_SCAN):
+        out = os.path.join(runs, "pairs-scan", f"{i:02d}")
+        if rows is None or i in rows:
+            if not os.path.exists(os.path.join(out, "final")):
+                train_stage(runs, "student", _with_flags(base, flags.format(ramp=steps - warmup)), out, scale, workers)
+        if os.path.exists(os.path.join(out, "final")):
+            files[row] = os.path.join(out, "final", "student.safetensors")
+            extra[row] = (_dudt_ratio(out, warmup), open(os.path.join(out, "final", "minutes.txt")).read().strip())
+    if train_only:
+        return
+    m = versus_teacher(runs, files)
+    lines = ["# Time pairs for long jumps (issue 42)", "",
+             f"`python experiments/sweeps.py --pairs-scan` ({time.strftime('%Y-%m-%d')}): the miniature's student stage "
+             f"({steps} steps, {warmup} of them at s = t) from the pipeline's teacher, changing how the s != t pairs are "
+             f"drawn (`mfsr.sample_times`). On a 256^2 crop of each of the {len(HELD_OUT)} held-out photographs, per "
+             "setting: PSNR to the 40-step teacher's samples from the same noise (the flow map the student learns), "
+             "then PSNR / LPIPS / speckle against the HR. du/dt ratio: the median over the logged steps of the JVP's "
+             "time term over its secant at h = 0.1 (1 when du/dt is the flow's).", "",
+             "| row | Real-ESRGAN: vs teacher 40 | PSNR / LPIPS / speckle | clean: vs teacher 40 | PSNR / LPIPS / speckle "
+             "| du/dt ratio | minutes |", "|---|---|---|---|---|---|---|"]
+    for name, r in m.items():
+        cells = [f"{r[s]['PSNR vs teacher']:.2f} | {r[s]['PSNR']:.2f} / {r[s]['LPIPS']:.3f} / {r[s]['speckle']:.2f}"
+                 for s in SETTINGS]
+        ratio, minutes = extra.get(name.split(":")[0], (float("nan"), "-"))
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {ratio:.2f} | {minutes} |")
+        print(lines[-1], flush=True)
+    _write_table(dest, lines)
+
+
+# What a low-passed time embedding changes in a 1000 t teacher (MMDiTConfig.time_cutoff, for a
+# teacher that cannot be retrained at c_noise = t, as SD3.5 / DiT4SR): the teacher's predictions and
+# 40-step samples, and the MeanFlow target of a student made from it (at init: the teacher itself).
+CUTOFFS = (0.0, 100.0, 20.0, 5.0)
+
+
+@torch.no_grad()
+def cutoff_check(teacher_file, vae_file, emb_dir, dest="docs/time_embedding.md", cutoffs=CUTOFFS, seeds=2, size=128):
+    """On a size^2 crop of every held-out photograph (Real-ESRGAN LR; one latent tile each) and
+    `seeds` noises, per cutoff (rad per unit t; 0 none): the teacher's x-hat moved (MSE against the
+    uncut teacher, over t = 0 .. 0.95) and its 40-step samples moved; the JVP's time term over its
+    secant at h = 0.1 and du/dt's time share, at (t, s) = (0, 1); the MFD target's one-step
+    endpoint z_0 + u_tgt(0, 1) against the 40-step teacher's (latent MSE, and cosine of
+    u_tgt - v with the right correction). Printed, and written to `dest`."""
+    import mfsr
+    from dataclasses import replace
+    v = vae_lib.load_vae(vae_file).eval()
+    base = model.load_transformer(teacher_file).eval()
+    zeros = (torch.zeros(1, base.cfg.context_dim), torch.zeros(base.cfg.pooled_dim))
+    embs = {e: sample.load_embedding(os.path.join(emb_dir, e + ".safetensors"), zeros) for e in ("prompt", "neg")}
+    hr, lr = heldout_pairs(size, 1, 0, "realesrgan")
+    z_hr, z_lr = v.encode(hr * 2 - 1, tile=0), v.encode(bicubic_up(lr, hr.shape[-2:]) * 2 - 1, tile=0)
+    B = len(hr)
+    cond = {e: (p[None].expand(B, -1), c[None].expand(B, -1, -1)) for e, (c, p) in embs.items()}
+    c3 = (z_lr, *cond["prompt"])
+    cfg_scale, shift = sample.sampling_settings(base)["cfg"], sample.sampling_settings(base)["shift"]
+    w = mfsr.eq11_w(cfg_scale)
+
+    def teacher_at(cut):
+        net = model.MMDiT(replace(base.cfg, time_cutoff=cut)).eval()
+        net.load_state_dict(base.state_dict())
+        return net
+    ref, lines = {}, []
+    head = ["# A low-passed time embedding for a 1000 t teacher", "",
+            f"`python experiments/sweeps.py --cutoff-check` ({time.strftime('%Y-%m-%d')}): teacher `{teacher_file}` "
+            f"(c_noise = {base.cfg.time_scale:g} t), a {size}^2 crop of each of the {B} held-out photographs "
+            f"(Real-ESRGAN LR), {seeds} noises. x-hat moved: latent MSE of the cut teacher's prediction against "
+            "the uncut one's, averaged over t = 0, 0.25, 0.5, 0.75, 0.95; 40-step moved: the same for its "
+            f"40-step samples (CFG scale {cfg_scale:g}). At (t, s) = (0, 1), for the student made from it (at init "
+            "the cut teacher with a zero s-embedder): the JVP's time term over its secant at h = 0.1 (1 when "
+            "du/dt is the flow's), the time term's share of du/dt, and the MFD target's endpoint z_0 + u_tgt "
+            "against the uncut teacher's 40-step sample (MSE; cosine of u_tgt - v with the correction the "
+            "endpoint asks for). For scale, the 40-step samples of two noises differ by the last column.", "",
+            "| cutoff (rad per unit t) | features kept | x-hat moved | 40-step moved | time term / secant "
+            "| time share | target endpoint MSE | cosine | 40-step, seed to seed |", "|---|---|---|---|---|---|---|---|---|"]
+    for cut in cutoffs:
+        net = teacher_at(cut)
+        xs, ends, stats = [], [], []
+        for seed in range(seeds):
+            g = torch.Generator().manual_seed(seed)
+            eps = torch.randn(z_hr.shape, generator=g)
+            for t0 in (0.0, 0.25, 0.5, 0.75, 0.95):
+                t = torch.full((B,), t0)
+                xs.append(mfsr.denoised(net)(t0 * z_hr + (1 - t0) * eps, t, c3))
+            ends.append(mfsr.sample_teacher(net, z_lr, cond["prompt"], cond["neg"], 40, cfg_scale, shift,
+                                            torch.Generator().manual_seed(seed)))
+            z0 = torch.randn(z_hr.shape, generator=torch.Generator().manual_seed(seed))  # sample_teacher's noise
+            student = model.make_student(net, time_scale=net.cfg.time_scale, lora_rank=4, time_cutoff=cut).eval()
+            t, s = torch.zeros(B), torch.ones(B)
+            vel = mfsr.teacher_velocity("neg", z0, t, teacher=mfsr.velocity(net), cond=c3,
+                                        cond_neg=(z_lr, *cond["neg"]), w=w)
+            u = mfsr.average_velocity(student)
+            d = mfsr.dudt_terms(u, z0, t, s, vel, cond=c3)
+            _, u_tgt = mfsr.meanflow_target(u, z0, t, s, vel, cond=c3)
+            stats.append((d["dudt_time"] / d["dudt_secant_time"], d["dudt_time"] / (d["dudt_time"] + d["dudt_noise"]),
+                          u_tgt, vel, z0))
+        if cut == 0:
+            ref = {"x": xs, "end": ends}
+        end_ref = ref["end"]
+        x_moved = np.mean([mse(a, b).mean().item() for a, b in zip(xs, ref["x"])])
+        e_moved = np.mean([mse(a, b).mean().item() for a, b in zip(ends, end_ref)])
+        tgt = [(z0 + ut, (ut - vl).flatten(1), (e - z0 - vl).flatten(1)) for (_, _, ut, vl, z0), e in zip(stats, end_ref)]
+        t_mse = np.mean([mse(a, b).mean().item() for (a, _, _), b in zip(tgt, end_ref)])
+        cos = np.mean([torch.nn.functional.cosine_similarity(a, b).mean().item() for _, a, b in tgt])
+        kept = int((torch.exp(-np.log(10000.0) * torch.arange(128) / 128) * base.cfg.time_scale <= cut).sum()) if cut else 128
+        spread = mse(end_ref[0], end_ref[1]).mean().item() if seeds > 1 else float("nan")
+        lines.append(f"| {cut:g}{' (none)' * (cut == 0)} | {2 * kept} / 256 | {x_moved:.2e} | {e_moved:.2e} | "
+                     f"{np.mean([r for r, *_ in stats]):.2f} | {np.mean([f for _, f, *_ in stats]):.2f} | "
+                     f"{t_mse:.3f} | {cos:.2f} | {spread:.3f} |")
+        print(lines[-1], flush=True)
+    _write_table(dest, head + lines)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default="runs/miniature", help="the miniature's working folder (python experiments/miniature.py --runs)")
@@ -295,8 +484,24 @@ if __name__ == "__main__":
                       "against their mean -> docs/teacher_samples.md (with --scale other than 1: RUNS/teacher_samples.md)")
     what.add_argument("--length-scan", action="store_true", help="the smallest teacher at LENGTHS training steps, "
                       "40-step quality -> docs/teacher_length.md (with --scale other than 1: RUNS/teacher_length.md)")
+    what.add_argument("--pairs-scan", action="store_true", help="students with other time-pair draws (PAIR_SCAN) "
+                      "against the 40-step teacher -> docs/time_pairs.md (with --scale other than 1: RUNS/time_pairs.md)")
+    what.add_argument("--cutoff-check", metavar="RELEASE", help="what a low-passed time embedding changes in the "
+                      "1000 t teacher of RELEASE (a folder of weights, or a git revision: the miniature up to "
+                      "8525646) -> docs/time_embedding.md")
+    ap.add_argument("--rows", type=int, nargs="*", help="--pairs-scan: train only these rows (numbers), then stop")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 when runs share the cores)")
     a = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
+    if a.cutoff_check:
+        from bench import _previous_release
+        rel = _previous_release(a.cutoff_check)
+        cutoff_check(os.path.join(rel, "teacher.safetensors"), os.path.join(rel, "vae.safetensors"), rel)
+        sys.exit(0)
+    if a.pairs_scan:
+        pairs_scan(a.runs, a.scale, a.workers, "docs/time_pairs.md" if a.scale == 1.0
+                   else os.path.join(a.runs, "time_pairs.md"), rows=a.rows, train_only=a.rows is not None)
+        sys.exit(0)
     name, fn = (("ablations", ablations) if a.ablations else ("model_size", size_scan) if a.size_scan
                 else ("teacher_length", length_scan) if a.length_scan else ("teacher_samples", teacher_samples))
     fn(a.runs, a.scale, a.workers, f"docs/{name}.md" if a.scale == 1.0 else os.path.join(a.runs, name + ".md"))

@@ -466,6 +466,43 @@ def test_distill_time_pairs_gap_ramp_and_the_du_dt_diagnostic_reach_the_step(mon
             train.parse_args(["--data", "data", "--preset", "tiny", *bad])
 
 
+def test_distill_anchor_rows_regress_the_one_step_jump_on_the_teachers_samples(monkeypatch):
+    """--anchor 0.5: after the warm-up the last half of the rows is trained at (t, s) = (0, 1) on the
+    teacher's 40-step sample from the noise it starts the student from (cfg scale cfg_w + 1), the
+    rest on Eq. 12; the step's loss is the row-weighted mean of the two."""
+    calls = []
+
+    def fake_teacher_sampler(net, z_lr, cond, cond_neg, steps, cfg, shift, noise, **kw):
+        calls.append((z_lr.shape[0], steps, cfg, noise.clone()))
+        return noise + 0.5                                                # a known endpoint
+    monkeypatch.setattr(mfsr, "sample_teacher", fake_teacher_sampler)
+    cfg = train.parse_args(["--data", "data", "--out", "/nonexistent/out", "--preset", "tiny", "--anchor", "0.5",
+                            "--warmup", "1", "--cfg-w", "0.5", "--target", "gt"])
+    torch.manual_seed(0)
+    teacher = MMDiT(CONFIGS["tiny"]).eval()
+    student = model.make_student(teacher, lora_rank=4)
+    z, z_lr = torch.randn(4, 16, 8, 8), torch.randn(4, 16, 8, 8)
+    ctx, pooled, null = torch.randn(4, 4, 64), torch.randn(4, 32), (torch.zeros(1, 64), torch.zeros(32))
+    log = {}
+    with torch.no_grad():
+        warm, _ = train.distill_loss(student, student, teacher, z, z_lr, ctx, pooled, null, null, cfg,
+                                     torch.Generator().manual_seed(0), log=log, step=0)
+        assert not calls and "anchor_loss" not in log                    # no anchor rows in the warm-up
+        loss, _ = train.distill_loss(student, student, teacher, z, z_lr, ctx, pooled, null, null, cfg,
+                                     torch.Generator().manual_seed(1), log=log, step=1)
+        (n, steps, scale, z0), = calls
+        assert (n, steps, scale) == (2, 40, 1.5)
+        u = mfsr.average_velocity(student)(z0, torch.zeros(2), torch.ones(2), (z_lr[2:], pooled[2:], ctx[2:]))
+        expect = mfsr.pseudo_huber(u, torch.full_like(u, 0.5))[0]
+        assert log["anchor_loss"] == pytest.approx(expect.item(), rel=1e-5)
+        cfg.anchor = 0.0                                                   # the other rows alone: Eq. 12
+        rest, _ = train.distill_loss(student, student, teacher, z[:2], z_lr[:2], ctx[:2], pooled[:2], null, null,
+                                     cfg, torch.Generator().manual_seed(1), step=1)
+    assert loss.item() == pytest.approx((rest.item() * 2 + expect.item() * 2) / 4, rel=1e-5)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data", "data", "--preset", "tiny", "--anchor", "1"])
+
+
 @pytest.mark.parametrize("target", ["meanflow", "neg"])
 def test_distill_cond_drop_trains_the_null_branch_unguided(monkeypatch, target):
     """--cond-drop 1: every row's condition is the null prompt and its target the unguided velocity
