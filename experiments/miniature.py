@@ -19,13 +19,15 @@ The transformers' stages are train.py runs (the same code as the full-scale path
               caption dropout 0.2; SD3.5's sigma shift 3; 4000 pairs encoded once
               (--cache-latents); EMA weights. It predicts the clean latent as an offset from the
               LR latent (--prediction x, model.py), not SD3's velocity: at this size a velocity
-              network leaves its errors in the sample as speckle (mfsr.py's convention block)
+              network leaves its errors in the sample as speckle (mfsr.py's convention block).
+              It sees time as c_noise = t (§4.4's student convention), not SD3's 1000 t, so its
+              student shares it and du/dt is the flow's (mfsr.py's time-embedding block)
   3. cfg      the teacher's CFG scale: the 40-step teacher on training crops at each of
               CFG_SCALES, the largest within CFG_TOLERANCE_DB of the best PSNR (scan_cfg)
   4. distill  the MFSR student: teacher-CFG target with the negative prompt (Eq. 11, w = scale - 1,
-              the same guidance the teacher samples with), ratio 0.5, pseudo-Huber, s-embedder,
-              the teacher's c_noise = 1000 t (not §4.4's t: see STAGES). Its first 200 steps
-              have s = t only (--warmup), where it equals its teacher. LoRA rank 64 (at width 128,
+              the same guidance the teacher samples with), pseudo-Huber, s-embedder, c_noise = t
+              as its teacher; the (t, s) pairs and the anchor share as STAGES says. Its first 200
+              steps have s = t only (--warmup), where it equals its teacher. LoRA rank 64 (at width 128,
               half the rank of every layer: close to a full fine-tune, through the same code path
               as the real run), lr 1e-4, EMA 0.99
   5. distill with the ground-truth target (Table 3's first row), for the ablation in the table
@@ -100,12 +102,10 @@ CFG_TOLERANCE_DB = 0.3               # the largest scale within this PSNR of the
 # The teacher keeps SD3.5's --time-shift 3 although a 32^2 latent (256 tokens) is SD3's unshifted
 # case: shift 1 trains small sigma more and denoises better there, but its samples came out sharper
 # and less faithful, 0.7-1.0 dB lower at 40 steps on the held-out set (docs/benchmarks.md).
-# The students keep the teacher's c_noise = 1000 t (SD3's), not §4.4's t: a student then starts as
-# its teacher exactly (u(z, t, t) = v), and the x-predicting teacher's one-step prediction is already
-# a clean sample. With §4.4's t a student starts from a time embedding it has never seen (loss 76 at
-# step 1, against 0) and after 1200 steps its one step was speckled, 3 dB below the teacher's
-# (docs/benchmarks.md, "The x-predicting miniature"). The price: a 1000 t student moves little
-# from the teacher's one-step prediction (the v-prediction release chose t for that reason).
+# Teacher and students see time as §4.4's c_noise = t: a student then starts as its teacher exactly
+# (u(z, t, t) = v) and its JVP's du/dt is the flow's. The former release's teacher saw SD3's 1000 t
+# and its student kept it: du/dt then measured the time embedding's ripple, and the student moved
+# little from the teacher's one step (docs/miniature.md).
 _PAIRS = "--cache-latents 4000 --clean-prob 0.3 --plain-gt --vae {runs}/vae/final/vae.safetensors"
 STAGES = [
     ("vae", ""),

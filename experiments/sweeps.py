@@ -45,7 +45,7 @@ ABLATIONS = [  # (table, row, flags that replace the base's)
     ("Table 4: share of rows with s != t", "0", "--ratio 0"),
     ("Table 4: share of rows with s != t", "0.25", "--ratio 0.25"),
     ("Table 4: share of rows with s != t", "1", "--ratio 1"),
-    ("§4.4: c_noise", "1000 t (the teacher's)", "--time-scale 1000"),
+    ("§4.4: c_noise", "1000 t (SD3's; the teacher sees t)", "--time-scale 1000"),
     ("loss", "squared L2", "--loss l2"),
     ("loss", "adaptive L2", "--loss adaptive"),
 ]
@@ -285,7 +285,7 @@ def teacher_samples(runs, scale=1.0, workers=2, dest="docs/teacher_samples.md", 
 # 40-step flow map the student learns. The miniature's student stage with one change each (steps
 # PAIR_SCAN_STEPS), from the pipeline's teacher; each 1- and 2-step student against the 40-step
 # teacher's samples from the same noise (PSNR) and against the HR.
-PAIR_SCAN_STEPS = 600
+PAIR_SCAN_STEPS = 1200        # the student stage's own length: a row can ship as it is
 PAIR_SCAN = [  # (row, flags replacing the student stage's)
     ("uniform, ratio 0.5 (the paper's)", ""),
     ("to-data, ratio 0.75", "--time-pairs to-data --ratio 0.75"),
@@ -344,10 +344,11 @@ def _dudt_ratio(out, after):
     return float(np.median(r)) if r else float("nan")
 
 
-def pairs_scan(runs, scale=1.0, workers=2, dest="docs/time_pairs.md", rows=None, train_only=False):
+def pairs_scan(runs, scale=1.0, workers=2, dest="docs/time_pairs.md", rows=None, train_only=False, eval_size=256,
+               teacher_steps=40):
     """Every PAIR_SCAN row (or those numbered in `rows`) distilled for PAIR_SCAN_STEPS (scaled) from
     the pipeline's teacher into runs/pairs-scan/NN, then (unless train_only) all of them measured
-    by versus_teacher; the table is printed and written to `dest`."""
+    by versus_teacher on eval_size^2 crops; the table is printed and written to `dest`."""
     for stage in ("teacher", "cfg", "decoder"):
         if not os.path.exists(os.path.join(runs, stage, "final")):
             raise SystemExit(f"error: {runs}/{stage}/final is missing: run `python experiments/miniature.py --runs {runs}` first")
@@ -368,15 +369,17 @@ def pairs_scan(runs, scale=1.0, workers=2, dest="docs/time_pairs.md", rows=None,
             extra[row] = (_dudt_ratio(out, warmup), open(os.path.join(out, "final", "minutes.txt")).read().strip())
     if train_only:
         return
-    m = versus_teacher(runs, files)
+    m = versus_teacher(runs, files, eval_size, teacher_steps=teacher_steps)
     lines = ["# Time pairs for long jumps (issue 42)", "",
              f"`python experiments/sweeps.py --pairs-scan` ({time.strftime('%Y-%m-%d')}): the miniature's student stage "
              f"({steps} steps, {warmup} of them at s = t) from the pipeline's teacher, changing how the s != t pairs are "
-             f"drawn (`mfsr.sample_times`). On a 256^2 crop of each of the {len(HELD_OUT)} held-out photographs, per "
-             "setting: PSNR to the 40-step teacher's samples from the same noise (the flow map the student learns), "
+             f"drawn (`mfsr.sample_times`). On a {eval_size}^2 crop of each of the {len(HELD_OUT)} held-out photographs, "
+             f"per setting: PSNR to the {teacher_steps}-step teacher's samples from the same noise (the flow map the "
+             "student learns), "
              "then PSNR / LPIPS / speckle against the HR. du/dt ratio: the median over the logged steps of the JVP's "
              "time term over its secant at h = 0.1 (1 when du/dt is the flow's).", "",
-             "| row | Real-ESRGAN: vs teacher 40 | PSNR / LPIPS / speckle | clean: vs teacher 40 | PSNR / LPIPS / speckle "
+             f"| row | Real-ESRGAN: vs teacher {teacher_steps} | PSNR / LPIPS / speckle | clean: vs teacher {teacher_steps} "
+             "| PSNR / LPIPS / speckle "
              "| du/dt ratio | minutes |", "|---|---|---|---|---|---|---|"]
     for name, r in m.items():
         cells = [f"{r[s]['PSNR vs teacher']:.2f} | {r[s]['PSNR']:.2f} / {r[s]['LPIPS']:.3f} / {r[s]['speckle']:.2f}"

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -252,6 +253,18 @@ def test_miniature_pipeline_runs_end_to_end_at_a_hundredth_of_the_steps(tmp_path
     nets = [model.load_transformer(str(runs / "ablations" / f"{i:02d}" / "final" / "student.safetensors")) for i in range(3)]
     assert [n.cfg.time_scale for n in nets] == [1000.0 if "--time-scale" in r[2] else 1.0 for r in rows]
     assert sorted(n.cfg.time_scale for n in nets) == [1.0, 1.0, 1000.0]
+    # sweeps.py --pairs-scan on the same runs (the paper's row and the anchored one), small crops
+    monkeypatch.setattr(sweeps, "PAIR_SCAN", [sweeps.PAIR_SCAN[0], sweeps.PAIR_SCAN[-1]])
+    sweeps.pairs_scan(str(runs), 0.05, 0, str(runs / "time_pairs.md"), eval_size=128, teacher_steps=4)
+    table = [line.split(" | ") for line in (runs / "time_pairs.md").read_text().splitlines() if line.startswith("| ")][1:]
+    names = [r[0][2:] for r in table]
+    assert names == ["teacher 1 step", "teacher 2 steps, uniform grid", "teacher 4 steps, uniform grid",
+                     "teacher 4 steps"] + [f"{row}: {k} step{'s' * (k > 1)}" for row, _ in sweeps.PAIR_SCAN for k in (1, 2)]
+    assert table[3][1] == "inf" and all(math.isfinite(float(r[1])) for r in table if r is not table[3])
+    assert all(math.isfinite(float(r[5])) for r in table[4:])            # du/dt's time term over its secant
+    logs = [json.loads(line) for line in (runs / "pairs-scan" / "01" / "log.jsonl").read_text().splitlines()]
+    assert any("anchor_loss" in r for r in logs) and not any("anchor_loss" in r for r in
+               map(json.loads, (runs / "pairs-scan" / "00" / "log.jsonl").read_text().splitlines()))
 
 
 @pytest.mark.slow
@@ -301,6 +314,31 @@ def test_teacher_samples_table_orders_one_sample_below_their_mean_and_the_poster
         one, mean, post = float(r[3]), float(r[4]), float(r[5])
         assert one < mean < post and float(r[6].strip(" |")) > 0
     assert "2 steps" in dest.read_text()
+
+
+@pytest.mark.slow
+def test_cutoff_check_on_a_1000_t_teacher(tmp_path):
+    """sweeps.py --cutoff-check on a random 1000 t teacher: the uncut row moves nothing; cutting the
+    time features at 20 rad per unit t keeps 2 x 73 of 256 and brings the JVP's time term near its
+    secant, where the uncut embedding's ripple puts it far above."""
+    pytest.importorskip("skimage")
+    import sweeps
+    from builders import _randomize
+    torch.manual_seed(0)
+    net = _randomize(MMDiT(replace(model.CONFIGS["tiny"], prediction="x")), std=0.02)
+    net.sampling = {"cfg": 1.0, "shift": 3.0}
+    model.save_transformer(net, str(tmp_path / "teacher.safetensors"))
+    V.save_vae(V.VAE(V.CONFIGS["tiny"]), str(tmp_path / "vae.safetensors"))
+    missing = [n for n in miniature.HELD_OUT if miniature.PHOTOS[n][0] != "skimage"
+               and not os.path.exists(miniature.PHOTOS[n][1])]
+    if missing:   # .ci/run installs them
+        pytest.skip(f"the held-out photographs need: apt-get install {' '.join(sorted(miniature._packages()))}")
+    sweeps.cutoff_check(str(tmp_path / "teacher.safetensors"), str(tmp_path / "vae.safetensors"), str(tmp_path),
+                        str(tmp_path / "t.md"), cutoffs=(0.0, 20.0), seeds=1, size=64)
+    rows = [line.split(" | ") for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("| ")][1:]
+    assert [r[0] for r in rows] == ["| 0 (none)", "| 20"] and [r[1] for r in rows] == ["256 / 256", "146 / 256"]
+    assert float(rows[0][2]) == 0 and float(rows[0][3]) == 0 and float(rows[1][2]) > 0
+    assert float(rows[0][4]) > 3 and 0.5 < float(rows[1][4]) < 2, rows
 
 
 def test_every_miniature_stage_is_a_valid_train_run_with_its_code_only_settings_apart():
