@@ -4,6 +4,8 @@
     python experiments/sweeps.py --size-scan     # teachers of other sizes, 40-step quality -> docs/model_size.md
     python experiments/sweeps.py --length-scan   # the smallest teacher trained 2500 / 5000 / 10000 steps -> docs/teacher_length.md
     python experiments/sweeps.py --teacher-samples   # the teacher's 40-step samples against their mean -> docs/teacher_samples.md
+    python experiments/sweeps.py --pairs-scan    # students with other (t, s) draws / anchors vs the 40-step teacher -> docs/time_pairs.md
+    python experiments/sweeps.py --cutoff-check miniature-v2   # a low-passed time embedding in a 1000 t teacher -> docs/time_embedding.md
 
 The ablations need a finished `python experiments/miniature.py` run's folder (--runs: its teacher, decoder and
 data); the two scans prepare the data in --runs themselves and train on the shipped VAE's latents;
@@ -397,7 +399,8 @@ CUTOFFS = (0.0, 100.0, 20.0, 5.0)
 
 
 @torch.no_grad()
-def cutoff_check(teacher_file, vae_file, emb_dir, dest="docs/time_embedding.md", cutoffs=CUTOFFS, seeds=2, size=128):
+def cutoff_check(teacher_file, vae_file, emb_dir, dest="docs/time_embedding.md", cutoffs=CUTOFFS, seeds=2, size=128,
+                 label=None):
     """On a size^2 crop of every held-out photograph (Real-ESRGAN LR; one latent tile each) and
     `seeds` noises, per cutoff (rad per unit t; 0 none): the teacher's x-hat moved (MSE against the
     uncut teacher, over t = 0 .. 0.95) and its 40-step samples moved; the JVP's time term over its
@@ -424,7 +427,7 @@ def cutoff_check(teacher_file, vae_file, emb_dir, dest="docs/time_embedding.md",
         return net
     ref, lines = {}, []
     head = ["# A low-passed time embedding for a 1000 t teacher", "",
-            f"`python experiments/sweeps.py --cutoff-check` ({time.strftime('%Y-%m-%d')}): teacher `{teacher_file}` "
+            f"`python experiments/sweeps.py --cutoff-check` ({time.strftime('%Y-%m-%d')}): teacher {label or teacher_file} "
             f"(c_noise = {base.cfg.time_scale:g} t), a {size}^2 crop of each of the {B} held-out photographs "
             f"(Real-ESRGAN LR), {seeds} noises. x-hat moved: latent MSE of the cut teacher's prediction against "
             "the uncut one's, averaged over t = 0, 0.25, 0.5, 0.75, 0.95; 40-step moved: the same for its "
@@ -499,7 +502,8 @@ if __name__ == "__main__":
     if a.cutoff_check:
         from bench import _previous_release
         rel = _previous_release(a.cutoff_check)
-        cutoff_check(os.path.join(rel, "teacher.safetensors"), os.path.join(rel, "vae.safetensors"), rel)
+        cutoff_check(os.path.join(rel, "teacher.safetensors"), os.path.join(rel, "vae.safetensors"), rel,
+                     label=f"of {a.cutoff_check}")
         sys.exit(0)
     if a.pairs_scan:
         pairs_scan(a.runs, a.scale, a.workers, "docs/time_pairs.md" if a.scale == 1.0
