@@ -289,10 +289,10 @@ def teacher_samples(runs, scale=1.0, workers=2, dest="docs/teacher_samples.md", 
 # teacher's samples from the same noise (PSNR) and against the HR.
 PAIR_SCAN_STEPS = 1200        # the student stage's own length: a row can ship as it is
 PAIR_SCAN = [  # (row, flags replacing the student stage's)
-    ("uniform, ratio 0.5 (the paper's)", ""),
+    ("uniform, ratio 0.5 (the paper's)", "--time-pairs uniform --ratio 0.5"),
     ("to-data, ratio 0.75", "--time-pairs to-data --ratio 0.75"),
     ("logit-normal, ratio 0.75 (py-meanflow's)", "--time-pairs logit-normal --ratio 0.75"),
-    ("uniform, ratio 0.75, s - t ramped to 1 over the run", "--ratio 0.75 --gap-ramp {ramp}"),
+    ("uniform, ratio 0.75, s - t capped, the cap ramped to 1 over 200 steps", "--time-pairs uniform --ratio 0.75 --gap-ramp 200"),
     ("to-data, ratio 0.75, a quarter of the rows anchored on 40-step samples",
      "--time-pairs to-data --ratio 0.75 --anchor 0.25"),
 ]
@@ -339,18 +339,21 @@ def versus_teacher(runs, students, size=256, names=HELD_OUT, teacher_steps=40):
     return rows
 
 
-def _dudt_ratio(out, after):
-    """Median over a run's logged steps after `after` of du/dt's JVP time term over its secant."""
+def _dudt_ratio(out, after, upto=None):
+    """Median over a run's logged steps in (after, upto] of du/dt's JVP time term over its secant."""
     rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-    r = [x["dudt_time"] / x["dudt_secant_time"] for x in rows if x["step"] > after and "dudt_time" in x]
+    r = [x["dudt_time"] / x["dudt_secant_time"] for x in rows
+         if after < x["step"] <= (upto or x["step"]) and "dudt_time" in x]
     return float(np.median(r)) if r else float("nan")
 
 
 def pairs_scan(runs, scale=1.0, workers=2, dest="docs/time_pairs.md", rows=None, train_only=False, eval_size=256,
-               teacher_steps=40):
+               teacher_steps=40, at_step=None):
     """Every PAIR_SCAN row (or those numbered in `rows`) distilled for PAIR_SCAN_STEPS (scaled) from
     the pipeline's teacher into runs/pairs-scan/NN, then (unless train_only) all of them measured
-    by versus_teacher on eval_size^2 crops; the table is printed and written to `dest`."""
+    by versus_teacher on eval_size^2 crops; the table is printed and written to `dest`. at_step:
+    measure the rows' checkpoints of that step instead (the rows that have one; the learning rate is
+    constant, so a checkpoint is what a run of that length gives)."""
     for stage in ("teacher", "cfg", "decoder"):
         if not os.path.exists(os.path.join(runs, stage, "final")):
             raise SystemExit(f"error: {runs}/{stage}/final is missing: run `python experiments/miniature.py --runs {runs}` first")
@@ -365,16 +368,19 @@ def pairs_scan(runs, scale=1.0, workers=2, dest="docs/time_pairs.md", rows=None,
         out = os.path.join(runs, "pairs-scan", f"{i:02d}")
         if rows is None or i in rows:
             if not os.path.exists(os.path.join(out, "final")):
-                train_stage(runs, "student", _with_flags(base, flags.format(ramp=steps - warmup)), out, scale, workers)
-        if os.path.exists(os.path.join(out, "final")):
-            files[row] = os.path.join(out, "final", "student.safetensors")
-            extra[row] = (_dudt_ratio(out, warmup), open(os.path.join(out, "final", "minutes.txt")).read().strip())
+                train_stage(runs, "student", _with_flags(base, flags), out, scale, workers)
+        done = os.path.join(out, f"ckpt-{at_step:07d}" if at_step else "final")
+        if os.path.exists(done):
+            files[row] = os.path.join(done, "student.safetensors")
+            minutes = os.path.join(out, "final", "minutes.txt")
+            extra[row] = (_dudt_ratio(out, warmup, at_step),
+                          open(minutes).read().strip() if os.path.exists(minutes) and not at_step else "-")
     if train_only:
         return
     m = versus_teacher(runs, files, eval_size, teacher_steps=teacher_steps)
     lines = ["# Time pairs for long jumps (issue 42)", "",
              f"`python experiments/sweeps.py --pairs-scan` ({time.strftime('%Y-%m-%d')}): the miniature's student stage "
-             f"({steps} steps, {warmup} of them at s = t) from the pipeline's teacher, changing how the s != t pairs are "
+             f"({at_step or steps} steps, {warmup} of them at s = t) from the pipeline's teacher, changing how the s != t pairs are "
              f"drawn (`mfsr.sample_times`). On a {eval_size}^2 crop of each of the {len(HELD_OUT)} held-out photographs, "
              f"per setting: PSNR to the {teacher_steps}-step teacher's samples from the same noise (the flow map the "
              "student learns), "
