@@ -112,8 +112,9 @@ STAGES = [
     ("teacher", "--stage teacher --preset tiny --size {size} --batch 8 --lr 5e-4 --lr-decay cosine --ema 0.999 "
                 f"--steps 5000 --caption-dropout 0.2 --neg-prob 0.1 --time-shift 3 --prediction x --time-scale 1 {_PAIRS}"),
     ("cfg", ""),
-    ("student", "--stage distill --preset tiny --size {size} --batch 8 --lr 1e-4 --steps 1200 --warmup 200 --ema 0.99 "
-                "--lora-rank 64 --target neg --cfg-w {w} --ratio 0.75 --time-pairs to-data --loss pseudo_huber --time-scale 1 "
+    ("student", "--stage distill --preset tiny --size {size} --batch 8 --lr 1e-4 --steps 480 --warmup 200 --ema 0.99 "
+                "--lora-rank 64 --target neg --cfg-w {w} --ratio 0.75 --time-pairs to-data --anchor 0.25 "
+                "--loss pseudo_huber --time-scale 1 "
                 f"--teacher {{runs}}/teacher/final/teacher.safetensors {_PAIRS}"),
     ("student_gt", "--stage distill --preset tiny --size {size} --batch 8 --lr 1e-4 --steps 600 --ema 0.99 "
                    "--lora-rank 64 --target gt --ratio 0.75 --time-pairs to-data --loss pseudo_huber --time-scale 1 "
