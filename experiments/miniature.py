@@ -1,4 +1,4 @@
-"""The miniature MFSR: the whole story of the paper at a size two CPU cores train in about 100 minutes.
+"""The miniature MFSR: the whole story of the paper at a size two CPU cores train in under two hours.
 
     pip install scikit-image                              # dev-only: photographs (and SSIM's reference)
     apt-get install $(python experiments/miniature.py --packages)     # Debian packages that ship photographs
@@ -106,6 +106,10 @@ CFG_TOLERANCE_DB = 0.3               # the largest scale within this PSNR of the
 # (u(z, t, t) = v) and its JVP's du/dt is the flow's. The former release's teacher saw SD3's 1000 t
 # and its student kept it: du/dt then measured the time embedding's ripple, and the student moved
 # little from the teacher's one step (docs/miniature.md).
+# The student's pairs (docs/time_pairs.md, `sweeps.py --pairs-scan`): every other s != t pair jumps
+# to the data (--time-pairs to-data, ratio 0.75) and a quarter of the rows regresses the one-step jump
+# on the teacher's 40-step samples (--anchor 0.25). The paper's draw left the student at its
+# teacher's one step; without the anchor, longer runs grew speckle beyond the teacher's own.
 _PAIRS = "--cache-latents 4000 --clean-prob 0.3 --plain-gt --vae {runs}/vae/final/vae.safetensors"
 STAGES = [
     ("vae", ""),
