@@ -289,10 +289,10 @@ def teacher_samples(runs, scale=1.0, workers=2, dest="docs/teacher_samples.md", 
 # teacher's samples from the same noise (PSNR) and against the HR.
 PAIR_SCAN_STEPS = 1200        # the student stage's own length: a row can ship as it is
 PAIR_SCAN = [  # (row, flags replacing the student stage's)
-    ("uniform, ratio 0.5 (the paper's)", "--time-pairs uniform --ratio 0.5"),
-    ("to-data, ratio 0.75", "--time-pairs to-data --ratio 0.75"),
-    ("logit-normal, ratio 0.75 (py-meanflow's)", "--time-pairs logit-normal --ratio 0.75"),
-    ("uniform, ratio 0.75, s - t capped, the cap ramped to 1 over 200 steps", "--time-pairs uniform --ratio 0.75 --gap-ramp 200"),
+    ("uniform, ratio 0.5 (the paper's)", "--time-pairs uniform --ratio 0.5 --anchor 0"),
+    ("to-data, ratio 0.75", "--time-pairs to-data --ratio 0.75 --anchor 0"),
+    ("logit-normal, ratio 0.75 (py-meanflow's)", "--time-pairs logit-normal --ratio 0.75 --anchor 0"),
+    ("uniform, ratio 0.75, s - t capped, the cap ramped to 1 over 200 steps", "--time-pairs uniform --ratio 0.75 --gap-ramp 200 --anchor 0"),
     ("to-data, ratio 0.75, a quarter of the rows anchored on 40-step samples",
      "--time-pairs to-data --ratio 0.75 --anchor 0.25"),
 ]
@@ -361,7 +361,7 @@ def pairs_scan(runs, scale=1.0, workers=2, dest="docs/time_pairs.md", rows=None,
     import mfsr
     steps = max(2, round(PAIR_SCAN_STEPS * scale))
     student = dict(STAGES)["student"].format(runs=runs, size=TRAIN_SIZE, w=mfsr.eq11_w(chosen_cfg(runs)))
-    warmup = int(student.split("--warmup ")[1].split()[0])
+    warmup = max(1, round(int(student.split("--warmup ")[1].split()[0]) * scale))   # as train_stage scales it
     base = _with_flags(student.split(), f"--steps {PAIR_SCAN_STEPS}")
     files, extra = {}, {}
     for i, (row, flags) in enumerate(PAIR_SCAN):
