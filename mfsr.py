@@ -29,8 +29,8 @@ Time embedding (§4.4). A network sees c_noise = time_scale * (1 - t) through si
 per unit c_noise, so the JVP's time term factors as d_t u = dc_noise/dt * demb/dc_noise * du/demb.
 With SD3's c_noise = 1000 t the first factor is 1000 and the features ripple at up to 1000 rad per
 unit t: du/dt then measures the embedding's ripple, not the flow, and Eq. 12's target points
-nowhere useful (the miniature's former 1000 t student: time term 2.58 against a secant of 0.14-0.37
-over h = 0.1; `dudt_terms` logs both). Hence the paper's student c_noise = t. The miniature's
+nowhere useful (`dudt_terms` sets the JVP's time term beside its secant; docs/time_embedding.md
+measures it). Hence the paper's student c_noise = t. The miniature's
 teacher is trained with c_noise = t as well, so its student starts as its teacher. A teacher that
 cannot be retrained (SD3.5 / DiT4SR, 1000 t) leaves two choices: the paper's, a student at t whose
 t-embedder relearns time, or, beyond the paper, a student that keeps 1000 t with its time features
