@@ -20,86 +20,23 @@ The pipeline (MFSR Alg. 2; DiT4SR's inference recipe, ARCHITECTURE §3.7, for th
 Gray images come out gray, alpha is upscaled apart (bicubic), 16-bit files are written at 16 bits.
 """
 import argparse
-import contextlib
-import glob
-import importlib.util
-import math
 import os
 import sys
 import time
-import warnings
-import zlib
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 
-import model
 import mfsr
-import vae as vae_lib
-from model import CheckpointError, SafetensorsFiles
+from plumbing import cli, images
+from plumbing.checkpoints import CheckpointError, SafetensorsFiles, load_embedding, load_transformer, load_vae
+from plumbing.tiling import TiledNet
+from vae import set_dtype
 
 SCALE = 4
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "mfsr-tiny")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROGRESS_AFTER = 2.0     # seconds an image may take before its progress is shown
-
-# --------------------------------------------------------------------------------------------
-# Latent tiles (ARCHITECTURE §3.7 step 6)
-
-
-def gaussian_weights(h, w, var=0.01):
-    """DiT4SR's blending weight of an h x w tile: a separable Gaussian of variance `var` in
-    tile-normalised coordinates, peaked at the centre, tiny but never zero at the edges."""
-    def g(n):
-        x = (torch.arange(n, dtype=torch.float64) - (n - 1) / 2) / n
-        return torch.exp(-x * x / (2 * var))
-    return (g(h)[:, None] * g(w)[None, :]).float()                              # (h, w)
-
-
-class TiledNet:
-    """Calls a transformer on overlapping latent tiles and blends the outputs, so any latent size
-    runs in bounded memory and within the model's position grid. Same signature as MMDiT.forward;
-    the prompt goes to every tile whole, the LR latent is cropped like x. A latent that fits in one
-    tile runs untiled (bit-identical to net). The network's outputs are linear in what the samplers
-    combine (CFG, Euler steps), so blending the outputs is blending the velocities."""
-
-    def __init__(self, net, tile=64, overlap=24, on_tile=None):
-        p, most = net.cfg.patch, net.cfg.pos_grid * net.cfg.patch
-        if tile % p or overlap % p or not 0 <= overlap < tile:
-            raise ValueError(f"--tile {tile} / --tile-overlap {overlap}: need multiples of the patch {p} "
-                             f"and 0 <= overlap < tile")
-        if tile > most:
-            raise ValueError(f"--tile {tile}: this model's position grid allows latent tiles up to {most}")
-        self.net, self.tile, self.overlap, self.cfg = net, tile, overlap, net.cfg
-        self.on_tile = on_tile or (lambda: None)      # called after every tile's network call
-
-    def tiles(self, H, W):
-        """The (rows, cols) slices of every tile of an H x W latent."""
-        T = self.tile
-        return [(slice(y, y + min(T, H)), slice(x, x + min(T, W)))
-                for y in vae_lib.tile_starts(H, T, self.overlap) for x in vae_lib.tile_starts(W, T, self.overlap)]
-
-    def __call__(self, x, sigma, pooled, context, lr=None, sigma_s=None):
-        tiles = self.tiles(*x.shape[-2:])
-        if len(tiles) == 1:
-            y = self.net(x, sigma, pooled, context, lr=lr, sigma_s=sigma_s)
-            self.on_tile()
-            return y
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)           # (B, C, H, W)
-        total = torch.zeros(x.shape[-2:], dtype=torch.float32, device=x.device)   # (H, W)
-        for rows, cols in tiles:
-            crop = (..., rows, cols)
-            y = self.net(x[crop], sigma, pooled, context,
-                         lr=None if lr is None else lr[crop], sigma_s=sigma_s)    # (B, C, th, tw)
-            w = gaussian_weights(y.shape[-2], y.shape[-1]).to(x.device)
-            out[crop] += y.float() * w
-            total[rows, cols] += w
-            self.on_tile()
-        return (out / total).to(x.dtype)
-
 
 # --------------------------------------------------------------------------------------------
 # Colour fix (ARCHITECTURE §3.7 step 8): keep the LR's colours, take the model's details
@@ -162,13 +99,13 @@ def upscale(img, net, vae, cond, steps=1, *, teacher=False, cond_neg=None, cfg=D
     (Alg. 2) or the teacher's Euler steps with guidance `cfg` on SD3's grid shifted by `shift`
     (the shift its training used; grid "uniform": Alg. 2's grid). tile / tile_overlap: latent tiles.
     vae_tile: passed to vae.encode / decode (None: vae.py decides by size, 0: never).
-    progress: a Progress (or None), told the phases and every tile's network call."""
+    progress: a cli.Progress (or None), told the phases and every tile's network call."""
     assert img.ndim == 4 and img.shape[:2] == (1, 3), f"img must be (1, 3, H, W), got {tuple(img.shape)}"
     if color_fix not in COLOR_FIXES:
         raise ValueError(f"color_fix must be one of {sorted(COLOR_FIXES)}, got {color_fix!r}")
     p = next(net.parameters())
     device, dtype = p.device, p.dtype
-    progress = progress or Progress(None)
+    progress = progress or cli.Progress(None)
     progress.phase("bicubic x4")
     H, W = img.shape[-2:]
     lr_up = F.interpolate(img.float().to(device), size=(SCALE * H, SCALE * W), mode="bicubic",
@@ -197,47 +134,6 @@ def upscale(img, net, vae, cond, steps=1, *, teacher=False, cond_neg=None, cfg=D
     return y
 
 
-class Progress:
-    """Network calls on tiles done / total, elapsed and ETA on `stream` (default stderr): a bar redrawn
-    in place on a terminal, else a line every 10 %; nothing before `after` seconds (small images stay one
-    summary line) nor with name=None. `seconds`: each phase's time, as upscale and process name them."""
-
-    def __init__(self, name, stream=None, after=2.0):
-        self.name, self.after, self.stream = name, after, stream or sys.stderr
-        self.tty = name is not None and self.stream.isatty()
-        self.t0 = self.phase_t0 = time.perf_counter()
-        self.seconds, self.current = {}, None
-        self.done = self.total = 0
-        self.next_line, self.drawn = 0.1, False
-
-    def phase(self, name, calls=0):
-        now = time.perf_counter()
-        if self.current is not None:
-            self.seconds[self.current] = self.seconds.get(self.current, 0.0) + now - self.phase_t0
-        self.current, self.phase_t0 = name, now
-        if calls:
-            self.done, self.total, self.network_t0 = 0, calls, now
-        if name is None and self.drawn:
-            print(file=self.stream, flush=True)                              # end the bar's line
-            self.drawn = False
-
-    def tile(self):
-        self.done += 1
-        now = time.perf_counter()
-        if self.name is None or now - self.t0 < self.after or not self.total:
-            return
-        frac = self.done / self.total
-        eta = (now - self.network_t0) / self.done * (self.total - self.done)
-        text = (f"{self.name}: tiles {self.done}/{self.total}, {now - self.t0:.0f} s, "
-                f"ETA {eta:.0f} s (network; then the VAE decode)")
-        if self.tty:
-            print(f"\r[{'#' * int(20 * frac):<20}] {text}", end="", file=self.stream, flush=True)
-            self.drawn = True
-        elif frac >= self.next_line or self.done == self.total:
-            print(text, file=self.stream, flush=True)
-            self.next_line = math.floor(frac * 10 + 1) / 10
-
-
 # --------------------------------------------------------------------------------------------
 # Loading the model and the prompt embeddings
 
@@ -254,7 +150,7 @@ def load_models(ckpt, vae_path=None, teacher=False, device="cpu", dtype=torch.fl
         if not os.path.exists(ckpt):
             raise CheckpointError(f"the shipped model is missing ({ckpt}); pass --ckpt (a student.safetensors "
                                   f"exported by train.py) and --vae")
-    net = model.load_transformer(ckpt, dtype=dtype, device=device)
+    net = load_transformer(ckpt, dtype=dtype, device=device)
     if not net.cfg.lr_stream:
         raise CheckpointError(f"{ckpt}: a plain SD3 transformer (no LR stream), not a super-resolution model")
     if net.cfg.two_times and teacher:
@@ -266,29 +162,14 @@ def load_models(ckpt, vae_path=None, teacher=False, device="cpu", dtype=torch.fl
         vae_path = _beside(ckpt, "vae.safetensors")
         vae_path = vae_path if os.path.exists(vae_path) else ckpt
     try:
-        vae = vae_lib.load_vae(vae_path, device=device)
+        vae = load_vae(vae_path, device=device)
     except CheckpointError as e:
         raise CheckpointError(f"no usable VAE ({e}); pass --vae (a VAE file or an SD3.5 checkpoint)") from None
-    vae_lib.set_dtype(vae, dtype)
+    set_dtype(vae, dtype)
     if vae.cfg.latent_channels != net.cfg.in_channels:
         raise CheckpointError(f"{vae_path}: the VAE has {vae.cfg.latent_channels} latent channels, the "
                               f"transformer {net.cfg.in_channels}")
     return net.eval().requires_grad_(False), vae.eval().requires_grad_(False)
-
-
-def load_embedding(path, null):
-    """(context, pooled) from an embedding file, or the null embedding when there is none."""
-    if not os.path.exists(path):
-        return null
-    f = SafetensorsFiles(path)
-    try:
-        context, pooled = f.get("context"), f.get("pooled")
-    except KeyError:
-        raise CheckpointError(f"{path}: an embedding file needs 'context' and 'pooled' tensors") from None
-    if context.shape[-1] != null[0].shape[-1] or pooled.shape != null[1].shape:
-        raise CheckpointError(f"{path}: context {tuple(context.shape)} / pooled {tuple(pooled.shape)} do not "
-                              f"fit the model ({null[0].shape[-1]} / {tuple(null[1].shape)})")
-    return context.float(), pooled.float()
 
 
 def load_condition(net_cfg, emb=None, ckpt=None, beside=("prompt", "null")):
@@ -309,300 +190,35 @@ def load_condition(net_cfg, emb=None, ckpt=None, beside=("prompt", "null")):
 
 
 # --------------------------------------------------------------------------------------------
-# Image files: every common file in, float RGB in [0, 1] out, and back to a file of the same kind.
-# Gray stays gray, transparency is kept apart ((1, H, W) alpha), EXIF orientation is applied, every
-# failure is an ImageError naming the file. Pillow does the work except where it would lose bits:
-# 16-bit gray (I;16*, I) is read at full precision (its convert("RGB") clips to 255), 32-bit float
-# (F) clipped to [0, 1] and written back at 16 bits; 16-bit colour PNG, which Pillow 13 reads at
-# 8 bits and cannot write, goes through the optional pypng (without it: read at 8 bits, said in
-# `note`), 16-bit colour TIFF through the optional tifffile (without it: refused, not read at 8 bits).
-
-
-FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
-           ".tif": "TIFF", ".tiff": "TIFF"}
-EXTS = tuple(FORMATS)                                           # read and written
-INPUT_EXTS = EXTS + (".gif", ".ppm", ".pgm", ".pbm", ".pnm")    # read only: results of these are PNG
-MAX_PIXELS = 100_000_000           # refuse bigger files (a decompression bomb, or a mistake)
-LUMA = (0.299, 0.587, 0.114)       # ITU-R 601, what Pillow's convert("L") uses
-
-
-class ImageError(ValueError):
-    """An image that cannot be read or written: the message names the file and what is wrong."""
-
-
-@dataclass
-class LoadedImage:
-    rgb: torch.Tensor                  # (3, H, W) float32 in [0, 1]
-    alpha: torch.Tensor | None         # (1, H, W) float32 in [0, 1], or None
-    gray: bool                         # the file was grayscale: write it back gray
-    bits: int                          # 8 or 16 bits per sample in the file
-    note: str = ""                     # what the reader did that the user should know (animated GIF)
-
-    @property
-    def size(self):                    # (H, W)
-        return tuple(self.rgb.shape[-2:])
-
-
-def load_image(path) -> LoadedImage:
-    """Read any INPUT_EXTS file into float RGB in [0, 1] (+ alpha, gray flag, bit depth); of an
-    animated file (GIF, WebP, TIFF pages) the first frame, said in `note`."""
-    path = str(path)
-    if not os.path.isfile(path):
-        raise ImageError(f"{path}: no such file")
-    if os.path.getsize(path) == 0:
-        raise ImageError(f"{path}: empty file (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # MAX_PIXELS decides
-            with Image.open(path) as im:
-                W, H = im.size
-                if W * H == 0:
-                    raise ImageError(f"{path}: the image has zero size ({W}x{H})")
-                if W * H > MAX_PIXELS:
-                    raise ImageError(f"{path}: {W}x{H} = {W * H:,} pixels is above the limit of {MAX_PIXELS:,} "
-                                     f"(a decompression bomb?); raise sample.MAX_PIXELS if the file is genuine")
-                frames = getattr(im, "n_frames", 1)
-                deep_png = im.format == "PNG" and _png_depth(path) == 16
-                arr, gray, bits = _pixels(path, im, deep_png)                 # (H, W, C) float32 (frame 0)
-                arr = _orient(arr, im.getexif().get(0x0112, 1))
-    except ImageError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"{path}: too many pixels ({e})") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image Pillow can read (unknown or corrupt format)") from None
-    except (OSError, SyntaxError, ValueError, zlib.error) as e:  # truncated / corrupt data
-        raise ImageError(f"{path}: unreadable image data ({e})") from None
-    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)          # (C, H, W)
-    color, alpha = (t[:-1], t[-1:]) if t.shape[0] in (2, 4) else (t, None)
-    notes = [f"animated, {frames} frames: the first is used"] * (frames > 1)
-    notes += ["16-bit colour PNG read at 8 bits (pip install pypng to keep all 16)"] * (deep_png and bits == 8)
-    return LoadedImage(color.expand(3, -1, -1).contiguous(), alpha, gray, bits, "; ".join(notes))
-
-
-def _pixels(path, im, deep_png=False):
-    """(array (H, W, C) float32 in [0, 1] with C in 1..4 (gray, gray+alpha, RGB, RGBA), gray, bits).
-    deep_png: the file is a 16-bit PNG."""
-    if deep_png and im.mode not in ("I", "I;16", "I;16B") and _has_pypng():
-        return _read_png16(path)                       # 16-bit colour or gray+alpha: Pillow gives 8 bits
-    if im.format == "TIFF" and im.mode in ("RGB", "RGBA") and np.max(im.tag_v2.get(258, 8)) == 16:
-        a = _tifffile(path).imread(path)               # tag 258: BitsPerSample, one or one per channel
-        if a.dtype != np.uint16 or a.ndim != 3 or a.shape[2] not in (3, 4):
-            raise ImageError(f"{path}: unsupported 16-bit TIFF layout {a.shape} {a.dtype}")
-        return a.astype(np.float32) / 65535, False, 16
-    im.load()                                          # decode now, so truncation raises here
-    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        a = np.asarray(im).astype(np.float64)
-        if a.min() < 0 or a.max() > 65535:
-            raise ImageError(f"{path}: 32-bit integer image (values {a.min():.0f}..{a.max():.0f}) is not supported")
-        return (a / 65535).astype(np.float32)[..., None], True, 16
-    if im.mode == "F":
-        return np.clip(np.asarray(im, dtype=np.float32), 0, 1)[..., None], True, 16
-    gray = im.mode in ("1", "L", "LA", "La")
-    alpha = im.mode in ("LA", "La", "PA", "RGBA", "RGBa") or (im.mode == "P" and "transparency" in im.info)
-    try:                                               # other modes (RGBX, CMYK, YCbCr, LAB, HSV) as RGB
-        a = np.asarray(im.convert(("L" if gray else "RGB") + ("A" if alpha else "")), dtype=np.float32) / 255.0
-    except ValueError as e:
-        raise ImageError(f"{path}: unsupported image mode {im.mode!r} ({e})") from None
-    return a.reshape(*a.shape[:2], -1), gray, 8
-
-
-def _orient(a, orientation):
-    """Apply the EXIF orientation tag (1..8) to an (H, W, C) array, as ImageOps.exif_transpose."""
-    ops = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
-           5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1),
-           7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1], 8: lambda a: np.rot90(a, 1)}
-    return ops[orientation](a) if orientation in ops else a
-
-
-def save_image(path, rgb, alpha=None, gray=False, bits=8, protect=()):
-    """Write rgb (3, H, W) in [0, 1] (+ alpha (1, H, W)) atomically: a temporary file in the same
-    folder, then a rename. gray: store one channel (ITU-R 601 luma). bits=16 is kept for PNG and
-    TIFF; other formats store 8 bits. JPEG cannot hold alpha (an error).
-    protect: paths that must never be written over (the inputs). Returns the path."""
-    path = str(path)
-    fmt = check_output(path, alpha is not None, protect)
-    folder = os.path.dirname(os.path.abspath(path))
-    rgb = torch.as_tensor(rgb).detach().float().cpu()
-    assert rgb.ndim == 3 and rgb.shape[0] == 3, f"rgb must be (3, H, W), got {tuple(rgb.shape)}"
-    if gray:
-        rgb = sum(w * c for w, c in zip(LUMA, rgb))[None]                           # (1, H, W)
-    if alpha is not None:
-        rgb = torch.cat([rgb, torch.as_tensor(alpha).detach().float().cpu().reshape(1, *rgb.shape[1:])])
-    a = rgb.clamp(0, 1).permute(1, 2, 0).numpy()                                   # (H, W, C) in [0, 1]
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            if bits == 16 and fmt in ("PNG", "TIFF"):
-                _write16(f, fmt, np.round(a * 65535).astype(np.uint16), path)
-            else:
-                u8 = np.round(a * 255).astype(np.uint8)
-                im = Image.fromarray(u8[..., 0] if u8.shape[2] == 1 else u8)  # L, LA, RGB or RGBA
-                if fmt == "WEBP" and im.mode in ("L", "LA"):
-                    im = im.convert("RGB" if im.mode == "L" else "RGBA")    # WebP has no gray mode
-                im.save(f, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
-        os.replace(tmp, path)
-    except PermissionError:
-        raise ImageError(f"{path}: cannot write there, the folder {folder} is not writable") from None
-    except OSError as e:
-        raise ImageError(f"{path}: cannot write the image ({e})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def check_output(path, has_alpha=False, protect=()):
-    """The checks save_image makes before writing, for callers to make before any compute: a
-    known extension, not an input, JPEG without alpha, an existing folder. Returns the format."""
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in FORMATS:
-        raise ImageError(f"{path}: cannot write {ext or 'a file without extension'}; use one of {', '.join(EXTS)}")
-    if any(_same_file(path, p) for p in protect):
-        raise ImageError(f"{path}: refusing to write over an input file")
-    if has_alpha and FORMATS[ext] == "JPEG":
-        raise ImageError(f"{path}: JPEG cannot store the alpha channel; use .png or .webp")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ImageError(f"{path}: the folder {folder} does not exist")
-    return FORMATS[ext]
-
-
-def _same_file(a, b):
-    try:
-        return os.path.samefile(a, b)
-    except OSError:      # one of them does not exist yet
-        return os.path.realpath(a) == os.path.realpath(b)
-
-
-# 16-bit colour files through the optional pypng (PNG) and tifffile (TIFF)
-
-
-def _has_pypng():
-    return importlib.util.find_spec("png") is not None
-
-
-def _tifffile(path):
-    try:
-        import tifffile
-    except ImportError:
-        raise ImageError(f"{path}: 16-bit colour TIFF needs the tifffile package (pip install tifffile); "
-                         f"Pillow handles 8 bits only") from None
-    return tifffile
-
-
-def _png_depth(path):
-    """The bit depth in a PNG's IHDR chunk (byte 24 of the file)."""
-    with open(path, "rb") as f:
-        head = f.read(25)
-    return head[24] if len(head) == 25 and head[12:16] == b"IHDR" else 8
-
-
-def _read_png16(path):
-    import png
-    try:
-        w, h, rows, info = png.Reader(filename=path).asDirect()
-        a = np.vstack([np.asarray(r, np.uint16) for r in rows]).reshape(h, w, info["planes"])
-    except png.Error as e:
-        raise ImageError(f"{path}: unreadable PNG data ({e})") from None
-    return a.astype(np.float32) / 65535, info["planes"] <= 2, 16
-
-
-def _write16(f, fmt, a, path):
-    """a: (H, W, C) uint16, C in 1..4: gray through Pillow (mode I;16), colour through pypng / tifffile."""
-    H, W, C = a.shape
-    if C == 1:
-        Image.fromarray(np.ascontiguousarray(a[..., 0])).save(f, format=fmt)
-    elif fmt == "TIFF":
-        _tifffile(path).imwrite(f, a, photometric="rgb" if C >= 3 else "minisblack")
-    elif not _has_pypng():
-        raise ImageError(f"{path}: 16-bit colour PNG needs the pypng package (pip install pypng)")
-    else:
-        import png
-        png.Writer(W, H, bitdepth=16, greyscale=C <= 2, alpha=C in (2, 4)).write(f, a.reshape(H, W * C))
-
-
-# --------------------------------------------------------------------------------------------
 # The program
-
-
-def find_inputs(specs, suffix):
-    """Files, folders (their images, not recursive) and globs -> (paths, problems). A file named
-    twice (a.png and ./a.png, or through a folder and a glob) is one input."""
-    paths, problems, seen = [], [], set()
-    for spec in specs:
-        if os.path.isdir(spec):
-            found = sorted(os.path.join(spec, f) for f in os.listdir(spec) if f.lower().endswith(INPUT_EXTS))
-            # earlier results in the same folder are not inputs again
-            found = [f for f in found if not (suffix and os.path.splitext(f)[0].endswith(suffix))]
-        elif any(ch in spec for ch in "*?["):
-            found = sorted(f for f in glob.glob(spec) if os.path.isfile(f))
-        else:
-            found = [spec] if os.path.exists(spec) else []
-        if not found:
-            problems.append(f"{spec}: no such file, or no images ({', '.join(INPUT_EXTS)}) there")
-        for f in found:
-            if os.path.realpath(f) not in seen:
-                seen.add(os.path.realpath(f))
-                paths.append(f)
-    return paths, problems
-
-
-def output_path(src, out_dir, suffix, ext, has_alpha):
-    stem, src_ext = os.path.splitext(os.path.basename(src))
-    ext = src_ext.lower() if ext == "auto" else "." + ext.lstrip(".").lower()
-    if ext not in EXTS:
-        ext = ".png"                                   # read-only formats (GIF, PPM, ...) come out as PNG
-    if has_alpha and ext in (".jpg", ".jpeg"):
-        ext = ".png"                                   # JPEG has no alpha
-    return os.path.join(out_dir or os.path.dirname(src), stem + suffix + ext)
 
 
 def process(path, args, net, vae, cond, cond_neg, inputs, written, device):
     """One image: read, upscale (RGB; alpha bicubic apart), write. Returns the summary line."""
-    img = load_image(path)
-    out = output_path(path, args.output, args.suffix, args.ext, img.alpha is not None)
+    img = images.load_image(path)
+    out = images.output_path(path, args.output, args.suffix, args.ext, img.alpha is not None)
     if out in written:
-        raise ImageError(f"{out}: already written for another input in this run; use --suffix or --ext")
-    check_output(out, img.alpha is not None, inputs)                  # before minutes of compute
+        raise images.ImageError(f"{out}: already written for another input in this run; use --suffix or --ext")
+    images.check_output(out, img.alpha is not None, inputs)                  # before minutes of compute
     if img.note:
         print(f"note: {path}: {img.note}", file=sys.stderr, flush=True)
-    _reset_peak(device)
+    cli.reset_peak(device)
     t0 = time.perf_counter()
-    progress = Progress(path, after=PROGRESS_AFTER)
+    progress = cli.Progress(path, after=PROGRESS_AFTER)
     y = upscale(img.rgb[None], net, vae, cond, args.steps, teacher=args.teacher, cond_neg=cond_neg,
                 cfg=args.cfg, shift=args.shift, seed=args.seed, tile=args.tile, tile_overlap=args.tile_overlap,
                 color_fix=args.color_fix, progress=progress)
     alpha = None if img.alpha is None else F.interpolate(img.alpha[None], scale_factor=SCALE, mode="bicubic",
                                                           align_corners=False)[0]
     progress.phase("write")
-    save_image(out, y[0], alpha=alpha, gray=img.gray, bits=img.bits, protect=inputs)
+    images.save_image(out, y[0], alpha=alpha, gray=img.gray, bits=img.bits, protect=inputs)
     progress.phase(None)
     written.add(out)
     H, W = img.size
     secs = time.perf_counter() - t0
     where = ", ".join(f"{k} {v:.1f}" for k, v in progress.seconds.items()) if secs >= progress.after else ""
     return (f"{path} {W}x{H} -> {out} {SCALE * W}x{SCALE * H}, {args.steps} step{'s' * (args.steps > 1)}, "
-            f"{secs:.2f} s{f' ({where})' if where else ''}, peak {peak_memory_mb(device):.0f} MB")
-
-
-def _reset_peak(device):
-    if device.type == "cuda":
-        return torch.cuda.reset_peak_memory_stats(device)
-    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
-        f.write("5")                                   # Linux: VmHWM restarts from the current RSS
-
-
-def peak_memory_mb(device):
-    """The process's peak memory since _reset_peak: CUDA's allocator peak, else the resident set's
-    (Linux's VmHWM); NaN where the system does not say (no /proc: macOS, Windows)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM"))
-    except (OSError, StopIteration):
-        return math.nan
+            f"{secs:.2f} s{f' ({where})' if where else ''}, peak {cli.peak_memory_mb(device):.0f} MB")
 
 
 def _shipped_sampling():
@@ -651,24 +267,9 @@ def parse_args(argv=None):
         p.error(f"--steps {a.steps}: at least 1")
     if a.shift is not None and not a.shift > 0:
         p.error(f"--shift {a.shift}: must be > 0 (1 is none)")
-    if a.ext != "auto" and "." + a.ext.lstrip(".").lower() not in EXTS:
-        p.error(f"--ext {a.ext}: choose from auto, {', '.join(e[1:] for e in EXTS)}")
+    if a.ext != "auto" and "." + a.ext.lstrip(".").lower() not in images.EXTS:
+        p.error(f"--ext {a.ext}: choose from auto, {', '.join(e[1:] for e in images.EXTS)}")
     return a
-
-
-def pick_device(name):
-    """torch.device for --device; ValueError naming it and what this torch has, if unusable."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    have = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    have += ["mps"] if torch.backends.mps.is_available() else []
-    try:
-        d = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {name}: not a device name; this machine has {', '.join(have)}") from None
-    if d.type in have or f"{d.type}:{d.index or 0}" in have:          # cpu, mps, or a GPU this machine has
-        return d
-    raise ValueError(f"--device {name}: not available to this torch {torch.__version__}; it has {', '.join(have)}")
 
 
 def apply_sampling_settings(args, net):
@@ -700,8 +301,8 @@ def main(argv=None):
 def run(args, written):
     """The program after parsing: inputs, models, then one image at a time into `written`."""
     try:
-        device = pick_device(args.device)
-        paths, problems = find_inputs(args.inputs, args.suffix)
+        device = cli.pick_device(args.device)
+        paths, problems = images.find_inputs(args.inputs, args.suffix)
         for msg in problems:
             print(f"error: {msg}", file=sys.stderr)
         if not paths:
@@ -730,7 +331,7 @@ def run(args, written):
     for path in paths:
         try:
             print(process(path, args, net, vae, cond, cond_neg, inputs, written, device), flush=True)
-        except (ValueError, OSError, RuntimeError) as e:      # ImageError and CheckpointError are ValueErrors
+        except (ValueError, OSError, RuntimeError) as e:      # images.ImageError and CheckpointError are ValueErrors
             failed += 1
             print(f"error: {path}: {e}" if path not in str(e) else f"error: {e}", file=sys.stderr, flush=True)
     if failed:

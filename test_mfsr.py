@@ -10,6 +10,7 @@ import mfsr
 import model
 from builders import _randomize
 from model import CONFIGS, MMDiT
+from plumbing import checkpoints
 
 
 def test_sample_times_ranges_ratio_and_determinism():
@@ -395,14 +396,14 @@ def test_v_prediction_samples_as_before_and_x_is_recorded_in_the_file(tmp_path):
     from safetensors.torch import load_file, save_file
     from safetensors import safe_open
     _, student, cond, _, _ = _tiny_pair(torch.float32)
-    model.save_transformer(student, str(tmp_path / "v.safetensors"))
+    checkpoints.save_transformer(student, str(tmp_path / "v.safetensors"))
     with safe_open(str(tmp_path / "v.safetensors"), "pt") as f:
         meta = f.metadata()
     config = json.loads(meta["mfsr_config"])
     assert config.pop("prediction") == "v"
     save_file(load_file(str(tmp_path / "v.safetensors")), str(tmp_path / "old.safetensors"),
               {**meta, "mfsr_config": json.dumps(config)})
-    net = model.load_transformer(str(tmp_path / "old.safetensors")).eval()
+    net = checkpoints.load_transformer(str(tmp_path / "old.safetensors")).eval()
     assert net.cfg.prediction == "v"
     z_lr, pooled, ctx = (c[:1] for c in cond)
     with torch.no_grad():
@@ -417,8 +418,8 @@ def test_v_prediction_samples_as_before_and_x_is_recorded_in_the_file(tmp_path):
         torch.testing.assert_close(net(z, one, pooled, ctx, lr=z_lr, sigma_s=half),
                                    student.eval()(z, one, pooled, ctx, lr=z_lr, sigma_s=half), rtol=1e-5, atol=1e-5)
     x_net = MMDiT(replace(CONFIGS["tiny"], prediction="x"))
-    model.save_transformer(x_net, str(tmp_path / "x.safetensors"))
-    assert model.load_transformer(str(tmp_path / "x.safetensors")).cfg.prediction == "x"
+    checkpoints.save_transformer(x_net, str(tmp_path / "x.safetensors"))
+    assert checkpoints.load_transformer(str(tmp_path / "x.safetensors")).cfg.prediction == "x"
 
 
 def test_samplers_on_the_tiny_model():

@@ -175,12 +175,13 @@ def _load_row(cfg):
     """Peak memory of load_transformer vs the file size: one copy of the weights, not two."""
     import tempfile
     import model
+    from plumbing import checkpoints
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "t.safetensors")
-        model.save_transformer(model.MMDiT(cfg), path)
+        checkpoints.save_transformer(model.MMDiT(cfg), path)
         size = os.path.getsize(path) / 2 ** 20
-        secs = median_times({"load": lambda: model.load_transformer(path)}, repeat=1, warmup=0)["load"]
-        mb = peak_mb(lambda: model.load_transformer(path))[1]
+        secs = median_times({"load": lambda: checkpoints.load_transformer(path)}, repeat=1, warmup=0)["load"]
+        mb = peak_mb(lambda: checkpoints.load_transformer(path))[1]
     return {"config": "6x384", "tokens (X+LR)": "-",
             "variant": f"load_transformer: {size:.0f} MB file, peak/file {mb / size:.2f}",
             "seconds": secs, "peak MB": mb, "x fwd mem": "-", "time ratio": "-"}
@@ -488,11 +489,10 @@ def _train_case(cfg, h, B, compiled):
             loss_fn(tc)[0].backward()
         return go
 
-    fns = {"teacher stage": step(trained_teacher, lambda tc: train.teacher_loss(
-        run_t, z_hr, z_lr, ctx, pooled, null, tc, g, neg=neg))}
+    batch = dict(z_hr=z_hr, z_lr=z_lr, context=ctx, pooled=pooled, null=null, neg=neg)
+    fns = {"teacher stage": step(trained_teacher, lambda tc: (train.teacher_loss(run_t, batch, tc, g),))}
     for mode in ("split", "fused"):
-        fns[f"distill {mode}"] = step(student, lambda tc: train.distill_loss(
-            run_s, student, teacher, z_hr, z_lr, ctx, pooled, null, neg, tc, g), mode)
+        fns[f"distill {mode}"] = step(student, lambda tc: train.distill_loss(run_s, teacher, batch, tc, g), mode)
     return fns
 
 

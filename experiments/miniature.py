@@ -72,7 +72,9 @@ import sample
 import tiny_vae
 import train
 import vae as vae_lib
-from model import atomic_save
+from plumbing.checkpoints import atomic_save
+from plumbing import checkpoints
+from plumbing import runs as run_lib
 
 # The photographs: photos.csv beside this file, one row each: name, kind (of content), source, file,
 # licence. Sources are packages an ordinary client installs:
@@ -313,10 +315,10 @@ def scan_cfg(runs, scale=1.0, crops=16, steps=40, seed=0):
     import degrade
     t0 = time.time()
     steps = max(2, round(steps * min(1.0, scale * 10)))     # a smoke run samples with fewer steps
-    v = vae_lib.load_vae(os.path.join(runs, "vae", "final", "vae.safetensors")).eval()
-    net = model.load_transformer(os.path.join(runs, "teacher", "final", "teacher.safetensors")).eval()
+    v = checkpoints.load_vae(os.path.join(runs, "vae", "final", "vae.safetensors")).eval()
+    net = checkpoints.load_transformer(os.path.join(runs, "teacher", "final", "teacher.safetensors")).eval()
     zeros = (torch.zeros(1, net.cfg.context_dim), torch.zeros(net.cfg.pooled_dim))
-    emb = {e: sample.load_embedding(os.path.join(runs, "emb", e + ".safetensors"), zeros) for e in ("prompt", "neg")}
+    emb = {e: checkpoints.load_embedding(os.path.join(runs, "emb", e + ".safetensors"), zeros) for e in ("prompt", "neg")}
     g = torch.Generator().manual_seed(seed)
     names = TRAIN[::max(1, len(TRAIN) // crops)][:crops]
     hr = torch.stack([degrade.random_crop_pair_source(torch.from_numpy(photo(n)).permute(2, 0, 1).float() / 255,
@@ -354,7 +356,7 @@ def tune_decoder(runs, scale=1.0, batch=16, size=64, lr=1e-4, ema=0.99, seed=0):
     import copy
     t0 = time.time()
     steps = max(2, round(DECODER_STEPS * scale))
-    v = vae_lib.load_vae(os.path.join(runs, "vae", "final", "vae.safetensors")).eval().requires_grad_(False)
+    v = checkpoints.load_vae(os.path.join(runs, "vae", "final", "vae.safetensors")).eval().requires_grad_(False)
     dec = v.decoder.train().requires_grad_(True)
     avg = copy.deepcopy(dec).requires_grad_(False)
     opt = torch.optim.Adam(dec.parameters(), lr=lr)
@@ -380,7 +382,7 @@ def tune_decoder(runs, scale=1.0, batch=16, size=64, lr=1e-4, ema=0.99, seed=0):
     v.decoder = avg.eval()
     out_dir = os.path.join(runs, "decoder", "final")
     os.makedirs(out_dir, exist_ok=True)
-    vae_lib.save_vae(v, os.path.join(out_dir, "vae.safetensors"))
+    checkpoints.save_vae(v, os.path.join(out_dir, "vae.safetensors"))
     with open(os.path.join(out_dir, "minutes.txt"), "w") as f:
         f.write(f"{(time.time() - t0) / 60:.1f}\n")
     with open(os.path.join(out_dir, "steps.txt"), "w") as f:
@@ -396,15 +398,15 @@ def chosen_cfg(runs):
 def ship(runs, dest=SHIP):
     """The trained models, stored in fp16 (loaders cast back to fp32), and the embeddings."""
     os.makedirs(dest, exist_ok=True)
-    v = vae_lib.load_vae(os.path.join(runs, "decoder", "final", "vae.safetensors"))   # the tuned decoder
+    v = checkpoints.load_vae(os.path.join(runs, "decoder", "final", "vae.safetensors"))   # the tuned decoder
     tile = TRAIN_SIZE // v.cfg.factor    # sample.py's defaults: tiles of the training size, our w
     for name, file in (("student", "student"), ("student_gt", "student"), ("teacher", "teacher")):
-        net = model.load_transformer(os.path.join(runs, name, "final", file + ".safetensors"))
-        net.sampling = {"tile": tile, "tile_overlap": train.sample_overlap(tile, net.cfg.patch),
+        net = checkpoints.load_transformer(os.path.join(runs, name, "final", file + ".safetensors"))
+        net.sampling = {"tile": tile, "tile_overlap": run_lib.sample_overlap(tile, net.cfg.patch),
                         **({"cfg": chosen_cfg(runs), "shift": sample.sampling_settings(net)["shift"]}
                            if name == "teacher" else {})}
-        model.save_transformer(net.half(), os.path.join(dest, name + ".safetensors"))
-    vae_lib.save_vae(v.half(), os.path.join(dest, "vae.safetensors"))
+        checkpoints.save_transformer(net.half(), os.path.join(dest, name + ".safetensors"))
+    checkpoints.save_vae(v.half(), os.path.join(dest, "vae.safetensors"))
     for e in ("null", "prompt", "neg"):
         shutil.copy(os.path.join(runs, "emb", e + ".safetensors"), os.path.join(dest, e + ".safetensors"))
     minutes, steps = {}, {}
@@ -432,8 +434,8 @@ def ship(runs, dest=SHIP):
 
 def write_card(dest, info):
     """weights/mfsr-tiny/MODEL_CARD.md: what the files are, how they were made."""
-    nets = {n: model.load_transformer(os.path.join(dest, n + ".safetensors")) for n in ("student", "teacher")}
-    v = vae_lib.load_vae(os.path.join(dest, "vae.safetensors"))
+    nets = {n: checkpoints.load_transformer(os.path.join(dest, n + ".safetensors")) for n in ("student", "teacher")}
+    v = checkpoints.load_vae(os.path.join(dest, "vae.safetensors"))
     count = lambda m: f"{sum(p.numel() for p in m.parameters()):,}"                         # noqa: E731
     pred = ("predicts the clean latent as an offset from the LR latent (prediction x; the student's MFD loss "
             "is measured in x)" if nets["teacher"].cfg.prediction == "x" else "predicts SD3's velocity (prediction v)")
@@ -526,10 +528,10 @@ def heldout_pairs(size=256, per_image=1, seed=0, setting="realesrgan", names=HEL
 
 def load_shipped(dest=SHIP):
     """{name: net}, vae, {null, prompt, neg: (context, pooled)} of a shipped miniature."""
-    nets = {n: model.load_transformer(os.path.join(dest, n + ".safetensors")).eval()
+    nets = {n: checkpoints.load_transformer(os.path.join(dest, n + ".safetensors")).eval()
             for n in ("teacher", "student", "student_gt")}
-    v = vae_lib.load_vae(os.path.join(dest, "vae.safetensors")).eval()
-    embs = {e: sample.load_embedding(os.path.join(dest, e + ".safetensors"),
+    v = checkpoints.load_vae(os.path.join(dest, "vae.safetensors")).eval()
+    embs = {e: checkpoints.load_embedding(os.path.join(dest, e + ".safetensors"),
                                     (torch.zeros(1, nets["student"].cfg.context_dim),
                                      torch.zeros(nets["student"].cfg.pooled_dim)))
             for e in ("null", "prompt", "neg")}

@@ -27,6 +27,7 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import model
 import sample
 import vae as vae_lib
+from plumbing import checkpoints
 import metrics
 from metrics import mse, mse_to_psnr
 from miniature import (HELD_OUT, SETTINGS, SHIP, STAGES, TRAIN_SIZE, bicubic_up, heldout_pairs, load_shipped,
@@ -87,10 +88,10 @@ def _cells(m):
 def student_metrics(runs, student, size=128, names=HELD_OUT):
     """The 1-step student on one size^2 crop of each held-out photograph, per setting:
     {setting: metrics.table_row}, sampled as sample.py samples (tiles, AdaIN)."""
-    v = vae_lib.load_vae(os.path.join(runs, "decoder", "final", "vae.safetensors")).eval()
-    net = model.load_transformer(student).eval()
+    v = checkpoints.load_vae(os.path.join(runs, "decoder", "final", "vae.safetensors")).eval()
+    net = checkpoints.load_transformer(student).eval()
     zeros = (torch.zeros(1, net.cfg.context_dim), torch.zeros(net.cfg.pooled_dim))
-    c, p = sample.load_embedding(os.path.join(runs, "emb", "prompt.safetensors"), zeros)
+    c, p = checkpoints.load_embedding(os.path.join(runs, "emb", "prompt.safetensors"), zeros)
     out = {}
     for setting in SETTINGS:
         hr, lr = heldout_pairs(size, 1, 0, setting, names)
@@ -179,7 +180,7 @@ def scan_teacher(runs, depth, heads, cfg_scale, scale=1.0, workers=2, steps=None
         os.link(done[0], os.path.join(out, "latents-0.safetensors"))
     if not os.path.exists(os.path.join(out, "final")):
         train_stage(runs, "teacher", argv, out, scale, workers)
-    net = model.load_transformer(os.path.join(out, "final", "teacher.safetensors")).eval()
+    net = checkpoints.load_transformer(os.path.join(out, "final", "teacher.safetensors")).eval()
     net.sampling = {**net.sampling, "cfg": cfg_scale}
     return net, open(os.path.join(out, "final", "minutes.txt")).read().strip()
 
@@ -305,11 +306,11 @@ def versus_teacher(runs, students, size=256, names=HELD_OUT, teacher_steps=40):
     teacher's `teacher_steps`-step samples from the same noise, and PSNR, LPIPS and speckle
     against the HR. The teacher's samples are kept in runs/pairs-scan/ (they take minutes)."""
     from miniature import chosen_cfg
-    v = vae_lib.load_vae(os.path.join(runs, "decoder", "final", "vae.safetensors")).eval()
-    teacher = model.load_transformer(os.path.join(runs, "teacher", "final", "teacher.safetensors")).eval()
+    v = checkpoints.load_vae(os.path.join(runs, "decoder", "final", "vae.safetensors")).eval()
+    teacher = checkpoints.load_transformer(os.path.join(runs, "teacher", "final", "teacher.safetensors")).eval()
     teacher.sampling = {**teacher.sampling, "cfg": chosen_cfg(runs)}
     zeros = (torch.zeros(1, teacher.cfg.context_dim), torch.zeros(teacher.cfg.pooled_dim))
-    embs = {e: sample.load_embedding(os.path.join(runs, "emb", e + ".safetensors"), zeros) for e in ("prompt", "neg")}
+    embs = {e: checkpoints.load_embedding(os.path.join(runs, "emb", e + ".safetensors"), zeros) for e in ("prompt", "neg")}
     cond = {e: (p[None], c[None]) for e, (c, p) in embs.items()}
 
     def sr(net, lr, steps, **kw):
@@ -328,7 +329,7 @@ def versus_teacher(runs, students, size=256, names=HELD_OUT, teacher_steps=40):
                 sr(teacher, lr, k, teacher=True, grid="uniform") for k in (1, 2, 4)}
         outs[f"teacher {teacher_steps} steps"] = ref
         for name, path in students.items():
-            net = model.load_transformer(path).eval()
+            net = checkpoints.load_transformer(path).eval()
             for k in (1, 2):
                 outs[f"{name}: {k} step{'s' * (k > 1)}"] = sr(net, lr, k)
         for name, o in outs.items():
@@ -415,10 +416,10 @@ def cutoff_check(teacher_file, vae_file, emb_dir, dest="docs/time_embedding.md",
     u_tgt - v with the right correction). Printed, and written to `dest`."""
     import mfsr
     from dataclasses import replace
-    v = vae_lib.load_vae(vae_file).eval()
-    base = model.load_transformer(teacher_file).eval()
+    v = checkpoints.load_vae(vae_file).eval()
+    base = checkpoints.load_transformer(teacher_file).eval()
     zeros = (torch.zeros(1, base.cfg.context_dim), torch.zeros(base.cfg.pooled_dim))
-    embs = {e: sample.load_embedding(os.path.join(emb_dir, e + ".safetensors"), zeros) for e in ("prompt", "neg")}
+    embs = {e: checkpoints.load_embedding(os.path.join(emb_dir, e + ".safetensors"), zeros) for e in ("prompt", "neg")}
     hr, lr = heldout_pairs(size, 1, 0, "realesrgan")
     z_hr, z_lr = v.encode(hr * 2 - 1, tile=0), v.encode(bicubic_up(lr, hr.shape[-2:]) * 2 - 1, tile=0)
     B = len(hr)

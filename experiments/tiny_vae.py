@@ -30,8 +30,9 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import train
 import vae as vae_lib
-from model import SafetensorsFiles, atomic_save
-from train import mix
+from plumbing.checkpoints import SafetensorsFiles, atomic_save
+from plumbing import checkpoints, runs
+from plumbing import images as image_files
 
 PCA_CROPS = 256     # training crops whose patches start the linear code
 
@@ -103,7 +104,7 @@ def _save_state(path, step, vae, avg, opt, stats):
     """Everything a resumed run needs, atomically: weights, EMA, Adam's state, latent statistics."""
     tensors = {f"vae.{n}": p.detach().contiguous() for n, p in vae.named_parameters()}
     tensors.update({f"ema.{n}": a.contiguous() for n, a in avg.items()})
-    opt_tensors, groups = train.optimizer_tensors(opt, prefix="opt.")
+    opt_tensors, groups = runs.optimizer_tensors(opt, prefix="opt.")
     atomic_save(tensors | opt_tensors, path, {"step": str(step), "stats": json.dumps(stats), "param_groups": groups})
 
 
@@ -114,7 +115,7 @@ def _load_state(path, vae, avg, opt):
         for n, p in vae.named_parameters():
             p.copy_(f.get(f"vae.{n}"))
             avg[n].copy_(f.get(f"ema.{n}"))
-    train.load_optimizer(opt, {k: f.get(k) for k in f.keys() if k.startswith("opt.")},
+    runs.load_optimizer(opt, {k: f.get(k) for k in f.keys() if k.startswith("opt.")},
                          json.loads(f.metadata["param_groups"]), prefix="opt.")
     return int(f.metadata["step"]), json.loads(f.metadata["stats"])
 
@@ -125,11 +126,11 @@ def train_vae(data, out, *, steps=3000, batch=16, size=64, lr=5e-4, ema=0.999, k
     out/steps.txt. Returns the exported VAE. Every `save_every` steps the state goes to
     out/state.safetensors, from which a rerun into the same `out` resumes, exactly (crops and noise
     are functions of the step); it is removed at the end."""
-    paths, _ = train.usable_images(train.find_images(data), size)
+    paths, _ = image_files.usable_images(image_files.find_images(data), size)
     images = {}
     torch.manual_seed(seed)
     vae = vae_lib.VAE(vae_lib.CONFIGS["tiny"]).train()
-    init_linear_code(vae, _crops(paths, images, [(i % len(paths), mix(seed, i, 11)) for i in range(PCA_CROPS)], size))
+    init_linear_code(vae, _crops(paths, images, [(i % len(paths), runs.mix(seed, i, 11)) for i in range(PCA_CROPS)], size))
     params = list(vae.parameters())
     opt = torch.optim.Adam(params, lr=lr)
     avg = {n: p.detach().clone() for n, p in vae.named_parameters()}
@@ -139,8 +140,8 @@ def train_vae(data, out, *, steps=3000, batch=16, size=64, lr=5e-4, ema=0.999, k
         start, stats = _load_state(state_path, vae, avg, opt)
         print(f"vae: resuming at step {start} from {state_path}", flush=True)
     os.makedirs(out, exist_ok=True)
-    for step, keys in enumerate(train.step_batches(len(paths), batch, seed, 0, start, steps), start):
-        g = torch.Generator().manual_seed(mix(seed, step, 0, 7))
+    for step, keys in enumerate(runs.step_batches(len(paths), batch, seed, 0, start, steps), start):
+        g = torch.Generator().manual_seed(runs.mix(seed, step, 0, 7))
         loss = vae_loss(vae, _crops(paths, images, keys, size), kl, g, stats)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -160,8 +161,8 @@ def train_vae(data, out, *, steps=3000, batch=16, size=64, lr=5e-4, ema=0.999, k
         for n, p in final.named_parameters():
             p.copy_(avg[n])
     final.cfg = replace(final.cfg, shift=float(stats["mean"]), scale=float(1 / math.sqrt(stats["var"])))
-    vae_lib.save_vae(final, os.path.join(out, "vae.safetensors"))
-    x = _crops(paths, images, [(i % len(paths), mix(seed, i, 13)) for i in range(4)], size)
+    checkpoints.save_vae(final, os.path.join(out, "vae.safetensors"))
+    x = _crops(paths, images, [(i % len(paths), runs.mix(seed, i, 13)) for i in range(4)], size)
     with torch.no_grad():
         rec = final.decode(final.encode(x, tile=0), tile=0).float()
     grid = torch.cat([torch.cat([x[i], rec[i]], 2) for i in range(len(x))], 1).add(1).div(2).clamp(0, 1)

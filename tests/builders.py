@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 import text
-from model import atomic_save
+from plumbing import checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]   # the repository
 
@@ -79,7 +79,7 @@ _VAE_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_
 
 
 def vae_diffusers_name(key, levels):
-    """Original key -> diffusers key (vae.from_diffusers_name inverts it); diffusers numbers the
+    """Original key -> diffusers key (checkpoints.from_diffusers_name inverts it); diffusers numbers the
     decoder levels from the deepest."""
     key = re.sub(r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out.", key)
     key = re.sub(r"\.mid\.block_([12])\.", lambda m: f".mid_block.resnets.{int(m[1]) - 1}.", key)
@@ -122,5 +122,5 @@ def save_vae_diffusers(vae, folder):
     sd = vae_diffusers_state_dict({k: v.detach().contiguous() for k, v in vae.state_dict().items()},
                                   len(vae.cfg.channels))
     meta = {"format": "mfsr-vae", "layout": "diffusers", "vae_config": json.dumps(asdict(vae.cfg))}
-    atomic_save(sd, os.path.join(folder, "diffusion_pytorch_model.safetensors"), meta)
+    checkpoints.atomic_save(sd, os.path.join(folder, "diffusion_pytorch_model.safetensors"), meta)
     Path(folder, "config.json").write_text(json.dumps(config, indent=2))

@@ -18,7 +18,9 @@ import sample
 import train
 import vae as V
 from builders import _SHIP, ROOT, _png
-from model import MMDiT, SafetensorsFiles
+from model import MMDiT
+from plumbing.checkpoints import SafetensorsFiles
+from plumbing import checkpoints
 
 
 def test_miniature_photographs_are_many_distinct_licensed_and_the_held_out_ones_never_trained_on():
@@ -71,10 +73,10 @@ def test_decoder_stage_tunes_the_decoder_only_and_decodes_noisy_latents_better(t
         Image.fromarray(a.astype(np.uint8)).save(runs / "data" / "train" / f"{i}.png")
     (runs / "vae" / "final").mkdir(parents=True)
     v0 = V.VAE(V.CONFIGS["tiny"])
-    V.save_vae(v0, str(runs / "vae" / "final" / "vae.safetensors"))
+    checkpoints.save_vae(v0, str(runs / "vae" / "final" / "vae.safetensors"))
     monkeypatch.setattr(miniature, "DECODER_STEPS", 60)
     miniature.tune_decoder(str(runs), batch=4, size=32, lr=1e-3, ema=0.5)
-    v1 = V.load_vae(str(runs / "decoder" / "final" / "vae.safetensors"))
+    v1 = checkpoints.load_vae(str(runs / "decoder" / "final" / "vae.safetensors"))
     assert (v1.cfg.shift, v1.cfg.scale) == (v0.cfg.shift, v0.cfg.scale)
     sd0, sd1 = v0.state_dict(), v1.state_dict()
     assert all(torch.equal(sd0[k], sd1[k]) for k in sd0 if k.startswith("encoder."))
@@ -130,7 +132,7 @@ def test_vae_tiny_bench_rows():
 def test_shipped_vae_reconstructs_the_held_out_example_above_32_db():
     """The issue's bar for the tiny VAE (so it is not what limits the super-resolution), on the
     committed 256^2 crop of the held-out cat, through the fp16 file as shipped."""
-    v = V.load_vae(str(_SHIP / "vae.safetensors")).eval()
+    v = checkpoints.load_vae(str(_SHIP / "vae.safetensors")).eval()
     hr = _png(_EXAMPLES / "chelsea_hr.png")
     with torch.no_grad():
         rec = v.decode(v.encode(hr * 2 - 1)).float().add(1).div(2).clamp(0, 1)
@@ -257,7 +259,7 @@ def test_miniature_pipeline_runs_end_to_end_at_a_hundredth_of_the_steps(tmp_path
     table = [line for line in (runs / "ablations.md").read_text().splitlines() if line.startswith("| ")][1:]   # after the header
     assert [line.split(" | ")[1] for line in table] == [r[1] for r in rows]
     assert all(re.match(_CELL, cell) for line in table for cell in line.split(" | ")[2:4])
-    nets = [model.load_transformer(str(runs / "ablations" / f"{i:02d}" / "final" / "student.safetensors")) for i in range(3)]
+    nets = [checkpoints.load_transformer(str(runs / "ablations" / f"{i:02d}" / "final" / "student.safetensors")) for i in range(3)]
     assert [n.cfg.time_scale for n in nets] == [1000.0 if "--time-scale" in r[2] else 1.0 for r in rows]
     assert sorted(n.cfg.time_scale for n in nets) == [1.0, 1.0, 1000.0]
     # sweeps.py --pairs-scan on the same runs (the paper's row and the anchored one), small crops
@@ -285,13 +287,13 @@ def test_size_scan_trains_the_other_sizes_and_measures_the_shipped_teacher_as_it
     runs, dest = tmp_path / "runs", tmp_path / "model_size.md"
     import sweeps
     sweeps.size_scan(str(runs), 0.001, 0, str(dest), sizes=((2, 1), (3, 2)), eval_steps=2, eval_size=64)
-    net = model.load_transformer(str(runs / "size-scan" / "2x1" / "final" / "teacher.safetensors"))
+    net = checkpoints.load_transformer(str(runs / "size-scan" / "2x1" / "final" / "teacher.safetensors"))
     assert (net.cfg.depth, net.cfg.hidden, net.cfg.lr_stream, net.cfg.two_times) == (2, 64, True, False)
     train_cfg = json.loads(SafetensorsFiles(str(runs / "size-scan" / "2x1" / "final" / "trainable.safetensors"))
                            .metadata["train_config"])
     assert train_cfg["vae"] == os.path.abspath(_SHIP / "vae.safetensors") and train_cfg["steps"] == 5
     assert not (runs / "size-scan" / "3x2").exists()
-    shipped = model.load_transformer(str(_SHIP / "teacher.safetensors"))
+    shipped = checkpoints.load_transformer(str(_SHIP / "teacher.safetensors"))
     rows = [line.split(" | ") for line in dest.read_text().splitlines() if line.startswith("| ")][1:]
     assert [r[0] for r in rows] == ["| 2 x 64", "| 3 x 128"]
     assert [r[1] for r in rows] == [f"{sum(p.numel() for p in n.parameters()) / 1e6:.2f} M" for n in (net, shipped)]
@@ -335,8 +337,8 @@ def test_cutoff_check_on_a_1000_t_teacher(tmp_path):
     torch.manual_seed(0)
     net = _randomize(MMDiT(replace(model.CONFIGS["tiny"], prediction="x")), std=0.02)
     net.sampling = {"cfg": 1.0, "shift": 3.0}
-    model.save_transformer(net, str(tmp_path / "teacher.safetensors"))
-    V.save_vae(V.VAE(V.CONFIGS["tiny"]), str(tmp_path / "vae.safetensors"))
+    checkpoints.save_transformer(net, str(tmp_path / "teacher.safetensors"))
+    checkpoints.save_vae(V.VAE(V.CONFIGS["tiny"]), str(tmp_path / "vae.safetensors"))
     missing = [n for n in miniature.HELD_OUT if miniature.PHOTOS[n][0] != "skimage"
                and not os.path.exists(miniature.PHOTOS[n][1])]
     if missing:   # .ci/run installs them

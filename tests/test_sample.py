@@ -19,6 +19,7 @@ import model
 import sample
 import text
 import vae as V
+from plumbing import checkpoints, cli, images, tiling
 from builders import _SHIP, _png
 
 
@@ -34,10 +35,10 @@ def _smp_models(tmp_path_factory):
             if "s_embedder" in name or "lora" in name:
                 p.add_(torch.randn_like(p) * 0.05)
     model.merge_lora(student)
-    model.save_transformer(student, str(d / "student.safetensors"))
-    model.save_transformer(teacher, str(d / "teacher.safetensors"))
+    checkpoints.save_transformer(student, str(d / "student.safetensors"))
+    checkpoints.save_transformer(teacher, str(d / "teacher.safetensors"))
     torch.manual_seed(1)
-    V.save_vae(V.VAE(V.CONFIGS["tiny"]), str(d / "vae.safetensors"))
+    checkpoints.save_vae(V.VAE(V.CONFIGS["tiny"]), str(d / "vae.safetensors"))
     return d
 
 
@@ -83,34 +84,34 @@ def test_sample_images_round_trip_16bit_alpha_gray(tmp_path):
     pytest.importorskip("png", reason="16-bit colour PNG needs pypng (requirements-test; the test below runs without it)")
     a16 = _smp_u16(9, 13, 3)
     _smp_png16_filtered(tmp_path / "f.png", a16)                  # all five row filters
-    img = sample.load_image(tmp_path / "f.png")
+    img = images.load_image(tmp_path / "f.png")
     assert (img.bits, img.gray, img.alpha) == (16, False, None)
     assert np.array_equal(np.round(img.rgb.permute(1, 2, 0).numpy() * 65535).astype(np.uint16), a16)
     has_tifffile = importlib.util.find_spec("tifffile") is not None   # optional for users (requirements-test)
     for ext in (".png", ".tif") if has_tifffile else (".png",):   # 16-bit RGB written and read back exactly
-        sample.save_image(tmp_path / f"w{ext}", img.rgb, bits=16)
-        back = sample.load_image(tmp_path / f"w{ext}")
+        images.save_image(tmp_path / f"w{ext}", img.rgb, bits=16)
+        back = images.load_image(tmp_path / f"w{ext}")
         assert back.bits == 16 and torch.equal(back.rgb, img.rgb), ext
     if not has_tifffile:                                           # without it: refused clearly, by name
-        with pytest.raises(sample.ImageError, match=r"w\.tif: 16-bit colour TIFF needs the tifffile package"):
-            sample.save_image(tmp_path / "w.tif", img.rgb, bits=16)
+        with pytest.raises(images.ImageError, match=r"w\.tif: 16-bit colour TIFF needs the tifffile package"):
+            images.save_image(tmp_path / "w.tif", img.rgb, bits=16)
     if importlib.util.find_spec("cv2") is not None:                # an independent PNG codec agrees
         import cv2
         assert np.array_equal(cv2.imread(str(tmp_path / "w.png"), cv2.IMREAD_UNCHANGED)[..., ::-1], a16)
     g16 = _smp_u16(7, 5, 1)[..., 0]
     Image.fromarray(g16).save(tmp_path / "g.png")                  # Pillow: mode I;16
-    g = sample.load_image(tmp_path / "g.png")
+    g = images.load_image(tmp_path / "g.png")
     assert g.gray and g.bits == 16 and np.array_equal(np.round(g.rgb[1].numpy() * 65535), g16)
-    sample.save_image(tmp_path / "g2.png", g.rgb, gray=True, bits=16)
+    images.save_image(tmp_path / "g2.png", g.rgb, gray=True, bits=16)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "g2.png")), g16)
     rgba = _smp_u8(6, 4, 4)
     Image.fromarray(rgba).save(tmp_path / "a.png")
-    a = sample.load_image(tmp_path / "a.png")
-    sample.save_image(tmp_path / "a2.png", a.rgb, alpha=a.alpha)
+    a = images.load_image(tmp_path / "a.png")
+    images.save_image(tmp_path / "a2.png", a.rgb, alpha=a.alpha)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a2.png")), rgba)
     pal = Image.fromarray(_smp_u8(5, 5, 3)).convert("P")
     pal.save(tmp_path / "p.png", transparency=int(np.asarray(pal)[0, 0]))
-    p = sample.load_image(tmp_path / "p.png")
+    p = images.load_image(tmp_path / "p.png")
     assert p.alpha is not None and p.alpha[0, 0, 0] == 0 and not p.gray
 
 
@@ -123,14 +124,14 @@ def test_sample_16bit_colour_png_without_pypng_is_read_at_8_bits_and_said(tmp_pa
     if importlib.util.find_spec("png"):
         data = (tmp_path / "f.png").read_bytes()
         (tmp_path / "cut.png").write_bytes(data[:len(data) // 2])
-        with pytest.raises(sample.ImageError, match=r"cut\.png"):
-            sample.load_image(tmp_path / "cut.png")
-    monkeypatch.setattr(sample, "_has_pypng", lambda: False)
-    img = sample.load_image(tmp_path / "f.png")
+        with pytest.raises(images.ImageError, match=r"cut\.png"):
+            images.load_image(tmp_path / "cut.png")
+    monkeypatch.setattr(images, "_has_pypng", lambda: False)
+    img = images.load_image(tmp_path / "f.png")
     assert img.bits == 8 and "pypng" in img.note and not img.gray
     assert np.array_equal(np.round(img.rgb.permute(1, 2, 0).numpy() * 255).astype(np.uint16), a16 >> 8)
-    with pytest.raises(sample.ImageError, match=r"w\.png: 16-bit colour PNG needs the pypng package"):
-        sample.save_image(tmp_path / "w.png", img.rgb, bits=16)
+    with pytest.raises(images.ImageError, match=r"w\.png: 16-bit colour PNG needs the pypng package"):
+        images.save_image(tmp_path / "w.png", img.rgb, bits=16)
     assert not (tmp_path / "w.png").exists()
 
 
@@ -142,18 +143,18 @@ def test_sample_images_errors_name_the_file(tmp_path):
     (tmp_path / "junk.png").write_bytes(b"not an image at all")
     for name, words in (("trunc.png", "truncated"), ("empty.jpg", "empty"), ("junk.png", "not an image"),
                         ("missing.png", "no such file")):
-        with pytest.raises(sample.ImageError, match=words) as e:
-            sample.load_image(tmp_path / name)
+        with pytest.raises(images.ImageError, match=words) as e:
+            images.load_image(tmp_path / name)
         assert name in str(e.value)
-    old = sample.MAX_PIXELS
-    sample.MAX_PIXELS = 1000
+    old = images.MAX_PIXELS
+    images.MAX_PIXELS = 1000
     try:
-        with pytest.raises(sample.ImageError, match="decompression bomb"):
-            sample.load_image(tmp_path / "ok.png")
+        with pytest.raises(images.ImageError, match="decompression bomb"):
+            images.load_image(tmp_path / "ok.png")
     finally:
-        sample.MAX_PIXELS = old
-    with pytest.raises(sample.ImageError, match="refusing to write over an input"):
-        sample.save_image(tmp_path / "ok.png", torch.zeros(3, 2, 2), protect=[str(tmp_path / "ok.png")])
+        images.MAX_PIXELS = old
+    with pytest.raises(images.ImageError, match="refusing to write over an input"):
+        images.save_image(tmp_path / "ok.png", torch.zeros(3, 2, 2), protect=[str(tmp_path / "ok.png")])
     assert (tmp_path / "ok.png").read_bytes() == data
 
 
@@ -170,7 +171,7 @@ def test_sample_tiling_is_exact_for_a_pointwise_net():
     kw = {"sigma": torch.tensor([0.3, 0.9]), "pooled": torch.randn(2, 32, generator=g), "context": None}
     ref = net(x, lr=lr, **kw)
     for tile, overlap in ((16, 6), (24, 8), (8, 0), (64, 24)):
-        out = sample.TiledNet(net, tile, overlap)(x, lr=lr, **kw)
+        out = tiling.TiledNet(net, tile, overlap)(x, lr=lr, **kw)
         assert (out - ref).abs().max() < 1e-5, (tile, overlap)
 
 
@@ -184,7 +185,7 @@ def test_sample_tiling_blends_smoothly_and_stays_close_to_untiled(_smp_models):
         def forward(self, x, sigma, pooled, context, lr=None, sigma_s=None):
             return lr.mean((2, 3), keepdim=True).expand_as(x)
     ramp = torch.linspace(0, 1, 104).expand(1, 16, 8, 104)                   # two tiles: 0..64, 40..104
-    out = sample.TiledNet(TileMean(), 64, 24)(ramp, torch.ones(1), None, None, lr=ramp)[0, 0, 0]
+    out = tiling.TiledNet(TileMean(), 64, 24)(ramp, torch.ones(1), None, None, lr=ramp)[0, 0, 0]
     means = [ramp[..., :64].mean().item(), ramp[..., 40:].mean().item()]
     assert out[0].item() == pytest.approx(means[0], abs=1e-6) and out[-1].item() == pytest.approx(means[1], abs=1e-6)
     assert out.diff().abs().max() < 0.35 * (means[1] - means[0])
@@ -243,7 +244,7 @@ def _smp_folder(d):
     Image.fromarray(_smp_u8(16, 16, 3)).save(d / "photo.jpg", quality=90)
     Image.fromarray(_smp_u16(9, 7, 1)[..., 0]).save(d / "gray16.png")
     if importlib.util.find_spec("png"):                           # 16-bit colour PNG needs pypng
-        sample.save_image(d / "rgb16.png", torch.rand(3, 6, 10), bits=16)
+        images.save_image(d / "rgb16.png", torch.rand(3, 6, 10), bits=16)
     (d / "bad.png").write_bytes((d / "odd.png").read_bytes()[:200])
 
 
@@ -262,7 +263,7 @@ def test_sample_folder_keeps_modes_and_survives_a_corrupt_file(_smp_models, tmp_
         with Image.open(out / f"{stem}_mfsr{ext}") as im:
             assert (im.size, im.mode) == (size, mode), name
     if (src / "rgb16.png").exists():
-        rgb16 = sample.load_image(out / "rgb16_mfsr.png")
+        rgb16 = images.load_image(out / "rgb16_mfsr.png")
         assert rgb16.bits == 16 and rgb16.size == (24, 40) and not rgb16.gray
         # 16 bits are really used: values off the 8-bit grid
         assert (rgb16.rgb * 255 - (rgb16.rgb * 255).round()).abs().max() > 0.01
@@ -302,13 +303,13 @@ def test_sample_defaults_come_from_the_checkpoint_then_dit4sr(_smp_models, tmp_p
     Image.fromarray(_smp_u8(8, 8, 3)).save(tmp_path / "a.png")
     seen = []
     monkeypatch.setattr(sample, "upscale", lambda img, *a, **kw: (seen.append(kw), img.repeat(1, 1, 4, 4))[1])
-    student = model.load_transformer(str(_smp_models / "student.safetensors"))
+    student = checkpoints.load_transformer(str(_smp_models / "student.safetensors"))
     assert student.sampling == {}                                      # nothing recorded: DiT4SR's tiles
-    teacher = model.load_transformer(str(_smp_models / "teacher.safetensors"))
+    teacher = checkpoints.load_transformer(str(_smp_models / "teacher.safetensors"))
     student.sampling = {"tile": 6, "tile_overlap": 2}
     teacher.sampling = {"tile": 8, "tile_overlap": 4, "cfg": 1.5, "shift": 1.0}
     for name, net in (("s", student), ("t", teacher)):
-        model.save_transformer(net, str(tmp_path / f"{name}.safetensors"))
+        checkpoints.save_transformer(net, str(tmp_path / f"{name}.safetensors"))
     shutil.copy(_smp_models / "vae.safetensors", tmp_path / "vae.safetensors")
     run = lambda *a: sample.main([str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), *a])   # noqa: E731
     assert run("--ckpt", str(_smp_models / "student.safetensors")) == 0
@@ -405,7 +406,7 @@ def test_sample_long_work_shows_tiles_elapsed_eta_and_where_the_time_went(_smp_m
     rc = sample.main([str(tmp_path / "a.png"), "--steps", "2", "--tile", "8", "--tile-overlap", "4",
                       "--ckpt", str(_smp_models / "student.safetensors")])
     out, err = capsys.readouterr()
-    tiles = len(sample.vae_lib.tile_starts(24, 8, 4)) ** 2
+    tiles = len(tiling.tile_starts(24, 8, 4)) ** 2
     lines = [line for line in err.splitlines() if "tiles " in line]
     assert rc == 0 and lines and lines[-1].startswith(f"{tmp_path / 'a.png'}: tiles {2 * tiles}/{2 * tiles}, ")
     assert all("ETA" in line for line in lines) and len(lines) <= 11      # every 10 % on a non-terminal
@@ -415,7 +416,7 @@ def test_sample_long_work_shows_tiles_elapsed_eta_and_where_the_time_went(_smp_m
         def isatty(self):
             return True
     stream = Tty()
-    p = sample.Progress("x.png", stream, after=0.0)
+    p = cli.Progress("x.png", stream, after=0.0)
     p.phase("network", calls=4)
     for _ in range(4):
         p.tile()
@@ -433,7 +434,7 @@ def test_sample_same_file_named_twice_is_one_input(_smp_models, tmp_path, capsys
 
 def test_sample_small_tile_scales_the_recorded_overlap_and_help_shows_the_shipped_defaults(tmp_path, capsys, monkeypatch):
     Image.fromarray(_smp_u8(16, 16, 3)).save(tmp_path / "a.png")
-    rec = model.load_transformer(str(_SHIP / "student.safetensors")).sampling
+    rec = checkpoints.load_transformer(str(_SHIP / "student.safetensors")).sampling
     assert rec["tile"] > 8 and rec["tile_overlap"] >= 8                 # as recorded, 8 would be refused
     assert sample.main([str(tmp_path / "a.png"), "--tile", "8"]) == 0
     err = capsys.readouterr().err
@@ -456,8 +457,8 @@ def test_sample_prompt_and_prompt_file_through_the_text_encoders(_txt_pipeline, 
     cfg = replace(model.CONFIGS["tiny"], context_dim=224, pooled_dim=64)   # the fixture encoders' widths
     student = model.make_student(model.MMDiT(cfg), lora_rank=4)
     model.merge_lora(student)
-    model.save_transformer(student, str(tmp_path / "student.safetensors"))
-    V.save_vae(V.VAE(V.CONFIGS["tiny"]), str(tmp_path / "vae.safetensors"))
+    checkpoints.save_transformer(student, str(tmp_path / "student.safetensors"))
+    checkpoints.save_vae(V.VAE(V.CONFIGS["tiny"]), str(tmp_path / "vae.safetensors"))
     Image.fromarray(_smp_u8(16, 16, 3)).save(tmp_path / "in.png")
     (tmp_path / "fox.txt").write_text("a red fox in snow\n", encoding="utf-8")
     (tmp_path / "cat.txt").write_text("a grey cat", encoding="utf-8")
@@ -487,6 +488,6 @@ def test_peak_memory_is_nan_where_the_system_has_no_proc(monkeypatch):
     """macOS / Windows have no /proc/self/status: the summary line says nan, the image is not failed."""
     def no_proc(path, *a, **k):
         raise FileNotFoundError(path)
-    assert sample.peak_memory_mb(torch.device("cpu")) > 0
-    monkeypatch.setattr(sample, "open", no_proc, raising=False)
-    assert math.isnan(sample.peak_memory_mb(torch.device("cpu")))
+    assert cli.peak_memory_mb(torch.device("cpu")) > 0
+    monkeypatch.setattr(cli, "open", no_proc, raising=False)
+    assert math.isnan(cli.peak_memory_mb(torch.device("cpu")))

@@ -12,7 +12,8 @@ import text
 import text_tokenizers
 import train
 from builders import _TINY, _TXT_CORPUS, _images
-from model import CheckpointError, SafetensorsFiles
+from plumbing.checkpoints import CheckpointError, SafetensorsFiles
+from plumbing import checkpoints
 
 
 # Where transformers 4's Python CLIPTokenizer (what text.py follows; SD3/DiT4SR ran with it) and
@@ -235,7 +236,7 @@ def test_text_precompute_command(_txt_pipeline, tmp_path):
     ref, ref_pooled = text.encode_prompts(["a red fox in snow", "", text.NEGATIVE_PROMPT], enc, 12)
     null = (torch.zeros(1, 224), torch.zeros(64))
     for name, i in (("a", 0), ("sub/b", 1), ("null", 1), ("neg", 2)):
-        context, pooled = sample.load_embedding(str(data / f"{name}.safetensors"), null)
+        context, pooled = checkpoints.load_embedding(str(data / f"{name}.safetensors"), null)
         assert context.shape == (77 + 12, 224) and pooled.shape == (64,)
         assert (context - ref[i]).abs().max() <= 1e-6 and (pooled - ref_pooled[i]).abs().max() <= 1e-6
     assert (data / "a.png").read_bytes() == b"png" and not list(data.glob("*.tmp*"))

@@ -12,6 +12,7 @@ import sample
 import tiny_vae
 import train
 import vae as V
+from plumbing import checkpoints, images
 from builders import _images
 
 
@@ -58,11 +59,11 @@ def test_tiny_vae_learns_and_exports_a_calibrated_vae(tmp_path):
     data = _images(tmp_path / "data", size=64)
     out = tmp_path / "vae"
     trained = tiny_vae.train_vae(data, str(out), steps=30, batch=4, size=32, lr=2e-3, ema=0.0)
-    assert torch.equal(V.load_vae(str(out / "vae.safetensors")).state_dict()["decoder.linear.weight"],
+    assert torch.equal(checkpoints.load_vae(str(out / "vae.safetensors")).state_dict()["decoder.linear.weight"],
                        trained.state_dict()["decoder.linear.weight"])
     torch.manual_seed(0)
     init = V.VAE(V.CONFIGS["tiny"]).eval()                   # random (train_vae starts from PCA, then trains)
-    x = torch.stack([sample.load_image(p).rgb for p in train.find_images(data)])[..., :32, :32] * 2 - 1
+    x = torch.stack([images.load_image(p).rgb for p in images.find_images(data)])[..., :32, :32] * 2 - 1
     with torch.no_grad():
         err = {k: (v.decode(v.encode(x), clamp=False) - x).abs().mean().item() for k, v in
                (("init", init), ("trained", trained))}

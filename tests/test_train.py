@@ -21,6 +21,7 @@ import sample
 import train
 from builders import _TINY, _images, _randomize
 from model import CONFIGS, MMDiT
+from plumbing import checkpoints, cli, images, runs
 
 
 def _fixed_teacher_loss(net, data):
@@ -30,14 +31,14 @@ def _fixed_teacher_loss(net, data):
     vae_ = train.vae_lib.VAE(train.vae_lib.CONFIGS["tiny"]).eval()
     null = (torch.zeros(1, 64), torch.zeros(32))
     import degrade
-    ds = train.PairDataset(train.find_images(data), 32, null, degrade.DegradeConfig())
+    ds = train.PairDataset(images.find_images(data), 32, null, degrade.DegradeConfig())
     batch = train.collate([ds[(i, 100 + i)] for i in range(4)])
     g = torch.Generator().manual_seed(0)
     z_hr, z_lr = train.encode_pair(vae_, batch, g)
     cfg.caption_dropout = 0.0
     with torch.no_grad():
-        return sum(train.teacher_loss(net, z_hr, z_lr, batch["context"], batch["pooled"], null, cfg, g)[0].item()
-                   for _ in range(4)) / 4
+        mb = dict(z_hr=z_hr, z_lr=z_lr, context=batch["context"], pooled=batch["pooled"], null=null)
+        return sum(train.teacher_loss(net, mb, cfg, g).item() for _ in range(4)) / 4
 
 
 @pytest.mark.slow
@@ -47,7 +48,7 @@ def test_train_tiny_teacher_then_distill_end_to_end(tmp_path):
     train.main(_TINY + ["--data", data, "--stage", "teacher", "--steps", "40", "--lr", "1e-3",
                         "--out", str(t_out), "--save-every", "40", "--sample-every", "40"])
     teacher_file = t_out / "ckpt-0000040" / "teacher.safetensors"
-    trained = model.load_transformer(str(teacher_file)).eval()
+    trained = checkpoints.load_transformer(str(teacher_file)).eval()
     torch.manual_seed(0)
     init = MMDiT(CONFIGS["tiny"]).eval()                       # what train.py starts from (seed 0)
     before, after = _fixed_teacher_loss(init, data), _fixed_teacher_loss(trained, data)
@@ -55,7 +56,7 @@ def test_train_tiny_teacher_then_distill_end_to_end(tmp_path):
     assert (t_out / "grid-0000040.png").exists()
     train.main(_TINY + ["--data", data, "--teacher", str(teacher_file), "--steps", "3", "--lora-rank", "4",
                         "--out", str(s_out), "--save-every", "3", "--sample-every", "3"])
-    student = model.load_transformer(str(s_out / "ckpt-0000003" / "student.safetensors"))
+    student = checkpoints.load_transformer(str(s_out / "ckpt-0000003" / "student.safetensors"))
     assert student.cfg.two_times and student.cfg.time_scale == 1.0 and student.cfg.lr_stream
     # the export records its training tile (32^2 crops / the tiny VAE's x4 = 8) for sample.py
     assert student.sampling == {"tile": 8, "tile_overlap": 4} and trained.sampling["tile"] == 8
@@ -83,7 +84,7 @@ def test_train_export_carries_the_ema_weights(tmp_path):
     assert logged == [train.learning_rate(cfg, s) for s in range(3)] and logged[0] > logged[1] > logged[2]
     ck = tmp_path / "t" / "ckpt-0000003"
     saved = load_file(str(ck / "trainable.safetensors"))
-    exported = model.load_transformer(str(ck / "teacher.safetensors")).state_dict()
+    exported = checkpoints.load_transformer(str(ck / "teacher.safetensors")).state_dict()
     ema = {k[4:]: v for k, v in saved.items() if k.startswith("ema.")}
     assert ema and set(ema) == {k for k in saved if not k.startswith("ema.")}
     for name, value in ema.items():
@@ -141,7 +142,7 @@ def _ddp_worker(rank, world, init_file, data_file, out_file, mode):
         res = mfsr.mfd_loss(u, d["z"][row], d["t"][row], d["s"][row], d["v"][row],
                             cond=tuple(c[row] for c in d["cond"]), mode=mode)
         (res["loss"] / 2).backward()
-    train.all_reduce_grads(params)
+    runs.all_reduce_grads(params)
     torch.save({n: p.grad for n, p in student.named_parameters() if p.grad is not None}, f"{out_file}.{rank}")
     dist.destroy_process_group()
 
@@ -183,14 +184,14 @@ def _torchrun_worker(rank, world, port, argv, out):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    saved = train.save_checkpoint
+    saved = runs.save_checkpoint
 
     def spy(cfg, net, *args, **kw):      # every rank's trainable weights, to compare across ranks
         torch.save({n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad},
                    os.path.join(out, f"weights-{rank}.pt"))
         return saved(cfg, net, *args, **kw)
 
-    train.save_checkpoint = spy
+    runs.save_checkpoint = spy
     train.main(argv)
 
 
@@ -269,7 +270,7 @@ def test_teacher_loss_negative_rows_get_the_negative_prompt_and_the_lr_target():
 
     for neg_prob, want_loss in ((1.0, 0.0), (0.0, (z_lr - z_hr).pow(2).mean().item())):
         cfg.neg_prob = neg_prob
-        loss, _ = train.teacher_loss(net, z_hr, z_lr, ctx, pooled, null, cfg, g, neg=neg)
+        loss = train.teacher_loss(net, dict(z_hr=z_hr, z_lr=z_lr, context=ctx, pooled=pooled, null=null, neg=neg), cfg, g)
         assert abs(loss.item() - want_loss) < 1e-5 * max(1, want_loss)
         if neg_prob:   # every row: the negative prompt, padded to the longer length
             assert seen["context"].shape == (3, 3, 64) and (seen["context"] == 1).all() and (seen["pooled"] == 1).all()
@@ -288,8 +289,8 @@ def test_teacher_loss_time_shift_is_sd3s_shift_of_the_logit_normal_sigma():
         return torch.zeros_like(x)
     for shift in (3.0, 1.0):
         cfg = train.parse_args(_TINY + ["--data", "x", "--stage", "teacher", "--time-shift", str(shift)])
-        train.teacher_loss(net, z, z, torch.zeros(4000, 2, 64), torch.zeros(4000, 32), (torch.zeros(1, 64), torch.zeros(32)), cfg,
-                           torch.Generator().manual_seed(0))
+        train.teacher_loss(net, dict(z_hr=z, z_lr=z, context=torch.zeros(4000, 2, 64), pooled=torch.zeros(4000, 32),
+                                     null=(torch.zeros(1, 64), torch.zeros(32))), cfg, torch.Generator().manual_seed(0))
         assert abs(seen[-1].median().item() - shift / (1 + shift)) < 0.02, (shift, seen[-1].median())
     assert (seen[0] > seen[1]).all()                         # the same u, shifted towards noise
     with pytest.raises(SystemExit):
@@ -340,7 +341,7 @@ def test_train_help_gives_every_flag_a_text_its_default_and_choices_in_groups(ca
     body = " ".join(text.split())
     for name in train.CODE_ONLY:                     # the miniature's settings stay off the command line
         assert "--" + name.replace("_", "-") not in body, name
-    helps = train.field_help()
+    helps = {f.name: f.metadata["help"] for f in fields(train.TrainConfig)}   # flag()'s text
     for f in flags:
         flag = "--" + f.name.replace("_", "-")
         assert body.count(flag + " ") + body.count(flag + ",") >= 1, flag
@@ -403,7 +404,7 @@ def test_train_clean_prob_gives_bicubic_pairs_and_the_plain_gt(tmp_path):
     rng = np.random.default_rng(1)
     folder = tmp_path
     Image.fromarray((rng.random((48, 48, 3)) * 255).astype(np.uint8)).save(folder / "a.png")
-    paths = train.find_images(str(folder))
+    paths = images.find_images(str(folder))
     clean = train.PairDataset(paths, 32, null, degrade.DegradeConfig(gt_size=32), clean_prob=1.0)
     real = train.PairDataset(paths, 32, null, degrade.DegradeConfig(gt_size=32, usm_gt=False), clean_prob=0.0)
     for seed in range(3):
@@ -432,9 +433,8 @@ def test_distill_warmup_steps_have_every_row_at_s_equal_t(monkeypatch):
     null = (torch.zeros(1, 64), torch.zeros(32))
     logs = []
     for step in range(4):
-        log = {}
-        train.distill_loss(student, student, teacher, z, z, ctx, pooled, null, null, cfg,
-                           torch.Generator().manual_seed(step), log=log, step=step)
+        _, log = train.distill_loss(student, teacher, dict(z_hr=z, z_lr=z, context=ctx, pooled=pooled, null=null, neg=null),
+                                    cfg, torch.Generator().manual_seed(step), step)
         logs.append(log["jvp_term"])
     assert seen == [0.0, 0.0, 0.5, 0.5]
     assert logs[0] == logs[1] == 0.0 and logs[2] > 0 and logs[3] > 0
@@ -447,16 +447,16 @@ def test_distill_time_pairs_gap_ramp_and_the_du_dt_diagnostic_reach_the_step(mon
     real = mfsr.sample_times
     monkeypatch.setattr(mfsr, "sample_times", lambda B, ratio, g, **kw: seen.append(kw) or real(B, ratio, g, **kw))
     cfg = train.parse_args(["--data", "data", "--out", "/nonexistent/out", "--preset", "tiny", "--warmup", "1",
-                            "--time-pairs", "to-data", "--gap-ramp", "4", "--ratio", "1", "--target", "gt"])
+                            "--time-pairs", "to-data", "--gap-ramp", "4", "--ratio", "1", "--target", "gt",
+                            "--log-every", "4"])                         # step 3 is a printed (diagnosed) step
     torch.manual_seed(0)
     student = model.make_student(MMDiT(CONFIGS["tiny"]).eval(), lora_rank=4)
     z = torch.randn(2, 16, 8, 8)
     ctx, pooled, null = torch.randn(2, 4, 64), torch.randn(2, 32), (torch.zeros(1, 64), torch.zeros(32))
     logs = []
     for step in range(4):
-        logs.append({})
-        train.distill_loss(student, student, None, z, z, ctx, pooled, null, null, cfg,
-                           torch.Generator().manual_seed(step), log=logs[-1], step=step, diagnose=step == 3)
+        logs.append(train.distill_loss(student, None, dict(z_hr=z, z_lr=z, context=ctx, pooled=pooled, null=null, neg=null),
+                                       cfg, torch.Generator().manual_seed(step), step)[1])
     assert [k["pairs"] for k in seen] == ["to-data"] * 4 and [k["max_gap"] for k in seen][1:] == [0.25, 0.5, 0.75]
     keys = {"dudt_time", "dudt_noise", "dudt_jvp", "dudt_secant_time", "dudt_secant"}
     assert keys <= set(logs[3]) and all(math.isfinite(logs[3][k]) and logs[3][k] > 0 for k in keys)
@@ -483,21 +483,19 @@ def test_distill_anchor_rows_regress_the_one_step_jump_on_the_teachers_samples(m
     student = model.make_student(teacher, lora_rank=4)
     z, z_lr = torch.randn(4, 16, 8, 8), torch.randn(4, 16, 8, 8)
     ctx, pooled, null = torch.randn(4, 4, 64), torch.randn(4, 32), (torch.zeros(1, 64), torch.zeros(32))
-    log = {}
+    batch = dict(z_hr=z, z_lr=z_lr, context=ctx, pooled=pooled, null=null, neg=null)
     with torch.no_grad():
-        warm, _ = train.distill_loss(student, student, teacher, z, z_lr, ctx, pooled, null, null, cfg,
-                                     torch.Generator().manual_seed(0), log=log, step=0)
+        warm, log = train.distill_loss(student, teacher, batch, cfg, torch.Generator().manual_seed(0), 0)
         assert not calls and "anchor_loss" not in log                    # no anchor rows in the warm-up
-        loss, _ = train.distill_loss(student, student, teacher, z, z_lr, ctx, pooled, null, null, cfg,
-                                     torch.Generator().manual_seed(1), log=log, step=1)
+        loss, log = train.distill_loss(student, teacher, batch, cfg, torch.Generator().manual_seed(1), 1)
         (n, steps, scale, z0), = calls
         assert (n, steps, scale) == (2, 40, 1.5)
         u = mfsr.average_velocity(student)(z0, torch.zeros(2), torch.ones(2), (z_lr[2:], pooled[2:], ctx[2:]))
         expect = mfsr.pseudo_huber(u, torch.full_like(u, 0.5))[0]
         assert log["anchor_loss"] == pytest.approx(expect.item(), rel=1e-5)
         cfg.anchor = 0.0                                                   # the other rows alone: Eq. 12
-        rest, _ = train.distill_loss(student, student, teacher, z[:2], z_lr[:2], ctx[:2], pooled[:2], null, null,
-                                     cfg, torch.Generator().manual_seed(1), step=1)
+        rest, _ = train.distill_loss(student, teacher, {k: v[:2] if torch.is_tensor(v) else v for k, v in batch.items()},
+                                     cfg, torch.Generator().manual_seed(1), 1)
     assert loss.item() == pytest.approx((rest.item() * 2 + expect.item() * 2) / 4, rel=1e-5)
     with pytest.raises(SystemExit):
         train.parse_args(["--data", "data", "--preset", "tiny", "--anchor", "1"])
@@ -522,7 +520,8 @@ def test_distill_cond_drop_trains_the_null_branch_unguided(monkeypatch, target):
     ctx, pooled = torch.randn(3, 4, 64, generator=g), torch.randn(3, 32, generator=g)
     null = (torch.zeros(1, 64), torch.ones(32))
     neg = (torch.full((4, 64), 2.0), torch.full((32,), 2.0))
-    train.distill_loss(student, student, teacher, z_hr, z_lr, ctx, pooled, null, neg, cfg, torch.Generator().manual_seed(2))
+    train.distill_loss(student, teacher, dict(z_hr=z_hr, z_lr=z_lr, context=ctx, pooled=pooled, null=null, neg=neg), cfg,
+                       torch.Generator().manual_seed(2))
     _, c_pooled, c_ctx = seen["cond"]
     assert torch.equal(c_pooled, torch.ones(3, 32)) and not c_ctx[:, :1].any()          # null everywhere
     assert seen["tv"]["kappa"] == 0.5 and seen["tv"]["w"] == 2.0
@@ -547,13 +546,13 @@ def test_train_refuses_a_prompt_embedding_path_that_does_not_exist(tmp_path, cap
 
 
 def test_log_step_writes_null_peak_where_the_system_reports_none(monkeypatch, capsys):
-    """Without /proc (macOS, Windows) sample.peak_memory_mb is NaN: log.jsonl gets peak_mb null, valid
+    """Without /proc (macOS, Windows) cli.peak_memory_mb is NaN: log.jsonl gets peak_mb null, valid
     JSON, and the printed line still comes; with a figure, peak_mb is its rounded value."""
     cfg = train.parse_args(_TINY + ["--data", "x", "--steps", "4", "--log-every", "2"])
     for peak, want in ((float("nan"), None), (123.4, 123)):
-        monkeypatch.setattr(train, "peak_memory_mb", lambda device, p=peak: p)
+        monkeypatch.setattr(runs, "peak_memory_mb", lambda device, p=peak: p)
         log = io.StringIO()
-        train.log_step(cfg, log, 2, 0, time.time() - 1, 0.5, torch.tensor(1.0), 1e-4, torch.device("cpu"), {})
+        runs.log_step(cfg, log, 2, 0, time.time() - 1, 0.5, torch.tensor(1.0), 1e-4, torch.device("cpu"), {})
         rec = json.loads(log.getvalue(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
         assert rec["peak_mb"] == want and rec["step"] == 2
         assert f"peak {want} MB" in capsys.readouterr().out

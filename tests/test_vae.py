@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import vae as V
+from plumbing import checkpoints, tiling
 from builders import ROOT, save_vae_diffusers, vae_diffusers_config, vae_diffusers_name, vae_diffusers_state_dict
-from model import CheckpointError
+from plumbing.checkpoints import CheckpointError
 
 
 _VAE_KEYS = ROOT / "reference" / "keys"
@@ -65,7 +66,7 @@ def test_vae_diffusers_names_equal_the_diffusers_manifest_and_invert():
         sd = V.VAE(V.CONFIGS["sd3"]).state_dict()
     ours = {k: list(v.shape) for k, v in vae_diffusers_state_dict(sd, 4).items()}
     assert ours == _vae_manifest("keys_sd3_vae_diffusers.json")
-    assert all(V.from_diffusers_name(vae_diffusers_name(k, 4), 4) == k for k in sd)
+    assert all(checkpoints.from_diffusers_name(vae_diffusers_name(k, 4), 4) == k for k in sd)
     assert vae_diffusers_name("decoder.up.3.upsample.conv.weight", 4) == "decoder.up_blocks.0.upsamplers.0.conv.weight"
 
 
@@ -104,10 +105,10 @@ def _vae_diffusers_pair(cfg, tmp_path, route):
     if route == "diffusers":
         ref = _vae_perturb(diffusers.AutoencoderKL.from_config(diffusers.AutoencoderKL.load_config(cfg_dir)))
         ref.save_pretrained(tmp_path / "vae")
-        ours = V.load_vae(str(tmp_path / "vae"))
+        ours = checkpoints.load_vae(str(tmp_path / "vae"))
     else:
         ours = _vae_perturb(V.VAE(cfg))
-        V.save_vae(ours, str(tmp_path / "vae.safetensors"))
+        checkpoints.save_vae(ours, str(tmp_path / "vae.safetensors"))
         ref = diffusers.AutoencoderKL.from_single_file(str(tmp_path / "vae.safetensors"), config=str(cfg_dir),
                                                        local_files_only=True)
     assert ours.cfg == cfg
@@ -167,10 +168,10 @@ def test_vae_patch_config_round_trips_and_is_read_from_shapes(tmp_path):
     """The shipped (patch) VAE: saved and loaded with its config; a bare file without metadata is
     read as RGB 4 x 4 patches from the linear code's shape; diffusers cannot hold it."""
     vae = _vae_tiny(mid_attn=False, cfg=V.CONFIGS["tiny"])
-    V.save_vae(vae, str(tmp_path / "own.safetensors"))
+    checkpoints.save_vae(vae, str(tmp_path / "own.safetensors"))
     save_file(dict(vae.state_dict()), str(tmp_path / "bare.safetensors"))
     for name, kw in (("own.safetensors", {}), ("bare.safetensors", {"groups": 8})):
-        back = V.load_vae(str(tmp_path / name), **kw)
+        back = checkpoints.load_vae(str(tmp_path / name), **kw)
         assert back.cfg.patch == 4 and back.cfg.image_channels == 3 and _vae_same(back, vae), name
         if name == "own.safetensors":
             assert back.cfg == vae.cfg
@@ -190,7 +191,7 @@ def _vae_same(a, b):
 @pytest.mark.parametrize("mid_attn", [True, False])
 def test_vae_save_load_round_trips_in_every_layout(tmp_path, mid_attn):
     vae = _vae_tiny(mid_attn=mid_attn)
-    V.save_vae(vae, str(tmp_path / "own.safetensors"))
+    checkpoints.save_vae(vae, str(tmp_path / "own.safetensors"))
     save_vae_diffusers(vae, str(tmp_path / "pipe" / "vae"))
     sd = {"first_stage_model." + k: v for k, v in vae.state_dict().items()}
     sd["model.diffusion_model.x_embedder.proj.bias"] = torch.zeros(4)       # an SD3.5 single file
@@ -198,7 +199,7 @@ def test_vae_save_load_round_trips_in_every_layout(tmp_path, mid_attn):
     for path in ("own.safetensors", "pipe", "pipe/vae", "pipe/vae/diffusion_pytorch_model.safetensors",
                  "single.safetensors"):
         # a single file has no metadata: GroupNorm groups cannot be read from shapes (SD3's 32 unless told)
-        back = V.load_vae(str(tmp_path / path), **({"groups": vae.cfg.groups} if path.startswith("single") else {}))
+        back = checkpoints.load_vae(str(tmp_path / path), **({"groups": vae.cfg.groups} if path.startswith("single") else {}))
         assert back.cfg == vae.cfg, path
         assert _vae_same(back, vae), path
     assert not list(tmp_path.rglob("*.tmp*"))   # atomic writes leave nothing behind
@@ -212,17 +213,17 @@ def test_vae_reads_older_diffusers_attention_names(tmp_path):
           for k, v in vae_diffusers_state_dict(vae.state_dict(), 3).items()}
     assert any(".attentions.0.query." in k for k in sd)
     save_file(sd, str(tmp_path / "diffusion_pytorch_model.safetensors"), metadata={"vae_config": '{"groups": 8}'})
-    assert _vae_same(V.load_vae(str(tmp_path)), vae)
+    assert _vae_same(checkpoints.load_vae(str(tmp_path)), vae)
 
 
 def test_vae_mixed_precision_file_is_cast_on_load(tmp_path):
     vae = _vae_tiny()
     sd = {k: (v.half() if i % 2 else v) for i, (k, v) in enumerate(vae.state_dict().items())}
     save_file(sd, str(tmp_path / "mixed.safetensors"), metadata={"vae_config": json.dumps(asdict(vae.cfg))})
-    back = V.load_vae(str(tmp_path / "mixed.safetensors"))
+    back = checkpoints.load_vae(str(tmp_path / "mixed.safetensors"))
     assert {p.dtype for p in back.parameters()} == {torch.float32}
     assert (back.encoder.conv_in.weight - vae.encoder.conv_in.weight).abs().max() < 1e-3
-    bf16 = V.load_vae(str(tmp_path / "mixed.safetensors"), dtype=torch.bfloat16)
+    bf16 = checkpoints.load_vae(str(tmp_path / "mixed.safetensors"), dtype=torch.bfloat16)
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
 
 
@@ -251,7 +252,7 @@ def test_vae_bad_files_give_clear_errors(tmp_path):
     cases["vae.ckpt"] = "only .safetensors"
     for name, needle in cases.items():
         with pytest.raises(CheckpointError) as e:
-            V.load_vae(str(tmp_path / name))
+            checkpoints.load_vae(str(tmp_path / name))
         assert name in str(e.value) and needle in str(e.value), (name, str(e.value))
 
 
@@ -260,8 +261,8 @@ def test_vae_groups_that_a_bare_file_cannot_tell_give_a_clear_error(tmp_path):
     odd = V.VAE(V.VAEConfig(channels=(24, 48), enc_blocks=1, dec_blocks=2, groups=8))
     save_file(dict(odd.state_dict()), str(tmp_path / "bare.safetensors"))   # no metadata: groups unknown
     with pytest.raises(CheckpointError, match="bare.safetensors: GroupNorm groups 32 do not divide"):
-        V.load_vae(str(tmp_path / "bare.safetensors"))
-    assert _vae_same(V.load_vae(str(tmp_path / "bare.safetensors"), groups=8), odd)
+        checkpoints.load_vae(str(tmp_path / "bare.safetensors"))
+    assert _vae_same(checkpoints.load_vae(str(tmp_path / "bare.safetensors"), groups=8), odd)
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,12 +287,12 @@ def _vae_tiled_errors(kind, tile_norm, cfg=_VAE_X4):
         if kind == "encode":
             ref = vae.encode(x, tile=0)
             out = vae.encode(x, tile=128, overlap=32, tile_norm=tile_norm)
-            starts, tile, r = V.tile_starts(256, 128, 32), 128, 1 / 4
+            starts, tile, r = tiling.tile_starts(256, 128, 32), 128, 1 / 4
         else:
             z = vae.encode(x, tile=0)
             ref = vae.decode(z, tile=0, clamp=False)
             out = vae.decode(z, tile=32, overlap=8, tile_norm=tile_norm, clamp=False)
-            starts, tile, r = V.tile_starts(64, 32, 8), 32, 4
+            starts, tile, r = tiling.tile_starts(64, 32, 8), 32, 4
     err = (out - ref).abs()
     return err.max().item(), err.mean().item() / ref.abs().mean().item(), _vae_band_ratio(err, starts, tile, r)
 
@@ -327,20 +328,20 @@ def test_vae_tiled_is_close_to_untiled_without_seams(kind, max_bound, rel_mean_b
 
 
 def test_vae_tile_plan_is_automatic_above_the_limit():
-    assert V._tile_plan(None, None, 512, 128, 1024 * 1024 * 128, 8) is None
-    assert V._tile_plan(None, None, 512, 128, 1024 * 1024 * 128 + 1, 8) == (512, 128)
-    assert V._tile_plan(0, None, 512, 128, 4096 * 4096, 8) is None
-    assert V._tile_plan(256, None, 512, 128, 64, 8) == (256, 64)
+    assert tiling.tile_plan(None, None, 512, 128, 1024 * 1024 * 128, 8) is None
+    assert tiling.tile_plan(None, None, 512, 128, 1024 * 1024 * 128 + 1, 8) == (512, 128)
+    assert tiling.tile_plan(0, None, 512, 128, 4096 * 4096, 8) is None
+    assert tiling.tile_plan(256, None, 512, 128, 64, 8) == (256, 64)
     with pytest.raises(ValueError, match="multiples of 8"):
-        V._tile_plan(100, None, 512, 128, 64, 8)
+        tiling.tile_plan(100, None, 512, 128, 64, 8)
 
 
 def test_vae_blending_weights_sum_to_one_and_untouched_tiles_reproduce_the_input():
     """With a net that is the identity (no GroupNorm), tiling must give back the input exactly."""
     x = torch.randn(2, 3, 40, 56)
-    out = V.run_tiled(lambda t: t, [], x, 16, 6, "local")
+    out = tiling.run_tiled(lambda t: t, [], x, 16, 6, "local")
     assert (out - x).abs().max() < 1e-6
-    w = sum(V._ramp(56, s, 16, 6) for s in V.tile_starts(56, 16, 6))
+    w = sum(tiling._ramp(56, s, 16, 6) for s in tiling.tile_starts(56, 16, 6))
     assert w.min() > 0.5
 
 

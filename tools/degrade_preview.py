@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the core files at the root
 
 from degrade import DegradeConfig, degrade, random_crop_pair_source
-from sample import load_image
+from plumbing.images import load_image
 
 
 def _fmt_kernel(p):

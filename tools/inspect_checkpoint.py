@@ -18,7 +18,8 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import model
 import vae as vae_lib
-from model import CheckpointError
+from plumbing import checkpoints
+from plumbing.checkpoints import CheckpointError
 
 
 def count(module):
@@ -29,7 +30,8 @@ def _config(lib, path, config, what):
     """lib (model or vae): the config a file's shapes give, after a line on the file, or a preset's."""
     if not path:
         return lib.CONFIGS[config]
-    cfg, src = lib.checkpoint_config(path)
+    read = checkpoints.transformer_config if lib is model else checkpoints.vae_config
+    cfg, src = read(path)
     print(f"{path}: {src.layout} layout, {len(src.where)} {what} tensors")
     return cfg
 

@@ -38,8 +38,8 @@ from torch import nn
 
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the core files at the root
 
-from model import CheckpointError, SafetensorsFiles, atomic_save, check_keys
-from sample import EXTS as IMAGE_EXTS
+from plumbing.checkpoints import CheckpointError, SafetensorsFiles, atomic_save, check_keys
+from plumbing.images import EXTS as IMAGE_EXTS
 from text_tokenizers import CLIP_LEN, CLIPTokenizer, T5Tokenizer, read_json
 
 # DiT4SR's inference prompt suffix (ARCH §3.7).

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the core files at the root
 
-from model import CheckpointError
+from plumbing.checkpoints import CheckpointError
 
 CLIP_LEN = 77                   # CLIP's context: start, 75 tokens, end
 

@@ -1,0 +1,283 @@
+"""A training run's plumbing: seeds per (seed, step, rank), the latent cache, gradients averaged
+over processes, checkpoints with resume, the log (the method does not need any of it; train.py calls it).
+
+Randomness is a function of (seed, step, rank): which images, crops, degradations, noise and times a
+step sees. So a resume needs only the weights, the optimizer state and the step, and repeats the
+uninterrupted run exactly. A checkpoint folder appears whole or not at all; one that cannot be read
+is moved aside (NAME.broken), never deleted, and the one before it is used.
+"""
+import copy
+import glob
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+import numpy as np
+import torch.nn.functional as F
+from PIL import Image
+
+import mfsr
+import model
+from plumbing.checkpoints import CheckpointError, SafetensorsFiles, atomic_save, save_transformer, save_vae
+from plumbing.cli import peak_memory_mb
+
+# --------------------------------------------------------------------------------------------
+# Seeds
+
+
+def mix(*xs):
+    """One 62-bit seed from several integers (seed, step, rank, purpose)."""
+    h = 0
+    for x in xs:
+        h = (h * 1_000_003 + int(x) + 1) % (2 ** 62)
+    return h
+
+
+def step_batches(n, batch, seed, rank, start, stop):
+    """For each step k in [start, stop): `batch` (index, seed) keys of n items, drawn from a generator
+    seeded by (seed, k, rank), so a resumed run draws what an uninterrupted one would."""
+    for k in range(start, stop):
+        g = torch.Generator().manual_seed(mix(seed, k, rank))
+        idx = torch.randint(n, (batch,), generator=g).tolist()
+        seeds = torch.randint(2 ** 62, (batch,), generator=g).tolist()
+        yield list(zip(idx, seeds))
+
+
+# --------------------------------------------------------------------------------------------
+# The latent cache (the miniature's cache_latents): a fixed set of pairs encoded once
+
+
+def latent_cache(path, key, batches, encode, n, device, say=print):
+    """n pairs of `batches` (dicts with gt, lr, context, pooled) encoded once by encode(k, batch) ->
+    (z_hr, z_lr), then reused by every step (a fixed set of degradations: much faster when the VAE
+    dominates a step, as at small model sizes). Kept in `path` with `key` (the settings that made
+    it); a rerun or a resume with the same key reads it back."""
+    if os.path.exists(path):
+        f = SafetensorsFiles(path)
+        if f.metadata.get("key") == key:
+            return {k: f.get(k).to(device) for k in f.keys()}
+        say(f"warning: {path} was made with other settings; encoding again")
+    parts, t0 = [], time.time()
+    for k, batch in enumerate(batches):
+        if "gt" not in batch:
+            continue
+        z_hr, z_lr = encode(k, batch)
+        parts.append(dict(z_hr=z_hr.cpu(), z_lr=z_lr.cpu(), context=batch["context"], pooled=batch["pooled"]))
+        if (k + 1) % 20 == 0:
+            say(f"cache: {sum(len(q['z_hr']) for q in parts)}/{n} pairs encoded ({time.time() - t0:.0f} s)")
+    L = max(q["context"].shape[1] for q in parts)
+    pad = lambda c: F.pad(c, (0, 0, 0, L - c.shape[1]))                        # noqa: E731 zero context tokens
+    cache = {k: torch.cat([pad(q[k]) if k == "context" else q[k] for q in parts])[:n].contiguous()
+             for k in parts[0]}
+    atomic_save(cache, path, {"key": key})
+    return {k: v.to(device) for k, v in cache.items()}
+
+
+def cached_batches(cache, cfg, rank, start):
+    """For step k: `batch` rows of the latent cache, drawn from a generator seeded by (seed, k, rank)."""
+    n = cache["z_hr"].shape[0]
+    for k in range(start, cfg.steps):
+        g = torch.Generator().manual_seed(mix(cfg.seed, k, rank, 3))
+        idx = torch.randint(n, (cfg.batch * cfg.accum,), generator=g).to(cache["z_hr"].device)
+        yield {name: v[idx] for name, v in cache.items()} | {"names": [f"cached pair {i}" for i in idx.tolist()]}
+
+
+# --------------------------------------------------------------------------------------------
+# Many processes: the trainable parameters' gradients are averaged by hand after backward (as
+# py-meanflow does). DDP is not used: the JVP runs on the raw module (mfsr's u_fn_jvp), and the
+# fused mode trains the primal output of that JVP. Each rank runs the raw module on its own shard.
+
+
+def all_reduce_grads(params):
+    """Average the gradients of `params` over all ranks; a missing gradient counts as zeros."""
+    world = dist.get_world_size()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= world
+
+
+def any_rank(params, flag):
+    """True on every rank if `flag` is true on any (so all skip a step together); `params` is the
+    synchronised parameter list, None in a single process."""
+    if params is None:
+        return flag
+    t = torch.tensor([float(flag)], device=params[0].device)
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints: trainable weights + config; optimizer state; a full export for sample.py
+
+
+def optimizer_tensors(opt, prefix=""):
+    """opt.state_dict() as safetensors can hold it: {prefix + "param index.name": tensor} (0-d
+    tensors as (1,)) and the param groups as JSON."""
+    state = opt.state_dict()
+    tensors = {f"{prefix}{i}.{k}": v.detach().cpu().reshape(-1) if v.ndim == 0 else v.detach().cpu()
+               for i, st in state["state"].items() for k, v in st.items()}
+    return tensors, json.dumps(state["param_groups"])
+
+
+def load_optimizer(opt, tensors, groups, prefix=""):
+    """Restore `opt` from optimizer_tensors' entries (the keys starting with `prefix`) and its
+    param groups (the parsed JSON)."""
+    state = {}
+    for k, v in tensors.items():
+        if k.startswith(prefix):
+            i, name = k[len(prefix):].split(".", 1)
+            state.setdefault(int(i), {})[name] = v.reshape(()) if name == "step" else v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(cfg, net, opt, ema, step, rank, embs, vae):
+    """out/ckpt-{step}/, whole or not at all: trainable.safetensors (+ EMA) and optimizer.safetensors
+    to resume from, and the export sample.py reads: student.safetensors / teacher.safetensors with the
+    null, negative and default prompt embeddings it was trained with, and a VAE that came from no file."""
+    if rank != 0:
+        return
+    final = os.path.join(cfg.out, f"ckpt-{step:07d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    meta = {"train_config": json.dumps(asdict(cfg)), "model_config": json.dumps(asdict(net.cfg)),
+            "lora": json.dumps(getattr(net, "lora", None)), "step": str(step)}
+    train = {n: p.detach().cpu().contiguous() for n, p in net.named_parameters() if p.requires_grad}
+    train.update({"ema." + n: v.cpu() for n, v in (ema or {}).items()})
+    atomic_save(train, os.path.join(tmp, "trainable.safetensors"), meta)
+    tensors, groups = optimizer_tensors(opt)
+    atomic_save(tensors, os.path.join(tmp, "optimizer.safetensors"), {"param_groups": groups, "step": str(step)})
+    latent = cfg.size // vae.cfg.factor
+    sampling = {"tile": latent, "tile_overlap": sample_overlap(latent, net.cfg.patch),
+                **({"shift": cfg.time_shift} if cfg.stage == "teacher" else {})}   # its sampler's grid
+    save_full(net, os.path.join(tmp, f"{'teacher' if cfg.stage == 'teacher' else 'student'}.safetensors"),
+              sampling, ema)
+    if not (cfg.vae or cfg.ckpt):
+        save_vae(vae, os.path.join(tmp, "vae.safetensors"))
+    for name, (context, pooled) in zip(("null", "neg", "prompt"), embs):
+        atomic_save({"context": context.contiguous(), "pooled": pooled.contiguous()},
+                    os.path.join(tmp, f"{name}.safetensors"), {"format": "mfsr-embedding"})
+    if os.path.exists(final):   # a rerun of this step: replaced only now that the new one is whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(glob.glob(os.path.join(cfg.out, "ckpt-*[0-9]")))[:-cfg.keep]:
+        shutil.rmtree(old)
+
+
+def sample_overlap(tile, patch):
+    """DiT4SR's tile overlap ratio (24 / 64) for another tile size, in whole patches."""
+    return patch * round(tile * 3 / 8 / patch)
+
+
+def save_full(net, path, sampling=None, ema=None):
+    """The whole model, LoRA merged, loadable by load_transformer / sample.py, with the EMA weights
+    where `ema` (name -> tensor) has them: the ones to sample with. `sampling`: its sampler's defaults."""
+    full = copy.deepcopy(net).cpu()
+    with torch.no_grad():
+        for n, p in full.named_parameters():
+            if ema and n in ema:
+                p.copy_(ema[n])
+    full.sampling = sampling
+    if getattr(full, "lora", None):
+        model.merge_lora(full)
+    save_transformer(full, path)
+
+
+def load_checkpoint(cfg, net, opt, rank=0):
+    """The newest readable ckpt-* in --out into `net` and `opt`; returns (step, ema). One that cannot be
+    read (a file truncated by a crash or a full disk) is moved aside to NAME.broken, never deleted, and
+    the one before it is used."""
+    found = sorted(glob.glob(os.path.join(cfg.out, "ckpt-*[0-9]")))
+    if not found:
+        raise SystemExit(f"error: --resume: no ckpt-* folder in {cfg.out}")
+    for folder in reversed(found):
+        try:
+            files = [SafetensorsFiles(os.path.join(folder, f"{f}.safetensors")) for f in ("trainable", "optimizer")]
+            tensors, otensors = ({k: f.get(k) for k in f.keys()} for f in files)
+            step, groups = int(files[0].metadata["step"]), json.loads(files[1].metadata["param_groups"])
+        except (CheckpointError, OSError, KeyError, ValueError, RuntimeError) as e:   # unreadable: the one before
+            aside = next(a for a in (f"{folder}.broken{i or ''}" for i in range(1000)) if not os.path.exists(a))
+            if rank == 0:
+                os.replace(folder, aside)
+                print(f"warning: --resume: {folder} is not a whole checkpoint ({str(e).splitlines()[0]}); "
+                      f"kept as {aside}")
+            continue
+        params = dict(net.named_parameters())
+        train = {k for k, p in params.items() if p.requires_grad}
+        if set(k for k in tensors if not k.startswith("ema.")) != train:
+            raise CheckpointError(f"{folder}: its trainable set differs from this run's (other stage or LoRA?)")
+        with torch.no_grad():
+            for k in train:
+                params[k].copy_(tensors[k])
+        ema = {k[4:]: v.to(params[k[4:]].device) for k, v in tensors.items() if k.startswith("ema.")} or None
+        load_optimizer(opt, otensors, groups)
+        if folder != found[-1]:
+            print(f"warning: --resume: resuming from {folder} (step {step})")
+        return step, ema
+    raise SystemExit(f"error: --resume: no readable checkpoint in {cfg.out} (the broken ones are kept as *.broken)")
+
+
+def trim_log(path, step):
+    """log.jsonl without the lines after `step` (or cut by the crash): a resumed run logs those steps again."""
+    if not os.path.exists(path):
+        return
+    def before(line):
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            return False
+    with open(path) as f:
+        keep = [line for line in f if before(line)]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
+def log_step(cfg, log, done, start, t0, loss, gnorm, lr, device, extra):
+    """One line of log.jsonl per step, a printed line every --log-every steps."""
+    peak = peak_memory_mb(device)   # NaN where the system does not report it
+    rec = {"step": done, "loss": loss, "grad_norm": float(gnorm), "lr": lr,
+           "peak_mb": None if math.isnan(peak) else round(peak), **extra}
+    log.write(json.dumps(rec) + "\n")
+    log.flush()
+    if done % cfg.log_every == 0 or done == cfg.steps:
+        rate = (done - start) / (time.time() - t0)
+        print(f"step {done}/{cfg.steps}  loss {loss:.4f}  grad {float(gnorm):.3f}  "
+              f"{rate:.2f} it/s  ETA {(cfg.steps - done) / max(rate, 1e-9) / 60:.1f} min  "
+              f"peak {rec['peak_mb']} MB" + (f"  du/dt: time {extra['dudt_time']:.3g} (secant "
+              f"{extra['dudt_secant_time']:.3g}), noise {extra['dudt_noise']:.3g}" if "dudt_time" in extra else ""),
+              flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Progress: a PNG grid to look at
+
+
+@torch.no_grad()
+def save_grid(path, vae, net, stage, batch, z_lr):
+    """Rows of LR (upsampled) | 1 step | 2 steps (distill) or 4 Euler steps (teacher) | HR."""
+    if "gt" not in batch:   # cached latents: the HR and (bicubic-upsampled) LR images through the VAE
+        batch = dict(batch, gt=vae.decode(batch["z_hr"][:4]).float().add(1).div(2).clamp(0, 1),
+                     lr=vae.decode(batch["z_lr"][:4]).float().add(1).div(2).clamp(0, 1))
+    n = min(4, batch["gt"].shape[0])
+    gt = batch["gt"][:n]
+    g = torch.Generator().manual_seed(0)
+    ctx, pooled = batch["context"][:n], batch["pooled"][:n]
+    if stage == "distill":
+        outs = [mfsr.sample_student(net, z_lr[:n], pooled, ctx, steps=k, generator=g) for k in (1, 2)]
+    else:
+        outs = [mfsr.sample_teacher(net, z_lr[:n], (pooled, ctx), (pooled, ctx), steps=k, cfg=1.0,  # no negative
+                                    generator=g) for k in (1, 4)]
+    lr_up = F.interpolate(batch["lr"][:n], size=gt.shape[-2:], mode="bicubic")
+    cols = [lr_up] + [vae.decode(o.to(z_lr)).float().add(1).div(2) for o in outs] + [gt]
+    rows = torch.cat([torch.cat([c[i].cpu().clamp(0, 1) for c in cols], 2) for i in range(n)], 1)  # (3, nH, kW)
+    tmp = path + ".tmp.png"
+    Image.fromarray((rows.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(tmp)
+    os.replace(tmp, path)
