@@ -18,6 +18,7 @@ The pipeline (MFSR Alg. 2; DiT4SR's inference recipe, ARCHITECTURE §3.7, for th
 3. decode (the VAE tiles itself above a size, vae.py), crop the padding, colour-fix against the
    upsampled LR (AdaIN by default, or wavelet), clamp to [0, 1].
 Gray images come out gray, alpha is upscaled apart (bicubic), 16-bit files are written at 16 bits.
+The plumbing (image files, latent tiles, loading the model and prompt, progress) is in plumbing/.
 """
 import argparse
 import os
@@ -29,9 +30,8 @@ import torch.nn.functional as F
 
 import mfsr
 from plumbing import cli, images
-from plumbing.checkpoints import CheckpointError, SafetensorsFiles, load_embedding, load_transformer, load_vae
+from plumbing.checkpoints import CheckpointError, SafetensorsFiles, load_condition, load_models
 from plumbing.tiling import TiledNet
-from vae import set_dtype
 
 SCALE = 4
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "mfsr-tiny")
@@ -132,61 +132,6 @@ def upscale(img, net, vae, cond, steps=1, *, teacher=False, cond_neg=None, cfg=D
     y = COLOR_FIXES[color_fix](y, lr_up).clamp(0, 1).cpu()
     progress.phase(None)
     return y
-
-
-# --------------------------------------------------------------------------------------------
-# Loading the model and the prompt embeddings
-
-
-def _beside(ckpt, name):
-    return os.path.join(ckpt if os.path.isdir(ckpt) else os.path.dirname(os.path.abspath(ckpt)), name)
-
-
-def load_models(ckpt, vae_path=None, teacher=False, device="cpu", dtype=torch.float32):
-    """(net, vae) ready for `upscale`. ckpt=None: the shipped miniature in weights/mfsr-tiny/.
-    The VAE: vae_path, else vae.safetensors beside the checkpoint, else the one inside it."""
-    if ckpt is None:
-        ckpt = os.path.join(SHIPPED, "student.safetensors")
-        if not os.path.exists(ckpt):
-            raise CheckpointError(f"the shipped model is missing ({ckpt}); pass --ckpt (a student.safetensors "
-                                  f"exported by train.py) and --vae")
-    net = load_transformer(ckpt, dtype=dtype, device=device)
-    if not net.cfg.lr_stream:
-        raise CheckpointError(f"{ckpt}: a plain SD3 transformer (no LR stream), not a super-resolution model")
-    if net.cfg.two_times and teacher:
-        raise CheckpointError(f"{ckpt}: this is a student (two time inputs); drop --teacher")
-    if not net.cfg.two_times and not teacher:
-        raise CheckpointError(f"{ckpt}: not an MFSR student (no s-embedder, one time input); pass --teacher "
-                              f"to sample it as the 40-step teacher, or give a student.safetensors from train.py")
-    if vae_path is None:
-        vae_path = _beside(ckpt, "vae.safetensors")
-        vae_path = vae_path if os.path.exists(vae_path) else ckpt
-    try:
-        vae = load_vae(vae_path, device=device)
-    except CheckpointError as e:
-        raise CheckpointError(f"no usable VAE ({e}); pass --vae (a VAE file or an SD3.5 checkpoint)") from None
-    set_dtype(vae, dtype)
-    if vae.cfg.latent_channels != net.cfg.in_channels:
-        raise CheckpointError(f"{vae_path}: the VAE has {vae.cfg.latent_channels} latent channels, the "
-                              f"transformer {net.cfg.in_channels}")
-    return net.eval().requires_grad_(False), vae.eval().requires_grad_(False)
-
-
-def load_condition(net_cfg, emb=None, ckpt=None, beside=("prompt", "null")):
-    """(pooled (1, P), context (1, L, D)): an embedding file, else the first of `beside` found next
-    to the checkpoint (train.py stores the prompt, null and negative embeddings a model was trained
-    with beside it), else zeros. Returns (cond, where from)."""
-    zeros = (torch.zeros(1, net_cfg.context_dim), torch.zeros(net_cfg.pooled_dim))
-    if emb and not os.path.exists(emb):
-        raise CheckpointError(f"{emb}: no such embedding file")
-    near_model = (_beside(ckpt or os.path.join(SHIPPED, "student.safetensors"), n + ".safetensors") for n in beside)
-    found = [emb] if emb else [w for w in near_model if os.path.exists(w)]
-    if not found:
-        return (zeros[1][None], zeros[0][None]), f"zeros (no {' / '.join(beside)}.safetensors beside the model)"
-    where = found[0]
-    context, pooled = load_embedding(where, zeros)
-    context = context if context.ndim == 2 else context.reshape(-1, net_cfg.context_dim)
-    return (pooled.reshape(1, -1), context[None]), where
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,9 +252,13 @@ def run(args, written):
             print(f"error: {msg}", file=sys.stderr)
         if not paths:
             return 1
-        net, vae = load_models(args.ckpt, args.vae, args.teacher, device, DTYPES[args.dtype])
-        cond, where = load_condition(net.cfg, args.emb, args.ckpt)
-        cond_neg = load_condition(net.cfg, args.neg_emb, args.ckpt, ("neg", "null"))[0] if args.teacher else None
+        ckpt = args.ckpt or os.path.join(SHIPPED, "student.safetensors")
+        if not os.path.exists(ckpt) and args.ckpt is None:
+            raise CheckpointError(f"the shipped model is missing ({ckpt}); pass --ckpt (a student.safetensors "
+                                  f"exported by train.py) and --vae")
+        net, vae = load_models(ckpt, args.vae, args.teacher, device, DTYPES[args.dtype])
+        cond, where = load_condition(net.cfg, ckpt, args.emb)
+        cond_neg = load_condition(net.cfg, ckpt, args.neg_emb, ("neg", "null"))[0] if args.teacher else None
         note = apply_sampling_settings(args, net)
         if note:
             print(f"note: {note}", file=sys.stderr)

@@ -25,11 +25,9 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
 
 import degrade
 import fastjvp
@@ -37,11 +35,10 @@ import model
 import mfsr
 import vae as vae_lib
 from plumbing import runs
+from plumbing.pairs import PairDataset, collate, training_images
 from plumbing.checkpoints import CheckpointError, load_embedding, load_transformer, load_vae
 from plumbing.cli import add_flags, flag
-from plumbing.images import find_images, usable_images
 
-CACHE_BYTES = 512 * 2 ** 20     # decoded images each data worker keeps in memory
 
 
 @dataclass
@@ -115,82 +112,9 @@ class TrainConfig:
 # degraded by degrade.py to LR at 1/4, or with probability clean_prob the plain bicubic x4.
 
 
-def random_crop(img, size, g):
-    """(3, H, W) uint8 or in [0, 1] -> a random (3, size, size) crop in [0, 1]: degrade's crop, which
-    upscales smaller images (bicubic); of a large uint8 image only the crop is converted to float."""
-    if min(img.shape[1:]) < size and img.dtype == torch.uint8:
-        img = img.float() / 255
-    crop = degrade.random_crop_pair_source(img, size, g)[0]
-    return crop.float() / 255 if crop.dtype == torch.uint8 else crop
-
-
-class PairDataset(torch.utils.data.Dataset):
-    """Item (index, seed) -> dict(gt, lr, context, pooled, name), or dict(unreadable=path, why=...).
-    default: the (context, pooled) of images without an embedding file. A share clean_prob of the
-    items gets the clean bicubic x4 LR instead of the Real-ESRGAN one."""
-
-    def __init__(self, paths, size, default, degrade_cfg, clean_prob=0.0):
-        self.paths, self.size, self.default, self.degrade_cfg = paths, size, default, degrade_cfg
-        self.clean_prob = clean_prob
-        self.decoded, self.decoded_bytes = {}, 0    # decoded images kept per worker, up to CACHE_BYTES
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, key):
-        i, seed = key
-        path = self.paths[i]
-        arr = self.decoded.get(path)
-        if arr is None:
-            try:
-                with Image.open(path) as im:
-                    arr = np.array(im.convert("RGB"))                     # (H, W, 3) uint8
-            except Exception as e:  # PIL raises many types for truncated / odd files
-                return dict(unreadable=path, why=str(e))
-            if self.decoded_bytes + arr.nbytes <= CACHE_BYTES:   # small data sets: decode each file once
-                self.decoded[path] = arr
-                self.decoded_bytes += arr.nbytes
-        g = torch.Generator().manual_seed(seed)
-        hr = random_crop(torch.from_numpy(arr).permute(2, 0, 1), self.size, g)
-        if self.clean_prob > 0 and torch.rand((), generator=g) < self.clean_prob:
-            gt, lr = hr[None], degrade.bicubic_down(hr[None], self.degrade_cfg.scale)
-        else:
-            gt, lr, _ = degrade.degrade(hr[None], self.degrade_cfg, generator=g)
-        context, pooled = load_embedding(os.path.splitext(path)[0] + ".safetensors", self.default)
-        return dict(gt=gt[0], lr=lr[0], context=context, pooled=pooled, name=path)
-
-
 def pad_tokens(context, L):
     """context (..., l, D) zero-padded to L tokens (zero rows are padding)."""
     return F.pad(context, (0, 0, 0, L - context.shape[-2]))
-
-
-def collate(items):
-    """A batch dict; `unreadable`: (path, why) of the items that could not be read (an all-unreadable
-    batch has nothing else)."""
-    unreadable = [(it["unreadable"], it["why"]) for it in items if "unreadable" in it]
-    items = [it for it in items if "unreadable" not in it]
-    if not items:
-        return dict(unreadable=unreadable)
-    L = max(it["context"].shape[0] for it in items)
-    return dict(gt=torch.stack([it["gt"] for it in items]), lr=torch.stack([it["lr"] for it in items]),
-                context=torch.stack([pad_tokens(it["context"], L) for it in items]),
-                pooled=torch.stack([it["pooled"] for it in items]),
-                names=[it["name"] for it in items], unreadable=unreadable)
-
-
-def training_images(cfg, rank):
-    """(usable image paths of --data, {skipped path: why}); rank 0 names each skipped file and warns
-    about captions that have no embedding file yet."""
-    say = (lambda m: print(m, file=sys.stderr)) if rank == 0 else (lambda m: None)
-    paths, skipped = usable_images(find_images(cfg.data), cfg.size, say)
-    uncoded = [q for q in paths if os.path.exists(os.path.splitext(q)[0] + ".txt")
-               and not os.path.exists(os.path.splitext(q)[0] + ".safetensors")]
-    if uncoded and rank == 0:
-        print(f"warning: {len(uncoded)} captions (e.g. {os.path.splitext(uncoded[0])[0]}.txt) have no embedding "
-              "file; they train with the default prompt. Encode them first: "
-              "python tools/text.py --data DIR --encoders ...")
-    return paths, skipped
 
 
 def training_batches(cfg, paths, prompt, vae, device, rank, start):

@@ -30,8 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from plumbing.tiling import (DECODE_OVERLAP, DECODE_TILE, ENCODE_OVERLAP, ENCODE_TILE, TILE_NORM, run_tiled,
-                             tile_plan)
+from plumbing.tiling import (DECODE_OVERLAP, DECODE_TILE, ENCODE_OVERLAP, ENCODE_TILE, TILE_NORM, GroupNorm,
+                             run_tiled, tile_plan)  # GroupNorm: nn.GroupNorm in fp32, its statistics shareable by tiles
 
 # --------------------------------------------------------------------------------------------
 # Config
@@ -75,39 +75,6 @@ CONFIGS = {
 
 # --------------------------------------------------------------------------------------------
 # Layers (ARCH §4.2)
-
-
-class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm, computed in fp32, that can record its statistics or use shared ones.
-
-    Tiling sets `stats` to (mean, var), each (B, G), estimated over the whole image, so every
-    tile is normalised alike; `sums` collects (count, sum, sum of squares) while recording.
-    """
-
-    def __init__(self, groups, channels):
-        super().__init__(groups, channels, eps=1e-6)
-        self.stats, self.sums, self.mask = None, None, None
-
-    def forward(self, x):
-        B, C = x.shape[:2]
-        w, b = self.weight.float(), self.bias.float()
-        if self.stats is None and self.sums is None:
-            return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
-        H, W = x.shape[-2:]
-        G = self.num_groups
-        g = x.float().permute(0, 2, 3, 1).reshape(B, H * W, G, C // G)  # (B, H W, G, C/G); a view when channels-last
-        if self.sums is not None:   # add this tile's sums over the pixels it owns (`mask`, at input resolution)
-            m = F.interpolate(self.mask[None, None], size=(H, W), mode="nearest").reshape(1, H * W, 1, 1)
-            n, s1, s2 = self.sums
-            self.sums = [n + m.sum().double() * g.shape[3], s1 + (g * m).sum((1, 3)).double(),
-                         s2 + (g * g * m).sum((1, 3)).double()]                        # (B, G)
-        if self.stats is not None:
-            mean, var = self.stats
-        else:
-            var, mean = torch.var_mean(g, dim=(1, 3), unbiased=False)   # (B, G)
-        y = (g - mean[:, None, :, None]) * torch.rsqrt(var[:, None, :, None] + self.eps)
-        y = y.reshape(B, H, W, C).permute(0, 3, 1, 2)                   # (B, C, H, W), channels-last
-        return (y * w.view(1, C, 1, 1) + b.view(1, C, 1, 1)).to(x.dtype)
 
 
 def _silu(x):

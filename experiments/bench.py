@@ -463,7 +463,6 @@ def bench_degrade(args):
 
 
 def _train_case(cfg, h, B, compiled):
-    import mfsr
     import model
     import train
     torch.manual_seed(0)
@@ -504,13 +503,13 @@ def _pairs_per_second(size, n=6):
     from PIL import Image
 
     import degrade
-    import train
+    from plumbing import images, pairs
     with tempfile.TemporaryDirectory() as d:
         rng = np.random.default_rng(0)
         for i in range(3):   # smooth random photographs-to-be, larger than the crop
             small = rng.random((size // 16, size // 16, 3)) * 255
             Image.fromarray(small.astype(np.uint8)).resize((size + 64, size + 64), Image.BICUBIC).save(f"{d}/{i}.png")
-        ds = train.PairDataset(train.find_images(d), size, (torch.zeros(1, 64), torch.zeros(32)), degrade.DegradeConfig())
+        ds = pairs.PairDataset(images.find_images(d), size, (torch.zeros(1, 64), torch.zeros(32)), degrade.DegradeConfig())
         ds[(0, 0)]
         t0 = time.perf_counter()
         for i in range(n):
@@ -592,6 +591,7 @@ def _cpu_bf16():
 def bench_sample(args):
     """The shipped miniature end to end, student vs 40-step CFG teacher, in fp32 and bf16."""
     import sample
+    from plumbing import tiling
     # SAMPLE_BENCH_DTYPES=fp32: only the fp32 rows
     dtypes = os.environ.get("SAMPLE_BENCH_DTYPES", "fp32,bf16").split(",")
     sizes = (128,) if args.quick else (128, 512)
@@ -603,7 +603,7 @@ def bench_sample(args):
             x = F.interpolate(torch.rand(1, 3, size // 8, size // 8, generator=g), size=(size, size),
                               mode="bicubic").clamp(0, 1)
             st = sample.sampling_settings(student)
-            tiles = len(sample.TiledNet(student, st["tile"], st["tile_overlap"]).tiles(size, size))  # tiny VAE x4
+            tiles = len(tiling.TiledNet(student, st["tile"], st["tile_overlap"]).tiles(size, size))  # tiny VAE x4
             # Peak memory in 1-step runs of their own (it does not grow with the steps; and peak_mb's
             # heap trim makes the run after it fault its pages in afresh: at 128² that charged the
             # student ~1 s, which a folder of images does not pay after the first). These also warm

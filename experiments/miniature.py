@@ -71,9 +71,8 @@ import mfsr
 import sample
 import tiny_vae
 import train
-import vae as vae_lib
 from plumbing.checkpoints import atomic_save
-from plumbing import checkpoints
+from plumbing import checkpoints, pairs
 from plumbing import runs as run_lib
 
 # The photographs: photos.csv beside this file, one row each: name, kind (of content), source, file,
@@ -364,7 +363,7 @@ def tune_decoder(runs, scale=1.0, batch=16, size=64, lr=1e-4, ema=0.99, seed=0):
               for p in sorted(glob.glob(os.path.join(runs, "data", "train", "*.png")))]
     g = torch.Generator().manual_seed(seed)
     for step in range(steps):
-        x = torch.stack([train.random_crop(images[int(torch.randint(len(images), (1,), generator=g))], size, g)
+        x = torch.stack([pairs.random_crop(images[int(torch.randint(len(images), (1,), generator=g))], size, g)
                          for _ in range(batch)]) * 2 - 1                              # (B, 3, size, size)
         with torch.no_grad():
             z = v.encode(x, tile=0)                                                   # model space, mean

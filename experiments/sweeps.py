@@ -26,7 +26,6 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import model
 import sample
-import vae as vae_lib
 from plumbing import checkpoints
 import metrics
 from metrics import mse, mse_to_psnr

@@ -28,10 +28,9 @@ from PIL import Image
 
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the core files at the root
 
-import train
 import vae as vae_lib
 from plumbing.checkpoints import SafetensorsFiles, atomic_save
-from plumbing import checkpoints, runs
+from plumbing import checkpoints, pairs, runs
 from plumbing import images as image_files
 
 PCA_CROPS = 256     # training crops whose patches start the linear code
@@ -96,7 +95,7 @@ def _crops(paths, images, keys, size):
         if paths[i] not in images:
             with Image.open(paths[i]) as im:
                 images[paths[i]] = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
-        out.append(train.random_crop(images[paths[i]], size, torch.Generator().manual_seed(seed)))
+        out.append(pairs.random_crop(images[paths[i]], size, torch.Generator().manual_seed(seed)))
     return torch.stack(out) * 2 - 1
 
 

@@ -8,9 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import sample
 import tiny_vae
-import train
 import vae as V
 from plumbing import checkpoints, images
 from builders import _images

@@ -21,7 +21,7 @@ import sample
 import train
 from builders import _TINY, _images, _randomize
 from model import CONFIGS, MMDiT
-from plumbing import checkpoints, cli, images, runs
+from plumbing import checkpoints, images, pairs, runs
 
 
 def _fixed_teacher_loss(net, data):
@@ -31,8 +31,8 @@ def _fixed_teacher_loss(net, data):
     vae_ = train.vae_lib.VAE(train.vae_lib.CONFIGS["tiny"]).eval()
     null = (torch.zeros(1, 64), torch.zeros(32))
     import degrade
-    ds = train.PairDataset(images.find_images(data), 32, null, degrade.DegradeConfig())
-    batch = train.collate([ds[(i, 100 + i)] for i in range(4)])
+    ds = pairs.PairDataset(images.find_images(data), 32, null, degrade.DegradeConfig())
+    batch = pairs.collate([ds[(i, 100 + i)] for i in range(4)])
     g = torch.Generator().manual_seed(0)
     z_hr, z_lr = train.encode_pair(vae_, batch, g)
     cfg.caption_dropout = 0.0
@@ -405,14 +405,14 @@ def test_train_clean_prob_gives_bicubic_pairs_and_the_plain_gt(tmp_path):
     folder = tmp_path
     Image.fromarray((rng.random((48, 48, 3)) * 255).astype(np.uint8)).save(folder / "a.png")
     paths = images.find_images(str(folder))
-    clean = train.PairDataset(paths, 32, null, degrade.DegradeConfig(gt_size=32), clean_prob=1.0)
-    real = train.PairDataset(paths, 32, null, degrade.DegradeConfig(gt_size=32, usm_gt=False), clean_prob=0.0)
+    clean = pairs.PairDataset(paths, 32, null, degrade.DegradeConfig(gt_size=32), clean_prob=1.0)
+    real = pairs.PairDataset(paths, 32, null, degrade.DegradeConfig(gt_size=32, usm_gt=False), clean_prob=0.0)
     for seed in range(3):
         c, r = clean[(0, seed)], real[(0, seed)]
         assert torch.equal(c["gt"], r["gt"])                               # the same crop, not sharpened
         assert torch.equal(c["lr"], degrade.bicubic_down(c["gt"][None])[0])
         assert not torch.equal(r["lr"], c["lr"])
-    mixed = train.PairDataset(paths, 32, null, degrade.DegradeConfig(gt_size=32, usm_gt=False), clean_prob=0.5)
+    mixed = pairs.PairDataset(paths, 32, null, degrade.DegradeConfig(gt_size=32, usm_gt=False), clean_prob=0.5)
     n_clean = sum(torch.equal(mixed[(0, k)]["lr"], degrade.bicubic_down(mixed[(0, k)]["gt"][None])[0]) for k in range(40))
     assert 8 <= n_clean <= 32, n_clean
     assert train.parse_args(["--data", str(folder)], plain_gt=True, clean_prob=0.3).plain_gt

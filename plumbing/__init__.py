@@ -1,0 +1,14 @@
+"""Plumbing: what a reader of the paper can skip. The card's files (mfsr.py, model.py, vae.py,
+degrade.py, train.py, sample.py) hold the method and the straight path through it; they call these
+modules for everything else a real tool needs:
+
+    checkpoints  safetensors files: SD3.5 / diffusers / DiT4SR layouts, key and shape checks, atomic saves
+    images       image files in and out (16-bit, alpha, gray, EXIF, size limits), finding inputs
+    tiling       the VAE's tiles (shared GroupNorm statistics) and the sampler's latent tiles
+    pairs        training images and the (gt, lr) pairs made from them in worker processes
+    runs         seeds per (seed, step, rank), the latent cache, processes, checkpoints and resume, logs
+    cli          flags from a config, progress with an ETA, the device, peak memory
+
+Imports run one way: the card's files import these; these import model.py, vae.py, mfsr.py and
+degrade.py where they must (a loader builds the model it loads), never train.py or sample.py.
+"""
