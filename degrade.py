@@ -12,8 +12,6 @@ quality (Real-ESRGAN uses DiffJPEG, a torch simulation, at a float quality); no 
 """
 import io
 import math
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -292,66 +290,46 @@ def jpeg(x, quality):
 # The pipeline
 
 
-@contextmanager
-def _timed(timings, name):
-    t0 = time.perf_counter()
-    yield
-    if timings is not None:
-        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
-
-
-def _stage(x, ps, key, out_hw, g, timings):
+def _stage(x, ps, key, out_hw, g):
     """blur -> resize -> noise for every image; out_hw None: resize by scale (stage 1)."""
-    with _timed(timings, "blur"):
-        kernels = [None if p[key]["kernel"] is None else kernel_from_params(p[key]["kernel"]) for p in ps]
-        x = _filter_list(x, kernels)
-    with _timed(timings, "resize"):
-        for i, p in enumerate(ps):
-            r = p[key]["resize"]
-            if out_hw is None:
-                x[i] = _resize(x[i], r["mode"], scale=r["scale"])
-            else:
-                x[i] = _resize(x[i], r["mode"], size=(int(out_hw[0] * r["scale"]), int(out_hw[1] * r["scale"])))
-    with _timed(timings, "noise"):
-        x = [add_noise(xi, p[key]["noise"], g) for xi, p in zip(x, ps)]
-    return x
+    kernels = [None if p[key]["kernel"] is None else kernel_from_params(p[key]["kernel"]) for p in ps]
+    x = _filter_list(x, kernels)
+    for i, p in enumerate(ps):
+        r = p[key]["resize"]
+        if out_hw is None:
+            x[i] = _resize(x[i], r["mode"], scale=r["scale"])
+        else:
+            x[i] = _resize(x[i], r["mode"], size=(int(out_hw[0] * r["scale"]), int(out_hw[1] * r["scale"])))
+    return [add_noise(xi, p[key]["noise"], g) for xi, p in zip(x, ps)]
 
 
-def _final(x, ps, lr_hw, timings):
+def _final(x, ps, lr_hw):
     """[resize to LR + sinc] and JPEG, in each image's drawn order."""
-    with _timed(timings, "jpeg"):
-        x = [jpeg(xi, p["stage2"]["jpeg"]) if p["final_order"] == "jpeg_resize_sinc" else xi
-             for xi, p in zip(x, ps)]
-    with _timed(timings, "resize"):
-        x = torch.stack([_resize(xi, p["final_mode"], size=lr_hw) for xi, p in zip(x, ps)])  # (B, 3, h, w)
-    with _timed(timings, "blur"):
-        x = filter2d(x, [kernel_from_params(p["sinc"]) for p in ps])
-    with _timed(timings, "jpeg"):
-        x = torch.stack([jpeg(xi.clamp(0, 1), p["stage2"]["jpeg"]) if p["final_order"] == "resize_sinc_jpeg"
-                         else xi for xi, p in zip(x, ps)])
-    return x
+    x = [jpeg(xi, p["stage2"]["jpeg"]) if p["final_order"] == "jpeg_resize_sinc" else xi for xi, p in zip(x, ps)]
+    x = torch.stack([_resize(xi, p["final_mode"], size=lr_hw) for xi, p in zip(x, ps)])  # (B, 3, h, w)
+    x = filter2d(x, [kernel_from_params(p["sinc"]) for p in ps])
+    return torch.stack([jpeg(xi.clamp(0, 1), p["stage2"]["jpeg"]) if p["final_order"] == "resize_sinc_jpeg"
+                        else xi for xi, p in zip(x, ps)])
 
 
 @torch.no_grad()
-def degrade(hr, cfg=DegradeConfig(), generator=None, timings=None):
+def degrade(hr, cfg=DegradeConfig(), generator=None):
     """hr (B, 3, H, W) in [0, 1], H and W divisible by cfg.scale -> (gt, lr, params).
 
     gt (B, 3, H, W) is USM-sharpened if cfg.usm_gt; lr (B, 3, H/scale, W/scale) on the 8-bit grid;
-    params: one dict per image of everything drawn. `timings`, if a dict, gains seconds per stage.
+    params: one dict per image of everything drawn.
     """
     assert hr.ndim == 4 and hr.shape[1] == 3, f"expected (B, 3, H, W), got {tuple(hr.shape)}"
     B, _, H, W = hr.shape
     if H % cfg.scale or W % cfg.scale:
         raise ValueError(f"H={H}, W={W} must be divisible by scale={cfg.scale}")
     ps = [draw_params(cfg, generator) for _ in range(B)]
-    with _timed(timings, "usm"):
-        gt = usm_sharpen(hr.float()) if cfg.usm_gt else hr.float()
+    gt = usm_sharpen(hr.float()) if cfg.usm_gt else hr.float()
     lr_hw = (H // cfg.scale, W // cfg.scale)
-    x = _stage(list(gt.unbind(0)), ps, "stage1", None, generator, timings)
-    with _timed(timings, "jpeg"):
-        x = [jpeg(xi, p["stage1"]["jpeg"]) for xi, p in zip(x, ps)]
-    x = _stage(x, ps, "stage2", lr_hw, generator, timings)
-    lr = _final(x, ps, lr_hw, timings)
+    x = _stage(list(gt.unbind(0)), ps, "stage1", None, generator)
+    x = [jpeg(xi, p["stage1"]["jpeg"]) for xi, p in zip(x, ps)]
+    x = _stage(x, ps, "stage2", lr_hw, generator)
+    lr = _final(x, ps, lr_hw)
     lr = (lr * 255).round().clamp(0, 255) / 255  # (B, 3, H/4, W/4)
     return gt, lr, ps
 

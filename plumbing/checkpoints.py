@@ -307,7 +307,7 @@ def save_transformer(net: MMDiT, path, layout="original"):
     atomic_save(sd, path, meta)
 
 # --------------------------------------------------------------------------------------------
-# Key names: diffusers AutoencoderKL -> original (Stability single file) (ARCH §4.3)
+# The VAE: diffusers AutoencoderKL names -> original (Stability single file) (ARCH §4.3), loader, writer
 
 _ATTN_NAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
                "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}   # the last four: older files
@@ -329,10 +329,6 @@ def from_diffusers_name(key, levels):
 
 def _is_attn_matrix(key):   # 1x1 conv weights in the original layout, (C, C) linears in diffusers
     return re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", key) is not None
-
-
-# --------------------------------------------------------------------------------------------
-# Loading and saving
 
 
 class _VAESource:
@@ -428,6 +424,11 @@ def save_vae(vae: VAE, path):
     sd = {k: v.detach().contiguous() for k, v in vae.state_dict().items()}
     atomic_save(sd, path, {"format": "mfsr-vae", "layout": "original", "vae_config": json.dumps(asdict(vae.cfg))})
 
+
+# --------------------------------------------------------------------------------------------
+# Prompt embeddings, and sample.py's model, VAE and prompt found together
+
+
 def load_embedding(path, null):
     """(context, pooled) from an embedding file, or the null embedding when there is none."""
     if not os.path.exists(path):
@@ -441,10 +442,6 @@ def load_embedding(path, null):
         raise CheckpointError(f"{path}: context {tuple(context.shape)} / pooled {tuple(pooled.shape)} do not "
                               f"fit the model ({null[0].shape[-1]} / {tuple(null[1].shape)})")
     return context.float(), pooled.float()
-
-
-# --------------------------------------------------------------------------------------------
-# sample.py's models and prompt: a student or teacher with its VAE, the embeddings beside it
 
 
 def _beside(ckpt, name):

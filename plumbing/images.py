@@ -1,13 +1,10 @@
-"""Image files: reading and writing every common kind without losing what the user's file holds,
-and finding the images a command names (plumbing; the method sees float RGB tensors in [0, 1]).
-
-Every common file in, float RGB in [0, 1] out, and back to a file of the same kind.
-Gray stays gray, transparency is kept apart ((1, H, W) alpha), EXIF orientation is applied, every
-failure is an ImageError naming the file. Pillow does the work except where it would lose bits:
-16-bit gray (I;16*, I) is read at full precision (its convert("RGB") clips to 255), 32-bit float
-(F) clipped to [0, 1] and written back at 16 bits; 16-bit colour PNG, which Pillow 13 reads at
-8 bits and cannot write, goes through the optional pypng (without it: read at 8 bits, said in
-`note`), 16-bit colour TIFF through the optional tifffile (without it: refused, not read at 8 bits).
+"""Image files (plumbing; the method sees float RGB tensors in [0, 1]): every common file in, float
+RGB out, and back to a file of the same kind; and the files a command names. Gray stays gray,
+transparency is kept apart ((1, H, W) alpha), EXIF orientation is applied, every failure is an
+ImageError naming the file. Pillow does the work except where it would lose bits: 16-bit gray is
+read at full precision, 32-bit float clipped to [0, 1] and written back at 16 bits; 16-bit colour
+PNG (Pillow reads 8 bits, cannot write) goes through the optional pypng (without it: read at 8
+bits, said in `note`), 16-bit colour TIFF through the optional tifffile (without it: refused).
 Outputs are written atomically and never over an input.
 """
 import glob

@@ -1,10 +1,7 @@
-"""A training run's plumbing: seeds per (seed, step, rank), the latent cache, gradients averaged
-over processes, checkpoints with resume, the log (the method does not need any of it; train.py calls it).
-
-Randomness is a function of (seed, step, rank): which images, crops, degradations, noise and times a
-step sees. So a resume needs only the weights, the optimizer state and the step, and repeats the
-uninterrupted run exactly. A checkpoint folder appears whole or not at all; one that cannot be read
-is moved aside (NAME.broken), never deleted, and the one before it is used.
+"""A training run's plumbing (train.py calls it; the method does not need it): seeds per (seed, step,
+rank), so a resume repeats the uninterrupted run exactly; the latent cache; gradients averaged over
+processes; checkpoint folders that appear whole or not at all (an unreadable one is moved aside to
+NAME.broken, never deleted, and the one before it used); the log and the progress grids.
 """
 import copy
 import glob
@@ -224,17 +221,19 @@ def load_checkpoint(cfg, net, opt, rank=0):
     raise SystemExit(f"error: --resume: no readable checkpoint in {cfg.out} (the broken ones are kept as *.broken)")
 
 
+def _step_of(line):
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):   # a line cut by the crash
+        return math.inf
+
+
 def trim_log(path, step):
     """log.jsonl without the lines after `step` (or cut by the crash): a resumed run logs those steps again."""
     if not os.path.exists(path):
         return
-    def before(line):
-        try:
-            return json.loads(line)["step"] <= step
-        except (ValueError, KeyError, TypeError):
-            return False
     with open(path) as f:
-        keep = [line for line in f if before(line)]
+        keep = [line for line in f if _step_of(line) <= step]
     with open(path + ".tmp", "w") as f:
         f.writelines(keep)
     os.replace(path + ".tmp", path)
