@@ -8,7 +8,5 @@ modules for everything else a real tool needs:
     pairs        training images and the (gt, lr) pairs made from them in worker processes
     runs         seeds per (seed, step, rank), the latent cache, processes, checkpoints and resume, logs
     cli          flags from a config, progress with an ETA, the device, peak memory
-
-Imports run one way: the card's files import these; these import model.py, vae.py, mfsr.py and
-degrade.py where they must (a loader builds the model it loads), never train.py or sample.py.
+Imports run one way: these never import train.py or sample.py (tests/test_layout.py).
 """

@@ -5,12 +5,12 @@ import contextlib
 import math
 import sys
 import time
-from dataclasses import MISSING, field, fields
+from dataclasses import field, fields
 
 import torch
 
 # --------------------------------------------------------------------------------------------
-# Flags from a config dataclass: each field declared with flag(default, help)
+# Flags from a config dataclass (each field declared with flag(default, help)); then progress, device, memory
 
 
 def flag(default, help):
@@ -30,14 +30,9 @@ def add_flags(parser, config_cls, groups, choices):
             if isinstance(f.default, bool):
                 g.add_argument(dash, action="store_true", help=text)
             else:
-                assert f.default is not MISSING, f"{name}: a flag needs a default"
                 shown = f" (choices: {', '.join(choices[name])})" if name in choices else ""
                 g.add_argument(dash, type=type(f.default), default=f.default, metavar=name.upper(),
                                help=f"{text}{shown} [default: {f.default if f.default != '' else 'none'}]")
-
-
-# --------------------------------------------------------------------------------------------
-# Progress, device, peak memory
 
 
 class Progress:

@@ -176,10 +176,7 @@ def _same_file(a, b):
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-# 16-bit colour files through the optional pypng (PNG) and tifffile (TIFF)
-
-
-def _has_pypng():
+def _has_pypng():   # 16-bit colour files go through the optional pypng (PNG) and tifffile (TIFF)
     return importlib.util.find_spec("png") is not None
 
 

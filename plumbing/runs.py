@@ -85,9 +85,8 @@ def cached_batches(cache, cfg, rank, start):
 
 
 # --------------------------------------------------------------------------------------------
-# Many processes: the trainable parameters' gradients are averaged by hand after backward (as
-# py-meanflow does). DDP is not used: the JVP runs on the raw module (mfsr's u_fn_jvp), and the
-# fused mode trains the primal output of that JVP. Each rank runs the raw module on its own shard.
+# Many processes: gradients averaged by hand after backward (as py-meanflow), no DDP wrapper: the JVP
+# runs on the raw module, and the fused mode trains the primal output of that JVP.
 
 
 def all_reduce_grads(params):
@@ -244,8 +243,7 @@ def log_step(cfg, log, done, start, t0, loss, gnorm, lr, device, extra):
     peak = peak_memory_mb(device)   # NaN where the system does not report it
     rec = {"step": done, "loss": loss, "grad_norm": float(gnorm), "lr": lr,
            "peak_mb": None if math.isnan(peak) else round(peak), **extra}
-    log.write(json.dumps(rec) + "\n")
-    log.flush()
+    print(json.dumps(rec), file=log, flush=True)
     if done % cfg.log_every == 0 or done == cfg.steps:
         rate = (done - start) / (time.time() - t0)
         print(f"step {done}/{cfg.steps}  loss {loss:.4f}  grad {float(gnorm):.3f}  "

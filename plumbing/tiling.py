@@ -19,11 +19,9 @@ TILE_NORM = "tiles"                     # "tiles" | "down" | "local": see _share
 
 
 class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm, computed in fp32, that can record its statistics or use shared ones.
-
-    Tiling sets `stats` to (mean, var), each (B, G), estimated over the whole image, so every
-    tile is normalised alike; `sums` collects (count, sum, sum of squares) while recording.
-    """
+    """nn.GroupNorm in fp32 that can record its statistics or use shared ones: tiling sets `stats` to
+    (mean, var), each (B, G), estimated over the whole image, so every tile is normalised alike;
+    `sums` collects (count, sum, sum of squares) while recording."""
 
     def __init__(self, groups, channels):
         super().__init__(groups, channels, eps=1e-6)
