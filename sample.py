@@ -28,6 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import fastjvp
 import mfsr
 from plumbing import cli, images
 from plumbing.checkpoints import CheckpointError, SafetensorsFiles, load_condition, load_models
@@ -117,14 +118,15 @@ def upscale(img, net, vae, cond, steps=1, *, teacher=False, cond_neg=None, cfg=D
     tiled = TiledNet(net, tile, tile_overlap, on_tile=progress.tile)
     progress.phase("network", calls=steps * len(tiled.tiles(*z_lr.shape[-2:])))
     pooled, context = (c.to(device, dtype) for c in cond)
-    if teacher:
-        pooled_neg, context_neg = (c.to(device, dtype) for c in (cond_neg or cond))
-        L = max(context.shape[1], context_neg.shape[1])     # zero-pad the shorter context so CFG can batch them
-        pad = lambda ctx: F.pad(ctx, (0, 0, 0, L - ctx.shape[1]))
-        z = mfsr.sample_teacher(tiled, z_lr, (pooled, pad(context)), (pooled_neg, pad(context_neg)), steps=steps,
-                                cfg=cfg, shift=shift, generator=g, grid=grid)
-    else:
-        z = mfsr.sample_student(tiled, z_lr, pooled, context, steps=steps, generator=g)
+    with fastjvp.lean_memory():   # the same numbers with lower peaks (fastjvp.py)
+        if teacher:
+            pooled_neg, context_neg = (c.to(device, dtype) for c in (cond_neg or cond))
+            L = max(context.shape[1], context_neg.shape[1])     # zero-pad the shorter context so CFG can batch them
+            pad = lambda ctx: F.pad(ctx, (0, 0, 0, L - ctx.shape[1]))
+            z = mfsr.sample_teacher(tiled, z_lr, (pooled, pad(context)), (pooled_neg, pad(context_neg)), steps=steps,
+                                    cfg=cfg, shift=shift, generator=g, grid=grid)
+        else:
+            z = mfsr.sample_student(tiled, z_lr, pooled, context, steps=steps, generator=g)
     progress.phase("VAE decode")
     y = vae.decode(z.to(next(vae.parameters()).dtype), tile=vae_tile).float()  # (1, 3, H', W') in [-1, 1]
     y = ((y + 1) / 2)[..., :SCALE * H, :SCALE * W]                             # crop the padding

@@ -125,7 +125,8 @@ def training_batches(cfg, paths, prompt, vae, device, rank, start):
     if cfg.cache_latents:   # the miniature's: cache_latents pairs encoded once, each step draws rows of them
         key = json.dumps({k: getattr(cfg, k) for k in ("cache_latents", "size", "seed", "data", "vae", "ckpt",
                                                        "prompt_emb", "null_emb", "clean_prob", "plain_gt")})
-        keys = runs.step_batches(len(data), cfg.batch, runs.mix(cfg.seed, 1), rank, 0, math.ceil(cfg.cache_latents / cfg.batch))
+        steps = math.ceil(cfg.cache_latents / cfg.batch)
+        keys = runs.step_batches(len(data), cfg.batch, runs.mix(cfg.seed, 1), rank, 0, steps)
         encode = lambda k, b: encode_pair(vae, {n: b[n].to(device) for n in ("gt", "lr")},  # noqa: E731
                                           torch.Generator().manual_seed(runs.mix(cfg.seed, k, rank, 11)))
         cache = runs.latent_cache(os.path.join(cfg.out, f"latents-{rank}.safetensors"), key, loader(keys), encode,
@@ -287,8 +288,8 @@ def distill_loss(student, teacher, batch, cfg, g, step=0):
     if not n or res["loss"] is None:
         return res["loss"], info
     c_anchor = (z_lr[B:], pooled[B:], context[B:])
-    anchor = anchor_loss(student, teacher, c_anchor, _with_prompt(c_anchor, batch["neg"], torch.ones(n, dtype=torch.bool, device=z_lr.device)),
-                         cfg, g)
+    all_rows = torch.ones(n, dtype=torch.bool, device=z_lr.device)
+    anchor = anchor_loss(student, teacher, c_anchor, _with_prompt(c_anchor, batch["neg"], all_rows), cfg, g)
     info["anchor_loss"] = anchor.item()
     return (res["loss"] * B + anchor * n) / (B + n), info
 
@@ -302,8 +303,8 @@ def anchor_loss(student, teacher, c, c_neg, cfg, g):
     z_lr = c[0]
     z0 = torch.randn(z_lr.shape, generator=g).to(z_lr)
     with torch.no_grad():
-        z1 = mfsr.sample_teacher(teacher, z_lr, c[1:], c_neg[1:], steps=40, cfg=cfg.cfg_w + 1,
-                                 shift=(getattr(teacher, "sampling", None) or {}).get("shift", mfsr.SD35_SHIFT), noise=z0)
+        shift = (getattr(teacher, "sampling", None) or {}).get("shift", mfsr.SD35_SHIFT)   # its training's
+        z1 = mfsr.sample_teacher(teacher, z_lr, c[1:], c_neg[1:], steps=40, cfg=cfg.cfg_w + 1, shift=shift, noise=z0)
     t = torch.zeros(z_lr.shape[0], device=z_lr.device, dtype=z_lr.dtype)
     u = mfsr.average_velocity(student)(z0, t, t + 1, c)
     return mfsr.LOSSES[cfg.loss](u.float(), (z1 - z0).float())[0]
@@ -460,7 +461,7 @@ def main(argv=None, **code_only):
             rows = slice(a * cfg.batch, (a + 1) * cfg.batch)
             mb = dict(z_hr=z_hr[rows], z_lr=z_lr[rows], context=batch["context"][rows],
                       pooled=batch["pooled"][rows], null=null, neg=neg)
-            with autocast:
+            with autocast, fastjvp.lean_memory():   # lean: the same numbers with lower peaks (fastjvp.py)
                 if cfg.stage == "teacher":
                     loss, info = teacher_loss(run, mb, cfg, g), {}
                 else:
