@@ -21,12 +21,17 @@ At full size the plain path is too slow and too large, for three reasons this fi
    as in mfsr.py: one pass for both, backward from the saved O and log-sum-exp).
 2. Linear layers. PyTorch's generic forward rule for F.linear also multiplies x by the weight's
    zero tangent; `linear` computes only dx W^T.
-3. The MLP's 4x-wide hidden layers, each with a tangent beside it, are the largest activations of
-   the JVP; `mlp_band_rows` tells model.py to run the MLPs over bands of image rows.
+3. Memory. model.JointBlock's `attend` and `image_mlp` are the plain equations: q, k, v of the
+   rows [X ; L ; C] concatenated, the MLPs over all rows at once. Inside `lean_memory()` the block
+   runs their twins here, `lean_attend` and `lean_image_mlp`, with the same numbers and lower
+   peaks: each stream's q, k, v freed once joined, and under a JVP (where the MLP's 4x-wide hidden
+   layers, each with a tangent beside it, are the largest activations) the MLPs over bands of
+   image rows (`mlp_band_rows`). The full-scale programs run inside it.
 
 Switches (context managers): `plain()` turns all of it off; `detached_tangents()` promises that the
 JVP's tangent output is detached, so the tangent rules need not be recorded for backward;
-`compiled_jvp()` tells `attention` that the graph being compiled carries tangents.
+`compiled_jvp()` tells `attention` that the graph being compiled carries tangents; `lean_memory()`
+takes the lean block. `forward_switches` keeps them for a checkpointed block's recomputation.
 """
 import contextlib
 
@@ -34,6 +39,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 ATTN_CHUNK_ELEMENTS = 2 ** 20  # size of one (B, H, chunk, N) score block in the JVP paths
 MLP_CHUNK_ELEMENTS = 2 ** 21   # size of one (B, rows * w, 4 D) MLP hidden band in the JVP
@@ -41,7 +47,7 @@ MLP_CHUNK_ELEMENTS = 2 ** 21   # size of one (B, rows * w, 4 D) MLP hidden band 
 # --------------------------------------------------------------------------------------------
 # Switches
 
-_SWITCHES = {"plain": False, "compiled_jvp": False, "detached_tangents": False}
+_SWITCHES = {"plain": False, "compiled_jvp": False, "detached_tangents": False, "lean": False}
 
 
 @contextlib.contextmanager
@@ -59,6 +65,17 @@ def plain():
     return _switch("plain")
 
 
+def lean_memory():
+    """model.JointBlock through lean_attend and lean_image_mlp (section 3): the same numbers up to
+    rounding, lower peak memory."""
+    return _switch("lean")
+
+
+def lean():
+    """Whether model.JointBlock takes the lean path: inside lean_memory(), unless inside plain()."""
+    return _SWITCHES["lean"] and not _SWITCHES["plain"]
+
+
 def compiled_jvp():
     """Tell `attention` that the graph being compiled carries tangents. Tensor wrappers cannot be
     inspected while dynamo traces, so code that compiles a JVP says so; attention then takes the
@@ -72,6 +89,22 @@ def detached_tangents():
     keep every (chunk, N) probability block of the tangent for a backward that never comes.
     Gradients through the tangent would be wrong inside this context, which is why it is opt-in."""
     return _switch("detached_tangents")
+
+
+@contextlib.contextmanager
+def _switches_as(saved):
+    prev = dict(_SWITCHES)
+    _SWITCHES.update(saved)
+    try:
+        yield
+    finally:
+        _SWITCHES.update(prev)
+
+
+def forward_switches():
+    """torch.utils.checkpoint's context_fn: a block recomputed in backward runs with the switches its
+    forward ran with (lean_memory(), plain(), ...), so it saves the same tensors wherever backward runs."""
+    return contextlib.nullcontext(), _switches_as(dict(_SWITCHES))
 
 
 def _tangent_recording():
@@ -270,7 +303,70 @@ class Linear(nn.Linear):
 
 
 # --------------------------------------------------------------------------------------------
-# 3. The MLP in bands of rows
+# 3. Lean memory: model.JointBlock's attend and image_mlp with lower peaks (inside lean_memory())
+
+
+def _modulate(x, shift, scale):
+    """model.modulate (this file cannot import model.py, which imports it)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def lean_attend(block, x, lr, ctx, mods, c_mods, attn_mode):
+    """block.attend: new X and L, and C's rows of the joint attention's output. Its `del`s free
+    q, k, v and the normalised inputs as soon as they are dead."""
+    xb, cb, key_mode = block.x_block, block.context_block, block.cfg.lr_key_mode
+    nx, nl = xb.norm1(x), None if lr is None else xb.norm1(lr)
+    text = cb.attn.qkv_x(_modulate(cb.norm1(ctx), c_mods[0], c_mods[1]))     # C's q, k, v
+    q, k, v, la = _lean_qkv(xb.attn, nx, nl, *mods[:2], key_mode, text)
+    del text
+    o = attention(q, k, v, attn_mode)                                           # [X ; L ; C]
+    del q, k, v                                 # freed before the second attention makes its own
+    o = rearrange(o, "b h n d -> b n (h d)")                                   # (B, N, D)
+    x2, lr2 = _lean_out(xb.attn, o, x, lr, la, mods[2])
+    # C's rows, for its MLP (the last block has none): the rest of o can go
+    o_c = None if cb.pre_only else o[:, -ctx.shape[1]:].clone()
+    del o, la
+    if xb.dual:  # MMDiT-X: image-only attention from the same normalised inputs, over [X ; L]
+        shift2, scale2, gate2 = mods[6:9]
+        q, k, v, la2 = _lean_qkv(xb.attn2, nx, nl, shift2, scale2, key_mode)
+        del nx, nl
+        o2 = attention(q, k, v, attn_mode)
+        del q, k, v                             # freed before o2's (B, 2K, D) copy is made
+        o2 = rearrange(o2, "b h n d -> b n (h d)")                             # (B, 2K, D)
+        x2, lr2 = _lean_out(xb.attn2, o2, x2, lr2, la2, gate2)
+    return x2, lr2, o_c
+
+
+def _lean_qkv(attn, nx, nl, shift, scale, key_mode, text=None):
+    """q, k, v over [X ; L] (L if nl is given) with the text's q, k, v appended, and la, the
+    modulated LR input. Parts are freed once joined: only one of q, k, v is ever held twice."""
+    q, k, v = attn.split_heads(_modulate(nx, shift, scale))
+    parts, la = [[attn.ln_q(q)], [attn.ln_k(k)], [v]], None
+    del q, k, v                 # from here only `parts` holds them
+    if nl is not None:
+        # v copied out of the (B, N, 3D) projection, which then goes before the LR one is made
+        parts[2][0] = parts[2][0].contiguous()
+        la = _modulate(nl, shift, scale)
+        for part, t in zip(parts, attn.qkv_lr(la, parts[1][0], key_mode)):
+            part.append(t)
+        del part, t
+    for part, t in zip(parts, text or ()):
+        part.append(t)
+
+    def join(part):
+        out = torch.cat(part, 2) if len(part) > 1 else part[0]
+        part.clear()
+        return out
+    return join(parts[0]), join(parts[1]), join(parts[2]), la
+
+
+def _lean_out(attn, o, x, lr, la, gate):
+    """Gated residual updates of X (and L) from the attention output o (B, N, D)."""
+    K = x.shape[1]
+    x = x + gate.unsqueeze(1) * attn.proj(o[:, :K])
+    if lr is not None:  # LR residual: the modulated input is added back before out_control
+        lr = lr + gate.unsqueeze(1) * attn.out_control(o[:, K:2 * K] + la)
+    return x, lr
 
 
 def mlp_band_rows(x, h, w, hidden):
@@ -280,3 +376,28 @@ def mlp_band_rows(x, h, w, hidden):
     if _SWITCHES["plain"] or torch.compiler.is_compiling() or not has_tangent(x):
         return h
     return max(1, MLP_CHUNK_ELEMENTS // (x.shape[0] * w * hidden))
+
+
+def lean_image_mlp(block, x, lr, shift, scale, gate, grid):
+    """block.image_mlp over bands of image rows (mlp_band_rows: one band without a tangent)."""
+    h, w = grid
+    rows = mlp_band_rows(x, h, w, block.x_block.mlp.fc1.out_features)
+    if rows >= h:
+        return mlp_rows(block, x, lr, shift, scale, gate, grid, 0, h)
+    parts = [mlp_rows(block, x, lr, shift, scale, gate, grid, r, min(r + rows, h)) for r in range(0, h, rows)]
+    return torch.cat([p[0] for p in parts], 1), None if lr is None else torch.cat([p[1] for p in parts], 1)
+
+
+def mlp_rows(block, x, lr, shift, scale, gate, grid, r0, r1):
+    """block.image_mlp's outputs on image rows r0 .. r1 - 1 (tokens r0 w .. r1 w - 1) of X and of L."""
+    xb, (h, w) = block.x_block, grid
+    band = slice(r0 * w, r1 * w)
+    hx = xb.mlp.hidden(_modulate(xb.norm2(x[:, band]), shift, scale))         # (B, n, 4D)
+    lr_out = None
+    if lr is not None:
+        a, b = max(r0 - 1, 0), min(r1 + 1, h)       # one more row each side for the 3x3 conv
+        hl = xb.mlp.hidden(_modulate(xb.norm2(lr[:, a * w:b * w]), shift, scale))
+        conv = xb.mlp.control_conv(rearrange(hl, "b (h w) c -> b c h w", w=w))[:, :, r0 - a:r1 - a]
+        hx = hx + block.cfg.ff_inject * rearrange(conv, "b c h w -> b (h w) c")
+        lr_out = lr[:, band] + gate.unsqueeze(1) * xb.mlp.fc2(hl[:, (r0 - a) * w:(r1 - a) * w])
+    return x[:, band] + gate.unsqueeze(1) * xb.mlp.fc2(hx), lr_out

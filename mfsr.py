@@ -17,25 +17,20 @@ The transformers of model.py use SD3's sigma = 1 - t and predict eps - x0 = -v (
 place that converts; they compute 1 - t and 1 - s inside the function that is differentiated, so
 the JVP's chain rule stays exact.
 
-The miniature's networks predict data instead (cfg.prediction "x", JiT: Li & He 2025, "Back to
-Basics: Let Denoising Generative Models Denoise"): they output x - z_LR, so an untrained network
-already predicts the LR latent and training only learns the detail. A network of a few million
-weights cannot reproduce the noise it was given, as predicting eps - x0 at high noise asks, and
-every error it makes there stays in the sample as noise; predicting x, its errors are blur. Then
+The miniature's networks predict data instead (cfg.prediction "x", JiT: Li & He 2025): they output
+x - z_LR, so an untrained network already predicts the LR latent. A network of a few million weights
+cannot reproduce the noise it was given, as predicting eps - x0 at high noise asks, and every error
+it makes there stays in the sample as noise; predicting x, its errors are blur. Then
     v(z_t, t) = (x - z_t) / (1 - t),   u(z_t, t, s) = (x(z_t, t, s) - z_t) / (1 - t),
 so one student step from t = 0 lands on z_1 = x exactly; 1 - t is clamped at X_PRED_MIN_SIGMA.
 
-Time embedding (§4.4). A network sees c_noise = time_scale * (1 - t) through sinusoids of up to 1 rad
-per unit c_noise, so the JVP's time term factors as d_t u = dc_noise/dt * demb/dc_noise * du/demb.
-With SD3's c_noise = 1000 t the first factor is 1000 and the features ripple at up to 1000 rad per
-unit t: du/dt then measures the embedding's ripple, not the flow, and Eq. 12's target points
-nowhere useful (`dudt_terms` sets the JVP's time term beside its secant; docs/time_embedding.md
-measures it). Hence the paper's student c_noise = t. The miniature's
-teacher is trained with c_noise = t as well, so its student starts as its teacher. A teacher that
-cannot be retrained (SD3.5 / DiT4SR, 1000 t) leaves two choices: the paper's, a student at t whose
-t-embedder relearns time, or, beyond the paper, a student that keeps 1000 t with its time features
-above a cutoff dropped (MMDiTConfig.time_cutoff, e.g. 20 rad per unit t): it starts near its teacher
-and its du/dt is the flow's (docs/miniature.md measures what the cut changes in the teacher).
+Time embedding (§4.4). A network sees c_noise = time_scale * (1 - t) through sinusoids, so the JVP's
+time term is dc_noise/dt * demb/dc_noise * du/demb. With SD3's c_noise = 1000 t the features ripple at
+up to 1000 rad per unit t: du/dt then measures the embedding's ripple, not the flow, and Eq. 12's
+target points nowhere useful (`dudt_terms` measures it; docs/time_embedding.md). Hence the paper's
+student c_noise = t; the miniature's teacher is trained with c_noise = t too, so its student starts
+as its teacher. For a teacher that cannot be retrained (SD3.5 / DiT4SR, 1000 t), beyond the paper,
+MMDiTConfig.time_cutoff drops the student's time features above a cutoff (e.g. 20 rad per unit t).
 """
 import math
 

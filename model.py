@@ -1,9 +1,9 @@
 """The SD3.5 MMDiT-X transformer, DiT4SR's LR stream, and the MFSR two-time student.
 
-    from model import CONFIGS, MMDiT, load_transformer, save_transformer
-    net = MMDiT(CONFIGS["tiny"])                                 # or load_transformer("sd3.5_medium.safetensors")
+    from model import CONFIGS, MMDiT, make_student
+    net = MMDiT(CONFIGS["tiny"])                                 # a random teacher at CPU size
     v = net(x, sigma, pooled, context, lr=z_lr)                  # SD3 convention: eps - x0
-    save_transformer(net, "out.safetensors")                     # SD3.5 names, config in the metadata
+    student = make_student(net)                                  # MFSR Alg. 1 lines 1-2
 
 Follows Stability-AI's single-file reference (mmditx.py) for the architecture and the parameter
 names, so `state_dict()` keys are those of the released checkpoints; DiT4SR (Duan et al., ICCV 2025)
@@ -15,25 +15,20 @@ x_sigma = (1 - sigma) x0 + sigma eps, sigma = 1 is noise, the network predicts e
 the time as `time_scale * sigma` (1000 for SD3.5 and DiT4SR, 1 for the MFSR student).
 Token layout: image tokens X (B, K, D), LR tokens L (B, K, D), text tokens C (B, M, D).
 
-Checkpoints (the end of this file): only safetensors are read (pickled files can run code), memory-
-mapped into a module built on the meta device. The transformer's two key layouts, SD3.5's single-file
-names (the modules') and diffusers' (also DiT4SR's), map as in ARCH §2.5, §3.5. A mismatch is a
-CheckpointError that names the file and lists what is missing, unexpected or misshapen.
+Plumbing a reader can skip lives elsewhere: reading and writing checkpoints (SD3.5 single files,
+diffusers and DiT4SR layouts, key and shape checks) in plumbing/checkpoints.py, e.g.
+`load_transformer("sd3.5_medium.safetensors")`; the JVP's fast paths in fastjvp.py.
 """
-import json
 import math
-import os
-import re
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from fastjvp import Linear, attention, linear, mlp_band_rows
+import fastjvp
+from fastjvp import Linear, attention, linear
 
 # --------------------------------------------------------------------------------------------
 # Config
@@ -225,36 +220,6 @@ class SelfAttention(nn.Module):
             k = self.ln_k(heads(self.k_control(flat(k))))
         return q, k, v
 
-    def image_qkv(self, nx, nl, shift, scale, key_mode, text=None):
-        """q, k, v over [X ; L] (L if nl is given, ARCH §3.3) with the text's q, k, v appended, and la,
-        the modulated LR input. Parts are freed once joined: only one of q, k, v is ever held twice."""
-        q, k, v = self.split_heads(modulate(nx, shift, scale))
-        parts, la = [[self.ln_q(q)], [self.ln_k(k)], [v]], None
-        del q, k, v                 # from here only `parts` holds them
-        if nl is not None:
-            # v copied out of the (B, N, 3D) projection, which then goes before the LR one is made
-            parts[2][0] = parts[2][0].contiguous()
-            la = modulate(nl, shift, scale)
-            for part, t in zip(parts, self.qkv_lr(la, parts[1][0], key_mode)):
-                part.append(t)
-            del part, t
-        for part, t in zip(parts, text or ()):
-            part.append(t)
-
-        def join(part):
-            out = torch.cat(part, 2) if len(part) > 1 else part[0]
-            part.clear()
-            return out
-        return join(parts[0]), join(parts[1]), join(parts[2]), la
-
-    def image_out(self, o, x, lr, la, gate):
-        """Gated residual updates of X (and L) from the attention output o (B, N, D)."""
-        K = x.shape[1]
-        x = x + gate.unsqueeze(1) * self.proj(o[:, :K])
-        if lr is not None:  # LR residual: the modulated input is added back before out_control
-            lr = lr + gate.unsqueeze(1) * self.out_control(o[:, K:2 * K] + la)
-        return x, lr
-
 
 class DismantledBlock(nn.Module):
     """One stream's half of a joint block: adaLN modulation, attention(s), MLP."""
@@ -278,6 +243,9 @@ class DismantledBlock(nn.Module):
 
 
 class JointBlock(nn.Module):
+    """The image stream X (with DiT4SR's LR stream L beside it) and the text stream C: one joint
+    attention over all their tokens, then an MLP per stream."""
+
     def __init__(self, cfg, index):
         super().__init__()
         self.cfg = cfg
@@ -286,59 +254,54 @@ class JointBlock(nn.Module):
 
     def forward(self, x, lr, ctx, c, grid, attn_mode):
         mods, c_mods = self.x_block.modulation(c), self.context_block.modulation(c)
-        x, lr, oc = self._attention(x, lr, ctx, mods, c_mods, attn_mode)
-        x, lr = self._mlp(x, lr, *mods[3:6], grid)
-        ctx = None if self.context_block.pre_only else self._context_rest(ctx, oc, c_mods)
+        if fastjvp.lean():   # inside fastjvp.lean_memory(): the same numbers with lower peak memory
+            x, lr, o_c = fastjvp.lean_attend(self, x, lr, ctx, mods, c_mods, attn_mode)
+            x, lr = fastjvp.lean_image_mlp(self, x, lr, *mods[3:6], grid)
+        else:
+            x, lr, o_c = self.attend(x, lr, ctx, mods, c_mods, attn_mode)
+            x, lr = self.image_mlp(x, lr, *mods[3:6], grid)
+        ctx = None if self.context_block.pre_only else self._context_rest(ctx, o_c, c_mods)
         return x, lr, ctx
 
-    def _attention(self, x, lr, ctx, mods, c_mods, attn_mode):
-        """The joint attention (and MMDiT-X's image-only second one): new X and L, and the text
-        tokens' attention output. Its `del`s free q, k, v and the normalised inputs when dead."""
-        xb, cb, cfg = self.x_block, self.context_block, self.cfg
-        shift_msa, scale_msa, gate_msa = mods[:3]
+    def attend(self, x, lr, ctx, mods, c_mods, attn_mode):
+        """The joint attention over [X ; L ; C] and, in an MMDiT-X block, the image-only attn2 over
+        [X ; L] from the same normalised inputs: new X and L, and C's rows of the joint output."""
+        xb, cb = self.x_block, self.context_block
         nx, nl = xb.norm1(x), None if lr is None else xb.norm1(lr)
-        text = cb.attn.qkv_x(modulate(cb.norm1(ctx), c_mods[0], c_mods[1]))      # text stream
-        q, k, v, la = xb.attn.image_qkv(nx, nl, shift_msa, scale_msa, cfg.lr_key_mode, text)
-        del text
-        o = attention(q, k, v, attn_mode)                                           # [X ; L ; C]
-        del q, k, v                                 # freed before the second attention makes its own
-        o = rearrange(o, "b h n d -> b n (h d)")                                   # (B, N, D)
-        x2, lr2 = xb.attn.image_out(o, x, lr, la, gate_msa)
-        # the text tokens' rows, for their MLP (the last block has none): the rest of o can go
-        oc = None if cb.pre_only else o[:, -ctx.shape[1]:].clone()
-        del o, la
-        if xb.dual:  # MMDiT-X: image-only attention from the same normalised x, over [X ; L]
-            shift2, scale2, gate2 = mods[6:]
-            q, k, v, la2 = xb.attn2.image_qkv(nx, nl, shift2, scale2, cfg.lr_key_mode)
-            del nx, nl
-            o2 = attention(q, k, v, attn_mode)
-            del q, k, v                             # freed before o2's (B, 2K, D) copy is made
-            o2 = rearrange(o2, "b h n d -> b n (h d)")                             # (B, 2K, D)
-            x2, lr2 = xb.attn2.image_out(o2, x2, lr2, la2, gate2)
-        return x2, lr2, oc
+        text = cb.attn.qkv_x(modulate(cb.norm1(ctx), c_mods[0], c_mods[1]))       # C's q, k, v
+        x, lr, o_c = self.image_attention(xb.attn, x, lr, nx, nl, *mods[:3], attn_mode, text)
+        if xb.dual:
+            x, lr, _ = self.image_attention(xb.attn2, x, lr, nx, nl, *mods[6:9], attn_mode)
+        return x, lr, o_c
 
-    def _mlp(self, x, lr, shift, scale, gate, grid):
-        """Both image streams' MLPs over all image rows at once (under a JVP in bands: fastjvp.mlp_band_rows)."""
-        h, w = grid
-        rows = mlp_band_rows(x, h, w, self.x_block.mlp.fc1.out_features)
-        if rows >= h:
-            return self._mlp_rows(x, lr, shift, scale, gate, grid, 0, h)
-        parts = [self._mlp_rows(x, lr, shift, scale, gate, grid, r, min(r + rows, h)) for r in range(0, h, rows)]
-        return torch.cat([p[0] for p in parts], 1), None if lr is None else torch.cat([p[1] for p in parts], 1)
-
-    def _mlp_rows(self, x, lr, shift, scale, gate, grid, r0, r1):
-        """The MLP outputs of image rows r0 .. r1 - 1 (tokens r0 w .. r1 w - 1) of X and of L."""
-        xb, (h, w) = self.x_block, grid
-        band = slice(r0 * w, r1 * w)
-        hx = xb.mlp.hidden(modulate(xb.norm2(x[:, band]), shift, scale))          # (B, n, 4D)
-        lr_out = None
+    def image_attention(self, attn, x, lr, nx, nl, shift, scale, gate, attn_mode, text=None):
+        """One attention over the rows [X ; L ; C] (L with the LR stream, C when `text` gives its
+        q, k, v): the gated residual updates of X and L, and C's rows of the output."""
+        qkv = [attn.qkv_x(modulate(nx, shift, scale))]                  # X: q, k, v, each (B, H, K, d)
         if lr is not None:
-            a, b = max(r0 - 1, 0), min(r1 + 1, h)       # one more row each side for the 3x3 conv
-            hl = xb.mlp.hidden(modulate(xb.norm2(lr[:, a * w:b * w]), shift, scale))
-            conv = xb.mlp.control_conv(rearrange(hl, "b (h w) c -> b c h w", w=w))[:, :, r0 - a:r1 - a]
-            hx = hx + self.cfg.ff_inject * rearrange(conv, "b c h w -> b (h w) c")
-            lr_out = lr[:, band] + gate.unsqueeze(1) * xb.mlp.fc2(hl[:, (r0 - a) * w:(r1 - a) * w])
-        return x[:, band] + gate.unsqueeze(1) * xb.mlp.fc2(hx), lr_out
+            la = modulate(nl, shift, scale)
+            qkv.append(attn.qkv_lr(la, qkv[0][1], self.cfg.lr_key_mode))  # L: (B, H, K, d) each
+        if text is not None:
+            qkv.append(text)                                            # C: (B, H, M, d) each
+        q, k, v = (torch.cat(rows, dim=2) for rows in zip(*qkv))        # (B, H, N, d), N = K + K + M
+        o = rearrange(attention(q, k, v, attn_mode), "b h n d -> b n (h d)")       # (B, N, D)
+        o = o.split([q_.shape[2] for q_, _, _ in qkv], dim=1)           # back into X, L, C rows
+        x = x + gate.unsqueeze(1) * attn.proj(o[0])
+        if lr is not None:  # the modulated LR input is added back before out_control (ARCH §3.3)
+            lr = lr + gate.unsqueeze(1) * attn.out_control(o[1] + la)
+        return x, lr, o[-1] if text is not None else None
+
+    def image_mlp(self, x, lr, shift, scale, gate, grid):
+        """The MLP of X and of L (the same weights); DiT4SR injects L's hidden layer into X's through
+        a depthwise 3x3 conv over the token grid, times ff_inject (ARCH §3.4)."""
+        xb = self.x_block
+        h_x = xb.mlp.hidden(modulate(xb.norm2(x), shift, scale))                  # (B, K, 4D)
+        if lr is None:
+            return x + gate.unsqueeze(1) * xb.mlp.fc2(h_x), None
+        h_lr = xb.mlp.hidden(modulate(xb.norm2(lr), shift, scale))                # (B, K, 4D)
+        conv = xb.mlp.control_conv(rearrange(h_lr, "b (h w) c -> b c h w", h=grid[0]))  # (B, 4D, h, w)
+        h_x = h_x + self.cfg.ff_inject * rearrange(conv, "b c h w -> b (h w) c")   # (B, K, 4D)
+        return x + gate.unsqueeze(1) * xb.mlp.fc2(h_x), lr + gate.unsqueeze(1) * xb.mlp.fc2(h_lr)
 
     def _context_rest(self, ctx, oc, mods):
         cb = self.context_block
@@ -433,7 +396,8 @@ class MMDiT(nn.Module):
         for block in self.joint_blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x_tok, lr_tok, ctx = torch.utils.checkpoint.checkpoint(
-                    block, x_tok, lr_tok, ctx, c, grid, self.attn_mode, use_reentrant=False)
+                    block, x_tok, lr_tok, ctx, c, grid, self.attn_mode, use_reentrant=False,
+                    context_fn=fastjvp.forward_switches)   # backward recomputes it the same way
             else:
                 x_tok, lr_tok, ctx = block(x_tok, lr_tok, ctx, c, grid, self.attn_mode)
         out = self.final_layer(x_tok, c)                                          # (B, K, p*p*C)
@@ -564,286 +528,3 @@ def make_student(teacher: MMDiT, time_scale: float = 1.0, lora_rank: int = 64,
     add_lora(student, lora_rank, lora_alpha)
     set_trainable(student, teacher_time_scale=teacher.cfg.time_scale)
     return student
-
-
-# --------------------------------------------------------------------------------------------
-# Safetensors files (shared with vae.py and the programs)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded: the message names the file and what is wrong."""
-
-
-class SafetensorsFiles:
-    """The tensors of one .safetensors file, a sharded index, or a folder (one .safetensors file or an
-    index json; its `subfolder`, e.g. diffusers' "transformer" or "vae", if it has one): names, shapes,
-    reads. `prefix`: when some keys start with it, only those are seen, without it (an SD3.5 single
-    file holds `model.diffusion_model.*` beside `first_stage_model.*`)."""
-
-    def __init__(self, path, subfolder=None, prefix=None):
-        self.path = path
-        where, self.metadata = {}, {}
-        for f in self._resolve(path, subfolder):
-            try:
-                h = safe_open(f, framework="pt", device="cpu")
-            except Exception as e:  # safetensors raises its own error types for corrupt files
-                raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
-            self.metadata.update(h.metadata() or {})
-            where.update({k: h for k in h.keys()})
-        self.prefix = prefix if prefix and any(k.startswith(prefix) for k in where) else ""
-        self.where = {k[len(self.prefix):]: h for k, h in where.items() if k.startswith(self.prefix)}
-        self.all_keys = list(where)
-
-    @staticmethod
-    def _resolve(path, subfolder):
-        if not os.path.exists(path):
-            raise CheckpointError(f"{path}: no such file or folder")
-        if os.path.isdir(path):
-            if subfolder and os.path.isdir(os.path.join(path, subfolder)):
-                return SafetensorsFiles._resolve(os.path.join(path, subfolder), None)
-            index = sorted(f for f in os.listdir(path) if f.endswith(".safetensors.index.json"))
-            if index:
-                return SafetensorsFiles._resolve(os.path.join(path, index[0]), None)
-            st = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-            if len(st) != 1:
-                raise CheckpointError(f"{path}: expected one .safetensors file or an index json, found {st or 'none'}")
-            return [os.path.join(path, st[0])]
-        if path.endswith(".index.json"):
-            try:
-                with open(path) as f:
-                    shards = sorted(set(json.load(f)["weight_map"].values()))
-            except (ValueError, KeyError) as e:
-                raise CheckpointError(f"{path}: not a safetensors index ({e})") from None
-            return [os.path.join(os.path.dirname(path), s) for s in shards]
-        if not path.endswith(".safetensors"):
-            raise CheckpointError(f"{path}: only .safetensors checkpoints are read (pickled .pt/.ckpt/"
-                                  f".bin files can run code when loaded); convert it first")
-        return [path]
-
-    def __contains__(self, key):
-        return key in self.where
-
-    def keys(self):
-        return list(self.where)
-
-    def shape(self, key):
-        return tuple(self.where[key].get_slice(self.prefix + key).get_shape())
-
-    def get(self, key):
-        return self.where[key].get_tensor(self.prefix + key)
-
-    def config(self, name):
-        """A JSON config stored in the metadata by this project's `save_*` functions, or {}."""
-        return json.loads(self.metadata.get(name, "{}"))
-
-
-def check_keys(path, expected, found, what):
-    """expected/found: {key: shape}. Raise a CheckpointError that lists what differs."""
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    misshapen = [f"{k}: file {tuple(found[k])} vs model {tuple(expected[k])}"
-                 for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
-    if missing or unexpected or misshapen:
-        lines = [f"{path}: checkpoint does not match {what}"]
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)):
-            if items:
-                more = f" ... and {len(items) - 8} more" if len(items) > 8 else ""
-                lines.append(f"  {label} ({len(items)}): " + ", ".join(items[:8]) + more)
-        raise CheckpointError("\n".join(lines))
-
-
-def atomic_save(tensors, path, metadata):
-    """save_file to a temporary name beside `path`, then rename: never a half-written file. The
-    file gets the permissions of any file the user makes (0666 less the umask); safetensors alone
-    writes 0600."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        mask = os.umask(0)      # reading the umask means setting it; set it straight back
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-# --------------------------------------------------------------------------------------------
-# The transformer's key layouts, its loader and writer
-
-
-PREFIX = "model.diffusion_model."
-_QKV = lambda a, names: [f"{a}.{n}." for n in names]
-_BLOCK_RULES = [  # (original suffix, diffusers suffix, or 3 suffixes that concatenate into qkv)
-    ("x_block.adaLN_modulation.1.", "norm1.linear."),
-    ("context_block.adaLN_modulation.1.", "norm1_context.linear."),
-    ("x_block.attn.qkv.", _QKV("attn", ("to_q", "to_k", "to_v"))),
-    ("context_block.attn.qkv.", _QKV("attn", ("add_q_proj", "add_k_proj", "add_v_proj"))),
-    ("x_block.attn.ln_q.", "attn.norm_q."), ("x_block.attn.ln_k.", "attn.norm_k."),
-    ("context_block.attn.ln_q.", "attn.norm_added_q."), ("context_block.attn.ln_k.", "attn.norm_added_k."),
-    ("x_block.attn.proj.", "attn.to_out.0."), ("context_block.attn.proj.", "attn.to_add_out."),
-    ("x_block.attn2.qkv.", _QKV("attn2", ("to_q", "to_k", "to_v"))),
-    ("x_block.attn2.ln_q.", "attn2.norm_q."), ("x_block.attn2.ln_k.", "attn2.norm_k."),
-    ("x_block.attn2.proj.", "attn2.to_out.0."),
-    ("x_block.mlp.fc1.", "ff.net.0.proj."), ("x_block.mlp.fc2.", "ff.net.2."),
-    ("context_block.mlp.fc1.", "ff_context.net.0.proj."), ("context_block.mlp.fc2.", "ff_context.net.2."),
-    ("x_block.mlp.control_conv.", "ff.control_conv."),
-] + [(f"x_block.{a}.{n}_control.", f"{a}.to_{n}_control.")
-     for a in ("attn", "attn2") for n in ("q", "k", "v", "out")]
-_GLOBAL_RULES = [
-    ("pos_embed", "pos_embed.pos_embed"),
-    ("x_embedder.proj.", "pos_embed.proj."),
-    ("t_embedder.mlp.0.", "time_text_embed.timestep_embedder.linear_1."),
-    ("t_embedder.mlp.2.", "time_text_embed.timestep_embedder.linear_2."),
-    ("s_embedder.mlp.0.", "time_text_embed.s_embedder.linear_1."),   # MFSR student (ours)
-    ("s_embedder.mlp.2.", "time_text_embed.s_embedder.linear_2."),
-    ("y_embedder.mlp.0.", "time_text_embed.text_embedder.linear_1."),
-    ("y_embedder.mlp.2.", "time_text_embed.text_embedder.linear_2."),
-    ("context_embedder.", "context_embedder."),
-    ("final_layer.adaLN_modulation.1.", "norm_out.linear."),
-    ("final_layer.linear.", "proj_out."),
-]
-# DiT4SR's attn2 was built with text projections it never uses (ARCH §3.5): 130 tensors, dropped.
-DIT4SR_UNUSED = re.compile(r"transformer_blocks\.\d+\.attn2\.(add_[qkv]_proj|to_add_out|norm_added_[qk])\.")
-
-
-def to_diffusers_name(key, depth):
-    """Original key -> (diffusers keys, how): how is 'copy', 'qkv' (3 row blocks) or 'swap'
-    (halves (shift, scale) <-> (scale, shift): the last context adaLN and the final layer)."""
-    m = re.match(r"joint_blocks\.(\d+)\.(.*)", key)
-    rules, rest, head = (_BLOCK_RULES, m.group(2), f"transformer_blocks.{m.group(1)}.") if m \
-        else (_GLOBAL_RULES, key, "")
-    for orig, diff in rules:
-        if rest.startswith(orig):
-            tail = rest[len(orig):]
-            if isinstance(diff, list):
-                return [head + d + tail for d in diff], "qkv"
-            swap = (key.startswith("final_layer.adaLN") or
-                    (m and int(m.group(1)) == depth - 1 and orig.startswith("context_block.adaLN")))
-            return [head + diff + tail], "swap" if swap else "copy"
-    raise KeyError(f"no diffusers name for {key}")
-
-
-def swap_halves(t):
-    """(shift, scale) rows <-> (scale, shift): diffusers' order for the last adaLN layers."""
-    a, b = t.chunk(2, dim=0)
-    return torch.cat([b, a], dim=0)
-
-
-def to_diffusers_state_dict(sd, depth):
-    """An original-layout state dict (no prefix) -> the diffusers layout (qkv split in three)."""
-    out = {}
-    for key, t in sd.items():
-        names, how = to_diffusers_name(key, depth)
-        parts = t.chunk(3, dim=0) if how == "qkv" else [swap_halves(t) if how == "swap" else t]
-        out.update({n: p.clone() if how == "qkv" else p for n, p in zip(names, parts)})
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Loading and saving
-
-
-class _Source(SafetensorsFiles):
-    """A transformer checkpoint: SD3.5 single file (its `model.diffusion_model.*` part), a
-    diffusers folder (`transformer/`), a file; `layout` is "original" or "diffusers"."""
-
-    def __init__(self, path):
-        super().__init__(path, subfolder="transformer", prefix=PREFIX)
-        if self.prefix or any(k.startswith("joint_blocks.") for k in self.where):
-            self.layout = "original"
-        elif any(k.startswith("transformer_blocks.") for k in self.where):
-            self.layout = "diffusers"
-        else:
-            some = ", ".join(self.all_keys[:3]) or "nothing"
-            raise CheckpointError(f"{path}: no SD3/MMDiT transformer keys found (neither 'joint_blocks.*' nor "
-                                  f"'transformer_blocks.*'; the file starts with: {some})")
-
-
-def _infer_config(src: _Source) -> MMDiTConfig:
-    """The config a file's shapes and keys tell (ARCH §2.1); keys are asked for by original-layout names."""
-    name = (lambda k: k) if src.layout == "original" else (lambda k: to_diffusers_name(k, 0)[0][0])
-    shape = lambda k: src.shape(name(k))
-    try:
-        hidden, in_ch, patch, _ = shape("x_embedder.proj.weight")
-        pos_rows, ctx_dim = shape("pos_embed")[1], shape("context_embedder.weight")[1]
-        pooled = shape("y_embedder.mlp.0.weight")[1]
-    except KeyError as e:
-        raise CheckpointError(f"{src.path}: missing {e} needed to read the model size") from None
-    block = r"joint_blocks\.(\d+)\." if src.layout == "original" else r"transformer_blocks\.(\d+)\."
-    blocks = sorted({int(m.group(1)) for k in src.where if (m := re.match(block, k))})
-    has = lambda k: name(k) in src.where
-    qk = has("joint_blocks.0.x_block.attn.ln_q.weight")
-    head_dim = shape("joint_blocks.0.x_block.attn.ln_q.weight")[0] if qk else 64
-    return MMDiTConfig(
-        depth=len(blocks), heads=hidden // head_dim, head_dim=head_dim, patch=patch, in_channels=in_ch,
-        pos_grid=math.isqrt(pos_rows), context_dim=ctx_dim, pooled_dim=pooled, qk_norm=qk,
-        dual_layers=tuple(i for i in blocks if has(f"joint_blocks.{i}.x_block.attn2.qkv.weight")),
-        lr_stream=any("control" in k for k in src.where), two_times=has("s_embedder.mlp.0.weight"))
-
-
-def checkpoint_config(path, **overrides):
-    """(config, source) of a transformer file, without reading a weight: the config from its shapes,
-    then the fields shapes cannot tell that save_transformer recorded, then `overrides`."""
-    src = _Source(path)
-    known = {f.name for f in fields(MMDiTConfig)}
-    if set(overrides) - known:
-        raise TypeError(f"unknown config overrides {sorted(set(overrides) - known)}; known: {sorted(known)}")
-    saved = src.config("mfsr_config")
-    told = {k: saved[k] for k in ("lr_key_mode", "ff_inject", "time_scale", "time_cutoff", "prediction") if k in saved}
-    return replace(_infer_config(src), **{**told, **overrides}), src
-
-
-def load_transformer(path, *, dtype=torch.float32, device="cpu", **overrides) -> MMDiT:
-    """Load any supported transformer checkpoint; the config is read from its shapes and keys.
-
-    path: an SD3.5 single file (`model.diffusion_model.*`; VAE and text encoders beside it are
-    ignored), a diffusers transformer (.safetensors, or a folder, sharded or not, or its parent
-    with `transformer/`), a DiT4SR transformer (diffusers layout with `*control*` keys), or a file
-    written by `save_transformer`. overrides: config fields a file cannot tell, e.g.
-    lr_key_mode="r1" or time_scale=1.0. Tensors are cast to `dtype` (files mix fp16 and fp32).
-    """
-    cfg, src = checkpoint_config(path, **overrides)
-    lora = src.config("lora")       # None or {} without LoRA
-    with torch.device("meta"):
-        net = MMDiT(cfg)
-        if lora:
-            add_lora(net, lora["rank"], lora["alpha"], lora["targets"])
-    expected = net.state_dict()
-    want = {k: v.shape for k, v in expected.items()}
-    found = {k: src.shape(k) for k in src.where}
-    if src.layout == "diffusers":
-        if lora:
-            raise CheckpointError(f"{path}: LoRA weights are only stored in the original layout")
-        want = {k: v.shape for k, v in to_diffusers_state_dict(expected, cfg.depth).items()}
-        found = {k: shape for k, shape in found.items() if not DIT4SR_UNUSED.match(k)}
-    check_keys(path, want, found, f"the {src.layout}-layout model read from it ({cfg})")
-    sd = {}
-    for key in expected:
-        names, how = to_diffusers_name(key, cfg.depth) if src.layout == "diffusers" else ([key], "copy")
-        parts = [src.get(k).to(dtype) for k in names]
-        sd[key] = torch.cat(parts) if how == "qkv" else (swap_halves(parts[0]) if how == "swap" else parts[0])
-    net.load_state_dict(sd, assign=True)
-    net.sampling = src.config("mfsr_sampling")   # e.g. {"tile": 32, "tile_overlap": 12, "cfg": 1.25}: see sample.py
-    return net.to(device)
-
-
-def save_transformer(net: MMDiT, path, layout="original"):
-    """Write a safetensors file atomically in the "original" layout (SD3.5's `model.diffusion_model.*`,
-    loadable by SD3.5 tools if the model has no added parts) or the "diffusers" (DiT4SR's) one. The
-    config, LoRA settings and `net.sampling` (if set) go into the metadata."""
-    sd = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-    lora = getattr(net, "lora", None)
-    if layout == "original":
-        sd = {PREFIX + k: v for k, v in sd.items()}
-    elif layout == "diffusers":
-        if lora:
-            raise ValueError("merge_lora(net) before a diffusers-layout export")
-        sd = to_diffusers_state_dict(sd, net.cfg.depth)
-    else:
-        raise ValueError(f"layout must be 'original' or 'diffusers', got {layout!r}")
-    meta = {"format": "mfsr-mmdit", "layout": layout, "mfsr_config": json.dumps(asdict(net.cfg)),
-            "lora": json.dumps(lora)}
-    if getattr(net, "sampling", None):   # the sampler settings it was trained for (sample.py defaults)
-        meta["mfsr_sampling"] = json.dumps(net.sampling)
-    atomic_save(sd, path, meta)

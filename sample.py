@@ -168,16 +168,11 @@ def process(path, args, net, vae, cond, cond_neg, inputs, written, device):
             f"{secs:.2f} s{f' ({where})' if where else ''}, peak {cli.peak_memory_mb(device):.0f} MB")
 
 
-def _shipped_sampling():
-    """The sampler settings the shipped student records (for --help), or {} without it."""
-    try:
-        return SafetensorsFiles(os.path.join(SHIPPED, "student.safetensors")).config("mfsr_sampling")
-    except CheckpointError:      # a missing or unreadable file: --help still works
-        return {}
-
-
 def parse_args(argv=None):
-    rec = _shipped_sampling()
+    try:   # the sampler settings the shipped student records, for --help
+        rec = SafetensorsFiles(os.path.join(SHIPPED, "student.safetensors")).config("mfsr_sampling")
+    except CheckpointError:      # a missing or unreadable file: --help still works
+        rec = {}
     shipped = lambda k: f"; the shipped model records {rec[k]:g}" if k in rec else ""   # noqa: E731
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("inputs", nargs="+", help="image files, folders, globs")

@@ -112,11 +112,6 @@ class TrainConfig:
 # degraded by degrade.py to LR at 1/4, or with probability clean_prob the plain bicubic x4.
 
 
-def pad_tokens(context, L):
-    """context (..., l, D) zero-padded to L tokens (zero rows are padding)."""
-    return F.pad(context, (0, 0, 0, L - context.shape[-2]))
-
-
 def training_batches(cfg, paths, prompt, vae, device, rank, start):
     """The batches of the steps from `start` on: pairs made by worker processes, or latent cache rows."""
     data = PairDataset(paths, cfg.size, prompt, degrade.DegradeConfig(usm_gt=not cfg.plain_gt), cfg.clean_prob)
@@ -218,39 +213,36 @@ def teacher_loss(net, batch, cfg, g):
     z_hr, z_lr = batch["z_hr"], batch["z_lr"]
     B = z_hr.shape[0]
     r = torch.rand(B, generator=g)
-    context, pooled = _with_rows(batch["context"], batch["pooled"], r < cfg.caption_dropout, batch["null"])
+    c = _with_prompt((z_lr, batch["pooled"], batch["context"]), batch["null"], r < cfg.caption_dropout)
     target = z_hr
     if cfg.neg_prob > 0:
         to_neg = (r >= cfg.caption_dropout) & (r < cfg.caption_dropout + cfg.neg_prob)
-        context, pooled = _with_rows(context, pooled, to_neg, batch["neg"])
+        c = _with_prompt(c, batch["neg"], to_neg)
         target = torch.where(to_neg[:, None, None, None], z_lr, z_hr)
     u = torch.sigmoid(torch.randn(B, generator=g))
     a = cfg.time_shift
     sigma = (a * u / (1 + (a - 1) * u)).to(z_hr)                      # SD3's shifted sigma
     eps = torch.randn(z_hr.shape, generator=g).to(z_hr)
     x = (1 - sigma.view(-1, 1, 1, 1)) * target + sigma.view(-1, 1, 1, 1) * eps
-    x0 = mfsr.denoised(net)(x, 1 - sigma, (z_lr, pooled, context))
+    x0 = mfsr.denoised(net)(x, 1 - sigma, c)
     return (x0.float() - target.float()).pow(2).mean()
 
 
-def _with_rows(context, pooled, rows, emb):
-    """context (B, L, D) / pooled (B, P) with the rows `rows` replaced by emb = (context, pooled)."""
-    L = max(context.shape[1], emb[0].shape[0])
-    context, e = pad_tokens(context, L), pad_tokens(emb[0], L)[None].to(context)
-    return torch.where(rows[:, None, None], e, context), torch.where(rows[:, None], emb[1][None].to(pooled), pooled)
-
-
 def _with_prompt(c, emb, rows):
-    """The condition c = (z_lr, pooled, context) with the rows `rows` given the prompt emb = (context, pooled)."""
-    context, pooled = _with_rows(c[2], c[1], rows, emb)
-    return c[0], pooled, context
+    """The condition c = (z_lr, pooled (B, P), context (B, L, D)) with the rows `rows` given the prompt
+    emb = (context (l, D), pooled (P,)); the shorter context is zero-padded (zero rows are padding)."""
+    z_lr, pooled, context = c
+    L = max(context.shape[1], emb[0].shape[0])
+    pad = lambda x: F.pad(x, (0, 0, 0, L - x.shape[-2]))                       # noqa: E731
+    context = torch.where(rows[:, None, None], pad(emb[0])[None].to(context), pad(context))
+    return z_lr, torch.where(rows[:, None], emb[1][None].to(pooled), pooled), context
 
 
 def distill_loss(student, teacher, batch, cfg, g, step=0):
     """MFSR Alg. 1, one step's loss. batch: z_hr, z_lr, context, pooled, and the null and negative
     prompts (null, neg). student: the module or its torch.compile wrapper (the JVP runs on the module).
-    Returns (loss or None for a step to skip, info): info has jvp_term (mfsr.mfd_loss), n_nonfinite,
-    anchor_loss with anchor rows, and on the printed steps du/dt's terms (mfsr.dudt_terms).
+    Returns (loss or None for a step to skip, info): info has jvp_term (mfsr.mfd_loss), anchor_loss
+    with anchor rows, and on the printed steps du/dt's terms (mfsr.dudt_terms).
 
     Beyond Alg. 1, each off by default: the first cfg.warmup steps have every row at s = t (no JVP);
     a share cfg.cond_drop of the rows gets the null prompt and the unguided velocity (MeanFlow's
@@ -282,7 +274,7 @@ def distill_loss(student, teacher, batch, cfg, g, step=0):
     with fastjvp.detached_tangents():   # the target's du/dt is detached: its tangent rules need no backward
         res = mfsr.mfd_loss(mfsr.average_velocity(student), z_t, t, s, v, cond=c, mode=cfg.mode, loss=cfg.loss,
                             u_fn_jvp=mfsr.average_velocity(raw), scale=mfsr.error_scale(raw, t))   # l. 7-9
-    info = {"jvp_term": res["jvp_term"], "n_nonfinite": res["n_nonfinite"]}
+    info = {"jvp_term": res["jvp_term"]}
     if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:                  # a printed step
         info.update(mfsr.dudt_terms(mfsr.average_velocity(raw), z_t, t, s, v, cond=c))
     if not n or res["loss"] is None:
@@ -466,8 +458,8 @@ def main(argv=None, **code_only):
                     loss, info = teacher_loss(run, mb, cfg, g), {}
                 else:
                     loss, info = distill_loss(run, teacher, mb, cfg, g, step)
-            extra.update({k: v for k, v in info.items() if k != "n_nonfinite"} if a == 0 else {})
-            extra["jvp_term"] = max(extra.get("jvp_term", 0.0), info.get("jvp_term", 0.0))
+            if info:   # distill: the first micro-batch's diagnostics, the largest jvp_term of them all
+                extra = {**info, **extra, "jvp_term": max(extra.get("jvp_term", 0.0), info["jvp_term"])}
             if runs.any_rank(sync, loss is None or not torch.isfinite(loss)):   # ranks skip together
                 loss_sum = None
                 break

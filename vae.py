@@ -11,14 +11,9 @@ without the prefix. Facts and the original <-> diffusers key map: ../shared/refe
 §4, cited as "ARCH §4.x". Latents leave `encode` in the transformer's space, (z - shift) * scale
 (ARCH §1); `decode` undoes it.
 
-Tiling. Above TILE_AUTO_ELEMENTS, `encode` and `decode` run the full-resolution levels on
-overlapping tiles blended with linear ramps, so memory is bounded by the tile size; the mid block,
-whose attention sees every latent position, runs on the whole latent. With per-tile GroupNorm
-statistics every tile would be normalised differently, so by default (tile_norm="tiles") a first
-pass over all tiles sums each GroupNorm's statistics over the pixels each tile owns and a second
-pass normalises every tile with them: twice the compute, no seams (figures in docs/modules.md).
-The tiles themselves are plumbing (plumbing/tiling.py); this file's GroupNorm keeps the shared sums.
-Loading and saving (SD3.5 single files, diffusers folders, bare VAE files): plumbing/checkpoints.py.
+Tiling (plumbing/tiling.py). Above TILE_AUTO_ELEMENTS, `encode` and `decode` run the full-resolution
+levels on overlapping tiles, GroupNorm statistics shared across them (no seams); the mid block, whose
+attention sees every latent position, runs whole. Loading and saving: plumbing/checkpoints.py.
 
 Inside, activations are channels-last (faster CPU convolutions); outputs are NCHW. GroupNorm
 normalises in fp32 (its sums of squares overflow fp16); `set_dtype(vae, torch.float16)` keeps the

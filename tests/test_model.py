@@ -14,8 +14,10 @@ from safetensors.torch import load_file, save_file
 import fastjvp
 import mfsr
 import model
+import plumbing.checkpoints
 from builders import ROOT, _randomize
-from model import CONFIGS, CheckpointError, MMDiT
+from model import CONFIGS, MMDiT
+from plumbing.checkpoints import CheckpointError
 
 
 KEYS = ROOT / "reference" / "keys"   # manifests of the real checkpoints
@@ -48,9 +50,9 @@ def test_full_size_keys_and_shapes_equal_the_sd35_manifests(name, manifest, coun
 
 def test_full_size_dit4sr_in_diffusers_layout_equals_the_dit4sr_manifest():
     net = _meta(CONFIGS["dit4sr"])
-    ours = {k: list(v.shape) for k, v in model.to_diffusers_state_dict(net.state_dict(), 24).items()}
+    ours = {k: list(v.shape) for k, v in plumbing.checkpoints.to_diffusers_state_dict(net.state_dict(), 24).items()}
     ref = _manifest("keys_dit4sr_full_diffusers.json")
-    unused = {k for k in ref if model.DIT4SR_UNUSED.match(k)}
+    unused = {k for k in ref if plumbing.checkpoints.DIT4SR_UNUSED.match(k)}
     assert len(unused) == 130
     assert ours == {k: v for k, v in ref.items() if k not in unused}
     assert _n_params(net) == 2_594_049_216
@@ -80,7 +82,7 @@ def test_matches_diffusers_sd3_transformer_both_ways(tmp_path):
     ref = _randomize(diffusers.SD3Transformer2DModel(**_DIFFUSERS_TINY).eval())
     path = tmp_path / "diffusers.safetensors"
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
-    net = model.load_transformer(str(path)).eval()          # our diffusers-layout loader
+    net = plumbing.checkpoints.load_transformer(str(path)).eval()          # our diffusers-layout loader
     assert net.cfg == replace(CONFIGS["tiny"], lr_stream=False)
     inp = _inputs(net.cfg)                                   # non-square 8 x 12 latent
     run_ref = lambda m: m(hidden_states=inp["x"], encoder_hidden_states=inp["context"],
@@ -90,7 +92,7 @@ def test_matches_diffusers_sd3_transformer_both_ways(tmp_path):
         assert theirs.abs().max() > 0.5
         assert (ours - theirs).abs().max() <= 1e-5
         # our original-layout export through diffusers' own single-file converter
-        model.save_transformer(net, str(tmp_path / "orig.safetensors"), layout="original")
+        plumbing.checkpoints.save_transformer(net, str(tmp_path / "orig.safetensors"), layout="original")
         conv = convert_sd3_transformer_checkpoint_to_diffusers(load_file(str(tmp_path / "orig.safetensors")))
         ref2 = diffusers.SD3Transformer2DModel(**_DIFFUSERS_TINY).eval()
         ref2.load_state_dict(conv, strict=True)
@@ -182,7 +184,7 @@ def test_dit4sr_layout_file_round_trips_and_drops_unused_extras(tmp_path):
     net = _randomize(MMDiT(CONFIGS["tiny"])).eval()
     path = tmp_path / "transformer" / "diffusion_pytorch_model.safetensors"
     path.parent.mkdir()
-    sd = model.to_diffusers_state_dict(net.state_dict(), net.cfg.depth)
+    sd = plumbing.checkpoints.to_diffusers_state_dict(net.state_dict(), net.cfg.depth)
     for i in net.cfg.dual_layers:   # DiT4SR's never-used attn2 text projections, half precision
         for n in ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"):
             sd[f"transformer_blocks.{i}.attn2.{n}.weight"] = torch.randn(128, 128).half()
@@ -191,7 +193,7 @@ def test_dit4sr_layout_file_round_trips_and_drops_unused_extras(tmp_path):
             sd[f"transformer_blocks.{i}.attn2.{n}.weight"] = torch.ones(64).half()
     sd = {k: v.half() if "control" not in k else v for k, v in sd.items()}  # mixed, as DiT4SR saves
     save_file(sd, str(path))
-    loaded = model.load_transformer(str(tmp_path)).eval()    # folder with transformer/
+    loaded = plumbing.checkpoints.load_transformer(str(tmp_path)).eval()    # folder with transformer/
     assert loaded.cfg == net.cfg and all(p.dtype == torch.float32 for p in loaded.parameters())
     for k, v in net.state_dict().items():
         tol = 0 if "control" in k else 1e-3 * v.abs().max()
@@ -207,14 +209,14 @@ def test_dit4sr_layout_file_round_trips_and_drops_unused_extras(tmp_path):
 def test_sharded_diffusers_folder_loads(tmp_path):
     torch.manual_seed(0)
     net = MMDiT(CONFIGS["tiny"])
-    sd = model.to_diffusers_state_dict(net.state_dict(), net.cfg.depth)
+    sd = plumbing.checkpoints.to_diffusers_state_dict(net.state_dict(), net.cfg.depth)
     keys = sorted(sd)
     shards = {"a.safetensors": keys[::2], "b.safetensors": keys[1::2]}
     for f, ks in shards.items():
         save_file({k: sd[k] for k in ks}, str(tmp_path / f))
     index = {"weight_map": {k: f for f, ks in shards.items() for k in ks}}
     (tmp_path / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
-    loaded = model.load_transformer(str(tmp_path))
+    loaded = plumbing.checkpoints.load_transformer(str(tmp_path))
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in net.state_dict().items())
 
 
@@ -225,7 +227,7 @@ def test_sd35_single_file_ignores_vae_and_reads_config_from_shapes(tmp_path):
     sd["first_stage_model.decoder.conv_in.weight"] = torch.zeros(4, 16, 3, 3)
     sd["text_encoders.clip_l.x"] = torch.zeros(3)
     save_file(sd, str(tmp_path / "sd35.safetensors"))
-    loaded = model.load_transformer(str(tmp_path / "sd35.safetensors"), time_scale=1.0)
+    loaded = plumbing.checkpoints.load_transformer(str(tmp_path / "sd35.safetensors"), time_scale=1.0)
     assert loaded.cfg == replace(cfg, time_scale=1.0)
 
 
@@ -247,7 +249,7 @@ def test_malformed_checkpoints_give_clear_errors(tmp_path):
     for name, (sd, pattern) in cases.items():
         save_file(sd, str(tmp_path / name))
         with pytest.raises(CheckpointError, match=pattern) as e:
-            model.load_transformer(str(tmp_path / name))
+            plumbing.checkpoints.load_transformer(str(tmp_path / name))
         assert name in str(e.value)
     data = (tmp_path / "missing.safetensors").read_bytes()
     (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])
@@ -257,10 +259,10 @@ def test_malformed_checkpoints_give_clear_errors(tmp_path):
                           ("garbage.safetensors", "not a readable safetensors"),
                           ("pickled.pt", "only .safetensors"), ("absent.safetensors", "no such file")]:
         with pytest.raises(CheckpointError, match=pattern) as e:
-            model.load_transformer(str(tmp_path / name))
+            plumbing.checkpoints.load_transformer(str(tmp_path / name))
         assert name in str(e.value)
     with pytest.raises(TypeError, match="unknown config overrides"):
-        model.load_transformer(str(tmp_path / "extra.safetensors"), lr_mode="r1")
+        plumbing.checkpoints.load_transformer(str(tmp_path / "extra.safetensors"), lr_mode="r1")
 
 
 def test_overwrite_is_atomic_and_project_files_keep_settings(tmp_path):
@@ -271,9 +273,9 @@ def test_overwrite_is_atomic_and_project_files_keep_settings(tmp_path):
             if isinstance(m, model.LoRALinear):
                 m.lora_up.weight.normal_(0, 0.1)
     path = str(tmp_path / "student.safetensors")
-    model.save_transformer(student, path)
+    plumbing.checkpoints.save_transformer(student, path)
     assert os.listdir(tmp_path) == ["student.safetensors"]   # no temporary file left behind
-    loaded = model.load_transformer(path)
+    loaded = plumbing.checkpoints.load_transformer(path)
     assert loaded.cfg == student.cfg and loaded.lora == student.lora
     inp = _inputs(student.cfg)
     with torch.no_grad():
@@ -397,10 +399,18 @@ def test_model_jvp_uses_the_custom_attention_and_matches_math_backend(jvp, monke
     assert (jvp_out - fd).norm() / fd.norm() <= 1e-6
 
 
-def test_fast_paths_off_give_the_same_forward_jvp_and_gradients_through_plain_ops(monkeypatch):
+@pytest.fixture
+def lean():
+    """The test runs inside fastjvp.lean_memory(), as the full-scale programs do."""
+    with fastjvp.lean_memory():
+        yield
+
+
+def test_fast_paths_off_give_the_same_forward_jvp_and_gradients_through_plain_ops(monkeypatch, lean):
     """fastjvp.plain(): the tutorial path (softmax(s Q K^T) V, F.linear, one MLP pass) gives the
     numbers of the fast paths (chunked dual attention, the linear rule, MLP row bands) for the
-    forward, the JVP mfsr.py takes and the fused mode's gradients; and no fast path runs inside it."""
+    forward, the JVP mfsr.py takes and the fused mode's gradients; and no fast path runs inside it,
+    not even inside lean_memory()."""
     torch.manual_seed(0)
     net = _randomize(MMDiT(replace(CONFIGS["tiny"], two_times=True)).double())
     inp = _inputs(net.cfg, dtype=torch.float64)
@@ -411,7 +421,7 @@ def test_fast_paths_off_give_the_same_forward_jvp_and_gradients_through_plain_op
     rule, bands = fastjvp.attention_and_tangent, fastjvp.mlp_band_rows
     monkeypatch.setattr(fastjvp, "attention_and_tangent",
                         lambda *a, **kw: calls.__setitem__("rule", calls["rule"] + 1) or rule(*a, **kw))
-    monkeypatch.setattr(model, "mlp_band_rows",
+    monkeypatch.setattr(fastjvp, "mlp_band_rows",
                         lambda x, h, *a: (lambda r: calls.__setitem__("bands", calls["bands"] + (r < h)) or r)(bands(x, h, *a)))
 
     def run():
@@ -434,14 +444,15 @@ def test_fast_paths_off_give_the_same_forward_jvp_and_gradients_through_plain_op
     assert not fastjvp._SWITCHES["plain"]
 
 
-def test_jvp_runs_the_mlps_in_row_bands_with_the_same_result(monkeypatch):
+def test_jvp_runs_the_mlps_in_row_bands_with_the_same_result(monkeypatch, lean):
+    """Inside lean_memory() a JVP runs the MLPs over bands of image rows (fastjvp.mlp_rows)."""
     torch.manual_seed(0)
     net = _randomize(MMDiT(replace(CONFIGS["tiny"], two_times=True)).double()).eval()   # control conv random
     inp = _inputs(net.cfg, dtype=torch.float64)                                          # 4 x 6 token grid
     f = lambda x, sig: net(x, sig, inp["pooled"], inp["context"], lr=inp["lr"], sigma_s=inp["sigma_s"])
     prim, tan = (inp["x"], inp["sigma"]), (torch.randn_like(inp["x"]), torch.ones_like(inp["sigma"]))
-    bands, rows_of = [], model.JointBlock._mlp_rows
-    monkeypatch.setattr(model.JointBlock, "_mlp_rows", lambda self, *a: bands.append(a[-2:]) or rows_of(self, *a))
+    bands, rows_of = [], fastjvp.mlp_rows
+    monkeypatch.setattr(fastjvp, "mlp_rows", lambda block, *a: bands.append(a[-2:]) or rows_of(block, *a))
     with torch.no_grad():
         ref = torch.func.jvp(f, prim, tan)                   # 4 x 6 x 512 x 2 < MLP_CHUNK_ELEMENTS: one band
         assert set(bands) == {(0, 4)}
@@ -456,6 +467,74 @@ def test_jvp_runs_the_mlps_in_row_bands_with_the_same_result(monkeypatch):
         bands.clear()
         net(**inp)                                           # no tangent: never banded
         assert set(bands) == {(0, 4)}
+
+
+@pytest.mark.parametrize("bands", [False, True], ids=["one MLP band", "1-row MLP bands"])
+@pytest.mark.parametrize("lr_stream", [True, False], ids=["DiT4SR", "SD3.5"])
+def test_lean_memory_path_gives_the_plain_paths_numbers(monkeypatch, lr_stream, bands):
+    """fastjvp.lean_memory() swaps JointBlock.attend / image_mlp for fastjvp.lean_attend /
+    lean_image_mlp (q, k, v freed part by part, the MLPs in row bands under a JVP): the same
+    forward and JVP (both entry points) in fp32 to rounding, for the tiny config's LR stream and
+    dual MMDiT-X block 0 on a non-square grid; each path runs only where it is switched on."""
+    torch.manual_seed(0)
+    cfg = replace(CONFIGS["tiny"], two_times=True, lr_stream=lr_stream)
+    assert cfg.dual_layers == (0,)
+    net = _randomize(MMDiT(cfg), std=0.1).eval()                  # LR control layers and conv random
+    inp = _inputs(cfg, H=8, W=12)                                 # 4 x 6 token grid
+    f = lambda x, sig: net(x, sig, inp["pooled"], inp["context"], lr=inp["lr"], sigma_s=inp["sigma_s"])
+    prim, tan = (inp["x"], inp["sigma"]), (torch.randn_like(inp["x"]), torch.ones_like(inp["sigma"]))
+    if bands:
+        monkeypatch.setattr(fastjvp, "MLP_CHUNK_ELEMENTS", 2 * 6 * 4 * cfg.hidden)    # one row a band
+    calls = {}
+
+    def counted(owner, name):
+        orig = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a: calls.__setitem__(name, calls.get(name, 0) + 1) or orig(*a))
+    for owner, name in ((model.JointBlock, "attend"), (model.JointBlock, "image_mlp"), (fastjvp, "lean_attend"),
+                        (fastjvp, "lean_image_mlp"), (fastjvp, "mlp_rows")):
+        counted(owner, name)
+
+    def run():
+        calls.clear()
+        with torch.no_grad():
+            return (f(*prim), *torch.func.jvp(f, prim, tan), *mfsr.jvp(f, prim, tan))
+    plain = run()
+    passes = 3 * cfg.depth                                        # forward, two JVPs: every block
+    assert calls == {"attend": passes, "image_mlp": passes}
+    with fastjvp.lean_memory():
+        assert fastjvp.lean()
+        lean = run()
+        with fastjvp.plain():
+            assert not fastjvp.lean()                             # plain() is the tutorial path
+    assert not fastjvp.lean()
+    assert calls == {"lean_attend": passes, "lean_image_mlp": passes,
+                     "mlp_rows": cfg.depth * (1 + 2 * (4 if bands else 1))}   # the forward: one band
+    for a, b in zip(plain, lean):
+        assert b.abs().max() > 0.1
+        assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item())
+    assert (plain[2] - plain[4]).abs().max() <= 1e-4 * plain[2].abs().max()   # the two JVPs agree
+
+
+def test_checkpointed_blocks_recompute_with_the_switches_of_their_forward():
+    """A block checkpointed inside lean_memory() is recomputed the lean way by a backward outside
+    it, and the reverse (fastjvp.forward_switches): torch.utils.checkpoint would otherwise meet
+    other saved tensors. The gradients are those without checkpointing."""
+    torch.manual_seed(0)
+    net = _randomize(MMDiT(CONFIGS["tiny"]), std=0.1)
+    inp = _inputs(net.cfg)
+
+    def grads(lean_forward, ckpt):
+        net.zero_grad(set_to_none=True)
+        net.grad_checkpointing = ckpt
+        with fastjvp.lean_memory() if lean_forward else contextlib.nullcontext():
+            loss = net(**inp).square().mean()
+        with contextlib.nullcontext() if lean_forward else fastjvp.lean_memory():
+            loss.backward()
+        return torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+    ref = grads(False, False)
+    assert ref.abs().max() > 0
+    for lean_forward in (True, False):
+        assert (grads(lean_forward, True) - ref).abs().max() <= 1e-6 * ref.abs().max()
 
 
 # ---- LoRA, student from teacher, trainable set
@@ -579,8 +658,8 @@ def test_time_cutoff_low_passes_the_embedding_and_round_trips(tmp_path):
         assert torch.allclose(cut(inp["x"], inp["sigma"], inp["pooled"], inp["context"], lr=inp["lr"]), ref, atol=1e-6)
         for s in (inp["sigma_s"], torch.ones(2)):
             assert torch.allclose(student(**{**inp, "sigma_s": s}), ref, atol=1e-6)
-    model.save_transformer(student, str(tmp_path / "s.safetensors"))
-    assert model.load_transformer(str(tmp_path / "s.safetensors")).cfg.time_cutoff == 20.0
+    plumbing.checkpoints.save_transformer(student, str(tmp_path / "s.safetensors"))
+    assert plumbing.checkpoints.load_transformer(str(tmp_path / "s.safetensors")).cfg.time_cutoff == 20.0
 
 
 def test_trainable_set_counts():
@@ -696,7 +775,7 @@ def _dit4sr_reference(sd, cfg, x, sigma, pooled, context, lr):
 def test_lr_stream_matches_an_independent_restatement_of_dit4sr(mode):
     torch.manual_seed(0)
     net = _randomize(MMDiT(replace(CONFIGS["tiny"], lr_key_mode=mode)), std=0.1).double().eval()
-    sd = model.to_diffusers_state_dict(net.state_dict(), net.cfg.depth)
+    sd = plumbing.checkpoints.to_diffusers_state_dict(net.state_dict(), net.cfg.depth)
     inp = _inputs(net.cfg, H=6, W=10, dtype=torch.float64)
     with torch.no_grad():
         ours = net(**inp)
@@ -763,16 +842,16 @@ def test_save_transformer_diffusers_export_loads_back_equal_and_refuses_unmerged
     net = _randomize(MMDiT(replace(CONFIGS["tiny"], time_scale=1.0, lr_key_mode="r1"))).eval()
     net.sampling = {"tile": 16, "tile_overlap": 6}
     path = tmp_path / "net.safetensors"
-    model.save_transformer(net, str(path), layout="diffusers")
+    plumbing.checkpoints.save_transformer(net, str(path), layout="diffusers")
     on_disk = load_file(str(path))
-    assert set(on_disk) == set(model.to_diffusers_state_dict(net.state_dict(), net.cfg.depth))
+    assert set(on_disk) == set(plumbing.checkpoints.to_diffusers_state_dict(net.state_dict(), net.cfg.depth))
     assert "transformer_blocks.0.attn.to_q.weight" in on_disk and not any(k.startswith("joint_blocks") for k in on_disk)
-    loaded = model.load_transformer(str(path)).eval()
+    loaded = plumbing.checkpoints.load_transformer(str(path)).eval()
     assert loaded.cfg == net.cfg and loaded.sampling == net.sampling
     inp = _inputs(net.cfg)
     with torch.no_grad():
         assert torch.equal(loaded(**inp), net(**inp))
     with pytest.raises(ValueError, match="merge_lora"):
-        model.save_transformer(model.add_lora(net, rank=2), str(tmp_path / "lora.safetensors"), layout="diffusers")
+        plumbing.checkpoints.save_transformer(model.add_lora(net, rank=2), str(tmp_path / "lora.safetensors"), layout="diffusers")
     with pytest.raises(ValueError, match="layout must be"):
-        model.save_transformer(net, str(tmp_path / "x.safetensors"), layout="sd3")
+        plumbing.checkpoints.save_transformer(net, str(tmp_path / "x.safetensors"), layout="sd3")
