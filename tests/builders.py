@@ -13,6 +13,24 @@ import text
 from plumbing import checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]   # the repository
+REQUIRE_PHOTOS = "MFSR_REQUIRE_PHOTOS"       # set by .ci/run: a missing photograph fails, not skips
+
+
+def _need_photos(names=None):
+    """The miniature's photographs `names` (default: all) must be on disk: scikit-image's, and the
+    Debian packages'. Missing ones skip the test with one line naming the apt-get command; under CI
+    (REQUIRE_PHOTOS set) they fail it instead, so CI still runs every photo test."""
+    import pytest
+    pytest.importorskip("skimage")
+    import miniature
+    missing = [n for n in (names or miniature.PHOTOS) if miniature.PHOTOS[n][0] != "skimage"
+               and not os.path.exists(miniature.PHOTOS[n][1])]
+    if missing:
+        msg = (f"{len(missing)} of the miniature's photographs are missing ({', '.join(missing[:3])}...); "
+               f"apt-get install {' '.join(sorted(miniature._packages()))}")
+        if os.environ.get(REQUIRE_PHOTOS):
+            pytest.fail(f"{msg} ({REQUIRE_PHOTOS} is set)")
+        pytest.skip(msg)
 
 
 def _randomize(net, std=0.05, seed=0):

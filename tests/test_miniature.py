@@ -17,7 +17,7 @@ import model
 import sample
 import train
 import vae as V
-from builders import _SHIP, ROOT, _png
+from builders import _SHIP, ROOT, _need_photos, _png
 from model import MMDiT
 from plumbing.checkpoints import SafetensorsFiles
 from plumbing import checkpoints
@@ -221,10 +221,7 @@ def test_miniature_pipeline_runs_end_to_end_at_a_hundredth_of_the_steps(tmp_path
     """`python miniature.py` as documented, every stage at 1 % of its steps: it finishes, writes its
     own copy of the model, and leaves the shipped model and the example image as they were; then
     the ablations (`python sweeps.py --ablations`) from its teacher."""
-    pytest.importorskip("skimage")
-    missing = sorted({src for src, file, _ in miniature.PHOTOS.values() if src != "skimage" and not os.path.exists(file)})
-    if missing:   # .ci/run installs them
-        pytest.skip(f"the miniature's photographs need: apt-get install {' '.join(missing)}")
+    _need_photos()
     import hashlib
     import subprocess
     import sys
@@ -281,9 +278,7 @@ def test_size_scan_trains_the_other_sizes_and_measures_the_shipped_teacher_as_it
     """`python sweeps.py --size-scan`, shortened: a 2 x 64 teacher trained from scratch on the
     shipped VAE's latents (its file has that size), the shipped size not retrained but measured as
     the shipped teacher, one table row each, in the order given; then `--length-scan`."""
-    pytest.importorskip("skimage")
-    if any(src != "skimage" and not os.path.exists(file) for src, file, _ in miniature.PHOTOS.values()):
-        pytest.skip("the miniature's photographs need their Debian packages (.ci/run installs them)")
+    _need_photos()
     runs, dest = tmp_path / "runs", tmp_path / "model_size.md"
     import sweeps
     sweeps.size_scan(str(runs), 0.001, 0, str(dest), sizes=((2, 1), (3, 2)), eval_steps=2, eval_size=64)
@@ -313,7 +308,7 @@ def test_size_scan_trains_the_other_sizes_and_measures_the_shipped_teacher_as_it
 def test_teacher_samples_table_orders_one_sample_below_their_mean_and_the_posterior_mean(tmp_path):
     """`python sweeps.py --teacher-samples`, shortened: one row per setting; by Jensen the mean of the
     samples is nearer the HR than one sample on average, and the posterior-mean estimate nearer still."""
-    pytest.importorskip("skimage")
+    _need_photos(miniature.HELD_OUT)
     import sweeps
     dest = tmp_path / "samples.md"
     sweeps.teacher_samples("unused", 0.05, 0, str(dest), seeds=2, size=64)
@@ -339,10 +334,7 @@ def test_cutoff_check_on_a_1000_t_teacher(tmp_path):
     net.sampling = {"cfg": 1.0, "shift": 3.0}
     checkpoints.save_transformer(net, str(tmp_path / "teacher.safetensors"))
     checkpoints.save_vae(V.VAE(V.CONFIGS["tiny"]), str(tmp_path / "vae.safetensors"))
-    missing = [n for n in miniature.HELD_OUT if miniature.PHOTOS[n][0] != "skimage"
-               and not os.path.exists(miniature.PHOTOS[n][1])]
-    if missing:   # .ci/run installs them
-        pytest.skip(f"the held-out photographs need: apt-get install {' '.join(sorted(miniature._packages()))}")
+    _need_photos(miniature.HELD_OUT)
     sweeps.cutoff_check(str(tmp_path / "teacher.safetensors"), str(tmp_path / "vae.safetensors"), str(tmp_path),
                         str(tmp_path / "t.md"), cutoffs=(0.0, 20.0), seeds=1, size=64)
     rows = [line.split(" | ") for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("| ")][1:]
