@@ -88,17 +88,18 @@ def pad_to(x, multiple):
     return F.pad(x, (0, pw, 0, ph), mode=mode)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def upscale(img, net, vae, cond, steps=1, *, teacher=False, cond_neg=None, cfg=DEFAULTS["cfg"],
             shift=DEFAULTS["shift"], seed=0, tile=DEFAULTS["tile"], tile_overlap=DEFAULTS["tile_overlap"],
-            color_fix="adain", vae_tile=None, progress=None, grid="shifted"):
+            color_fix="adain", vae_tile=None, progress=None, grid="shifted", tile_batch=None):
     """x4 super-resolution of img (1, 3, H, W) in [0, 1] -> (1, 3, 4H, 4W) float32 in [0, 1], on CPU.
 
     net: a student (cfg.two_times) or, with teacher=True, a one-time teacher with the LR stream;
     both must be on the device and in the dtype wanted. cond = (pooled (1, P), context (1, L, D)),
     cond_neg likewise (the teacher's CFG negative, default cond). steps: uniform student steps
     (Alg. 2) or the teacher's Euler steps with guidance `cfg` on SD3's grid shifted by `shift`
-    (the shift its training used; grid "uniform": Alg. 2's grid). tile / tile_overlap: latent tiles.
+    (the shift its training used; grid "uniform": Alg. 2's grid). tile / tile_overlap: latent tiles,
+    tile_batch of them per network call (None: as free memory allows).
     vae_tile: passed to vae.encode / decode (None: vae.py decides by size, 0: never).
     progress: a cli.Progress (or None), told the phases and every tile's network call."""
     assert img.ndim == 4 and img.shape[:2] == (1, 3), f"img must be (1, 3, H, W), got {tuple(img.shape)}"
@@ -115,7 +116,7 @@ def upscale(img, net, vae, cond, steps=1, *, teacher=False, cond_neg=None, cfg=D
     progress.phase("VAE encode")
     z_lr = vae.encode((x * 2 - 1).to(next(vae.parameters()).dtype), tile=vae_tile).to(dtype)  # (1, C, h, w)
     g = torch.Generator(device).manual_seed(seed)
-    tiled = TiledNet(net, tile, tile_overlap, on_tile=progress.tile)
+    tiled = TiledNet(net, tile, tile_overlap, on_tile=progress.tile, batch=tile_batch)
     progress.phase("network", calls=steps * len(tiled.tiles(*z_lr.shape[-2:])))
     pooled, context = (c.to(device, dtype) for c in cond)
     with fastjvp.lean_memory():   # the same numbers with lower peaks (fastjvp.py)
@@ -154,7 +155,7 @@ def process(path, args, net, vae, cond, cond_neg, inputs, written, device):
     progress = cli.Progress(path, after=PROGRESS_AFTER)
     y = upscale(img.rgb[None], net, vae, cond, args.steps, teacher=args.teacher, cond_neg=cond_neg,
                 cfg=args.cfg, shift=args.shift, seed=args.seed, tile=args.tile, tile_overlap=args.tile_overlap,
-                color_fix=args.color_fix, progress=progress)
+                color_fix=args.color_fix, progress=progress, tile_batch=args.tile_batch)
     alpha = None if img.alpha is None else F.interpolate(img.alpha[None], scale_factor=SCALE, mode="bicubic",
                                                           align_corners=False)[0]
     progress.phase("write")
@@ -197,6 +198,8 @@ def parse_args(argv=None):
                    f"in the checkpoint, else DiT4SR's 64{shipped('tile')})")
     p.add_argument("--tile-overlap", type=int, default=None, help="latent tile overlap (default: recorded, else 24"
                    f"{shipped('tile_overlap')}; with another --tile, the recorded overlap scaled with it)")
+    p.add_argument("--tile-batch", type=int, default=None, help="latent tiles per network call (default: as many as "
+                   "a quarter of the free memory holds, at most 32; 1 runs them one by one)")
     p.add_argument("--color-fix", default="adain", choices=sorted(COLOR_FIXES))
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps")
@@ -259,7 +262,7 @@ def run(args, written):
         note = apply_sampling_settings(args, net)
         if note:
             print(f"note: {note}", file=sys.stderr)
-        TiledNet(net, args.tile, args.tile_overlap)                      # check the tiles once
+        TiledNet(net, args.tile, args.tile_overlap, batch=args.tile_batch)   # check the tiles once
     except ValueError as e:                            # a CheckpointError, or a setting that cannot work
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -183,20 +183,23 @@ class TiledNet:
     runs in bounded memory and within the model's position grid. Same signature as MMDiT.forward;
     the prompt goes to every tile whole, the LR latent is cropped like x. A latent that fits in one
     tile runs untiled (bit-identical to net). The network's outputs are linear in what the samplers
-    combine (CFG, Euler steps), so blending the outputs is blending the velocities."""
+    combine (CFG, Euler steps), so blending the outputs is blending the velocities. Tiles run
+    `batch` at a time, stacked along the batch (None: tile_batch's choice from free memory)."""
 
-    def __init__(self, net, tile=64, overlap=24, on_tile=None):
+    def __init__(self, net, tile=64, overlap=24, on_tile=None, batch=None):
         p, most = net.cfg.patch, net.cfg.pos_grid * net.cfg.patch
         if tile % p or overlap % p or not 0 <= overlap < tile:
             raise ValueError(f"--tile {tile} / --tile-overlap {overlap}: need multiples of the patch {p} "
                              f"and 0 <= overlap < tile")
         if tile > most:
             raise ValueError(f"--tile {tile}: this model's position grid allows latent tiles up to {most}")
-        self.net, self.tile, self.overlap, self.cfg = net, tile, overlap, net.cfg
+        if batch is not None and batch < 1:
+            raise ValueError(f"--tile-batch {batch}: at least 1 tile per network call")
+        self.net, self.tile, self.overlap, self.cfg, self.batch = net, tile, overlap, net.cfg, batch
         self.on_tile = on_tile or (lambda: None)      # called after every tile's network call
 
     def tiles(self, H, W):
-        """The (rows, cols) slices of every tile of an H x W latent."""
+        """The (rows, cols) slices of every tile of an H x W latent (all of one size)."""
         T = self.tile
         return [(slice(y, y + min(T, H)), slice(x, x + min(T, W)))
                 for y in tile_starts(H, T, self.overlap) for x in tile_starts(W, T, self.overlap)]
@@ -207,15 +210,43 @@ class TiledNet:
             y = self.net(x, sigma, pooled, context, lr=lr, sigma_s=sigma_s)
             self.on_tile()
             return y
+        B, (th, tw) = x.shape[0], (tiles[0][0].stop - tiles[0][0].start, tiles[0][1].stop - tiles[0][1].start)
+        L = 0 if context is None else context.shape[1]
+        n = self.batch or tile_batch(self.cfg, th, tw, B, L, x.element_size(), x.device)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)           # (B, C, H, W)
         total = torch.zeros(x.shape[-2:], dtype=torch.float32, device=x.device)   # (H, W)
-        for rows, cols in tiles:
-            crop = (..., rows, cols)
-            y = self.net(x[crop], sigma, pooled, context,
-                         lr=None if lr is None else lr[crop], sigma_s=sigma_s)    # (B, C, th, tw)
-            w = gaussian_weights(y.shape[-2], y.shape[-1]).to(x.device)
-            out[crop] += y.float() * w
-            total[rows, cols] += w
-            self.on_tile()
+        w = gaussian_weights(th, tw).to(x.device)
+        for i in range(0, len(tiles), n):
+            group = tiles[i:i + n]
+            k = len(group)
+            stack = lambda t: None if t is None else torch.cat([t[..., r, c] for r, c in group])  # noqa: E731
+            rep = lambda t: None if t is None else t.repeat(k, *[1] * (t.dim() - 1))             # noqa: E731
+            y = self.net(stack(x), rep(sigma), rep(pooled), rep(context), lr=stack(lr), sigma_s=rep(sigma_s))
+            for j, (rows, cols) in enumerate(group):                                 # y: (k B, C, th, tw)
+                out[..., rows, cols] += y[j * B:(j + 1) * B].float() * w
+                total[rows, cols] += w
+                self.on_tile()
         return (out / total).to(x.dtype)
 
+
+TILE_BATCH_MAX = 32      # tiles per network call at most: past it the CPU's matmuls gain little
+
+
+def tile_batch(cfg, th, tw, B, L, element_size, device):
+    """Tiles per network call: as many as keep their activations (by a rough count, 12 hidden-sized
+    values per token: the MLP's 4 D hidden layer, q, k, v, the attention output, residuals) within a
+    quarter of the free memory, at most TILE_BATCH_MAX."""
+    tokens = 2 * (th // cfg.patch) * (tw // cfg.patch) + L                       # X, LR and text tokens
+    per_tile = B * tokens * 12 * cfg.hidden * element_size
+    return max(1, min(TILE_BATCH_MAX, int(free_memory(device) / 4 // per_tile)))
+
+
+def free_memory(device):
+    """Bytes free for tensors: CUDA's free memory, else Linux's MemAvailable (8 GiB where unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        return 8 * 2 ** 30

@@ -175,6 +175,33 @@ def test_sample_tiling_is_exact_for_a_pointwise_net():
         assert (out - ref).abs().max() < 1e-5, (tile, overlap)
 
 
+def test_sample_tiles_in_batches_give_the_one_by_one_result(_smp_models, monkeypatch):
+    """Tiles stacked along the batch (--tile-batch, or as many as a quarter of the free memory holds)
+    give what one tile per network call gives, for the student (batch 1) and the teacher's CFG pair
+    (batch 2): the rows of a stacked call must go back to their own tiles and their own images."""
+    net, _ = checkpoints.load_models(str(_smp_models / "student.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    for B in (1, 2):
+        x, lr = torch.randn(B, 16, 40, 44, generator=g), torch.randn(B, 16, 40, 44, generator=g)
+        kw = dict(sigma=torch.rand(B, generator=g), pooled=torch.randn(B, 32, generator=g),
+                  context=torch.randn(B, 3, 64, generator=g), lr=lr, sigma_s=torch.rand(B, generator=g))
+        calls = []
+        counting = lambda *a, **k: calls.append(a[0].shape[0]) or net(*a, **k)          # noqa: E731
+        counting.cfg = net.cfg
+        with torch.no_grad():
+            one = tiling.TiledNet(net, 16, 8, batch=1)(x, **kw)
+            for batch in (3, 32):
+                calls.clear()
+                out = tiling.TiledNet(counting, 16, 8, batch=batch)(x, **kw)
+                assert (out - one).abs().max() < 1e-5 and calls[0] == B * min(batch, 20), (B, batch, calls)
+    monkeypatch.setattr(tiling, "free_memory", lambda device: 4 * 2 ** 20)           # 4 MiB free: one at a time
+    assert tiling.tile_batch(net.cfg, 16, 16, 1, 3, 4, torch.device("cpu")) == 1
+    monkeypatch.setattr(tiling, "free_memory", lambda device: 2 ** 40)
+    assert tiling.tile_batch(net.cfg, 16, 16, 1, 3, 4, torch.device("cpu")) == tiling.TILE_BATCH_MAX
+    with pytest.raises(ValueError, match="--tile-batch 0"):
+        tiling.TiledNet(net, 16, 8, batch=0)
+
+
 def test_sample_tiling_blends_smoothly_and_stays_close_to_untiled(_smp_models):
     # 1) A network whose output is its tile's mean LR value: tiled results differ per tile, and the
     # Gaussian blend must ramp between them. With DiT4SR's tiles (64, overlap 24, variance 0.01)
