@@ -178,13 +178,16 @@ def gaussian_weights(h, w, var=0.01):
     return (g(h)[:, None] * g(w)[None, :]).float()                              # (h, w)
 
 
+TILE_BATCH_MAX = 32      # latent tiles per network call at most: past it the CPU's matmuls gain little
+
+
 class TiledNet:
     """Calls a transformer on overlapping latent tiles and blends the outputs, so any latent size
     runs in bounded memory and within the model's position grid. Same signature as MMDiT.forward;
     the prompt goes to every tile whole, the LR latent is cropped like x. A latent that fits in one
     tile runs untiled (bit-identical to net). The network's outputs are linear in what the samplers
     combine (CFG, Euler steps), so blending the outputs is blending the velocities. Tiles run
-    `batch` at a time, stacked along the batch (None: tile_batch's choice from free memory)."""
+    `batch` at a time, stacked along the batch (None: batch_size's choice from free memory)."""
 
     def __init__(self, net, tile=64, overlap=24, on_tile=None, batch=None):
         p, most = net.cfg.patch, net.cfg.pos_grid * net.cfg.patch
@@ -198,6 +201,15 @@ class TiledNet:
         self.net, self.tile, self.overlap, self.cfg, self.batch = net, tile, overlap, net.cfg, batch
         self.on_tile = on_tile or (lambda: None)      # called after every tile's network call
 
+    def batch_size(self, x, context):
+        """Tiles per network call: `batch`, else as many as keep their activations (by a rough count:
+        12 hidden-sized values per token) within a quarter of the free memory, at most TILE_BATCH_MAX."""
+        if self.batch:
+            return self.batch
+        tokens = 2 * (self.tile // self.cfg.patch) ** 2 + (0 if context is None else context.shape[1])
+        per_tile = x.shape[0] * tokens * 12 * self.cfg.hidden * x.element_size()
+        return max(1, min(TILE_BATCH_MAX, int(free_memory(x.device) / 4 // per_tile)))
+
     def tiles(self, H, W):
         """The (rows, cols) slices of every tile of an H x W latent (all of one size)."""
         T = self.tile
@@ -210,12 +222,10 @@ class TiledNet:
             y = self.net(x, sigma, pooled, context, lr=lr, sigma_s=sigma_s)
             self.on_tile()
             return y
-        B, (th, tw) = x.shape[0], (tiles[0][0].stop - tiles[0][0].start, tiles[0][1].stop - tiles[0][1].start)
-        L = 0 if context is None else context.shape[1]
-        n = self.batch or tile_batch(self.cfg, th, tw, B, L, x.element_size(), x.device)
+        B, n = x.shape[0], self.batch_size(x, context)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)           # (B, C, H, W)
         total = torch.zeros(x.shape[-2:], dtype=torch.float32, device=x.device)   # (H, W)
-        w = gaussian_weights(th, tw).to(x.device)
+        w = gaussian_weights(*(s.stop - s.start for s in tiles[0])).to(x.device)         # (th, tw)
         for i in range(0, len(tiles), n):
             group = tiles[i:i + n]
             k = len(group)
@@ -227,18 +237,6 @@ class TiledNet:
                 total[rows, cols] += w
                 self.on_tile()
         return (out / total).to(x.dtype)
-
-
-TILE_BATCH_MAX = 32      # tiles per network call at most: past it the CPU's matmuls gain little
-
-
-def tile_batch(cfg, th, tw, B, L, element_size, device):
-    """Tiles per network call: as many as keep their activations (by a rough count, 12 hidden-sized
-    values per token: the MLP's 4 D hidden layer, q, k, v, the attention output, residuals) within a
-    quarter of the free memory, at most TILE_BATCH_MAX."""
-    tokens = 2 * (th // cfg.patch) * (tw // cfg.patch) + L                       # X, LR and text tokens
-    per_tile = B * tokens * 12 * cfg.hidden * element_size
-    return max(1, min(TILE_BATCH_MAX, int(free_memory(device) / 4 // per_tile)))
 
 
 def free_memory(device):

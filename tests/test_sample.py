@@ -194,10 +194,11 @@ def test_sample_tiles_in_batches_give_the_one_by_one_result(_smp_models, monkeyp
                 calls.clear()
                 out = tiling.TiledNet(counting, 16, 8, batch=batch)(x, **kw)
                 assert (out - one).abs().max() < 1e-5 and calls[0] == B * min(batch, 20), (B, batch, calls)
+    auto, ctx = tiling.TiledNet(net, 16, 8), torch.zeros(1, 3, 64)
     monkeypatch.setattr(tiling, "free_memory", lambda device: 4 * 2 ** 20)           # 4 MiB free: one at a time
-    assert tiling.tile_batch(net.cfg, 16, 16, 1, 3, 4, torch.device("cpu")) == 1
+    assert auto.batch_size(x[:1], ctx) == 1
     monkeypatch.setattr(tiling, "free_memory", lambda device: 2 ** 40)
-    assert tiling.tile_batch(net.cfg, 16, 16, 1, 3, 4, torch.device("cpu")) == tiling.TILE_BATCH_MAX
+    assert auto.batch_size(x[:1], ctx) == tiling.TILE_BATCH_MAX
     with pytest.raises(ValueError, match="--tile-batch 0"):
         tiling.TiledNet(net, 16, 8, batch=0)
 
