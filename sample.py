@@ -98,9 +98,8 @@ def upscale(img, net, vae, cond, steps=1, *, teacher=False, cond_neg=None, cfg=D
     both must be on the device and in the dtype wanted. cond = (pooled (1, P), context (1, L, D)),
     cond_neg likewise (the teacher's CFG negative, default cond). steps: uniform student steps
     (Alg. 2) or the teacher's Euler steps with guidance `cfg` on SD3's grid shifted by `shift`
-    (the shift its training used; grid "uniform": Alg. 2's grid). tile / tile_overlap: latent tiles,
-    tile_batch of them per network call (None: as free memory allows).
-    vae_tile: passed to vae.encode / decode (None: vae.py decides by size, 0: never).
+    (the shift its training used; grid "uniform": Alg. 2's grid). tile / tile_overlap / tile_batch:
+    latent tiles, so many per call (None: by free memory). vae_tile: vae.encode / decode's (None: by size).
     progress: a cli.Progress (or None), told the phases and every tile's network call."""
     assert img.ndim == 4 and img.shape[:2] == (1, 3), f"img must be (1, 3, H, W), got {tuple(img.shape)}"
     if color_fix not in COLOR_FIXES:
@@ -198,8 +197,7 @@ def parse_args(argv=None):
                    f"in the checkpoint, else DiT4SR's 64{shipped('tile')})")
     p.add_argument("--tile-overlap", type=int, default=None, help="latent tile overlap (default: recorded, else 24"
                    f"{shipped('tile_overlap')}; with another --tile, the recorded overlap scaled with it)")
-    p.add_argument("--tile-batch", type=int, default=None, help="latent tiles per network call (default: as many as "
-                   "a quarter of the free memory holds, at most 32; 1 runs them one by one)")
+    p.add_argument("--tile-batch", type=int, default=None, help="latent tiles per network call (default: by free memory)")
     p.add_argument("--color-fix", default="adain", choices=sorted(COLOR_FIXES))
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps")
