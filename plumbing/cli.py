@@ -88,11 +88,17 @@ def peak_memory_mb(device):
     (Linux's VmHWM); NaN where the system does not say (no /proc: macOS, Windows)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    kib = proc_kib("/proc/self/status", "VmHWM")
+    return math.nan if kib is None else kib / 1024
+
+
+def proc_kib(path, key):
+    """The `key:  N kB` figure of a Linux /proc file, in KiB; None where the system has none."""
     try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM"))
+        with open(path) as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key))
     except (OSError, StopIteration):
-        return math.nan
+        return None
 
 
 def pick_device(name):

@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from plumbing.cli import proc_kib
+
 # --------------------------------------------------------------------------------------------
 # The VAE's tiles: overlapping, blended with linear ramps, GroupNorm statistics shared (vae.py's docstring)
 
@@ -243,8 +245,5 @@ def free_memory(device):
     """Bytes free for tensors: CUDA's free memory, else Linux's MemAvailable (8 GiB where unknown)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
-    except (OSError, StopIteration):
-        return 8 * 2 ** 30
+    kib = proc_kib("/proc/meminfo", "MemAvailable")
+    return 8 * 2 ** 30 if kib is None else kib * 1024
