@@ -28,7 +28,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-import fastjvp
 import mfsr
 from plumbing import cli, images
 from plumbing.checkpoints import CheckpointError, SafetensorsFiles, load_condition, load_models
@@ -115,18 +114,18 @@ def upscale(img, net, vae, cond, steps=1, *, teacher=False, cond_neg=None, cfg=D
     progress.phase("VAE encode")
     z_lr = vae.encode((x * 2 - 1).to(next(vae.parameters()).dtype), tile=vae_tile).to(dtype)  # (1, C, h, w)
     g = torch.Generator(device).manual_seed(seed)
+    # the tiles bound the memory, so the model's plain path (fastjvp.lean_memory, for training, is slower)
     tiled = TiledNet(net, tile, tile_overlap, on_tile=progress.tile, batch=tile_batch)
     progress.phase("network", calls=steps * len(tiled.tiles(*z_lr.shape[-2:])))
     pooled, context = (c.to(device, dtype) for c in cond)
-    with fastjvp.lean_memory():   # the same numbers with lower peaks (fastjvp.py)
-        if teacher:
-            pooled_neg, context_neg = (c.to(device, dtype) for c in (cond_neg or cond))
-            L = max(context.shape[1], context_neg.shape[1])     # zero-pad the shorter context so CFG can batch them
-            pad = lambda ctx: F.pad(ctx, (0, 0, 0, L - ctx.shape[1]))
-            z = mfsr.sample_teacher(tiled, z_lr, (pooled, pad(context)), (pooled_neg, pad(context_neg)), steps=steps,
-                                    cfg=cfg, shift=shift, generator=g, grid=grid)
-        else:
-            z = mfsr.sample_student(tiled, z_lr, pooled, context, steps=steps, generator=g)
+    if teacher:
+        pooled_neg, context_neg = (c.to(device, dtype) for c in (cond_neg or cond))
+        L = max(context.shape[1], context_neg.shape[1])     # zero-pad the shorter context so CFG can batch them
+        pad = lambda ctx: F.pad(ctx, (0, 0, 0, L - ctx.shape[1]))
+        z = mfsr.sample_teacher(tiled, z_lr, (pooled, pad(context)), (pooled_neg, pad(context_neg)), steps=steps,
+                                cfg=cfg, shift=shift, generator=g, grid=grid)
+    else:
+        z = mfsr.sample_student(tiled, z_lr, pooled, context, steps=steps, generator=g)
     progress.phase("VAE decode")
     y = vae.decode(z.to(next(vae.parameters()).dtype), tile=vae_tile).float()  # (1, 3, H', W') in [-1, 1]
     y = ((y + 1) / 2)[..., :SCALE * H, :SCALE * W]                             # crop the padding
@@ -217,7 +216,8 @@ def parse_args(argv=None):
 
 def apply_sampling_settings(args, net):
     """Unset flags take the checkpoint's own settings. A --tile without --tile-overlap takes the
-    recorded overlap scaled with it (in whole patches, below the tile). Returns a note or ""."""
+    recorded overlap scaled with it (in whole patches, below the tile, not 0 unless recorded so).
+    Returns a note or ""."""
     rec = sampling_settings(net)
     scale_overlap = args.tile is not None and args.tile_overlap is None and args.tile != rec["tile"]
     for key, value in rec.items():
@@ -226,7 +226,9 @@ def apply_sampling_settings(args, net):
     if not scale_overlap:
         return ""
     p = net.cfg.patch
-    args.tile_overlap = max(0, min(p * round(rec["tile_overlap"] * args.tile / rec["tile"] / p), args.tile - p))
+    scaled = p * round(rec["tile_overlap"] * args.tile / rec["tile"] / p)
+    least = p if rec["tile_overlap"] else 0      # a model that records an overlap keeps one, a patch at least
+    args.tile_overlap = max(0, min(max(least, scaled), args.tile - p))
     return (f"--tile {args.tile}: tile overlap {args.tile_overlap} (the model's {rec['tile_overlap']} for tile "
             f"{rec['tile']}, scaled; --tile-overlap sets it)")
 

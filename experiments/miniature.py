@@ -91,6 +91,8 @@ SKIMAGE_HELD_OUT = tuple(n for n in HELD_OUT if PHOTOS[n][0] == "skimage")   # w
 MAX_SIDE = 768                       # larger photographs are downscaled (Lanczos) to this long side
 SHIP = "weights/mfsr-tiny"
 TRAIN_SIZE = 128                     # HR crop side of the transformer stages (a 32^2 latent)
+STUDENT_TILE_OVERLAP = 4             # the students' latent tile overlap: the smallest without a seam
+                                     # (2 shows one; `sweeps.py --tile-scan`, docs/tiles.md); the teacher: DiT4SR's 3/8
 CONTEXT_LEN = 4                      # tokens of the miniature's prompt embeddings
 # The teacher's CFG scale (the sampler's standard v_neg + scale (v_c - v_neg)) is chosen by the
 # "cfg" stage on training crops from these candidates; the student's Eq. 11 w is scale - 1.
@@ -401,7 +403,8 @@ def ship(runs, dest=SHIP):
     tile = TRAIN_SIZE // v.cfg.factor    # sample.py's defaults: tiles of the training size, our w
     for name, file in (("student", "student"), ("student_gt", "student"), ("teacher", "teacher")):
         net = checkpoints.load_transformer(os.path.join(runs, name, "final", file + ".safetensors"))
-        net.sampling = {"tile": tile, "tile_overlap": run_lib.sample_overlap(tile, net.cfg.patch),
+        overlap = STUDENT_TILE_OVERLAP if name != "teacher" else run_lib.sample_overlap(tile, net.cfg.patch)
+        net.sampling = {"tile": tile, "tile_overlap": overlap,
                         **({"cfg": chosen_cfg(runs), "shift": sample.sampling_settings(net)["shift"]}
                            if name == "teacher" else {})}
         checkpoints.save_transformer(net.half(), os.path.join(dest, name + ".safetensors"))
@@ -465,7 +468,8 @@ def write_card(dest, info):
              "Training on 2 CPU cores (minutes): " + ", ".join(
                  f"{k} {m:.0f}" if m is not None else f"{k} ?" for k, m in info["minutes"].items()) + ".", "",
              f"Sampling defaults recorded in the files (sample.py uses them): latent tiles of the training "
-             f"size, {nets['student'].sampling}; the teacher's sigma shift "
+             f"size, the students' {nets['student'].sampling} (overlap: the smallest without a seam, docs/tiles.md), "
+             f"the teacher's overlap {nets['teacher'].sampling['tile_overlap']} (DiT4SR's 3/8), its sigma shift "
              f"{sample.sampling_settings(nets['teacher'])['shift']:g} (its training's) and CFG scale {info['cfg_scale']:g} "
              f"(v_neg + scale (v_c - v_neg)), chosen by the cfg stage (40-step teacher PSNR on training "
              f"crops: " + ", ".join(f"{r['cfg']:g}: {r['PSNR']:.2f} dB" for r in info["cfg_scan"]["rows"])

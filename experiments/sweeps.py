@@ -5,6 +5,7 @@
     python experiments/sweeps.py --length-scan   # the smallest teacher trained 2500 / 5000 / 10000 steps -> docs/teacher_length.md
     python experiments/sweeps.py --teacher-samples   # the teacher's 40-step samples against their mean -> docs/teacher_samples.md
     python experiments/sweeps.py --pairs-scan    # students with other (t, s) draws / anchors vs the 40-step teacher -> docs/time_pairs.md
+    python experiments/sweeps.py --tile-scan     # the shipped student's latent tiles: seams, quality, time -> docs/tiles.md
     python experiments/sweeps.py --cutoff-check miniature-v2   # a low-passed time embedding in a 1000 t teacher -> docs/time_embedding.md
 
 The ablations need a finished `python experiments/miniature.py` run's folder (--runs: its teacher, decoder and
@@ -26,7 +27,7 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import model
 import sample
-from plumbing import checkpoints
+from plumbing import checkpoints, tiling
 import metrics
 from metrics import mse, mse_to_psnr
 from miniature import (HELD_OUT, SETTINGS, SHIP, STAGES, TRAIN_SIZE, bicubic_up, heldout_pairs, load_shipped,
@@ -482,6 +483,81 @@ def cutoff_check(teacher_file, vae_file, emb_dir, dest="docs/time_embedding.md",
     _write_table(dest, head + lines)
 
 
+
+# The students' latent tiles (`--tile-scan`, issue 44): each (tile, overlap) against one untiled pass
+# (a 64^2 latent fits the position grid whole) on the held-out crops, 1 step as sample.py runs it:
+# the distance to the untiled result (over the seed-to-seed distance), the seam measure below, the
+# metrics against HR, and the network's time on a 750x500 photo's latent (3000x2000 out).
+
+TILE_SCAN = ((32, 12), (32, 8), (32, 4), (32, 2), (32, 0), (48, 16), (48, 8))
+TILE_SCAN_PHOTO = (500, 750)     # latent rows, cols of a 750x500 photo at x4 (the tiny VAE's factor 4)
+
+
+def overlap_middles(n, tile, overlap):
+    """Latent positions along an axis of n where neighbouring tiles meet: the middle of each overlap,
+    where their Gaussian weights are equal (a hard cut, overlap 0, is at the later tile's start)."""
+    starts = tiling.tile_starts(n, tile, overlap)
+    return sorted({(a + tile + b) // 2 for a, b in zip(starts, starts[1:])})
+
+
+def seam_step(out, ref, tile, overlap, factor):
+    """A seam measure: the mean step between neighbouring pixels across the latent boundaries where
+    tiles meet, over the mean step across the other latent boundaries (every `factor` pixels), divided
+    by the same ratio for `ref`, the untiled result. 1: no seam; a visible seam is well above.
+    out, ref (B, 3, H, W); the larger of the two axes' values."""
+    ratios = []
+    for axis in (3, 2):
+        n = out.shape[axis] // factor
+        meet = overlap_middles(n, tile, overlap)
+        other = [p for p in range(1, n) if p not in meet]
+
+        def rel(y):
+            d = y.diff(dim=axis).abs().mean([a for a in range(4) if a != axis])        # (H or W - 1,)
+            return d[[p * factor - 1 for p in meet]].mean() / d[[p * factor - 1 for p in other]].mean()
+        ratios.append((rel(out) / rel(ref)).item())
+    return max(ratios)
+
+
+@torch.no_grad()
+def tile_scan(dest="docs/tiles.md", scan=TILE_SCAN, size=256, names=HELD_OUT):
+    """The TILE_SCAN table for the shipped students (1 step; both settings' crops together)."""
+    nets, v, embs = load_shipped()
+    net = nets["student"]
+    c, p = embs["prompt"]
+    cond = (p[None], c[None])
+    hr, lr = (torch.cat(t) for t in zip(*(heldout_pairs(size, 1, 0, s, names) for s in SETTINGS)))
+    run = lambda tile, overlap, seed=0: torch.cat([sample.upscale(  # noqa: E731
+        lr[i:i + 1], net, v, cond, 1, seed=seed, vae_tile=0, tile=tile, tile_overlap=overlap) for i in range(len(lr))])
+    whole = size // v.cfg.factor
+    ref, other = run(whole, 0), run(whole, 0, seed=1)
+    seed_gap = (other - ref).abs().mean()
+    z = torch.randn(1, net.cfg.in_channels, *TILE_SCAN_PHOTO)
+    pooled, context = cond
+    lines = [f"# The shipped student's latent tiles (`python experiments/sweeps.py --tile-scan`, {time.strftime('%Y-%m-%d')})", "",
+             f"{len(names)} held-out photographs x {len(SETTINGS)} settings, one {size}^2 crop each: 1 step, as sample.py "
+             f"samples, against one untiled pass (a {whole}^2 latent fits the position grid). \"vs untiled\": mean "
+             f"|tiled - untiled| over the seed-to-seed mean |seed 1 - seed 0| ({seed_gap:.4f}). \"seam\": "
+             "sweeps.seam_step, the pixel step where tiles meet over that elsewhere, relative to untiled "
+             "(1: none). Network: TiledNet on a 750x500 photo's latent (3000x2000 out), "
+             f"{torch.get_num_threads()} threads.", "",
+             "| tile | overlap | tiles at 3000x2000 | computed per latent pixel | network s | vs untiled | seam | PSNR | LPIPS |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for tile, overlap in [(whole, 0)] + list(scan):
+        out = ref if tile == whole else run(tile, overlap)
+        tiled = tiling.TiledNet(net, tile, overlap)
+        n = len(tiled.tiles(*TILE_SCAN_PHOTO))
+        t0 = time.perf_counter()
+        tiled(z, torch.ones(1), pooled, context, lr=z, sigma_s=torch.zeros(1))
+        secs = time.perf_counter() - t0
+        cover = n * tile * tile / (TILE_SCAN_PHOTO[0] * TILE_SCAN_PHOTO[1])
+        gap = (out - ref).abs().mean() / seed_gap
+        seam = "-" if tile == whole else f"{seam_step(out, ref, tile, overlap, v.cfg.factor):.2f}"
+        row = [tile, overlap, n, f"{cover:.2f}", f"{secs:.1f}", f"{gap:.3f}", seam,
+               f"{metrics.psnr(out, hr).mean().item():.2f}", f"{metrics.lpips(out, hr).mean().item():.4f}"]
+        lines.append("| " + " | ".join(map(str, row)) + " |")
+        print(lines[-1], flush=True)
+    _write_table(dest, lines)
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default="runs/miniature", help="the miniature's working folder (python experiments/miniature.py --runs)")
@@ -498,6 +574,8 @@ if __name__ == "__main__":
                       "40-step quality -> docs/teacher_length.md (with --scale other than 1: RUNS/teacher_length.md)")
     what.add_argument("--pairs-scan", action="store_true", help="students with other time-pair draws (PAIR_SCAN) "
                       "against the 40-step teacher -> docs/time_pairs.md (with --scale other than 1: RUNS/time_pairs.md)")
+    what.add_argument("--tile-scan", action="store_true", help="the shipped student's latent tiles (TILE_SCAN) "
+                      "against one untiled pass: seams, quality, time -> docs/tiles.md")
     what.add_argument("--cutoff-check", metavar="RELEASE", help="what a low-passed time embedding changes in the "
                       "1000 t teacher of RELEASE (a folder of weights, or a git revision: the miniature up to "
                       "8525646) -> docs/time_embedding.md")
@@ -510,6 +588,9 @@ if __name__ == "__main__":
         rel = _previous_release(a.cutoff_check)
         cutoff_check(os.path.join(rel, "teacher.safetensors"), os.path.join(rel, "vae.safetensors"), rel,
                      label=f"of {a.cutoff_check}")
+        sys.exit(0)
+    if a.tile_scan:
+        tile_scan()
         sys.exit(0)
     if a.pairs_scan:
         pairs_scan(a.runs, a.scale, a.workers, "docs/time_pairs.md" if a.scale == 1.0

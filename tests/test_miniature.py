@@ -16,6 +16,7 @@ import miniature
 import model
 import sample
 import span
+import sweeps
 import train
 import vae as V
 from builders import _SHIP, ROOT, _need_photos, _png
@@ -128,6 +129,40 @@ def test_vae_tiny_bench_rows():
                                                    for op in ("encode", "decode")]
     assert all(r["seconds"] > 0 for r in rows)
     assert figures["tiny (4x4 patches)/decode"]["peak_mb"] < figures["x4, three levels/decode"]["peak_mb"]
+
+
+def test_seam_step_finds_a_step_where_tiles_meet_and_only_there():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.nn.functional.interpolate(torch.rand(2, 3, 16, 16, generator=g), size=256, mode="bicubic")
+    assert sweeps.seam_step(ref, ref, 32, 4, 4) == pytest.approx(1.0)       # a smooth image, a 64^2 latent at x4
+    meet = sweeps.overlap_middles(64, 32, 4)
+    assert meet == [30, 46]                                                 # tiles at 0, 28, 32: (0+32+28)//2, (28+32+32)//2
+    seamed = ref.clone()
+    seamed[..., 4 * meet[0]:] += 0.3                                       # a step in every row at pixel column 120
+    assert sweeps.seam_step(seamed, ref, 32, 4, 4) > 2
+    moved = ref.clone()
+    moved[..., 4 * 20:] += 0.3                                             # the same step where no tiles meet
+    assert sweeps.seam_step(moved, ref, 32, 4, 4) < 1
+
+
+def test_shipped_student_tiles_show_no_seam_and_stay_near_one_untiled_pass():
+    # The shipped student at its recorded tiles against one untiled pass (a 64^2 latent fits the
+    # position grid), on the held-out crops of docs/tiles.md (sweeps.tile_scan): measured seam 1.18
+    # for the recorded overlap 4 (1.13 for 12), 1.37 for a hard cut (overlap 0); the tiled results
+    # are 0.58 of the seed-to-seed distance from the untiled one.
+    _need_photos(miniature.HELD_OUT)
+    nets, v, embs = miniature.load_shipped()
+    net = nets["student"]
+    tile, overlap = net.sampling["tile"], net.sampling["tile_overlap"]
+    c, p = embs["prompt"]
+    lr = torch.cat([miniature.heldout_pairs(256, 1, 0, s)[1] for s in miniature.SETTINGS])
+    run = lambda tile, overlap, seed=0: torch.cat([sample.upscale(                 # noqa: E731
+        lr[i:i + 1], net, v, (p[None], c[None]), 1, seed=seed, vae_tile=0, tile=tile, tile_overlap=overlap)
+        for i in range(len(lr))])
+    ref, other, tiled = run(64, 0), run(64, 0, seed=1), run(tile, overlap)
+    assert (tiled - ref).abs().mean() < 0.7 * (other - ref).abs().mean()
+    assert sweeps.seam_step(tiled, ref, tile, overlap, v.cfg.factor) < 1.25
+    assert sweeps.seam_step(run(tile, 0), ref, tile, 0, v.cfg.factor) > 1.3   # the measure sees a hard cut
 
 
 def test_shipped_vae_reconstructs_the_held_out_example_above_32_db():
@@ -247,7 +282,8 @@ def test_miniature_pipeline_runs_end_to_end_at_a_hundredth_of_the_steps(tmp_path
     assert done.returncode == 0, done.stderr[-2000:]
     assert digest() == before
     nets, v, embs = miniature.load_shipped(str(runs / "mfsr-tiny"))
-    assert nets["student"].sampling == {"tile": 32, "tile_overlap": 12}
+    assert nets["student"].sampling == {"tile": 32, "tile_overlap": miniature.STUDENT_TILE_OVERLAP}
+    assert nets["teacher"].sampling["tile_overlap"] == 12                  # DiT4SR's 24 / 64 of 32
     info = json.loads((runs / "mfsr-tiny" / "training.json").read_text())
     assert info["steps"] == {"vae": 30, "teacher": 50, "student": 5, "student_gt": 6, "decoder": 10}
     assert all(m is not None for m in info["minutes"].values()) and "cfg" in info["minutes"]
