@@ -658,12 +658,44 @@ def _cpu_bf16():
 # sample, whole process (issue 44): `python sample.py photo.png` as a user runs it (the shipped
 # model, default flags, the output to a temporary folder), from start to exit, beside SPAN x4 run
 # the same way (`python experiments/span.py photo.png out.png`: Pillow, ncnn on the CPU, the whole
-# image in one pass). The photo is the held-out `castle` (1024x681) Lanczos-downscaled to each size;
-# a first round warms the file cache and is not counted, then `repeat` interleaved rounds, medians.
+# image in one pass; both write PNG at zlib level 3). The photo is the held-out `castle` (1024x681)
+# Lanczos-downscaled to each size; a first round warms the file cache and is not counted, then
+# `repeat` interleaved rounds, medians. The cost model beside them: each program's arithmetic
+# (sample_gflop, span.gflop) and the rate it kept over the whole process.
 # SPAN is an optional dependency (experiments/span.py): without it, one line and our rows only.
 
 WHOLE_SIZES = ((375, 250), (750, 500))          # -> 1500x1000 and 3000x2000
 WHOLE_PHOTO = "castle"                          # --quick: examples/chelsea_hr.png, 375x250 only
+
+
+def sample_gflop(w, h):
+    """`python sample.py` 's arithmetic (the shipped student, 1 step) for a w x h photo, counted by
+    torch's FlopCounterMode on the meta device (shapes only; there attention is counted, as its matmuls,
+    which the CPU's flash kernel is not): VAE encode, the network (one tile's call times the tiles),
+    VAE decode. {part: GFLOP}."""
+    import sample
+    from torch.utils.flop_counter import FlopCounterMode
+    from plumbing import checkpoints, tiling
+    net, vae = checkpoints.load_models(os.path.join(sample.SHIPPED, "student.safetensors"))
+    net, vae = net.to("meta"), vae.to("meta")
+    st = sample.sampling_settings(net)
+    m = vae.cfg.factor * net.cfg.patch
+    x = torch.empty(1, 3, -(-4 * h // m) * m, -(-4 * w // m) * m, device="meta")      # padded as upscale pads
+    counts = {}
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as fc:
+            z = vae.encode(x)
+        counts["VAE encode"] = fc.get_total_flops() / 1e9
+        pooled, context = torch.empty(1, net.cfg.pooled_dim, device="meta"), torch.empty(1, 4, net.cfg.context_dim, device="meta")
+        tiles = len(tiling.TiledNet(net, st["tile"], st["tile_overlap"]).tiles(*z.shape[-2:]))
+        one = z[..., :st["tile"], :st["tile"]]
+        with FlopCounterMode(display=False) as fc:
+            net(one, torch.ones(1, device="meta"), pooled, context, lr=one, sigma_s=torch.zeros(1, device="meta"))
+        counts["network"] = tiles * fc.get_total_flops() / 1e9
+        with FlopCounterMode(display=False) as fc:
+            vae.decode(z)
+        counts["VAE decode"] = fc.get_total_flops() / 1e9
+    return counts
 
 
 def _interleaved_runs(cmds, repeat, warmup):
@@ -704,15 +736,21 @@ def _whole_process_rows(quick, repeat=3):
                 cmds[theirs] = [sys.executable, span.__file__, src, outs[theirs]]
             runs = _interleaved_runs(cmds, repeat, warmup)
             med = {k: tuple(statistics.median(x) for x in zip(*r)) for k, r in runs.items()}   # (s, MB)
+            # the cost model: each program's arithmetic, and the rate it ran at over the whole process
+            gflop = {ours: sum(sample_gflop(w, h).values())}
+            if theirs in med:
+                gflop[theirs] = span.gflop(h, w)
             for k, (sec, mb) in med.items():
                 with Image.open(outs[k]) as im:
                     assert im.size == (4 * w, 4 * h), (k, im.size)
                 ratio = (sec / med[theirs][0], mb / med[theirs][1]) if theirs in med else (None, None)
                 rows.append({"table": table, "image": f"{w}x{h} -> {4 * w}x{4 * h}", "program": k, "s": sec,
                              "peak MB": round(mb), "x SPAN time": ratio[0], "x SPAN memory": ratio[1],
-                             "runs (s)": " ".join(f"{s:.1f}" for s, _ in runs[k])})
+                             "GFLOP": round(gflop[k]), "x SPAN GFLOP": gflop[k] / gflop[theirs] if theirs in gflop else None,
+                             "GFLOP/s": gflop[k] / sec, "runs (s)": " ".join(f"{s:.1f}" for s, _ in runs[k])})
                 figures[f"whole/{w}x{h}/{'span' if k == theirs else 'sample.py'}"] = {
-                    "s": sec, "peak_mb": mb, "runs": runs[k], "x_span_time": ratio[0], "x_span_memory": ratio[1]}
+                    "s": sec, "peak_mb": mb, "runs": runs[k], "x_span_time": ratio[0], "x_span_memory": ratio[1],
+                    "gflop": gflop[k]}
     return rows, figures
 
 

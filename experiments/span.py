@@ -78,12 +78,27 @@ def upscale(net, x):
     return y.clip(0, 1)
 
 
+def gflop(h, w, name="spanx4_ch48"):
+    """The model's arithmetic for an h x w input, from its .param file: every convolution runs at the
+    input's resolution (the x4 is a pixel shuffle after the last), 2 flops per weight and pixel."""
+    weights = 0
+    with open(model_files(name)[0]) as f:
+        for line in f:
+            if line.startswith("Convolution"):       # "6=N": the layer's weight count
+                weights += int(next(p for p in line.split() if p.startswith("6="))[2:])
+    return 2 * weights * h * w / 1e9
+
+
+PNG_LEVEL = 3   # zlib level of the PNG written, sample.py's (plumbing.images.SAVE_OPTIONS): a whole-process
+                # comparison then times the two upscalers, not two compression levels
+
+
 def upscale_file(src, dst, name="spanx4_ch48", threads=0):
     """One image file to a PNG at 4x, RGB (alpha and gray are dropped / expanded)."""
     with Image.open(src) as im:
         x = np.asarray(im.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255   # (3, H, W)
     y = upscale(load(name, threads), x)
-    Image.fromarray((y.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(dst)
+    Image.fromarray((y.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(dst, compress_level=PNG_LEVEL)
 
 
 def main(argv=None):

@@ -79,3 +79,42 @@ def test_whole_process_peak_is_the_childs_own_not_the_parents():
     with pytest.raises(RuntimeError, match="exited with 3"):
         bench.whole_process([sys.executable, "-c", "raise SystemExit(3)"])
     del held
+
+
+def test_span_gflop_counts_its_convolutions_weights_at_the_input_size():
+    _need_span()
+    weights = span.gflop(1, 1) * 1e9 / 2
+    assert 420_000 < weights < 426_000        # the paper's 426k parameters, less the biases
+    assert span.gflop(500, 750) == pytest.approx(500 * 750 * span.gflop(1, 1))
+
+
+def test_sample_gflop_on_meta_equals_a_real_run_counted_with_the_math_attention():
+    """bench.sample_gflop counts on the meta device, the network as one tile's call times the tiles.
+    Against a real CPU run of the same parts at a small size, attention on the math kernel (whose
+    matmuls the counter sees; the CPU's flash kernel it does not)."""
+    import sample
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    from plumbing import checkpoints, tiling
+    w, h = 36, 20                                                  # 144 x 80 at x4: a 36 x 20 latent, 2 tiles
+    counted = bench.sample_gflop(w, h)
+    net, vae = checkpoints.load_models(os.path.join(sample.SHIPPED, "student.safetensors"))
+    st = sample.sampling_settings(net)
+    x = torch.rand(1, 3, 4 * h, 4 * w) * 2 - 1                    # 80 x 144: multiples of 8, no padding
+    real = {}
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH):
+        with FlopCounterMode(display=False) as fc:
+            z = vae.encode(x)
+        real["VAE encode"] = fc.get_total_flops() / 1e9
+        tiled = tiling.TiledNet(net, st["tile"], st["tile_overlap"], batch=3)
+        assert len(tiled.tiles(*z.shape[-2:])) > 1
+        with FlopCounterMode(display=False) as fc:
+            tiled(z, torch.ones(1), torch.zeros(1, net.cfg.pooled_dim), torch.zeros(1, 4, net.cfg.context_dim),
+                  lr=z, sigma_s=torch.zeros(1))
+        real["network"] = fc.get_total_flops() / 1e9
+        with FlopCounterMode(display=False) as fc:
+            vae.decode(z)
+        real["VAE decode"] = fc.get_total_flops() / 1e9
+    assert counted.keys() == real.keys()
+    for k in real:
+        assert counted[k] == pytest.approx(real[k], rel=1e-6), k
