@@ -5,6 +5,8 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -855,3 +857,14 @@ def test_save_transformer_diffusers_export_loads_back_equal_and_refuses_unmerged
         plumbing.checkpoints.save_transformer(model.add_lora(net, rank=2), str(tmp_path / "lora.safetensors"), layout="diffusers")
     with pytest.raises(ValueError, match="layout must be"):
         plumbing.checkpoints.save_transformer(net, str(tmp_path / "x.safetensors"), layout="sd3")
+
+
+def test_building_on_the_meta_device_imports_no_compiler():
+    # Loading a checkpoint builds the model on meta first. An op there such as arange or cat runs
+    # torch's Python reference, whose first use imports torch._dynamo: 1.6 s of sample.py's start.
+    code = ("import sys, torch, model\nwith torch.device('meta'):\n    net = model.MMDiT(model.CONFIGS['dit4sr'])\n"
+            "assert net.pos_embed.is_meta and net.pos_embed.shape == (1, 384 * 384, 1536)\n"
+            "print('torch._dynamo' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-1000:]
+    assert done.stdout.strip() == "False"
