@@ -144,8 +144,8 @@ class PatchEmbed(nn.Module):
 
 def sincos_pos_table(grid, dim):
     """(1, grid^2, dim): first half encodes the column, second the row; [sin, cos] each."""
-    if torch.get_default_device().type == "meta":   # shapes only: a checkpoint fills it (its ops on
-        return torch.empty(1, grid * grid, dim)      # meta would import torch._dynamo, 1.6 s)
+    if torch.get_default_device().type == "meta":   # shapes only, a checkpoint fills it: ops on meta run
+        return torch.empty(1, grid * grid, dim)      # torch's Python references, which import its compiler
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
     pos = torch.arange(grid, dtype=torch.float64)
     ang = pos[:, None] * omega[None]                                              # (grid, dim/4)
