@@ -26,7 +26,7 @@ At full size the plain path is too slow and too large, for three reasons this fi
    runs their twins here, `lean_attend` and `lean_image_mlp`, with the same numbers and lower
    peaks: each stream's q, k, v freed once joined, and under a JVP (where the MLP's 4x-wide hidden
    layers, each with a tangent beside it, are the largest activations) the MLPs over bands of
-   image rows (`mlp_band_rows`). The full-scale programs run inside it.
+   image rows (`mlp_band_rows`). train.py runs inside it (sample.py's latent tiles bound its memory).
 
 Switches (context managers): `plain()` turns all of it off; `detached_tangents()` promises that the
 JVP's tangent output is detached, so the tangent rules need not be recorded for backward;

@@ -200,7 +200,7 @@ def _model_case(cfg, H, W, B=1, L=16, two_times=True):
 
 
 def _as_programs_run(fn):
-    """fn inside fastjvp.lean_memory(), as train.py and sample.py run the transformer."""
+    """fn inside fastjvp.lean_memory(), as train.py runs the transformer."""
     import fastjvp
 
     def run():
