@@ -676,8 +676,10 @@ def sample_gflop(w, h):
     import sample
     from torch.utils.flop_counter import FlopCounterMode
     from plumbing import checkpoints, tiling
-    net, vae = checkpoints.load_models(os.path.join(sample.SHIPPED, "student.safetensors"))
+    ckpt = os.path.join(sample.SHIPPED, "student.safetensors")
+    net, vae = checkpoints.load_models(ckpt)
     net, vae = net.to("meta"), vae.to("meta")
+    pooled, context = (c.to("meta") for c in checkpoints.load_condition(net.cfg, ckpt)[0])   # sample.py's prompt
     st = sample.sampling_settings(net)
     m = vae.cfg.factor * net.cfg.patch
     x = torch.empty(1, 3, -(-4 * h // m) * m, -(-4 * w // m) * m, device="meta")      # padded as upscale pads
@@ -686,7 +688,6 @@ def sample_gflop(w, h):
         with FlopCounterMode(display=False) as fc:
             z = vae.encode(x)
         counts["VAE encode"] = fc.get_total_flops() / 1e9
-        pooled, context = torch.empty(1, net.cfg.pooled_dim, device="meta"), torch.empty(1, 4, net.cfg.context_dim, device="meta")
         tiles = len(tiling.TiledNet(net, st["tile"], st["tile_overlap"]).tiles(*z.shape[-2:]))
         one = z[..., :st["tile"], :st["tile"]]
         with FlopCounterMode(display=False) as fc:
