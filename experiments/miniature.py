@@ -542,6 +542,13 @@ def load_shipped(dest=SHIP):
 
 
 @torch.no_grad()
+def upscale_crops(lr, net, vae, cond, steps=1, **kw):
+    """sample.upscale on each LR crop in turn, as sample.py runs an image: the checkpoint's sampling
+    settings unless kw sets them, the VAE untiled (the crops are small). Concatenated along the batch."""
+    kw = {**sample.sampling_settings(net), "vae_tile": 0, **kw}
+    return torch.cat([sample.upscale(lr[i:i + 1], net, vae, cond, steps, **kw) for i in range(len(lr))])
+
+
 def evaluate(dest=SHIP, size=256, per_image=1, teacher_steps=40, seed=0, setting="realesrgan", names=HELD_OUT,
              figure_crops=2, previous=None):
     """Rows of the README table for one setting, and the figure's rows (the first `figure_crops`
@@ -559,10 +566,8 @@ def evaluate(dest=SHIP, size=256, per_image=1, teacher_steps=40, seed=0, setting
     def run(net, steps, teacher=False, release="", grid="shifted"):
         _, vae, embs = models[release]
         cond = {e: (p[None], c[None]) for e, (c, p) in embs.items()}
-        kw = sample.sampling_settings(net)
-        return torch.cat([sample.upscale(lr[i:i + 1], net, vae, cond["prompt"], steps, teacher=teacher,
-                                         cond_neg=cond["neg"], seed=seed, vae_tile=0, grid=grid, **kw)
-                          for i in range(len(lr))])
+        return upscale_crops(lr, net, vae, cond["prompt"], steps, teacher=teacher, cond_neg=cond["neg"], seed=seed,
+                             grid=grid)
 
     through_vae = lambda x: v.decode(v.encode(x * 2 - 1, tile=0), tile=0).float().add(1).div(2).clamp(0, 1)  # noqa: E731
     methods = {"bicubic": lambda: lr_up,

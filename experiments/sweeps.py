@@ -31,7 +31,7 @@ from plumbing import checkpoints, tiling
 import metrics
 from metrics import mse, mse_to_psnr
 from miniature import (HELD_OUT, SETTINGS, SHIP, STAGES, TRAIN_SIZE, bicubic_up, heldout_pairs, load_shipped,
-                       prepare_data, train_stage)
+                       prepare_data, train_stage, upscale_crops)
 
 # The paper's ablations at miniature size (`python experiments/sweeps.py --ablations`): short distillations
 # of the one shipped teacher, each changing one setting of the paper's row "neg-CFG"; 1-step student
@@ -95,8 +95,7 @@ def student_metrics(runs, student, size=128, names=HELD_OUT):
     out = {}
     for setting in SETTINGS:
         hr, lr = heldout_pairs(size, 1, 0, setting, names)
-        sr = torch.cat([sample.upscale(lr[i:i + 1], net, v, (p[None], c[None]), 1, seed=0, vae_tile=0,
-                                       **sample.sampling_settings(net)) for i in range(len(lr))])
+        sr = upscale_crops(lr, net, v, (p[None], c[None]), 1)
         out[setting] = metrics.table_row(sr, hr)
     return out
 
@@ -162,8 +161,7 @@ def teacher_metrics(net, v, embs, steps=40, size=256, names=HELD_OUT):
 def _teacher_sr(net, v, embs, lr, steps, seed=0):
     """The teacher's x4 samples of every LR image, one at a time as sample.py samples them."""
     cond = {e: (p[None], c[None]) for e, (c, p) in embs.items()}
-    return torch.cat([sample.upscale(lr[i:i + 1], net, v, cond["prompt"], steps, teacher=True, cond_neg=cond["neg"],
-                                     seed=seed, vae_tile=0, **sample.sampling_settings(net)) for i in range(len(lr))])
+    return upscale_crops(lr, net, v, cond["prompt"], steps, teacher=True, cond_neg=cond["neg"], seed=seed)
 
 
 def scan_teacher(runs, depth, heads, cfg_scale, scale=1.0, workers=2, steps=None):
@@ -314,8 +312,7 @@ def versus_teacher(runs, students, size=256, names=HELD_OUT, teacher_steps=40):
     cond = {e: (p[None], c[None]) for e, (c, p) in embs.items()}
 
     def sr(net, lr, steps, **kw):
-        return torch.cat([sample.upscale(lr[i:i + 1], net, v, cond["prompt"], steps, cond_neg=cond["neg"], seed=0,
-                                         vae_tile=0, **{**sample.sampling_settings(net), **kw}) for i in range(len(lr))])
+        return upscale_crops(lr, net, v, cond["prompt"], steps, cond_neg=cond["neg"], **kw)
     rows = {}
     for setting in SETTINGS:
         hr, lr = heldout_pairs(size, 1, 0, setting, names)
@@ -490,7 +487,7 @@ def cutoff_check(teacher_file, vae_file, emb_dir, dest="docs/time_embedding.md",
 # metrics against HR, and the network's time on a 750x500 photo's latent (3000x2000 out).
 
 TILE_SCAN = ((32, 12), (32, 8), (32, 4), (32, 2), (32, 0), (48, 16), (48, 8))
-TILE_SCAN_PHOTO = (500, 750)     # latent rows, cols of a 750x500 photo at x4 (the tiny VAE's factor 4)
+TILE_SCAN_PHOTO = (500, 750)     # latent rows, cols of a 750x500 photo at x4 (the tiny VAE's factor 4: 3000x2000)
 
 
 def overlap_middles(n, tile, overlap):
@@ -519,37 +516,39 @@ def seam_step(out, ref, tile, overlap, factor):
 
 
 @torch.no_grad()
-def tile_scan(dest="docs/tiles.md", scan=TILE_SCAN, size=256, names=HELD_OUT):
-    """The TILE_SCAN table for the shipped students (1 step; both settings' crops together)."""
+def tile_scan(dest="docs/tiles.md", scan=TILE_SCAN, size=256, names=HELD_OUT, photo=TILE_SCAN_PHOTO):
+    """The TILE_SCAN table for the shipped students (1 step; both settings' crops together); the
+    network timed on a latent of `photo` (rows, cols)."""
     nets, v, embs = load_shipped()
     net = nets["student"]
     c, p = embs["prompt"]
     cond = (p[None], c[None])
     hr, lr = (torch.cat(t) for t in zip(*(heldout_pairs(size, 1, 0, s, names) for s in SETTINGS)))
-    run = lambda tile, overlap, seed=0: torch.cat([sample.upscale(  # noqa: E731
-        lr[i:i + 1], net, v, cond, 1, seed=seed, vae_tile=0, tile=tile, tile_overlap=overlap) for i in range(len(lr))])
+    run = lambda tile, overlap, seed=0: upscale_crops(lr, net, v, cond, 1, seed=seed,  # noqa: E731
+                                                      tile=tile, tile_overlap=overlap)
     whole = size // v.cfg.factor
     ref, other = run(whole, 0), run(whole, 0, seed=1)
     seed_gap = (other - ref).abs().mean()
-    z = torch.randn(1, net.cfg.in_channels, *TILE_SCAN_PHOTO)
+    z = torch.randn(1, net.cfg.in_channels, *photo)
     pooled, context = cond
+    out_size = f"{photo[1] * v.cfg.factor}x{photo[0] * v.cfg.factor}"
     lines = [f"# The shipped student's latent tiles (`python experiments/sweeps.py --tile-scan`, {time.strftime('%Y-%m-%d')})", "",
              f"{len(names)} held-out photographs x {len(SETTINGS)} settings, one {size}^2 crop each: 1 step, as sample.py "
              f"samples, against one untiled pass (a {whole}^2 latent fits the position grid). \"vs untiled\": mean "
              f"|tiled - untiled| over the seed-to-seed mean |seed 1 - seed 0| ({seed_gap:.4f}). \"seam\": "
              "sweeps.seam_step, the pixel step where tiles meet over that elsewhere, relative to untiled "
-             "(1: none). Network: TiledNet on a 750x500 photo's latent (3000x2000 out), "
+             f"(1: none). Network: TiledNet on the latent of a {out_size} output, "
              f"{torch.get_num_threads()} threads.", "",
-             "| tile | overlap | tiles at 3000x2000 | computed per latent pixel | network s | vs untiled | seam | PSNR | LPIPS |",
+             f"| tile | overlap | tiles at {out_size} | computed per latent pixel | network s | vs untiled | seam | PSNR | LPIPS |",
              "|---|---|---|---|---|---|---|---|---|"]
     for tile, overlap in [(whole, 0)] + list(scan):
         out = ref if tile == whole else run(tile, overlap)
         tiled = tiling.TiledNet(net, tile, overlap)
-        n = len(tiled.tiles(*TILE_SCAN_PHOTO))
+        n = len(tiled.tiles(*photo))
         t0 = time.perf_counter()
         tiled(z, torch.ones(1), pooled, context, lr=z, sigma_s=torch.zeros(1))
         secs = time.perf_counter() - t0
-        cover = n * tile * tile / (TILE_SCAN_PHOTO[0] * TILE_SCAN_PHOTO[1])
+        cover = n * tile * tile / (photo[0] * photo[1])
         gap = (out - ref).abs().mean() / seed_gap
         seam = "-" if tile == whole else f"{seam_step(out, ref, tile, overlap, v.cfg.factor):.2f}"
         row = [tile, overlap, n, f"{cover:.2f}", f"{secs:.1f}", f"{gap:.3f}", seam,

@@ -156,9 +156,8 @@ def test_shipped_student_tiles_show_no_seam_and_stay_near_one_untiled_pass():
     tile, overlap = net.sampling["tile"], net.sampling["tile_overlap"]
     c, p = embs["prompt"]
     lr = torch.cat([miniature.heldout_pairs(256, 1, 0, s)[1] for s in miniature.SETTINGS])
-    run = lambda tile, overlap, seed=0: torch.cat([sample.upscale(                 # noqa: E731
-        lr[i:i + 1], net, v, (p[None], c[None]), 1, seed=seed, vae_tile=0, tile=tile, tile_overlap=overlap)
-        for i in range(len(lr))])
+    run = lambda tile, overlap, seed=0: miniature.upscale_crops(                   # noqa: E731
+        lr, net, v, (p[None], c[None]), 1, seed=seed, tile=tile, tile_overlap=overlap)
     ref, other, tiled = run(64, 0), run(64, 0, seed=1), run(tile, overlap)
     assert (tiled - ref).abs().mean() < 0.7 * (other - ref).abs().mean()
     assert sweeps.seam_step(tiled, ref, tile, overlap, v.cfg.factor) < 1.25
@@ -426,3 +425,18 @@ def test_ablation_flags_replace_the_base_rows_settings_or_are_added():
         done = subprocess.run([sys.executable, "experiments/sweeps.py", *argv], cwd=ROOT,
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and "--ablations" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_tile_scan_writes_a_row_per_setting_with_the_tiles_it_counts(tmp_path):
+    _need_photos(miniature.SKIMAGE_HELD_OUT)
+    dest = tmp_path / "tiles.md"
+    sweeps.tile_scan(str(dest), scan=((32, 4), (32, 0)), names=miniature.SKIMAGE_HELD_OUT[:2], photo=(40, 72))
+    text = dest.read_text()
+    assert "tiles at 288x160" in text and "2 held-out photographs x 2 settings" in text
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [r[0:2] for r in rows] == [["| 64", "0"], ["| 32", "4"], ["| 32", "0"]]
+    # a 40 x 72 latent: tiles of 64 at columns 0, 8 (2 tiles, the rows fit); 32 / 4: rows at 0, 8,
+    # columns at 0, 28, 40 (6 tiles); 32 / 0: rows 0, 8, columns 0, 32, 40 (6)
+    assert [int(r[2]) for r in rows] == [2, 6, 6]
+    assert float(rows[0][5]) == 0 and rows[0][6] == "-"                     # the untiled reference itself
+    assert all(0 < float(r[5]) < 1 and float(r[6]) > 0.5 for r in rows[1:])
