@@ -541,7 +541,6 @@ def load_shipped(dest=SHIP):
     return nets, v, embs
 
 
-@torch.no_grad()
 def upscale_crops(lr, net, vae, cond, steps=1, **kw):
     """sample.upscale on each LR crop in turn, as sample.py runs an image: the checkpoint's sampling
     settings unless kw sets them, the VAE untiled (the crops are small). Concatenated along the batch."""
@@ -549,6 +548,7 @@ def upscale_crops(lr, net, vae, cond, steps=1, **kw):
     return torch.cat([sample.upscale(lr[i:i + 1], net, vae, cond, steps, **kw) for i in range(len(lr))])
 
 
+@torch.no_grad()
 def evaluate(dest=SHIP, size=256, per_image=1, teacher_steps=40, seed=0, setting="realesrgan", names=HELD_OUT,
              figure_crops=2, previous=None):
     """Rows of the README table for one setting, and the figure's rows (the first `figure_crops`
