@@ -115,21 +115,22 @@ def sample_times(batch, ratio=0.5, generator=None, device=None, pairs="uniform",
         (Kim et al. 2025, AlphaFlow) raises it to 1 over the training (train.py --gap-ramp)."""
     if pairs not in TIME_PAIRS:
         raise ValueError(f"pairs must be one of {', '.join(TIME_PAIRS)}, got {pairs!r}")
-    r = torch.rand(2 * batch + 1, generator=generator, device=device)
+    draw_on = device if generator is None else generator.device    # as noise_like: then moved to `device`
+    r = torch.rand(2 * batch + 1, generator=generator, device=draw_on)
     t, u01 = r[:batch], r[batch:2 * batch]
     n_neq = min(batch, math.floor(ratio * batch + r[-1].item()))
     s = t + (1 - t) * u01
     if pairs == "to-data":
         s = torch.where(torch.arange(batch, device=s.device) % 2 == 0, torch.ones_like(s), s)
     elif pairs == "logit-normal":
-        noise = torch.sigmoid(torch.randn(2, batch, generator=generator, device=device) - 0.4)
+        noise = torch.sigmoid(torch.randn(2, batch, generator=generator, device=draw_on) - 0.4)
         t_ln, s_ln = 1 - noise.max(0).values, 1 - noise.min(0).values       # t = 0 is noise
         t = torch.cat([t_ln[:n_neq], t[n_neq:]])
         s = s_ln
     if max_gap < 1:
         t = torch.cat([torch.maximum(t[:n_neq], s[:n_neq] - max_gap), t[n_neq:]])
     s = torch.cat([s[:n_neq], t[n_neq:]])
-    return t, s
+    return t.to(device), s.to(device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,9 +341,17 @@ def sample(u_fn, z0, steps=1):
     return z
 
 
+def noise_like(z, generator=None):
+    """Gaussian noise shaped like z, drawn on the generator's device (the CPU for torch.Generator())
+    and moved to z's: CUDA refuses a CPU generator for a GPU draw, and a seed gives the same noise
+    on every device. Without a generator: torch's global one, on z's device."""
+    device = z.device if generator is None else generator.device
+    return torch.randn(z.shape, generator=generator, device=device, dtype=z.dtype).to(z.device)
+
+
 def sample_student(net, z_lr, pooled, context, steps=1, generator=None):
     """The student's N-step super-resolution of an LR latent (Alg. 2), from Gaussian noise."""
-    z0 = torch.randn(z_lr.shape, generator=generator, device=z_lr.device, dtype=z_lr.dtype)
+    z0 = noise_like(z_lr, generator)
     u, c = average_velocity(net), (z_lr, pooled, context)
     return sample(lambda z, t, s: u(z, t, s, c), z0, steps)
 
@@ -371,7 +380,7 @@ def sample_teacher(net, z_lr, cond, cond_neg, steps=40, cfg=DIT4SR_CFG, shift=SD
     40 steps, CFG 8, batch order [negative, positive]): v = v_neg + cfg (v_c - v_neg).
     cond, cond_neg: (pooled, context) pairs. grid "uniform": uniform_sigmas instead.
     noise: the starting z_0 (default: drawn from `generator`)."""
-    z = torch.randn(z_lr.shape, generator=generator, device=z_lr.device, dtype=z_lr.dtype) if noise is None else noise
+    z = noise_like(z_lr, generator) if noise is None else noise
     B = z.shape[0]
     c = (torch.cat([z_lr, z_lr]), torch.cat([cond_neg[0], cond[0]]), torch.cat([cond_neg[1], cond[1]]))
     v_fn = velocity(net)

@@ -113,7 +113,7 @@ def upscale(img, net, vae, cond, steps=1, *, teacher=False, cond_neg=None, cfg=D
     x = pad_to(lr_up, vae.cfg.factor * net.cfg.patch)                          # (1, 3, H', W')
     progress.phase("VAE encode")
     z_lr = vae.encode((x * 2 - 1).to(next(vae.parameters()).dtype), tile=vae_tile).to(dtype)  # (1, C, h, w)
-    g = torch.Generator(device).manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)     # on the CPU: the same seed gives the same noise on every device
     # the tiles bound the memory, so the model's plain path (fastjvp.lean_memory, for training, is slower)
     tiled = TiledNet(net, tile, tile_overlap, on_tile=progress.tile, batch=tile_batch)
     progress.phase("network", calls=steps * len(tiled.tiles(*z_lr.shape[-2:])))

@@ -212,7 +212,7 @@ def teacher_loss(net, batch, cfg, g):
     ("blurry, low-res, ...") means what it says and CFG can push away from it."""
     z_hr, z_lr = batch["z_hr"], batch["z_lr"]
     B = z_hr.shape[0]
-    r = torch.rand(B, generator=g)
+    r = torch.rand(B, generator=g).to(z_hr.device)    # drawn on the generator's device (the CPU), used on z's
     c = _with_prompt((z_lr, batch["pooled"], batch["context"]), batch["null"], r < cfg.caption_dropout)
     target = z_hr
     if cfg.neg_prob > 0:

@@ -287,7 +287,9 @@ class VAE(nn.Module):
         mean, logvar = self.moments(x, tile, overlap, tile_norm)
         z = mean
         if sample:
-            eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+            # drawn on the generator's device, then moved: a CPU generator cannot draw on a GPU
+            eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype,
+                              device=mean.device if generator is None else generator.device).to(mean.device)
             z = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps
         return ((z - self.cfg.shift) * self.cfg.scale).to(x.dtype)     # (B, latent, H/f, W/f)
 
