@@ -116,6 +116,22 @@ def timestep_embedding(t, dim=256, max_period=10000.0, max_freq=None):
     return emb if max_freq is None else emb * (freqs <= max_freq).repeat(2).to(dtype)
 
 
+class TimeLinear(Linear):
+    """A Linear of the time path (the t and s embedders, adaLN modulation), in fp32 under autocast:
+    du/dt (Eq. 8) differentiates the network along t through it, and in bf16 many of the sinusoids'
+    features are constant over t in [0, 1] (with c_noise = t), so the forward would move in steps
+    while the JVP differentiates a smooth function. Weights stored in bf16 (a frozen base) are
+    upcast per call. Without autocast it runs in the weight's dtype like any layer, so a model cast
+    wholesale (sample.py --dtype bf16) runs in its dtype."""
+
+    def forward(self, x):
+        dev = x.device.type
+        if not (torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)):
+            return linear(x.to(self.weight.dtype), self.weight, self.bias)
+        with torch.autocast(dev, enabled=False):
+            return linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+
+
 class VectorEmbedder(nn.Module):
     def __init__(self, in_dim, hidden):
         super().__init__()
@@ -125,12 +141,13 @@ class VectorEmbedder(nn.Module):
         return self.mlp(y)
 
 
-class TimestepEmbedder(VectorEmbedder):
+class TimestepEmbedder(nn.Module):
     def __init__(self, hidden):
-        super().__init__(256, hidden)      # over timestep_embedding's 256 features
+        super().__init__()                 # over timestep_embedding's 256 features, in fp32 (TimeLinear)
+        self.mlp = nn.Sequential(TimeLinear(256, hidden), nn.SiLU(), TimeLinear(hidden, hidden))
 
     def forward(self, t, max_freq=None):
-        return self.mlp(timestep_embedding(t, max_freq=max_freq).to(self.mlp[0].weight.dtype))
+        return self.mlp(timestep_embedding(t, max_freq=max_freq))
 
 
 class PatchEmbed(nn.Module):
@@ -238,7 +255,7 @@ class DismantledBlock(nn.Module):
             self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
             self.mlp = Mlp(D, cfg.mlp_ratio, control=control)
         n = 2 if pre_only else (9 if dual else 6)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(D, n * D))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), TimeLinear(D, n * D))
 
     def modulation(self, c):
         return self.adaLN_modulation(c).chunk(self.adaLN_modulation[1].out_features // c.shape[-1], dim=-1)
@@ -318,7 +335,7 @@ class FinalLayer(nn.Module):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.linear = Linear(hidden, patch * patch * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(hidden, 2 * hidden))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), TimeLinear(hidden, 2 * hidden))
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)   # (shift, scale): ARCH §2.2 step 8

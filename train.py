@@ -94,7 +94,8 @@ class TrainConfig:
     grad_clip: float = flag(1.0, "clip the gradient's global norm to this")
     accum: int = flag(1, "gradient accumulation steps")
     ema: float = flag(0.0, "EMA decay of trainable weights (0 = off)")
-    dtype: str = flag("bf16", "autocast dtype on GPU (CPU runs fp32)")
+    dtype: str = flag("auto", "autocast dtype; auto: bf16 on a GPU, fp32 on the CPU (bf16 there runs a GPU's dtype "
+                              "path, slowly); frozen weights are stored in it, trained ones in fp32")
     compile: bool = flag(False, "torch.compile the trained network")
     grad_ckpt: bool = flag(False, "gradient checkpointing per block (less memory, ~1.3x time)")
     workers: int = flag(2, "data-loading processes per training process")
@@ -134,8 +135,22 @@ def training_batches(cfg, paths, prompt, vae, device, rank, start):
 # Models
 
 
-def build_models(cfg, device):
-    """(trained net, frozen teacher or None, frozen vae)."""
+def training_dtype(cfg, device):
+    """The dtype autocast computes in, or None for fp32 (--dtype auto: bf16 on a GPU)."""
+    name = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    return {"bf16": torch.bfloat16, "fp32": None}[name]
+
+
+def store_in(net, dtype):
+    """Frozen weights in the training dtype (autocast computes in it anyway: half the memory), trained
+    ones in fp32 (Adam's updates are smaller than a bf16 step). Buffers (the position table) stay fp32."""
+    for p in net.parameters():
+        p.data = p.data.to(torch.float32 if p.requires_grad else dtype)
+    return net
+
+
+def build_models(cfg, device, dtype=None):
+    """(trained net, frozen teacher or None, frozen vae); dtype: the frozen weights' (store_in)."""
     tiny = cfg.preset == "tiny"
     if cfg.vae or cfg.ckpt:
         vae = load_vae(cfg.vae or cfg.ckpt)
@@ -163,7 +178,8 @@ def build_models(cfg, device):
         dead = set(model.dead_lr_params(net))
         for name, p in net.named_parameters():      # DiT4SR trains only the control layers
             p.requires_grad_(name not in dead and ("control" in name or (tiny and not cfg.ckpt)))
-        return net.to(device), None, vae
+        net = net.to(device)
+        return (store_in(net, dtype) if dtype else net), None, vae
     if cfg.teacher:
         teacher = load_transformer(cfg.teacher, lr_key_mode=cfg.teacher_mode)
     elif tiny:
@@ -174,11 +190,12 @@ def build_models(cfg, device):
         raise SystemExit("error: --stage distill needs --teacher (a DiT4SR or teacher-stage checkpoint)")
     if not teacher.cfg.lr_stream or teacher.cfg.two_times:
         raise SystemExit(f"error: --teacher {cfg.teacher}: needs a one-time model with the LR stream")
-    teacher = teacher.to(device).eval()
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    if dtype:     # before make_student, which shares the teacher's frozen weights with the student
+        store_in(teacher, dtype)
     student = model.make_student(teacher, lora_rank=cfg.lora_rank, time_scale=cfg.time_scale,
                                  time_cutoff=cfg.time_cutoff)
-    teacher.requires_grad_(False)
-    return student, teacher, vae
+    return (store_in(student, dtype) if dtype else student), teacher, vae
 
 
 def conditioning(cfg, mcfg):
@@ -307,7 +324,7 @@ def anchor_loss(student, teacher, c, c_neg, cfg, g):
 
 
 CHOICES = dict(stage=("distill", "teacher"), preset=("full", "tiny"), target=("gt", "meanflow", "null", "neg"),
-               loss=tuple(mfsr.LOSSES), mode=("split", "fused"), dtype=("bf16", "fp16", "fp32"),
+               loss=tuple(mfsr.LOSSES), mode=("split", "fused"), dtype=("auto", "bf16", "fp16", "fp32"),
                teacher_mode=("v1", "r1"), lr_decay=("none", "cosine"), prediction=("v", "x"),
                time_pairs=mfsr.TIME_PAIRS)
 # Settings only the miniature and the sweeps use (experiments/): they pass them to main() in code,
@@ -345,6 +362,8 @@ def parse_args(argv=None, **code_only):
             p.error(f"{flag} {getattr(cfg, name)!r}: choose from {', '.join(allowed)}")
     if not cfg.data:
         p.error("--data is required (a folder of HR images)")
+    if cfg.dtype == "fp16":
+        p.error("--dtype fp16: fp16 gradients need loss scaling, which train.py does not do; use bf16")
     if cfg.size == 0:
         cfg.size = 64 if cfg.preset == "tiny" else 512
     if not 0 <= cfg.anchor < 1:
@@ -413,7 +432,8 @@ def main(argv=None, **code_only):
         os.makedirs(cfg.out, exist_ok=True)
         print("config:", json.dumps(asdict(cfg)))
     paths, skipped = training_images(cfg, rank)
-    net, teacher, vae = build_models(cfg, device)
+    dtype = training_dtype(cfg, device)
+    net, teacher, vae = build_models(cfg, device, dtype)
     net.grad_checkpointing = cfg.grad_ckpt
     null, neg, prompt = conditioning(cfg, net.cfg)
     trainable = [p for p in net.parameters() if p.requires_grad]
@@ -432,8 +452,7 @@ def main(argv=None, **code_only):
     # once; automatic dynamic shapes made inductor (torch 2.13, CPU) fail on a symbolic size
     run = torch.compile(net, dynamic=False) if cfg.compile else net
     batches = training_batches(cfg, paths, prompt, vae, device, rank, start)
-    autocast = torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype),
-                              enabled=device.type == "cuda" and cfg.dtype != "fp32")
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     log = open(os.path.join(cfg.out, "log.jsonl"), "a") if rank == 0 else None
     bad, t0, unreadable = 0, time.time(), []
     for step, batch in zip(range(start, cfg.steps), batches):
@@ -481,7 +500,9 @@ def main(argv=None, **code_only):
         if rank == 0:
             runs.log_step(cfg, log, done, start, t0, loss_sum, gnorm, opt.param_groups[0]["lr"], device, extra)
             if done % cfg.sample_every == 0 or done == cfg.steps:
-                runs.save_grid(os.path.join(cfg.out, f"grid-{done:07d}.png"), vae, net.eval(), cfg.stage, batch, z_lr)
+                with autocast:     # the frozen weights are in the training dtype
+                    runs.save_grid(os.path.join(cfg.out, f"grid-{done:07d}.png"), vae, net.eval(), cfg.stage, batch,
+                                   z_lr)
                 net.train()
         if done % cfg.save_every == 0 or done == cfg.steps:
             runs.save_checkpoint(cfg, net, opt, ema, done, rank, (null, neg, prompt), vae)
