@@ -104,6 +104,8 @@ class TrainConfig:
     sample_every: int = flag(500, "write a progress grid PNG every this many steps")
     save_every: int = flag(1000, "write a checkpoint every this many steps")
     keep: int = flag(3, "checkpoints kept")
+    export_every_save: bool = flag(False, "write the merged model sample.py reads (student.safetensors) in every "
+                                          "checkpoint, not only the last (full scale: 10 GB each)")
     max_bad: int = flag(5, "stop after this many non-finite losses in a row")
     resume: bool = flag(False, "continue from the newest readable checkpoint in --out")
 
@@ -337,7 +339,8 @@ FLAG_GROUPS = {   # --help's sections, each flag in one
     "stage": ("stage", "target", "cfg_w", "kappa", "cond_drop", "ratio", "warmup", "time_pairs", "gap_ramp", "anchor",
               "loss", "time_shift", "caption_dropout"),
     "optimisation": ("batch", "accum", "steps", "lr", "lr_decay", "grad_clip", "ema", "seed", "max_bad"),
-    "checkpoints and logs": ("out", "resume", "save_every", "keep", "log_every", "sample_every"),
+    "checkpoints and logs": ("out", "resume", "save_every", "keep", "export_every_save", "log_every",
+                             "sample_every"),
     "distributed and speed (torchrun runs one process per GPU; every flag is per process)":
         ("dtype", "compile", "grad_ckpt", "mode", "workers"),
 }
@@ -424,10 +427,12 @@ def main(argv=None, **code_only):
     the stage's loss over --accum micro-batches, the update, the log, progress grids and checkpoints."""
     cfg = parse_args(argv, **code_only)
     ddp = "RANK" in os.environ     # under torchrun: one process per GPU
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":      # before NCCL starts: else every rank's communicator and caches sit on GPU 0
+        torch.cuda.set_device(device)
+    if ddp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
         print("config:", json.dumps(asdict(cfg)))
@@ -443,7 +448,7 @@ def main(argv=None, **code_only):
               f"{sum(p.numel() for p in trainable):,}; {world} process(es)")
     opt = (torch.optim.Adam(trainable, lr=cfg.lr) if cfg.stage != "teacher"
            else torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=1e-2))
-    start, ema = runs.load_checkpoint(cfg, net, opt, rank) if cfg.resume else (0, None)
+    start, ema = runs.load_checkpoint(cfg, net, opt, rank, world) if cfg.resume else (0, None)
     if rank == 0 and cfg.resume:
         runs.trim_log(os.path.join(cfg.out, "log.jsonl"), start)
     if cfg.ema and ema is None:
@@ -505,7 +510,8 @@ def main(argv=None, **code_only):
                                    z_lr)
                 net.train()
         if done % cfg.save_every == 0 or done == cfg.steps:
-            runs.save_checkpoint(cfg, net, opt, ema, done, rank, (null, neg, prompt), vae)
+            runs.save_checkpoint(cfg, net, opt, ema, done, rank, (null, neg, prompt), vae, world,
+                                 export=cfg.export_every_save or done == cfg.steps)
     if skipped and rank == 0:
         print(f"warning: {len(skipped)} of {len(paths) + len(skipped)} images were left out before training "
               f"(unreadable or smaller than the crop; named above)")

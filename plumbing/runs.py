@@ -3,7 +3,6 @@ rank), so a resume repeats the uninterrupted run exactly; the latent cache; grad
 processes; checkpoint folders that appear whole or not at all (an unreadable one is moved aside to
 NAME.broken, never deleted, and the one before it used); the log and the progress grids.
 """
-import copy
 import glob
 import json
 import math
@@ -86,17 +85,33 @@ def cached_batches(cache, cfg, rank, start):
 
 # --------------------------------------------------------------------------------------------
 # Many processes: gradients averaged by hand after backward (as py-meanflow), no DDP wrapper: the JVP
-# runs on the raw module, and the fused mode trains the primal output of that JVP.
+# runs on the raw module, the fused mode trains the primal output of that JVP, and the anchor rows
+# run a second forward before the one backward (docs/benchmarks.md, "Gradients over processes").
+
+BUCKET_ELEMENTS = 2 ** 25   # gradients per collective (128 MB in fp32): a few launches for the full
+                            # student's ~700 tensors, and a bounded copy beside them
 
 
 def all_reduce_grads(params):
-    """Average the gradients of `params` over all ranks; a missing gradient counts as zeros."""
-    world = dist.get_world_size()
+    """Average the gradients of `params` over all ranks (a missing gradient counts as zeros): packed
+    into flat buckets of about BUCKET_ELEMENTS, one all_reduce each, all launched before any is
+    waited for, then unpacked."""
+    world, buckets = dist.get_world_size(), []
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
-        p.grad /= world
+        last = buckets[-1] if buckets else None
+        if (last is None or last[0].dtype != p.grad.dtype or last[0].device != p.grad.device
+                or sum(g.numel() for g in last) + p.grad.numel() > BUCKET_ELEMENTS):
+            buckets.append([])
+        buckets[-1].append(p.grad)
+    flats = [torch.cat([g.reshape(-1) for g in bucket]) for bucket in buckets]
+    works = [dist.all_reduce(flat, async_op=True) for flat in flats]
+    for bucket, flat, work in zip(buckets, flats, works):
+        work.wait()
+        flat /= world
+        for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+            g.copy_(part.view_as(g))
 
 
 def any_rank(params, flag):
@@ -133,10 +148,12 @@ def load_optimizer(opt, tensors, groups, prefix=""):
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-def save_checkpoint(cfg, net, opt, ema, step, rank, embs, vae):
-    """out/ckpt-{step}/, whole or not at all: trainable.safetensors (+ EMA) and optimizer.safetensors
-    to resume from, and the export sample.py reads: student.safetensors / teacher.safetensors with the
-    null, negative and default prompt embeddings it was trained with, and a VAE that came from no file."""
+def save_checkpoint(cfg, net, opt, ema, step, rank, embs, vae, world=1, export=False):
+    """out/ckpt-{step}/, whole or not at all: trainable.safetensors (+ EMA; with the world size, which a
+    resume must match) and optimizer.safetensors to resume from, the null, negative and default prompt
+    embeddings it was trained with, and a VAE that came from no file; with `export`, the file sample.py
+    reads too: student.safetensors / teacher.safetensors, the whole model with LoRA merged (at full
+    scale 10 GB in fp32, so train.py writes it at the end or on --export-every-save)."""
     if rank != 0:
         return
     final = os.path.join(cfg.out, f"ckpt-{step:07d}")
@@ -144,7 +161,7 @@ def save_checkpoint(cfg, net, opt, ema, step, rank, embs, vae):
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     meta = {"train_config": json.dumps(asdict(cfg)), "model_config": json.dumps(asdict(net.cfg)),
-            "lora": json.dumps(getattr(net, "lora", None)), "step": str(step)}
+            "lora": json.dumps(getattr(net, "lora", None)), "step": str(step), "world": str(world)}
     train = {n: p.detach().cpu().contiguous() for n, p in net.named_parameters() if p.requires_grad}
     train.update({"ema." + n: v.cpu() for n, v in (ema or {}).items()})
     atomic_save(train, os.path.join(tmp, "trainable.safetensors"), meta)
@@ -153,8 +170,9 @@ def save_checkpoint(cfg, net, opt, ema, step, rank, embs, vae):
     latent = cfg.size // vae.cfg.factor
     sampling = {"tile": latent, "tile_overlap": sample_overlap(latent, net.cfg.patch),
                 **({"shift": cfg.time_shift} if cfg.stage == "teacher" else {})}   # its sampler's grid
-    save_full(net, os.path.join(tmp, f"{'teacher' if cfg.stage == 'teacher' else 'student'}.safetensors"),
-              sampling, ema)
+    if export:
+        save_full(net, os.path.join(tmp, f"{'teacher' if cfg.stage == 'teacher' else 'student'}.safetensors"),
+                  sampling, ema)
     if not (cfg.vae or cfg.ckpt):
         save_vae(vae, os.path.join(tmp, "vae.safetensors"))
     for name, (context, pooled) in zip(("null", "neg", "prompt"), embs):
@@ -174,19 +192,23 @@ def sample_overlap(tile, patch):
 
 def save_full(net, path, sampling=None, ema=None):
     """The whole model, LoRA merged, loadable by load_transformer / sample.py, with the EMA weights
-    where `ema` (name -> tensor) has them: the ones to sample with. `sampling`: its sampler's defaults."""
-    full = copy.deepcopy(net).cpu()
-    with torch.no_grad():
-        for n, p in full.named_parameters():
-            if ema and n in ema:
-                p.copy_(ema[n])
+    where `ema` (name -> tensor) has them: the ones to sample with. `sampling`: its sampler's defaults.
+    Built on the CPU tensor by tensor (a copy of the model on its GPU would not fit beside training),
+    in fp32: a LoRA update merged into bf16 weights would be rounded away."""
+    with torch.device("meta"):
+        full = model.MMDiT(net.cfg)
+    if getattr(net, "lora", None):
+        model.add_lora(full, net.lora["rank"], net.lora["alpha"], net.lora["targets"])
+    ema = ema or {}
+    full.load_state_dict({n: (ema[n] if n in ema else v).detach().to("cpu", torch.float32, copy=True)
+                          for n, v in net.state_dict().items()}, assign=True)
     full.sampling = sampling
     if getattr(full, "lora", None):
         model.merge_lora(full)
     save_transformer(full, path)
 
 
-def load_checkpoint(cfg, net, opt, rank=0):
+def load_checkpoint(cfg, net, opt, rank=0, world=1):
     """The newest readable ckpt-* in --out into `net` and `opt`; returns (step, ema). One that cannot be
     read (a file truncated by a crash or a full disk) is moved aside to NAME.broken, never deleted, and
     the one before it is used."""
@@ -205,6 +227,10 @@ def load_checkpoint(cfg, net, opt, rank=0):
                 print(f"warning: --resume: {folder} is not a whole checkpoint ({str(e).splitlines()[0]}); "
                       f"kept as {aside}")
             continue
+        was = int(files[0].metadata.get("world", world))
+        if was != world:   # each rank's data and noise streams are seeded by its rank, the batch is per rank
+            raise SystemExit(f"error: --resume: {folder} was written by a run of {was} process(es), this one has "
+                             f"{world}: the global batch and the data stream would change; resume with {was}")
         params = dict(net.named_parameters())
         train = {k for k, p in params.items() if p.requires_grad}
         if set(k for k in tensors if not k.startswith("ema.")) != train:

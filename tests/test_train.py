@@ -136,6 +136,7 @@ def _ddp_worker(rank, world, init_file, data_file, out_file, mode):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     student, d = _ddp_student(), torch.load(data_file)
     params = [p for p in student.parameters() if p.requires_grad]
+    runs.BUCKET_ELEMENTS = 5000        # many buckets, some tensors larger than one
     u = mfsr.average_velocity(student)
     for a in (0, 1):                   # this rank's two rows as two accumulated micro-batches
         row = slice(2 * rank + a, 2 * rank + a + 1)
@@ -556,3 +557,23 @@ def test_log_step_writes_null_peak_where_the_system_reports_none(monkeypatch, ca
         rec = json.loads(log.getvalue(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
         assert rec["peak_mb"] == want and rec["step"] == 2
         assert f"peak {want} MB" in capsys.readouterr().out
+
+
+def test_saves_write_the_merged_export_only_at_the_end_and_a_resume_needs_the_same_world_size(tmp_path, capsys):
+    """A save holds what a resume needs (trainable weights, optimizer, prompts); the merged model
+    sample.py reads (10 GB at full scale) comes with the last one or --export-every-save. The world
+    size is recorded: each rank's data and noise are seeded by its rank, so another one is refused."""
+    data = _images(tmp_path / "data", n=2)
+    common = _TINY + ["--data", data, "--lora-rank", "4", "--steps", "2", "--save-every", "1", "--keep", "5"]
+    train.main(common + ["--out", str(tmp_path / "a")])
+    first, last = tmp_path / "a" / "ckpt-0000001", tmp_path / "a" / "ckpt-0000002"
+    assert {"trainable.safetensors", "optimizer.safetensors", "null.safetensors"} <= set(os.listdir(first))
+    assert not (first / "student.safetensors").exists() and (last / "student.safetensors").exists()
+    train.main(common + ["--out", str(tmp_path / "b"), "--export-every-save"])
+    assert (tmp_path / "b" / "ckpt-0000001" / "student.safetensors").exists()
+    cfg = train.parse_args(common + ["--out", str(tmp_path / "a")])
+    net, _, _ = train.build_models(cfg, torch.device("cpu"))
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad])
+    assert runs.load_checkpoint(cfg, net, opt, world=1)[0] == 2
+    with pytest.raises(SystemExit, match="written by a run of 1 process.*this one has 2"):
+        runs.load_checkpoint(cfg, net, opt, world=2)
