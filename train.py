@@ -37,7 +37,7 @@ import vae as vae_lib
 from plumbing import runs
 from plumbing.pairs import PairDataset, collate, training_images
 from plumbing.checkpoints import CheckpointError, load_embedding, load_transformer, load_vae
-from plumbing.cli import add_flags, flag
+from plumbing.cli import add_flags, flag, peak_memory_mb
 
 
 
@@ -101,6 +101,10 @@ class TrainConfig:
     workers: int = flag(2, "data-loading processes per training process")
     seed: int = flag(0, "every draw (data, degradation, noise, times) follows from it")
     log_every: int = flag(10, "print a line every this many steps (log.jsonl has every step)")
+    diagnose_every: int = flag(100, "distill: log du/dt's terms (mfsr.dudt_terms: two more JVPs, two forwards) "
+                                    "every this many steps and at the last; 0 never")
+    profile_phases: bool = flag(False, "time each phase of a step (synchronising a GPU after each: slower) "
+                                       "and print the table at the end; tools/rehearse.py sets it")
     sample_every: int = flag(500, "write a progress grid PNG every this many steps")
     save_every: int = flag(1000, "write a checkpoint every this many steps")
     keep: int = flag(3, "checkpoints kept")
@@ -261,7 +265,7 @@ def distill_loss(student, teacher, batch, cfg, g, step=0):
     """MFSR Alg. 1, one step's loss. batch: z_hr, z_lr, context, pooled, and the null and negative
     prompts (null, neg). student: the module or its torch.compile wrapper (the JVP runs on the module).
     Returns (loss or None for a step to skip, info): info has jvp_term (mfsr.mfd_loss), anchor_loss
-    with anchor rows, and on the printed steps du/dt's terms (mfsr.dudt_terms).
+    with anchor rows, and every cfg.diagnose_every steps du/dt's terms (mfsr.dudt_terms).
 
     Beyond Alg. 1, each off by default: the first cfg.warmup steps have every row at s = t (no JVP);
     a share cfg.cond_drop of the rows gets the null prompt and the unguided velocity (MeanFlow's
@@ -294,7 +298,7 @@ def distill_loss(student, teacher, batch, cfg, g, step=0):
         res = mfsr.mfd_loss(mfsr.average_velocity(student), z_t, t, s, v, cond=c, mode=cfg.mode, loss=cfg.loss,
                             u_fn_jvp=mfsr.average_velocity(raw), scale=mfsr.error_scale(raw, t))   # l. 7-9
     info = {"jvp_term": res["jvp_term"]}
-    if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:                  # a printed step
+    if cfg.diagnose_every and ((step + 1) % cfg.diagnose_every == 0 or step + 1 == cfg.steps):
         info.update(mfsr.dudt_terms(mfsr.average_velocity(raw), z_t, t, s, v, cond=c))
     if not n or res["loss"] is None:
         return res["loss"], info
@@ -340,9 +344,9 @@ FLAG_GROUPS = {   # --help's sections, each flag in one
               "loss", "time_shift", "caption_dropout"),
     "optimisation": ("batch", "accum", "steps", "lr", "lr_decay", "grad_clip", "ema", "seed", "max_bad"),
     "checkpoints and logs": ("out", "resume", "save_every", "keep", "export_every_save", "log_every",
-                             "sample_every"),
+                             "diagnose_every", "sample_every"),
     "distributed and speed (torchrun runs one process per GPU; every flag is per process)":
-        ("dtype", "compile", "grad_ckpt", "mode", "workers"),
+        ("dtype", "compile", "grad_ckpt", "mode", "workers", "profile_phases"),
 }
 
 
@@ -371,8 +375,9 @@ def parse_args(argv=None, **code_only):
         cfg.size = 64 if cfg.preset == "tiny" else 512
     if not 0 <= cfg.anchor < 1:
         p.error(f"--anchor {cfg.anchor}: a share of the batch, in [0, 1)")
-    if cfg.gap_ramp < 0 or cfg.time_cutoff < 0:
-        p.error(f"--gap-ramp {cfg.gap_ramp}, --time-cutoff {cfg.time_cutoff}: must be >= 0")
+    if cfg.gap_ramp < 0 or cfg.time_cutoff < 0 or cfg.diagnose_every < 0:
+        p.error(f"--gap-ramp {cfg.gap_ramp}, --time-cutoff {cfg.time_cutoff}, --diagnose-every {cfg.diagnose_every}: "
+                "must be >= 0")
     if not cfg.time_shift > 0:
         p.error(f"--time-shift {cfg.time_shift}: must be > 0 (SD3's sigma shift; 1 is none)")
     if (cfg.depth or cfg.heads or cfg.prediction != "v") and not (cfg.preset == "tiny" and cfg.stage == "teacher"
@@ -405,20 +410,22 @@ def learning_rate(cfg, step):
     return cfg.lr
 
 
-def update(cfg, net, opt, ema, trainable, sync, step):
+def update(cfg, net, opt, ema, trainable, sync, step, clock):
     """After backward: the gradients averaged over ranks and clipped, Adam at the step's learning rate,
     the EMA. Returns the gradient norm."""
     if sync is not None:
-        runs.all_reduce_grads(sync)
-    gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-    for group in opt.param_groups:
-        group["lr"] = learning_rate(cfg, step)
-    opt.step()
-    if ema is not None:
-        with torch.no_grad():
-            for n, p in net.named_parameters():
-                if n in ema:
-                    ema[n].lerp_(p.detach(), 1 - cfg.ema)
+        with clock("all-reduce"):
+            runs.all_reduce_grads(sync)
+    with clock("optimizer"):
+        gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(cfg, step)
+        opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                for n, p in net.named_parameters():
+                    if n in ema:
+                        ema[n].lerp_(p.detach(), 1 - cfg.ema)
     return gnorm
 
 
@@ -456,7 +463,12 @@ def main(argv=None, **code_only):
     # static shapes: the JVP's rows (s != t) and the full batch are two fixed sizes, each compiled
     # once; automatic dynamic shapes made inductor (torch 2.13, CPU) fail on a symbolic size
     run = torch.compile(net, dynamic=False) if cfg.compile else net
-    batches = training_batches(cfg, paths, prompt, vae, device, rank, start)
+    clock = runs.PhaseClock(cfg.profile_phases, device)
+    if not cfg.compile:   # hooks on the networks: the loss functions stay as they are (a compiled graph: one phase)
+        clock.time_calls(net, runs.student_phase if cfg.stage == "distill" else lambda _: "teacher forward")
+        if teacher is not None:
+            clock.time_calls(teacher, lambda _: "teacher (CFG)")
+    batches = clock.timed_iter("data", training_batches(cfg, paths, prompt, vae, device, rank, start))
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     log = open(os.path.join(cfg.out, "log.jsonl"), "a") if rank == 0 else None
     bad, t0, unreadable = 0, time.time(), []
@@ -469,15 +481,17 @@ def main(argv=None, **code_only):
         if runs.any_rank(sync, "gt" not in batch and "z_hr" not in batch):
             print(f"warning: step {step + 1}: no readable image in the batch, skipped")
             continue
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        z_hr, z_lr = (batch["z_hr"], batch["z_lr"]) if "z_hr" in batch else encode_pair(vae, batch, g)  # cache rows?
+        with clock("VAE encode"):
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            z_hr, z_lr = (batch["z_hr"], batch["z_lr"]) if "z_hr" in batch else encode_pair(vae, batch, g)  # cached?
         opt.zero_grad(set_to_none=True)
         loss_sum, extra = 0.0, {}
         for a in range(cfg.accum):
             rows = slice(a * cfg.batch, (a + 1) * cfg.batch)
             mb = dict(z_hr=z_hr[rows], z_lr=z_lr[rows], context=batch["context"][rows],
                       pooled=batch["pooled"][rows], null=null, neg=neg)
-            with autocast, fastjvp.lean_memory():   # lean: the same numbers with lower peaks (fastjvp.py)
+            # lean: the same numbers with lower peaks (fastjvp.py)
+            with autocast, fastjvp.lean_memory(), clock("loss (compiled)" if cfg.compile else None):
                 if cfg.stage == "teacher":
                     loss, info = teacher_loss(run, mb, cfg, g), {}
                 else:
@@ -487,7 +501,8 @@ def main(argv=None, **code_only):
             if runs.any_rank(sync, loss is None or not torch.isfinite(loss)):   # ranks skip together
                 loss_sum = None
                 break
-            (loss / cfg.accum).backward()
+            with clock("backward"):
+                (loss / cfg.accum).backward()
             loss_sum += loss.item() / cfg.accum
         if loss_sum is None:
             bad += 1
@@ -500,18 +515,19 @@ def main(argv=None, **code_only):
         if step == start and any(p.grad is None for p in trainable):  # a frozen-by-mistake branch
             raise SystemExit("error: trainable parameters without a gradient: " + ", ".join(
                 n for n, p in net.named_parameters() if p.requires_grad and p.grad is None))
-        gnorm = update(cfg, net, opt, ema, trainable, sync, step)
+        gnorm = update(cfg, net, opt, ema, trainable, sync, step, clock)
         done = step + 1
         if rank == 0:
             runs.log_step(cfg, log, done, start, t0, loss_sum, gnorm, opt.param_groups[0]["lr"], device, extra)
             if done % cfg.sample_every == 0 or done == cfg.steps:
-                with autocast:     # the frozen weights are in the training dtype
+                with autocast, clock("progress grid"):     # the frozen weights are in the training dtype
                     runs.save_grid(os.path.join(cfg.out, f"grid-{done:07d}.png"), vae, net.eval(), cfg.stage, batch,
                                    z_lr)
                 net.train()
         if done % cfg.save_every == 0 or done == cfg.steps:
-            runs.save_checkpoint(cfg, net, opt, ema, done, rank, (null, neg, prompt), vae, world,
-                                 export=cfg.export_every_save or done == cfg.steps)
+            with clock("save"):
+                runs.save_checkpoint(cfg, net, opt, ema, done, rank, (null, neg, prompt), vae, world,
+                                     export=cfg.export_every_save or done == cfg.steps)
     if skipped and rank == 0:
         print(f"warning: {len(skipped)} of {len(paths) + len(skipped)} images were left out before training "
               f"(unreadable or smaller than the crop; named above)")
@@ -519,6 +535,10 @@ def main(argv=None, **code_only):
         names = sorted(set(unreadable))
         print(f"warning: {len(unreadable)} draws of {len(names)} unreadable image(s) were skipped: "
               f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
+    if cfg.profile_phases and rank == 0:
+        rec = clock.write(os.path.join(cfg.out, "phases.json"), cfg.steps - start, peak_memory_mb(device))
+        print("seconds per step: " + ", ".join(f"{k} {v:.3g}" for k, v in rec["seconds_per_step"].items())
+              + f"; peak {rec['peak_mb']:.0f} MB")
     if ddp:
         dist.destroy_process_group()
 

@@ -238,7 +238,7 @@ def train_stage(runs, name, argv, out, scale=1.0, workers=2):
     emb = os.path.join(runs, "emb")
     argv += ["--data", os.path.join(runs, "data", "train"), "--out", out, "--workers", str(workers),
              "--save-every", str(max(1, steps // 5)), "--sample-every", str(max(1, steps // 5)),
-             "--log-every", "50", "--keep", "2"]
+             "--log-every", "50", "--diagnose-every", "50", "--keep", "2"]
     argv += ["--null-emb", f"{emb}/null.safetensors", "--prompt-emb", f"{emb}/prompt.safetensors",
              "--neg-emb", f"{emb}/neg.safetensors"]
     if glob.glob(os.path.join(out, "ckpt-*[0-9]")):

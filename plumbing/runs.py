@@ -3,6 +3,7 @@ rank), so a resume repeats the uninterrupted run exactly; the latent cache; grad
 processes; checkpoint folders that appear whole or not at all (an unreadable one is moved aside to
 NAME.broken, never deleted, and the one before it used); the log and the progress grids.
 """
+import contextlib
 import glob
 import json
 import math
@@ -21,6 +22,7 @@ import mfsr
 import model
 from plumbing.checkpoints import CheckpointError, SafetensorsFiles, atomic_save, save_transformer, save_vae
 from plumbing.cli import peak_memory_mb
+import fastjvp
 
 # --------------------------------------------------------------------------------------------
 # Seeds
@@ -122,6 +124,84 @@ def any_rank(params, flag):
     t = torch.tensor([float(flag)], device=params[0].device)
     dist.all_reduce(t)
     return bool(t.item() > 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Where a step's time goes (train.py --profile-phases; tools/rehearse.py prints it)
+
+
+class PhaseClock:
+    """Seconds per phase of the training steps; a phase inside another counts as the outer one. On a
+    GPU each timed phase starts and ends with a synchronize, so the figures are the kernels' time,
+    not their launches'; that stalls the queue, so a run without --profile-phases gets a clock that
+    times nothing."""
+
+    def __init__(self, enabled, device):
+        self.enabled, self.device, self.seconds, self.inside = enabled, device, {}, False
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        """Time the body as phase `name` (None: not timed)."""
+        if not self.enabled or name is None or self.inside:
+            yield
+            return
+        self._sync()
+        t0, self.inside = time.perf_counter(), True
+        try:
+            yield
+        finally:
+            self._sync()
+            self.inside = False
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def timed_iter(self, name, items):
+        """The items of `items`, the wait for each timed as `name` (a data loader's)."""
+        items = iter(items)
+        while True:
+            with self(name):
+                item = next(items, StopIteration)
+            if item is StopIteration:
+                return
+            yield item
+
+    def write(self, path, steps, peak_mb):
+        """The phases' seconds per step and the peak memory, as JSON (tools/rehearse.py reads it)."""
+        rec = {"steps": steps, "peak_mb": peak_mb, "seconds_per_step": {k: v / max(steps, 1)
+                                                                         for k, v in self.seconds.items()}}
+        with open(path + ".tmp", "w") as f:
+            json.dump(rec, f, indent=1)
+        os.replace(path + ".tmp", path)
+        return rec
+
+    def time_calls(self, module, name):
+        """Time every call of `module` as `name(inputs)`'s phase (forward hooks, so the training code is
+        unchanged); name returns None for a call not to time."""
+        if not self.enabled:
+            return
+        open_ = []
+
+        def before(_, args, kwargs):
+            phase = name(args)
+            open_.append(None if phase is None else self(phase))
+            if open_[-1] is not None:
+                open_[-1].__enter__()
+
+        def after(*_):
+            ctx = open_.pop()
+            if ctx is not None:
+                ctx.__exit__(None, None, None)
+        module.register_forward_pre_hook(before, with_kwargs=True)
+        module.register_forward_hook(after, always_call=True)
+
+
+def student_phase(args):
+    """PhaseClock name of a student call: the JVP when its input carries a tangent (forward AD computes
+    it during the call), else the forward whose output is trained."""
+    return "JVP" if fastjvp.has_tangent(args[0]) else "student forward"
 
 
 # --------------------------------------------------------------------------------------------

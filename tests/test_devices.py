@@ -102,7 +102,7 @@ def test_distill_step_draws_on_its_generators_device(on_meta, tmp_path):
     with torch.device("meta"):
         student = model.make_student(teacher, lora_rank=4)
     cfg = train.parse_args(_TINY + ["--data", str(tmp_path), "--anchor", "0.25", "--cond-drop", "0.5",
-                                    "--log-every", "1"])
+                                    "--diagnose-every", "1"])
     null, neg = _prompts()
     g = torch.Generator().manual_seed(0)
     with on_meta:

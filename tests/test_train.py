@@ -449,7 +449,7 @@ def test_distill_time_pairs_gap_ramp_and_the_du_dt_diagnostic_reach_the_step(mon
     monkeypatch.setattr(mfsr, "sample_times", lambda B, ratio, g, **kw: seen.append(kw) or real(B, ratio, g, **kw))
     cfg = train.parse_args(["--data", "data", "--out", "/nonexistent/out", "--preset", "tiny", "--warmup", "1",
                             "--time-pairs", "to-data", "--gap-ramp", "4", "--ratio", "1", "--target", "gt",
-                            "--log-every", "4"])                         # step 3 is a printed (diagnosed) step
+                            "--diagnose-every", "4"])                    # step 3 is a diagnosed step
     torch.manual_seed(0)
     student = model.make_student(MMDiT(CONFIGS["tiny"]).eval(), lora_rank=4)
     z = torch.randn(2, 16, 8, 8)
