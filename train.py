@@ -149,9 +149,11 @@ def training_dtype(cfg, device):
 
 def store_in(net, dtype):
     """Frozen weights in the training dtype (autocast computes in it anyway: half the memory), trained
-    ones in fp32 (Adam's updates are smaller than a bf16 step). Buffers (the position table) stay fp32."""
+    ones in fp32 (Adam's updates are smaller than a bf16 step), buffers (the position table) in fp32."""
     for p in net.parameters():
         p.data = p.data.to(torch.float32 if p.requires_grad else dtype)
+    for b in net.buffers():
+        b.data = b.data.float()
     return net
 
 
@@ -186,8 +188,8 @@ def build_models(cfg, device, dtype=None):
             p.requires_grad_(name not in dead and ("control" in name or (tiny and not cfg.ckpt)))
         net = net.to(device)
         return (store_in(net, dtype) if dtype else net), None, vae
-    if cfg.teacher:
-        teacher = load_transformer(cfg.teacher, lr_key_mode=cfg.teacher_mode)
+    if cfg.teacher:     # read in the training dtype: a full-size fp32 copy is never held
+        teacher = load_transformer(cfg.teacher, lr_key_mode=cfg.teacher_mode, dtype=dtype or torch.float32)
     elif tiny:
         torch.manual_seed(cfg.seed)
         teacher = model.MMDiT(model.CONFIGS["tiny"])
