@@ -530,6 +530,7 @@ def main(argv=None, **code_only):
             with clock("save"):
                 runs.save_checkpoint(cfg, net, opt, ema, done, rank, (null, neg, prompt), vae, world,
                                      export=cfg.export_every_save or done == cfg.steps)
+        clock.step()
     if skipped and rank == 0:
         print(f"warning: {len(skipped)} of {len(paths) + len(skipped)} images were left out before training "
               f"(unreadable or smaller than the crop; named above)")
@@ -538,9 +539,9 @@ def main(argv=None, **code_only):
         print(f"warning: {len(unreadable)} draws of {len(names)} unreadable image(s) were skipped: "
               f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
     if cfg.profile_phases and rank == 0:
-        rec = clock.write(os.path.join(cfg.out, "phases.json"), cfg.steps - start, peak_memory_mb(device))
-        print("seconds per step: " + ", ".join(f"{k} {v:.3g}" for k, v in rec["seconds_per_step"].items())
-              + f"; peak {rec['peak_mb']:.0f} MB")
+        rec = clock.write(os.path.join(cfg.out, "phases.json"), peak_memory_mb(device))
+        print(f"seconds per phase of the last step: {json.dumps(rec['steps'][-1] if rec['steps'] else {})}; "
+              f"peak {rec['peak_mb']:.0f} MB")
     if ddp:
         dist.destroy_process_group()
 

@@ -137,7 +137,8 @@ class PhaseClock:
     times nothing."""
 
     def __init__(self, enabled, device):
-        self.enabled, self.device, self.seconds, self.inside = enabled, device, {}, False
+        self.enabled, self.device, self.inside = enabled, device, False
+        self.seconds, self.steps = {}, []      # the step under way; the finished steps' (step(), write())
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -168,10 +169,15 @@ class PhaseClock:
                 return
             yield item
 
-    def write(self, path, steps, peak_mb):
-        """The phases' seconds per step and the peak memory, as JSON (tools/rehearse.py reads it)."""
-        rec = {"steps": steps, "peak_mb": peak_mb, "seconds_per_step": {k: v / max(steps, 1)
-                                                                         for k, v in self.seconds.items()}}
+    def step(self):
+        """End a step: its phases' seconds go to `steps`."""
+        if self.enabled:
+            self.steps.append(self.seconds)
+            self.seconds = {}
+
+    def write(self, path, peak_mb):
+        """Each step's seconds per phase and the peak memory, as JSON (tools/rehearse.py reads it)."""
+        rec = {"peak_mb": peak_mb, "steps": self.steps}
         with open(path + ".tmp", "w") as f:
             json.dump(rec, f, indent=1)
         os.replace(path + ".tmp", path)
