@@ -19,7 +19,6 @@ from dataclasses import asdict, fields, replace
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from model import MMDiT, MMDiTConfig, add_lora
 from vae import VAE, VAEConfig, set_dtype
@@ -110,13 +109,48 @@ def check_keys(path, expected, found, what):
         raise CheckpointError("\n".join(lines))
 
 
+_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                torch.bool: "BOOL"}
+
+
+class Later:
+    """A tensor atomic_save makes only when it writes it (shape and dtype known before): so a merged
+    export is written without a second copy of the model in memory."""
+
+    def __init__(self, shape, dtype, make):
+        self.shape, self.dtype, self.make = tuple(shape), dtype, make
+
+
+def _write_safetensors(path, tensors, metadata):
+    """The safetensors format: an 8-byte little-endian header size, a JSON header (dtype, shape and byte
+    range of each tensor, `__metadata__`), then the tensors' bytes in that order, each made and
+    written in turn."""
+    header, offset = {"__metadata__": dict(metadata)} if metadata else {}, 0
+    for name, t in tensors.items():
+        size = math.prod(t.shape) * (torch.finfo(t.dtype).bits if t.dtype.is_floating_point
+                                     else torch.iinfo(t.dtype).bits if t.dtype != torch.bool else 8) // 8
+        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)                         # the tensors start 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for name, t in tensors.items():
+            t = t.make() if isinstance(t, Later) else t
+            if tuple(t.shape) != tuple(header[name]["shape"]) or _DTYPE_NAMES[t.dtype] != header[name]["dtype"]:
+                raise ValueError(f"{path}: {name} was announced as {header[name]['dtype']} "
+                                 f"{header[name]['shape']}, made as {t.dtype} {list(t.shape)}")
+            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
 def atomic_save(tensors, path, metadata):
-    """save_file to a temporary name beside `path`, then rename: never a half-written file. The
-    file gets the permissions of any file the user makes (0666 less the umask); safetensors alone
-    writes 0600."""
+    """Write `tensors` (name -> tensor or Later) as safetensors to a temporary name beside `path`, then
+    rename: never a half-written file. The file gets the permissions of any file the user makes
+    (0666 less the umask)."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        _write_safetensors(tmp, tensors, metadata)
         mask = os.umask(0)      # reading the umask means setting it; set it straight back
         os.umask(mask)
         os.chmod(tmp, 0o666 & ~mask)
@@ -286,11 +320,12 @@ def load_transformer(path, *, dtype=torch.float32, device="cpu", **overrides) ->
     return net.to(device)
 
 
-def save_transformer(net: MMDiT, path, layout="original"):
+def save_transformer(net: MMDiT, path, layout="original", sd=None):
     """Write a safetensors file atomically in the "original" layout (SD3.5's `model.diffusion_model.*`,
     loadable by SD3.5 tools if the model has no added parts) or the "diffusers" (DiT4SR's) one. The
-    config, LoRA settings and `net.sampling` (if set) go into the metadata."""
-    sd = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+    config, LoRA settings and `net.sampling` (if set) go into the metadata. sd: the tensors to write
+    instead of net's (e.g. Later ones: runs.save_full's merged export)."""
+    sd = sd if sd is not None else {k: v.detach() for k, v in net.state_dict().items()}
     lora = getattr(net, "lora", None)
     if layout == "original":
         sd = {PREFIX + k: v for k, v in sd.items()}

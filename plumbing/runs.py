@@ -20,7 +20,7 @@ from PIL import Image
 
 import mfsr
 import model
-from plumbing.checkpoints import CheckpointError, SafetensorsFiles, atomic_save, save_transformer, save_vae
+from plumbing.checkpoints import CheckpointError, Later, SafetensorsFiles, atomic_save, save_transformer, save_vae
 from plumbing.cli import peak_memory_mb
 import fastjvp
 
@@ -279,19 +279,23 @@ def sample_overlap(tile, patch):
 def save_full(net, path, sampling=None, ema=None):
     """The whole model, LoRA merged, loadable by load_transformer / sample.py, with the EMA weights
     where `ema` (name -> tensor) has them: the ones to sample with. `sampling`: its sampler's defaults.
-    Built on the CPU tensor by tensor (a copy of the model on its GPU would not fit beside training),
-    in fp32: a LoRA update merged into bf16 weights would be rounded away."""
+    In fp32 (a LoRA update merged into bf16 weights would be rounded away), each tensor made on the
+    CPU as it is written: no second copy of the model, on its GPU or in the host's memory."""
     with torch.device("meta"):
-        full = model.MMDiT(net.cfg)
-    if getattr(net, "lora", None):
-        model.add_lora(full, net.lora["rank"], net.lora["alpha"], net.lora["targets"])
-    ema = ema or {}
-    full.load_state_dict({n: (ema[n] if n in ema else v).detach().to("cpu", torch.float32, copy=True)
-                          for n, v in net.state_dict().items()}, assign=True)
+        full = model.MMDiT(net.cfg)           # the merged model's keys and shapes, no memory
     full.sampling = sampling
-    if getattr(full, "lora", None):
-        model.merge_lora(full)
-    save_transformer(full, path)
+    have = {n: (ema or {}).get(n, v) for n, v in net.state_dict().items()}
+    loras = {n: m for n, m in net.named_modules() if isinstance(m, model.LoRALinear)}
+
+    def merged(key):
+        w = have[key].detach().to("cpu", torch.float32, copy=True)
+        layer = loras.get(key.removesuffix(".weight")) if key.endswith(".weight") else None
+        if layer is not None:     # W + (alpha / rank) up down, as LoRALinear.merged
+            up, down = (have[f"{key[:-7]}.lora_{s}.weight"].detach().to("cpu", torch.float32) for s in ("up", "down"))
+            w.addmm_(up, down, alpha=layer.scale)
+        return w
+    sd = {k: Later(v.shape, torch.float32, lambda k=k: merged(k)) for k, v in full.state_dict().items()}
+    save_transformer(full, path, sd=sd)
 
 
 def load_checkpoint(cfg, net, opt, rank=0, world=1):

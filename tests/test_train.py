@@ -577,3 +577,33 @@ def test_saves_write_the_merged_export_only_at_the_end_and_a_resume_needs_the_sa
     assert runs.load_checkpoint(cfg, net, opt, world=1)[0] == 2
     with pytest.raises(SystemExit, match="written by a run of 1 process.*this one has 2"):
         runs.load_checkpoint(cfg, net, opt, world=2)
+
+
+def test_merged_export_equals_merge_lora_and_is_written_one_tensor_at_a_time(tmp_path, monkeypatch):
+    """runs.save_full: the LoRA update (and EMA weights) merged in fp32 tensor by tensor, read back equal
+    to model.merge_lora of the same student (bf16 frozen weights included); the file format is
+    safetensors' own (load_file reads every dtype, 0-d tensors included)."""
+    import copy
+    student = _ddp_student()
+    train.store_in(student, torch.bfloat16)
+    ema = {n: p.detach() + 0.01 for n, p in student.named_parameters() if "lora_up" in n}
+    made = []
+    real = checkpoints.Later.__init__
+    monkeypatch.setattr(checkpoints.Later, "__init__",
+                        lambda self, shape, dtype, make: real(self, shape, dtype, lambda: made.append(1) or make()))
+    runs.save_full(student, str(tmp_path / "s.safetensors"), {"tile": 8}, ema)
+    want = copy.deepcopy(student).float()
+    with torch.no_grad():
+        for n, p in want.named_parameters():
+            if n in ema:
+                p.copy_(ema[n])
+    want = model.merge_lora(want).state_dict()
+    got = checkpoints.load_transformer(str(tmp_path / "s.safetensors"))
+    assert len(made) == len(want) and got.sampling == {"tile": 8}
+    for k, v in got.state_dict().items():
+        assert v.dtype == torch.float32 and torch.allclose(v, want[k], rtol=1e-6, atol=1e-7), k
+    tensors = {"f": torch.randn(3, 5), "h": torch.randn(2, 7).bfloat16(), "i": torch.arange(4), "b": torch.tensor([True, False]),
+               "s": torch.tensor(2.5), "e": torch.zeros(0, 3)}
+    checkpoints.atomic_save(tensors, str(tmp_path / "t.safetensors"), {"k": "v"})
+    back = load_file(str(tmp_path / "t.safetensors"))
+    assert set(back) == set(tensors) and all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in tensors.items())
