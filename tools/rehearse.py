@@ -12,6 +12,7 @@ null and negative prompt embeddings at SD3.5's sizes (154 x 4096 context, 2048 p
 synthetic photographs. train.main reads them as it reads the real ones.
 """
 import argparse
+import gc
 import json
 import math
 import os
@@ -113,6 +114,7 @@ def verdict(batch, peaks, have_mb):
 
 def run(flags, out, batch):
     """One train.main run at `batch`; its phases.json, or None if a GPU ran out of memory."""
+    gc.collect()                  # the previous run's models, held in reference cycles, go first
     reset_peak(torch.device("cuda" if torch.cuda.is_available() else "cpu"))   # from here, not the writing's
     try:
         train.main(flags + ["--batch", str(batch), "--out", out])
