@@ -371,6 +371,9 @@ def parse_args(argv=None, **code_only):
             p.error(f"{flag} {getattr(cfg, name)!r}: choose from {', '.join(allowed)}")
     if not cfg.data:
         p.error("--data is required (a folder of HR images)")
+    if cfg.mode == "fused" and cfg.grad_ckpt:
+        p.error("--mode fused with --grad-ckpt: the fused JVP's forward cannot be recomputed in backward (its "
+                "tangents are gone by then); use --mode split, the default")
     if cfg.dtype == "fp16":
         p.error("--dtype fp16: fp16 gradients need loss scaling, which train.py does not do; use bf16")
     if cfg.size == 0:

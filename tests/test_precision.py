@@ -83,5 +83,6 @@ def test_train_dtype_bf16_on_the_cpu_keeps_frozen_weights_in_bf16_and_trains_fp3
     assert {p.dtype for p in student.parameters() if p.requires_grad} == {torch.float32}
     assert {p.dtype for p in student.parameters() if not p.requires_grad} == {torch.bfloat16}
     assert student.pos_embed.dtype == torch.float32
-    with pytest.raises(SystemExit):
-        train.parse_args(_TINY + ["--data", data, "--dtype", "fp16"])
+    for bad in (["--dtype", "fp16"], ["--mode", "fused", "--grad-ckpt"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(_TINY + ["--data", data, *bad])
