@@ -174,9 +174,9 @@ def build_models(cfg, device, dtype=None):
     vae = vae.to(device).eval().requires_grad_(False)
     if cfg.stage == "teacher":
         if cfg.teacher:    # continue training a teacher (e.g. the shipped one)
-            net = load_transformer(cfg.teacher, lr_key_mode=cfg.teacher_mode)
+            net = load_transformer(cfg.teacher, lr_key_mode=cfg.teacher_mode, dtype=dtype or torch.float32)
         elif cfg.ckpt:
-            net = model.add_lr_stream(load_transformer(cfg.ckpt))
+            net = model.add_lr_stream(load_transformer(cfg.ckpt, dtype=dtype or torch.float32))
         else:              # from scratch; a tiny one with the size scan's depth / heads / prediction if given
             torch.manual_seed(cfg.seed)
             t = model.CONFIGS["tiny"]
