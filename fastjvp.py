@@ -41,8 +41,39 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-ATTN_CHUNK_ELEMENTS = 2 ** 20  # size of one (B, H, chunk, N) score block in the JVP paths
-MLP_CHUNK_ELEMENTS = 2 ** 21   # size of one (B, rows * w, 4 D) MLP hidden band in the JVP
+# Memory budgets of the JVP's blocks in bytes: a (B, H, chunk, N) block of attention scores, and a
+# (B, rows * w, 4 D) band of an MLP's hidden layer. A GPU launches a kernel for every op, a few
+# microseconds each, so there a block is as large as memory comfortably allows, 512 MiB. At 512^2
+# (B = 5 JVP rows, 24 heads, 2,202 tokens) one query row of fp32 scores over all heads is 1.06 MB,
+# so a chunk holds 508 rows, 5 chunks per attention, and its blocks alive at once (probabilities,
+# P * dS, a product: about 1.5 GB) are small beside the 5 GB of bf16 weights. The hidden layer of a
+# whole 1024^2 image (B = 5, 4,096 tokens, 6,144 wide) is 503 MB in fp32: one band. A CPU launches
+# nothing, an op costs its arithmetic whatever the block, and there the JVP's peak memory stays that
+# of a forward (docs/benchmarks.md) with blocks of a few MiB. "gpu" is every other device, and the
+# meta device, on which bench.py counts the ops a GPU would launch.
+ATTN_BLOCK_BYTES = {"cpu": 2 ** 22, "gpu": 2 ** 29}
+MLP_BAND_BYTES = {"cpu": 2 ** 23, "gpu": 2 ** 29}
+
+
+def _budget(table, device):
+    return table["cpu" if device.type == "cpu" else "gpu"]
+
+
+def compute_dtype(x):
+    """The dtype x's products run in: autocast's where it is on for x's device (it casts fp32, fp16
+    and bf16 tensors, never fp64), else x's own."""
+    kind = x.device.type
+    if (x.is_floating_point() and x.dtype != torch.float64 and torch.amp.is_autocast_available(kind)
+            and torch.is_autocast_enabled(kind)):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
+
+
+def _autocast_off(device):
+    """Autocast off on `device` (a device type without autocast has nothing to turn off)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 # --------------------------------------------------------------------------------------------
 # Switches
@@ -128,39 +159,49 @@ def plain_attention(q, k, v):
     return torch.softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1) @ v
 
 
-def _query_chunk(q, k):
-    """Query rows per chunk so that a score block stays under ATTN_CHUNK_ELEMENTS: O(N) memory."""
+def _query_chunk(q, k, dtype=None):
+    """Query rows per chunk so that a (B, H, chunk, N) score block of `dtype` (default q's) stays
+    under ATTN_BLOCK_BYTES: memory O(N), never O(N^2)."""
     B, H, _, _ = q.shape
-    return max(1, ATTN_CHUNK_ELEMENTS // (B * H * k.shape[-2]))
+    row = B * H * k.shape[-2] * (dtype or q.dtype).itemsize
+    return max(1, _budget(ATTN_BLOCK_BYTES, q.device) // row)
 
 
 def attention_and_tangent(q, k, v, dq, dk, dv, with_lse=False):
     """O = softmax(s Q K^T) V and dO (the rule in the module docstring), over chunks of query rows,
     never forming N x N. Six (chunk, N, d) products, two of them the primal's, all on views of the
     inputs (concatenating [K, dK] would cost more memory than it saves time). with_lse: also the
-    rows' log-sum-exp, for the backward. Returns (O, dO, lse or None)."""
-    scale, chunk = q.shape[-1] ** -0.5, _query_chunk(q, k)
+    rows' log-sum-exp, for the backward. Returns (O, dO, lse or None), O and dO in compute_dtype(q).
+
+    The inputs are cast to the compute dtype once, and the chunks run with autocast off: autocast
+    would cast the whole K and dK again for every chunk. The softmax runs in >= fp32 (as SDPA's)
+    and its probabilities are cast once for the four products that use them."""
+    dtype = compute_dtype(q)
+    acc = torch.promote_types(dtype, torch.float32)
+    q, k, v, dq, dk, dv = (t.to(dtype) for t in (q, k, v, dq, dk, dv))
+    scale, chunk = q.shape[-1] ** -0.5, _query_chunk(q, k, acc)          # acc: the softmax's block
+    qs, dqs = q * scale, dq * scale                                            # s Q, s dQ
     kt, dkt = k.transpose(-1, -2), dk.transpose(-1, -2)                         # (B, H, d, N)
     heads3 = lambda t: t.reshape(-1, *t.shape[-2:])        # (B, H, a, b) -> (B H, a, b), baddbmm's
     o, do = (q.new_empty(*q.shape[:-1], v.shape[-1]) for _ in range(2))
-    acc = torch.promote_types(q.dtype, torch.float32)       # lse in fp32 for bf16, as SDPA's
     lse = q.new_empty(q.shape[:-1], dtype=acc) if with_lse else None
-    for i in range(0, q.shape[-2], chunk):
-        rows = slice(i, i + chunk)
-        qc, dqc = q[..., rows, :] * scale, dq[..., rows, :] * scale
-        s = qc @ kt                                                             # (B, H, c, N)
-        p = torch.softmax(s, dim=-1)
-        if with_lse:     # log sum_j exp(s_j) = s_j - log p_j for any j; the row maximum is safest
-            lse[..., rows] = s.amax(-1).to(acc) - p.amax(-1).to(acc).log()
-        del s
-        pds = dqc @ kt                             # dS: dQ K^T, + Q dK^T in place, then * P
-        # (in-place ops escape autocast: the operands are cast to the block's dtype by hand)
-        pds.view(-1, *pds.shape[-2:]).baddbmm_(heads3(qc).to(pds.dtype), heads3(dkt).to(pds.dtype))
-        pds.mul_(p)                                                             # P * dS
-        o[..., rows, :] = p @ v
-        do[..., rows, :] = torch.addcmul((p @ dv).add_(pds @ v), pds.sum(-1, keepdim=True),
-                                         o[..., rows, :], value=-1)
-        del p, pds           # before the next chunk's scores: two blocks fewer at the peak
+    with _autocast_off(q.device):
+        for i in range(0, q.shape[-2], chunk):
+            rows = slice(i, i + chunk)
+            qc = qs[..., rows, :]
+            s = qc @ kt                                                         # (B, H, c, N)
+            p = torch.softmax(s, dim=-1, dtype=acc)
+            if with_lse:   # log sum_j exp(s_j) = s_j - log p_j for any j; the row maximum is safest
+                lse[..., rows] = s.amax(-1).to(acc) - p.amax(-1).log()
+            del s
+            p = p.to(dtype)
+            pds = dqs[..., rows, :] @ kt           # dS: dQ K^T, + Q dK^T in place, then * P
+            pds.view(-1, *pds.shape[-2:]).baddbmm_(heads3(qc), heads3(dkt))
+            pds.mul_(p)                                                         # P * dS
+            o[..., rows, :] = p @ v
+            do[..., rows, :] = torch.addcmul((p @ dv).add_(pds @ v), pds.sum(-1, keepdim=True),
+                                             o[..., rows, :], value=-1)
+            del p, pds       # before the next chunk's scores: two blocks fewer at the peak
     return o, do, lse
 
 
@@ -229,7 +270,8 @@ class DualAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, go, _):
         q, k, v, o, lse = ctx.saved_tensors
-        return *_attention_grads(q, k, v, go, o, lse), None, None, None
+        q, k, v = (t.to(o.dtype) for t in (q, k, v))        # as the forward ran (autocast's dtype)
+        return *_attention_grads(q, k, v, go.to(o.dtype), o, lse), None, None, None
 
 
 def _dual_attention(q, k, v):
@@ -372,32 +414,51 @@ def _lean_out(attn, o, x, lr, la, gate):
 def mlp_band_rows(x, h, w, hidden):
     """How many of the h image rows (w tokens each) one MLP band holds: all of them normally; under
     a JVP (a tangent beside every activation) as many as keep a (B, rows * w, hidden) band under
-    MLP_CHUNK_ELEMENTS. The result is the same up to rounding."""
+    MLP_BAND_BYTES. The result is the same up to rounding."""
     if _SWITCHES["plain"] or torch.compiler.is_compiling() or not has_tangent(x):
         return h
-    return max(1, MLP_CHUNK_ELEMENTS // (x.shape[0] * w * hidden))
+    row = x.shape[0] * w * hidden * compute_dtype(x).itemsize
+    return max(1, _budget(MLP_BAND_BYTES, x.device) // row)
+
+
+def _hidden(xb, t, shift, scale):
+    """The MLP's hidden layer gelu(fc1(modulate(norm2(t)))) of some of a stream's tokens t."""
+    return xb.mlp.hidden(_modulate(xb.norm2(t), shift, scale))
 
 
 def lean_image_mlp(block, x, lr, shift, scale, gate, grid):
-    """block.image_mlp over bands of image rows (mlp_band_rows: one band without a tangent)."""
+    """block.image_mlp over bands of image rows (mlp_band_rows: one band without a tangent). L's
+    hidden layer is computed once, band by band, one band ahead: the 3x3 conv of a band needs the
+    row below it, which is the next band's first."""
     h, w = grid
     rows = mlp_band_rows(x, h, w, block.x_block.mlp.fc1.out_features)
-    if rows >= h:
-        return mlp_rows(block, x, lr, shift, scale, gate, grid, 0, h)
-    parts = [mlp_rows(block, x, lr, shift, scale, gate, grid, r, min(r + rows, h)) for r in range(0, h, rows)]
+    bands = [(r, min(r + rows, h)) for r in range(0, h, rows)]
+    hidden_lr = lambda r0, r1: None if lr is None else _hidden(block.x_block, lr[:, r0 * w:r1 * w], shift, scale)
+    parts, above, here = [], None, hidden_lr(*bands[0])
+    for i, (r0, r1) in enumerate(bands):
+        below = hidden_lr(*bands[i + 1]) if i + 1 < len(bands) else None
+        parts.append(mlp_rows(block, x, lr, shift, scale, gate, grid, r0, r1, (above, here, below)))
+        # the last row, copied: a view would keep the whole band alive
+        above, here = None if here is None or below is None else here[:, -w:].clone(), below
+    if len(parts) == 1:
+        return parts[0]
     return torch.cat([p[0] for p in parts], 1), None if lr is None else torch.cat([p[1] for p in parts], 1)
 
 
-def mlp_rows(block, x, lr, shift, scale, gate, grid, r0, r1):
-    """block.image_mlp's outputs on image rows r0 .. r1 - 1 (tokens r0 w .. r1 w - 1) of X and of L."""
+def mlp_rows(block, x, lr, shift, scale, gate, grid, r0, r1, hl=(None, None, None)):
+    """block.image_mlp's outputs on image rows r0 .. r1 - 1 (tokens r0 w .. r1 w - 1) of X and of L.
+    hl: L's hidden layer on the row above the band, on the band, and on the band below (None
+    beyond the image's edges), for the 3x3 conv."""
     xb, (h, w) = block.x_block, grid
     band = slice(r0 * w, r1 * w)
-    hx = xb.mlp.hidden(_modulate(xb.norm2(x[:, band]), shift, scale))         # (B, n, 4D)
+    hx = _hidden(xb, x[:, band], shift, scale)                                 # (B, n, 4D)
     lr_out = None
     if lr is not None:
-        a, b = max(r0 - 1, 0), min(r1 + 1, h)       # one more row each side for the 3x3 conv
-        hl = xb.mlp.hidden(_modulate(xb.norm2(lr[:, a * w:b * w]), shift, scale))
-        conv = xb.mlp.control_conv(rearrange(hl, "b (h w) c -> b c h w", w=w))[:, :, r0 - a:r1 - a]
+        above, here, below = hl
+        window = [t for t in (above, here, None if below is None else below[:, :w]) if t is not None]
+        window = torch.cat(window, 1) if len(window) > 1 else here          # the band and its halo
+        conv = xb.mlp.control_conv(rearrange(window, "b (h w) c -> b c h w", w=w))
+        conv = conv.narrow(2, int(above is not None), r1 - r0)              # the band's rows
         hx = hx + block.cfg.ff_inject * rearrange(conv, "b c h w -> b (h w) c")
-        lr_out = lr[:, band] + gate.unsqueeze(1) * xb.mlp.fc2(hl[:, (r0 - a) * w:(r1 - a) * w])
+        lr_out = lr[:, band] + gate.unsqueeze(1) * xb.mlp.fc2(here)
     return x[:, band] + gate.unsqueeze(1) * xb.mlp.fc2(hx), lr_out

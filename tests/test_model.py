@@ -320,8 +320,8 @@ def test_attention_jvp_matches_float64_finite_differences(jvp, monkeypatch):
     f = lambda q_, k_, v_: model.attention(q_, k_, v_)
     calls, orig = [], fastjvp.attention_and_tangent
     monkeypatch.setattr(fastjvp, "attention_and_tangent", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
-    for elements in (2 * 53 * 5, fastjvp.ATTN_CHUNK_ELEMENTS):   # chunks of 5 query rows, or one
-        monkeypatch.setattr(fastjvp, "ATTN_CHUNK_ELEMENTS", elements)
+    for block in (2 * 53 * 5 * 8, 2 ** 22):             # fp64 blocks: chunks of 5 query rows, or one
+        _set_budget(monkeypatch, "ATTN_BLOCK_BYTES", block)
         with torch.no_grad():
             out, tangent = jvp(f, (q, k, v), (dq, dk, dv))
         eps = 1e-6
@@ -401,6 +401,11 @@ def test_model_jvp_uses_the_custom_attention_and_matches_math_backend(jvp, monke
     assert (jvp_out - fd).norm() / fd.norm() <= 1e-6
 
 
+def _set_budget(monkeypatch, name, nbytes):
+    """fastjvp's memory budget `name` (ATTN_BLOCK_BYTES, MLP_BAND_BYTES) set to nbytes on every device."""
+    monkeypatch.setattr(fastjvp, name, {"cpu": nbytes, "gpu": nbytes})
+
+
 @pytest.fixture
 def lean():
     """The test runs inside fastjvp.lean_memory(), as the full-scale programs do."""
@@ -418,7 +423,7 @@ def test_fast_paths_off_give_the_same_forward_jvp_and_gradients_through_plain_op
     inp = _inputs(net.cfg, dtype=torch.float64)
     f = lambda x, sig: net(x, sig, inp["pooled"], inp["context"], lr=inp["lr"], sigma_s=inp["sigma_s"])
     prim, tan = (inp["x"], inp["sigma"]), (torch.randn_like(inp["x"]), torch.ones_like(inp["sigma"]))
-    monkeypatch.setattr(fastjvp, "MLP_CHUNK_ELEMENTS", 2 * 6 * 4 * net.cfg.hidden)   # 1-row MLP bands
+    _set_budget(monkeypatch, "MLP_BAND_BYTES", 2 * 6 * 4 * net.cfg.hidden * 8)    # 1-row fp64 MLP bands
     calls = {"rule": 0, "bands": 0}
     rule, bands = fastjvp.attention_and_tangent, fastjvp.mlp_band_rows
     monkeypatch.setattr(fastjvp, "attention_and_tangent",
@@ -454,13 +459,13 @@ def test_jvp_runs_the_mlps_in_row_bands_with_the_same_result(monkeypatch, lean):
     f = lambda x, sig: net(x, sig, inp["pooled"], inp["context"], lr=inp["lr"], sigma_s=inp["sigma_s"])
     prim, tan = (inp["x"], inp["sigma"]), (torch.randn_like(inp["x"]), torch.ones_like(inp["sigma"]))
     bands, rows_of = [], fastjvp.mlp_rows
-    monkeypatch.setattr(fastjvp, "mlp_rows", lambda block, *a: bands.append(a[-2:]) or rows_of(block, *a))
+    monkeypatch.setattr(fastjvp, "mlp_rows", lambda block, *a: bands.append(a[6:8]) or rows_of(block, *a))
     with torch.no_grad():
-        ref = torch.func.jvp(f, prim, tan)                   # 4 x 6 x 512 x 2 < MLP_CHUNK_ELEMENTS: one band
+        ref = torch.func.jvp(f, prim, tan)                   # 4 x 6 x 512 x 2 x 8 < MLP_BAND_BYTES: one band
         assert set(bands) == {(0, 4)}
-        wide = 2 * 6 * 4 * net.cfg.hidden                    # elements of one row's hidden layer
+        wide = 2 * 6 * 4 * net.cfg.hidden * 8                # bytes of one row's fp64 hidden layer
         for rows, expect in ((1, {(0, 1), (1, 2), (2, 3), (3, 4)}), (3, {(0, 3), (3, 4)})):
-            monkeypatch.setattr(fastjvp, "MLP_CHUNK_ELEMENTS", rows * wide)
+            _set_budget(monkeypatch, "MLP_BAND_BYTES", rows * wide)
             bands.clear()
             out = torch.func.jvp(f, prim, tan)
             assert set(bands) == expect and len(bands) == len(expect) * net.cfg.depth
@@ -486,7 +491,7 @@ def test_lean_memory_path_gives_the_plain_paths_numbers(monkeypatch, lr_stream, 
     f = lambda x, sig: net(x, sig, inp["pooled"], inp["context"], lr=inp["lr"], sigma_s=inp["sigma_s"])
     prim, tan = (inp["x"], inp["sigma"]), (torch.randn_like(inp["x"]), torch.ones_like(inp["sigma"]))
     if bands:
-        monkeypatch.setattr(fastjvp, "MLP_CHUNK_ELEMENTS", 2 * 6 * 4 * cfg.hidden)    # one row a band
+        _set_budget(monkeypatch, "MLP_BAND_BYTES", 2 * 6 * 4 * cfg.hidden * 4)    # one fp32 row a band
     calls = {}
 
     def counted(owner, name):
