@@ -19,8 +19,9 @@ At full size the plain path is too slow and too large, for three reasons this fi
    JVPAttention (torch.func transforms, or a tangent that is trained: the primal by fused SDPA,
    the tangent by the rule) and DualAttention (forward-AD dual tensors whose tangent is detached,
    as in mfsr.py: one pass for both, backward from the saved O and log-sum-exp).
-2. Linear layers. PyTorch's generic forward rule for F.linear also multiplies x by the weight's
-   zero tangent; `linear` computes only dx W^T.
+2. Linear layers and norms. PyTorch's generic forward rule for F.linear also multiplies x by the
+   weight's zero tangent, and differentiates RMSNorm op by op; `linear` computes only dx W^T, and
+   `rms_norm` one rule.
 3. Memory. model.JointBlock's `attend` and `image_mlp` are the plain equations: q, k, v of the
    rows [X ; L ; C] concatenated, the MLPs over all rows at once. Inside `lean_memory()` the block
    runs their twins here, `lean_attend` and `lean_image_mlp`, with the same numbers and lower
@@ -172,37 +173,33 @@ def attention_and_tangent(q, k, v, dq, dk, dv, with_lse=False):
     never forming N x N. Six (chunk, N, d) products, two of them the primal's, all on views of the
     inputs (concatenating [K, dK] would cost more memory than it saves time). with_lse: also the
     rows' log-sum-exp, for the backward. Returns (O, dO, lse or None), O and dO in compute_dtype(q).
-
-    The inputs are cast to the compute dtype once, and the chunks run with autocast off: autocast
-    would cast the whole K and dK again for every chunk. The softmax runs in >= fp32 (as SDPA's)
-    and its probabilities are cast once for the four products that use them."""
+    Work done once per call, not per chunk: the casts to the compute dtype (autocast is off in the
+    loop: it would cast all of K and dK for every chunk), the scale, the (B H, n, d) layout of bmm."""
     dtype = compute_dtype(q)
-    acc = torch.promote_types(dtype, torch.float32)
-    q, k, v, dq, dk, dv = (t.to(dtype) for t in (q, k, v, dq, dk, dv))
-    scale, chunk = q.shape[-1] ** -0.5, _query_chunk(q, k, acc)          # acc: the softmax's block
-    qs, dqs = q * scale, dq * scale                                            # s Q, s dQ
-    kt, dkt = k.transpose(-1, -2), dk.transpose(-1, -2)                         # (B, H, d, N)
-    heads3 = lambda t: t.reshape(-1, *t.shape[-2:])        # (B, H, a, b) -> (B H, a, b), baddbmm's
-    o, do = (q.new_empty(*q.shape[:-1], v.shape[-1]) for _ in range(2))
-    lse = q.new_empty(q.shape[:-1], dtype=acc) if with_lse else None
+    acc = torch.promote_types(dtype, torch.float32)         # the softmax's dtype, as SDPA's
+    scale, chunk = q.shape[-1] ** -0.5, _query_chunk(q, k, acc)
+    flat = lambda t: t.to(dtype).reshape(-1, *t.shape[-2:])                    # (B H, n, d)
+    qs, dqs, v, dv = flat(q) * scale, flat(dq) * scale, flat(v), flat(dv)     # s Q, s dQ, V, dV
+    kt, dkt = flat(k).transpose(1, 2), flat(dk).transpose(1, 2)                # (B H, d, N)
+    o, do = (qs.new_empty(*qs.shape[:-1], v.shape[-1]) for _ in range(2))
+    lse = qs.new_empty(qs.shape[:-1], dtype=acc) if with_lse else None
     with _autocast_off(q.device):
-        for i in range(0, q.shape[-2], chunk):
+        for i in range(0, qs.shape[1], chunk):
             rows = slice(i, i + chunk)
-            qc = qs[..., rows, :]
-            s = qc @ kt                                                         # (B, H, c, N)
+            qc = qs[:, rows]
+            s = torch.bmm(qc, kt)                                               # (B H, c, N)
             p = torch.softmax(s, dim=-1, dtype=acc)
             if with_lse:   # log sum_j exp(s_j) = s_j - log p_j for any j; the row maximum is safest
-                lse[..., rows] = s.amax(-1).to(acc) - p.amax(-1).log()
+                lse[:, rows] = s.amax(-1).to(acc) - p.amax(-1).log()
             del s
             p = p.to(dtype)
-            pds = dqs[..., rows, :] @ kt           # dS: dQ K^T, + Q dK^T in place, then * P
-            pds.view(-1, *pds.shape[-2:]).baddbmm_(heads3(qc), heads3(dkt))
-            pds.mul_(p)                                                         # P * dS
-            o[..., rows, :] = p @ v
-            do[..., rows, :] = torch.addcmul((p @ dv).add_(pds @ v), pds.sum(-1, keepdim=True),
-                                             o[..., rows, :], value=-1)
+            pds = torch.bmm(dqs[:, rows], kt).baddbmm_(qc, dkt).mul_(p)   # P * dS, dS = dQ K^T + Q dK^T
+            o[:, rows] = oc = torch.bmm(p, v)
+            do[:, rows] = torch.addcmul(torch.bmm(p, dv).add_(torch.bmm(pds, v)), pds.sum(-1, keepdim=True),
+                                        oc, value=-1)
             del p, pds       # before the next chunk's scores: two blocks fewer at the peak
-    return o, do, lse
+    heads = lambda t: t.view(*q.shape[:-1], *t.shape[2:])                      # (B, H, N, ...)
+    return heads(o), heads(do), None if lse is None else heads(lse)
 
 
 # PyTorch's CPU flash-attention backward (torch >= 2.3): gradients from a saved O and log-sum-exp
@@ -319,22 +316,47 @@ def attention(q, k, v, mode="auto"):
 
 
 # --------------------------------------------------------------------------------------------
-# 2. Linear layers
+# 2. Linear layers and RMSNorm: one tangent rule each
+
+
+def _rule_applies(x, w):
+    """(x's primal, tangent) where a hand-written forward-mode rule applies: x a dual tensor of
+    torch.autograd.forward_ad (what mfsr.py uses), w without tangent, outside plain(), torch.func
+    and compiling. None elsewhere: there plain ops, differentiated by PyTorch's generic rules."""
+    if (_SWITCHES["plain"] or torch.compiler.is_compiling()
+            or torch._C._functorch.is_functorch_wrapped_tensor(x)):
+        return None
+    xp, dx = fwAD.unpack_dual(x)
+    return None if dx is None or fwAD.unpack_dual(w).tangent is not None else (xp, dx)
 
 
 def linear(x, w, b=None):
-    """F.linear with its own forward-mode rule under torch.autograd.forward_ad (what mfsr.py uses):
-    the tangent is dx W^T, one product; PyTorch's generic rule also multiplies x by the weight's
-    zero tangent. Plain F.linear everywhere else (plain(), torch.func, compiling, no dual input)."""
-    if (_SWITCHES["plain"] or torch.compiler.is_compiling()
-            or torch._C._functorch.is_functorch_wrapped_tensor(x)):
-        return F.linear(x, w, b)
-    xp, dx = fwAD.unpack_dual(x)
-    if dx is None or fwAD.unpack_dual(w).tangent is not None:
+    """F.linear; under forward AD its tangent is dx W^T, one product (PyTorch's generic rule also
+    multiplies x by the weight's zero tangent)."""
+    dual = _rule_applies(x, w)
+    if dual is None:
         return F.linear(x, w, b)
     with _tangent_recording():
-        dy = F.linear(dx, w)
-    return fwAD.make_dual(F.linear(xp, w, b), dy)
+        dy = F.linear(dual[1], w)
+    return fwAD.make_dual(F.linear(dual[0], w, b), dy)
+
+
+def rms_norm(x, w, eps):
+    """x / sqrt(mean(x^2) + eps) * w over the last dim, the statistics in >= fp32, the result in x's
+    dtype (an fp32 w under autocast would make q and k fp32). Under forward AD one rule: with
+    r = (mean(x^2) + eps)^-1/2 and n = x r, dn = r (dx - n mean(n dx)), where the generic rules
+    differentiate the square, mean, rsqrt and products one by one (about 3x the ops)."""
+    dual = _rule_applies(x, w)
+    xp, w = x if dual is None else dual[0], w.to(x.dtype)
+    xf = xp.float() if xp.dtype in (torch.float16, torch.bfloat16) else xp
+    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    n = xf * r
+    if dual is None:
+        return n.to(x.dtype) * w
+    with _tangent_recording():
+        dn = (dual[1] - n * (n * dual[1]).mean(-1, keepdim=True)) * r
+        dy = dn.to(x.dtype) * w
+    return fwAD.make_dual(n.to(x.dtype) * w, dy)
 
 
 class Linear(nn.Linear):
