@@ -19,20 +19,19 @@ At full size the plain path is too slow and too large, for three reasons this fi
    JVPAttention (torch.func transforms, or a tangent that is trained: the primal by fused SDPA,
    the tangent by the rule) and DualAttention (forward-AD dual tensors whose tangent is detached,
    as in mfsr.py: one pass for both, backward from the saved O and log-sum-exp).
-2. Linear layers and norms. PyTorch's generic forward rule for F.linear also multiplies x by the
-   weight's zero tangent, and differentiates RMSNorm op by op; `linear` computes only dx W^T, and
-   `rms_norm` one rule.
-3. Memory. model.JointBlock's `attend` and `image_mlp` are the plain equations: q, k, v of the
-   rows [X ; L ; C] concatenated, the MLPs over all rows at once. Inside `lean_memory()` the block
-   runs their twins here, `lean_attend` and `lean_image_mlp`, with the same numbers and lower
-   peaks: each stream's q, k, v freed once joined, and under a JVP (where the MLP's 4x-wide hidden
-   layers, each with a tangent beside it, are the largest activations) the MLPs over bands of
-   image rows (`mlp_band_rows`). train.py runs inside it (sample.py's latent tiles bound its memory).
+2. Linear layers and RMSNorm. PyTorch's generic forward rules multiply x by the weight's zero
+   tangent, and take RMSNorm op by op; `linear` computes only dx W^T, `rms_norm` one rule.
+3. Memory. model.JointBlock's `attend` and `image_mlp` are the plain equations (q, k, v of the rows
+   [X ; L ; C] concatenated, the MLPs over all rows at once). Inside `lean_memory()` (train.py runs
+   in it; sample.py's latent tiles bound its memory) the block runs their twins `lean_attend` and
+   `lean_image_mlp`: the same numbers, lower peaks. Each stream's q, k, v are freed once joined, and
+   under a JVP the MLPs, whose 4x-wide hidden layers and their tangents are the largest activations,
+   run over bands of image rows (`mlp_band_rows`, their size from a memory budget).
 
 Switches (context managers): `plain()` turns all of it off; `detached_tangents()` promises that the
-JVP's tangent output is detached, so the tangent rules need not be recorded for backward;
-`compiled_jvp()` tells `attention` that the graph being compiled carries tangents; `lean_memory()`
-takes the lean block. `forward_switches` keeps them for a checkpointed block's recomputation.
+JVP's tangent output is detached (its rules need not be recorded for backward); `compiled_jvp()`
+tells `attention` that the graph being compiled carries tangents; `lean_memory()` takes the lean
+block. `forward_switches` keeps them for a checkpointed block's recomputation.
 """
 import contextlib
 
@@ -42,39 +41,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-# Memory budgets of the JVP's blocks in bytes: a (B, H, chunk, N) block of attention scores, and a
-# (B, rows * w, 4 D) band of an MLP's hidden layer. A GPU launches a kernel for every op, a few
-# microseconds each, so there a block is as large as memory comfortably allows, 512 MiB. At 512^2
-# (B = 5 JVP rows, 24 heads, 2,202 tokens) one query row of fp32 scores over all heads is 1.06 MB,
-# so a chunk holds 508 rows, 5 chunks per attention, and its blocks alive at once (probabilities,
-# P * dS, a product: about 1.5 GB) are small beside the 5 GB of bf16 weights. The hidden layer of a
-# whole 1024^2 image (B = 5, 4,096 tokens, 6,144 wide) is 503 MB in fp32: one band. A CPU launches
-# nothing, an op costs its arithmetic whatever the block, and there the JVP's peak memory stays that
-# of a forward (docs/benchmarks.md) with blocks of a few MiB. "gpu" is every other device, and the
-# meta device, on which bench.py counts the ops a GPU would launch.
+# Memory budgets in bytes of a JVP's blocks: a (B, H, chunk, N) block of attention scores, a
+# (B, rows * w, 4 D) band of an MLP's hidden layer. A GPU launches a kernel per op (a few us each):
+# there blocks as large as memory easily allows. At 512^2 (B = 5, 24 heads, 2,202 tokens) a chunk is
+# 508 query rows, 5 an attention, 1.5 GB of fp32 blocks at once beside 5 GB of bf16 weights; a 1024^2
+# image's hidden layer (503 MB) is one band. A CPU launches nothing (an op costs its arithmetic): a
+# few MiB keep the JVP's peak that of a forward. "gpu": other devices, and meta (bench.py jvp_ops).
 ATTN_BLOCK_BYTES = {"cpu": 2 ** 22, "gpu": 2 ** 29}
 MLP_BAND_BYTES = {"cpu": 2 ** 23, "gpu": 2 ** 29}
+_budget = lambda table, device: table["cpu" if device.type == "cpu" else "gpu"]   # noqa: E731
 
-
-def _budget(table, device):
-    return table["cpu" if device.type == "cpu" else "gpu"]
-
-
-def compute_dtype(x):
-    """The dtype x's products run in: autocast's where it is on for x's device (it casts fp32, fp16
-    and bf16 tensors, never fp64), else x's own."""
-    kind = x.device.type
-    if (x.is_floating_point() and x.dtype != torch.float64 and torch.amp.is_autocast_available(kind)
-            and torch.is_autocast_enabled(kind)):
-        return torch.get_autocast_dtype(kind)
-    return x.dtype
-
-
-def _autocast_off(device):
-    """Autocast off on `device` (a device type without autocast has nothing to turn off)."""
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
 
 # --------------------------------------------------------------------------------------------
 # Switches
@@ -146,9 +122,7 @@ def _tangent_recording():
 
 def has_tangent(x):
     """True inside torch.func transforms (jvp, grad, vmap) or with forward-AD dual tensors."""
-    if torch._C._functorch.is_functorch_wrapped_tensor(x):
-        return True
-    return fwAD.unpack_dual(x).tangent is not None
+    return torch._C._functorch.is_functorch_wrapped_tensor(x) or fwAD.unpack_dual(x).tangent is not None
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,11 +134,16 @@ def plain_attention(q, k, v):
     return torch.softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1) @ v
 
 
+def compute_dtype(x):
+    """The dtype x's products run in: autocast's where it is on (it never casts fp64), else x's."""
+    kind, cast = x.device.type, x.is_floating_point() and x.dtype != torch.float64
+    on = cast and torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+    return torch.get_autocast_dtype(kind) if on else x.dtype
+
+
 def _query_chunk(q, k, dtype=None):
-    """Query rows per chunk so that a (B, H, chunk, N) score block of `dtype` (default q's) stays
-    under ATTN_BLOCK_BYTES: memory O(N), never O(N^2)."""
-    B, H, _, _ = q.shape
-    row = B * H * k.shape[-2] * (dtype or q.dtype).itemsize
+    """Query rows per chunk: a (B, H, chunk, N) score block of `dtype` (q's) within ATTN_BLOCK_BYTES."""
+    row = q.shape[0] * q.shape[1] * k.shape[-2] * (dtype or q.dtype).itemsize    # B H N scores
     return max(1, _budget(ATTN_BLOCK_BYTES, q.device) // row)
 
 
@@ -173,9 +152,9 @@ def attention_and_tangent(q, k, v, dq, dk, dv, with_lse=False):
     never forming N x N. Six (chunk, N, d) products, two of them the primal's, all on views of the
     inputs (concatenating [K, dK] would cost more memory than it saves time). with_lse: also the
     rows' log-sum-exp, for the backward. Returns (O, dO, lse or None), O and dO in compute_dtype(q).
-    Work done once per call, not per chunk: the casts to the compute dtype (autocast is off in the
-    loop: it would cast all of K and dK for every chunk), the scale, the (B H, n, d) layout of bmm."""
-    dtype = compute_dtype(q)
+    Done once, not per chunk: the casts (autocast is off in the loop: it would cast all of K and dK
+    for every chunk), the scale, the (B H, n, d) layout bmm takes."""
+    dtype, kind = compute_dtype(q), q.device.type
     acc = torch.promote_types(dtype, torch.float32)         # the softmax's dtype, as SDPA's
     scale, chunk = q.shape[-1] ** -0.5, _query_chunk(q, k, acc)
     flat = lambda t: t.to(dtype).reshape(-1, *t.shape[-2:])                    # (B H, n, d)
@@ -183,7 +162,7 @@ def attention_and_tangent(q, k, v, dq, dk, dv, with_lse=False):
     kt, dkt = flat(k).transpose(1, 2), flat(dk).transpose(1, 2)                # (B H, d, N)
     o, do = (qs.new_empty(*qs.shape[:-1], v.shape[-1]) for _ in range(2))
     lse = qs.new_empty(qs.shape[:-1], dtype=acc) if with_lse else None
-    with _autocast_off(q.device):
+    with torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else contextlib.nullcontext():
         for i in range(0, qs.shape[1], chunk):
             rows = slice(i, i + chunk)
             qc = qs[:, rows]
@@ -198,8 +177,8 @@ def attention_and_tangent(q, k, v, dq, dk, dv, with_lse=False):
             do[:, rows] = torch.addcmul(torch.bmm(p, dv).add_(torch.bmm(pds, v)), pds.sum(-1, keepdim=True),
                                         oc, value=-1)
             del p, pds       # before the next chunk's scores: two blocks fewer at the peak
-    heads = lambda t: t.view(*q.shape[:-1], *t.shape[2:])                      # (B, H, N, ...)
-    return heads(o), heads(do), None if lse is None else heads(lse)
+    shape = q.shape[:-1]                                                       # back to (B, H, N, ...)
+    return o.view(*shape, -1), do.view(*shape, -1), None if lse is None else lse.view(shape)
 
 
 # PyTorch's CPU flash-attention backward (torch >= 2.3): gradients from a saved O and log-sum-exp
@@ -266,9 +245,8 @@ class DualAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, go, _):
-        q, k, v, o, lse = ctx.saved_tensors
-        q, k, v = (t.to(o.dtype) for t in (q, k, v))        # as the forward ran (autocast's dtype)
-        return *_attention_grads(q, k, v, go.to(o.dtype), o, lse), None, None, None
+        q, k, v, o, lse = ctx.saved_tensors      # q, k, v, go cast as the forward cast (autocast)
+        return *_attention_grads(*(t.to(o.dtype) for t in (q, k, v, go)), o, lse), None, None, None
 
 
 def _dual_attention(q, k, v):
@@ -320,19 +298,16 @@ def attention(q, k, v, mode="auto"):
 
 
 def _rule_applies(x, w):
-    """(x's primal, tangent) where a hand-written forward-mode rule applies: x a dual tensor of
-    torch.autograd.forward_ad (what mfsr.py uses), w without tangent, outside plain(), torch.func
-    and compiling. None elsewhere: there plain ops, differentiated by PyTorch's generic rules."""
-    if (_SWITCHES["plain"] or torch.compiler.is_compiling()
-            or torch._C._functorch.is_functorch_wrapped_tensor(x)):
+    """(x's primal, tangent) where a hand rule applies (x a forward-AD dual, w without tangent, outside
+    plain(), torch.func, compiling), else None: plain ops, PyTorch's generic rules."""
+    if _SWITCHES["plain"] or torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(x):
         return None
     xp, dx = fwAD.unpack_dual(x)
     return None if dx is None or fwAD.unpack_dual(w).tangent is not None else (xp, dx)
 
 
 def linear(x, w, b=None):
-    """F.linear; under forward AD its tangent is dx W^T, one product (PyTorch's generic rule also
-    multiplies x by the weight's zero tangent)."""
+    """F.linear; under forward AD its tangent is dx W^T, one product (the generic rule adds x dW^T, dW = 0)."""
     dual = _rule_applies(x, w)
     if dual is None:
         return F.linear(x, w, b)
@@ -342,21 +317,20 @@ def linear(x, w, b=None):
 
 
 def rms_norm(x, w, eps):
-    """x / sqrt(mean(x^2) + eps) * w over the last dim, the statistics in >= fp32, the result in x's
-    dtype (an fp32 w under autocast would make q and k fp32). Under forward AD one rule: with
-    r = (mean(x^2) + eps)^-1/2 and n = x r, dn = r (dx - n mean(n dx)), where the generic rules
-    differentiate the square, mean, rsqrt and products one by one (about 3x the ops)."""
+    """x / sqrt(mean(x^2) + eps) * w over the last dim, statistics in >= fp32, the result in x's dtype
+    (an fp32 w under autocast would make q, k fp32). Its tangent by one rule: with n = x r and
+    r = (mean(x^2) + eps)^-1/2, dn = r (dx - n mean(n dx)); the generic rules take 3x the ops."""
     dual = _rule_applies(x, w)
     xp, w = x if dual is None else dual[0], w.to(x.dtype)
     xf = xp.float() if xp.dtype in (torch.float16, torch.bfloat16) else xp
     r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     n = xf * r
+    y = n.to(x.dtype) * w
     if dual is None:
-        return n.to(x.dtype) * w
+        return y
     with _tangent_recording():
-        dn = (dual[1] - n * (n * dual[1]).mean(-1, keepdim=True)) * r
-        dy = dn.to(x.dtype) * w
-    return fwAD.make_dual(n.to(x.dtype) * w, dy)
+        dy = ((dual[1] - n * (n * dual[1]).mean(-1, keepdim=True)) * r).to(x.dtype) * w
+    return fwAD.make_dual(y, dy)
 
 
 class Linear(nn.Linear):
@@ -443,40 +417,30 @@ def mlp_band_rows(x, h, w, hidden):
     return max(1, _budget(MLP_BAND_BYTES, x.device) // row)
 
 
-def _hidden(xb, t, shift, scale):
-    """The MLP's hidden layer gelu(fc1(modulate(norm2(t)))) of some of a stream's tokens t."""
-    return xb.mlp.hidden(_modulate(xb.norm2(t), shift, scale))
-
-
 def lean_image_mlp(block, x, lr, shift, scale, gate, grid):
     """block.image_mlp over bands of image rows (mlp_band_rows: one band without a tangent). L's
-    hidden layer is computed once, band by band, one band ahead: the 3x3 conv of a band needs the
-    row below it, which is the next band's first."""
-    h, w = grid
-    rows = mlp_band_rows(x, h, w, block.x_block.mlp.fc1.out_features)
-    bands = [(r, min(r + rows, h)) for r in range(0, h, rows)]
-    hidden_lr = lambda r0, r1: None if lr is None else _hidden(block.x_block, lr[:, r0 * w:r1 * w], shift, scale)
-    parts, above, here = [], None, hidden_lr(*bands[0])
-    for i, (r0, r1) in enumerate(bands):
-        below = hidden_lr(*bands[i + 1]) if i + 1 < len(bands) else None
-        parts.append(mlp_rows(block, x, lr, shift, scale, gate, grid, r0, r1, (above, here, below)))
-        # the last row, copied: a view would keep the whole band alive
-        above, here = None if here is None or below is None else here[:, -w:].clone(), below
-    if len(parts) == 1:
-        return parts[0]
-    return torch.cat([p[0] for p in parts], 1), None if lr is None else torch.cat([p[1] for p in parts], 1)
+    hidden layer is computed once, a band ahead: a band's 3x3 conv needs the rows beside it."""
+    (h, w), xb = grid, block.x_block
+    rows = mlp_band_rows(x, h, w, xb.mlp.fc1.out_features)
+    hidden_lr = lambda r: None if lr is None else xb.mlp.hidden(_modulate(xb.norm2(lr[:, r * w:(r + rows) * w]),
+                                                                          shift, scale))   # image rows r ..
+    parts, above, here = [], None, hidden_lr(0)
+    for r in range(0, h, rows):
+        below = hidden_lr(r + rows) if r + rows < h else None
+        parts.append(mlp_rows(block, x, lr, shift, scale, gate, grid, r, min(r + rows, h), above, here, below))
+        above, here = None if below is None else here[:, -w:].clone(), below   # a view would keep the band
+    cat = lambda ts: ts[0] if len(ts) == 1 else torch.cat(ts, 1)                # one band: no copy
+    return cat([p[0] for p in parts]), None if lr is None else cat([p[1] for p in parts])
 
 
-def mlp_rows(block, x, lr, shift, scale, gate, grid, r0, r1, hl=(None, None, None)):
+def mlp_rows(block, x, lr, shift, scale, gate, grid, r0, r1, above=None, here=None, below=None):
     """block.image_mlp's outputs on image rows r0 .. r1 - 1 (tokens r0 w .. r1 w - 1) of X and of L.
-    hl: L's hidden layer on the row above the band, on the band, and on the band below (None
-    beyond the image's edges), for the 3x3 conv."""
+    above, here, below: L's hidden layer on the row above, the band, the band below (None past the edges)."""
     xb, (h, w) = block.x_block, grid
     band = slice(r0 * w, r1 * w)
-    hx = _hidden(xb, x[:, band], shift, scale)                                 # (B, n, 4D)
+    hx = xb.mlp.hidden(_modulate(xb.norm2(x[:, band]), shift, scale))         # (B, n, 4D)
     lr_out = None
     if lr is not None:
-        above, here, below = hl
         window = [t for t in (above, here, None if below is None else below[:, :w]) if t is not None]
         window = torch.cat(window, 1) if len(window) > 1 else here          # the band and its halo
         conv = xb.mlp.control_conv(rearrange(window, "b (h w) c -> b c h w", w=w))
