@@ -299,6 +299,11 @@ def _fw_jvp(f, primals, tangents):
         return tuple(fwAD.unpack_dual(f(*(fwAD.make_dual(p, t) for p, t in zip(primals, tangents)))))
 
 
+def _set_budget(monkeypatch, name, nbytes):
+    """fastjvp's memory budget `name` (ATTN_BLOCK_BYTES, MLP_BAND_BYTES) set to nbytes on every device."""
+    monkeypatch.setattr(fastjvp, name, {"cpu": nbytes, "gpu": nbytes})
+
+
 def _backward_nodes(t, depth=3):
     """Class names of the autograd nodes within `depth` steps of t."""
     names, front = set(), [t.grad_fn]
@@ -330,6 +335,28 @@ def test_attention_jvp_matches_float64_finite_differences(jvp, monkeypatch):
         math_out, math_tangent = jvp(lambda *a: model.attention(*a, mode="math"), (q, k, v), (dq, dk, dv))
         assert (tangent - math_tangent).abs().max() <= 1e-12 and (out - math_out).abs().max() <= 1e-12
     assert fd.norm() > 1.0 and len(calls) == 2
+
+
+def test_attention_and_tangent_casts_k_and_v_once_under_autocast(monkeypatch):
+    """Under autocast the inputs are cast to its dtype once per call, not for every chunk (K, dK, V,
+    dV: 4 casts of their size over 8 chunks), and O, dO are those of fp32 to bf16's rounding."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    q, k, v = _qkv(dtype=torch.float32)
+    dq, dk, dv = _qkv(dtype=torch.float32, seed=1)
+    ref = fastjvp.attention_and_tangent(q, k, v, dq, dk, dv)
+
+    class Casts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Casts.count += func is torch.ops.aten._to_copy.default and args[0].numel() == k.numel()
+            return func(*args, **(kwargs or {}))
+    _set_budget(monkeypatch, "ATTN_BLOCK_BYTES", 2 * 53 * 5 * 4)      # fp32 softmax blocks of 5 query rows
+    with torch.autocast("cpu", dtype=torch.bfloat16), Casts():
+        o, do, _ = fastjvp.attention_and_tangent(q, k, v, dq, dk, dv)
+    assert o.dtype == do.dtype == torch.bfloat16 and Casts.count == 4
+    for a, b in zip((o, do), ref):
+        assert (a.float() - b).abs().max() <= 0.03 * b.abs().max()
 
 
 def test_attention_paths_agree_and_backward_through_the_jvp_primal():
@@ -399,11 +426,6 @@ def test_model_jvp_uses_the_custom_attention_and_matches_math_backend(jvp, monke
     fd = (f(inp["x"] + eps * tx, inp["sigma"] + eps * ts) - f(inp["x"] - eps * tx, inp["sigma"] - eps * ts)) / (2 * eps)
     assert (jvp_out - jvp_math).abs().max() <= 1e-10 * jvp_out.abs().max()
     assert (jvp_out - fd).norm() / fd.norm() <= 1e-6
-
-
-def _set_budget(monkeypatch, name, nbytes):
-    """fastjvp's memory budget `name` (ATTN_BLOCK_BYTES, MLP_BAND_BYTES) set to nbytes on every device."""
-    monkeypatch.setattr(fastjvp, name, {"cpu": nbytes, "gpu": nbytes})
 
 
 @pytest.fixture
