@@ -19,19 +19,19 @@ At full size the plain path is too slow and too large, for three reasons this fi
    JVPAttention (torch.func transforms, or a tangent that is trained: the primal by fused SDPA,
    the tangent by the rule) and DualAttention (forward-AD dual tensors whose tangent is detached,
    as in mfsr.py: one pass for both, backward from the saved O and log-sum-exp).
-2. Linear layers. PyTorch's generic forward rule for F.linear also multiplies x by the weight's
-   zero tangent; `linear` computes only dx W^T.
-3. Memory. model.JointBlock's `attend` and `image_mlp` are the plain equations: q, k, v of the
-   rows [X ; L ; C] concatenated, the MLPs over all rows at once. Inside `lean_memory()` the block
-   runs their twins here, `lean_attend` and `lean_image_mlp`, with the same numbers and lower
-   peaks: each stream's q, k, v freed once joined, and under a JVP (where the MLP's 4x-wide hidden
-   layers, each with a tangent beside it, are the largest activations) the MLPs over bands of
-   image rows (`mlp_band_rows`). train.py runs inside it (sample.py's latent tiles bound its memory).
+2. Linear layers and RMSNorm. PyTorch's generic forward rules multiply x by the weight's zero
+   tangent, and take RMSNorm op by op; `linear` computes only dx W^T, `rms_norm` one rule.
+3. Memory. model.JointBlock's `attend` and `image_mlp` are the plain equations (q, k, v of the rows
+   [X ; L ; C] concatenated, the MLPs over all rows at once). Inside `lean_memory()` (train.py runs
+   in it; sample.py's latent tiles bound its memory) the block runs their twins `lean_attend` and
+   `lean_image_mlp`: the same numbers, lower peaks. Each stream's q, k, v are freed once joined, and
+   under a JVP the MLPs, whose 4x-wide hidden layers and their tangents are the largest activations,
+   run over bands of image rows (`mlp_band_rows`, their size from a memory budget).
 
 Switches (context managers): `plain()` turns all of it off; `detached_tangents()` promises that the
-JVP's tangent output is detached, so the tangent rules need not be recorded for backward;
-`compiled_jvp()` tells `attention` that the graph being compiled carries tangents; `lean_memory()`
-takes the lean block. `forward_switches` keeps them for a checkpointed block's recomputation.
+JVP's tangent output is detached (its rules need not be recorded for backward); `compiled_jvp()`
+tells `attention` that the graph being compiled carries tangents; `lean_memory()` takes the lean
+block. `forward_switches` keeps them for a checkpointed block's recomputation.
 """
 import contextlib
 
@@ -41,8 +41,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-ATTN_CHUNK_ELEMENTS = 2 ** 20  # size of one (B, H, chunk, N) score block in the JVP paths
-MLP_CHUNK_ELEMENTS = 2 ** 21   # size of one (B, rows * w, 4 D) MLP hidden band in the JVP
+# Memory budgets in bytes of a JVP's blocks: a (B, H, chunk, N) block of attention scores, a
+# (B, rows * w, 4 D) band of an MLP's hidden layer. A GPU launches a kernel per op (a few us each):
+# there blocks as large as memory easily allows. At 512^2 (B = 5, 24 heads, 2,202 tokens) a chunk is
+# 508 query rows, 5 an attention, 1.5 GB of fp32 blocks at once beside 5 GB of bf16 weights; a 1024^2
+# image's hidden layer (503 MB) is one band. A CPU launches nothing (an op costs its arithmetic): a
+# few MiB keep the JVP's peak that of a forward. "gpu": other devices, and meta (bench.py jvp_ops).
+ATTN_BLOCK_BYTES = {"cpu": 2 ** 22, "gpu": 2 ** 29}
+MLP_BAND_BYTES = {"cpu": 2 ** 23, "gpu": 2 ** 29}
+_budget = lambda table, device: table["cpu" if device.type == "cpu" else "gpu"]   # noqa: E731
+
 
 # --------------------------------------------------------------------------------------------
 # Switches
@@ -114,9 +122,7 @@ def _tangent_recording():
 
 def has_tangent(x):
     """True inside torch.func transforms (jvp, grad, vmap) or with forward-AD dual tensors."""
-    if torch._C._functorch.is_functorch_wrapped_tensor(x):
-        return True
-    return fwAD.unpack_dual(x).tangent is not None
+    return torch._C._functorch.is_functorch_wrapped_tensor(x) or fwAD.unpack_dual(x).tangent is not None
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,40 +134,51 @@ def plain_attention(q, k, v):
     return torch.softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1) @ v
 
 
-def _query_chunk(q, k):
-    """Query rows per chunk so that a score block stays under ATTN_CHUNK_ELEMENTS: O(N) memory."""
-    B, H, _, _ = q.shape
-    return max(1, ATTN_CHUNK_ELEMENTS // (B * H * k.shape[-2]))
+def compute_dtype(x):
+    """The dtype x's products run in: autocast's where it is on (it never casts fp64), else x's."""
+    kind, cast = x.device.type, x.is_floating_point() and x.dtype != torch.float64
+    on = cast and torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+    return torch.get_autocast_dtype(kind) if on else x.dtype
+
+
+def _query_chunk(q, k, dtype=None):
+    """Query rows per chunk: a (B, H, chunk, N) score block of `dtype` (q's) within ATTN_BLOCK_BYTES."""
+    row = q.shape[0] * q.shape[1] * k.shape[-2] * (dtype or q.dtype).itemsize    # B H N scores
+    return max(1, _budget(ATTN_BLOCK_BYTES, q.device) // row)
 
 
 def attention_and_tangent(q, k, v, dq, dk, dv, with_lse=False):
     """O = softmax(s Q K^T) V and dO (the rule in the module docstring), over chunks of query rows,
     never forming N x N. Six (chunk, N, d) products, two of them the primal's, all on views of the
     inputs (concatenating [K, dK] would cost more memory than it saves time). with_lse: also the
-    rows' log-sum-exp, for the backward. Returns (O, dO, lse or None)."""
-    scale, chunk = q.shape[-1] ** -0.5, _query_chunk(q, k)
-    kt, dkt = k.transpose(-1, -2), dk.transpose(-1, -2)                         # (B, H, d, N)
-    heads3 = lambda t: t.reshape(-1, *t.shape[-2:])        # (B, H, a, b) -> (B H, a, b), baddbmm's
-    o, do = (q.new_empty(*q.shape[:-1], v.shape[-1]) for _ in range(2))
-    acc = torch.promote_types(q.dtype, torch.float32)       # lse in fp32 for bf16, as SDPA's
-    lse = q.new_empty(q.shape[:-1], dtype=acc) if with_lse else None
-    for i in range(0, q.shape[-2], chunk):
-        rows = slice(i, i + chunk)
-        qc, dqc = q[..., rows, :] * scale, dq[..., rows, :] * scale
-        s = qc @ kt                                                             # (B, H, c, N)
-        p = torch.softmax(s, dim=-1)
-        if with_lse:     # log sum_j exp(s_j) = s_j - log p_j for any j; the row maximum is safest
-            lse[..., rows] = s.amax(-1).to(acc) - p.amax(-1).to(acc).log()
-        del s
-        pds = dqc @ kt                             # dS: dQ K^T, + Q dK^T in place, then * P
-        # (in-place ops escape autocast: the operands are cast to the block's dtype by hand)
-        pds.view(-1, *pds.shape[-2:]).baddbmm_(heads3(qc).to(pds.dtype), heads3(dkt).to(pds.dtype))
-        pds.mul_(p)                                                             # P * dS
-        o[..., rows, :] = p @ v
-        do[..., rows, :] = torch.addcmul((p @ dv).add_(pds @ v), pds.sum(-1, keepdim=True),
-                                         o[..., rows, :], value=-1)
-        del p, pds           # before the next chunk's scores: two blocks fewer at the peak
-    return o, do, lse
+    rows' log-sum-exp, for the backward. Returns (O, dO, lse or None), O and dO in compute_dtype(q).
+    Done once, not per chunk: the casts (autocast is off in the loop: it would cast all of K and dK
+    for every chunk), the scale, the (B H, n, d) layout bmm takes."""
+    dtype, kind = compute_dtype(q), q.device.type
+    acc = torch.promote_types(dtype, torch.float32)         # the softmax's dtype, as SDPA's
+    scale, chunk = q.shape[-1] ** -0.5, _query_chunk(q, k, acc)
+    flat = lambda t: t.to(dtype).reshape(-1, *t.shape[-2:])                    # (B H, n, d)
+    qs, dqs, v, dv = flat(q) * scale, flat(dq) * scale, flat(v), flat(dv)     # s Q, s dQ, V, dV
+    kt, dkt = flat(k).transpose(1, 2), flat(dk).transpose(1, 2)                # (B H, d, N)
+    o, do = (qs.new_empty(*qs.shape[:-1], v.shape[-1]) for _ in range(2))
+    lse = qs.new_empty(qs.shape[:-1], dtype=acc) if with_lse else None
+    with torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else contextlib.nullcontext():
+        for i in range(0, qs.shape[1], chunk):
+            rows = slice(i, i + chunk)
+            qc = qs[:, rows]
+            s = torch.bmm(qc, kt)                                               # (B H, c, N)
+            p = torch.softmax(s, dim=-1, dtype=acc)
+            if with_lse:   # log sum_j exp(s_j) = s_j - log p_j for any j; the row maximum is safest
+                lse[:, rows] = s.amax(-1).to(acc) - p.amax(-1).log()
+            del s
+            p = p.to(dtype)
+            pds = torch.bmm(dqs[:, rows], kt).baddbmm_(qc, dkt).mul_(p)   # P * dS, dS = dQ K^T + Q dK^T
+            o[:, rows] = oc = torch.bmm(p, v)
+            do[:, rows] = torch.addcmul(torch.bmm(p, dv).add_(torch.bmm(pds, v)), pds.sum(-1, keepdim=True),
+                                        oc, value=-1)
+            del p, pds       # before the next chunk's scores: two blocks fewer at the peak
+    shape = q.shape[:-1]                                                       # back to (B, H, N, ...)
+    return o.view(*shape, -1), do.view(*shape, -1), None if lse is None else lse.view(shape)
 
 
 # PyTorch's CPU flash-attention backward (torch >= 2.3): gradients from a saved O and log-sum-exp
@@ -228,8 +245,8 @@ class DualAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, go, _):
-        q, k, v, o, lse = ctx.saved_tensors
-        return *_attention_grads(q, k, v, go, o, lse), None, None, None
+        q, k, v, o, lse = ctx.saved_tensors      # q, k, v, go cast as the forward cast (autocast)
+        return *_attention_grads(*(t.to(o.dtype) for t in (q, k, v, go)), o, lse), None, None, None
 
 
 def _dual_attention(q, k, v):
@@ -277,22 +294,43 @@ def attention(q, k, v, mode="auto"):
 
 
 # --------------------------------------------------------------------------------------------
-# 2. Linear layers
+# 2. Linear layers and RMSNorm: one tangent rule each
+
+
+def _rule_applies(x, w):
+    """(x's primal, tangent) where a hand rule applies (x a forward-AD dual, w without tangent, outside
+    plain(), torch.func, compiling), else None: plain ops, PyTorch's generic rules."""
+    if _SWITCHES["plain"] or torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return None
+    xp, dx = fwAD.unpack_dual(x)
+    return None if dx is None or fwAD.unpack_dual(w).tangent is not None else (xp, dx)
 
 
 def linear(x, w, b=None):
-    """F.linear with its own forward-mode rule under torch.autograd.forward_ad (what mfsr.py uses):
-    the tangent is dx W^T, one product; PyTorch's generic rule also multiplies x by the weight's
-    zero tangent. Plain F.linear everywhere else (plain(), torch.func, compiling, no dual input)."""
-    if (_SWITCHES["plain"] or torch.compiler.is_compiling()
-            or torch._C._functorch.is_functorch_wrapped_tensor(x)):
-        return F.linear(x, w, b)
-    xp, dx = fwAD.unpack_dual(x)
-    if dx is None or fwAD.unpack_dual(w).tangent is not None:
+    """F.linear; under forward AD its tangent is dx W^T, one product (the generic rule adds x dW^T, dW = 0)."""
+    dual = _rule_applies(x, w)
+    if dual is None:
         return F.linear(x, w, b)
     with _tangent_recording():
-        dy = F.linear(dx, w)
-    return fwAD.make_dual(F.linear(xp, w, b), dy)
+        dy = F.linear(dual[1], w)
+    return fwAD.make_dual(F.linear(dual[0], w, b), dy)
+
+
+def rms_norm(x, w, eps):
+    """x / sqrt(mean(x^2) + eps) * w over the last dim, statistics in >= fp32, the result in x's dtype
+    (an fp32 w under autocast would make q, k fp32). Its tangent by one rule: with n = x r and
+    r = (mean(x^2) + eps)^-1/2, dn = r (dx - n mean(n dx)); the generic rules take 3x the ops."""
+    dual = _rule_applies(x, w)
+    xp, w = x if dual is None else dual[0], w.to(x.dtype)
+    xf = xp.float() if xp.dtype in (torch.float16, torch.bfloat16) else xp
+    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    n = xf * r
+    y = n.to(x.dtype) * w
+    if dual is None:
+        return y
+    with _tangent_recording():
+        dy = ((dual[1] - n * (n * dual[1]).mean(-1, keepdim=True)) * r).to(x.dtype) * w
+    return fwAD.make_dual(y, dy)
 
 
 class Linear(nn.Linear):
@@ -372,32 +410,41 @@ def _lean_out(attn, o, x, lr, la, gate):
 def mlp_band_rows(x, h, w, hidden):
     """How many of the h image rows (w tokens each) one MLP band holds: all of them normally; under
     a JVP (a tangent beside every activation) as many as keep a (B, rows * w, hidden) band under
-    MLP_CHUNK_ELEMENTS. The result is the same up to rounding."""
+    MLP_BAND_BYTES. The result is the same up to rounding."""
     if _SWITCHES["plain"] or torch.compiler.is_compiling() or not has_tangent(x):
         return h
-    return max(1, MLP_CHUNK_ELEMENTS // (x.shape[0] * w * hidden))
+    row = x.shape[0] * w * hidden * compute_dtype(x).itemsize
+    return max(1, _budget(MLP_BAND_BYTES, x.device) // row)
 
 
 def lean_image_mlp(block, x, lr, shift, scale, gate, grid):
-    """block.image_mlp over bands of image rows (mlp_band_rows: one band without a tangent)."""
-    h, w = grid
-    rows = mlp_band_rows(x, h, w, block.x_block.mlp.fc1.out_features)
-    if rows >= h:
-        return mlp_rows(block, x, lr, shift, scale, gate, grid, 0, h)
-    parts = [mlp_rows(block, x, lr, shift, scale, gate, grid, r, min(r + rows, h)) for r in range(0, h, rows)]
-    return torch.cat([p[0] for p in parts], 1), None if lr is None else torch.cat([p[1] for p in parts], 1)
+    """block.image_mlp over bands of image rows (mlp_band_rows: one band without a tangent). L's
+    hidden layer is computed once, a band ahead: a band's 3x3 conv needs the rows beside it."""
+    (h, w), xb = grid, block.x_block
+    rows = mlp_band_rows(x, h, w, xb.mlp.fc1.out_features)
+    hidden_lr = lambda r: None if lr is None else xb.mlp.hidden(_modulate(xb.norm2(lr[:, r * w:(r + rows) * w]),
+                                                                          shift, scale))   # image rows r ..
+    parts, above, here = [], None, hidden_lr(0)
+    for r in range(0, h, rows):
+        below = hidden_lr(r + rows) if r + rows < h else None
+        parts.append(mlp_rows(block, x, lr, shift, scale, gate, grid, r, min(r + rows, h), above, here, below))
+        above, here = None if below is None else here[:, -w:].clone(), below   # a view would keep the band
+    cat = lambda ts: ts[0] if len(ts) == 1 else torch.cat(ts, 1)                # one band: no copy
+    return cat([p[0] for p in parts]), None if lr is None else cat([p[1] for p in parts])
 
 
-def mlp_rows(block, x, lr, shift, scale, gate, grid, r0, r1):
-    """block.image_mlp's outputs on image rows r0 .. r1 - 1 (tokens r0 w .. r1 w - 1) of X and of L."""
+def mlp_rows(block, x, lr, shift, scale, gate, grid, r0, r1, above=None, here=None, below=None):
+    """block.image_mlp's outputs on image rows r0 .. r1 - 1 (tokens r0 w .. r1 w - 1) of X and of L.
+    above, here, below: L's hidden layer on the row above, the band, the band below (None past the edges)."""
     xb, (h, w) = block.x_block, grid
     band = slice(r0 * w, r1 * w)
     hx = xb.mlp.hidden(_modulate(xb.norm2(x[:, band]), shift, scale))         # (B, n, 4D)
     lr_out = None
     if lr is not None:
-        a, b = max(r0 - 1, 0), min(r1 + 1, h)       # one more row each side for the 3x3 conv
-        hl = xb.mlp.hidden(_modulate(xb.norm2(lr[:, a * w:b * w]), shift, scale))
-        conv = xb.mlp.control_conv(rearrange(hl, "b (h w) c -> b c h w", w=w))[:, :, r0 - a:r1 - a]
+        window = [t for t in (above, here, None if below is None else below[:, :w]) if t is not None]
+        window = torch.cat(window, 1) if len(window) > 1 else here          # the band and its halo
+        conv = xb.mlp.control_conv(rearrange(window, "b (h w) c -> b c h w", w=w))
+        conv = conv.narrow(2, int(above is not None), r1 - r0)              # the band's rows
         hx = hx + block.cfg.ff_inject * rearrange(conv, "b c h w -> b (h w) c")
-        lr_out = lr[:, band] + gate.unsqueeze(1) * xb.mlp.fc2(hl[:, (r0 - a) * w:(r1 - a) * w])
+        lr_out = lr[:, band] + gate.unsqueeze(1) * xb.mlp.fc2(here)
     return x[:, band] + gate.unsqueeze(1) * xb.mlp.fc2(hx), lr_out

@@ -100,8 +100,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return fastjvp.rms_norm(x, self.weight, self.eps)   # x / rms(x) * weight, in x's dtype
 
 
 def timestep_embedding(t, dim=256, max_period=10000.0, max_freq=None):

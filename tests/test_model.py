@@ -299,6 +299,11 @@ def _fw_jvp(f, primals, tangents):
         return tuple(fwAD.unpack_dual(f(*(fwAD.make_dual(p, t) for p, t in zip(primals, tangents)))))
 
 
+def _set_budget(monkeypatch, name, nbytes):
+    """fastjvp's memory budget `name` (ATTN_BLOCK_BYTES, MLP_BAND_BYTES) set to nbytes on every device."""
+    monkeypatch.setattr(fastjvp, name, {"cpu": nbytes, "gpu": nbytes})
+
+
 def _backward_nodes(t, depth=3):
     """Class names of the autograd nodes within `depth` steps of t."""
     names, front = set(), [t.grad_fn]
@@ -320,8 +325,8 @@ def test_attention_jvp_matches_float64_finite_differences(jvp, monkeypatch):
     f = lambda q_, k_, v_: model.attention(q_, k_, v_)
     calls, orig = [], fastjvp.attention_and_tangent
     monkeypatch.setattr(fastjvp, "attention_and_tangent", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
-    for elements in (2 * 53 * 5, fastjvp.ATTN_CHUNK_ELEMENTS):   # chunks of 5 query rows, or one
-        monkeypatch.setattr(fastjvp, "ATTN_CHUNK_ELEMENTS", elements)
+    for block in (2 * 53 * 5 * 8, 2 ** 22):             # fp64 blocks: chunks of 5 query rows, or one
+        _set_budget(monkeypatch, "ATTN_BLOCK_BYTES", block)
         with torch.no_grad():
             out, tangent = jvp(f, (q, k, v), (dq, dk, dv))
         eps = 1e-6
@@ -330,6 +335,28 @@ def test_attention_jvp_matches_float64_finite_differences(jvp, monkeypatch):
         math_out, math_tangent = jvp(lambda *a: model.attention(*a, mode="math"), (q, k, v), (dq, dk, dv))
         assert (tangent - math_tangent).abs().max() <= 1e-12 and (out - math_out).abs().max() <= 1e-12
     assert fd.norm() > 1.0 and len(calls) == 2
+
+
+def test_attention_and_tangent_casts_k_and_v_once_under_autocast(monkeypatch):
+    """Under autocast the inputs are cast to its dtype once per call, not for every chunk (K, dK, V,
+    dV: 4 casts of their size over 8 chunks), and O, dO are those of fp32 to bf16's rounding."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    q, k, v = _qkv(dtype=torch.float32)
+    dq, dk, dv = _qkv(dtype=torch.float32, seed=1)
+    ref = fastjvp.attention_and_tangent(q, k, v, dq, dk, dv)
+
+    class Casts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Casts.count += func is torch.ops.aten._to_copy.default and args[0].numel() == k.numel()
+            return func(*args, **(kwargs or {}))
+    _set_budget(monkeypatch, "ATTN_BLOCK_BYTES", 2 * 53 * 5 * 4)      # fp32 softmax blocks of 5 query rows
+    with torch.autocast("cpu", dtype=torch.bfloat16), Casts():
+        o, do, _ = fastjvp.attention_and_tangent(q, k, v, dq, dk, dv)
+    assert o.dtype == do.dtype == torch.bfloat16 and Casts.count == 4
+    for a, b in zip((o, do), ref):
+        assert (a.float() - b).abs().max() <= 0.03 * b.abs().max()
 
 
 def test_attention_paths_agree_and_backward_through_the_jvp_primal():
@@ -418,7 +445,7 @@ def test_fast_paths_off_give_the_same_forward_jvp_and_gradients_through_plain_op
     inp = _inputs(net.cfg, dtype=torch.float64)
     f = lambda x, sig: net(x, sig, inp["pooled"], inp["context"], lr=inp["lr"], sigma_s=inp["sigma_s"])
     prim, tan = (inp["x"], inp["sigma"]), (torch.randn_like(inp["x"]), torch.ones_like(inp["sigma"]))
-    monkeypatch.setattr(fastjvp, "MLP_CHUNK_ELEMENTS", 2 * 6 * 4 * net.cfg.hidden)   # 1-row MLP bands
+    _set_budget(monkeypatch, "MLP_BAND_BYTES", 2 * 6 * 4 * net.cfg.hidden * 8)    # 1-row fp64 MLP bands
     calls = {"rule": 0, "bands": 0}
     rule, bands = fastjvp.attention_and_tangent, fastjvp.mlp_band_rows
     monkeypatch.setattr(fastjvp, "attention_and_tangent",
@@ -454,13 +481,13 @@ def test_jvp_runs_the_mlps_in_row_bands_with_the_same_result(monkeypatch, lean):
     f = lambda x, sig: net(x, sig, inp["pooled"], inp["context"], lr=inp["lr"], sigma_s=inp["sigma_s"])
     prim, tan = (inp["x"], inp["sigma"]), (torch.randn_like(inp["x"]), torch.ones_like(inp["sigma"]))
     bands, rows_of = [], fastjvp.mlp_rows
-    monkeypatch.setattr(fastjvp, "mlp_rows", lambda block, *a: bands.append(a[-2:]) or rows_of(block, *a))
+    monkeypatch.setattr(fastjvp, "mlp_rows", lambda block, *a: bands.append(a[6:8]) or rows_of(block, *a))
     with torch.no_grad():
-        ref = torch.func.jvp(f, prim, tan)                   # 4 x 6 x 512 x 2 < MLP_CHUNK_ELEMENTS: one band
+        ref = torch.func.jvp(f, prim, tan)                   # 4 x 6 x 512 x 2 x 8 < MLP_BAND_BYTES: one band
         assert set(bands) == {(0, 4)}
-        wide = 2 * 6 * 4 * net.cfg.hidden                    # elements of one row's hidden layer
+        wide = 2 * 6 * 4 * net.cfg.hidden * 8                # bytes of one row's fp64 hidden layer
         for rows, expect in ((1, {(0, 1), (1, 2), (2, 3), (3, 4)}), (3, {(0, 3), (3, 4)})):
-            monkeypatch.setattr(fastjvp, "MLP_CHUNK_ELEMENTS", rows * wide)
+            _set_budget(monkeypatch, "MLP_BAND_BYTES", rows * wide)
             bands.clear()
             out = torch.func.jvp(f, prim, tan)
             assert set(bands) == expect and len(bands) == len(expect) * net.cfg.depth
@@ -486,7 +513,7 @@ def test_lean_memory_path_gives_the_plain_paths_numbers(monkeypatch, lr_stream, 
     f = lambda x, sig: net(x, sig, inp["pooled"], inp["context"], lr=inp["lr"], sigma_s=inp["sigma_s"])
     prim, tan = (inp["x"], inp["sigma"]), (torch.randn_like(inp["x"]), torch.ones_like(inp["sigma"]))
     if bands:
-        monkeypatch.setattr(fastjvp, "MLP_CHUNK_ELEMENTS", 2 * 6 * 4 * cfg.hidden)    # one row a band
+        _set_budget(monkeypatch, "MLP_BAND_BYTES", 2 * 6 * 4 * cfg.hidden * 4)    # one fp32 row a band
     calls = {}
 
     def counted(owner, name):
