@@ -4,6 +4,7 @@
     python experiments/bench.py model --json     # the same figures as one JSON object
     python experiments/bench.py sample           # also `python sample.py photo.png` whole, beside SPAN x4
     python experiments/bench.py jvp_ops          # aten ops of the full-size JVP vs a forward (meta device)
+    python experiments/bench.py rehearse         # tools/rehearse.py at full size on the CPU (~11 min)
 
 Each bench prints a table. Time is the median of interleaved repeats (this is a shared
 2-core VM: interleaving keeps slow phases from landing on one variant only). Peak memory
@@ -1086,6 +1087,28 @@ def bench_quality(args):
                 f.write(f"\n## {what}\n\n{markdown_table(table)}")
         os.replace(tmp, os.path.join(miniature.SHIP, "metrics.md"))
     return title, rows, figures
+
+
+# --------------------------------------------------------------------------------------------
+# rehearse: the one-GPU rehearsal of the full-scale run, here on the CPU at full dimensions
+
+
+@bench
+def bench_rehearse(args):
+    """tools/rehearse.py at DiT4SR's full dimensions on this CPU: 128^2, batch 2, one step, a grid, a
+    save, a resume, with bf16 autocast (the GPU's dtype path); --quick: 2 of its 24 blocks."""
+    sys.path.insert(1, os.path.join(ROOT, "tools"))
+    import rehearse
+    with tempfile.TemporaryDirectory() as work:
+        md = os.path.join(work, "table.md")
+        rc = rehearse.main(["--size", "128", "--batch", "2", "--steps", "1", "--dtype", "bf16", "--workers", "0",
+                            "--workdir", os.path.join(work, "files"), "--markdown", md]
+                           + (["--depth", "2"] if args.quick else []))
+        lines = [line.strip("|\n").split("|") for line in open(md) if line.startswith("|")][2:]
+    rows = [dict(zip(("phase", "first step, s", "later steps, s", "share"), (c.strip() for c in cells)))
+            for cells in lines]
+    return (f"rehearse: tools/rehearse.py on the CPU, {'2 blocks' if args.quick else 'full size'} "
+            f"(exit {rc})"), rows, {r["phase"]: r["first step, s"] for r in rows}
 
 
 def main(argv=None):
