@@ -845,7 +845,7 @@ def bench_budget(args):
     SD3.5-medium + LR stream; 512^2 crops = 64^2 latents; prompts of 154 tokens; 8 GPUs), measured
     on the meta device (gpu_memory.distill_step): what the GPU holds before the step, the peak of
     each phase at batch 1, 2 and 10 with --grad-ckpt (--quick: 1 and 2) and each phase's line
-    through batch 1 and 2 (fixed + per row), and the step's peak, 10 without --grad-ckpt too."""
+    through the two largest (fixed + per row), and the step's peak, 10 without --grad-ckpt too."""
     GiB = 2 ** 30
     cases = [(1, True), (2, True)] + ([] if args.quick else [(10, True), (10, False)])
     steps = {}
@@ -861,23 +861,28 @@ def bench_budget(args):
     for part, n in ref["resident"].items():
         rows.append({"table": table, "part": part, "GiB": n / GiB})
     rows.append({"table": table, "part": "total", "GiB": sum(ref["resident"].values()) / GiB})
-    # Each phase's peak is near a line in the batch (its activations grow with the rows); the step's
-    # peak is the largest of them, so its own line bends where another phase takes over.
+    # Each phase's peak grows with the batch along a line (its activations), down to a floor where
+    # something fixed is larger (backward's: all the gradients at its end); the step's peak is the
+    # largest of them, so its own line bends where another phase takes over. The lines go through the
+    # two largest batches: at batch 1 and 2 the JVP has one row (half the rows, rounded up) and
+    # backward sits on its floor.
     batches = [B for B, ckpt in steps if ckpt]
+    lo, hi = batches[-2:]
     lines = {}
     for phase in ref["phase_peaks"]:
-        one, two = (steps[B, True]["phase_peaks"][phase] for B in (1, 2))
-        lines[phase] = (2 * one - two, two - one)                      # (fixed, per row)
-        row = {"table": "peak of each phase, GiB (--grad-ckpt)", "phase": phase}
+        a, b = (steps[B, True]["phase_peaks"][phase] for B in (lo, hi))
+        lines[phase] = (a - lo * (b - a) / (hi - lo), (b - a) / (hi - lo))     # (fixed, per row)
+        row = {"table": f"peak of each phase, GiB (--grad-ckpt); lines through batch {lo} and {hi}", "phase": phase}
         row.update({f"batch {B}": steps[B, True]["phase_peaks"][phase] / GiB for B in batches})
-        row.update({"fixed": lines[phase][0] / GiB, "per row": lines[phase][1] / GiB,
-                    f"line at {main_case[0]}": (lines[phase][0] + lines[phase][1] * main_case[0]) / GiB})
+        fixed, per_row = lines[phase]
+        at_budget = (BUDGET_GIB * GiB - fixed) / per_row if per_row > GiB / 100 else None   # where the line meets it
+        row.update({"fixed": fixed / GiB, "per row": per_row / GiB, f"batch at {BUDGET_GIB} GiB": at_budget})
         rows.append(row)
     for (B, ckpt), r in steps.items():
         line = max(f + per * B for f, per in lines.values())
         rows.append({"table": "the step's peak", "batch": B, "--grad-ckpt": "yes" if ckpt else "no",
                      "peak GiB": r["peak"] / GiB, "in phase": r["peak_phase"],
-                     "largest line": line / GiB if ckpt else None,
+                     f"largest line (batch {lo}, {hi})": line / GiB if ckpt else None,
                      f"within {BUDGET_GIB} GiB": "yes" if r["peak"] <= BUDGET_GIB * GiB
                      else f"no, by {(r['peak'] - BUDGET_GIB * GiB) / GiB:.2f} GiB"})
         figures[f"batch{B}/{'ckpt' if ckpt else 'no_ckpt'}"] = {
