@@ -5,8 +5,8 @@
         ...  # any ops on meta tensors
     tracker.peak          # the most bytes of tensor storage alive at once
 
-On the meta device tensors have shapes and dtypes but no values, so a full-size step runs in seconds
-on a CPU. LiveBytes counts the bytes of every storage from the op that makes it until torch frees
+On the meta device tensors have shapes and dtypes but no values, so a full-size step runs in a minute
+or two on a CPU. LiveBytes counts the bytes of every storage from the op that makes it until torch frees
 it; its peak is what torch.cuda.max_memory_allocated reports for the same ops on a GPU (tensor
 bytes; the caching allocator's rounding and the CUDA context come on top). Three things differ
 between the meta device and a GPU, each with a stand-in here:
@@ -43,8 +43,8 @@ GiB = 2 ** 30
 
 def flash_backward_scratch(q):
     """Bytes flash attention's backward allocates beside dq, dk, dv (FlashAttention-2 as in PyTorch's
-    CUDA kernels): an fp32 accumulator for dq and fp32 row sums, over query rows padded to 128 and a
-    head size padded to 32. q: (B, H, N, d)."""
+    CUDA kernels, not deterministic): an fp32 accumulator for dq and fp32 row sums, over query rows
+    padded to 128 and a head size padded to 32 (up to 128). q: (B, H, N, d)."""
     B, H, N, d = q.shape
     rows = math.ceil(N / 128) * 128
     return 4 * B * H * rows * (math.ceil(d / 32) * 32 + 1)
