@@ -923,60 +923,80 @@ def bench_jvp_ops(args):
 
 
 # --------------------------------------------------------------------------------------------
-# budget: GPU memory of the full-scale distillation per GPU, computed (not measured: no GPU here)
-# from the real parameter counts and the activations a forward saves for backward, counted on the
-# meta device (shapes only) with saved-tensor hooks for 1, 2 and 3 blocks and extrapolated to 24.
+# budget: GPU memory of the full-scale distillation per GPU, measured without a GPU: train.py's step
+# run on the meta device, the bytes of live tensor storages tracked op by op (gpu_memory.py: CUDA
+# autocast's rules, flash attention, the values shapes depend on).
+
+BUDGET_GIB = 32          # issue 49's target per GPU: 512^2 crops, batch 10, --grad-ckpt
+BUDGET_WORLD = 8         # the paper's 8 GPUs (80 / 8 = batch 10 each): the gradients' all-reduce runs
 
 
-def _saved_bytes(depth, dual, B, ckpt, H=64):
+def _budget_step(B, grad_ckpt):
+    import gpu_memory
     import model
-    from dataclasses import replace
-    cfg = replace(model.CONFIGS["dit4sr"], depth=depth, dual_layers=dual)
-    with torch.device("meta"):
-        net = model.make_student(model.MMDiT(cfg), lora_rank=64)
-        x, lr = torch.randn(B, 16, H, H), torch.randn(B, 16, H, H)
-        t, pooled, ctx = torch.rand(B), torch.randn(B, 2048), torch.randn(B, 154, 4096)
-    net.grad_checkpointing = ckpt
-    saved = {}
-
-    def pack(a):   # attention probabilities (B, heads, N, N) are left out: flash attention keeps none
-        if not (a.dim() == 4 and a.shape[1] == cfg.heads and a.shape[-1] == a.shape[-2] > 256):
-            saved[a.untyped_storage()._cdata] = a.untyped_storage().nbytes()
-        return a
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda a: a):
-        net(x, t, pooled, ctx, lr=lr, sigma_s=t)
-    return sum(saved.values())
+    import vae
+    argv = ["--data", "unused", "--batch", str(B)] + ["--grad-ckpt"] * grad_ckpt
+    return gpu_memory.distill_step(model.CONFIGS["dit4sr"], B, latent=64, tokens=154, argv=argv,
+                                   vae_cfg=vae.CONFIGS["sd3"], world=BUDGET_WORLD)
 
 
 @bench
 def bench_budget(args):
-    """Per-GPU memory of `train.py --stage distill` at SD3.5-medium / DiT4SR size, batch 10 per GPU."""
-    import model
-    B, GiB = 10, 2 ** 30
-    with torch.device("meta"):
-        teacher = model.MMDiT(model.CONFIGS["dit4sr"])
-        student = model.make_student(teacher, lora_rank=64)
-    n_frozen = sum(p.numel() for p in teacher.parameters())
-    n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
-    rows = [{"item": "frozen weights (teacher = student base, shared), bf16", "count": n_frozen,
-             "GiB": 2 * n_frozen / GiB},
-            {"item": "trainable (LoRA 64, control layers, s-embedder): fp32 weight + grad + Adam m, v",
-             "count": n_train, "GiB": 16 * n_train / GiB}]
-    dual_block = {}
-    for ckpt in (False, True):
-        one, two, three = (_saved_bytes(d, dl, 1, ckpt) for d, dl in ((1, (0,)), (2, (0,)), (3, (0, 1))))
-        dual_block[ckpt] = three - two
-        per_sample = one + 12 * (three - two) + 11 * (two - one)      # 13 dual blocks, 11 plain
-        rows.append({"item": f"saved activations, bf16, batch {B}" + (", gradient checkpointing" if ckpt else ""),
-                     "count": "-", "GiB": B * (per_sample / 2) / GiB})
-    rows.append({"item": f"  + checkpointing: one dual block recomputed in backward, bf16, batch {B}",
-                 "count": "-", "GiB": B * (dual_block[False] / 2) / GiB})
-    total = rows[0]["GiB"] + rows[1]["GiB"] + rows[3]["GiB"] + rows[4]["GiB"]
-    rows.append({"item": "total with gradient checkpointing (forward-mode JVP and teacher calls keep nothing)",
-                 "count": "-", "GiB": total})
-    figures = {r["item"]: r["GiB"] for r in rows}
-    return (f"budget: distillation step per GPU at 512^2 (64^2 latents, 1024 image + 1024 LR + 154 text "
-            f"tokens), batch {B} (the paper's 80 / 8 GPUs); computed on the meta device"), rows, figures
+    """Per-GPU memory of one steady-state step of `train.py --stage distill` at full size (DiT4SR:
+    SD3.5-medium + LR stream; 512^2 crops = 64^2 latents; prompts of 154 tokens; 8 GPUs), measured
+    on the meta device (gpu_memory.distill_step): what the GPU holds before the step, the peak of
+    each phase at batch 1, 2 and 10 with --grad-ckpt (--quick: 1 and 2) and each phase's line
+    through the two largest (fixed + per row), and the step's peak, 10 without --grad-ckpt too."""
+    GiB = 2 ** 30
+    cases = [(1, True), (2, True)] + ([] if args.quick else [(10, True), (10, False)])
+    steps = {}
+    for B, ckpt in cases:
+        t0 = time.perf_counter()
+        steps[B, ckpt] = _budget_step(B, ckpt)
+        print(f"batch {B}{', --grad-ckpt' if ckpt else ''}: peak {steps[B, ckpt]['peak'] / GiB:.2f} GiB "
+              f"({time.perf_counter() - t0:.0f} s to count)", flush=True)
+    main_case = (10, True) if (10, True) in steps else (2, True)
+    ref = steps[main_case]
+    rows, figures = [], {}
+    table = f"held before the step (batch {main_case[0]})"
+    for part, n in ref["resident"].items():
+        rows.append({"table": table, "part": part, "GiB": n / GiB})
+    rows.append({"table": table, "part": "total", "GiB": sum(ref["resident"].values()) / GiB})
+    # Each phase's peak grows with the batch along a line (its activations), down to a floor where
+    # something fixed is larger (backward's: all the gradients at its end); the step's peak is the
+    # largest of them, so its own line bends where another phase takes over. The lines go through the
+    # two largest batches: at batch 1 and 2 the JVP has one row (half the rows, rounded up) and
+    # backward sits on its floor.
+    batches = [B for B, ckpt in steps if ckpt]
+    lo, hi = batches[-2:]
+    lines = {}
+    for phase in ref["phase_peaks"]:
+        a, b = (steps[B, True]["phase_peaks"][phase] for B in (lo, hi))
+        lines[phase] = (a - lo * (b - a) / (hi - lo), (b - a) / (hi - lo))     # (fixed, per row)
+        row = {"table": f"peak of each phase, GiB (--grad-ckpt); lines through batch {lo} and {hi}", "phase": phase}
+        row.update({f"batch {B}": steps[B, True]["phase_peaks"][phase] / GiB for B in batches})
+        fixed, per_row = lines[phase]
+        at_budget = (BUDGET_GIB * GiB - fixed) / per_row if per_row > GiB / 100 else None   # where the line meets it
+        row.update({"fixed": fixed / GiB, "per row": per_row / GiB, f"batch at {BUDGET_GIB} GiB": at_budget})
+        rows.append(row)
+    for (B, ckpt), r in steps.items():
+        line = max(f + per * B for f, per in lines.values())
+        rows.append({"table": "the step's peak", "batch": B, "--grad-ckpt": "yes" if ckpt else "no",
+                     "peak GiB": r["peak"] / GiB, "in phase": r["peak_phase"],
+                     f"largest line (batch {lo}, {hi})": line / GiB if ckpt else None,
+                     f"within {BUDGET_GIB} GiB": "yes" if r["peak"] <= BUDGET_GIB * GiB
+                     else f"no, by {(r['peak'] - BUDGET_GIB * GiB) / GiB:.2f} GiB"})
+        figures[f"batch{B}/{'ckpt' if ckpt else 'no_ckpt'}"] = {
+            "peak_gib": r["peak"] / GiB, "peak_phase": r["peak_phase"],
+            "phase_peaks_gib": {k: v / GiB for k, v in r["phase_peaks"].items()},
+            "resident_gib": {k: v / GiB for k, v in r["resident"].items()}}
+    figures["lines_gib"] = {k: {"fixed": f / GiB, "per_row": per / GiB} for k, (f, per) in lines.items()}
+    peak = ref["peak"]
+    verdict = (f"fits: {peak / GiB:.2f} GiB <= {BUDGET_GIB} GiB" if peak <= BUDGET_GIB * GiB else
+               f"does not fit: {peak / GiB:.2f} GiB, {(peak - BUDGET_GIB * GiB) / GiB:.2f} GiB over {BUDGET_GIB} GiB")
+    figures["verdict"] = verdict
+    return (f"budget: one distillation step per GPU at 512^2 (64^2 latents, 154 prompt tokens), {BUDGET_WORLD} "
+            f"GPUs, counted on the meta device; batch {main_case[0]}, --grad-ckpt: {verdict}"), rows, figures
 
 
 # --------------------------------------------------------------------------------------------
