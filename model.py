@@ -532,9 +532,9 @@ def make_student(teacher: MMDiT, time_scale: float = 1.0, lora_rank: int = 64,
     are cloned, so the teacher stays fixed."""
     cfg = replace(teacher.cfg, two_times=True, time_scale=time_scale, time_cutoff=time_cutoff)
     w = next(teacher.parameters())
-    new_t = time_scale != teacher.cfg.time_scale
-    sd = {k: v.detach().clone() if "control" in k or (new_t and k.startswith("t_embedder.")) else v.detach()
-          for k, v in teacher.state_dict().items()}
+    new_t, dead = time_scale != teacher.cfg.time_scale, set(dead_lr_params(teacher))   # dead ones stay shared
+    sd = {k: v.detach().clone() if ("control" in k and k not in dead) or (new_t and k.startswith("t_embedder."))
+          else v.detach() for k, v in teacher.state_dict().items()}
     with torch.device(w.device):
         s_emb = TimestepEmbedder(cfg.hidden).to(w.dtype)
     nn.init.zeros_(s_emb.mlp[2].weight)

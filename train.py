@@ -486,10 +486,10 @@ def main(argv=None, **code_only):
         if runs.any_rank(sync, "gt" not in batch and "z_hr" not in batch):
             print(f"warning: step {step + 1}: no readable image in the batch, skipped")
             continue
+        opt.zero_grad(set_to_none=True)     # before the encode: the last step's gradients are not held through it
         with clock("VAE encode"):
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             z_hr, z_lr = (batch["z_hr"], batch["z_lr"]) if "z_hr" in batch else encode_pair(vae, batch, g)  # cached?
-        opt.zero_grad(set_to_none=True)
         loss_sum, extra = 0.0, {}
         for a in range(cfg.accum):
             rows = slice(a * cfg.batch, (a + 1) * cfg.batch)

@@ -300,7 +300,7 @@ def distill_step(net_cfg, B, latent, tokens, argv, vae_cfg=None, lora_rank=64, w
     student.grad_checkpointing = cfg.grad_ckpt
     trainable = [p for p in student.parameters() if p.requires_grad]
     # Adam's state and the gradients as an earlier step leaves them: train.main frees the gradients
-    # (zero_grad(set_to_none=True)) after the VAE encode, so they are alive through it
+    # (zero_grad(set_to_none=True)) first thing in a step, before the VAE encode
     opt = torch.optim.Adam(trainable, lr=cfg.lr, foreach=True)   # foreach: the default on CUDA tensors
     for p in trainable:
         p.grad = torch.zeros_like(p)
@@ -350,6 +350,8 @@ def distill_step(net_cfg, B, latent, tokens, argv, vae_cfg=None, lora_rank=64, w
     g = torch.Generator().manual_seed(_rows_seed(B, cfg.ratio))
     try:
         with values, autocast, tracker:
+            tracker.set_phase("VAE encode")
+            opt.zero_grad(set_to_none=True)
             if vae:
                 tracker.set_phase("VAE encode")
                 z_hr, z_lr = train.encode_pair(vae, images, g)
@@ -357,7 +359,6 @@ def distill_step(net_cfg, B, latent, tokens, argv, vae_cfg=None, lora_rank=64, w
                 del z_hr, z_lr, images
             else:
                 mb.update(latents)
-            opt.zero_grad(set_to_none=True)
             tracker.set_phase("loss")      # until a network is called: the noise, z_t, the prompts' rows
             autocast.enabled = True
             with fastjvp.lean_memory():
