@@ -83,6 +83,16 @@ def compiled_jvp():
     return _switch("compiled_jvp")
 
 
+def func_jvp(f, primals, tangents):
+    """torch.func.jvp(f, primals, tangents) inside compiled_jvp(): the JVP in the form torch.compile
+    traces, forward and backward (train.py --compile: torch.compile(fastjvp.func_jvp) in place of
+    mfsr.jvp, whose hand-made dual tensors dynamo does not trace). Inside detached_tangents() the
+    tangent comes back detached, so the compiled backward is the primal's alone."""
+    with compiled_jvp():
+        out, tangent = torch.func.jvp(f, primals, tangents)
+    return out, tangent.detach() if _SWITCHES["detached_tangents"] else tangent
+
+
 def detached_tangents():
     """Promise that the JVP's tangent output will be detached: the tangent rules then run without
     recording for backward. In a grad-enabled JVP (mfsr's "fused" mode) autograd would otherwise

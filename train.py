@@ -238,9 +238,10 @@ def _with_prompt(c, emb, rows):
     return z_lr, torch.where(rows[:, None], emb[1][None].to(pooled), pooled), context
 
 
-def distill_loss(student, teacher, batch, cfg, g, step=0):
+def distill_loss(student, teacher, batch, cfg, g, step=0, jvp=mfsr.jvp):
     """MFSR Alg. 1, one step's loss. batch: z_hr, z_lr, context, pooled, and the null and negative
-    prompts (null, neg). student: the module or its torch.compile wrapper (the JVP runs on the module).
+    prompts (null, neg). student: the module or its torch.compile wrapper (the JVP runs on the module,
+    through `jvp`: mfsr.jvp, or main's compiled fastjvp.func_jvp).
     Returns (loss or None for a step to skip, info): info has jvp_term (mfsr.mfd_loss), anchor_loss
     with anchor rows, and on the printed steps du/dt's terms (mfsr.dudt_terms).
 
@@ -273,7 +274,7 @@ def distill_loss(student, teacher, batch, cfg, g, step=0):
         v = torch.where(drop.view(-1, 1, 1, 1), (z_hr[:B] - eps).float(), v)
     with fastjvp.detached_tangents():   # the target's du/dt is detached: its tangent rules need no backward
         res = mfsr.mfd_loss(mfsr.average_velocity(student), z_t, t, s, v, cond=c, mode=cfg.mode, loss=cfg.loss,
-                            u_fn_jvp=mfsr.average_velocity(raw), scale=mfsr.error_scale(raw, t))   # l. 7-9
+                            u_fn_jvp=mfsr.average_velocity(raw), scale=mfsr.error_scale(raw, t), jvp_fn=jvp)  # l. 7-9
     info = {"jvp_term": res["jvp_term"]}
     if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:                  # a printed step
         info.update(mfsr.dudt_terms(mfsr.average_velocity(raw), z_t, t, s, v, cond=c))
@@ -431,6 +432,8 @@ def main(argv=None, **code_only):
     # static shapes: the JVP's rows (s != t) and the full batch are two fixed sizes, each compiled
     # once; automatic dynamic shapes made inductor (torch 2.13, CPU) fail on a symbolic size
     run = torch.compile(net, dynamic=False) if cfg.compile else net
+    # the JVP too, forward and (fused mode) backward: as torch.func.jvp, which dynamo traces
+    jvp = torch.compile(fastjvp.func_jvp, dynamic=False) if cfg.compile else mfsr.jvp
     batches = training_batches(cfg, paths, prompt, vae, device, rank, start)
     autocast = torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype),
                               enabled=device.type == "cuda" and cfg.dtype != "fp32")
@@ -457,7 +460,7 @@ def main(argv=None, **code_only):
                 if cfg.stage == "teacher":
                     loss, info = teacher_loss(run, mb, cfg, g), {}
                 else:
-                    loss, info = distill_loss(run, teacher, mb, cfg, g, step)
+                    loss, info = distill_loss(run, teacher, mb, cfg, g, step, jvp)
             if info:   # distill: the first micro-batch's diagnostics, the largest jvp_term of them all
                 extra = {**info, **extra, "jvp_term": max(extra.get("jvp_term", 0.0), info["jvp_term"])}
             if runs.any_rank(sync, loss is None or not torch.isfinite(loss)):   # ranks skip together
