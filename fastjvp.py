@@ -30,8 +30,9 @@ At full size the plain path is too slow and too large, for three reasons this fi
 
 Switches (context managers): `plain()` turns all of it off; `detached_tangents()` promises that the
 JVP's tangent output is detached, so the tangent rules need not be recorded for backward;
-`compiled_jvp()` tells `attention` that the graph being compiled carries tangents; `lean_memory()`
-takes the lean block. `forward_switches` keeps them for a checkpointed block's recomputation.
+`compiled_jvp()` tells `attention` that the graph being compiled carries tangents (`func_jvp` is
+the JVP torch.compile is given); `lean_memory()` takes the lean block. `forward_switches` keeps them
+for an eager checkpointed block's recomputation.
 """
 import contextlib
 
@@ -84,10 +85,12 @@ def compiled_jvp():
 
 
 def func_jvp(f, primals, tangents):
-    """torch.func.jvp(f, primals, tangents) inside compiled_jvp(): the JVP in the form torch.compile
-    traces, forward and backward (train.py --compile: torch.compile(fastjvp.func_jvp) in place of
-    mfsr.jvp, whose hand-made dual tensors dynamo does not trace). Inside detached_tangents() the
-    tangent comes back detached, so the compiled backward is the primal's alone."""
+    """torch.func.jvp(f, primals, tangents) inside compiled_jvp(): the JVP to hand to torch.compile,
+    forward and backward (train.py --compile uses it in place of mfsr.jvp: in a compiled graph the
+    linear and attention rules mfsr.jvp's dual tensors are for give way to plain ops anyway).
+    Inside detached_tangents() the tangent comes back detached, so the compiled backward is the
+    primal's alone (with a tangent left trainable, inductor's backward fails on the CPU: it writes
+    into an efficient zero tensor of the tangent's graph; docs/benchmarks.md)."""
     with compiled_jvp():
         out, tangent = torch.func.jvp(f, primals, tangents)
     return out, tangent.detach() if _SWITCHES["detached_tangents"] else tangent
@@ -113,7 +116,8 @@ def _switches_as(saved):
 
 def forward_switches():
     """torch.utils.checkpoint's context_fn: a block recomputed in backward runs with the switches its
-    forward ran with (lean_memory(), plain(), ...), so it saves the same tensors wherever backward runs."""
+    forward ran with (lean_memory(), plain(), ...), so it saves the same tensors wherever backward runs.
+    Eager only: a compiled graph replays its traced path, and dynamo takes no such context_fn."""
     return contextlib.nullcontext(), _switches_as(dict(_SWITCHES))
 
 
