@@ -115,7 +115,7 @@ def test_train_resume_repeats_the_uninterrupted_run(tmp_path, cache):
 
 @pytest.mark.slow
 def test_train_compile_gives_the_eager_losses(tmp_path):
-    """--compile (the student's forward with gradients, static shapes) trains like the eager run."""
+    """--compile (the student's forward with gradients and its JVP, static shapes) trains like the eager run."""
     data = _images(tmp_path / "data")
     common = _TINY + ["--data", data, "--lora-rank", "4", "--steps", "2", "--save-every", "2"]
     train.main(common + ["--out", str(tmp_path / "eager")])
