@@ -236,7 +236,7 @@ def meanflow_target(u_fn, z_t, t, s, v, cond=None, mode="split", u_fn_jvp=None, 
         return u_on(slice(None)), u_tgt.detach()                                 # stopgrad of Eq. (12)
     u = torch.zeros_like(z_t, dtype=acc)                    # fused: the JVP's primal output is trained
     if len(neq):
-        u_neq, dudt = jvp_fn(u_of, primals, tangents)          # dudt is detached below
+        u_neq, dudt = jvp_fn(u_of, primals, tangents)       # dudt is detached below
         u = u.index_put((neq,), u_neq.to(u.dtype))
         u_tgt[neq] += gap * dudt.detach().to(acc)                                # Eq. (12)
     if len(same):

@@ -432,7 +432,7 @@ def main(argv=None, **code_only):
     # static shapes: the JVP's rows (s != t) and the full batch are two fixed sizes, each compiled
     # once; automatic dynamic shapes made inductor (torch 2.13, CPU) fail on a symbolic size
     run = torch.compile(net, dynamic=False) if cfg.compile else net
-    # the JVP too, forward and (fused mode) backward: as torch.func.jvp, which dynamo traces
+    # the JVP too, forward and (fused mode) backward: fastjvp.func_jvp is the form dynamo traces
     jvp = torch.compile(fastjvp.func_jvp, dynamic=False) if cfg.compile else mfsr.jvp
     batches = training_batches(cfg, paths, prompt, vae, device, rank, start)
     autocast = torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype),

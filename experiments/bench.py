@@ -562,7 +562,8 @@ def _train_case(cfg, h, B, compiled):
     batch = dict(z_hr=z_hr, z_lr=z_lr, context=ctx, pooled=pooled, null=null, neg=neg)
     fns = {"teacher stage": step(trained_teacher, lambda tc: (train.teacher_loss(run_t, batch, tc, g),))}
     for mode in ("split", "fused"):
-        fns[f"distill {mode}"] = step(student, lambda tc: train.distill_loss(run_s, teacher, batch, tc, g, jvp=jvp), mode)
+        fns[f"distill {mode}"] = step(student, lambda tc: train.distill_loss(run_s, teacher, batch, tc, g, jvp=jvp),
+                                      mode)
     return fns
 
 
