@@ -95,7 +95,7 @@ class TrainConfig:
     accum: int = flag(1, "gradient accumulation steps")
     ema: float = flag(0.0, "EMA decay of trainable weights (0 = off)")
     dtype: str = flag("bf16", "autocast dtype on GPU (CPU runs fp32)")
-    compile: bool = flag(False, "torch.compile the trained network")
+    compile: bool = flag(False, "torch.compile the trained network and its JVP")
     grad_ckpt: bool = flag(False, "gradient checkpointing per block (less memory, ~1.3x time)")
     workers: int = flag(2, "data-loading processes per training process")
     seed: int = flag(0, "every draw (data, degradation, noise, times) follows from it")
