@@ -29,9 +29,10 @@ At full size the plain path is too slow and too large, for three reasons this fi
    run over bands of image rows (`mlp_band_rows`, their size from a memory budget).
 
 Switches (context managers): `plain()` turns all of it off; `detached_tangents()` promises that the
-JVP's tangent output is detached (its rules need not be recorded for backward); `compiled_jvp()`
-tells `attention` that the graph being compiled carries tangents; `lean_memory()` takes the lean
-block. `forward_switches` keeps them for a checkpointed block's recomputation.
+JVP's tangent output is detached, so the tangent rules need not be recorded for backward;
+`compiled_jvp()` tells `attention` that the graph being compiled carries tangents (`func_jvp` is
+the JVP torch.compile is given); `lean_memory()` takes the lean block. `forward_switches` keeps them
+for an eager checkpointed block's recomputation.
 """
 import contextlib
 
@@ -91,6 +92,18 @@ def compiled_jvp():
     return _switch("compiled_jvp")
 
 
+def func_jvp(f, primals, tangents):
+    """torch.func.jvp(f, primals, tangents) inside compiled_jvp(): the JVP to hand to torch.compile,
+    forward and backward (train.py --compile uses it in place of mfsr.jvp: in a compiled graph the
+    linear and attention rules mfsr.jvp's dual tensors are for give way to plain ops anyway).
+    Inside detached_tangents() the tangent comes back detached, so the compiled backward is the
+    primal's alone (with a tangent left trainable, inductor's backward fails on the CPU: it writes
+    into an efficient zero tensor of the tangent's graph; docs/benchmarks.md)."""
+    with compiled_jvp():
+        out, tangent = torch.func.jvp(f, primals, tangents)
+    return out, tangent.detach() if _SWITCHES["detached_tangents"] else tangent
+
+
 def detached_tangents():
     """Promise that the JVP's tangent output will be detached: the tangent rules then run without
     recording for backward. In a grad-enabled JVP (mfsr's "fused" mode) autograd would otherwise
@@ -111,7 +124,8 @@ def _switches_as(saved):
 
 def forward_switches():
     """torch.utils.checkpoint's context_fn: a block recomputed in backward runs with the switches its
-    forward ran with (lean_memory(), plain(), ...), so it saves the same tensors wherever backward runs."""
+    forward ran with (lean_memory(), plain(), ...), so it saves the same tensors wherever backward runs.
+    Eager only: a compiled graph replays its traced path, and dynamo takes no such context_fn."""
     return contextlib.nullcontext(), _switches_as(dict(_SWITCHES))
 
 

@@ -188,7 +188,7 @@ def jvp(f, primals, tangents):
         return tuple(fwAD.unpack_dual(out))
 
 
-def meanflow_target(u_fn, z_t, t, s, v, cond=None, mode="split", u_fn_jvp=None):
+def meanflow_target(u_fn, z_t, t, s, v, cond=None, mode="split", u_fn_jvp=None, jvp_fn=jvp):
     """(u, u_tgt): u = u_theta(z_t, t, s) to train, u_tgt = v + (s - t) du/dt, stopped.
 
     u_fn(z, t, s) is any average velocity in the paper's convention, or u_fn(z, t, s, c) when
@@ -205,6 +205,8 @@ def meanflow_target(u_fn, z_t, t, s, v, cond=None, mode="split", u_fn_jvp=None):
     The target is fp32 (fp64 for fp64 inputs) whatever the network's precision.
     u_fn_jvp: the same network for the split mode's JVP pass when u_fn cannot be differentiated
     forward (a DDP wrapper: pass the inner module here).
+    jvp_fn(f, primals, tangents): how the JVP is taken: `jvp` above (eager), or the compiled
+    torch.func.jvp of train.py --compile (fastjvp.func_jvp).
     """
     B = z_t.shape[0]
     assert t.shape == (B,) and s.shape == (B,) and v.shape == z_t.shape, "t, s (B,); v like z_t"
@@ -230,12 +232,12 @@ def meanflow_target(u_fn, z_t, t, s, v, cond=None, mode="split", u_fn_jvp=None):
     if mode == "split":
         if len(neq):
             with torch.no_grad():
-                _, dudt = jvp(u_of, primals, tangents)
+                _, dudt = jvp_fn(u_of, primals, tangents)
             u_tgt[neq] += gap * dudt.to(acc)                                     # Eq. (12)
         return u_on(slice(None)), u_tgt.detach()                                 # stopgrad of Eq. (12)
     u = torch.zeros_like(z_t, dtype=acc)                    # fused: the JVP's primal output is trained
     if len(neq):
-        u_neq, dudt = jvp(u_of, primals, tangents)          # dudt is detached below
+        u_neq, dudt = jvp_fn(u_of, primals, tangents)       # dudt is detached below
         u = u.index_put((neq,), u_neq.to(u.dtype))
         u_tgt[neq] += gap * dudt.detach().to(acc)                                # Eq. (12)
     if len(same):
@@ -300,7 +302,8 @@ def adaptive_l2(a, b, p=1.0, c=1e-3):
 LOSSES = {"pseudo_huber": pseudo_huber, "l2": squared_l2, "adaptive": adaptive_l2}
 
 
-def mfd_loss(u_fn, z_t, t, s, v, cond=None, mode="split", loss="pseudo_huber", u_fn_jvp=None, scale=None):
+def mfd_loss(u_fn, z_t, t, s, v, cond=None, mode="split", loss="pseudo_huber", u_fn_jvp=None, scale=None,
+             jvp_fn=jvp):
     """One MeanFlow-distillation loss (Alg. 1): target by JVP, NaN guard, the chosen distance.
 
     scale: an optional (B,) factor the distance measures (u - u_tgt) in. An x-predicting network
@@ -313,7 +316,7 @@ def mfd_loss(u_fn, z_t, t, s, v, cond=None, mode="split", loss="pseudo_huber", u
     (Sana-Sprint and rCM normalise it when it grows large; train.py logs it so one can see whether
     that is needed). Non-finite targets are reported and the whole step is skipped, not masked.
     """
-    u, u_tgt = meanflow_target(u_fn, z_t, t, s, v, cond=cond, mode=mode, u_fn_jvp=u_fn_jvp)
+    u, u_tgt = meanflow_target(u_fn, z_t, t, s, v, cond=cond, mode=mode, u_fn_jvp=u_fn_jvp, jvp_fn=jvp_fn)
     bad = int((~torch.isfinite(u_tgt.flatten(1)).all(1)).sum())
     if bad:
         return {"loss": None, "per_sample": None, "n_nonfinite": bad, "jvp_term": float("nan")}

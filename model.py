@@ -413,9 +413,13 @@ class MMDiT(nn.Module):
         ctx = self.context_embedder(context)                                       # (B, M, D)
         for block in self.joint_blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
+                # Backward recomputes the block, which must take the path its forward took (the
+                # fastjvp switches, e.g. lean_memory()): eagerly forward_switches sets them again;
+                # compiled, the traced graph is replayed with its path built in (and dynamo refuses a
+                # context_fn that does not give TorchDispatchModes).
+                keep = {} if torch.compiler.is_compiling() else {"context_fn": fastjvp.forward_switches}
                 x_tok, lr_tok, ctx = torch.utils.checkpoint.checkpoint(
-                    block, x_tok, lr_tok, ctx, c, grid, self.attn_mode, use_reentrant=False,
-                    context_fn=fastjvp.forward_switches)   # backward recomputes it the same way
+                    block, x_tok, lr_tok, ctx, c, grid, self.attn_mode, use_reentrant=False, **keep)
             else:
                 x_tok, lr_tok, ctx = block(x_tok, lr_tok, ctx, c, grid, self.attn_mode)
         out = self.final_layer(x_tok, c)                                          # (B, K, p*p*C)

@@ -96,7 +96,7 @@ class TrainConfig:
     ema: float = flag(0.0, "EMA decay of trainable weights (0 = off)")
     dtype: str = flag("auto", "autocast dtype; auto: bf16 on a GPU, fp32 on the CPU (bf16 there runs a GPU's dtype "
                               "path, slowly); frozen weights are stored in it, trained ones in fp32")
-    compile: bool = flag(False, "torch.compile the trained network")
+    compile: bool = flag(False, "torch.compile the trained network and its JVP")
     grad_ckpt: bool = flag(False, "gradient checkpointing per block (less memory, ~1.3x time)")
     workers: int = flag(2, "data-loading processes per training process")
     seed: int = flag(0, "every draw (data, degradation, noise, times) follows from it")
@@ -263,9 +263,10 @@ def _with_prompt(c, emb, rows):
     return z_lr, torch.where(rows[:, None], emb[1][None].to(pooled), pooled), context
 
 
-def distill_loss(student, teacher, batch, cfg, g, step=0):
+def distill_loss(student, teacher, batch, cfg, g, step=0, jvp=mfsr.jvp):
     """MFSR Alg. 1, one step's loss. batch: z_hr, z_lr, context, pooled, and the null and negative
-    prompts (null, neg). student: the module or its torch.compile wrapper (the JVP runs on the module).
+    prompts (null, neg). student: the module or its torch.compile wrapper (the JVP runs on the module,
+    through `jvp`: mfsr.jvp, or main's compiled fastjvp.func_jvp).
     Returns (loss or None for a step to skip, info): info has jvp_term (mfsr.mfd_loss), anchor_loss
     with anchor rows, and every cfg.diagnose_every steps du/dt's terms (mfsr.dudt_terms).
 
@@ -298,7 +299,7 @@ def distill_loss(student, teacher, batch, cfg, g, step=0):
         v = torch.where(drop.view(-1, 1, 1, 1), (z_hr[:B] - eps).float(), v)
     with fastjvp.detached_tangents():   # the target's du/dt is detached: its tangent rules need no backward
         res = mfsr.mfd_loss(mfsr.average_velocity(student), z_t, t, s, v, cond=c, mode=cfg.mode, loss=cfg.loss,
-                            u_fn_jvp=mfsr.average_velocity(raw), scale=mfsr.error_scale(raw, t))   # l. 7-9
+                            u_fn_jvp=mfsr.average_velocity(raw), scale=mfsr.error_scale(raw, t), jvp_fn=jvp)  # l. 7-9
     info = {"jvp_term": res["jvp_term"]}
     if cfg.diagnose_every and ((step + 1) % cfg.diagnose_every == 0 or step + 1 == cfg.steps):
         info.update(mfsr.dudt_terms(mfsr.average_velocity(raw), z_t, t, s, v, cond=c))
@@ -371,9 +372,9 @@ def parse_args(argv=None, **code_only):
             p.error(f"{flag} {getattr(cfg, name)!r}: choose from {', '.join(allowed)}")
     if not cfg.data:
         p.error("--data is required (a folder of HR images)")
-    if cfg.mode == "fused" and cfg.grad_ckpt:
-        p.error("--mode fused with --grad-ckpt: the fused JVP's forward cannot be recomputed in backward (its "
-                "tangents are gone by then); use --mode split, the default")
+    if cfg.mode == "fused" and cfg.grad_ckpt and not cfg.compile:
+        p.error("--mode fused with --grad-ckpt: eagerly, the fused JVP's forward cannot be recomputed in backward "
+                "(its tangents are gone by then); use --mode split (the default) or add --compile")
     if cfg.dtype == "fp16":
         p.error("--dtype fp16: fp16 gradients need loss scaling, which train.py does not do; use bf16")
     if cfg.size == 0:
@@ -468,6 +469,8 @@ def main(argv=None, **code_only):
     # static shapes: the JVP's rows (s != t) and the full batch are two fixed sizes, each compiled
     # once; automatic dynamic shapes made inductor (torch 2.13, CPU) fail on a symbolic size
     run = torch.compile(net, dynamic=False) if cfg.compile else net
+    # the JVP too, forward and (fused mode) backward: fastjvp.func_jvp is the form dynamo traces
+    jvp = torch.compile(fastjvp.func_jvp, dynamic=False) if cfg.compile else mfsr.jvp
     clock = runs.PhaseClock(cfg.profile_phases, device)
     if not cfg.compile:   # hooks on the networks: the loss functions stay as they are (a compiled graph: one phase)
         clock.time_calls(net, runs.student_phase if cfg.stage == "distill" else lambda _: "teacher forward")
@@ -500,7 +503,7 @@ def main(argv=None, **code_only):
                 if cfg.stage == "teacher":
                     loss, info = teacher_loss(run, mb, cfg, g), {}
                 else:
-                    loss, info = distill_loss(run, teacher, mb, cfg, g, step)
+                    loss, info = distill_loss(run, teacher, mb, cfg, g, step, jvp)
             if info:   # distill: the first micro-batch's diagnostics, the largest jvp_term of them all
                 extra = {**info, **extra, "jvp_term": max(extra.get("jvp_term", 0.0), info["jvp_term"])}
             if runs.any_rank(sync, loss is None or not torch.isfinite(loss)):   # ranks skip together

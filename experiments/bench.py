@@ -533,6 +533,8 @@ def bench_degrade(args):
 
 
 def _train_case(cfg, h, B, compiled):
+    import fastjvp
+    import mfsr
     import model
     import train
     torch.manual_seed(0)
@@ -550,6 +552,7 @@ def _train_case(cfg, h, B, compiled):
     neg = (torch.randn(8, cfg.context_dim, generator=g), torch.randn(cfg.pooled_dim, generator=g))
     run_t = torch.compile(trained_teacher, dynamic=False) if compiled else trained_teacher   # as train.py
     run_s = torch.compile(student, dynamic=False) if compiled else student
+    jvp = torch.compile(fastjvp.func_jvp, dynamic=False) if compiled else mfsr.jvp
 
     def step(net, loss_fn, mode="split"):
         def go():
@@ -561,7 +564,8 @@ def _train_case(cfg, h, B, compiled):
     batch = dict(z_hr=z_hr, z_lr=z_lr, context=ctx, pooled=pooled, null=null, neg=neg)
     fns = {"teacher stage": step(trained_teacher, lambda tc: (train.teacher_loss(run_t, batch, tc, g),))}
     for mode in ("split", "fused"):
-        fns[f"distill {mode}"] = step(student, lambda tc: train.distill_loss(run_s, teacher, batch, tc, g), mode)
+        fns[f"distill {mode}"] = step(student, lambda tc: train.distill_loss(run_s, teacher, batch, tc, g, jvp=jvp),
+                                      mode)
     return fns
 
 

@@ -86,3 +86,4 @@ def test_train_dtype_bf16_on_the_cpu_keeps_frozen_weights_in_bf16_and_trains_fp3
     for bad in (["--dtype", "fp16"], ["--mode", "fused", "--grad-ckpt"]):
         with pytest.raises(SystemExit):
             train.parse_args(_TINY + ["--data", data, *bad])
+    assert train.parse_args(_TINY + ["--data", data, "--mode", "fused", "--grad-ckpt", "--compile"]).compile

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import fastjvp
 import mfsr
 import model
 import sample
@@ -114,7 +115,7 @@ def test_train_resume_repeats_the_uninterrupted_run(tmp_path, cache):
 
 @pytest.mark.slow
 def test_train_compile_gives_the_eager_losses(tmp_path):
-    """--compile (the student's forward with gradients, static shapes) trains like the eager run."""
+    """--compile (the student's forward with gradients and its JVP, static shapes) trains like the eager run."""
     data = _images(tmp_path / "data")
     common = _TINY + ["--data", data, "--lora-rank", "4", "--steps", "2", "--save-every", "2"]
     train.main(common + ["--out", str(tmp_path / "eager")])
@@ -128,6 +129,52 @@ def test_train_compile_gives_the_eager_losses(tmp_path):
     for a, b in zip(eager, compiled):   # step 2 also checks the update made from step 1's gradients
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4) and a["loss"] > 0
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_distill_step_with_compile_and_grad_ckpt_gives_the_eager_loss_and_gradients():
+    """--compile --grad-ckpt as main builds it (the student and fastjvp.func_jvp compiled with static
+    shapes, every block checkpointed), one distill step inside lean_memory() with backward outside
+    it, as main runs it: the loss and gradients of the eager step, and the JVP really compiled.
+    The fused mode: its grad-enabled JVP puts the checkpointed blocks, the JVP and its backward into
+    one compiled graph, and its s = t rows run the compiled student with checkpointing (the split
+    mode's two passes are each a part of that; test_train_compile_gives_the_eager_losses runs it).
+    The eager reference runs without checkpointing, which gives the same gradients
+    (test_gradient_checkpointing_gives_the_same_gradients) and which the eager fused mode needs:
+    there backward would recompute a block outside the JVP's forward-AD level.
+    Tolerance: 1e-4 relative on the loss, 1e-4 of the largest gradient entry on every entry, as
+    test_train_compile_gives_the_eager_losses: inductor fuses and reorders fp32 sums (measured here:
+    8e-8 on the loss, 2.8e-7 on the gradients); a wrong path (a block recomputed another way, a
+    tangent leaking into the gradient) adds or drops whole terms, far above it."""
+    torch.manual_seed(0)
+    teacher = _randomize(MMDiT(replace(CONFIGS["tiny"], depth=1))).eval().requires_grad_(False)   # one block:
+    student = _randomize(model.make_student(teacher, lora_rank=4), std=0.02, seed=1)   # the compile time
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    cfg = train.parse_args(_TINY + ["--data", "data", "--out", "/nonexistent/out", "--mode", "fused"])
+    g = torch.Generator().manual_seed(0)
+    z_hr, z_lr, ctx, pooled = (torch.randn(*shape, generator=g) for shape in ((2, 16, 8, 8), (2, 16, 8, 8),
+                                                                            (2, 3, 64), (2, 32)))
+    null = (torch.zeros(1, 64), torch.zeros(32))
+    batch = dict(z_hr=z_hr, z_lr=z_lr, context=ctx, pooled=pooled, null=null, neg=null)
+
+    def step(run, jvp, grad_ckpt):
+        student.grad_checkpointing = grad_ckpt
+        student.zero_grad(set_to_none=True)
+        with fastjvp.lean_memory():
+            loss, _ = train.distill_loss(run, teacher, batch, cfg, torch.Generator().manual_seed(1), 0, jvp)
+        loss.backward()
+        assert all(p.grad is not None for p in trainable)
+        return loss.item(), torch.cat([p.grad.flatten() for p in trainable])
+    eager_loss, eager_grad = step(student, mfsr.jvp, False)
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()          # no compiled code of an earlier test
+    counters.clear()
+    jvp = torch.compile(fastjvp.func_jvp, dynamic=False)
+    loss, grad = step(torch.compile(student, dynamic=False), jvp, True)
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]   # the student, the JVP
+    assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(fastjvp.func_jvp)) == 1
+    assert loss == pytest.approx(eager_loss, rel=1e-4) and eager_loss > 0
+    assert eager_grad.abs().max() > 0 and (grad - eager_grad).abs().max() <= 1e-4 * eager_grad.abs().max()
 
 
 def _ddp_worker(rank, world, init_file, data_file, out_file, mode):
