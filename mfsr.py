@@ -188,7 +188,7 @@ def jvp(f, primals, tangents):
         return tuple(fwAD.unpack_dual(out))
 
 
-def meanflow_target(u_fn, z_t, t, s, v, cond=None, mode="split", u_fn_jvp=None, jvp_fn=jvp):
+def meanflow_target(u_fn, z_t, t, s, v, cond=None, mode="split", u_fn_jvp=None, jvp_fn=None):
     """(u, u_tgt): u = u_theta(z_t, t, s) to train, u_tgt = v + (s - t) du/dt, stopped.
 
     u_fn(z, t, s) is any average velocity in the paper's convention, or u_fn(z, t, s, c) when
@@ -205,9 +205,10 @@ def meanflow_target(u_fn, z_t, t, s, v, cond=None, mode="split", u_fn_jvp=None, 
     The target is fp32 (fp64 for fp64 inputs) whatever the network's precision.
     u_fn_jvp: the same network for the split mode's JVP pass when u_fn cannot be differentiated
     forward (a DDP wrapper: pass the inner module here).
-    jvp_fn(f, primals, tangents): how the JVP is taken: `jvp` above (eager), or the compiled
+    jvp_fn(f, primals, tangents): how the JVP is taken: `jvp` above (None, eager), or the compiled
     torch.func.jvp of train.py --compile (fastjvp.func_jvp).
     """
+    jvp_fn = jvp_fn or jvp
     B = z_t.shape[0]
     assert t.shape == (B,) and s.shape == (B,) and v.shape == z_t.shape, "t, s (B,); v like z_t"
     if mode not in ("split", "fused"):
@@ -303,7 +304,7 @@ LOSSES = {"pseudo_huber": pseudo_huber, "l2": squared_l2, "adaptive": adaptive_l
 
 
 def mfd_loss(u_fn, z_t, t, s, v, cond=None, mode="split", loss="pseudo_huber", u_fn_jvp=None, scale=None,
-             jvp_fn=jvp):
+             jvp_fn=None):
     """One MeanFlow-distillation loss (Alg. 1): target by JVP, NaN guard, the chosen distance.
 
     scale: an optional (B,) factor the distance measures (u - u_tgt) in. An x-predicting network

@@ -263,7 +263,7 @@ def _with_prompt(c, emb, rows):
     return z_lr, torch.where(rows[:, None], emb[1][None].to(pooled), pooled), context
 
 
-def distill_loss(student, teacher, batch, cfg, g, step=0, jvp=mfsr.jvp):
+def distill_loss(student, teacher, batch, cfg, g, step=0, jvp=None):
     """MFSR Alg. 1, one step's loss. batch: z_hr, z_lr, context, pooled, and the null and negative
     prompts (null, neg). student: the module or its torch.compile wrapper (the JVP runs on the module,
     through `jvp`: mfsr.jvp, or main's compiled fastjvp.func_jvp).
