@@ -94,25 +94,32 @@ BUCKET_ELEMENTS = 2 ** 25   # gradients per collective (128 MB in fp32): a few l
                             # student's ~700 tensors, and a bounded copy beside them
 
 
+def buckets(tensors):
+    """The tensors in runs of about BUCKET_ELEMENTS (one dtype and device each), in order."""
+    out = []
+    for t in tensors:
+        last = out[-1] if out else None
+        if (last is None or last[0].dtype != t.dtype or last[0].device != t.device
+                or sum(x.numel() for x in last) + t.numel() > BUCKET_ELEMENTS):
+            out.append([])
+        out[-1].append(t)
+    return out
+
+
 def all_reduce_grads(params):
     """Average the gradients of `params` over all ranks (a missing gradient counts as zeros): packed
-    into flat buckets of about BUCKET_ELEMENTS, one all_reduce each, all launched before any is
-    waited for, then unpacked."""
-    world, buckets = dist.get_world_size(), []
+    into flat buckets, one all_reduce each, all launched before any is waited for, then unpacked."""
+    world = dist.get_world_size()
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        last = buckets[-1] if buckets else None
-        if (last is None or last[0].dtype != p.grad.dtype or last[0].device != p.grad.device
-                or sum(g.numel() for g in last) + p.grad.numel() > BUCKET_ELEMENTS):
-            buckets.append([])
-        buckets[-1].append(p.grad)
-    flats = [torch.cat([g.reshape(-1) for g in bucket]) for bucket in buckets]
+    groups = buckets([p.grad for p in params])
+    flats = [torch.cat([g.reshape(-1) for g in group]) for group in groups]
     works = [dist.all_reduce(flat, async_op=True) for flat in flats]
-    for bucket, flat, work in zip(buckets, flats, works):
+    for group, flat, work in zip(groups, flats, works):
         work.wait()
         flat /= world
-        for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+        for g, part in zip(group, flat.split([g.numel() for g in group])):
             g.copy_(part.view_as(g))
 
 

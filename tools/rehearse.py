@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model  # noqa: E402
 import train  # noqa: E402
 import vae as vae_lib  # noqa: E402
-from plumbing import checkpoints  # noqa: E402
+from plumbing import checkpoints, runs  # noqa: E402
 from plumbing.cli import proc_kib, reset_peak  # noqa: E402
 
 PHASES = ("data", "VAE encode", "teacher (CFG)", "JVP", "student forward", "loss (compiled)", "backward",
@@ -189,6 +189,7 @@ def main(argv=None):
         cfg = teacher_config(args.depth)
         with torch.device("meta"):
             params = sum(p.numel() for p in model.MMDiT(cfg).parameters())
+            trained = [p for p in model.make_student(model.MMDiT(cfg), lora_rank=64).parameters() if p.requires_grad]
         checks = [("device", f"{device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'})"),
                   ("teacher", f"DiT4SR layout, {cfg.depth} blocks, hidden {cfg.hidden}, {params:,} parameters"),
                   ("crop, batch", f"{args.size}^2, {best}{'' if best == args.batch else f' (asked {args.batch})'}"),
@@ -198,6 +199,9 @@ def main(argv=None):
                                    if len(after) == len(steps) + 1 else "FAILED"),
                   ("export", "student.safetensors written" if os.path.exists(os.path.join(
                       out, f"ckpt-{args.steps + 1:07d}", "student.safetensors")) else "MISSING"),
+                  ("all-reduce", f"one process: none; under torchrun {len(trained)} gradients, "
+                                 f"{4 * sum(p.numel() for p in trained) / 2 ** 30:.2f} GiB a step, in "
+                                 f"{len(runs.buckets(trained))} flat buckets"),
                   ("peak memory", f"{peaks[best] / 1024:.2f} GiB ({'allocated' if device.type == 'cuda' else 'RSS'})"),
                   ("verdict", verdict(args.batch, peaks, have))]
         text = table(before[0], before[1:] + rec["steps"], checks)
