@@ -98,7 +98,8 @@ class TrainConfig:
                               "path, slowly); frozen weights are stored in it, trained ones in fp32")
     compile: bool = flag(False, "torch.compile the trained network and its JVP")
     grad_ckpt: bool = flag(False, "gradient checkpointing per block (less memory, ~1.3x time)")
-    workers: int = flag(2, "data-loading processes per training process")
+    workers: int = flag(-1, "data-loading processes per training process; -1: this process's share of the "
+                            "CPUs (os.cpu_count() / LOCAL_WORLD_SIZE), at most 8")
     seed: int = flag(0, "every draw (data, degradation, noise, times) follows from it")
     log_every: int = flag(10, "print a line every this many steps (log.jsonl has every step)")
     diagnose_every: int = flag(100, "distill: log du/dt's terms (mfsr.dudt_terms: two more JVPs, two forwards) "
@@ -119,11 +120,19 @@ class TrainConfig:
 # degraded by degrade.py to LR at 1/4, or with probability clean_prob the plain bicubic x4.
 
 
+def data_workers(cfg):
+    """--workers, or by default this process's share of the machine's CPUs, at most 8: one worker
+    degrades 4-8 pairs/s at 512^2, so a batch of 10 takes a worker one to two seconds."""
+    if cfg.workers >= 0:
+        return cfg.workers
+    return max(1, min(8, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
 def training_batches(cfg, paths, prompt, vae, device, rank, start):
     """The batches of the steps from `start` on: pairs made by worker processes, or latent cache rows."""
     data = PairDataset(paths, cfg.size, prompt, degrade.DegradeConfig(usm_gt=not cfg.plain_gt), cfg.clean_prob)
     loader = lambda keys: torch.utils.data.DataLoader(data, batch_sampler=keys, collate_fn=collate,  # noqa: E731
-                                                      num_workers=cfg.workers)
+                                                      num_workers=data_workers(cfg))
     if cfg.cache_latents:   # the miniature's: cache_latents pairs encoded once, each step draws rows of them
         key = json.dumps({k: getattr(cfg, k) for k in ("cache_latents", "size", "seed", "data", "vae", "ckpt",
                                                        "prompt_emb", "null_emb", "clean_prob", "plain_gt")})
@@ -381,6 +390,8 @@ def parse_args(argv=None, **code_only):
         cfg.size = 64 if cfg.preset == "tiny" else 512
     if not 0 <= cfg.anchor < 1:
         p.error(f"--anchor {cfg.anchor}: a share of the batch, in [0, 1)")
+    if cfg.workers < -1:
+        p.error(f"--workers {cfg.workers}: a count, or -1 for this process's share of the CPUs")
     if cfg.gap_ramp < 0 or cfg.time_cutoff < 0 or cfg.diagnose_every < 0:
         p.error(f"--gap-ramp {cfg.gap_ramp}, --time-cutoff {cfg.time_cutoff}, --diagnose-every {cfg.diagnose_every}: "
                 "must be >= 0")

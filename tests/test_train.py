@@ -654,3 +654,17 @@ def test_merged_export_equals_merge_lora_and_is_written_one_tensor_at_a_time(tmp
     checkpoints.atomic_save(tensors, str(tmp_path / "t.safetensors"), {"k": "v"})
     back = load_file(str(tmp_path / "t.safetensors"))
     assert set(back) == set(tensors) and all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in tensors.items())
+
+
+def test_data_workers_default_to_this_processes_share_of_the_cpus(monkeypatch, capsys):
+    cfg = train.parse_args(["--data", "d"])
+    monkeypatch.setattr(os, "cpu_count", lambda: 96)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert cfg.workers == -1 and train.data_workers(cfg) == 8          # 12 CPUs each, at most 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert train.data_workers(cfg) == 3
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert train.data_workers(cfg) == 1
+    assert train.data_workers(train.parse_args(["--data", "d", "--workers", "0"])) == 0
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data", "d", "--workers", "-2"])

@@ -148,7 +148,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"), help="train.py --dtype")
     p.add_argument("--compile", action="store_true", help="train.py --compile")
     p.add_argument("--mode", default="split", choices=("split", "fused"), help="train.py --mode")
-    p.add_argument("--workers", type=int, default=2, help="train.py --workers")
+    p.add_argument("--workers", type=int, default=-1, help="train.py --workers (-1: its default)")
     p.add_argument("--memory-gib", type=float, default=0.0, help="judge against this much (0: the device's)")
     p.add_argument("--workdir", default="", help="where the files go (default: a temporary folder, removed)")
     p.add_argument("--markdown", default="", help="also write the table to this file")
