@@ -184,6 +184,9 @@ def main(argv=None):
         resumed = flags + ["--steps", str(args.steps + 1), "--resume"]
         before = recs[best]["steps"]
         rec = run(resumed, out, best)
+        if rec is None:
+            raise SystemExit(f"the resumed run at batch {best} ran out of memory where the first did not: "
+                             f"memory is too tight to rehearse; try --batch {max(1, best // 2)}")
         after = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
         have = args.memory_gib * 1024 or device_memory_mb(device)
         cfg = teacher_config(args.depth)
