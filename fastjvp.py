@@ -148,11 +148,16 @@ def plain_attention(q, k, v):
     return torch.softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1) @ v
 
 
+def autocasting(x):
+    """Whether autocast is on for x's device (the meta device has none)."""
+    kind = x.device.type
+    return torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+
+
 def compute_dtype(x):
     """The dtype x's products run in: autocast's where it is on (it never casts fp64), else x's."""
-    kind, cast = x.device.type, x.is_floating_point() and x.dtype != torch.float64
-    on = cast and torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
-    return torch.get_autocast_dtype(kind) if on else x.dtype
+    on = x.is_floating_point() and x.dtype != torch.float64 and autocasting(x)
+    return torch.get_autocast_dtype(x.device.type) if on else x.dtype
 
 
 def _query_chunk(q, k, dtype=None):
@@ -176,7 +181,7 @@ def attention_and_tangent(q, k, v, dq, dk, dv, with_lse=False):
     kt, dkt = flat(k).transpose(1, 2), flat(dk).transpose(1, 2)                # (B H, d, N)
     o, do = (qs.new_empty(*qs.shape[:-1], v.shape[-1]) for _ in range(2))
     lse = qs.new_empty(qs.shape[:-1], dtype=acc) if with_lse else None
-    with torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else contextlib.nullcontext():
+    with torch.autocast(kind, enabled=False) if autocasting(q) else contextlib.nullcontext():
         for i in range(0, qs.shape[1], chunk):
             rows = slice(i, i + chunk)
             qc = qs[:, rows]

@@ -124,10 +124,9 @@ class TimeLinear(Linear):
     wholesale (sample.py --dtype bf16) runs in its dtype."""
 
     def forward(self, x):
-        dev = x.device.type
-        if not (torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)):
+        if not fastjvp.autocasting(x):
             return linear(x.to(self.weight.dtype), self.weight, self.bias)
-        with torch.autocast(dev, enabled=False):
+        with torch.autocast(x.device.type, enabled=False):
             return linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
 
 
