@@ -158,7 +158,10 @@ def training_dtype(cfg, device):
 
 def store_in(net, dtype):
     """Frozen weights in the training dtype (autocast computes in it anyway: half the memory), trained
-    ones in fp32 (Adam's updates are smaller than a bf16 step), buffers (the position table) in fp32."""
+    ones in fp32 (Adam's updates are smaller than a bf16 step), buffers (the position table) in fp32.
+    dtype None (an fp32 run): net as it is."""
+    if dtype is None:
+        return net
     for p in net.parameters():
         p.data = p.data.to(torch.float32 if p.requires_grad else dtype)
     for b in net.buffers():
@@ -195,8 +198,7 @@ def build_models(cfg, device, dtype=None):
         dead = set(model.dead_lr_params(net))
         for name, p in net.named_parameters():      # DiT4SR trains only the control layers
             p.requires_grad_(name not in dead and ("control" in name or (tiny and not cfg.ckpt)))
-        net = net.to(device)
-        return (store_in(net, dtype) if dtype else net), None, vae
+        return store_in(net.to(device), dtype), None, vae
     if cfg.teacher:     # read in the training dtype: a full-size fp32 copy is never held
         teacher = load_transformer(cfg.teacher, lr_key_mode=cfg.teacher_mode, dtype=dtype or torch.float32)
     elif tiny:
@@ -207,12 +209,11 @@ def build_models(cfg, device, dtype=None):
         raise SystemExit("error: --stage distill needs --teacher (a DiT4SR or teacher-stage checkpoint)")
     if not teacher.cfg.lr_stream or teacher.cfg.two_times:
         raise SystemExit(f"error: --teacher {cfg.teacher}: needs a one-time model with the LR stream")
-    teacher = teacher.to(device).eval().requires_grad_(False)
-    if dtype:     # before make_student, which shares the teacher's frozen weights with the student
-        store_in(teacher, dtype)
+    # in the training dtype before make_student, which shares the teacher's frozen weights with the student
+    teacher = store_in(teacher.to(device).eval().requires_grad_(False), dtype)
     student = model.make_student(teacher, lora_rank=cfg.lora_rank, time_scale=cfg.time_scale,
                                  time_cutoff=cfg.time_cutoff)
-    return (store_in(student, dtype) if dtype else student), teacher, vae
+    return store_in(student, dtype), teacher, vae
 
 
 def conditioning(cfg, mcfg):

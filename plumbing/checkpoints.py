@@ -128,8 +128,7 @@ def _write_safetensors(path, tensors, metadata):
     written in turn."""
     header, offset = {"__metadata__": dict(metadata)} if metadata else {}, 0
     for name, t in tensors.items():
-        size = math.prod(t.shape) * (torch.finfo(t.dtype).bits if t.dtype.is_floating_point
-                                     else torch.iinfo(t.dtype).bits if t.dtype != torch.bool else 8) // 8
+        size = math.prod(t.shape) * t.dtype.itemsize
         header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode()

@@ -195,18 +195,14 @@ class PhaseClock:
         unchanged); name returns None for a call not to time."""
         if not self.enabled:
             return
-        open_ = []
+        open_ = []      # the calls under way, innermost last (self(None) times nothing)
 
         def before(_, args, kwargs):
-            phase = name(args)
-            open_.append(None if phase is None else self(phase))
-            if open_[-1] is not None:
-                open_[-1].__enter__()
+            open_.append(self(name(args)))
+            open_[-1].__enter__()
 
         def after(*_):
-            ctx = open_.pop()
-            if ctx is not None:
-                ctx.__exit__(None, None, None)
+            open_.pop().__exit__(None, None, None)
         module.register_forward_pre_hook(before, with_kwargs=True)
         module.register_forward_hook(after, always_call=True)
 
