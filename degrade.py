@@ -5,7 +5,7 @@
     gt, lr, params = degrade(hr, DegradeConfig(), generator=g)   # hr (B, 3, H, W) in [0, 1]
 
 Follows Real-ESRGAN (Wang et al., ICCVW 2021), x4plus settings, as MFSR §5.1 uses it (GT 512², LR 128²).
-Facts, defaults and order of operations: ../shared/reference/DEGRADATION.md.
+Facts, defaults and order of operations: reference/DEGRADATION.md.
 Differences from Real-ESRGAN: every random choice is drawn per image (Real-ESRGAN draws the resize,
 the second-blur flag and the final order once per batch); JPEG is a real Pillow round-trip at an integer
 quality (Real-ESRGAN uses DiffJPEG, a torch simulation, at a float quality); no training-pair queue.

@@ -33,9 +33,30 @@ as its teacher. For a teacher that cannot be retrained (SD3.5 / DiT4SR, 1000 t),
 MMDiTConfig.time_cutoff drops the student's time features above a cutoff (e.g. 20 rad per unit t).
 """
 import math
+from typing import NamedTuple, Optional
 
 import torch
 import torch.autograd.forward_ad as fwAD
+
+
+class Cond(NamedTuple):
+    """What a network sees besides (z, t, s), each part batched like z: the LR latent z_lr
+    (B, C, h, w), the prompt's pooled embedding (B, P) and its tokens (B, L, D). A prompt read
+    from a file has no LR latent yet (z_lr None); `cond._replace(z_lr=...)` gives it one."""
+    z_lr: Optional[torch.Tensor]
+    pooled: torch.Tensor
+    context: torch.Tensor
+
+    def rows(self, idx):
+        """The rows `idx` of every part."""
+        return Cond(*(None if x is None else x[idx] for x in self))
+
+    def cat(self, other):
+        """Rows [self ; other]: two conditions in one batched call."""
+        return Cond(*(None if a is None else torch.cat([a, b]) for a, b in zip(self, other)))
+
+    def to(self, *args, **kwargs):
+        return Cond(*(None if x is None else x.to(*args, **kwargs) for x in self))
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,11 +83,11 @@ def _bc(t, z):
 
 
 def denoised(net):
-    """x(z, t, c): the network's estimate of z_HR; c = (z_lr, pooled, context), batched like z.
+    """x(z, t, c): the network's estimate of z_HR; c a Cond batched like z.
     "v": z + (1 - t) v; "x": z_lr + the network's output."""
     def x(z, t, c):
-        out = net(z, 1 - t, c[1], c[2], lr=c[0])
-        return c[0] + out if _predicts_x(net) else z - _bc(1 - t, z) * out
+        out = net(z, 1 - t, c.pooled, c.context, lr=c.z_lr)
+        return c.z_lr + out if _predicts_x(net) else z - _bc(1 - t, z) * out
     return x
 
 
@@ -79,9 +100,9 @@ def _as_velocity(net, out, z, t, z_lr):
 
 def velocity(net):
     """v(z, t, c) of a one-time network (the teacher): v = -net(z, sigma = 1 - t), or from its x
-    (see the top of this file). c = (z_lr, pooled, context): the LR latent and the prompt."""
+    (see the top of this file). c: a Cond, the LR latent and the prompt."""
     def v(z, t, c):
-        return _as_velocity(net, net(z, 1 - t, c[1], c[2], lr=c[0]), z, t, c[0])
+        return _as_velocity(net, net(z, 1 - t, c.pooled, c.context, lr=c.z_lr), z, t, c.z_lr)
     return v
 
 
@@ -89,7 +110,7 @@ def average_velocity(net):
     """u(z, t, s, c) of a two-time network (the student): u = -net(z, 1 - t, sigma_s = 1 - s), or
     (x(z, t, s) - z) / (1 - t) for an x-predicting one (see the top of this file)."""
     def u(z, t, s, c):
-        return _as_velocity(net, net(z, 1 - t, c[1], c[2], lr=c[0], sigma_s=1 - s), z, t, c[0])
+        return _as_velocity(net, net(z, 1 - t, c.pooled, c.context, lr=c.z_lr, sigma_s=1 - s), z, t, c.z_lr)
     return u
 
 
@@ -147,8 +168,8 @@ def teacher_velocity(kind, z_t, t, *, z_hr=None, eps=None, teacher=None, student
     null:      teacher CFG against the null prompt (Eq. 10):  v_c + w (v_c - v_null)
     neg:       teacher CFG against the negative prompt (Eq. 11): v_c + w (v_c - v_neg)  [default]
     teacher:   v(z, t, c), e.g. `velocity(net)`; student_u: u(z, t, s, c), e.g.
-               `average_velocity(net)`. A condition is a tuple of per-row tensors, e.g.
-               (z_lr, pooled, context); c and c_neg are stacked and run in one call.
+               `average_velocity(net)`. cond, cond_neg, cond_null: Conds; c and c_neg are
+               stacked and run in one call.
     """
     with torch.no_grad():
         if kind == "gt":
@@ -171,8 +192,7 @@ def eq11_w(cfg_scale):
 
 def _two_conditions(fn, z, t, c1, c2):
     """fn on two conditions in one batched call: rows [c1 ; c2], outputs split back."""
-    cat = lambda a, b: torch.cat([a, b]) if torch.is_tensor(a) else tuple(map(torch.cat, zip(a, b)))
-    return fn(torch.cat([z, z]), torch.cat([t, t]), cat(c1, c2)).chunk(2)
+    return fn(torch.cat([z, z]), torch.cat([t, t]), c1.cat(c2)).chunk(2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,19 +212,19 @@ def meanflow_target(u_fn, z_t, t, s, v, cond=None, mode="split", u_fn_jvp=None, 
     """(u, u_tgt): u = u_theta(z_t, t, s) to train, u_tgt = v + (s - t) du/dt, stopped.
 
     u_fn(z, t, s) is any average velocity in the paper's convention, or u_fn(z, t, s, c) when
-    `cond` (a tuple of per-row tensors, e.g. (z_lr, pooled, context)) is given.
+    `cond` (a Cond, batched like z_t) is given.
 
     du/dt = d/dt u(z_t, t, s) along the flow = J_z u . v + d_t u: one JVP with tangents
     (v, 1, 0) for (z_t, t, s) (MeanFlow Eq. 8). Rows with s = t need no JVP, their target is v.
     mode "split": the JVP without gradients gives the target, an ordinary forward with
-      gradients (fused attention, checkpointing, DDP all fine) gives u. Memory of a plain step.
+      gradients (fused attention and checkpointing both fine) gives u. Memory of a plain step.
     mode "fused": one grad-enabled JVP whose primal output is trained; fewer FLOPs but eager
       autograd records the tangent's ops too (train.py runs it inside fastjvp.detached_tangents,
       which skips recording them). The tangent is detached: without that a second-order term
       silently enters the gradient.
     The target is fp32 (fp64 for fp64 inputs) whatever the network's precision.
-    u_fn_jvp: the same network for the split mode's JVP pass when u_fn cannot be differentiated
-    forward (a DDP wrapper: pass the inner module here).
+    u_fn_jvp: another u for the JVP pass only, the same function of the same weights (e.g. the
+    uncompiled network when u_fn is compiled); default u_fn.
     jvp_fn(f, primals, tangents): how the JVP is taken: `jvp` above (None, eager), or the compiled
     torch.func.jvp of train.py --compile (fastjvp.func_jvp).
     """
@@ -219,11 +239,11 @@ def meanflow_target(u_fn, z_t, t, s, v, cond=None, mode="split", u_fn_jvp=None, 
     def u_on(rows):                              # u_theta on some rows, with their conditions
         if cond is None:
             return u_fn(z_t[rows], t[rows], s[rows])
-        return u_fn(z_t[rows], t[rows], s[rows], tuple(c[rows] for c in cond))
+        return u_fn(z_t[rows], t[rows], s[rows], cond.rows(rows))
 
     def u_of(z, t_, s_):                         # what the JVP differentiates: u on the rows `neq`
         f = u_fn_jvp or u_fn
-        return f(z, t_, s_) if cond is None else f(z, t_, s_, tuple(c[neq] for c in cond))
+        return f(z, t_, s_) if cond is None else f(z, t_, s_, cond.rows(neq))
 
     primals = (z_t[neq], t[neq], s[neq])
     tangents = (v[neq], torch.ones_like(t[neq]), torch.zeros_like(s[neq]))     # dz/dt = v, dt/dt = 1, ds/dt = 0
@@ -257,7 +277,7 @@ def dudt_terms(u_fn, z_t, t, s, v, cond=None, h=0.1):
     if not len(rows):
         return {}
     z, t, s, v = z_t[rows], t[rows], s[rows], v[rows].to(z_t)
-    c = None if cond is None else tuple(x[rows] for x in cond)
+    c = None if cond is None else cond.rows(rows)
     f = (lambda z_, t_, s_: u_fn(z_, t_, s_)) if c is None else (lambda z_, t_, s_: u_fn(z_, t_, s_, c))
     rms = lambda x: float(x.float().flatten(1).pow(2).mean(1).sqrt().mean())      # noqa: E731
     with torch.no_grad():
@@ -353,19 +373,19 @@ def noise_like(z, generator=None):
     return torch.randn(z.shape, generator=generator, device=device, dtype=z.dtype).to(z.device)
 
 
-def sample_student(net, z_lr, pooled, context, steps=1, generator=None):
-    """The student's N-step super-resolution of an LR latent (Alg. 2), from Gaussian noise."""
-    z0 = noise_like(z_lr, generator)
-    u, c = average_velocity(net), (z_lr, pooled, context)
-    return sample(lambda z, t, s: u(z, t, s, c), z0, steps)
+def sample_student(net, cond, steps=1, generator=None):
+    """The student's N-step super-resolution of cond.z_lr (Alg. 2), from Gaussian noise."""
+    z0 = noise_like(cond.z_lr, generator)
+    u = average_velocity(net)
+    return sample(lambda z, t, s: u(z, t, s, cond), z0, steps)
 
 
-SD35_SHIFT = 3.0   # SD3.5's sigma shift, in training (logit-normal sigma) and sampling (ARCHITECTURE §1)
+SD35_SHIFT = 3.0   # SD3.5's sigma shift, in training (logit-normal sigma) and sampling (reference/ARCHITECTURE.md §1)
 DIT4SR_CFG = 8.0   # DiT4SR's sampler: standard CFG scale 8 (Eq. 11's w = 7), 40 Euler steps
 
 
 def sd3_sigmas(steps=40, shift=SD35_SHIFT, device=None):
-    """SD3.5's inference grid (ARCHITECTURE §1): shifted endpoints, linear, shifted again, then 0."""
+    """SD3.5's inference grid (reference/ARCHITECTURE.md §1): shifted endpoints, linear, shifted again, then 0."""
     sh = lambda x: shift * x / (1 + (shift - 1) * x)
     grid = torch.linspace(sh(1.0), sh(0.001), steps, dtype=torch.float64)
     return torch.cat([sh(grid), torch.zeros(1, dtype=torch.float64)]).to(device)
@@ -378,15 +398,15 @@ def uniform_sigmas(steps, device=None):
 
 
 @torch.no_grad()
-def sample_teacher(net, z_lr, cond, cond_neg, steps=40, cfg=DIT4SR_CFG, shift=SD35_SHIFT, generator=None,
+def sample_teacher(net, cond, cond_neg, steps=40, cfg=DIT4SR_CFG, shift=SD35_SHIFT, generator=None,
                    grid="shifted", noise=None):
     """The teacher's Euler sampler with CFG on the SD3.5 shifted schedule (DiT4SR's recipe:
     40 steps, CFG 8, batch order [negative, positive]): v = v_neg + cfg (v_c - v_neg).
-    cond, cond_neg: (pooled, context) pairs. grid "uniform": uniform_sigmas instead.
-    noise: the starting z_0 (default: drawn from `generator`)."""
-    z = noise_like(z_lr, generator) if noise is None else noise
+    cond: the Cond of the image (its z_lr is the one used); cond_neg: the negative prompt's.
+    grid "uniform": uniform_sigmas instead. noise: the starting z_0 (default: drawn from `generator`)."""
+    z = noise_like(cond.z_lr, generator) if noise is None else noise
     B = z.shape[0]
-    c = (torch.cat([z_lr, z_lr]), torch.cat([cond_neg[0], cond[0]]), torch.cat([cond_neg[1], cond[1]]))
+    c = cond_neg._replace(z_lr=cond.z_lr).cat(cond)                        # rows [negative ; positive]
     v_fn = velocity(net)
     if grid not in ("shifted", "uniform"):
         raise ValueError(f"grid must be 'shifted' or 'uniform', got {grid!r}")
@@ -394,7 +414,7 @@ def sample_teacher(net, z_lr, cond, cond_neg, steps=40, cfg=DIT4SR_CFG, shift=SD
     for i in range(steps):
         t = torch.full((2 * B,), 1 - sig[i].item(), device=z.device, dtype=z.dtype)
         if cfg == 1:        # v_neg + 1 (v_c - v_neg) = v_c: the negative branch is not needed
-            v = v_fn(z, t[:B], tuple(x[B:] for x in c))
+            v = v_fn(z, t[:B], cond)
         else:
             v_neg, v_c = v_fn(torch.cat([z, z]), t, c).chunk(2)
             v = v_neg + cfg * (v_c - v_neg)

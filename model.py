@@ -8,7 +8,7 @@
 Follows Stability-AI's single-file reference (mmditx.py) for the architecture and the parameter
 names, so `state_dict()` keys are those of the released checkpoints; DiT4SR (Duan et al., ICCV 2025)
 for the LR stream; MFSR (§4.2, §4.4) for the s-embedder and the time scale. Facts, key maps and
-shapes: ../shared/reference/ARCHITECTURE.md (§2 MMDiT, §3 LR stream), cited as "ARCH §x".
+shapes: reference/ARCHITECTURE.md (§2 MMDiT, §3 LR stream), cited as "ARCH §x".
 
 Conventions of this file (the SD3 ones; mfsr.py converts to the paper's t = 1 - sigma once):
 x_sigma = (1 - sigma) x0 + sigma eps, sigma = 1 is noise, the network predicts eps - x0 and sees

@@ -8,7 +8,7 @@
     from sample import upscale
     y = upscale(x, net, vae, cond, steps=1)               # x (1, 3, H, W) in [0, 1] -> (1, 3, 4H, 4W)
 
-The pipeline (MFSR Alg. 2; DiT4SR's inference recipe, ARCHITECTURE §3.7, for the rest):
+The pipeline (MFSR Alg. 2; DiT4SR's inference recipe, reference/ARCHITECTURE.md §3.7, for the rest):
 1. the LR image is bicubic-upsampled x4 (as train.py's pairs are made), padded by reflection to a
    multiple of VAE factor x patch, and VAE-encoded to z_lr (the posterior mean);
 2. z_0 ~ N(0, I) is drawn once for the whole latent, then N uniform steps z <- z + (s - t) u(z, t, s)
@@ -39,7 +39,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROGRESS_AFTER = 2.0     # seconds an image may take before its progress is shown
 
 # --------------------------------------------------------------------------------------------
-# Colour fix (ARCHITECTURE §3.7 step 8): keep the LR's colours, take the model's details
+# Colour fix (reference/ARCHITECTURE.md §3.7 step 8): keep the LR's colours, take the model's details
 
 
 def adain_color_fix(y, ref, eps=1e-5):
@@ -94,8 +94,8 @@ def upscale(img, net, vae, cond, steps=1, *, teacher=False, cond_neg=None, cfg=D
     """x4 super-resolution of img (1, 3, H, W) in [0, 1] -> (1, 3, 4H, 4W) float32 in [0, 1], on CPU.
 
     net: a student (cfg.two_times) or, with teacher=True, a one-time teacher with the LR stream;
-    both must be on the device and in the dtype wanted. cond = (pooled (1, P), context (1, L, D)),
-    cond_neg likewise (the teacher's CFG negative, default cond). steps: uniform student steps
+    both must be on the device and in the dtype wanted. cond: the prompt, an mfsr.Cond without z_lr
+    (pooled (1, P), context (1, L, D)); cond_neg likewise (the teacher's CFG negative, default cond). steps: uniform student steps
     (Alg. 2) or the teacher's Euler steps with guidance `cfg` on SD3's grid shifted by `shift`
     (the shift its training used; grid "uniform": Alg. 2's grid). tile / tile_overlap / tile_batch:
     latent tiles, so many per call (None: by free memory). vae_tile: vae.encode / decode's (None: by size).
@@ -117,15 +117,14 @@ def upscale(img, net, vae, cond, steps=1, *, teacher=False, cond_neg=None, cfg=D
     # the tiles bound the memory, so the model's plain path (fastjvp.lean_memory, for training, is slower)
     tiled = TiledNet(net, tile, tile_overlap, on_tile=progress.tile, batch=tile_batch)
     progress.phase("network", calls=steps * len(tiled.tiles(*z_lr.shape[-2:])))
-    pooled, context = (c.to(device, dtype) for c in cond)
+    c = cond._replace(z_lr=z_lr).to(device, dtype)
     if teacher:
-        pooled_neg, context_neg = (c.to(device, dtype) for c in (cond_neg or cond))
-        L = max(context.shape[1], context_neg.shape[1])     # zero-pad the shorter context so CFG can batch them
-        pad = lambda ctx: F.pad(ctx, (0, 0, 0, L - ctx.shape[1]))
-        z = mfsr.sample_teacher(tiled, z_lr, (pooled, pad(context)), (pooled_neg, pad(context_neg)), steps=steps,
-                                cfg=cfg, shift=shift, generator=g, grid=grid)
+        c_neg = (cond_neg or cond).to(device, dtype)
+        L = max(c.context.shape[1], c_neg.context.shape[1])   # zero-pad the shorter context so CFG can batch them
+        pad = lambda x: x._replace(context=F.pad(x.context, (0, 0, 0, L - x.context.shape[1])))
+        z = mfsr.sample_teacher(tiled, pad(c), pad(c_neg), steps=steps, cfg=cfg, shift=shift, generator=g, grid=grid)
     else:
-        z = mfsr.sample_student(tiled, z_lr, pooled, context, steps=steps, generator=g)
+        z = mfsr.sample_student(tiled, c, steps=steps, generator=g)
     progress.phase("VAE decode")
     y = vae.decode(z.to(next(vae.parameters()).dtype), tile=vae_tile).float()  # (1, 3, H', W') in [-1, 1]
     y = ((y + 1) / 2)[..., :SCALE * H, :SCALE * W]                             # crop the padding

@@ -96,7 +96,7 @@ def test_identity_holds_through_the_adapter_for_both_predictions(monkeypatch, pr
     """The JVP differentiates through the adapter: exact for both outputs, and the planted bugs show."""
     u = mfsr.average_velocity(_ClosedFormNet(prediction))
     z_lr = torch.randn(256, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    err = _identity_error(monkeypatch, bug, lambda z, t, s: u(z, t, s, (z_lr, None, None)))
+    err = _identity_error(monkeypatch, bug, lambda z, t, s: u(z, t, s, mfsr.Cond(z_lr, None, None)))
     assert err <= 1e-9 if bug is None else err > 1e-2
 
 
@@ -168,14 +168,15 @@ def test_teacher_velocity_variants_follow_eq_9_to_11():
 
     def teacher(zz, tt, cc):        # stub: v = c + t (known outputs per condition)
         calls.append(zz.shape[0])
-        return cc[0] + tt[:, None]
+        return cc.z_lr + tt[:, None]
 
     def student(zz, tt, ss, cc):    # stub at s = t: u = 3 c
         assert torch.equal(tt, ss)
-        return 3 * cc[0]
+        return 3 * cc.z_lr
     z_hr, eps = torch.randn(B, 2), torch.randn(B, 2)
     kw = dict(z_hr=z_hr, eps=eps, teacher=teacher, student_u=student,
-              cond=(c,), cond_neg=(c_neg,), cond_null=(c_null,), w=6.0, kappa=0.25)
+              cond=mfsr.Cond(c, None, None), cond_neg=mfsr.Cond(c_neg, None, None), cond_null=mfsr.Cond(c_null, None, None),
+              w=6.0, kappa=0.25)
     vc = c + t[:, None]
     assert torch.equal(mfsr.teacher_velocity("gt", z, t, **kw), z_hr - eps)
     assert torch.allclose(mfsr.teacher_velocity("neg", z, t, **kw), vc + 6 * (vc - (c_neg + t[:, None])))
@@ -210,7 +211,7 @@ def test_mfd_loss_reports_the_size_of_the_jvp_correction():
 
 def test_sd3_sigma_grid_matches_the_reference_values():
     sig = mfsr.sd3_sigmas(40, 3.0)
-    # ARCHITECTURE §1: 1.0, 0.99133, 0.98236, 0.97306, ..., 0.14651, 0.08105, 0.00893, 0
+    # reference/ARCHITECTURE.md §1: 1.0, 0.99133, 0.98236, 0.97306, ..., 0.14651, 0.08105, 0.00893, 0
     assert len(sig) == 41
     for i, ref in [(0, 1.0), (1, 0.99133), (2, 0.98236), (3, 0.97306), (37, 0.14651), (38, 0.08105),
                    (39, 0.00893), (40, 0.0)]:
@@ -245,8 +246,8 @@ def _gmm_velocity(z, t, c):
 
 
 def _guided(z, t, c, w):   # Eq. (11) with the other class as the negative prompt
-    return mfsr.teacher_velocity("neg", z, t, teacher=lambda zz, tt, cc: _gmm_velocity(zz, tt, cc[0]),
-                                 cond=(c,), cond_neg=(1 - c,), w=w)
+    return mfsr.teacher_velocity("neg", z, t, teacher=lambda zz, tt, cc: _gmm_velocity(zz, tt, cc.z_lr),
+                                 cond=mfsr.Cond(c, None, None), cond_neg=mfsr.Cond(1 - c, None, None), w=w)
 
 
 def _toy_student(kind, w, steps=1500, batch=256):
@@ -264,7 +265,7 @@ def _toy_train(kind, w, steps, batch):
     net = torch.nn.Sequential(torch.nn.Linear(6, 128), torch.nn.SiLU(), torch.nn.Linear(128, 128), torch.nn.SiLU(),
                               torch.nn.Linear(128, 128), torch.nn.SiLU(), torch.nn.Linear(128, 2)).double()
     u = lambda z, t, s, cond: net(torch.cat([z, t[:, None], s[:, None],
-                                             torch.nn.functional.one_hot(cond[0], 2).double()], 1))
+                                             torch.nn.functional.one_hot(cond.z_lr, 2).double()], 1))  # the class as z_lr
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     for _ in range(steps):
         c = torch.randint(0, 2, (batch,), generator=g)
@@ -274,7 +275,7 @@ def _toy_train(kind, w, steps, batch):
         z = t[:, None] * x + (1 - t[:, None]) * eps
         v = mfsr.teacher_velocity("gt", z, t, z_hr=x, eps=eps) if kind == "gt" else _guided(z, t, c, w)
         opt.zero_grad()
-        mfsr.mfd_loss(u, z, t, s, v, cond=(c,))["loss"].backward()
+        mfsr.mfd_loss(u, z, t, s, v, cond=mfsr.Cond(c, None, None))["loss"].backward()
         opt.step()
     return u
 
@@ -301,7 +302,7 @@ def _toy_eval(w, students):
     with torch.no_grad():
         for name, u in students.items():
             for n in (1, 2):
-                out[f"{name} {n}"] = _sw2(mfsr.sample(lambda z, t, s: u(z, t, s, (c,)), z0, n), ref)
+                out[f"{name} {n}"] = _sw2(mfsr.sample(lambda z, t, s: u(z, t, s, mfsr.Cond(c, None, None)), z0, n), ref)
     return out
 
 
@@ -337,15 +338,15 @@ def _tiny_pair(dtype=torch.float64):
     r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)
     B = 4
     z_lr = r(B, 16, 8, 6)
-    cond, cond_neg = (z_lr, r(B, 32), r(B, 5, 64)), (z_lr, r(B, 32), r(B, 5, 64))
+    cond, cond_neg = mfsr.Cond(z_lr, r(B, 32), r(B, 5, 64)), mfsr.Cond(z_lr, r(B, 32), r(B, 5, 64))
     return teacher, student, cond, cond_neg, g
 
 
 def test_model_level_distillation_step_split_equals_fused():
     teacher, student, cond, cond_neg, g = _tiny_pair()
-    B = cond[0].shape[0]
+    B = cond.z_lr.shape[0]
     t, s = (x.double() for x in mfsr.sample_times(B, 0.5, g))
-    z_hr, eps = torch.randn_like(cond[0]), torch.randn_like(cond[0])
+    z_hr, eps = torch.randn_like(cond.z_lr), torch.randn_like(cond.z_lr)
     z = t.view(-1, 1, 1, 1) * z_hr + (1 - t.view(-1, 1, 1, 1)) * eps
     v = mfsr.teacher_velocity("neg", z, t, teacher=mfsr.velocity(teacher), cond=cond, cond_neg=cond_neg, w=6.0)
     u_fn = mfsr.average_velocity(student)
@@ -378,10 +379,11 @@ def test_x_prediction_untrained_samples_the_lr_latent_in_one_step():
     z_lr = torch.randn(2, 16, 8, 6, generator=g)
     pooled, ctx = torch.randn(2, 32, generator=g), torch.randn(2, 5, 64, generator=g)
     assert teacher(z_lr, torch.full((2,), 0.7), pooled, ctx, lr=z_lr).abs().max() == 0
-    z_t = mfsr.sample_teacher(teacher, z_lr, (pooled, ctx), (pooled, ctx), steps=1, cfg=3.0, generator=g)
-    z_s = mfsr.sample_student(student, z_lr, pooled, ctx, steps=1, generator=g)
+    c = mfsr.Cond(z_lr, pooled, ctx)
+    z_t = mfsr.sample_teacher(teacher, c, c, steps=1, cfg=3.0, generator=g)
+    z_s = mfsr.sample_student(student, c, steps=1, generator=g)
     assert torch.allclose(z_t, z_lr, atol=1e-6) and torch.allclose(z_s, z_lr, atol=1e-6)
-    x = mfsr.denoised(teacher)(torch.randn(z_lr.shape, generator=g), torch.full((2,), 0.3), (z_lr, pooled, ctx))
+    x = mfsr.denoised(teacher)(torch.randn(z_lr.shape, generator=g), torch.full((2,), 0.3), c)
     assert torch.equal(x, z_lr)
     with pytest.raises(ValueError, match="prediction"):
         MMDiTConfig = type(CONFIGS["tiny"])
@@ -405,9 +407,9 @@ def test_v_prediction_samples_as_before_and_x_is_recorded_in_the_file(tmp_path):
               {**meta, "mfsr_config": json.dumps(config)})
     net = checkpoints.load_transformer(str(tmp_path / "old.safetensors")).eval()
     assert net.cfg.prediction == "v"
-    z_lr, pooled, ctx = (c[:1] for c in cond)
+    z_lr, pooled, ctx = cond.rows(slice(0, 1))
     with torch.no_grad():
-        got = mfsr.sample_student(net, z_lr, pooled, ctx, steps=2, generator=torch.Generator().manual_seed(1))
+        got = mfsr.sample_student(net, cond.rows(slice(0, 1)), steps=2, generator=torch.Generator().manual_seed(1))
         z = torch.randn(z_lr.shape, generator=torch.Generator().manual_seed(1))
         for i in range(2):
             t, s = torch.full((1,), i / 2), torch.full((1,), (i + 1) / 2)
@@ -424,21 +426,21 @@ def test_v_prediction_samples_as_before_and_x_is_recorded_in_the_file(tmp_path):
 
 def test_samplers_on_the_tiny_model():
     teacher, student, cond, cond_neg, _ = _tiny_pair(torch.float32)
-    z_lr = cond[0]
-    out = [mfsr.sample_student(student, z_lr, cond[1], cond[2], steps=n, generator=torch.Generator().manual_seed(1))
+    z_lr = cond.z_lr
+    out = [mfsr.sample_student(student, cond, steps=n, generator=torch.Generator().manual_seed(1))
            for n in (1, 1, 2)]
     assert out[0].shape == z_lr.shape and torch.equal(out[0], out[1]) and not torch.equal(out[0], out[2])
     calls = []
     forward = teacher.forward
     teacher.forward = lambda *a, **k: calls.append(a[0].shape[0]) or forward(*a, **k)
-    zt = mfsr.sample_teacher(teacher, z_lr, cond[1:], cond_neg[1:], steps=3, cfg=8.0,
+    zt = mfsr.sample_teacher(teacher, cond, cond_neg, steps=3, cfg=8.0,
                              generator=torch.Generator().manual_seed(1))
     assert zt.shape == z_lr.shape and calls == [8, 8, 8]     # one batched [neg ; pos] call per step
     # CFG scale 1 is the positive branch alone: one call of B rows, the same samples
     sigmas = []
     teacher.forward = lambda *a, **k: calls.append(a[0].shape[0]) or sigmas.append(a[1][0].item()) or forward(*a, **k)
     calls.clear()
-    z1 = mfsr.sample_teacher(teacher, z_lr, cond[1:], cond_neg[1:], steps=3, cfg=1.0,
+    z1 = mfsr.sample_teacher(teacher, cond, cond_neg, steps=3, cfg=1.0,
                              generator=torch.Generator().manual_seed(1))
     g = torch.Generator().manual_seed(1)
     z, v = torch.randn(z_lr.shape, generator=g), mfsr.velocity(teacher)
@@ -448,10 +450,10 @@ def test_samplers_on_the_tiny_model():
     assert calls[:3] == [4, 4, 4] and torch.allclose(z1, z, atol=1e-6)
     # the uniform grid (Alg. 2's, for the teacher's rows beside the student's): sigma 1, 1/2, then 0
     calls.clear(), sigmas.clear()
-    mfsr.sample_teacher(teacher, z_lr, cond[1:], cond_neg[1:], steps=2, cfg=1.0, grid="uniform")
+    mfsr.sample_teacher(teacher, cond, cond_neg, steps=2, cfg=1.0, grid="uniform")
     assert sigmas == [1.0, 0.5] and mfsr.uniform_sigmas(4).tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
     with pytest.raises(ValueError, match="grid"):
-        mfsr.sample_teacher(teacher, z_lr, cond[1:], cond_neg[1:], steps=2, grid="linear")
+        mfsr.sample_teacher(teacher, cond, cond_neg, steps=2, grid="linear")
 
 
 def test_model_du_dt_at_s_equal_t_matches_finite_differences():
@@ -459,8 +461,8 @@ def test_model_du_dt_at_s_equal_t_matches_finite_differences():
     along the trajectory, in float64, on the student through the paper-convention adapter."""
     _, student, cond, _, g = _tiny_pair()
     u = mfsr.average_velocity(student)
-    B = cond[0].shape[0]
-    z, v = torch.randn(cond[0].shape, generator=g, dtype=torch.float64), torch.randn(cond[0].shape, generator=g, dtype=torch.float64)
+    B = cond.z_lr.shape[0]
+    z, v = (torch.randn(cond.z_lr.shape, generator=g, dtype=torch.float64) for _ in range(2))
     t = torch.rand(B, generator=g, dtype=torch.float64) * 0.8 + 0.1
     f = lambda zz, tt, ss: u(zz, tt, ss, cond)
     _, dudt = torch.func.jvp(f, (z, t, t), (v, torch.ones_like(t), torch.zeros_like(t)))
@@ -471,16 +473,16 @@ def test_model_du_dt_at_s_equal_t_matches_finite_differences():
 
 def test_target_stays_fp32_when_the_network_runs_in_bf16():
     teacher, student, cond, cond_neg, g = _tiny_pair(torch.float32)
-    B = cond[0].shape[0]
+    B = cond.z_lr.shape[0]
     t, s = mfsr.sample_times(B, 1.0, g)
-    z, v = torch.randn(cond[0].shape, generator=g), torch.randn(cond[0].shape, generator=g)
+    z, v = torch.randn(cond.z_lr.shape, generator=g), torch.randn(cond.z_lr.shape, generator=g)
     u_fn = mfsr.average_velocity(student)
     _, ref = mfsr.meanflow_target(u_fn, z, t, s, v, cond=cond)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         u, tgt = mfsr.meanflow_target(u_fn, z, t, s, v, cond=cond)
     assert u.dtype == torch.bfloat16 and tgt.dtype == torch.float32
     rel = ((tgt - ref).norm() / (ref - v).norm()).item()   # error relative to the JVP term itself
-    assert rel < 0.05, rel   # measured 0.53% (bf16 JVP; MEANFLOW_JVP.md §3.6 saw 0.7%)
+    assert rel < 0.05, rel   # bf16 rounds the JVP term to ~1%: 5% leaves room, a lost fp32 target does not
 
 
 def test_eq11_w_is_the_samplers_cfg_scale_minus_one():
@@ -490,14 +492,14 @@ def test_eq11_w_is_the_samplers_cfg_scale_minus_one():
     net = MMDiT(CONFIGS["tiny"]).eval()
     B = 2
     z_lr = torch.randn(B, 16, 8, 8)
-    cond = (torch.randn(B, 32), torch.randn(B, 4, 64))
-    neg = (torch.randn(B, 32), torch.randn(B, 4, 64))
+    cond = mfsr.Cond(z_lr, torch.randn(B, 32), torch.randn(B, 4, 64))
+    neg = mfsr.Cond(z_lr, torch.randn(B, 32), torch.randn(B, 4, 64))
     scale = 2.5
-    z1 = mfsr.sample_teacher(net, z_lr, cond, neg, steps=1, cfg=scale, generator=torch.Generator().manual_seed(3))
+    z1 = mfsr.sample_teacher(net, cond, neg, steps=1, cfg=scale, generator=torch.Generator().manual_seed(3))
     z0 = torch.randn(z_lr.shape, generator=torch.Generator().manual_seed(3))
     sig = mfsr.sd3_sigmas(1)
     t = torch.full((B,), 1 - sig[0].item())
-    v = mfsr.teacher_velocity("neg", z0, t, teacher=mfsr.velocity(net), cond=(z_lr, *cond), cond_neg=(z_lr, *neg),
+    v = mfsr.teacher_velocity("neg", z0, t, teacher=mfsr.velocity(net), cond=cond, cond_neg=neg,
                               w=mfsr.eq11_w(scale))
     assert mfsr.eq11_w(scale) == 1.5
     torch.testing.assert_close(z1, z0 + (sig[0] - sig[1]).item() * v, rtol=1e-5, atol=1e-5)
@@ -522,7 +524,7 @@ def test_jvp_du_dt_agrees_with_a_central_difference_only_for_a_smooth_time_embed
     g = torch.Generator().manual_seed(1)
     B = 6
     z, v, z_lr = (torch.randn(B, 16, 8, 8, generator=g) for _ in range(3))
-    cond = (z_lr, torch.randn(B, 32, generator=g), torch.randn(B, 4, 64, generator=g))
+    cond = mfsr.Cond(z_lr, torch.randn(B, 32, generator=g), torch.randn(B, 4, 64, generator=g))
     t = torch.rand(B, generator=g) * 0.6 + 0.1
     s = t + 0.2
     u = mfsr.average_velocity(net)
@@ -541,7 +543,7 @@ def test_dudt_terms_split_the_jvp_and_see_the_ripple():
     g = torch.Generator().manual_seed(2)
     B = 4
     z, v, z_lr = (torch.randn(B, 16, 8, 8, generator=g) for _ in range(3))
-    cond = (z_lr, torch.randn(B, 32, generator=g), torch.randn(B, 4, 64, generator=g))
+    cond = mfsr.Cond(z_lr, torch.randn(B, 32, generator=g), torch.randn(B, 4, 64, generator=g))
     t = torch.tensor([0.1, 0.3, 0.5, 0.95])
     s = torch.tensor([0.6, 0.3, 0.9, 1.0])          # one row with s = t: left out
     ratio = {}
@@ -550,7 +552,7 @@ def test_dudt_terms_split_the_jvp_and_see_the_ripple():
         d = mfsr.dudt_terms(u, z, t, s, v, cond=cond)
         rows = torch.tensor([0, 2, 3])
         with torch.no_grad():
-            _, u_tgt = mfsr.meanflow_target(u, z[rows], t[rows], s[rows], v[rows], cond=tuple(c[rows] for c in cond))
+            _, u_tgt = mfsr.meanflow_target(u, z[rows], t[rows], s[rows], v[rows], cond=cond.rows(rows))
         dudt = (u_tgt - v[rows]) / (s - t)[rows].view(-1, 1, 1, 1)
         rms = dudt.flatten(1).pow(2).mean(1).sqrt().mean().item()
         assert d["dudt_jvp"] == pytest.approx(rms, rel=1e-4)

@@ -36,7 +36,7 @@ import mfsr
 import vae as vae_lib
 from plumbing import runs
 from plumbing.pairs import PairDataset, collate, training_images
-from plumbing.checkpoints import CheckpointError, load_embedding, load_transformer, load_vae
+from plumbing.checkpoints import CheckpointError, load_embedding, load_transformer, load_vae, zero_prompt
 from plumbing.cli import add_flags, flag, peak_memory_mb
 
 
@@ -217,9 +217,9 @@ def build_models(cfg, device, dtype=None):
 
 
 def conditioning(cfg, mcfg):
-    """Null, negative and default (context, pooled): zeros for the null, the null for the others
-    when their files are not given."""
-    null = load_embedding(cfg.null_emb, (torch.zeros(1, mcfg.context_dim), torch.zeros(mcfg.pooled_dim)))
+    """Null, negative and default prompts (Conds without z_lr): zeros for the null, the null for the
+    others when their files are not given."""
+    null = load_embedding(cfg.null_emb, zero_prompt(mcfg))
     if not cfg.neg_emb and ((cfg.stage == "distill" and cfg.target == "neg") or cfg.neg_prob > 0):
         print("warning: no --neg-emb: the negative prompt is the null prompt (Eq. 11 = Eq. 10)")
     return null, load_embedding(cfg.neg_emb, null), load_embedding(cfg.prompt_emb, null)
@@ -248,7 +248,7 @@ def teacher_loss(net, batch, cfg, g):
     z_hr, z_lr = batch["z_hr"], batch["z_lr"]
     B = z_hr.shape[0]
     r = torch.rand(B, generator=g).to(z_hr.device)    # drawn on the generator's device (the CPU), used on z's
-    c = _with_prompt((z_lr, batch["pooled"], batch["context"]), batch["null"], r < cfg.caption_dropout)
+    c = _with_prompt(mfsr.Cond(z_lr, batch["pooled"], batch["context"]), batch["null"], r < cfg.caption_dropout)
     target = z_hr
     if cfg.neg_prob > 0:
         to_neg = (r >= cfg.caption_dropout) & (r < cfg.caption_dropout + cfg.neg_prob)
@@ -264,13 +264,12 @@ def teacher_loss(net, batch, cfg, g):
 
 
 def _with_prompt(c, emb, rows):
-    """The condition c = (z_lr, pooled (B, P), context (B, L, D)) with the rows `rows` given the prompt
-    emb = (context (l, D), pooled (P,)); the shorter context is zero-padded (zero rows are padding)."""
-    z_lr, pooled, context = c
-    L = max(context.shape[1], emb[0].shape[0])
+    """The Cond c (pooled (B, P), context (B, L, D)) with the rows `rows` given the prompt emb
+    (pooled (P,), context (l, D)); the shorter context is zero-padded (zero rows are padding)."""
+    L = max(c.context.shape[1], emb.context.shape[0])
     pad = lambda x: F.pad(x, (0, 0, 0, L - x.shape[-2]))                       # noqa: E731
-    context = torch.where(rows[:, None, None], pad(emb[0])[None].to(context), pad(context))
-    return z_lr, torch.where(rows[:, None], emb[1][None].to(pooled), pooled), context
+    context = torch.where(rows[:, None, None], pad(emb.context)[None].to(c.context), pad(c.context))
+    return mfsr.Cond(c.z_lr, torch.where(rows[:, None], emb.pooled[None].to(c.pooled), c.pooled), context)
 
 
 def distill_loss(student, teacher, batch, cfg, g, step=0, jvp=None):
@@ -286,7 +285,7 @@ def distill_loss(student, teacher, batch, cfg, g, step=0, jvp=None):
     of the rows is trained by anchor_loss instead."""
     raw = getattr(student, "_orig_mod", student)
     z_hr, z_lr, pooled, context = batch["z_hr"], batch["z_lr"], batch["pooled"], batch["context"]
-    L = max(context.shape[1], batch["null"][0].shape[0], batch["neg"][0].shape[0])  # one token count: CFG batches them
+    L = max(context.shape[1], batch["null"].context.shape[0], batch["neg"].context.shape[0])  # CFG batches them: one length
     context = F.pad(context, (0, 0, 0, L - context.shape[1]))
     B = z_hr.shape[0]
     n = min(B - 1, round(cfg.anchor * B)) if step >= cfg.warmup else 0              # anchor rows, the last n
@@ -299,7 +298,7 @@ def distill_loss(student, teacher, batch, cfg, g, step=0, jvp=None):
     drop = torch.zeros(B, dtype=torch.bool, device=z_hr.device)
     if cfg.cond_drop > 0:
         drop = (torch.rand(B, generator=g) < cfg.cond_drop).to(z_hr.device)
-    c = _with_prompt((z_lr[:B], pooled[:B], context[:B]), batch["null"], drop)
+    c = _with_prompt(mfsr.Cond(z_lr[:B], pooled[:B], context[:B]), batch["null"], drop)
     c_neg = _with_prompt(c, batch["neg"], ~drop)   # dropped rows keep the null: Eq. 10 / 11 reduce to v(z | null)
     c_null = _with_prompt(c, batch["null"], torch.ones_like(drop))
     v = mfsr.teacher_velocity(cfg.target, z_t, t, z_hr=z_hr[:B], eps=eps, teacher=mfsr.velocity(teacher),
@@ -315,7 +314,7 @@ def distill_loss(student, teacher, batch, cfg, g, step=0, jvp=None):
         info.update(mfsr.dudt_terms(mfsr.average_velocity(raw), z_t, t, s, v, cond=c))
     if not n or res["loss"] is None:
         return res["loss"], info
-    c_anchor = (z_lr[B:], pooled[B:], context[B:])
+    c_anchor = mfsr.Cond(z_lr[B:], pooled[B:], context[B:])
     all_rows = torch.ones(n, dtype=torch.bool, device=z_lr.device)
     anchor = anchor_loss(student, teacher, c_anchor, _with_prompt(c_anchor, batch["neg"], all_rows), cfg, g)
     info["anchor_loss"] = anchor.item()
@@ -327,12 +326,12 @@ def anchor_loss(student, teacher, c, c_neg, cfg, g):
     regressed on the teacher's own 40-step sample from the same noise, z_1 - z_0 (its CFG scale
     cfg_w + 1, its sampling shift), with the MFD distance. Eq. 12 reaches the flow map only through
     its own derivatives; this pins the one-step corner to where the teacher's samples land.
-    c, c_neg: (z_lr, pooled, context) with the rows' prompt and with the negative prompt."""
-    z_lr = c[0]
+    c, c_neg: Conds with the rows' prompt and with the negative prompt."""
+    z_lr = c.z_lr
     z0 = torch.randn(z_lr.shape, generator=g).to(z_lr)
     with torch.no_grad():
         shift = (getattr(teacher, "sampling", None) or {}).get("shift", mfsr.SD35_SHIFT)   # its training's
-        z1 = mfsr.sample_teacher(teacher, z_lr, c[1:], c_neg[1:], steps=40, cfg=cfg.cfg_w + 1, shift=shift, noise=z0)
+        z1 = mfsr.sample_teacher(teacher, c, c_neg, steps=40, cfg=cfg.cfg_w + 1, shift=shift, noise=z0)
     t = torch.zeros(z_lr.shape[0], device=z_lr.device, dtype=z_lr.dtype)
     u = mfsr.average_velocity(student)(z0, t, t + 1, c)
     return mfsr.LOSSES[cfg.loss](u.float(), (z1 - z0).float())[0]

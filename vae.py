@@ -7,7 +7,7 @@
 
 Follows Stability-AI's single-file reference (sd3_impls.VAEEncoder / VAEDecoder) for the layers
 and the parameter names, so `state_dict()` keys equal the released `first_stage_model.*` keys
-without the prefix. Facts and the original <-> diffusers key map: ../shared/reference/ARCHITECTURE.md
+without the prefix. Facts and the original <-> diffusers key map: reference/ARCHITECTURE.md
 §4, cited as "ARCH §4.x". Latents leave `encode` in the transformer's space, (z - shift) * scale
 (ARCH §1); `decode` undoes it.
 

@@ -271,8 +271,8 @@ def _mfsr_case(cfg, H, W, B=2, L=16, rank=16):
     for p in teacher.parameters():
         p.requires_grad_(False)
     z_hr, eps, z_lr = (torch.randn(B, 16, H, W) for _ in range(3))
-    c = (z_lr, torch.randn(B, cfg.pooled_dim), torch.randn(B, L, cfg.context_dim))
-    c_neg = (z_lr, torch.randn(B, cfg.pooled_dim), torch.randn(B, L, cfg.context_dim))
+    c = mfsr.Cond(z_lr, torch.randn(B, cfg.pooled_dim), torch.randn(B, L, cfg.context_dim))
+    c_neg = mfsr.Cond(z_lr, torch.randn(B, cfg.pooled_dim), torch.randn(B, L, cfg.context_dim))
     u, v_t = mfsr.average_velocity(student), mfsr.velocity(teacher)
     g = torch.Generator().manual_seed(0)
 
@@ -638,8 +638,9 @@ def bench_train(args):
 def _sample_case(dtype=torch.float32):
     import miniature
     import vae as vae_lib
+    from plumbing import checkpoints
     nets, vae, embs = miniature.load_shipped()
-    cond = {e: (p[None], c[None]) for e, (c, p) in embs.items()}
+    cond = {e: checkpoints.prompt_rows(p) for e, p in embs.items()}
     vae_lib.set_dtype(vae, dtype)
     return nets["student"].to(dtype), nets["teacher"].to(dtype), vae, cond
 
@@ -685,7 +686,7 @@ def sample_gflop(w, h):
     ckpt = os.path.join(sample.SHIPPED, "student.safetensors")
     net, vae = checkpoints.load_models(ckpt)
     net, vae = net.to("meta"), vae.to("meta")
-    pooled, context = (c.to("meta") for c in checkpoints.load_condition(net.cfg, ckpt)[0])   # sample.py's prompt
+    prompt = checkpoints.load_condition(net.cfg, ckpt)[0].to("meta")   # sample.py's prompt
     st = sample.sampling_settings(net)
     m = vae.cfg.factor * net.cfg.patch
     x = torch.empty(1, 3, -(-4 * h // m) * m, -(-4 * w // m) * m, device="meta")      # padded as upscale pads
@@ -697,7 +698,7 @@ def sample_gflop(w, h):
         tiles = len(tiling.TiledNet(net, st["tile"], st["tile_overlap"]).tiles(*z.shape[-2:]))
         one = z[..., :st["tile"], :st["tile"]]
         with FlopCounterMode(display=False) as fc:
-            net(one, torch.ones(1, device="meta"), pooled, context, lr=one, sigma_s=torch.zeros(1, device="meta"))
+            net(one, torch.ones(1, device="meta"), prompt.pooled, prompt.context, lr=one, sigma_s=torch.zeros(1, device="meta"))
         counts["network"] = tiles * fc.get_total_flops() / 1e9
         with FlopCounterMode(display=False) as fc:
             vae.decode(z)
@@ -872,7 +873,7 @@ def jvp_op_counts(cfg, side, B=5, L=154):
         student = model.make_student(model.MMDiT(cfg))
         z, v, z_lr = (torch.randn(B, cfg.in_channels, side, side) for _ in range(3))
         t, s = torch.rand(B), torch.rand(B)
-        c = (z_lr, torch.randn(B, cfg.pooled_dim), torch.randn(B, L, cfg.context_dim))
+        c = mfsr.Cond(z_lr, torch.randn(B, cfg.pooled_dim), torch.randn(B, L, cfg.context_dim))
     u = mfsr.average_velocity(student)
     fwd, jvp = op_counter(), op_counter()
     kinds = {torch.nn.Linear: "linear", torch.nn.LayerNorm: "norm", model.RMSNorm: "norm"}

@@ -318,8 +318,8 @@ def scan_cfg(runs, scale=1.0, crops=16, steps=40, seed=0):
     steps = max(2, round(steps * min(1.0, scale * 10)))     # a smoke run samples with fewer steps
     v = checkpoints.load_vae(os.path.join(runs, "vae", "final", "vae.safetensors")).eval()
     net = checkpoints.load_transformer(os.path.join(runs, "teacher", "final", "teacher.safetensors")).eval()
-    zeros = (torch.zeros(1, net.cfg.context_dim), torch.zeros(net.cfg.pooled_dim))
-    emb = {e: checkpoints.load_embedding(os.path.join(runs, "emb", e + ".safetensors"), zeros) for e in ("prompt", "neg")}
+    emb = {e: checkpoints.load_embedding(os.path.join(runs, "emb", e + ".safetensors"), checkpoints.zero_prompt(net.cfg))
+           for e in ("prompt", "neg")}
     g = torch.Generator().manual_seed(seed)
     names = TRAIN[::max(1, len(TRAIN) // crops)][:crops]
     hr = torch.stack([degrade.random_crop_pair_source(torch.from_numpy(photo(n)).permute(2, 0, 1).float() / 255,
@@ -328,10 +328,10 @@ def scan_cfg(runs, scale=1.0, crops=16, steps=40, seed=0):
     lr_up = bicubic_up(lr, hr.shape[-2:])
     z_lr = v.encode(lr_up * 2 - 1, tile=0)
     B = len(names)
-    cond = {e: (p[None].expand(B, -1), c[None].expand(B, -1, -1)) for e, (c, p) in emb.items()}
+    cond = {e: checkpoints.prompt_rows(p, B)._replace(z_lr=z_lr) for e, p in emb.items()}
     rows = []
     for cfg_scale in CFG_SCALES:
-        z = mfsr.sample_teacher(net, z_lr, cond["prompt"], cond["neg"], steps=steps, cfg=cfg_scale,
+        z = mfsr.sample_teacher(net, cond["prompt"], cond["neg"], steps=steps, cfg=cfg_scale,
                                 shift=sample.sampling_settings(net)["shift"], generator=torch.Generator().manual_seed(seed))
         out = v.decode(z, tile=0).float().add(1).div(2).clamp(0, 1)
         rows.append({"cfg": cfg_scale, "PSNR": metrics.psnr(out, hr).mean().item(), "HF energy / HR": metrics.hf_ratio(out, hr).mean().item()})
@@ -530,14 +530,12 @@ def heldout_pairs(size=256, per_image=1, seed=0, setting="realesrgan", names=HEL
 
 
 def load_shipped(dest=SHIP):
-    """{name: net}, vae, {null, prompt, neg: (context, pooled)} of a shipped miniature."""
+    """{name: net}, vae, {null, prompt, neg: a Cond without z_lr} of a shipped miniature."""
     nets = {n: checkpoints.load_transformer(os.path.join(dest, n + ".safetensors")).eval()
             for n in ("teacher", "student", "student_gt")}
     v = checkpoints.load_vae(os.path.join(dest, "vae.safetensors")).eval()
     embs = {e: checkpoints.load_embedding(os.path.join(dest, e + ".safetensors"),
-                                    (torch.zeros(1, nets["student"].cfg.context_dim),
-                                     torch.zeros(nets["student"].cfg.pooled_dim)))
-            for e in ("null", "prompt", "neg")}
+                                          checkpoints.zero_prompt(nets["student"].cfg)) for e in ("null", "prompt", "neg")}
     return nets, v, embs
 
 
@@ -565,7 +563,7 @@ def evaluate(dest=SHIP, size=256, per_image=1, teacher_steps=40, seed=0, setting
 
     def run(net, steps, teacher=False, release="", grid="shifted"):
         _, vae, embs = models[release]
-        cond = {e: (p[None], c[None]) for e, (c, p) in embs.items()}
+        cond = {e: checkpoints.prompt_rows(p) for e, p in embs.items()}
         return upscale_crops(lr, net, vae, cond["prompt"], steps, teacher=teacher, cond_neg=cond["neg"], seed=seed,
                              grid=grid)
 

@@ -90,12 +90,11 @@ def student_metrics(runs, student, size=128, names=HELD_OUT):
     {setting: metrics.table_row}, sampled as sample.py samples (tiles, AdaIN)."""
     v = checkpoints.load_vae(os.path.join(runs, "decoder", "final", "vae.safetensors")).eval()
     net = checkpoints.load_transformer(student).eval()
-    zeros = (torch.zeros(1, net.cfg.context_dim), torch.zeros(net.cfg.pooled_dim))
-    c, p = checkpoints.load_embedding(os.path.join(runs, "emb", "prompt.safetensors"), zeros)
+    prompt = checkpoints.load_embedding(os.path.join(runs, "emb", "prompt.safetensors"), checkpoints.zero_prompt(net.cfg))
     out = {}
     for setting in SETTINGS:
         hr, lr = heldout_pairs(size, 1, 0, setting, names)
-        sr = upscale_crops(lr, net, v, (p[None], c[None]), 1)
+        sr = upscale_crops(lr, net, v, checkpoints.prompt_rows(prompt), 1)
         out[setting] = metrics.table_row(sr, hr)
     return out
 
@@ -160,7 +159,7 @@ def teacher_metrics(net, v, embs, steps=40, size=256, names=HELD_OUT):
 
 def _teacher_sr(net, v, embs, lr, steps, seed=0):
     """The teacher's x4 samples of every LR image, one at a time as sample.py samples them."""
-    cond = {e: (p[None], c[None]) for e, (c, p) in embs.items()}
+    cond = {e: checkpoints.prompt_rows(p) for e, p in embs.items()}
     return upscale_crops(lr, net, v, cond["prompt"], steps, teacher=True, cond_neg=cond["neg"], seed=seed)
 
 
@@ -307,9 +306,9 @@ def versus_teacher(runs, students, size=256, names=HELD_OUT, teacher_steps=40):
     v = checkpoints.load_vae(os.path.join(runs, "decoder", "final", "vae.safetensors")).eval()
     teacher = checkpoints.load_transformer(os.path.join(runs, "teacher", "final", "teacher.safetensors")).eval()
     teacher.sampling = {**teacher.sampling, "cfg": chosen_cfg(runs)}
-    zeros = (torch.zeros(1, teacher.cfg.context_dim), torch.zeros(teacher.cfg.pooled_dim))
-    embs = {e: checkpoints.load_embedding(os.path.join(runs, "emb", e + ".safetensors"), zeros) for e in ("prompt", "neg")}
-    cond = {e: (p[None], c[None]) for e, (c, p) in embs.items()}
+    embs = {e: checkpoints.load_embedding(os.path.join(runs, "emb", e + ".safetensors"), checkpoints.zero_prompt(teacher.cfg))
+            for e in ("prompt", "neg")}
+    cond = {e: checkpoints.prompt_rows(p) for e, p in embs.items()}
 
     def sr(net, lr, steps, **kw):
         return upscale_crops(lr, net, v, cond["prompt"], steps, cond_neg=cond["neg"], **kw)
@@ -415,13 +414,13 @@ def cutoff_check(teacher_file, vae_file, emb_dir, dest="docs/time_embedding.md",
     from dataclasses import replace
     v = checkpoints.load_vae(vae_file).eval()
     base = checkpoints.load_transformer(teacher_file).eval()
-    zeros = (torch.zeros(1, base.cfg.context_dim), torch.zeros(base.cfg.pooled_dim))
-    embs = {e: checkpoints.load_embedding(os.path.join(emb_dir, e + ".safetensors"), zeros) for e in ("prompt", "neg")}
+    embs = {e: checkpoints.load_embedding(os.path.join(emb_dir, e + ".safetensors"), checkpoints.zero_prompt(base.cfg))
+            for e in ("prompt", "neg")}
     hr, lr = heldout_pairs(size, 1, 0, "realesrgan")
     z_hr, z_lr = v.encode(hr * 2 - 1, tile=0), v.encode(bicubic_up(lr, hr.shape[-2:]) * 2 - 1, tile=0)
     B = len(hr)
-    cond = {e: (p[None].expand(B, -1), c[None].expand(B, -1, -1)) for e, (c, p) in embs.items()}
-    c3 = (z_lr, *cond["prompt"])
+    cond = {e: checkpoints.prompt_rows(p, B)._replace(z_lr=z_lr) for e, p in embs.items()}
+    c3 = cond["prompt"]
     cfg_scale, shift = sample.sampling_settings(base)["cfg"], sample.sampling_settings(base)["shift"]
     w = mfsr.eq11_w(cfg_scale)
 
@@ -451,13 +450,13 @@ def cutoff_check(teacher_file, vae_file, emb_dir, dest="docs/time_embedding.md",
             for t0 in (0.0, 0.25, 0.5, 0.75, 0.95):
                 t = torch.full((B,), t0)
                 xs.append(mfsr.denoised(net)(t0 * z_hr + (1 - t0) * eps, t, c3))
-            ends.append(mfsr.sample_teacher(net, z_lr, cond["prompt"], cond["neg"], 40, cfg_scale, shift,
+            ends.append(mfsr.sample_teacher(net, cond["prompt"], cond["neg"], 40, cfg_scale, shift,
                                             torch.Generator().manual_seed(seed)))
             z0 = torch.randn(z_hr.shape, generator=torch.Generator().manual_seed(seed))  # sample_teacher's noise
             student = model.make_student(net, time_scale=net.cfg.time_scale, lora_rank=4, time_cutoff=cut).eval()
             t, s = torch.zeros(B), torch.ones(B)
             vel = mfsr.teacher_velocity("neg", z0, t, teacher=mfsr.velocity(net), cond=c3,
-                                        cond_neg=(z_lr, *cond["neg"]), w=w)
+                                        cond_neg=cond["neg"], w=w)
             u = mfsr.average_velocity(student)
             d = mfsr.dudt_terms(u, z0, t, s, vel, cond=c3)
             _, u_tgt = mfsr.meanflow_target(u, z0, t, s, vel, cond=c3)
@@ -521,8 +520,7 @@ def tile_scan(dest="docs/tiles.md", scan=TILE_SCAN, size=256, names=HELD_OUT, ph
     network timed on a latent of `photo` (rows, cols)."""
     nets, v, embs = load_shipped()
     net = nets["student"]
-    c, p = embs["prompt"]
-    cond = (p[None], c[None])
+    cond = checkpoints.prompt_rows(embs["prompt"])
     hr, lr = (torch.cat(t) for t in zip(*(heldout_pairs(size, 1, 0, s, names) for s in SETTINGS)))
     run = lambda tile, overlap, seed=0: upscale_crops(lr, net, v, cond, 1, seed=seed,  # noqa: E731
                                                       tile=tile, tile_overlap=overlap)

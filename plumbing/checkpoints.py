@@ -7,7 +7,7 @@
 
 Only safetensors are read (pickled files can run code), memory-mapped into a module built on the
 meta device, so a full-size model is never held twice. The transformer's two key layouts, SD3.5's
-single-file names (the modules') and diffusers' (also DiT4SR's), map as in ARCHITECTURE.md §2.5, §3.5;
+single-file names (the modules') and diffusers' (also DiT4SR's), map as in reference/ARCHITECTURE.md §2.5, §3.5;
 the VAE's as in §4.3. A mismatch is a CheckpointError that names the file and lists what is missing,
 unexpected or misshapen. Saves are atomic (a temporary file, then a rename).
 """
@@ -20,6 +20,7 @@ from dataclasses import asdict, fields, replace
 import torch
 from safetensors import safe_open
 
+from mfsr import Cond
 from model import MMDiT, MMDiTConfig, add_lora
 from vae import VAE, VAEConfig, set_dtype
 
@@ -463,8 +464,19 @@ def save_vae(vae: VAE, path):
 # Prompt embeddings, and sample.py's model, VAE and prompt found together
 
 
+def zero_prompt(net_cfg):
+    """The null prompt of a network without an embedding file: zeros, one context token."""
+    return Cond(None, torch.zeros(net_cfg.pooled_dim), torch.zeros(1, net_cfg.context_dim))
+
+
+def prompt_rows(prompt, n=1):
+    """A prompt of load_embedding (pooled (P,), context (L, D)) as n rows: (n, P), (n, L, D)."""
+    return Cond(None, prompt.pooled.reshape(1, -1).expand(n, -1), prompt.context.reshape(1, *prompt.context.shape[-2:]).expand(n, -1, -1))
+
+
 def load_embedding(path, null):
-    """(context, pooled) from an embedding file, or the null embedding when there is none."""
+    """The prompt of an embedding file as a Cond without z_lr (pooled (P,), context (L, D)), or
+    `null` (a Cond of the same shapes) when there is no such file."""
     if not os.path.exists(path):
         return null
     f = SafetensorsFiles(path)
@@ -472,10 +484,10 @@ def load_embedding(path, null):
         context, pooled = f.get("context"), f.get("pooled")
     except KeyError:
         raise CheckpointError(f"{path}: an embedding file needs 'context' and 'pooled' tensors") from None
-    if context.shape[-1] != null[0].shape[-1] or pooled.shape != null[1].shape:
+    if context.shape[-1] != null.context.shape[-1] or pooled.shape != null.pooled.shape:
         raise CheckpointError(f"{path}: context {tuple(context.shape)} / pooled {tuple(pooled.shape)} do not "
-                              f"fit the model ({null[0].shape[-1]} / {tuple(null[1].shape)})")
-    return context.float(), pooled.float()
+                              f"fit the model ({null.context.shape[-1]} / {tuple(null.pooled.shape)})")
+    return Cond(None, pooled.float(), context.float())
 
 
 def _beside(ckpt, name):
@@ -508,17 +520,15 @@ def load_models(ckpt, vae_path=None, teacher=False, device="cpu", dtype=torch.fl
 
 
 def load_condition(net_cfg, ckpt, emb=None, beside=("prompt", "null")):
-    """(pooled (1, P), context (1, L, D)): an embedding file, else the first of `beside` found next
-    to the checkpoint (train.py stores the prompt, null and negative embeddings a model was trained
-    with beside it), else zeros. Returns (cond, where from)."""
-    zeros = (torch.zeros(1, net_cfg.context_dim), torch.zeros(net_cfg.pooled_dim))
+    """A Cond without z_lr, (pooled (1, P), context (1, L, D)): an embedding file, else the first of
+    `beside` found next to the checkpoint (train.py stores the prompt, null and negative embeddings a
+    model was trained with beside it), else zeros. Returns (cond, where from)."""
+    zeros = zero_prompt(net_cfg)
     if emb and not os.path.exists(emb):
         raise CheckpointError(f"{emb}: no such embedding file")
     near_model = (_beside(ckpt, n + ".safetensors") for n in beside)
     found = [emb] if emb else [w for w in near_model if os.path.exists(w)]
     if not found:
-        return (zeros[1][None], zeros[0][None]), f"zeros (no {' / '.join(beside)}.safetensors beside the model)"
+        return prompt_rows(zeros), f"zeros (no {' / '.join(beside)}.safetensors beside the model)"
     where = found[0]
-    context, pooled = load_embedding(where, zeros)
-    context = context if context.ndim == 2 else context.reshape(-1, net_cfg.context_dim)
-    return (pooled.reshape(1, -1), context[None]), where
+    return prompt_rows(load_embedding(where, zeros)), where

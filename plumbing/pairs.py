@@ -29,7 +29,7 @@ def random_crop(img, size, g):
 
 class PairDataset(torch.utils.data.Dataset):
     """Item (index, seed) -> dict(gt, lr, context, pooled, name), or dict(unreadable=path, why=...).
-    default: the (context, pooled) of images without an embedding file. A share clean_prob of the
+    default: the prompt (a Cond without z_lr) of images without an embedding file. A share clean_prob of the
     items gets the clean bicubic x4 LR instead of the Real-ESRGAN one."""
 
     def __init__(self, paths, size, default, degrade_cfg, clean_prob=0.0):
@@ -59,8 +59,8 @@ class PairDataset(torch.utils.data.Dataset):
             gt, lr = hr[None], degrade.bicubic_down(hr[None], self.degrade_cfg.scale)
         else:
             gt, lr, _ = degrade.degrade(hr[None], self.degrade_cfg, generator=g)
-        context, pooled = load_embedding(os.path.splitext(path)[0] + ".safetensors", self.default)
-        return dict(gt=gt[0], lr=lr[0], context=context, pooled=pooled, name=path)
+        e = load_embedding(os.path.splitext(path)[0] + ".safetensors", self.default)
+        return dict(gt=gt[0], lr=lr[0], context=e.context, pooled=e.pooled, name=path)
 
 
 def collate(items):

@@ -264,8 +264,8 @@ def save_checkpoint(cfg, net, opt, ema, step, rank, embs, vae, world=1, export=F
                   sampling, ema)
     if not (cfg.vae or cfg.ckpt):
         save_vae(vae, os.path.join(tmp, "vae.safetensors"))
-    for name, (context, pooled) in zip(("null", "neg", "prompt"), embs):
-        atomic_save({"context": context.contiguous(), "pooled": pooled.contiguous()},
+    for name, e in zip(("null", "neg", "prompt"), embs):
+        atomic_save({"context": e.context.contiguous(), "pooled": e.pooled.contiguous()},
                     os.path.join(tmp, f"{name}.safetensors"), {"format": "mfsr-embedding"})
     if os.path.exists(final):   # a rerun of this step: replaced only now that the new one is whole
         shutil.rmtree(final)
@@ -385,11 +385,11 @@ def save_grid(path, vae, net, stage, batch, z_lr):
     n = min(4, batch["gt"].shape[0])
     gt = batch["gt"][:n]
     g = torch.Generator().manual_seed(0)
-    ctx, pooled = batch["context"][:n], batch["pooled"][:n]
+    c = mfsr.Cond(z_lr[:n], batch["pooled"][:n], batch["context"][:n])
     if stage == "distill":
-        outs = [mfsr.sample_student(net, z_lr[:n], pooled, ctx, steps=k, generator=g) for k in (1, 2)]
+        outs = [mfsr.sample_student(net, c, steps=k, generator=g) for k in (1, 2)]
     else:
-        outs = [mfsr.sample_teacher(net, z_lr[:n], (pooled, ctx), (pooled, ctx), steps=k, cfg=1.0,  # no negative
+        outs = [mfsr.sample_teacher(net, c, c, steps=k, cfg=1.0,  # no negative
                                     generator=g) for k in (1, 4)]
     lr_up = F.interpolate(batch["lr"][:n], size=gt.shape[-2:], mode="bicubic")
     cols = [lr_up] + [vae.decode(o.to(z_lr)).float().add(1).div(2) for o in outs] + [gt]

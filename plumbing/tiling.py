@@ -168,7 +168,7 @@ def tile_plan(tile, overlap, default_tile, default_overlap, elements, multiple):
 
 
 # --------------------------------------------------------------------------------------------
-# Latent tiles (ARCHITECTURE §3.7 step 6)
+# Latent tiles (reference/ARCHITECTURE.md §3.7 step 6)
 
 
 def gaussian_weights(h, w, var=0.01):

@@ -15,7 +15,7 @@ import sample
 import train
 import vae as vae_lib
 from builders import _TINY
-from plumbing import runs
+from plumbing import checkpoints, runs
 
 # Reading a meta tensor's values: stand-ins, so that code paths that print or branch on a value go on
 _READS = {torch.Tensor.item: lambda t: False if t.dtype == torch.bool else 0,
@@ -72,8 +72,8 @@ def _meta_batch(B=4, size=32, L=5):
 
 def _prompts():
     with torch.device("meta"):
-        null = (torch.zeros(1, 64), torch.zeros(32))
-        neg = (torch.zeros(3, 64), torch.zeros(32))
+        null = mfsr.Cond(None, torch.zeros(32), torch.zeros(1, 64))
+        neg = mfsr.Cond(None, torch.zeros(32), torch.zeros(3, 64))
     return null, neg
 
 
@@ -127,7 +127,7 @@ def test_progress_grid_and_upscale_draw_on_their_generators_device(on_meta, tmp_
         runs.save_grid(str(tmp_path / "grid.png"), vae, student, "distill", batch, z_lr)
         runs.save_grid(str(tmp_path / "grid-teacher.png"), vae, teacher, "teacher", batch, z_lr)
         for net, is_teacher in ((student, False), (teacher, True)):
-            y = sample.upscale(torch.rand(1, 3, 8, 8), net, vae, (null[1][None], null[0][None]), steps=2,
+            y = sample.upscale(torch.rand(1, 3, 8, 8), net, vae, checkpoints.prompt_rows(null), steps=2,
                                teacher=is_teacher, tile=8, tile_overlap=0)
             assert y.shape == (1, 3, 32, 32)
     assert (tmp_path / "grid.png").exists() and (tmp_path / "grid-teacher.png").exists()

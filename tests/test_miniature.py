@@ -112,7 +112,8 @@ def test_shipped_miniature_loads_with_every_key_checked_and_fits_the_size_budget
         assert set(fresh.state_dict()) == set(net.state_dict()), name
         assert all(torch.isfinite(p).all() for p in net.parameters()), name
     assert v.cfg.factor == 4 and v.cfg.latent_channels == nets["student"].cfg.in_channels
-    assert not torch.equal(embs["prompt"][0], embs["null"][0]) and not torch.equal(embs["neg"][0], embs["prompt"][0])
+    assert not torch.equal(embs["prompt"].context, embs["null"].context)
+    assert not torch.equal(embs["neg"].context, embs["prompt"].context)
     total = sum(f.stat().st_size for f in _SHIP.iterdir())
     assert total <= 25 * 2 ** 20, total
     assert (_SHIP / "MODEL_CARD.md").exists() and (_SHIP / "training.json").exists()
@@ -154,10 +155,9 @@ def test_shipped_student_tiles_show_no_seam_and_stay_near_one_untiled_pass():
     nets, v, embs = miniature.load_shipped()
     net = nets["student"]
     tile, overlap = net.sampling["tile"], net.sampling["tile_overlap"]
-    c, p = embs["prompt"]
     lr = torch.cat([miniature.heldout_pairs(256, 1, 0, s)[1] for s in miniature.SETTINGS])
     run = lambda tile, overlap, seed=0: miniature.upscale_crops(                   # noqa: E731
-        lr, net, v, (p[None], c[None]), 1, seed=seed, tile=tile, tile_overlap=overlap)
+        lr, net, v, checkpoints.prompt_rows(embs["prompt"]), 1, seed=seed, tile=tile, tile_overlap=overlap)
     ref, other, tiled = run(64, 0), run(64, 0, seed=1), run(tile, overlap)
     assert (tiled - ref).abs().mean() < 0.7 * (other - ref).abs().mean()
     assert sweeps.seam_step(tiled, ref, tile, overlap, v.cfg.factor) < 1.25
@@ -252,7 +252,7 @@ def test_default_sample_run_on_the_example_image(tmp_path):
     bicubic = torch.nn.functional.interpolate(lr, scale_factor=4, mode="bicubic", align_corners=False).clamp(0, 1)
     assert metrics.psnr(out, hr).item() >= metrics.psnr(bicubic, hr).item() - 0.5
     nets, v, embs = miniature.load_shipped()
-    cond = {e: (p[None], c[None]) for e, (c, p) in embs.items()}
+    cond = {e: checkpoints.prompt_rows(p) for e, p in embs.items()}
     teacher = lambda k: sample.upscale(lr, nets["teacher"], v, cond["prompt"], k, teacher=True,     # noqa: E731
                                        cond_neg=cond["neg"], seed=0, **sample.sampling_settings(nets["teacher"]))
     t40, t1 = teacher(40), teacher(1)

@@ -55,7 +55,7 @@ def test_dudt_time_term_under_bf16_autocast_stays_near_fp32():
     z = torch.randn(3, 16, 8, 8, generator=g)
     v = torch.randn(3, 16, 8, 8, generator=g)
     t, s = torch.tensor([0.2, 0.5, 0.3]), torch.tensor([0.7, 0.9, 1.0])
-    cond = (torch.randn(3, 16, 8, 8, generator=g), torch.randn(3, 32, generator=g), torch.randn(3, 4, 64, generator=g))
+    cond = mfsr.Cond(torch.randn(3, 16, 8, 8, generator=g), torch.randn(3, 32, generator=g), torch.randn(3, 4, 64, generator=g))
     u = mfsr.average_velocity(net)
     ref = mfsr.dudt_terms(u, z, t, s, v, cond=cond)
     with torch.autocast(**BF16):

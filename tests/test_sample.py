@@ -223,7 +223,7 @@ def test_sample_tiling_blends_smoothly_and_stays_close_to_untiled(_smp_models):
     # from the image border), vs 1.26 for a different seed. No seam: the error within 2 latent
     # pixels of a tile edge is 1.11x the error elsewhere (bound 1.3).
     net, vae = checkpoints.load_models(str(_smp_models / "student.safetensors"))
-    cond = (torch.zeros(1, 32), torch.zeros(1, 1, 64))
+    cond = mfsr.Cond(None, torch.zeros(1, 32), torch.zeros(1, 1, 64))
     x = _smp_lr(40, 40)
     ref = sample.upscale(x, net, vae, cond, color_fix="none")
     tiled = sample.upscale(x, net, vae, cond, color_fix="none", tile=24, tile_overlap=8)
@@ -241,7 +241,7 @@ def test_sample_tiling_blends_smoothly_and_stays_close_to_untiled(_smp_models):
 
 def test_sample_upscale_is_x4_seeded_and_colour_fixed(_smp_models):
     net, vae = checkpoints.load_models(str(_smp_models / "student.safetensors"))
-    cond = (torch.zeros(1, 32), torch.zeros(1, 1, 64))
+    cond = mfsr.Cond(None, torch.zeros(1, 32), torch.zeros(1, 1, 64))
     x = _smp_lr(37, 53)
     y = sample.upscale(x, net, vae, cond, steps=2, seed=3)
     assert y.shape == (1, 3, 148, 212) and 0 <= y.min() and y.max() <= 1
@@ -356,7 +356,7 @@ def test_sample_defaults_come_from_the_checkpoint_then_dit4sr(_smp_models, tmp_p
 
 def test_upscale_samples_the_teacher_on_the_grid_of_its_shift(_smp_models, monkeypatch):
     net, vae = checkpoints.load_models(str(_smp_models / "teacher.safetensors"), teacher=True)
-    cond = (torch.zeros(1, net.cfg.pooled_dim), torch.zeros(1, 4, net.cfg.context_dim))
+    cond = mfsr.Cond(None, torch.zeros(1, net.cfg.pooled_dim), torch.zeros(1, 4, net.cfg.context_dim))
     seen = []
     real = mfsr.sample_teacher
     monkeypatch.setattr(mfsr, "sample_teacher", lambda *a, **kw: (seen.append(kw["shift"]), real(*a, **kw))[1])

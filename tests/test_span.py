@@ -104,7 +104,7 @@ def test_sample_gflop_on_meta_equals_a_real_run_counted_with_the_math_attention(
     counted = bench.sample_gflop(w, h)
     net, vae = checkpoints.load_models(os.path.join(sample.SHIPPED, "student.safetensors"))
     st = sample.sampling_settings(net)
-    pooled, context = checkpoints.load_condition(net.cfg, os.path.join(sample.SHIPPED, "student.safetensors"))[0]
+    prompt = checkpoints.load_condition(net.cfg, os.path.join(sample.SHIPPED, "student.safetensors"))[0]
     x = torch.rand(1, 3, 4 * h, 4 * w) * 2 - 1                    # 80 x 144: multiples of 8, no padding
     real = {}
     with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH):
@@ -114,7 +114,7 @@ def test_sample_gflop_on_meta_equals_a_real_run_counted_with_the_math_attention(
         tiled = tiling.TiledNet(net, st["tile"], st["tile_overlap"], batch=3)
         assert len(tiled.tiles(*z.shape[-2:])) > 1
         with FlopCounterMode(display=False) as fc:
-            tiled(z, torch.ones(1), pooled, context, lr=z, sigma_s=torch.zeros(1))
+            tiled(z, torch.ones(1), prompt.pooled, prompt.context, lr=z, sigma_s=torch.zeros(1))
         real["network"] = fc.get_total_flops() / 1e9
         with FlopCounterMode(display=False) as fc:
             vae.decode(z)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import mfsr
 import sample
 import text
 import text_tokenizers
@@ -234,9 +235,9 @@ def test_text_precompute_command(_txt_pipeline, tmp_path):
     text.main(["--data", str(data), "--encoders", root, "--t5-len", "12", "--batch", "1"])
     enc = text.load_text_encoders(root)
     ref, ref_pooled = text.encode_prompts(["a red fox in snow", "", text.NEGATIVE_PROMPT], enc, 12)
-    null = (torch.zeros(1, 224), torch.zeros(64))
+    null = mfsr.Cond(None, torch.zeros(64), torch.zeros(1, 224))
     for name, i in (("a", 0), ("sub/b", 1), ("null", 1), ("neg", 2)):
-        context, pooled = checkpoints.load_embedding(str(data / f"{name}.safetensors"), null)
+        _, pooled, context = checkpoints.load_embedding(str(data / f"{name}.safetensors"), null)
         assert context.shape == (77 + 12, 224) and pooled.shape == (64,)
         assert (context - ref[i]).abs().max() <= 1e-6 and (pooled - ref_pooled[i]).abs().max() <= 1e-6
     assert (data / "a.png").read_bytes() == b"png" and not list(data.glob("*.tmp*"))

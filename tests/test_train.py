@@ -30,7 +30,7 @@ def _fixed_teacher_loss(net, data):
     cfg = train.parse_args(_TINY + ["--data", data, "--stage", "teacher"])
     torch.manual_seed(cfg.seed)
     vae_ = train.vae_lib.VAE(train.vae_lib.CONFIGS["tiny"]).eval()
-    null = (torch.zeros(1, 64), torch.zeros(32))
+    null = mfsr.Cond(None, torch.zeros(32), torch.zeros(1, 64))
     import degrade
     ds = pairs.PairDataset(images.find_images(data), 32, null, degrade.DegradeConfig())
     batch = pairs.collate([ds[(i, 100 + i)] for i in range(4)])
@@ -154,7 +154,7 @@ def test_distill_step_with_compile_and_grad_ckpt_gives_the_eager_loss_and_gradie
     g = torch.Generator().manual_seed(0)
     z_hr, z_lr, ctx, pooled = (torch.randn(*shape, generator=g) for shape in ((2, 16, 8, 8), (2, 16, 8, 8),
                                                                             (2, 3, 64), (2, 32)))
-    null = (torch.zeros(1, 64), torch.zeros(32))
+    null = mfsr.Cond(None, torch.zeros(32), torch.zeros(1, 64))
     batch = dict(z_hr=z_hr, z_lr=z_lr, context=ctx, pooled=pooled, null=null, neg=null)
 
     def step(run, jvp, grad_ckpt):
@@ -188,7 +188,7 @@ def _ddp_worker(rank, world, init_file, data_file, out_file, mode):
     for a in (0, 1):                   # this rank's two rows as two accumulated micro-batches
         row = slice(2 * rank + a, 2 * rank + a + 1)
         res = mfsr.mfd_loss(u, d["z"][row], d["t"][row], d["s"][row], d["v"][row],
-                            cond=tuple(c[row] for c in d["cond"]), mode=mode)
+                            cond=mfsr.Cond(*d["cond"]).rows(row), mode=mode)
         (res["loss"] / 2).backward()
     runs.all_reduce_grads(params)
     torch.save({n: p.grad for n, p in student.named_parameters() if p.grad is not None}, f"{out_file}.{rank}")
@@ -213,13 +213,13 @@ def test_two_process_gradients_equal_one_process_on_the_union_batch(tmp_path, mo
     z = torch.randn(4, 16, 8, 8, generator=g)
     d = {"z": z, "v": torch.randn_like(z), "t": torch.tensor([0.1, 0.5, 0.3, 0.7]),
          "s": torch.tensor([0.6, 0.5, 0.9, 0.8]),
-         "cond": (torch.randn_like(z), torch.randn(4, 32, generator=g), torch.randn(4, 5, 64, generator=g))}
+         "cond": (torch.randn_like(z), torch.randn(4, 32, generator=g), torch.randn(4, 5, 64, generator=g))}   # a file: plain
     torch.save(d, tmp_path / "data.pt")
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "data.pt"), str(tmp_path / "g"), mode),
              nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"g.{r}") for r in (0, 1)]
     student = _ddp_student()
-    mfsr.mfd_loss(mfsr.average_velocity(student), d["z"], d["t"], d["s"], d["v"], cond=d["cond"],
+    mfsr.mfd_loss(mfsr.average_velocity(student), d["z"], d["t"], d["s"], d["v"], cond=mfsr.Cond(*d["cond"]),
                   mode=mode)["loss"].backward()
     one = {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
     assert set(one) == set(ranks[0]) == set(ranks[1]) and len(one) > 10
@@ -309,7 +309,7 @@ def test_teacher_loss_negative_rows_get_the_negative_prompt_and_the_lr_target():
     g = torch.Generator().manual_seed(0)
     z_hr, z_lr = torch.randn(3, 16, 4, 4, generator=g), torch.randn(3, 16, 4, 4, generator=g)
     ctx, pooled = torch.randn(3, 2, 64, generator=g), torch.randn(3, 32, generator=g)
-    null, neg = (torch.zeros(1, 64), torch.zeros(32)), (torch.ones(3, 64), torch.ones(32))
+    null, neg = mfsr.Cond(None, torch.zeros(32), torch.zeros(1, 64)), mfsr.Cond(None, torch.ones(32), torch.ones(3, 64))
     seen = {}
 
     def net(x, sigma, pooled, context, lr):   # predicts the velocity that lands exactly on z_lr
@@ -338,7 +338,7 @@ def test_teacher_loss_time_shift_is_sd3s_shift_of_the_logit_normal_sigma():
     for shift in (3.0, 1.0):
         cfg = train.parse_args(_TINY + ["--data", "x", "--stage", "teacher", "--time-shift", str(shift)])
         train.teacher_loss(net, dict(z_hr=z, z_lr=z, context=torch.zeros(4000, 2, 64), pooled=torch.zeros(4000, 32),
-                                     null=(torch.zeros(1, 64), torch.zeros(32))), cfg, torch.Generator().manual_seed(0))
+                                     null=mfsr.Cond(None, torch.zeros(32), torch.zeros(1, 64))), cfg, torch.Generator().manual_seed(0))
         assert abs(seen[-1].median().item() - shift / (1 + shift)) < 0.02, (shift, seen[-1].median())
     assert (seen[0] > seen[1]).all()                         # the same u, shifted towards noise
     with pytest.raises(SystemExit):
@@ -448,7 +448,7 @@ def test_train_resume_falls_back_from_a_truncated_checkpoint_keeps_it_and_logs_e
 
 def test_train_clean_prob_gives_bicubic_pairs_and_the_plain_gt(tmp_path):
     import degrade
-    null = (torch.zeros(1, 64), torch.zeros(32))
+    null = mfsr.Cond(None, torch.zeros(32), torch.zeros(1, 64))
     rng = np.random.default_rng(1)
     folder = tmp_path
     Image.fromarray((rng.random((48, 48, 3)) * 255).astype(np.uint8)).save(folder / "a.png")
@@ -478,7 +478,7 @@ def test_distill_warmup_steps_have_every_row_at_s_equal_t(monkeypatch):
     student = model.make_student(teacher, lora_rank=4)
     z = torch.randn(2, 16, 8, 8)
     ctx, pooled = torch.randn(2, 4, 64), torch.randn(2, 32)
-    null = (torch.zeros(1, 64), torch.zeros(32))
+    null = mfsr.Cond(None, torch.zeros(32), torch.zeros(1, 64))
     logs = []
     for step in range(4):
         _, log = train.distill_loss(student, teacher, dict(z_hr=z, z_lr=z, context=ctx, pooled=pooled, null=null, neg=null),
@@ -500,7 +500,7 @@ def test_distill_time_pairs_gap_ramp_and_the_du_dt_diagnostic_reach_the_step(mon
     torch.manual_seed(0)
     student = model.make_student(MMDiT(CONFIGS["tiny"]).eval(), lora_rank=4)
     z = torch.randn(2, 16, 8, 8)
-    ctx, pooled, null = torch.randn(2, 4, 64), torch.randn(2, 32), (torch.zeros(1, 64), torch.zeros(32))
+    ctx, pooled, null = torch.randn(2, 4, 64), torch.randn(2, 32), mfsr.Cond(None, torch.zeros(32), torch.zeros(1, 64))
     logs = []
     for step in range(4):
         logs.append(train.distill_loss(student, None, dict(z_hr=z, z_lr=z, context=ctx, pooled=pooled, null=null, neg=null),
@@ -520,8 +520,8 @@ def test_distill_anchor_rows_regress_the_one_step_jump_on_the_teachers_samples(m
     rest on Eq. 12; the step's loss is the row-weighted mean of the two."""
     calls = []
 
-    def fake_teacher_sampler(net, z_lr, cond, cond_neg, steps, cfg, shift, noise, **kw):
-        calls.append((z_lr.shape[0], steps, cfg, noise.clone()))
+    def fake_teacher_sampler(net, cond, cond_neg, steps, cfg, shift, noise, **kw):
+        calls.append((cond.z_lr.shape[0], steps, cfg, noise.clone()))
         return noise + 0.5                                                # a known endpoint
     monkeypatch.setattr(mfsr, "sample_teacher", fake_teacher_sampler)
     cfg = train.parse_args(["--data", "data", "--out", "/nonexistent/out", "--preset", "tiny", "--anchor", "0.5",
@@ -530,7 +530,7 @@ def test_distill_anchor_rows_regress_the_one_step_jump_on_the_teachers_samples(m
     teacher = MMDiT(CONFIGS["tiny"]).eval()
     student = model.make_student(teacher, lora_rank=4)
     z, z_lr = torch.randn(4, 16, 8, 8), torch.randn(4, 16, 8, 8)
-    ctx, pooled, null = torch.randn(4, 4, 64), torch.randn(4, 32), (torch.zeros(1, 64), torch.zeros(32))
+    ctx, pooled, null = torch.randn(4, 4, 64), torch.randn(4, 32), mfsr.Cond(None, torch.zeros(32), torch.zeros(1, 64))
     batch = dict(z_hr=z, z_lr=z_lr, context=ctx, pooled=pooled, null=null, neg=null)
     with torch.no_grad():
         warm, log = train.distill_loss(student, teacher, batch, cfg, torch.Generator().manual_seed(0), 0)
@@ -538,7 +538,7 @@ def test_distill_anchor_rows_regress_the_one_step_jump_on_the_teachers_samples(m
         loss, log = train.distill_loss(student, teacher, batch, cfg, torch.Generator().manual_seed(1), 1)
         (n, steps, scale, z0), = calls
         assert (n, steps, scale) == (2, 40, 1.5)
-        u = mfsr.average_velocity(student)(z0, torch.zeros(2), torch.ones(2), (z_lr[2:], pooled[2:], ctx[2:]))
+        u = mfsr.average_velocity(student)(z0, torch.zeros(2), torch.ones(2), mfsr.Cond(z_lr[2:], pooled[2:], ctx[2:]))
         expect = mfsr.pseudo_huber(u, torch.full_like(u, 0.5))[0]
         assert log["anchor_loss"] == pytest.approx(expect.item(), rel=1e-5)
         cfg.anchor = 0.0                                                   # the other rows alone: Eq. 12
@@ -566,11 +566,11 @@ def test_distill_cond_drop_trains_the_null_branch_unguided(monkeypatch, target):
     g = torch.Generator().manual_seed(1)
     z_hr, z_lr = torch.randn(3, 16, 8, 8, generator=g), torch.randn(3, 16, 8, 8, generator=g)
     ctx, pooled = torch.randn(3, 4, 64, generator=g), torch.randn(3, 32, generator=g)
-    null = (torch.zeros(1, 64), torch.ones(32))
-    neg = (torch.full((4, 64), 2.0), torch.full((32,), 2.0))
+    null = mfsr.Cond(None, torch.ones(32), torch.zeros(1, 64))
+    neg = mfsr.Cond(None, torch.full((32,), 2.0), torch.full((4, 64), 2.0))
     train.distill_loss(student, teacher, dict(z_hr=z_hr, z_lr=z_lr, context=ctx, pooled=pooled, null=null, neg=neg), cfg,
                        torch.Generator().manual_seed(2))
-    _, c_pooled, c_ctx = seen["cond"]
+    c_pooled, c_ctx = seen["cond"].pooled, seen["cond"].context
     assert torch.equal(c_pooled, torch.ones(3, 32)) and not c_ctx[:, :1].any()          # null everywhere
     assert seen["tv"]["kappa"] == 0.5 and seen["tv"]["w"] == 2.0
     if target == "meanflow":

@@ -8,7 +8,7 @@ text_tokenizers.py), and `encode_prompts`, which builds (context, pooled) as the
     python tools/text.py --prompt TEXT --out p.safetensors --encoders PATH   # one prompt, for sample.py --emb
 
 MFSR (and DiT4SR, whose teacher it distils) condition the transformer on a prompt c; the teacher's
-CFG uses a negative prompt c_neg (Eq. 11). The embeddings follow ../shared/reference/ARCHITECTURE.md
+CFG uses a negative prompt c_neg (Eq. 11). The embeddings follow reference/ARCHITECTURE.md
 §5 ("ARCH §5"): the penultimate hidden states of CLIP-L (768) and CLIP-G (1280), concatenated to 2048
 channels and zero-padded to 4096, then the T5 tokens appended along the sequence, so
 context = (B, 77 + T, 4096) with T = 77 in training and 256 at inference (ARCH §3.6, §3.7); pooled =
