@@ -18,7 +18,7 @@ The pipeline (MFSR Alg. 2; DiT4SR's inference recipe, reference/ARCHITECTURE.md 
 3. decode (the VAE tiles itself above a size, vae.py), crop the padding, colour-fix against the
    upsampled LR (AdaIN by default, or wavelet), clamp to [0, 1].
 Gray images come out gray, alpha is upscaled apart (bicubic), 16-bit files are written at 16 bits.
-The plumbing (image files, latent tiles, loading the model and prompt, progress) is in plumbing/.
+The plumbing (image files, latent tiles, checkpoint layouts, progress) is in plumbing/.
 """
 import argparse
 import os
@@ -29,8 +29,11 @@ import torch
 import torch.nn.functional as F
 
 import mfsr
+import model
+import vae as vae_lib
 from plumbing import cli, images
-from plumbing.checkpoints import CheckpointError, SafetensorsFiles, load_condition, load_models
+from plumbing.checkpoints import (CheckpointError, SafetensorsFiles, load_embedding, load_transformer, load_vae,
+                                  prompt_rows, zero_prompt)
 from plumbing.tiling import TiledNet
 
 SCALE = 4
@@ -72,6 +75,53 @@ DEFAULTS = {"tile": 64, "tile_overlap": 24, "cfg": mfsr.DIT4SR_CFG, "shift": mfs
 def sampling_settings(net):
     """tile, tile_overlap, cfg and shift for `upscale`: those recorded in the checkpoint, else DEFAULTS."""
     return {k: getattr(net, "sampling", {}).get(k, v) for k, v in DEFAULTS.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# What it runs: the network (model.py), the VAE (vae.py) and the prompt, found from one checkpoint
+
+
+def _beside(ckpt, name):
+    return os.path.join(ckpt if os.path.isdir(ckpt) else os.path.dirname(os.path.abspath(ckpt)), name)
+
+
+def load_models(ckpt, vae_path=None, teacher=False, device="cpu", dtype=torch.float32):
+    """(net, vae): the model.MMDiT of `ckpt`, a student (two time inputs) or with teacher=True a
+    one-time teacher, with DiT4SR's LR stream; and a vae.VAE: vae_path, else vae.safetensors beside
+    the checkpoint, else the one inside it (an SD3.5 file holds both)."""
+    net = load_transformer(ckpt, dtype=dtype, device=device)
+    if not net.cfg.lr_stream:
+        raise CheckpointError(f"{ckpt}: a plain SD3 transformer (no LR stream), not a super-resolution model")
+    if net.cfg.two_times and teacher:
+        raise CheckpointError(f"{ckpt}: this is a student (two time inputs); drop --teacher")
+    if not net.cfg.two_times and not teacher:
+        raise CheckpointError(f"{ckpt}: not an MFSR student (no s-embedder, one time input); pass --teacher "
+                              f"to sample it as the 40-step teacher, or give a student.safetensors from train.py")
+    model.merge_lora(net)               # a file with its LoRA apart: folded in, one matmul per linear
+    if vae_path is None:
+        vae_path = _beside(ckpt, "vae.safetensors")
+        vae_path = vae_path if os.path.exists(vae_path) else ckpt
+    try:
+        vae = load_vae(vae_path, device=device)
+    except CheckpointError as e:
+        raise CheckpointError(f"no usable VAE ({e}); pass --vae (a VAE file or an SD3.5 checkpoint)") from None
+    vae_lib.set_dtype(vae, dtype)       # fp16 keeps the decoder's up levels in fp32 (vae.py)
+    if vae.cfg.latent_channels != net.cfg.in_channels:
+        raise CheckpointError(f"{vae_path}: the VAE has {vae.cfg.latent_channels} latent channels, the "
+                              f"transformer {net.cfg.in_channels}")
+    return net.eval().requires_grad_(False), vae.eval().requires_grad_(False)
+
+
+def load_condition(net_cfg, ckpt, emb=None, beside=("prompt", "null")):
+    """(the prompt as an mfsr.Cond without z_lr, where from): an embedding file, else the first of
+    `beside` found next to the checkpoint (train.py stores the prompt, null and negative embeddings a
+    model was trained with there), else zeros."""
+    if emb and not os.path.exists(emb):
+        raise CheckpointError(f"{emb}: no such embedding file")
+    found = [emb] if emb else [w for w in (_beside(ckpt, n + ".safetensors") for n in beside) if os.path.exists(w)]
+    if not found:
+        return prompt_rows(zero_prompt(net_cfg)), f"zeros (no {' / '.join(beside)}.safetensors beside the model)"
+    return prompt_rows(load_embedding(found[0], zero_prompt(net_cfg))), found[0]
 
 
 # --------------------------------------------------------------------------------------------

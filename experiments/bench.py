@@ -684,9 +684,9 @@ def sample_gflop(w, h):
     from torch.utils.flop_counter import FlopCounterMode
     from plumbing import checkpoints, tiling
     ckpt = os.path.join(sample.SHIPPED, "student.safetensors")
-    net, vae = checkpoints.load_models(ckpt)
+    net, vae = sample.load_models(ckpt)
     net, vae = net.to("meta"), vae.to("meta")
-    prompt = checkpoints.load_condition(net.cfg, ckpt)[0].to("meta")   # sample.py's prompt
+    prompt = sample.load_condition(net.cfg, ckpt)[0].to("meta")   # sample.py's prompt
     st = sample.sampling_settings(net)
     m = vae.cfg.factor * net.cfg.patch
     x = torch.empty(1, 3, -(-4 * h // m) * m, -(-4 * w // m) * m, device="meta")      # padded as upscale pads

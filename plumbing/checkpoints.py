@@ -22,7 +22,7 @@ from safetensors import safe_open
 
 from mfsr import Cond
 from model import MMDiT, MMDiTConfig, add_lora
-from vae import VAE, VAEConfig, set_dtype
+from vae import VAE, VAEConfig
 
 # --------------------------------------------------------------------------------------------
 # Safetensors files
@@ -461,7 +461,7 @@ def save_vae(vae: VAE, path):
 
 
 # --------------------------------------------------------------------------------------------
-# Prompt embeddings, and sample.py's model, VAE and prompt found together
+# Prompt embeddings
 
 
 def zero_prompt(net_cfg):
@@ -488,47 +488,3 @@ def load_embedding(path, null):
         raise CheckpointError(f"{path}: context {tuple(context.shape)} / pooled {tuple(pooled.shape)} do not "
                               f"fit the model ({null.context.shape[-1]} / {tuple(null.pooled.shape)})")
     return Cond(None, pooled.float(), context.float())
-
-
-def _beside(ckpt, name):
-    return os.path.join(ckpt if os.path.isdir(ckpt) else os.path.dirname(os.path.abspath(ckpt)), name)
-
-
-def load_models(ckpt, vae_path=None, teacher=False, device="cpu", dtype=torch.float32):
-    """(net, vae) ready for sample.upscale: a student (or with teacher=True a one-time teacher) with
-    the LR stream. The VAE: vae_path, else vae.safetensors beside the checkpoint, else the one inside it."""
-    net = load_transformer(ckpt, dtype=dtype, device=device)
-    if not net.cfg.lr_stream:
-        raise CheckpointError(f"{ckpt}: a plain SD3 transformer (no LR stream), not a super-resolution model")
-    if net.cfg.two_times and teacher:
-        raise CheckpointError(f"{ckpt}: this is a student (two time inputs); drop --teacher")
-    if not net.cfg.two_times and not teacher:
-        raise CheckpointError(f"{ckpt}: not an MFSR student (no s-embedder, one time input); pass --teacher "
-                              f"to sample it as the 40-step teacher, or give a student.safetensors from train.py")
-    if vae_path is None:
-        vae_path = _beside(ckpt, "vae.safetensors")
-        vae_path = vae_path if os.path.exists(vae_path) else ckpt
-    try:
-        vae = load_vae(vae_path, device=device)
-    except CheckpointError as e:
-        raise CheckpointError(f"no usable VAE ({e}); pass --vae (a VAE file or an SD3.5 checkpoint)") from None
-    set_dtype(vae, dtype)
-    if vae.cfg.latent_channels != net.cfg.in_channels:
-        raise CheckpointError(f"{vae_path}: the VAE has {vae.cfg.latent_channels} latent channels, the "
-                              f"transformer {net.cfg.in_channels}")
-    return net.eval().requires_grad_(False), vae.eval().requires_grad_(False)
-
-
-def load_condition(net_cfg, ckpt, emb=None, beside=("prompt", "null")):
-    """A Cond without z_lr, (pooled (1, P), context (1, L, D)): an embedding file, else the first of
-    `beside` found next to the checkpoint (train.py stores the prompt, null and negative embeddings a
-    model was trained with beside it), else zeros. Returns (cond, where from)."""
-    zeros = zero_prompt(net_cfg)
-    if emb and not os.path.exists(emb):
-        raise CheckpointError(f"{emb}: no such embedding file")
-    near_model = (_beside(ckpt, n + ".safetensors") for n in beside)
-    found = [emb] if emb else [w for w in near_model if os.path.exists(w)]
-    if not found:
-        return prompt_rows(zeros), f"zeros (no {' / '.join(beside)}.safetensors beside the model)"
-    where = found[0]
-    return prompt_rows(load_embedding(where, zeros)), where

@@ -179,7 +179,7 @@ def test_sample_tiles_in_batches_give_the_one_by_one_result(_smp_models, monkeyp
     """Tiles stacked along the batch (--tile-batch, or as many as a quarter of the free memory holds)
     give what one tile per network call gives, for the student (batch 1) and the teacher's CFG pair
     (batch 2): the rows of a stacked call must go back to their own tiles and their own images."""
-    net, _ = checkpoints.load_models(str(_smp_models / "student.safetensors"))
+    net, _ = sample.load_models(str(_smp_models / "student.safetensors"))
     g = torch.Generator().manual_seed(0)
     for B in (1, 2):
         x, lr = torch.randn(B, 16, 40, 44, generator=g), torch.randn(B, 16, 40, 44, generator=g)
@@ -222,7 +222,7 @@ def test_sample_tiling_blends_smoothly_and_stays_close_to_untiled(_smp_models):
     # everywhere: measured mean |tiled - untiled| = 0.51 of the image's mean deviation (0.53 away
     # from the image border), vs 1.26 for a different seed. No seam: the error within 2 latent
     # pixels of a tile edge is 1.11x the error elsewhere (bound 1.3).
-    net, vae = checkpoints.load_models(str(_smp_models / "student.safetensors"))
+    net, vae = sample.load_models(str(_smp_models / "student.safetensors"))
     cond = mfsr.Cond(None, torch.zeros(1, 32), torch.zeros(1, 1, 64))
     x = _smp_lr(40, 40)
     ref = sample.upscale(x, net, vae, cond, color_fix="none")
@@ -240,7 +240,7 @@ def test_sample_tiling_blends_smoothly_and_stays_close_to_untiled(_smp_models):
 
 
 def test_sample_upscale_is_x4_seeded_and_colour_fixed(_smp_models):
-    net, vae = checkpoints.load_models(str(_smp_models / "student.safetensors"))
+    net, vae = sample.load_models(str(_smp_models / "student.safetensors"))
     cond = mfsr.Cond(None, torch.zeros(1, 32), torch.zeros(1, 1, 64))
     x = _smp_lr(37, 53)
     y = sample.upscale(x, net, vae, cond, steps=2, seed=3)
@@ -355,7 +355,7 @@ def test_sample_defaults_come_from_the_checkpoint_then_dit4sr(_smp_models, tmp_p
 
 
 def test_upscale_samples_the_teacher_on_the_grid_of_its_shift(_smp_models, monkeypatch):
-    net, vae = checkpoints.load_models(str(_smp_models / "teacher.safetensors"), teacher=True)
+    net, vae = sample.load_models(str(_smp_models / "teacher.safetensors"), teacher=True)
     cond = mfsr.Cond(None, torch.zeros(1, net.cfg.pooled_dim), torch.zeros(1, 4, net.cfg.context_dim))
     seen = []
     real = mfsr.sample_teacher

@@ -102,9 +102,9 @@ def test_sample_gflop_on_meta_equals_a_real_run_counted_with_the_math_attention(
     from plumbing import checkpoints, tiling
     w, h = 36, 20                                                  # 144 x 80 at x4: a 36 x 20 latent, 2 tiles
     counted = bench.sample_gflop(w, h)
-    net, vae = checkpoints.load_models(os.path.join(sample.SHIPPED, "student.safetensors"))
+    net, vae = sample.load_models(os.path.join(sample.SHIPPED, "student.safetensors"))
     st = sample.sampling_settings(net)
-    prompt = checkpoints.load_condition(net.cfg, os.path.join(sample.SHIPPED, "student.safetensors"))[0]
+    prompt = sample.load_condition(net.cfg, os.path.join(sample.SHIPPED, "student.safetensors"))[0]
     x = torch.rand(1, 3, 4 * h, 4 * w) * 2 - 1                    # 80 x 144: multiples of 8, no padding
     real = {}
     with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH):

@@ -72,7 +72,7 @@ def test_upscale_colour_fix_follows_the_bicubic_lr(tmp_path):
     checkpoints.save_transformer(student, str(tmp_path / "student.safetensors"))
     import vae as V
     checkpoints.save_vae(V.VAE(V.CONFIGS["tiny"]), str(tmp_path / "vae.safetensors"))
-    net, vae = checkpoints.load_models(str(tmp_path / "student.safetensors"))
+    net, vae = sample.load_models(str(tmp_path / "student.safetensors"))
     cond = mfsr.Cond(None, torch.zeros(1, 32), torch.zeros(1, 1, 64))
     x = torch.rand(1, 3, 12, 16, generator=torch.Generator().manual_seed(2))
     raw = sample.upscale(x, net, vae, cond, color_fix="none")
