@@ -353,16 +353,29 @@ def mfd_loss(u_fn, z_t, t, s, v, cond=None, mode="split", loss="pseudo_huber", u
 
 
 @torch.no_grad()
-def sample(u_fn, z0, steps=1):
-    """Alg. 2: uniform tau_i = i / N, z <- z + (tau_{i+1} - tau_i) u(z, tau_i, tau_{i+1}).
-    One network call per step; 1 step is z_1 = z_0 + u(z_0, 0, 1)."""
-    z = z0
-    B = z0.shape[0]
-    for i in range(steps):
-        t0 = torch.full((B,), i / steps, device=z0.device, dtype=z0.dtype)
-        t1 = torch.full((B,), (i + 1) / steps, device=z0.device, dtype=z0.dtype)
-        z = z + (t1 - t0).view(-1, *[1] * (z.dim() - 1)) * u_fn(z, t0, t1)
+def sample(u_fn, z_start, steps=1, start=0.0):
+    """Alg. 2: uniform tau_i = i / N, z <- z + (tau_{i+1} - tau_i) u(z, tau_i, tau_{i+1}). One network
+    call per step; 1 step is z_1 = z_0 + u(z_0, 0, 1). From a later start t0 (z_start is then z_t0)
+    the same grid spans [t0, 1]: tau_i = t0 + (1 - t0) i / N, and t0 = 0 is Alg. 2 itself."""
+    _check_start(start)
+    z, B = z_start, z_start.shape[0]
+    tau = [start + (1 - start) * i / steps for i in range(steps + 1)]
+    for t, s in zip(tau[:-1], tau[1:]):
+        t_, s_ = (torch.full((B,), x, device=z.device, dtype=z.dtype) for x in (t, s))
+        z = z + (s_ - t_).view(-1, *[1] * (z.dim() - 1)) * u_fn(z, t_, s_)
     return z
+
+
+def _check_start(start):
+    if not 0 <= start < 1:
+        raise ValueError(f"the start time must be in [0, 1) (0: pure noise, Alg. 2), got {start}")
+
+
+def start_latent(z_lr, eps, start):
+    """z_t0 = t0 z_LR + (1 - t0) eps: the path's point at time t0 with the LR latent standing in for
+    the unknown HR one. t0 = 0 is pure noise (Alg. 2); a later start keeps more of the LR image, so
+    the sample invents less (fidelity) and, started from noise, more (realism)."""
+    return start * z_lr + (1 - start) * eps
 
 
 def noise_like(z, generator=None):
@@ -373,11 +386,12 @@ def noise_like(z, generator=None):
     return torch.randn(z.shape, generator=generator, device=device, dtype=z.dtype).to(z.device)
 
 
-def sample_student(net, cond, steps=1, generator=None):
-    """The student's N-step super-resolution of cond.z_lr (Alg. 2), from Gaussian noise."""
-    z0 = noise_like(cond.z_lr, generator)
+def sample_student(net, cond, steps=1, generator=None, start=0.0):
+    """The student's N-step super-resolution of cond.z_lr (Alg. 2), from Gaussian noise, or from
+    z_t0 (`start_latent`) for a start t0 > 0."""
+    z0 = start_latent(cond.z_lr, noise_like(cond.z_lr, generator), start)
     u = average_velocity(net)
-    return sample(lambda z, t, s: u(z, t, s, cond), z0, steps)
+    return sample(lambda z, t, s: u(z, t, s, cond), z0, steps, start)
 
 
 SD35_SHIFT = 3.0   # SD3.5's sigma shift, in training (logit-normal sigma) and sampling (reference/ARCHITECTURE.md §1)
@@ -399,18 +413,20 @@ def uniform_sigmas(steps, device=None):
 
 @torch.no_grad()
 def sample_teacher(net, cond, cond_neg, steps=40, cfg=DIT4SR_CFG, shift=SD35_SHIFT, generator=None,
-                   grid="shifted", noise=None):
+                   grid="shifted", noise=None, start=0.0):
     """The teacher's Euler sampler with CFG on the SD3.5 shifted schedule (DiT4SR's recipe:
     40 steps, CFG 8, batch order [negative, positive]): v = v_neg + cfg (v_c - v_neg).
     cond: the Cond of the image (its z_lr is the one used); cond_neg: the negative prompt's.
-    grid "uniform": uniform_sigmas instead. noise: the starting z_0 (default: drawn from `generator`)."""
-    z = noise_like(cond.z_lr, generator) if noise is None else noise
+    grid "uniform": uniform_sigmas instead. noise: the starting eps (default: drawn from `generator`).
+    start t0 > 0: from z_t0 (`start_latent`), the grid's sigmas scaled into [0, 1 - t0], as many steps."""
+    _check_start(start)
+    z = start_latent(cond.z_lr, noise_like(cond.z_lr, generator) if noise is None else noise, start)
     B = z.shape[0]
     c = cond_neg._replace(z_lr=cond.z_lr).cat(cond)                        # rows [negative ; positive]
     v_fn = velocity(net)
     if grid not in ("shifted", "uniform"):
         raise ValueError(f"grid must be 'shifted' or 'uniform', got {grid!r}")
-    sig = sd3_sigmas(steps, shift, z.device) if grid == "shifted" else uniform_sigmas(steps, z.device)
+    sig = (sd3_sigmas(steps, shift, z.device) if grid == "shifted" else uniform_sigmas(steps, z.device)) * (1 - start)
     for i in range(steps):
         t = torch.full((2 * B,), 1 - sig[i].item(), device=z.device, dtype=z.dtype)
         if cfg == 1:        # v_neg + 1 (v_c - v_neg) = v_c: the negative branch is not needed

@@ -140,15 +140,17 @@ def pad_to(x, multiple):
 @torch.inference_mode()
 def upscale(img, net, vae, cond, steps=1, *, teacher=False, cond_neg=None, cfg=DEFAULTS["cfg"],
             shift=DEFAULTS["shift"], seed=0, tile=DEFAULTS["tile"], tile_overlap=DEFAULTS["tile_overlap"],
-            color_fix="adain", vae_tile=None, progress=None, grid="shifted", tile_batch=None):
+            color_fix="adain", vae_tile=None, progress=None, grid="shifted", tile_batch=None, start=0.0):
     """x4 super-resolution of img (1, 3, H, W) in [0, 1] -> (1, 3, 4H, 4W) float32 in [0, 1], on CPU.
 
     net: a student (cfg.two_times) or, with teacher=True, a one-time teacher with the LR stream;
     both must be on the device and in the dtype wanted. cond: the prompt, an mfsr.Cond without z_lr
-    (pooled (1, P), context (1, L, D)); cond_neg likewise (the teacher's CFG negative, default cond). steps: uniform student steps
-    (Alg. 2) or the teacher's Euler steps with guidance `cfg` on SD3's grid shifted by `shift`
-    (the shift its training used; grid "uniform": Alg. 2's grid). tile / tile_overlap / tile_batch:
-    latent tiles, so many per call (None: by free memory). vae_tile: vae.encode / decode's (None: by size).
+    (pooled (1, P), context (1, L, D)); cond_neg likewise (the teacher's CFG negative, default cond).
+    steps: uniform student steps (Alg. 2) or the teacher's Euler steps with guidance `cfg` on SD3's
+    grid shifted by `shift` (the shift its training used; grid "uniform": Alg. 2's grid). start: the
+    time t0 the steps start from, z_t0 = t0 z_lr + (1 - t0) noise (0: pure noise, the paper's).
+    tile / tile_overlap / tile_batch: latent tiles, so many per call (None: by free memory).
+    vae_tile: vae.encode / decode's (None: by size).
     progress: a cli.Progress (or None), told the phases and every tile's network call."""
     assert img.ndim == 4 and img.shape[:2] == (1, 3), f"img must be (1, 3, H, W), got {tuple(img.shape)}"
     if color_fix not in COLOR_FIXES:
@@ -172,9 +174,10 @@ def upscale(img, net, vae, cond, steps=1, *, teacher=False, cond_neg=None, cfg=D
         c_neg = (cond_neg or cond).to(device, dtype)
         L = max(c.context.shape[1], c_neg.context.shape[1])   # zero-pad the shorter context so CFG can batch them
         pad = lambda x: x._replace(context=F.pad(x.context, (0, 0, 0, L - x.context.shape[1])))
-        z = mfsr.sample_teacher(tiled, pad(c), pad(c_neg), steps=steps, cfg=cfg, shift=shift, generator=g, grid=grid)
+        z = mfsr.sample_teacher(tiled, pad(c), pad(c_neg), steps=steps, cfg=cfg, shift=shift, generator=g, grid=grid,
+                                start=start)
     else:
-        z = mfsr.sample_student(tiled, c, steps=steps, generator=g)
+        z = mfsr.sample_student(tiled, c, steps=steps, generator=g, start=start)
     progress.phase("VAE decode")
     y = vae.decode(z.to(next(vae.parameters()).dtype), tile=vae_tile).float()  # (1, 3, H', W') in [-1, 1]
     y = ((y + 1) / 2)[..., :SCALE * H, :SCALE * W]                             # crop the padding

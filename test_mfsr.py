@@ -582,3 +582,32 @@ def test_time_pair_options():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])                       # the paper's draw unchanged
     with pytest.raises(ValueError, match="pairs must be one of"):
         mfsr.sample_times(4, pairs="corner")
+
+
+def test_a_later_start_runs_the_same_grid_from_z_t0():
+    """start = t0: the student's steps split [t0, 1] uniformly from z_t0 = t0 z_lr + (1 - t0) eps, and
+    the teacher's sigmas are its grid's scaled by 1 - t0; t0 = 0 is Alg. 2 bit for bit."""
+    teacher, student, cond, cond_neg, _ = _tiny_pair(torch.float32)
+    seen = []
+    forward = student.forward
+    student.forward = lambda z, sigma, *a, **k: seen.append((z.clone(), 1 - sigma, 1 - k["sigma_s"])) or forward(z, sigma, *a, **k)
+    g = lambda: torch.Generator().manual_seed(4)                                 # noqa: E731
+    eps = torch.randn(cond.z_lr.shape, generator=g())
+    with torch.no_grad():
+        today = mfsr.sample_student(student, cond, steps=2, generator=g())
+        assert torch.equal(mfsr.sample_student(student, cond, steps=2, generator=g(), start=0.0), today)
+        assert torch.equal(seen[0][0], eps)                                    # from pure noise
+        seen.clear()
+        later = mfsr.sample_student(student, cond, steps=2, generator=g(), start=0.5)
+    assert [(t[0].item(), s[0].item()) for _, t, s in seen] == [(0.5, 0.75), (0.75, 1.0)]
+    torch.testing.assert_close(seen[0][0], 0.5 * cond.z_lr + 0.5 * eps)
+    assert not torch.equal(later, today)
+    sigmas = []
+    forward_t = teacher.forward
+    teacher.forward = lambda z, sigma, *a, **k: sigmas.append(sigma[0].item()) or forward_t(z, sigma, *a, **k)
+    for grid, full in (("shifted", mfsr.sd3_sigmas(3)), ("uniform", mfsr.uniform_sigmas(3))):
+        sigmas.clear()
+        mfsr.sample_teacher(teacher, cond, cond_neg, steps=3, cfg=1.0, generator=g(), grid=grid, start=0.25)
+        assert sigmas == pytest.approx((0.75 * full[:3]).tolist(), abs=1e-6)      # through fp32 t = 1 - sigma
+    with pytest.raises(ValueError, match="start"):
+        mfsr.sample_student(student, cond, start=1.0)
