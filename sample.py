@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import mfsr
-from plumbing import cli, images
+from plumbing import cli, images, tiling
 from plumbing.checkpoints import CheckpointError, SafetensorsFiles, load_condition, load_models
 from plumbing.tiling import TiledNet
 
@@ -112,7 +112,7 @@ def upscale(img, net, vae, cond, steps=1, *, teacher=False, cond_neg=None, cfg=D
                           align_corners=False).clamp(0, 1)                        # (1, 3, 4H, 4W)
     x = pad_to(lr_up, vae.cfg.factor * net.cfg.patch)                          # (1, 3, H', W')
     progress.phase("VAE encode")
-    z_lr = vae.encode((x * 2 - 1).to(next(vae.parameters()).dtype), tile=vae_tile).to(dtype)  # (1, C, h, w)
+    z_lr = tiling.encode(vae, (x * 2 - 1).to(next(vae.parameters()).dtype), tile=vae_tile).to(dtype)  # (1, C, h, w)
     g = torch.Generator().manual_seed(seed)     # on the CPU: the same seed gives the same noise on every device
     # the tiles bound the memory, so the model's plain path (fastjvp.lean_memory, for training, is slower)
     tiled = TiledNet(net, tile, tile_overlap, on_tile=progress.tile, batch=tile_batch)
@@ -127,7 +127,7 @@ def upscale(img, net, vae, cond, steps=1, *, teacher=False, cond_neg=None, cfg=D
     else:
         z = mfsr.sample_student(tiled, z_lr, pooled, context, steps=steps, generator=g)
     progress.phase("VAE decode")
-    y = vae.decode(z.to(next(vae.parameters()).dtype), tile=vae_tile).float()  # (1, 3, H', W') in [-1, 1]
+    y = tiling.decode(vae, z.to(next(vae.parameters()).dtype), tile=vae_tile).float()  # (1, 3, H', W') in [-1, 1]
     y = ((y + 1) / 2)[..., :SCALE * H, :SCALE * W]                             # crop the padding
     progress.phase("colour fix")
     y = COLOR_FIXES[color_fix](y, lr_up).clamp(0, 1).cpu()

@@ -418,7 +418,7 @@ def cutoff_check(teacher_file, vae_file, emb_dir, dest="docs/time_embedding.md",
     zeros = (torch.zeros(1, base.cfg.context_dim), torch.zeros(base.cfg.pooled_dim))
     embs = {e: checkpoints.load_embedding(os.path.join(emb_dir, e + ".safetensors"), zeros) for e in ("prompt", "neg")}
     hr, lr = heldout_pairs(size, 1, 0, "realesrgan")
-    z_hr, z_lr = v.encode(hr * 2 - 1, tile=0), v.encode(bicubic_up(lr, hr.shape[-2:]) * 2 - 1, tile=0)
+    z_hr, z_lr = v.encode(hr * 2 - 1), v.encode(bicubic_up(lr, hr.shape[-2:]) * 2 - 1)
     B = len(hr)
     cond = {e: (p[None].expand(B, -1), c[None].expand(B, -1, -1)) for e, (c, p) in embs.items()}
     c3 = (z_lr, *cond["prompt"])
