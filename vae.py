@@ -177,8 +177,7 @@ def _to_dtype_of(module, x):
 
 
 class Encoder(nn.Module):
-    """(B, 3, H, W) -> (B, 2 * latent, H / f, W / f): the moments [mean ; logvar]. `body` (Decoder's
-    too) is local but for GroupNorm: each output sees a neighbourhood of its input and the statistics."""
+    """(B, 3, H, W) -> (B, 2 * latent, H / f, W / f): the moments [mean ; logvar]."""
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
@@ -202,7 +201,7 @@ class Encoder(nn.Module):
         return m
 
     def body(self, x):
-        """The full-resolution levels, (B, 3, H, W) -> (B, C, H / f, W / f): local but for GroupNorm."""
+        """The full-resolution levels (no attention), (B, 3, H, W) -> (B, C, H / f, W / f)."""
         h = self.conv_in(_to_dtype_of(self.conv_in, F.pixel_unshuffle(x, self.patch)))
         for level in self.down:
             h = level(h)
@@ -233,7 +232,7 @@ class Decoder(nn.Module):
         return x
 
     def body(self, h):
-        """The up levels and the output head, (B, C, h, w) -> (B, 3, h f, w f): local but for GroupNorm."""
+        """The up levels and the output head (no attention), (B, C, h, w) -> (B, 3, h f, w f)."""
         for level in reversed(self.up):
             h = level(h)
         return F.pixel_shuffle(self.conv_out(_silu(self.norm_out(_to_dtype_of(self.conv_out, h)))), self.patch)
