@@ -142,7 +142,7 @@ def _shared_stats(net, norms, x, tile, overlap):
 
 def run_tiled(net, norms, x, tile, overlap, tile_norm="tiles"):
     """net(x) on overlapping square tiles of side `tile` (in x's pixels), blended; in fp32. net maps
-    (B, C, H, W) to (B, C', r H, r W), tile offsets to whole output pixels. `norms`: the GroupNorms
+    (B, C, H, W) to (B, C', r H, r W), every tile offset to a whole output pixel. `norms`: the GroupNorms
     in net, sharing statistics across tiles (tile_norm "tiles") or each tile its own ("local")."""
     if not 0 <= overlap < tile or tile_norm not in ("tiles", "local"):
         raise ValueError(f"tile {tile}, overlap {overlap}, tile_norm {tile_norm!r}: "

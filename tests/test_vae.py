@@ -358,6 +358,8 @@ def test_vae_blending_weights_sum_to_one_and_untouched_tiles_reproduce_the_input
     x = torch.randn(2, 3, 40, 56)
     out = tiling.run_tiled(lambda t: t, [], x, 16, 6, "local")
     assert (out - x).abs().max() < 1e-6
+    with pytest.raises(ValueError, match="tile_norm 'tiles' or 'local'"):
+        tiling.run_tiled(lambda t: t, [], x, 16, 6, "down")
     w = sum(tiling._ramp(56, s, 16, 6) for s in tiling.tile_starts(56, 16, 6))
     assert w.min() > 0.5
 
