@@ -15,7 +15,7 @@ The pipeline (MFSR Alg. 2; DiT4SR's inference recipe, reference/ARCHITECTURE.md 
    with the student (or the teacher's Euler steps with CFG against the negative prompt);
    above one latent tile the network runs on overlapping tiles (64 x 64, overlap 24, as DiT4SR)
    whose outputs are blended with Gaussian weights at every step;
-3. decode (the VAE tiles itself above a size, vae.py), crop the padding, colour-fix against the
+3. decode (on tiles above a size, plumbing/tiling.py), crop the padding, colour-fix against the
    upsampled LR (AdaIN by default, or wavelet), clamp to [0, 1].
 Gray images come out gray, alpha is upscaled apart (bicubic), 16-bit files are written at 16 bits.
 The plumbing (image files, latent tiles, checkpoint layouts, progress) is in plumbing/.
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import mfsr
 import model
 import vae as vae_lib
-from plumbing import cli, images
+from plumbing import cli, images, tiling
 from plumbing.checkpoints import (CheckpointError, SafetensorsFiles, load_embedding, load_transformer, load_vae,
                                   prompt_rows, zero_prompt)
 from plumbing.tiling import TiledNet
@@ -150,7 +150,7 @@ def upscale(img, net, vae, cond, steps=1, *, teacher=False, cond_neg=None, cfg=D
     grid shifted by `shift` (the shift its training used; grid "uniform": Alg. 2's grid). start: the
     time t0 the steps start from, z_t0 = t0 z_lr + (1 - t0) noise (0: pure noise, the paper's).
     tile / tile_overlap / tile_batch: latent tiles, so many per call (None: by free memory).
-    vae_tile: vae.encode / decode's (None: by size).
+    vae_tile: the VAE's tile (plumbing/tiling.py; None: by size).
     progress: a cli.Progress (or None), told the phases and every tile's network call."""
     assert img.ndim == 4 and img.shape[:2] == (1, 3), f"img must be (1, 3, H, W), got {tuple(img.shape)}"
     if color_fix not in COLOR_FIXES:
@@ -164,7 +164,7 @@ def upscale(img, net, vae, cond, steps=1, *, teacher=False, cond_neg=None, cfg=D
                           align_corners=False).clamp(0, 1)                        # (1, 3, 4H, 4W)
     x = pad_to(lr_up, vae.cfg.factor * net.cfg.patch)                          # (1, 3, H', W')
     progress.phase("VAE encode")
-    z_lr = vae.encode((x * 2 - 1).to(next(vae.parameters()).dtype), tile=vae_tile).to(dtype)  # (1, C, h, w)
+    z_lr = tiling.encode(vae, (x * 2 - 1).to(next(vae.parameters()).dtype), tile=vae_tile).to(dtype)  # (1, C, h, w)
     g = torch.Generator().manual_seed(seed)     # on the CPU: the same seed gives the same noise on every device
     # the tiles bound the memory, so the model's plain path (fastjvp.lean_memory, for training, is slower)
     tiled = TiledNet(net, tile, tile_overlap, on_tile=progress.tile, batch=tile_batch)
@@ -179,7 +179,7 @@ def upscale(img, net, vae, cond, steps=1, *, teacher=False, cond_neg=None, cfg=D
     else:
         z = mfsr.sample_student(tiled, c, steps=steps, generator=g, start=start)
     progress.phase("VAE decode")
-    y = vae.decode(z.to(next(vae.parameters()).dtype), tile=vae_tile).float()  # (1, 3, H', W') in [-1, 1]
+    y = tiling.decode(vae, z.to(next(vae.parameters()).dtype), tile=vae_tile).float()  # (1, 3, H', W') in [-1, 1]
     y = ((y + 1) / 2)[..., :SCALE * H, :SCALE * W]                             # crop the padding
     progress.phase("colour fix")
     y = COLOR_FIXES[color_fix](y, lr_up).clamp(0, 1).cpu()

@@ -1,4 +1,4 @@
-"""The SD3 / SD3.5 VAE (16 latent channels, x8), tiled for large images.
+"""The SD3 / SD3.5 VAE (16 latent channels, x8).
 
     from vae import CONFIGS, VAE
     vae = VAE(CONFIGS["sd3"])                     # or plumbing.checkpoints.load_vae("sd3.5_medium.safetensors")
@@ -9,11 +9,8 @@ Follows Stability-AI's single-file reference (sd3_impls.VAEEncoder / VAEDecoder)
 and the parameter names, so `state_dict()` keys equal the released `first_stage_model.*` keys
 without the prefix. Facts and the original <-> diffusers key map: reference/ARCHITECTURE.md
 §4, cited as "ARCH §4.x". Latents leave `encode` in the transformer's space, (z - shift) * scale
-(ARCH §1); `decode` undoes it.
-
-Tiling (plumbing/tiling.py). Above TILE_AUTO_ELEMENTS, `encode` and `decode` run the full-resolution
-levels on overlapping tiles, GroupNorm statistics shared across them (no seams); the mid block, whose
-attention sees every latent position, runs whole. Loading and saving: plumbing/checkpoints.py.
+(ARCH §1); `decode` undoes it. Loading and saving: plumbing/checkpoints.py.
+For large images, plumbing/tiling.py wraps this VAE in one that runs it on overlapping tiles.
 
 Inside, activations are channels-last (faster CPU convolutions); outputs are NCHW. GroupNorm
 normalises in fp32 (its sums of squares overflow fp16); `set_dtype(vae, torch.float16)` keeps the
@@ -25,8 +22,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from plumbing.tiling import (DECODE_OVERLAP, DECODE_TILE, ENCODE_OVERLAP, ENCODE_TILE, TILE_NORM, GroupNorm,
-                             run_tiled, tile_plan)  # GroupNorm: nn.GroupNorm in fp32, its statistics shareable by tiles
 
 # --------------------------------------------------------------------------------------------
 # Config
@@ -70,6 +65,16 @@ CONFIGS = {
 
 # --------------------------------------------------------------------------------------------
 # Layers (ARCH §4.2)
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm computed in fp32, whatever the input's dtype: its sums of squares overflow fp16."""
+
+    def __init__(self, groups, channels):
+        super().__init__(groups, channels, eps=1e-6)
+
+    def forward(self, x):
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
 
 def _silu(x):
@@ -189,22 +194,18 @@ class Encoder(nn.Module):
             self.linear = nn.Conv2d(cfg.image_channels * cfg.patch ** 2, 2 * cfg.latent_channels, 1)
 
     def forward(self, x):
-        return self.tail(self.body(x), x)
-
-    def body(self, x):
-        """The full-resolution part, (B, 3, H, W) -> (B, C, H / f, W / f); tiled for big images."""
-        h = self.conv_in(_to_dtype_of(self.conv_in, F.pixel_unshuffle(x, self.patch)))
-        for level in self.down:
-            h = level(h)
-        return h
-
-    def tail(self, h, x):
-        """Mid (global attention), output head and the linear code of the image x; never tiled."""
-        h = self.mid(h)
+        h = self.mid(self.body(x))                                       # attention over all positions
         m = self.conv_out(_silu(self.norm_out(_to_dtype_of(self.conv_out, h))))
         if self.patch > 1:
             m = m + self.linear(_to_dtype_of(self.linear, F.pixel_unshuffle(x, self.patch)))
         return m
+
+    def body(self, x):
+        """The full-resolution levels (no attention), (B, 3, H, W) -> (B, C, H / f, W / f)."""
+        h = self.conv_in(_to_dtype_of(self.conv_in, F.pixel_unshuffle(x, self.patch)))
+        for level in self.down:
+            h = level(h)
+        return h
 
 
 class Decoder(nn.Module):
@@ -225,27 +226,16 @@ class Decoder(nn.Module):
             self.linear = nn.Conv2d(cfg.latent_channels, cfg.image_channels * cfg.patch ** 2, 1)
 
     def forward(self, z):
-        return self.body(self.head(z)) + self.linear_part(z)
-
-    def linear_part(self, z):
-        """The linear decoding of the patches (patch > 1; else 0), added to the convolutions' image."""
-        if self.patch == 1:
-            return 0
-        return F.pixel_shuffle(self.linear(_to_dtype_of(self.linear, z)), self.patch)
-
-    def head(self, z):
-        """conv_in and mid (global attention) at latent resolution; never tiled."""
-        return self.mid(self.conv_in(_to_dtype_of(self.conv_in, z)))
+        x = self.body(self.mid(self.conv_in(_to_dtype_of(self.conv_in, z))))   # mid: attention over all positions
+        if self.patch > 1:   # the linear decoding of the patches, added to the convolutions' image
+            x = x + F.pixel_shuffle(self.linear(_to_dtype_of(self.linear, z)), self.patch)
+        return x
 
     def body(self, h):
-        """The up levels and the output head, (B, C, h, w) -> (B, 3, h f, w f); tiled for big images."""
+        """The up levels and the output head (no attention), (B, C, h, w) -> (B, 3, h f, w f)."""
         for level in reversed(self.up):
             h = level(h)
         return F.pixel_shuffle(self.conv_out(_silu(self.norm_out(_to_dtype_of(self.conv_out, h)))), self.patch)
-
-
-def _norms(*modules):
-    return [m for mod in modules for m in mod.modules() if isinstance(m, GroupNorm)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,32 +249,21 @@ class VAE(nn.Module):
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
 
-    def _first_level_elements(self, H, W):
-        """Elements of one activation of the first level for an H x W image (what tiling is decided by)."""
-        p = self.cfg.patch
-        return (H // p) * (W // p) * self.cfg.channels[0]
-
-    def moments(self, x, tile=None, overlap=None, tile_norm=None):
+    def moments(self, x):
         """(B, 3, H, W) in [-1, 1] -> (mean, logvar) in fp32, each (B, latent, H / f, W / f)."""
         f = self.cfg.factor
         B, C, H, W = x.shape
         assert C == self.cfg.image_channels and H % f == 0 and W % f == 0, \
             f"expected (B, {self.cfg.image_channels}, H, W) with H, W multiples of {f}, got {tuple(x.shape)}"
-        plan = tile_plan(tile, overlap, ENCODE_TILE, ENCODE_OVERLAP, self._first_level_elements(H, W), f)
-        enc = self.encoder
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not plan):   # tiles are for inference: no graph
-            # the full-resolution levels, in tiles if planned; mid attention sees all of h
-            h = run_tiled(enc.body, _norms(enc.down), x, *plan, tile_norm or TILE_NORM) if plan else enc.body(x)
-            m = enc.tail(h, x)                                           # (B, 2 latent, H/f, W/f)
-        return m.float().contiguous().chunk(2, dim=1)   # channels-last stays inside vae.py
+        return self.encoder(x).float().contiguous().chunk(2, dim=1)   # channels-last stays inside vae.py
 
-    def encode(self, x, generator=None, sample=False, tile=None, overlap=None, tile_norm=None):
+    def encode(self, x, generator=None, sample=False):
         """Images in [-1, 1] -> model-space latents (z - shift) * scale, in x's dtype.
 
         z is the posterior mean, or with sample=True mean + std * eps, eps drawn from `generator`
-        (logvar clamped to [-30, 20], ARCH §4.2). tile/overlap in pixels, multiples of the factor.
+        (logvar clamped to [-30, 20], ARCH §4.2).
         """
-        mean, logvar = self.moments(x, tile, overlap, tile_norm)
+        mean, logvar = self.moments(x)
         z = mean
         if sample:
             # drawn on the generator's device, then moved: a CPU generator cannot draw on a GPU
@@ -293,25 +272,12 @@ class VAE(nn.Module):
             z = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps
         return ((z - self.cfg.shift) * self.cfg.scale).to(x.dtype)     # (B, latent, H/f, W/f)
 
-    def decode(self, z, tile=None, overlap=None, tile_norm=None, clamp=True):
+    def decode(self, z, clamp=True):
         """Model-space latents (B, latent, h, w) -> images (B, 3, h f, w f) in [-1, 1], z's dtype.
-
-        tile/overlap in latents. clamp=False returns the raw decoder output.
-        """
-        f = self.cfg.factor
-        B, C, h, w = z.shape
-        assert C == self.cfg.latent_channels, f"expected (B, {self.cfg.latent_channels}, h, w), got {tuple(z.shape)}"
-        z_vae = z.float() / self.cfg.scale + self.cfg.shift
-        plan = tile_plan(tile, overlap, DECODE_TILE, DECODE_OVERLAP, self._first_level_elements(h * f, w * f), 1)
-        dec = self.decoder
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not plan):   # tiles are for inference: no graph
-            feat = dec.head(z_vae)                                       # (B, C, h, w): mid attention sees all of it
-            if plan:   # the up levels and the output head in tiles
-                x = run_tiled(dec.body, _norms(dec.up, dec.norm_out), feat, *plan, tile_norm or TILE_NORM)
-            else:
-                x = dec.body(feat)
-            x = (x + dec.linear_part(z_vae)).float()                     # (B, 3, h f, w f)
-        x = x.contiguous()                                               # channels-last stays inside vae.py
+        clamp=False returns the raw decoder output."""
+        assert z.shape[1] == self.cfg.latent_channels, \
+            f"expected (B, {self.cfg.latent_channels}, h, w), got {tuple(z.shape)}"
+        x = self.decoder(z.float() / self.cfg.scale + self.cfg.shift).float().contiguous()   # (B, 3, h f, w f)
         return (x.clamp(-1, 1) if clamp else x).to(z.dtype)
 
 

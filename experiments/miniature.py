@@ -326,14 +326,14 @@ def scan_cfg(runs, scale=1.0, crops=16, steps=40, seed=0):
                                                       TRAIN_SIZE, g)[0] for n in names])
     _, lr, _ = degrade.degrade(hr, degrade.DegradeConfig(gt_size=TRAIN_SIZE, usm_gt=False), generator=g)
     lr_up = bicubic_up(lr, hr.shape[-2:])
-    z_lr = v.encode(lr_up * 2 - 1, tile=0)
+    z_lr = v.encode(lr_up * 2 - 1)
     B = len(names)
     cond = {e: checkpoints.prompt_rows(p, B)._replace(z_lr=z_lr) for e, p in emb.items()}
     rows = []
     for cfg_scale in CFG_SCALES:
         z = mfsr.sample_teacher(net, cond["prompt"], cond["neg"], steps=steps, cfg=cfg_scale,
                                 shift=sample.sampling_settings(net)["shift"], generator=torch.Generator().manual_seed(seed))
-        out = v.decode(z, tile=0).float().add(1).div(2).clamp(0, 1)
+        out = v.decode(z).float().add(1).div(2).clamp(0, 1)
         rows.append({"cfg": cfg_scale, "PSNR": metrics.psnr(out, hr).mean().item(), "HF energy / HR": metrics.hf_ratio(out, hr).mean().item()})
         print(f"cfg {cfg_scale:g}: PSNR {rows[-1]['PSNR']:.2f} dB, HF energy / HR {rows[-1]['HF energy / HR']:.2f}", flush=True)
     best = max(r["PSNR"] for r in rows)
@@ -368,10 +368,10 @@ def tune_decoder(runs, scale=1.0, batch=16, size=64, lr=1e-4, ema=0.99, seed=0):
         x = torch.stack([pairs.random_crop(images[int(torch.randint(len(images), (1,), generator=g))], size, g)
                          for _ in range(batch)]) * 2 - 1                              # (B, 3, size, size)
         with torch.no_grad():
-            z = v.encode(x, tile=0)                                                   # model space, mean
+            z = v.encode(x)                                                           # model space, mean
             sigma = torch.rand(batch, 1, 1, 1, generator=g) * DECODER_NOISE
             z = z + sigma * torch.randn(z.shape, generator=g)
-        loss = (v.decode(z, tile=0, clamp=False).float() - x).pow(2).mean()
+        loss = (v.decode(z, clamp=False).float() - x).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -567,7 +567,7 @@ def evaluate(dest=SHIP, size=256, per_image=1, teacher_steps=40, seed=0, setting
         return upscale_crops(lr, net, vae, cond["prompt"], steps, teacher=teacher, cond_neg=cond["neg"], seed=seed,
                              grid=grid)
 
-    through_vae = lambda x: v.decode(v.encode(x * 2 - 1, tile=0), tile=0).float().add(1).div(2).clamp(0, 1)  # noqa: E731
+    through_vae = lambda x: v.decode(v.encode(x * 2 - 1)).float().add(1).div(2).clamp(0, 1)  # noqa: E731
     methods = {"bicubic": lambda: lr_up,
                "VAE(bicubic) (the latent path's cost)": lambda: through_vae(lr_up),
                "VAE(HR) (upper bound)": lambda: through_vae(hr)}

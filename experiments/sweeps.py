@@ -417,7 +417,7 @@ def cutoff_check(teacher_file, vae_file, emb_dir, dest="docs/time_embedding.md",
     embs = {e: checkpoints.load_embedding(os.path.join(emb_dir, e + ".safetensors"), checkpoints.zero_prompt(base.cfg))
             for e in ("prompt", "neg")}
     hr, lr = heldout_pairs(size, 1, 0, "realesrgan")
-    z_hr, z_lr = v.encode(hr * 2 - 1, tile=0), v.encode(bicubic_up(lr, hr.shape[-2:]) * 2 - 1, tile=0)
+    z_hr, z_lr = v.encode(hr * 2 - 1), v.encode(bicubic_up(lr, hr.shape[-2:]) * 2 - 1)
     B = len(hr)
     cond = {e: checkpoints.prompt_rows(p, B)._replace(z_lr=z_lr) for e, p in embs.items()}
     c3 = cond["prompt"]

@@ -75,7 +75,7 @@ def vae_loss(vae, x, kl_weight, g, stats):
     """Squared-error reconstruction of x (B, 3, H, W) in [-1, 1] from a posterior sample (PSNR is
     what the miniature asks of its VAE) + kl_weight * KL. `stats` keeps a running mean and variance
     (over ~10 batches) of the latent means: the exported shift and scale."""
-    mean, logvar = vae.moments(x, tile=0)
+    mean, logvar = vae.moments(x)
     logvar = logvar.clamp(-30.0, 20.0)
     z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g).to(mean)
     rec = vae.decoder(z).float()                                        # (B, 3, H, W)
@@ -163,7 +163,7 @@ def train_vae(data, out, *, steps=3000, batch=16, size=64, lr=5e-4, ema=0.999, k
     checkpoints.save_vae(final, os.path.join(out, "vae.safetensors"))
     x = _crops(paths, images, [(i % len(paths), runs.mix(seed, i, 13)) for i in range(4)], size)
     with torch.no_grad():
-        rec = final.decode(final.encode(x, tile=0), tile=0).float()
+        rec = final.decode(final.encode(x)).float()
     grid = torch.cat([torch.cat([x[i], rec[i]], 2) for i in range(len(x))], 1).add(1).div(2).clamp(0, 1)
     Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(os.path.join(out, "grid.png"))
     with open(os.path.join(out, "steps.txt"), "w") as f:

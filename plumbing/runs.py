@@ -22,6 +22,7 @@ import mfsr
 import model
 from plumbing.checkpoints import CheckpointError, Later, SafetensorsFiles, atomic_save, save_transformer, save_vae
 from plumbing.cli import peak_memory_mb
+from plumbing import tiling
 import fastjvp
 
 # --------------------------------------------------------------------------------------------
@@ -380,8 +381,8 @@ def log_step(cfg, log, done, start, t0, loss, gnorm, lr, device, extra):
 def save_grid(path, vae, net, stage, batch, z_lr):
     """Rows of LR (upsampled) | 1 step | 2 steps (distill) or 4 Euler steps (teacher) | HR."""
     if "gt" not in batch:   # cached latents: the HR and (bicubic-upsampled) LR images through the VAE
-        batch = dict(batch, gt=vae.decode(batch["z_hr"][:4]).float().add(1).div(2).clamp(0, 1),
-                     lr=vae.decode(batch["z_lr"][:4]).float().add(1).div(2).clamp(0, 1))
+        batch = dict(batch, gt=tiling.decode(vae, batch["z_hr"][:4]).float().add(1).div(2).clamp(0, 1),
+                     lr=tiling.decode(vae, batch["z_lr"][:4]).float().add(1).div(2).clamp(0, 1))
     n = min(4, batch["gt"].shape[0])
     gt = batch["gt"][:n]
     g = torch.Generator().manual_seed(0)
@@ -392,7 +393,7 @@ def save_grid(path, vae, net, stage, batch, z_lr):
         outs = [mfsr.sample_teacher(net, c, c, steps=k, cfg=1.0,  # no negative
                                     generator=g) for k in (1, 4)]
     lr_up = F.interpolate(batch["lr"][:n], size=gt.shape[-2:], mode="bicubic")
-    cols = [lr_up] + [vae.decode(o.to(z_lr)).float().add(1).div(2) for o in outs] + [gt]
+    cols = [lr_up] + [tiling.decode(vae, o.to(z_lr)).float().add(1).div(2) for o in outs] + [gt]
     rows = torch.cat([torch.cat([c[i].cpu().clamp(0, 1) for c in cols], 2) for i in range(n)], 1)  # (3, nH, kW)
     tmp = path + ".tmp.png"
     Image.fromarray((rows.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(tmp)

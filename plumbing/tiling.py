@@ -1,9 +1,13 @@
-"""Tiles: the VAE's (run_tiled, with GroupNorm statistics shared across tiles) and the sampler's
-latent tiles (TiledNet). Plumbing: they bound memory and keep latents inside the transformer's
-position grid; the method does not need them (an image that fits one tile runs untiled, bit-identical).
+"""Tiles: the VAE's (vae.py's VAE with its full-resolution levels on overlapping tiles, GroupNorm
+statistics shared) and the sampler's latent tiles (TiledNet). Plumbing: they bound memory and keep
+latents inside the transformer's position grid; the method does not need them (an image that fits
+one tile runs untiled, bit-identical).
+
+    z = tiling.encode(vae, x)       # vae.encode(x), tiled above TILE_AUTO_ELEMENTS (tile=0: never)
+    y = tiling.decode(vae, z)       # vae.decode(z), likewise
 """
-import math
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -12,43 +16,71 @@ import torch.nn.functional as F
 from plumbing.cli import proc_kib
 
 # --------------------------------------------------------------------------------------------
-# The VAE's tiles: overlapping, blended with linear ramps, GroupNorm statistics shared (vae.py's docstring)
+# The VAE's tiles: overlapping, blended with linear ramps, GroupNorm statistics shared
 
 TILE_AUTO_ELEMENTS = 1024 * 1024 * 128  # tiled by default above this many full-resolution activations
 ENCODE_TILE, ENCODE_OVERLAP = 512, 128   # pixels
 DECODE_TILE, DECODE_OVERLAP = 64, 16     # latents (x8: 512 and 128 pixels)
-TILE_NORM = "tiles"                     # "tiles" | "down" | "local": see _shared_norm_stats
 
 
-class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm in fp32 that can record its statistics or use shared ones: tiling sets `stats` to
-    (mean, var), each (B, G), estimated over the whole image, so every tile is normalised alike;
-    `sums` collects (count, sum, sum of squares) while recording."""
+def encode(vae, x, tile=None, overlap=None, tile_norm="tiles", **kw):
+    """vae.encode(x, **kw), its full-resolution levels on tiles of `tile` pixels (see tile_plan);
+    the mid block, whose attention sees every latent, runs whole."""
+    plan = tile_plan(vae.cfg, *x.shape[-2:], tile, overlap, ENCODE_TILE, ENCODE_OVERLAP, vae.cfg.factor)
+    with _tiled(vae.encoder, plan, tile_norm, vae.encoder.down):
+        return vae.encode(x, **kw)
 
-    def __init__(self, groups, channels):
-        super().__init__(groups, channels, eps=1e-6)
-        self.stats, self.sums, self.mask = None, None, None
 
-    def forward(self, x):
-        B, C = x.shape[:2]
-        w, b = self.weight.float(), self.bias.float()
-        if self.stats is None and self.sums is None:
-            return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
-        H, W = x.shape[-2:]
-        G = self.num_groups
-        g = x.float().permute(0, 2, 3, 1).reshape(B, H * W, G, C // G)  # (B, H W, G, C/G); a view when channels-last
-        if self.sums is not None:   # add this tile's sums over the pixels it owns (`mask`, at input resolution)
-            m = F.interpolate(self.mask[None, None], size=(H, W), mode="nearest").reshape(1, H * W, 1, 1)
-            n, s1, s2 = self.sums
-            self.sums = [n + m.sum().double() * g.shape[3], s1 + (g * m).sum((1, 3)).double(),
-                         s2 + (g * g * m).sum((1, 3)).double()]                        # (B, G)
-        if self.stats is not None:
-            mean, var = self.stats
-        else:
-            var, mean = torch.var_mean(g, dim=(1, 3), unbiased=False)   # (B, G)
-        y = (g - mean[:, None, :, None]) * torch.rsqrt(var[:, None, :, None] + self.eps)
-        y = y.reshape(B, H, W, C).permute(0, 3, 1, 2)                   # (B, C, H, W), channels-last
-        return (y * w.view(1, C, 1, 1) + b.view(1, C, 1, 1)).to(x.dtype)
+def decode(vae, z, tile=None, overlap=None, tile_norm="tiles", **kw):
+    """vae.decode(z, **kw), its up levels and output head on tiles of `tile` latents."""
+    H, W = (n * vae.cfg.factor for n in z.shape[-2:])
+    plan = tile_plan(vae.cfg, H, W, tile, overlap, DECODE_TILE, DECODE_OVERLAP, 1)
+    with _tiled(vae.decoder, plan, tile_norm, vae.decoder.up, vae.decoder.norm_out):
+        return vae.decode(z, **kw)
+
+
+def tile_plan(cfg, H, W, tile, overlap, default_tile, default_overlap, multiple):
+    """(tile, overlap) for an H x W image, or None for one untiled pass. tile=None: automatic, by the
+    elements of one activation of the first level (at latent resolution for a patch VAE); 0: never."""
+    if tile == 0 or (tile is None and (H // cfg.patch) * (W // cfg.patch) * cfg.channels[0] <= TILE_AUTO_ELEMENTS):
+        return None
+    tile = default_tile if tile is None else tile
+    if overlap is None:
+        overlap = default_overlap if tile == default_tile else tile // 4 // multiple * multiple
+    if tile % multiple or overlap % multiple:
+        raise ValueError(f"tile {tile} and overlap {overlap} must be multiples of {multiple}")
+    return tile, overlap
+
+
+@contextmanager
+def _tiled(part, plan, tile_norm, *holders):
+    """Inside the block part.body (the encoder's or decoder's full-resolution levels) runs on the tiles
+    of `plan` (None: as it is), the GroupNorms within `holders` sharing statistics, without a graph."""
+    body, norms = part.body, [m for h in holders for m in h.modules() if isinstance(m, nn.GroupNorm)]
+    tiled = {part: lambda x: run_tiled(body, norms, x, *plan, tile_norm)} if plan else {}
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not plan), _hidden("body", tiled):
+        yield
+
+
+@contextmanager
+def _hidden(name, values):
+    """Inside the block each module m in `values` has the attribute `name` = values[m], which hides
+    the method of that name: vae.py's modules stay plain, their tiled behaviour lives here."""
+    for m, v in values.items():
+        setattr(m, name, v)
+    try:
+        yield
+    finally:
+        for m in values:
+            delattr(m, name)
+
+
+def _group_norm(m, x, stats):
+    """GroupNorm m of x, in fp32, by the statistics stats = (mean, var), each (B, G)."""
+    mean, var = (s[:, None, :, None] for s in stats)
+    g = x.float().permute(0, 2, 3, 1).flatten(1, 2).unflatten(2, (m.num_groups, -1))   # (B, H W, G, C / G)
+    y = ((g - mean) * torch.rsqrt(var + m.eps)).flatten(2).unflatten(1, x.shape[-2:]).permute(0, 3, 1, 2)
+    return (y * m.weight.float()[:, None, None] + m.bias.float()[:, None, None]).to(x.dtype)
 
 
 def tile_starts(n, tile, overlap):
@@ -59,112 +91,82 @@ def tile_starts(n, tile, overlap):
     return list(range(0, n - tile, tile - overlap)) + [n - tile]
 
 
+def tile_grid(H, W, tile, overlap):
+    """The (rows, cols) slices of every tile of an H x W image, all of one size."""
+    return [(slice(y, y + min(tile, H)), slice(x, x + min(tile, W)))
+            for y in tile_starts(H, tile, overlap) for x in tile_starts(W, tile, overlap)]
+
+
 def _ramp(n, start, size, overlap):
     """1-D blending weight of a tile: rises over `overlap` where another tile precedes it and
     falls where one follows; never zero, so the weights of all tiles sum to > 0 everywhere."""
-    w = torch.ones(size)
-    if overlap > 0:
-        r = (torch.arange(overlap) + 0.5) / overlap
-        if start > 0:
-            w[:overlap] = torch.minimum(w[:overlap], r)
-        if start + size < n:
-            w[-overlap:] = torch.minimum(w[-overlap:], r.flip(0))
+    w, i = torch.ones(size), torch.arange(size) + 0.5
+    if overlap and start > 0:
+        w = torch.minimum(w, i / overlap)
+    if overlap and start + size < n:
+        w = torch.minimum(w, i.flip(0) / overlap)
     return w
 
 
-def _owned(n, starts, size):
-    """Per tile along one axis, the interval [a, b) of pixels it owns: overlaps split in the middle,
-    so every pixel is counted once, as far from tile edges as possible."""
-    cuts = [0] + [(s + p + size) // 2 for p, s in zip(starts, starts[1:])] + [n]
-    return list(zip(cuts, cuts[1:]))
+def _owned(n, tile, overlap):
+    """Per tile along an axis of length n, its offset and the slice of it that it owns: overlaps
+    split in the middle, so every pixel counts once, as far from tile edges as possible."""
+    starts = tile_starts(n, tile, overlap)
+    cuts = [0] + [(s + p + tile) // 2 for p, s in zip(starts, starts[1:])] + [n]
+    return [(s, slice(a - s, b - s)) for s, a, b in zip(starts, cuts, cuts[1:])]
 
 
-@contextmanager
-def _shared_norm_stats(net, norms, mode, x, tile, overlap):
-    """Inside the block the GroupNorms `norms` of `net` use statistics estimated over all of x.
+def _shared_stats(net, norms, x, tile, overlap):
+    """{m: (mean, var)}, each (B, G): the statistics of the GroupNorms `norms` in net over all of x,
+    from one pass over every tile (normalised with its own) in which each sums over the pixels the
+    tile owns. (A second such pass, normalised with the first's estimate, made the decoder worse.)"""
+    sums = {m: (0, 0, 0) for m in norms}   # pixels, sum, sum of squares: (B, G) in fp64
 
-    "tiles": one pass over every tile (normalised with its own statistics), each GroupNorm summing
-    over the pixels the tile owns (a second such pass, normalised with the first's estimate, made
-    the decoder worse). "down": one pass on x shrunk to a single tile. "local": no sharing.
-    """
-    if mode not in ("tiles", "down", "local"):
-        raise ValueError(f"tile_norm must be 'tiles', 'down' or 'local', got {mode!r}")
-    H, W = x.shape[-2:]
-    try:
-        if mode != "local":
-            for m in norms:
-                m.sums = [0, 0.0, 0.0]
-            if mode == "tiles":
-                rows, cols = tile_starts(H, tile, overlap), tile_starts(W, tile, overlap)
-                for y0, (ya, yb) in zip(rows, _owned(H, rows, tile)):
-                    for x0, (xa, xb) in zip(cols, _owned(W, cols, tile)):
-                        crop = x[..., y0:y0 + tile, x0:x0 + tile]
-                        own = torch.zeros(crop.shape[-2:], device=x.device)
-                        own[ya - y0:yb - y0, xa - x0:xb - x0] = 1
-                        for m in norms:
-                            m.mask = own
-                        net(crop)
-            else:
-                k = max(H, W) / tile
-                small = F.interpolate(x, size=(math.ceil(H / k), math.ceil(W / k)), mode="area")
-                for m in norms:
-                    m.mask = torch.ones(small.shape[-2:], device=x.device)
-                net(small)
-            for m in norms:
-                n, s1, s2 = m.sums
-                mean = s1 / n
-                m.stats, m.sums, m.mask = (mean.float(), (s2 / n - mean * mean).clamp_min(0).float()), None, None
-        yield
-    finally:
-        for m in norms:
-            m.stats, m.sums, m.mask = None, None, None
+    def record(m, t):   # t normalised by its own statistics; its sums over the pixels in `own` added
+        g = t.float().permute(0, 2, 3, 1).flatten(1, 2).unflatten(2, (m.num_groups, -1))   # (B, H W, G, C / G)
+        k = F.interpolate(own[None, None], size=t.shape[-2:], mode="nearest").reshape(1, -1, 1, 1)
+        new = k.sum().double() * g.shape[3], (g * k).sum((1, 3)).double(), (g * g * k).sum((1, 3)).double()
+        sums[m] = [a + b for a, b in zip(sums[m], new)]
+        return _group_norm(m, t, torch.var_mean(g, dim=(1, 3), unbiased=False)[::-1])
+
+    with _hidden("forward", {m: partial(record, m) for m in norms}):
+        for y0, ys in _owned(x.shape[-2], tile, overlap):
+            for x0, xs in _owned(x.shape[-1], tile, overlap):
+                crop = x[..., y0:y0 + tile, x0:x0 + tile]
+                own = torch.zeros(crop.shape[-2:], device=x.device)   # read by record
+                own[ys, xs] = 1
+                net(crop)
+    moments = {m: (s1 / n, s2 / n) for m, (n, s1, s2) in sums.items()}   # E[x], E[x^2]
+    return {m: (e1.float(), (e2 - e1 * e1).clamp_min(0).float()) for m, (e1, e2) in moments.items()}
 
 
-@torch.no_grad()   # tiling is for inference: no graph through the tiles
-def run_tiled(net, norms, x, tile, overlap, tile_norm=TILE_NORM):
-    """net(x) computed on overlapping square tiles of side `tile` (in x's pixels) and blended.
-
-    net maps (B, C, H, W) to (B, C', r H, r W) for a fixed ratio r; tile offsets must map to
-    whole output pixels (the callers keep them multiples of the VAE factor). `norms`: the
-    GroupNorms inside net, whose statistics tile_norm shares across tiles. Output in fp32.
-    """
+def run_tiled(net, norms, x, tile, overlap, tile_norm="tiles"):
+    """net(x) on overlapping square tiles of side `tile` (in x's pixels), blended; in fp32. net maps
+    (B, C, H, W) to (B, C', r H, r W), every tile offset to a whole output pixel. `norms`: the GroupNorms
+    in net, sharing statistics across tiles (tile_norm "tiles") or each tile its own ("local")."""
+    if not 0 <= overlap < tile or tile_norm not in ("tiles", "local"):
+        raise ValueError(f"tile {tile}, overlap {overlap}, tile_norm {tile_norm!r}: "
+                         "need 0 <= overlap < tile and tile_norm 'tiles' or 'local'")
     B, _, H, W = x.shape
-    if not 0 <= overlap < tile:
-        raise ValueError(f"need 0 <= overlap < tile, got tile {tile}, overlap {overlap}")
-    th, tw = min(tile, H), min(tile, W)
-    tiles = [(..., slice(y0, y0 + th), slice(x0, x0 + tw))
-             for y0 in tile_starts(H, tile, overlap) for x0 in tile_starts(W, tile, overlap)]
+    tiles = tile_grid(H, W, tile, overlap)
     if len(tiles) == 1:   # fits in one tile: the untiled computation, no statistics pass
         return net(x).float()
+    stats = _shared_stats(net, norms, x, tile, overlap) if tile_norm == "tiles" else {}
     out = weight = None
-    with _shared_norm_stats(net, norms, tile_norm, x, tile, overlap):
-        for crop in tiles:
-            y = net(x[crop]).float()                                     # (B, C', r th, r tw)
-            r = y.shape[-1] / tw
+    with _hidden("forward", {m: partial(_group_norm, m, stats=s) for m, s in stats.items()}):
+        for rows, cols in tiles:
+            y = net(x[..., rows, cols]).float()                          # (B, C', r th, r tw)
+            r = y.shape[-1] / (cols.stop - cols.start)
             if out is None:
                 out = y.new_zeros(B, y.shape[1], round(H * r), round(W * r))
                 weight = y.new_zeros(round(H * r), round(W * r))
-            y0, x0, o = round(crop[1].start * r), round(crop[2].start * r), round(overlap * r)
-            w = _ramp(out.shape[-2], y0, y.shape[-2], o)[:, None] * _ramp(out.shape[-1], x0, y.shape[-1], o)
+            y0, x0, o = round(rows.start * r), round(cols.start * r), round(overlap * r)
+            w = torch.outer(_ramp(out.shape[-2], y0, y.shape[-2], o), _ramp(out.shape[-1], x0, y.shape[-1], o))
             w = w.to(y.device)
             region = (..., slice(y0, y0 + y.shape[-2]), slice(x0, x0 + y.shape[-1]))
             out[region] += y * w                                         # (r th, r tw) weights
             weight[region] += w
     return out / weight
-
-
-
-def tile_plan(tile, overlap, default_tile, default_overlap, elements, multiple):
-    """(tile, overlap) to use, or None for one untiled pass. tile=None: automatic (by the
-    elements of one full-resolution activation); 0: never."""
-    if tile == 0 or (tile is None and elements <= TILE_AUTO_ELEMENTS):
-        return None
-    tile = default_tile if tile is None else tile
-    if overlap is None:
-        overlap = default_overlap if tile == default_tile else tile // 4 // multiple * multiple
-    if tile % multiple or overlap % multiple:
-        raise ValueError(f"tile {tile} and overlap {overlap} must be multiples of {multiple}")
-    return tile, overlap
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,10 +215,7 @@ class TiledNet:
         return max(1, min(TILE_BATCH_MAX, int(free_memory(x.device) / 4 // per_tile)))
 
     def tiles(self, H, W):
-        """The (rows, cols) slices of every tile of an H x W latent (all of one size)."""
-        T = self.tile
-        return [(slice(y, y + min(T, H)), slice(x, x + min(T, W)))
-                for y in tile_starts(H, T, self.overlap) for x in tile_starts(W, T, self.overlap)]
+        return tile_grid(H, W, self.tile, self.overlap)
 
     def __call__(self, x, sigma, pooled, context, lr=None, sigma_s=None):
         tiles = self.tiles(*x.shape[-2:])

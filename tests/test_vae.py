@@ -120,11 +120,11 @@ def _vae_compare(ref, ours, size):
     z = torch.randn(1, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         post = ref.encode(x).latent_dist
-        mean, logvar = ours.moments(x, tile=0)
-        sample = ours.encode(x, torch.Generator().manual_seed(3), sample=True, tile=0)
+        mean, logvar = ours.moments(x)
+        sample = ours.encode(x, torch.Generator().manual_seed(3), sample=True)
         ref_sample = post.sample(torch.Generator().manual_seed(3))
         image, ref_image = ours.decoder(z), ref.decode(z).sample
-        decoded = ours.decode((z - 0.0609) * 1.5305, tile=0)
+        decoded = ours.decode((z - 0.0609) * 1.5305)
     # 2e-5 per unit of each output's range: fp32 rounding through the encoder grows with the values
     # and with fewer threads (on 1 thread: 1.2e-5 on a mean of size 1.3; on 2: 6e-6)
     close = lambda a, ref: (a - ref).abs().max() < 2e-5 * max(1.0, ref.abs().max().item())   # noqa: E731
@@ -178,9 +178,6 @@ def test_vae_patch_config_round_trips_and_is_read_from_shapes(tmp_path):
     with pytest.raises(ValueError, match="no patch"):
         save_vae_diffusers(vae, str(tmp_path / "pipe"))
     assert not (tmp_path / "pipe").exists()                       # refused before writing anything
-    # tiling is decided by the first level's activation: at latent resolution for the patch VAE
-    assert vae._first_level_elements(512, 512) == 128 * 128 * 64
-    assert V.VAE(_VAE_X4)._first_level_elements(512, 512) == 512 * 512 * 32
 
 
 def _vae_same(a, b):
@@ -285,13 +282,13 @@ def _vae_tiled_errors(kind, tile_norm, cfg=_VAE_X4):
     x = _vae_image(256)
     with torch.no_grad():
         if kind == "encode":
-            ref = vae.encode(x, tile=0)
-            out = vae.encode(x, tile=128, overlap=32, tile_norm=tile_norm)
+            ref = vae.encode(x)
+            out = tiling.encode(vae, x, tile=128, overlap=32, tile_norm=tile_norm)
             starts, tile, r = tiling.tile_starts(256, 128, 32), 128, 1 / 4
         else:
-            z = vae.encode(x, tile=0)
-            ref = vae.decode(z, tile=0, clamp=False)
-            out = vae.decode(z, tile=32, overlap=8, tile_norm=tile_norm, clamp=False)
+            z = vae.encode(x)
+            ref = vae.decode(z, clamp=False)
+            out = tiling.decode(vae, z, tile=32, overlap=8, tile_norm=tile_norm, clamp=False)
             starts, tile, r = tiling.tile_starts(64, 32, 8), 32, 4
     err = (out - ref).abs()
     return err.max().item(), err.mean().item() / ref.abs().mean().item(), _vae_band_ratio(err, starts, tile, r)
@@ -303,18 +300,18 @@ def test_vae_outputs_are_plain_contiguous_tensors():
     vae = _vae_tiny()
     x = torch.rand(1, 3, 64, 64) * 2 - 1
     with torch.no_grad():
+        assert all(t.is_contiguous() for t in vae.moments(x))
         for tile in (0, 32, 64):   # untiled, 2 x 2 tiles, one tile through run_tiled
-            z = vae.encode(x, tile=tile)
-            mean, logvar = vae.moments(x, tile=tile)
-            y = vae.decode(z, tile=tile // 4)
-            assert all(t.is_contiguous() for t in (z, mean, logvar, y)), tile
+            z = tiling.encode(vae, x, tile=tile)
+            y = tiling.decode(vae, z, tile=tile // 4)
+            assert z.is_contiguous() and y.is_contiguous(), tile
 
 
 @pytest.mark.parametrize("kind,max_bound,rel_mean_bound,band_bound,cfg", [
     ("encode", 0.65, 0.09, 1.5, _VAE_X4), ("decode", 0.65, 0.12, 1.5, _VAE_X4),
     ("encode", 0.2, 0.03, 2.5, V.CONFIGS["tiny"]), ("decode", 0.3, 0.03, 1.5, V.CONFIGS["tiny"])])
 def test_vae_tiled_is_close_to_untiled_without_seams(kind, max_bound, rel_mean_bound, band_bound, cfg):
-    """Bounds measured on random small weights (see the report in vae.py): 3 x 3 tiles on 256 px,
+    """Bounds measured on random small weights (docs/modules.md): 3 x 3 tiles on 256 px,
     where per-tile GroupNorm statistics ("local") are clearly worse than shared ones. Measured:
     x4 structure encode max 0.26, mean 3.4 %, border / elsewhere 1.49; decode 0.33, 5.7 %, 0.92;
     the patch VAE encode 0.13, 1.6 %, 1.86 (a ratio of a smaller error: its 32 px overlap is only
@@ -328,12 +325,32 @@ def test_vae_tiled_is_close_to_untiled_without_seams(kind, max_bound, rel_mean_b
 
 
 def test_vae_tile_plan_is_automatic_above_the_limit():
-    assert tiling.tile_plan(None, None, 512, 128, 1024 * 1024 * 128, 8) is None
-    assert tiling.tile_plan(None, None, 512, 128, 1024 * 1024 * 128 + 1, 8) == (512, 128)
-    assert tiling.tile_plan(0, None, 512, 128, 4096 * 4096, 8) is None
-    assert tiling.tile_plan(256, None, 512, 128, 64, 8) == (256, 64)
+    sd3, tiny = V.CONFIGS["sd3"], V.CONFIGS["tiny"]
+    plan = lambda cfg, H, W, tile=None: tiling.tile_plan(cfg, H, W, tile, None, 512, 128, 8)   # noqa: E731
+    assert plan(sd3, 1024, 1024) is None                      # 1024 * 1024 * 128 first-level elements: the limit
+    assert plan(sd3, 1024, 1032) == (512, 128)
+    # the patch VAE's first level works at latent resolution (4 x 4 patches, 64 channels)
+    assert plan(tiny, 4096, 8192) is None and plan(tiny, 4096, 8200) == (512, 128)
+    assert plan(sd3, 4096, 4096, tile=0) is None
+    assert plan(sd3, 64, 64, tile=256) == (256, 64)
     with pytest.raises(ValueError, match="multiples of 8"):
-        tiling.tile_plan(100, None, 512, 128, 64, 8)
+        plan(sd3, 64, 64, tile=100)
+
+
+def test_vae_tiled_by_default_above_the_limit_and_left_plain(monkeypatch):
+    """tiling.encode / decode tile by themselves above TILE_AUTO_ELEMENTS (here made 0), with the
+    default tiles; afterwards the VAE's modules are plain again (no hidden body or forward left)."""
+    vae = _vae_tiny()
+    x = _vae_image(64)
+    monkeypatch.setattr(tiling, "TILE_AUTO_ELEMENTS", 0)
+    for name, value in (("ENCODE_TILE", 32), ("ENCODE_OVERLAP", 8), ("DECODE_TILE", 8), ("DECODE_OVERLAP", 2)):
+        monkeypatch.setattr(tiling, name, value)
+    with torch.no_grad():
+        z = tiling.encode(vae, x)
+        assert torch.equal(z, tiling.encode(vae, x, tile=32, overlap=8)) and not torch.equal(z, vae.encode(x))
+        y = tiling.decode(vae, z)
+        assert torch.equal(y, tiling.decode(vae, z, tile=8, overlap=2)) and not torch.equal(y, vae.decode(z))
+    assert not any({"body", "forward"} & vars(m).keys() for m in vae.modules())
 
 
 def test_vae_blending_weights_sum_to_one_and_untouched_tiles_reproduce_the_input():
@@ -341,6 +358,8 @@ def test_vae_blending_weights_sum_to_one_and_untouched_tiles_reproduce_the_input
     x = torch.randn(2, 3, 40, 56)
     out = tiling.run_tiled(lambda t: t, [], x, 16, 6, "local")
     assert (out - x).abs().max() < 1e-6
+    with pytest.raises(ValueError, match="tile_norm 'tiles' or 'local'"):
+        tiling.run_tiled(lambda t: t, [], x, 16, 6, "down")
     w = sum(tiling._ramp(56, s, 16, 6) for s in tiling.tile_starts(56, 16, 6))
     assert w.min() > 0.5
 
