@@ -43,7 +43,7 @@ from plumbing.cli import add_flags, flag, peak_memory_mb
 
 @dataclass
 class TrainConfig:
-    """Every setting of a run; each is a flag (but CODE_ONLY) and its help text is the second argument."""
+    """Every setting of a run; each is a flag and its help text is the second argument."""
     stage: str = flag("distill", "distill (MFSR) | teacher (rectified flow)")
     preset: str = flag("full", "full (SD3.5-medium / DiT4SR, 512 crops) | tiny (CPU)")
     data: str = flag("", "folder(s) of HR images, comma-separated, searched recursively")
@@ -56,14 +56,19 @@ class TrainConfig:
     null_emb: str = flag("", "safetensors with context / pooled of the empty prompt")
     neg_emb: str = flag("", "... of the negative prompt (Eq. 11)")
     prompt_emb: str = flag("", "... for images without their own embedding file (else the null)")
-    neg_prob: float = flag(0.0, "teacher stage: share of rows taught: negative prompt -> the LR latent")
-    clean_prob: float = flag(0.0, "share of pairs whose LR is the plain bicubic x4 (degrade.bicubic_down)")
+    neg_prob: float = flag(0.0, "teacher stage: share of rows given the negative prompt and the LR latent as their "
+                                "target, so that prompt comes to mean 'low-res' (where no text encoder says so)")
+    clean_prob: float = flag(0.0, "share of pairs whose LR is the plain bicubic x4 (degrade.bicubic_down), not a "
+                                  "Real-ESRGAN degradation")
     plain_gt: bool = flag(False, "supervise with the HR crop itself, not Real-ESRGAN's USM-sharpened one")
-    cache_latents: int = flag(0, "> 0: encode this many pairs once and train on them (no per-step VAE)")
+    cache_latents: int = flag(0, "> 0: encode this many pairs once and train on them (no per-step VAE: fast where "
+                                 "the VAE dominates a step)")
     size: int = flag(0, "HR crop; 0 = 512 (full) / 64 (tiny)")
-    depth: int = flag(0, "tiny teacher from scratch: joint blocks (0: model.CONFIGS['tiny']'s)")
-    heads: int = flag(0, "... and heads of 64 channels (0: the tiny config's); a size scan")
-    prediction: str = flag("v", "... and its output: v (SD3's eps - x0) or x (x0 - z_LR, mfsr.py's top)")
+    depth: int = flag(0, "a tiny teacher trained from scratch (--preset tiny --stage teacher, no --teacher): "
+                         "its joint blocks (0: model.CONFIGS['tiny']'s)")
+    heads: int = flag(0, "that teacher's heads of 64 channels (0: the tiny config's)")
+    prediction: str = flag("v", "that teacher's output: v (SD3's eps - x0) or x (x0 - z_LR, mfsr.py's convention "
+                                "block); a student inherits its teacher's")
     batch: int = flag(10, "per process (paper: 80 over 8 GPUs)")
     steps: int = flag(12000, "App. B: 12K iterations")
     lr: float = flag(5e-5, "Adam (distill, App. B); teacher stage: AdamW like DiT4SR")
@@ -338,16 +343,13 @@ def anchor_loss(student, teacher, c, c_neg, cfg, g):
 
 
 # --------------------------------------------------------------------------------------------
-# The command line: every TrainConfig field is a flag (but CODE_ONLY), with flag()'s help text
+# The command line: every TrainConfig field is a flag, with flag()'s help text
 
 
 CHOICES = dict(stage=("distill", "teacher"), preset=("full", "tiny"), target=("gt", "meanflow", "null", "neg"),
                loss=tuple(mfsr.LOSSES), mode=("split", "fused"), dtype=("auto", "bf16", "fp16", "fp32"),
                teacher_mode=("v1", "r1"), lr_decay=("none", "cosine"), prediction=("v", "x"),
                time_pairs=mfsr.TIME_PAIRS)
-# Settings only the miniature and the sweeps use (experiments/): they pass them to main() in code,
-# and the command line, which a full-scale run reads, does not carry them.
-CODE_ONLY = ("cache_latents", "clean_prob", "plain_gt", "neg_prob", "depth", "heads", "prediction")
 FLAG_GROUPS = {   # --help's sections, each flag in one
     "data": ("data", "size", "null_emb", "neg_emb", "prompt_emb"),
     "model": ("preset", "ckpt", "teacher", "teacher_mode", "vae", "untrained_vae", "lora_rank", "time_scale",
@@ -359,26 +361,22 @@ FLAG_GROUPS = {   # --help's sections, each flag in one
                              "diagnose_every", "sample_every"),
     "distributed and speed (torchrun runs one process per GPU; every flag is per process)":
         ("dtype", "compile", "grad_ckpt", "mode", "workers", "profile_phases"),
+    "miniature and extensions (experiments/ sets them; the paper's run leaves them at their defaults)":
+        ("cache_latents", "clean_prob", "plain_gt", "neg_prob", "depth", "heads", "prediction"),
 }
 
 
-def parse_args(argv=None, **code_only):
-    """The TrainConfig of the command line `argv`, with the CODE_ONLY settings given as keywords."""
-    unknown = set(code_only) - set(CODE_ONLY)
-    if unknown:
-        raise TypeError(f"parse_args: {', '.join(sorted(unknown))}: not among train.CODE_ONLY "
-                        f"({', '.join(CODE_ONLY)}); the other settings are flags in argv")
+def parse_args(argv=None):
+    """The TrainConfig of the command line `argv` (default: sys.argv[1:]), checked."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                 epilog="Every flag is a field of train.TrainConfig; the resolved config is "
                                        "printed and stored in every checkpoint.")
     add_flags(p, TrainConfig, FLAG_GROUPS, CHOICES)
     args = p.parse_args(argv)
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in CODE_ONLY},
-                      **code_only)
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
-            flag = name if name in CODE_ONLY else "--" + name.replace("_", "-")
-            p.error(f"{flag} {getattr(cfg, name)!r}: choose from {', '.join(allowed)}")
+            p.error(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose from {', '.join(allowed)}")
     if not cfg.data:
         p.error("--data is required (a folder of HR images)")
     if cfg.mode == "fused" and cfg.grad_ckpt and not cfg.compile:
@@ -399,10 +397,10 @@ def parse_args(argv=None, **code_only):
         p.error(f"--time-shift {cfg.time_shift}: must be > 0 (SD3's sigma shift; 1 is none)")
     if (cfg.depth or cfg.heads or cfg.prediction != "v") and not (cfg.preset == "tiny" and cfg.stage == "teacher"
                                                                  and not cfg.teacher):
-        p.error("depth / heads / prediction shape a tiny teacher trained from scratch (--preset tiny --stage "
+        p.error("--depth / --heads / --prediction shape a tiny teacher trained from scratch (--preset tiny --stage "
                 "teacher, no --teacher); other models take theirs from their checkpoint")
     if cfg.depth < 0 or cfg.heads < 0:
-        p.error(f"depth {cfg.depth}, heads {cfg.heads}: must be positive")
+        p.error(f"--depth {cfg.depth}, --heads {cfg.heads}: must be >= 0 (0: the tiny config's)")
     if cfg.size % 32:
         p.error(f"--size {cfg.size}: must be a multiple of 32 (x4 LR, latent patches)")
     out = os.path.realpath(cfg.out)
@@ -446,10 +444,10 @@ def update(cfg, net, opt, ema, trainable, sync, step, clock):
     return gnorm
 
 
-def main(argv=None, **code_only):
-    """The run (code_only: the CODE_ONLY settings): models, optimizer and data, then per step a batch,
-    the stage's loss over --accum micro-batches, the update, the log, progress grids and checkpoints."""
-    cfg = parse_args(argv, **code_only)
+def main(argv=None):
+    """The run of the command line `argv`: models, optimizer and data, then per step a batch, the
+    stage's loss over --accum micro-batches, the update, the log, progress grids and checkpoints."""
+    cfg = parse_args(argv)
     ddp = "RANK" in os.environ     # under torchrun: one process per GPU
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":      # before NCCL starts: else every rank's communicator and caches sit on GPU 0

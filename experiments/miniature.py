@@ -4,6 +4,7 @@
     apt-get install $(python experiments/miniature.py --packages)     # Debian packages that ship photographs
     python experiments/miniature.py                 # data -> tiny VAE -> teacher -> CFG scan -> student (+ the
                                         # gt-target ablation) -> weights/mfsr-tiny/; resumes where it stopped
+    python experiments/miniature.py --print-stages  # the same, as shell commands: `python train.py ...` per stage
     python experiments/bench.py quality             # the README tables and figure, from weights/mfsr-tiny/
     python experiments/sweeps.py --ablations        # the paper's ablations from the trained teacher -> docs/ablations.md
     python experiments/sweeps.py --size-scan        # teachers of other sizes, 40-step quality -> docs/model_size.md
@@ -52,18 +53,19 @@ import csv
 import glob
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import fields
 
 import numpy as np
 import torch
 from PIL import Image
 from safetensors import safe_open
 
-sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the core files at the root
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, ROOT)                                              # the core files at the root
 
 import model
 import metrics
@@ -99,9 +101,9 @@ CONTEXT_LEN = 4                      # tokens of the miniature's prompt embeddin
 CFG_SCALES = (1.0, 1.25, 1.5, 2.0, 3.0)
 CFG_TOLERANCE_DB = 0.3               # the largest scale within this PSNR of the best one is taken
 
-# (stage name, train.py arguments); {size}, {runs}, {w} filled in by run(); steps and cached pairs
-# scaled by --scale. The flags of train.CODE_ONLY reach train.main as keywords (split_code_only).
-# "vae", "cfg" and "decoder" are not train.py runs: VAE_RECIPE, scan_cfg, tune_decoder.
+# (stage name, train.py flags); {size}, {runs}, {w} filled in by stage_flags; steps and cached pairs
+# scaled by --scale (stage_argv). "vae", "cfg" and "decoder" are not train.py runs: VAE_RECIPE,
+# scan_cfg, tune_decoder.
 # The teacher keeps SD3.5's --time-shift 3 although a 32^2 latent (256 tokens) is SD3's unshifted
 # case: shift 1 trains small sigma more and denoises better there, but its samples came out sharper
 # and less faithful, 0.7-1.0 dB lower at 40 steps on the held-out set (docs/benchmarks.md).
@@ -221,14 +223,23 @@ def run(runs, scale=1.0, only=None, workers=2):
         if name == "decoder":
             tune_decoder(runs, scale)
             continue
-        w = mfsr.eq11_w(chosen_cfg(runs)) if "{w}" in args else None
-        train_stage(runs, name, args.format(runs=runs, size=TRAIN_SIZE, w=w).split(), out, scale, workers)
+        train_stage(runs, name, stage_flags(runs, args), out, scale, workers)
 
 
-def train_stage(runs, name, argv, out, scale=1.0, workers=2):
-    """One train.py run into `out` (resumed if it has checkpoints), its steps, warm-up and cached
-    pairs scaled by `scale`; then out/final and the minutes it took (summed over resumptions)."""
-    argv = list(argv)
+def stage_flags(runs, args, w=None):
+    """A train.py stage of STAGES as a list of flags, {runs}, {size} and {w} filled in; w (Eq. 11's,
+    the cfg stage's scale - 1) read from the cfg stage's result unless given. Split before filling in,
+    so a --runs folder with spaces stays one argument."""
+    if w is None and "{w}" in args:
+        w = mfsr.eq11_w(chosen_cfg(runs))
+    return [a.format(runs=runs, size=TRAIN_SIZE, w=w) for a in args.split()]
+
+
+def stage_argv(runs, flags, out, scale=1.0, workers=2):
+    """The train.py command line of a stage run into `out`: its flags with steps, warm-up and cached
+    pairs scaled by `scale`, then the miniature's data, embeddings, output and logging, and --resume
+    if `out` has checkpoints. train_stage runs it and --print-stages prints it: one recipe."""
+    argv = list(flags)
     steps = max(2, round(int(argv[argv.index("--steps") + 1]) * scale))
     argv[argv.index("--steps") + 1] = str(steps)
     for flag, least in (("--cache-latents", 16), ("--warmup", 1)):   # a smoke run: fewer pairs, steps
@@ -243,16 +254,63 @@ def train_stage(runs, name, argv, out, scale=1.0, workers=2):
              "--neg-emb", f"{emb}/neg.safetensors"]
     if glob.glob(os.path.join(out, "ckpt-*[0-9]")):
         argv.append("--resume")
+    return argv
+
+
+def train_stage(runs, name, flags, out, scale=1.0, workers=2):
+    """One train.py run into `out` (stage_argv: resumed if it has checkpoints); then out/final and
+    the minutes it took (summed over resumptions)."""
+    argv = stage_argv(runs, flags, out, scale, workers)
     shared = os.path.join(runs, "teacher", "latents-0.safetensors")   # same pairs for every stage
     if "--cache-latents" in argv and os.path.exists(shared) and not os.path.exists(f"{out}/latents-0.safetensors"):
         os.makedirs(out, exist_ok=True)
         os.link(shared, os.path.join(out, "latents-0.safetensors"))
-    argv, code_only = split_code_only(argv)
-    print(f"== {name}: train.main({' '.join(argv)}, {code_only})", flush=True)
+    print(f"== {name}: python train.py {shlex.join(argv)}", flush=True)
     with _minutes(out):
-        train.main(argv, **code_only)
+        train.main(argv)
     _final(out)
     _write_minutes(out, os.path.join(out, "final"))
+
+
+# What the stages that are not train.py runs do (--print-stages says it beside their command).
+OWN_STAGES = {"vae": "the tiny VAE (tiny_vae.train_vae with VAE_RECIPE)",
+              "cfg": "the teacher's CFG scale (scan_cfg), whose Eq. 11 w the student's --cfg-w is",
+              "decoder": "the VAE's decoder tuned on noisy latents (tune_decoder)"}
+
+
+def print_stages(runs, scale=1.0, only=None, workers=2, ship=True):
+    """--print-stages: the run `miniature.py --runs runs --scale scale` would make, as shell commands,
+    one per stage: for a train.py stage the command line train_stage gives train.main (stage_argv),
+    for the others this script limited to that stage. Pasted in order, they make the same run."""
+    script = ["python", os.path.relpath(os.path.abspath(__file__)), "--runs", runs, "--scale", f"{scale:g}"]
+    known = os.path.exists(os.path.join(runs, "cfg", "final", "cfg.json"))
+    w = mfsr.eq11_w(chosen_cfg(runs)) if known else "<w>"
+    print(f"# {shlex.join(script)}, one command per stage, to paste in order. Each run of the script\n"
+          "# writes the photographs and prompt embeddings first; it trains on two threads, as train.py will with:")
+    print("export OMP_NUM_THREADS=2")
+    for name, args in STAGES:
+        if only and name not in only:
+            continue
+        out = os.path.join(runs, name)
+        done = " (done: the miniature skips it)" if os.path.exists(os.path.join(out, "final")) else ""
+        if not args:
+            print(f"# {name}{done}: {OWN_STAGES[name]}; not a train.py run: this script runs it")
+            print(shlex.join(script + ["--only", name, "--no-ship"]))
+            continue
+        argv = stage_argv(runs, stage_flags(runs, args, w), out, scale, workers)
+        notes = [f"{name}{done}"]
+        if "{w}" in args and not known:
+            notes.append("<w> is Eq. 11's w, the cfg stage's scale - 1: that stage prints it "
+                         "(or print these commands again once it has run)")
+        if "--cache-latents" in argv and name != "teacher":
+            notes.append(f"the miniature links {runs}/teacher/latents-0.safetensors into {out} first: "
+                         "the same pairs, not encoded again")
+        print("# " + "\n#   ".join(notes))
+        print(shlex.join(["python", os.path.relpath(os.path.join(ROOT, "train.py")), *argv]))
+    if ship and not only:
+        print("# ship: every stage done, the miniature copies the models to "
+              + (SHIP + " and writes examples/" if scale == 1.0 else os.path.join(runs, "mfsr-tiny")))
+        print(shlex.join(script))
 
 
 @contextmanager
@@ -274,24 +332,6 @@ def _write_minutes(stage_dir, final):
         total = sum(float(line) for line in f if line.strip())
     with open(os.path.join(final, "minutes.txt"), "w") as f:
         f.write(f"{total:.1f}\n")
-
-
-def split_code_only(argv):
-    """A stage's flags -> (train.py's command line, {train.CODE_ONLY setting: value}): the stages
-    write every setting as a flag, train.main takes the miniature's own settings as keywords."""
-    kinds = {f.name: type(f.default) for f in fields(train.TrainConfig)}
-    flags, code_only, i = [], {}, 0
-    while i < len(argv):
-        name = argv[i][2:].replace("-", "_") if argv[i].startswith("--") else None
-        if name not in train.CODE_ONLY:
-            flags.append(argv[i])
-        elif kinds[name] is bool:
-            code_only[name] = True
-        else:
-            i += 1
-            code_only[name] = kinds[name](argv[i])
-        i += 1
-    return flags, code_only
 
 
 def train_vae(runs, scale=1.0):
@@ -631,9 +671,15 @@ if __name__ == "__main__":
                     + " (with --scale other than 1: to RUNS/mfsr-tiny)")
     ap.add_argument("--packages", action="store_true",
                     help="print the Debian packages the photographs come from (for apt-get install) and exit")
+    ap.add_argument("--print-stages", action="store_true",
+                    help="print the shell commands of this run, one per stage (`python train.py ...` for the "
+                         "transformers' stages), and exit: pasted in order they make the same run")
     a = ap.parse_args()
     if a.packages:
         print(" ".join(sorted(_packages())))
+        sys.exit(0)
+    if a.print_stages:
+        print_stages(a.runs, a.scale, a.only, a.workers, not a.no_ship)
         sys.exit(0)
     torch.set_num_threads(2)
     run(a.runs, a.scale, a.only, a.workers)

@@ -84,8 +84,8 @@ def _check(mode, least):
 
 def test_teacher_step_draws_on_its_generators_device(on_meta, tmp_path):
     teacher, vae = _meta_models()
-    cfg = train.parse_args(_TINY + ["--data", str(tmp_path), "--stage", "teacher", "--caption-dropout", "0.3"],
-                           neg_prob=0.3)
+    cfg = train.parse_args(_TINY + ["--data", str(tmp_path), "--stage", "teacher", "--caption-dropout", "0.3",
+                                    "--neg-prob", "0.3"])
     null, neg = _prompts()
     g = torch.Generator().manual_seed(0)                          # as train.main makes it
     with on_meta:

@@ -4,7 +4,7 @@ import json
 import math
 import os
 import re
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import metrics
+import mfsr
 import miniature
 import model
 import sample
@@ -393,21 +394,69 @@ def test_cutoff_check_on_a_1000_t_teacher(tmp_path):
     assert float(rows[1][6]) < 0.1 * float(rows[0][6])                           # the (0, 1) target: 12.0 -> 0.01
 
 
-def test_every_miniature_stage_is_a_valid_train_run_with_its_code_only_settings_apart():
-    """split_code_only: each train.py stage of miniature.STAGES parses as train.py's command line
-    plus keywords, and the settings it names arrive in the TrainConfig either way."""
+def test_print_stages_gives_train_py_the_configs_the_miniature_trains_with(tmp_path, monkeypatch, capsys):
+    """`miniature.py --print-stages`: each `python train.py` line, split as a shell splits it, parses
+    into the TrainConfig of the train.main call the miniature makes for that stage; every setting its
+    STAGES entry names is in it (steps, warm-up and cached pairs scaled down by --scale 0.5); the other
+    stages are this script limited to them. Without the cfg stage's result the student's w is a
+    placeholder train.py refuses."""
+    import shlex
+    import subprocess
+    import sys
+    runs, scale, workers, cfg_scale = tmp_path / "my runs", 0.5, 3, 2.0     # a space: the quoting must hold
+    (runs / "cfg" / "final").mkdir(parents=True)
+    (runs / "cfg" / "final" / "cfg.json").write_text(json.dumps({"cfg": cfg_scale}))
+    (runs / "emb").mkdir()
+    for e in ("null", "prompt", "neg"):                        # train.py checks that they exist
+        (runs / "emb" / f"{e}.safetensors").touch()
+    done = subprocess.run([sys.executable, "experiments/miniature.py", "--runs", str(runs), "--scale", str(scale),
+                           "--workers", str(workers), "--print-stages"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [shlex.split(line) for line in done.stdout.splitlines() if line and not line.startswith(("#", "export"))]
+    printed = {a[a.index("--out") + 1]: a[2:] for a in lines if a[:2] == ["python", "train.py"]}
+    own = [a for a in lines if a[:2] == ["python", "experiments/miniature.py"]]
+    staged = [name for name, args in miniature.STAGES if args]
+    assert sorted(printed) == sorted(str(runs / n) for n in staged)
+    assert [a[a.index("--only") + 1] for a in own if "--only" in a] == [n for n, a in miniature.STAGES if not a]
+    assert all(a[a.index("--runs") + 1] == str(runs) and float(a[a.index("--scale") + 1]) == scale for a in own)
+
+    ran = {}                                                   # what the miniature hands train.main
+
+    def fake_main(argv):
+        cfg = train.parse_args(argv)
+        ran[cfg.out] = cfg
+        os.makedirs(os.path.join(cfg.out, "ckpt-0000001"))     # for the stage's out/final
+    monkeypatch.setattr(miniature.train, "main", fake_main)
+    monkeypatch.setattr(miniature, "prepare_data", lambda runs: None)
+    miniature.run(str(runs), scale, only=staged, workers=workers)
+    assert sorted(ran) == sorted(printed)
+    defaults = train.TrainConfig()
     for name, args in miniature.STAGES:
         if not args:
             continue
-        argv = args.format(runs="r", size=miniature.TRAIN_SIZE, w=1.0).split()
-        flags, code_only = miniature.split_code_only(argv)
-        assert set(code_only) <= set(train.CODE_ONLY) and not any(a[2:].replace("-", "_") in train.CODE_ONLY
-                                                                   for a in flags if a.startswith("--"))
-        cfg = train.parse_args(flags + ["--data", "d"], **code_only)
-        for k, v in code_only.items():
-            assert getattr(cfg, k) == v and v != getattr(train.TrainConfig, k), (name, k)
-    teacher = dict(miniature.STAGES)["teacher"].split()
-    assert miniature.split_code_only(teacher)[1]["prediction"] == "x"
+        out = str(runs / name)
+        cfg = train.parse_args(printed[out])
+        assert cfg == ran[out], name
+        assert (cfg.out, cfg.workers, cfg.data) == (out, workers, str(runs / "data" / "train"))
+        stage_alone = train.parse_args(["--data", "d"] + [a.format(runs=runs, size=miniature.TRAIN_SIZE,
+                                                                   w=mfsr.eq11_w(cfg_scale)) for a in args.split()])
+        named = {k: v for k, v in asdict(stage_alone).items() if v != getattr(defaults, k) and k != "data"}
+        assert named and "steps" in named, name
+        for k, v in named.items():
+            if k in ("steps", "warmup", "cache_latents"):
+                assert 0 < getattr(cfg, k) < v, (name, k)
+            else:
+                assert getattr(cfg, k) == v, (name, k)
+    assert ran[str(runs / "teacher")].prediction == "x" and ran[str(runs / "student")].cfg_w == mfsr.eq11_w(cfg_scale)
+
+    os.remove(runs / "cfg" / "final" / "cfg.json")
+    capsys.readouterr()
+    miniature.print_stages(str(runs), scale, only=["student"])
+    student = next(shlex.split(line) for line in capsys.readouterr().out.splitlines() if line.startswith("python "))
+    assert student[student.index("--cfg-w") + 1] == "<w>"
+    with pytest.raises(SystemExit):
+        train.parse_args(student[2:])
 
 
 def test_ablation_flags_replace_the_base_rows_settings_or_are_added():

@@ -6,7 +6,7 @@ import math
 import os
 import re
 import time
-from dataclasses import fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -94,16 +94,16 @@ def test_train_export_carries_the_ema_weights(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cache", [{}, {"cache_latents": 6}])
+@pytest.mark.parametrize("cache", [[], ["--cache-latents", "6"]])
 def test_train_resume_repeats_the_uninterrupted_run(tmp_path, cache):
     data = _images(tmp_path / "data")
-    common = _TINY + ["--data", data, "--lora-rank", "4", "--save-every", "2"]
-    train.main(common + ["--steps", "4", "--out", str(tmp_path / "a")], **cache)
-    train.main(common + ["--steps", "2", "--out", str(tmp_path / "b")], **cache)
+    common = _TINY + ["--data", data, "--lora-rank", "4", "--save-every", "2"] + cache
+    train.main(common + ["--steps", "4", "--out", str(tmp_path / "a")])
+    train.main(common + ["--steps", "2", "--out", str(tmp_path / "b")])
     if cache:   # the resumed run must reuse the cache, not encode new pairs
         (tmp_path / "b" / "latents-0.safetensors").touch()
         stamp = (tmp_path / "b" / "latents-0.safetensors").stat().st_mtime_ns
-    train.main(common + ["--steps", "4", "--out", str(tmp_path / "b"), "--resume"], **cache)
+    train.main(common + ["--steps", "4", "--out", str(tmp_path / "b"), "--resume"])
     losses = lambda d: [json.loads(line)["loss"] for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
     assert len(losses("a")) == 4 and losses("a") == losses("b")
     if cache:
@@ -346,26 +346,21 @@ def test_teacher_loss_time_shift_is_sd3s_shift_of_the_logit_normal_sigma():
 
 
 def test_depth_and_heads_size_a_tiny_teacher_from_scratch_and_are_refused_elsewhere(capsys):
-    """depth / heads (the size scan's code-only settings): the teacher stage builds that size, the
-    unset one keeps the tiny config's value; for a distill stage, a given --teacher or the full preset
-    they are refused; they are not command-line flags."""
+    """--depth / --heads (the size scan's): the teacher stage builds that size, the unset one keeps
+    the tiny config's value; for a distill stage, a given --teacher or the full preset they are refused."""
     tiny = model.CONFIGS["tiny"]
-    for kw, want in (({"depth": 2, "heads": 1}, (2, 1)), ({"depth": 4}, (4, tiny.heads)), ({}, (3, 2))):
-        cfg = train.parse_args(_TINY + ["--data", "x", "--stage", "teacher"], **kw)
+    for flags, want in ((["--depth", "2", "--heads", "1"], (2, 1)), (["--depth", "4"], (4, tiny.heads)), ([], (3, 2))):
+        cfg = train.parse_args(_TINY + ["--data", "x", "--stage", "teacher"] + flags)
         net, _, _ = train.build_models(cfg, torch.device("cpu"))
         assert (net.cfg.depth, net.cfg.heads, len(net.joint_blocks), net.cfg.hidden) == (*want, want[0], 64 * want[1])
         assert net.cfg.lr_stream and net.cfg.dual_layers == tiny.dual_layers
     assert (tiny.depth, tiny.heads) == (3, 2)
-    for bad, kw in ((["--stage", "distill"], {"depth": 2}), (["--stage", "teacher", "--teacher", "t.safetensors"], {"heads": 1}),
-                    (["--stage", "teacher", "--preset", "full"], {"depth": 2}), (["--stage", "teacher"], {"heads": -1})):
+    for bad in (["--stage", "distill", "--depth", "2"], ["--stage", "teacher", "--teacher", "t.safetensors", "--heads", "1"],
+                ["--stage", "teacher", "--preset", "full", "--depth", "2"], ["--stage", "teacher", "--heads", "-1"],
+                ["--stage", "distill", "--prediction", "x"]):
         with pytest.raises(SystemExit):
-            train.parse_args(_TINY + ["--data", "x"] + bad, **kw)
-        assert "depth" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        train.parse_args(_TINY + ["--data", "x", "--stage", "teacher", "--depth", "2"])
-    assert "unrecognized arguments: --depth" in capsys.readouterr().err
-    with pytest.raises(TypeError, match="--steps|steps"):
-        train.parse_args(_TINY + ["--data", "x"], steps=3)
+            train.parse_args(_TINY + ["--data", "x"] + bad)
+        assert "--depth" in capsys.readouterr().err, bad
 
 
 def test_train_learning_rate_schedules():
@@ -383,12 +378,11 @@ def test_train_help_gives_every_flag_a_text_its_default_and_choices_in_groups(ca
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
     text = capsys.readouterr().out
-    for group in ("data:", "model:", "stage:", "optimisation:", "checkpoints and logs:", "distributed and speed"):
+    for group in ("data:", "model:", "stage:", "optimisation:", "checkpoints and logs:", "distributed and speed",
+                  "miniature and extensions"):
         assert f"\n{group}" in text, group
-    flags = [f for f in fields(train.TrainConfig) if f.name not in train.CODE_ONLY]
+    flags = fields(train.TrainConfig)
     body = " ".join(text.split())
-    for name in train.CODE_ONLY:                     # the miniature's settings stay off the command line
-        assert "--" + name.replace("_", "-") not in body, name
     helps = {f.name: f.metadata["help"] for f in fields(train.TrainConfig)}   # flag()'s text
     for f in flags:
         flag = "--" + f.name.replace("_", "-")
@@ -397,6 +391,43 @@ def test_train_help_gives_every_flag_a_text_its_default_and_choices_in_groups(ca
         assert len(helps[f.name]) > 10 and first_words in body, f.name   # its comment is its help
     assert "[default: 12000]" in body and "[default: 5e-05]" in body and "(choices: distill, teacher)" in body
     assert "(choices: gt, meanflow, null, neg)" in body
+
+
+def _other_value(f, tmp_path):
+    """A value of TrainConfig field `f` other than its default that parse_args accepts."""
+    d = f.default
+    if f.name in train.CHOICES:
+        return next(c for c in reversed(train.CHOICES[f.name]) if c not in (d, "fp16"))   # fp16 is refused
+    if isinstance(d, bool):
+        return True
+    if isinstance(d, int):
+        return d + 32                                  # --size a multiple of 32, counts >= 0
+    if isinstance(d, float):
+        return d / 2 + 0.125                           # a share stays in [0, 1), a scale stays > 0
+    path = tmp_path / f.name                           # the embedding flags must name files
+    path.write_bytes(b"")
+    return str(path)
+
+
+def test_every_train_config_field_is_a_flag_that_round_trips(capsys, tmp_path):
+    """The flags --help lists are exactly TrainConfig's fields, and a config with every field away
+    from its default, written as those flags, parses back to itself. Two configs: --depth / --heads /
+    --prediction shape a teacher from scratch, which a --teacher file rules out."""
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    listed = re.findall(r"^\s+(?:-\w, )?(--[\w-]+)", capsys.readouterr().out, re.MULTILINE)
+    flag_of = {f[2:].replace("-", "_"): f for f in listed if f != "--help"}
+    assert sorted(flag_of) == sorted(f.name for f in fields(train.TrainConfig))
+    other = {f.name: _other_value(f, tmp_path) for f in fields(train.TrainConfig)}
+    assert all(v != getattr(train.TrainConfig, k) for k, v in other.items())
+    scratch = ("depth", "heads", "prediction")
+    for kept in (("teacher",), scratch):
+        want = train.TrainConfig(**{k: v for k, v in other.items() if k not in kept})
+        argv = []
+        for name, value in asdict(want).items():
+            if value != getattr(train.TrainConfig, name):
+                argv += [flag_of[name]] if value is True else [flag_of[name], str(value)]
+        assert train.parse_args(argv) == want, argv
 
 
 def test_train_refuses_an_untrained_vae_unless_asked(tmp_path):
@@ -463,7 +494,8 @@ def test_train_clean_prob_gives_bicubic_pairs_and_the_plain_gt(tmp_path):
     mixed = pairs.PairDataset(paths, 32, null, degrade.DegradeConfig(gt_size=32, usm_gt=False), clean_prob=0.5)
     n_clean = sum(torch.equal(mixed[(0, k)]["lr"], degrade.bicubic_down(mixed[(0, k)]["gt"][None])[0]) for k in range(40))
     assert 8 <= n_clean <= 32, n_clean
-    assert train.parse_args(["--data", str(folder)], plain_gt=True, clean_prob=0.3).plain_gt
+    cfg = train.parse_args(["--data", str(folder), "--plain-gt", "--clean-prob", "0.3"])
+    assert cfg.plain_gt and cfg.clean_prob == 0.3
 
 
 def test_distill_warmup_steps_have_every_row_at_s_equal_t(monkeypatch):
