@@ -184,8 +184,8 @@ class Mlp(nn.Module):
         """DiT4SR's "LR injection between MLP": a zero-initialised depthwise 3x3 conv."""
         w, kw = self.fc1.out_features, dict(device=self.fc1.weight.device, dtype=self.fc1.weight.dtype)
         self.control_conv = nn.Conv2d(w, w, 3, padding=1, groups=w, **kw)
-        for p in self.control_conv.parameters():
-            nn.init.zeros_(p)
+        nn.init.zeros_(self.control_conv.weight)
+        nn.init.zeros_(self.control_conv.bias)
 
     def hidden(self, x):
         return F.gelu(self.fc1(x), approximate="tanh")
@@ -365,15 +365,15 @@ class MMDiT(nn.Module):
             # MFSR §4.2: s has its own embedder, added to the t-embedding. The paper does not say how it
             # starts; a zero last layer makes the student at init exactly the teacher, whatever s is.
             self.s_embedder = TimestepEmbedder(D)
-            for p in self.s_embedder.mlp[2].parameters():
-                nn.init.zeros_(p)
+            nn.init.zeros_(self.s_embedder.mlp[2].weight)
+            nn.init.zeros_(self.s_embedder.mlp[2].bias)
         self.y_embedder = VectorEmbedder(cfg.pooled_dim, D)
         self.context_embedder = nn.Linear(cfg.context_dim, D)
         self.joint_blocks = nn.ModuleList(JointBlock(cfg, i) for i in range(cfg.depth))
         self.final_layer = FinalLayer(D, cfg.patch, cfg.in_channels)
         if cfg.prediction == "x":   # output x - z_LR: untrained, the model predicts the LR latent
-            for p in self.final_layer.linear.parameters():
-                nn.init.zeros_(p)
+            nn.init.zeros_(self.final_layer.linear.weight)
+            nn.init.zeros_(self.final_layer.linear.bias)
         self.grad_checkpointing = False  # recompute each block in backward (full-scale training)
         self.checkpoint_context = torch.utils.checkpoint.noop_context_fn   # its context_fn (see forward)
 
@@ -540,8 +540,8 @@ def make_student(teacher: MMDiT, time_scale: float = 1.0, lora_rank: int = 64,
     sd = {k: v.detach().clone() if ("control" in k and k not in dead) or (new_t and k.startswith("t_embedder."))
           else v.detach() for k, v in teacher.state_dict().items()}
     s_emb = TimestepEmbedder(cfg.hidden).to(w.device, w.dtype)
-    for p in s_emb.mlp[2].parameters():
-        nn.init.zeros_(p)
+    nn.init.zeros_(s_emb.mlp[2].weight)
+    nn.init.zeros_(s_emb.mlp[2].bias)
     sd.update({"s_embedder." + k: v for k, v in s_emb.state_dict().items()})
     with torch.device("meta"):
         student = MMDiT(cfg)
