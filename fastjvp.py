@@ -1,15 +1,13 @@
-"""How to make a JVP through the transformer cheap: the fast paths of model.py, kept apart.
+"""The transformer's fast paths, swapped into model.py's plain network from here:
 
-MFSR's target needs du/dt, a Jacobian-vector product of the student (mfsr.py, Eq. 8). PyTorch's
-forward-mode AD computes it through any network of plain ops, and that is all the method needs:
+    net = fastjvp.accelerate(model.MMDiT(cfg))     # any built network: the same numbers, faster
 
-    with fastjvp.plain():        # every fast path off: plain PyTorch ops, the same numbers
-        out, tangent = torch.func.jvp(f, primals, tangents)
+MFSR's target needs du/dt, a Jacobian-vector product of the student (mfsr.py, Eq. 8). Forward-mode
+AD computes it through model.py's plain ops, which is all the method needs; at full size that is too
+slow and too large, for three reasons this file answers (a subclass per layer, so keys stay):
 
-At full size the plain path is too slow and too large, for three reasons this file answers:
-
-1. Attention. The fused SDPA kernels have no forward-AD formula, and the math backend that has one
-   materialises the N x N scores for the primal and for the tangent. With P = softmax(S),
+1. Attention. The fused SDPA kernels have no forward-AD formula, and the plain ops that have one
+   materialise the N x N scores for the primal and for the tangent. With P = softmax(S),
    S = s Q K^T (s = d^-1/2) and O = P V, the tangent is
 
        dS = s (dQ K^T + Q dK^T),   dO = P dV + (P * dS) V - rowsum(P * dS) O
@@ -20,19 +18,15 @@ At full size the plain path is too slow and too large, for three reasons this fi
    the tangent by the rule) and DualAttention (forward-AD dual tensors whose tangent is detached,
    as in mfsr.py: one pass for both, backward from the saved O and log-sum-exp).
 2. Linear layers and RMSNorm. PyTorch's generic forward rules multiply x by the weight's zero
-   tangent, and take RMSNorm op by op; `linear` computes only dx W^T, `rms_norm` one rule.
+   tangent, and take RMSNorm op by op; `linear` computes only dx W^T, RMSNorm one rule.
 3. Memory. model.JointBlock's `attend` and `image_mlp` are the plain equations (q, k, v of the rows
    [X ; L ; C] concatenated, the MLPs over all rows at once). Inside `lean_memory()` (train.py runs
-   in it; sample.py's latent tiles bound its memory) the block runs their twins `lean_attend` and
-   `lean_image_mlp`: the same numbers, lower peaks. Each stream's q, k, v are freed once joined, and
-   under a JVP the MLPs, whose 4x-wide hidden layers and their tangents are the largest activations,
-   run over bands of image rows (`mlp_band_rows`, their size from a memory budget).
+   in it) this file's JointBlock runs them with lower peaks: each stream's q, k, v freed once
+   joined, and under a JVP the MLPs, whose 4x-wide hidden layers and their tangents are the largest
+   activations, over bands of image rows (`mlp_band_rows`, their size from a memory budget).
 
-Switches (context managers): `plain()` turns all of it off; `detached_tangents()` promises that the
-JVP's tangent output is detached, so the tangent rules need not be recorded for backward;
-`compiled_jvp()` tells `attention` that the graph being compiled carries tangents (`func_jvp` is
-the JVP torch.compile is given); `lean_memory()` takes the lean block. `forward_switches` keeps them
-for an eager checkpointed block's recomputation.
+Switches (context managers, below): detached_tangents(), compiled_jvp(), lean_memory(),
+attention_mode(mode); forward_switches keeps them for a checkpointed block's recomputation.
 """
 import contextlib
 
@@ -42,12 +36,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+import model
+
 # Memory budgets in bytes of a JVP's blocks: a (B, H, chunk, N) block of attention scores, a
 # (B, rows * w, 4 D) band of an MLP's hidden layer. A GPU launches a kernel per op (a few us each):
-# there blocks as large as memory easily allows. At 512^2 (B = 5, 24 heads, 2,202 tokens) a chunk is
-# 508 query rows, 5 an attention, 1.5 GB of fp32 blocks at once beside 5 GB of bf16 weights; a 1024^2
-# image's hidden layer (503 MB) is one band. A CPU launches nothing (an op costs its arithmetic): a
-# few MiB keep the JVP's peak that of a forward. "gpu": other devices, and meta (bench.py jvp_ops).
+# there blocks as large as memory easily allows. A CPU launches nothing (an op costs its arithmetic):
+# a few MiB keep the JVP's peak that of a forward. "gpu": other devices, and meta (bench.py jvp_ops).
 ATTN_BLOCK_BYTES = {"cpu": 2 ** 22, "gpu": 2 ** 29}
 MLP_BAND_BYTES = {"cpu": 2 ** 23, "gpu": 2 ** 29}
 _budget = lambda table, device: table["cpu" if device.type == "cpu" else "gpu"]   # noqa: E731
@@ -56,60 +50,7 @@ _budget = lambda table, device: table["cpu" if device.type == "cpu" else "gpu"] 
 # --------------------------------------------------------------------------------------------
 # Switches
 
-_SWITCHES = {"plain": False, "compiled_jvp": False, "detached_tangents": False, "lean": False}
-
-
-@contextlib.contextmanager
-def _switch(name):
-    prev, _SWITCHES[name] = _SWITCHES[name], True
-    try:
-        yield
-    finally:
-        _SWITCHES[name] = prev
-
-
-def plain():
-    """Every fast path off: attention is softmax(s Q K^T) V in plain ops, linears are F.linear,
-    the MLPs run over all rows at once. The tutorial path; the same numbers up to rounding."""
-    return _switch("plain")
-
-
-def lean_memory():
-    """model.JointBlock through lean_attend and lean_image_mlp (section 3): the same numbers up to
-    rounding, lower peak memory."""
-    return _switch("lean")
-
-
-def lean():
-    """Whether model.JointBlock takes the lean path: inside lean_memory(), unless inside plain()."""
-    return _SWITCHES["lean"] and not _SWITCHES["plain"]
-
-
-def compiled_jvp():
-    """Tell `attention` that the graph being compiled carries tangents. Tensor wrappers cannot be
-    inspected while dynamo traces, so code that compiles a JVP says so; attention then takes the
-    plain-ops chunked path, which forward AD and the compiler both go through."""
-    return _switch("compiled_jvp")
-
-
-def func_jvp(f, primals, tangents):
-    """torch.func.jvp(f, primals, tangents) inside compiled_jvp(): the JVP to hand to torch.compile,
-    forward and backward (train.py --compile uses it in place of mfsr.jvp: in a compiled graph the
-    linear and attention rules mfsr.jvp's dual tensors are for give way to plain ops anyway).
-    Inside detached_tangents() the tangent comes back detached, so the compiled backward is the
-    primal's alone (with a tangent left trainable, inductor's backward fails on the CPU: it writes
-    into an efficient zero tensor of the tangent's graph; docs/benchmarks.md)."""
-    with compiled_jvp():
-        out, tangent = torch.func.jvp(f, primals, tangents)
-    return out, tangent.detach() if _SWITCHES["detached_tangents"] else tangent
-
-
-def detached_tangents():
-    """Promise that the JVP's tangent output will be detached: the tangent rules then run without
-    recording for backward. In a grad-enabled JVP (mfsr's "fused" mode) autograd would otherwise
-    keep every (chunk, N) probability block of the tangent for a backward that never comes.
-    Gradients through the tangent would be wrong inside this context, which is why it is opt-in."""
-    return _switch("detached_tangents")
+_SWITCHES = {"compiled_jvp": False, "detached_tangents": False, "lean": False, "attn_mode": "auto"}
 
 
 @contextlib.contextmanager
@@ -122,15 +63,47 @@ def _switches_as(saved):
         _SWITCHES.update(prev)
 
 
+def lean_memory():
+    """The accelerated JointBlock's lean attend and image_mlp (section 3): lower peaks, the same numbers."""
+    return _switches_as({"lean": True})
+
+
+def attention_mode(mode):
+    """`attention`'s mode in the accelerated blocks (auto outside): e.g. "math" for a reference."""
+    return _switches_as({"attn_mode": mode})
+
+
+def compiled_jvp():
+    """Tell `attention` that the graph being compiled carries tangents (dynamo cannot inspect tensor
+    wrappers): it takes the chunked plain-ops path, which forward AD and the compiler both go through."""
+    return _switches_as({"compiled_jvp": True})
+
+
+def func_jvp(f, primals, tangents):
+    """torch.func.jvp(f, primals, tangents) inside compiled_jvp(): the JVP to hand to torch.compile
+    (train.py --compile, in place of mfsr.jvp, whose dual tensors' rules a compiled graph drops).
+    Inside detached_tangents() the tangent comes back detached, so the compiled backward is the
+    primal's alone (with a trainable tangent, inductor's CPU backward fails; docs/benchmarks.md)."""
+    with compiled_jvp():
+        out, tangent = torch.func.jvp(f, primals, tangents)
+    return out, tangent.detach() if _SWITCHES["detached_tangents"] else tangent
+
+
+def detached_tangents():
+    """Promise that the JVP's tangent output will be detached: the tangent rules then record nothing
+    for backward (in mfsr's grad-enabled "fused" mode autograd would keep every (chunk, N) block of
+    the tangent for a backward that never comes). Opt-in: gradients through the tangent would be wrong."""
+    return _switches_as({"detached_tangents": True})
+
+
 def forward_switches():
-    """torch.utils.checkpoint's context_fn: a block recomputed in backward runs with the switches its
-    forward ran with (lean_memory(), plain(), ...), so it saves the same tensors wherever backward runs.
-    Eager only: a compiled graph replays its traced path, and dynamo takes no such context_fn."""
+    """torch.utils.checkpoint's context_fn (MMDiT.checkpoint_context, set by accelerate): a block
+    recomputed in backward runs with its forward's switches (lean_memory(), ...), so it saves the
+    same tensors wherever backward runs. Eager only: a compiled graph replays its traced path."""
     return contextlib.nullcontext(), _switches_as(dict(_SWITCHES))
 
 
-def _tangent_recording():
-    """The grad mode for computing a tangent by hand: off inside detached_tangents."""
+def _tangent_recording():   # the grad mode for computing a tangent by hand: off inside detached_tangents
     return torch.no_grad() if _SWITCHES["detached_tangents"] else contextlib.nullcontext()
 
 
@@ -143,20 +116,9 @@ def has_tangent(x):
 # 1. Attention and its tangent
 
 
-def plain_attention(q, k, v):
-    """softmax(s Q K^T) V on (B, H, N, d), every op plain: forward AD differentiates it as is."""
-    return torch.softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1) @ v
-
-
-def autocasting(x):
-    """Whether autocast is on for x's device (the meta device has none)."""
-    kind = x.device.type
-    return torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
-
-
 def compute_dtype(x):
     """The dtype x's products run in: autocast's where it is on (it never casts fp64), else x's."""
-    on = x.is_floating_point() and x.dtype != torch.float64 and autocasting(x)
+    on = x.is_floating_point() and x.dtype != torch.float64 and model.autocasting(x)
     return torch.get_autocast_dtype(x.device.type) if on else x.dtype
 
 
@@ -167,12 +129,10 @@ def _query_chunk(q, k, dtype=None):
 
 
 def attention_and_tangent(q, k, v, dq, dk, dv, with_lse=False):
-    """O = softmax(s Q K^T) V and dO (the rule in the module docstring), over chunks of query rows,
-    never forming N x N. Six (chunk, N, d) products, two of them the primal's, all on views of the
-    inputs (concatenating [K, dK] would cost more memory than it saves time). with_lse: also the
-    rows' log-sum-exp, for the backward. Returns (O, dO, lse or None), O and dO in compute_dtype(q).
-    Done once, not per chunk: the casts (autocast is off in the loop: it would cast all of K and dK
-    for every chunk), the scale, the (B H, n, d) layout bmm takes."""
+    """O = softmax(s Q K^T) V and dO (the rule in the module docstring) over chunks of query rows,
+    never forming N x N: six (chunk, N, d) products on views of the inputs. with_lse: also the rows'
+    log-sum-exp, for the backward. Returns (O, dO, lse or None), O and dO in compute_dtype(q). Done
+    once, not per chunk: the casts (autocast is off in the loop), the scale, bmm's (B H, n, d) layout."""
     dtype, kind = compute_dtype(q), q.device.type
     acc = torch.promote_types(dtype, torch.float32)         # the softmax's dtype, as SDPA's
     scale, chunk = q.shape[-1] ** -0.5, _query_chunk(q, k, acc)
@@ -181,7 +141,7 @@ def attention_and_tangent(q, k, v, dq, dk, dv, with_lse=False):
     kt, dkt = flat(k).transpose(1, 2), flat(dk).transpose(1, 2)                # (B H, d, N)
     o, do = (qs.new_empty(*qs.shape[:-1], v.shape[-1]) for _ in range(2))
     lse = qs.new_empty(qs.shape[:-1], dtype=acc) if with_lse else None
-    with torch.autocast(kind, enabled=False) if autocasting(q) else contextlib.nullcontext():
+    with torch.autocast(kind, enabled=False) if model.autocasting(q) else contextlib.nullcontext():
         for i in range(0, qs.shape[1], chunk):
             rows = slice(i, i + chunk)
             qc = qs[:, rows]
@@ -213,13 +173,6 @@ def _attention_grads(q, k, v, go, o=None, lse=None):
     with torch.enable_grad():
         out = F.scaled_dot_product_attention(q, k, v)
     return torch.autograd.grad(out, (q, k, v), go)
-
-
-def attention_chunked(q, k, v):
-    """softmax(s Q K^T) V in plain ops over query chunks, memory O(chunk * N): the JVP path inside
-    a compiled graph (dynamo ignores the custom jvp rule of JVPAttention)."""
-    chunk = _query_chunk(q, k)
-    return torch.cat([plain_attention(q[..., i:i + chunk, :], k, v) for i in range(0, q.shape[-2], chunk)], dim=-2)
 
 
 class JVPAttention(torch.autograd.Function):
@@ -271,14 +224,11 @@ class DualAttention(torch.autograd.Function):
 def _dual_attention(q, k, v):
     """`attention` on dual tensors: unpack, one DualAttention pass, pack the result."""
     (q, dq), (k, dk), (v, dv) = (fwAD.unpack_dual(t) for t in (q, k, v))
-    o, do = DualAttention.apply(q, k, v, *(torch.zeros_like(p) if t is None else t
-                                            for p, t in ((q, dq), (k, dk), (v, dv))))
+    o, do = DualAttention.apply(q, k, v, *(torch.zeros_like(p) if t is None else t for p, t in ((q, dq), (k, dk), (v, dv))))
     return fwAD.make_dual(o, do)
 
 
 def _auto_mode(q, k, v):
-    if _SWITCHES["plain"]:
-        return "plain"
     if torch.compiler.is_compiling():
         return "chunked" if _SWITCHES["compiled_jvp"] else "sdpa"
     if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (q, k, v)):
@@ -290,10 +240,10 @@ def _auto_mode(q, k, v):
 
 
 def attention(q, k, v, mode="auto"):
-    """Multi-head attention softmax(s Q K^T) V on (B, H, N, d) tensors, the one call model.py makes.
-    mode: auto | sdpa | dual | function | chunked | math | plain. auto: fused SDPA without tangents;
-    dual tensors whose tangent is not trained: DualAttention; other tangents (torch.func, a trained
-    tangent): JVPAttention; compiling a JVP: the chunked plain-ops path; inside plain(): plain."""
+    """Multi-head attention softmax(s Q K^T) V on (B, H, N, d) tensors, the accelerated JointBlock's.
+    mode: auto | sdpa | dual | function | chunked | math. auto: fused SDPA without tangents; dual
+    tensors whose tangent is not trained: DualAttention; other tangents (torch.func, a trained
+    tangent): JVPAttention; compiling a JVP: the chunked plain-ops path."""
     mode = _auto_mode(q, k, v) if mode == "auto" else mode
     if mode == "sdpa":
         return F.scaled_dot_product_attention(q, k, v)
@@ -301,10 +251,9 @@ def attention(q, k, v, mode="auto"):
         return _dual_attention(q, k, v)
     if mode == "function":
         return JVPAttention.apply(q, k, v)
-    if mode == "chunked":
-        return attention_chunked(q, k, v)
-    if mode == "plain":
-        return plain_attention(q, k, v)
+    if mode == "chunked":   # model.py's plain ops over query chunks: dynamo ignores JVPAttention's jvp
+        chunk, plain = _query_chunk(q, k), model.JointBlock.attention
+        return torch.cat([plain(q[..., i:i + chunk, :], k, v) for i in range(0, q.shape[-2], chunk)], dim=-2)
     if mode == "math":
         from torch.nn.attention import SDPBackend, sdpa_kernel
         with sdpa_kernel(SDPBackend.MATH):
@@ -318,8 +267,8 @@ def attention(q, k, v, mode="auto"):
 
 def _rule_applies(x, w):
     """(x's primal, tangent) where a hand rule applies (x a forward-AD dual, w without tangent, outside
-    plain(), torch.func, compiling), else None: plain ops, PyTorch's generic rules."""
-    if _SWITCHES["plain"] or torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(x):
+    torch.func, compiling), else None: plain ops, PyTorch's generic rules."""
+    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(x):
         return None
     xp, dx = fwAD.unpack_dual(x)
     return None if dx is None or fwAD.unpack_dual(w).tangent is not None else (xp, dx)
@@ -335,23 +284,6 @@ def linear(x, w, b=None):
     return fwAD.make_dual(F.linear(dual[0], w, b), dy)
 
 
-def rms_norm(x, w, eps):
-    """x / sqrt(mean(x^2) + eps) * w over the last dim, statistics in >= fp32, the result in x's dtype
-    (an fp32 w under autocast would make q, k fp32). Its tangent by one rule: with n = x r and
-    r = (mean(x^2) + eps)^-1/2, dn = r (dx - n mean(n dx)); the generic rules take 3x the ops."""
-    dual = _rule_applies(x, w)
-    xp, w = x if dual is None else dual[0], w.to(x.dtype)
-    xf = xp.float() if xp.dtype in (torch.float16, torch.bfloat16) else xp
-    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    n = xf * r
-    y = n.to(x.dtype) * w
-    if dual is None:
-        return y
-    with _tangent_recording():
-        dy = ((dual[1] - n * (n * dual[1]).mean(-1, keepdim=True)) * r).to(x.dtype) * w
-    return fwAD.make_dual(y, dy)
-
-
 class Linear(nn.Linear):
     """nn.Linear (same parameters and keys) through `linear`, for its cheaper forward-mode rule."""
 
@@ -359,51 +291,117 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+class LoRALinear(model.LoRALinear, Linear):
+    """model.LoRALinear, its base product through Linear's forward (next in the MRO). Without
+    gradients for the LoRA factors, one product with the merged weight is cheaper than three once the
+    rows outnumber in * out / (in + out); with them, the gradients stay low-rank."""
+
+    def forward(self, x):
+        n_in, n_out, factors = self.in_features, self.out_features, (self.lora_up.weight, self.lora_down.weight)
+        lora_grad = torch.is_grad_enabled() and any(w.requires_grad for w in factors)
+        if lora_grad or x.numel() // n_in * (n_in + n_out) <= n_in * n_out:
+            return super().forward(x)
+        return linear(x, self.merged_weight(), self.bias)
+
+
+class RMSNorm(model.RMSNorm):
+    """model.RMSNorm with its tangent by one rule (the generic ones take 3x the ops), beside the primal
+    to share n = x r, r = (mean(x^2) + eps)^-1/2: dn = r (dx - n mean(n dx)), times the weight."""
+
+    def forward(self, x):
+        dual = _rule_applies(x, self.weight)
+        if dual is None:
+            return super().forward(x)
+        (xp, dx), w = dual, self.weight.to(x.dtype)
+        xf = xp.float() if xp.dtype in (torch.float16, torch.bfloat16) else xp
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        n = xf * r
+        with _tangent_recording():
+            dy = ((dx - n * (n * dx).mean(-1, keepdim=True)) * r).to(x.dtype) * w
+        return fwAD.make_dual(n.to(x.dtype) * w, dy)
+
+
 # --------------------------------------------------------------------------------------------
 # 3. Lean memory: model.JointBlock's attend and image_mlp with lower peaks (inside lean_memory())
 
 
-def _modulate(x, shift, scale):
-    """model.modulate (this file cannot import model.py, which imports it)."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+class JointBlock(model.JointBlock):
+    """model.JointBlock with `attention` (fused kernels, the tangent rules) and, inside lean_memory(),
+    attend and image_mlp with lower peaks: the same numbers up to rounding."""
 
+    def attention(self, q, k, v):
+        return attention(q, k, v, _SWITCHES["attn_mode"])
 
-def lean_attend(block, x, lr, ctx, mods, c_mods, attn_mode):
-    """block.attend: new X and L, and C's rows of the joint attention's output. Its `del`s free
-    q, k, v and the normalised inputs as soon as they are dead."""
-    xb, cb, key_mode = block.x_block, block.context_block, block.cfg.lr_key_mode
-    nx, nl = xb.norm1(x), None if lr is None else xb.norm1(lr)
-    text = cb.attn.qkv_x(_modulate(cb.norm1(ctx), c_mods[0], c_mods[1]))     # C's q, k, v
-    q, k, v, la = _lean_qkv(xb.attn, nx, nl, *mods[:2], key_mode, text)
-    del text
-    o = attention(q, k, v, attn_mode)                                           # [X ; L ; C]
-    del q, k, v                                 # freed before the second attention makes its own
-    o = rearrange(o, "b h n d -> b n (h d)")                                   # (B, N, D)
-    x2, lr2 = _lean_out(xb.attn, o, x, lr, la, mods[2])
-    # C's rows, for its MLP (the last block has none): the rest of o can go
-    o_c = None if cb.pre_only else o[:, -ctx.shape[1]:].clone()
-    del o, la
-    if xb.dual:  # MMDiT-X: image-only attention from the same normalised inputs, over [X ; L]
-        shift2, scale2, gate2 = mods[6:9]
-        q, k, v, la2 = _lean_qkv(xb.attn2, nx, nl, shift2, scale2, key_mode)
-        del nx, nl
-        o2 = attention(q, k, v, attn_mode)
-        del q, k, v                             # freed before o2's (B, 2K, D) copy is made
-        o2 = rearrange(o2, "b h n d -> b n (h d)")                             # (B, 2K, D)
-        x2, lr2 = _lean_out(xb.attn2, o2, x2, lr2, la2, gate2)
-    return x2, lr2, o_c
+    def attend(self, x, lr, ctx, m, c_m):
+        """New X and L, and C's rows of the joint attention's output, as model.JointBlock.attend; its
+        `del`s free q, k, v and the normalised inputs as soon as they are dead."""
+        if not _SWITCHES["lean"]:
+            return super().attend(x, lr, ctx, m, c_m)
+        xb, cb, key_mode = self.x_block, self.context_block, self.cfg.lr_key_mode
+        nx, nl = xb.norm1(x), None if lr is None else xb.norm1(lr)
+        text = cb.attn.qkv_x(model.modulate(cb.norm1(ctx), c_m.shift_msa, c_m.scale_msa))   # C's q, k, v
+        q, k, v, la = _lean_qkv(xb.attn, nx, nl, m.shift_msa, m.scale_msa, key_mode, text)
+        del text
+        o = self.attention(q, k, v)                                             # [X ; L ; C]
+        del q, k, v                                 # freed before the second attention makes its own
+        o = rearrange(o, "b h n d -> b n (h d)")                               # (B, N, D)
+        x2, lr2 = _lean_out(xb.attn, o, x, lr, la, m.gate_msa)
+        # C's rows, for its MLP (the last block has none): the rest of o can go
+        o_c = None if cb.pre_only else o[:, -ctx.shape[1]:].clone()
+        del o, la
+        if xb.dual:  # MMDiT-X: image-only attention from the same normalised inputs, over [X ; L]
+            q, k, v, la2 = _lean_qkv(xb.attn2, nx, nl, m.shift_msa2, m.scale_msa2, key_mode)
+            del nx, nl
+            o2 = self.attention(q, k, v)
+            del q, k, v                             # freed before o2's (B, 2K, D) copy is made
+            o2 = rearrange(o2, "b h n d -> b n (h d)")                         # (B, 2K, D)
+            x2, lr2 = _lean_out(xb.attn2, o2, x2, lr2, la2, m.gate_msa2)
+        return x2, lr2, o_c
+
+    def image_mlp(self, x, lr, m, grid):
+        """model.JointBlock.image_mlp over bands of image rows (mlp_band_rows: one without a tangent).
+        L's hidden layer is computed once, a band ahead: a band's 3x3 conv needs the rows beside it."""
+        if not _SWITCHES["lean"]:
+            return super().image_mlp(x, lr, m, grid)
+        (h, w), xb = grid, self.x_block
+        rows = mlp_band_rows(x, h, w, xb.mlp.fc1.out_features)
+        hidden_lr = lambda r: None if lr is None else xb.mlp.hidden(   # noqa: E731  image rows r ..
+            model.modulate(xb.norm2(lr[:, r * w:(r + rows) * w]), m.shift_mlp, m.scale_mlp))
+        parts, above, here = [], None, hidden_lr(0)
+        for r in range(0, h, rows):
+            below = hidden_lr(r + rows) if r + rows < h else None
+            parts.append(self.mlp_rows(x, lr, m, grid, r, min(r + rows, h), above, here, below))
+            above, here = None if below is None else here[:, -w:].clone(), below   # a view would keep the band
+        cat = lambda ts: ts[0] if len(ts) == 1 else torch.cat(ts, 1)   # noqa: E731  one band: no copy
+        return cat([p[0] for p in parts]), None if lr is None else cat([p[1] for p in parts])
+
+    def mlp_rows(self, x, lr, m, grid, r0, r1, above=None, here=None, below=None):
+        """image_mlp's outputs on image rows r0 .. r1 - 1 (tokens r0 w .. r1 w - 1) of X and of L. above,
+        here, below: L's hidden layer on the row above, the band, the band below (None past the edges)."""
+        xb, (h, w), gate = self.x_block, grid, m.gate_mlp.unsqueeze(1)
+        band = slice(r0 * w, r1 * w)
+        hx = xb.mlp.hidden(model.modulate(xb.norm2(x[:, band]), m.shift_mlp, m.scale_mlp))   # (B, n, 4D)
+        lr_out = None
+        if lr is not None:
+            window = [t for t in (above, here, None if below is None else below[:, :w]) if t is not None]
+            window = torch.cat(window, 1) if len(window) > 1 else here          # the band and its halo
+            conv = xb.mlp.control_conv(rearrange(window, "b (h w) c -> b c h w", w=w))
+            conv = conv.narrow(2, int(above is not None), r1 - r0)              # the band's rows
+            hx = hx + self.cfg.ff_inject * rearrange(conv, "b c h w -> b (h w) c")
+            lr_out = lr[:, band] + gate * xb.mlp.fc2(here)
+        return x[:, band] + gate * xb.mlp.fc2(hx), lr_out
 
 
 def _lean_qkv(attn, nx, nl, shift, scale, key_mode, text=None):
     """q, k, v over [X ; L] (L if nl is given) with the text's q, k, v appended, and la, the
     modulated LR input. Parts are freed once joined: only one of q, k, v is ever held twice."""
-    q, k, v = attn.split_heads(_modulate(nx, shift, scale))
+    q, k, v = attn.split_heads(model.modulate(nx, shift, scale))
     parts, la = [[attn.ln_q(q)], [attn.ln_k(k)], [v]], None
     del q, k, v                 # from here only `parts` holds them
     if nl is not None:
         # v copied out of the (B, N, 3D) projection, which then goes before the LR one is made
         parts[2][0] = parts[2][0].contiguous()
-        la = _modulate(nl, shift, scale)
+        la = model.modulate(nl, shift, scale)
         for part, t in zip(parts, attn.qkv_lr(la, parts[1][0], key_mode)):
             part.append(t)
         del part, t
@@ -430,40 +428,23 @@ def mlp_band_rows(x, h, w, hidden):
     """How many of the h image rows (w tokens each) one MLP band holds: all of them normally; under
     a JVP (a tangent beside every activation) as many as keep a (B, rows * w, hidden) band under
     MLP_BAND_BYTES. The result is the same up to rounding."""
-    if _SWITCHES["plain"] or torch.compiler.is_compiling() or not has_tangent(x):
+    if torch.compiler.is_compiling() or not has_tangent(x):
         return h
     row = x.shape[0] * w * hidden * compute_dtype(x).itemsize
     return max(1, _budget(MLP_BAND_BYTES, x.device) // row)
 
 
-def lean_image_mlp(block, x, lr, shift, scale, gate, grid):
-    """block.image_mlp over bands of image rows (mlp_band_rows: one band without a tangent). L's
-    hidden layer is computed once, a band ahead: a band's 3x3 conv needs the rows beside it."""
-    (h, w), xb = grid, block.x_block
-    rows = mlp_band_rows(x, h, w, xb.mlp.fc1.out_features)
-    hidden_lr = lambda r: None if lr is None else xb.mlp.hidden(_modulate(xb.norm2(lr[:, r * w:(r + rows) * w]),
-                                                                          shift, scale))   # image rows r ..
-    parts, above, here = [], None, hidden_lr(0)
-    for r in range(0, h, rows):
-        below = hidden_lr(r + rows) if r + rows < h else None
-        parts.append(mlp_rows(block, x, lr, shift, scale, gate, grid, r, min(r + rows, h), above, here, below))
-        above, here = None if below is None else here[:, -w:].clone(), below   # a view would keep the band
-    cat = lambda ts: ts[0] if len(ts) == 1 else torch.cat(ts, 1)                # one band: no copy
-    return cat([p[0] for p in parts]), None if lr is None else cat([p[1] for p in parts])
+# --------------------------------------------------------------------------------------------
+# 4. Putting them in
+
+_FAST = {nn.Linear: Linear, model.LoRALinear: LoRALinear, model.RMSNorm: RMSNorm, model.JointBlock: JointBlock}
 
 
-def mlp_rows(block, x, lr, shift, scale, gate, grid, r0, r1, above=None, here=None, below=None):
-    """block.image_mlp's outputs on image rows r0 .. r1 - 1 (tokens r0 w .. r1 w - 1) of X and of L.
-    above, here, below: L's hidden layer on the row above, the band, the band below (None past the edges)."""
-    xb, (h, w) = block.x_block, grid
-    band = slice(r0 * w, r1 * w)
-    hx = xb.mlp.hidden(_modulate(xb.norm2(x[:, band]), shift, scale))         # (B, n, 4D)
-    lr_out = None
-    if lr is not None:
-        window = [t for t in (above, here, None if below is None else below[:, :w]) if t is not None]
-        window = torch.cat(window, 1) if len(window) > 1 else here          # the band and its halo
-        conv = xb.mlp.control_conv(rearrange(window, "b (h w) c -> b c h w", w=w))
-        conv = conv.narrow(2, int(above is not None), r1 - r0)              # the band's rows
-        hx = hx + block.cfg.ff_inject * rearrange(conv, "b c h w -> b (h w) c")
-        lr_out = lr[:, band] + gate.unsqueeze(1) * xb.mlp.fc2(here)
-    return x[:, band] + gate.unsqueeze(1) * xb.mlp.fc2(hx), lr_out
+def accelerate(net):
+    """Give a model.MMDiT the fast paths in place and return it: each layer of a class in _FAST
+    becomes its subclass here (parameters and state_dict keys stay); checkpointed blocks recompute
+    with their forward's switches. Again after add_lora or merge_lora, which put model.py's layers in."""
+    for m in net.modules():
+        m.__class__ = _FAST.get(type(m), type(m))
+    net.checkpoint_context = forward_switches
+    return net

@@ -15,20 +15,18 @@ x_sigma = (1 - sigma) x0 + sigma eps, sigma = 1 is noise, the network predicts e
 the time as `time_scale * sigma` (1000 for SD3.5 and DiT4SR, 1 for the MFSR student).
 Token layout: image tokens X (B, K, D), LR tokens L (B, K, D), text tokens C (B, M, D).
 
-Plumbing a reader can skip lives elsewhere: reading and writing checkpoints (SD3.5 single files,
-diffusers and DiT4SR layouts, key and shape checks) in plumbing/checkpoints.py, e.g.
-`load_transformer("sd3.5_medium.safetensors")`; the JVP's fast paths in fastjvp.py.
+The blocks are their equations in plain PyTorch ops, which forward-mode AD differentiates as they
+are; `fastjvp.accelerate(net)` swaps fast kernels, JVP rules and leaner memory in, with the same
+numbers. Checkpoint files (SD3.5, diffusers, DiT4SR layouts): plumbing/checkpoints.py.
 """
 import math
+from collections import namedtuple
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-
-import fastjvp
-from fastjvp import Linear, attention, linear
 
 # --------------------------------------------------------------------------------------------
 # Config
@@ -85,8 +83,7 @@ CONFIGS = {
 
 
 # --------------------------------------------------------------------------------------------
-# Building blocks (names as in mmditx.py). Attention is one call, fastjvp.attention (fused SDPA;
-# its forward-AD paths live in fastjvp.py), and Linear is nn.Linear with a cheaper JVP rule.
+# Building blocks (names as in mmditx.py)
 
 
 def modulate(x, shift, scale):
@@ -99,8 +96,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        return fastjvp.rms_norm(x, self.weight, self.eps)   # x / rms(x) * weight, in x's dtype
+    def forward(self, x):   # x / rms(x) * weight: statistics in >= fp32, the result in x's dtype
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight.to(x.dtype)
 
 
 def timestep_embedding(t, dim=256, max_period=10000.0, max_freq=None):
@@ -115,7 +113,11 @@ def timestep_embedding(t, dim=256, max_period=10000.0, max_freq=None):
     return emb if max_freq is None else emb * (freqs <= max_freq).repeat(2).to(dtype)
 
 
-class TimeLinear(Linear):
+def autocasting(x):   # whether autocast is on for x's device (the meta device has none)
+    return torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
+
+
+class TimeLinear(nn.Linear):
     """A Linear of the time path (the t and s embedders, adaLN modulation), in fp32 under autocast:
     du/dt (Eq. 8) differentiates the network along t through it, and in bf16 many of the sinusoids'
     features are constant over t in [0, 1] (with c_noise = t), so the forward would move in steps
@@ -124,16 +126,16 @@ class TimeLinear(Linear):
     wholesale (sample.py --dtype bf16) runs in its dtype."""
 
     def forward(self, x):
-        if not fastjvp.autocasting(x):
-            return linear(x.to(self.weight.dtype), self.weight, self.bias)
+        if not autocasting(x):
+            return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
         with torch.autocast(x.device.type, enabled=False):
-            return linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+            return F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
 
 
 class VectorEmbedder(nn.Module):
     def __init__(self, in_dim, hidden):
         super().__init__()
-        self.mlp = nn.Sequential(Linear(in_dim, hidden), nn.SiLU(), Linear(hidden, hidden))
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
     def forward(self, y):
         return self.mlp(y)
@@ -173,8 +175,8 @@ def sincos_pos_table(grid, dim):
 class Mlp(nn.Module):
     def __init__(self, hidden, ratio, control=False):
         super().__init__()
-        self.fc1 = Linear(hidden, hidden * ratio)
-        self.fc2 = Linear(hidden * ratio, hidden)
+        self.fc1 = nn.Linear(hidden, hidden * ratio)
+        self.fc2 = nn.Linear(hidden * ratio, hidden)
         if control:
             self.add_control()
 
@@ -188,6 +190,9 @@ class Mlp(nn.Module):
     def hidden(self, x):
         return F.gelu(self.fc1(x), approximate="tanh")
 
+    def forward(self, x):
+        return self.fc2(self.hidden(x))
+
 
 class SelfAttention(nn.Module):
     """qkv / ln_q / ln_k / proj as in mmditx.py; with `control`, DiT4SR's LR-stream layers."""
@@ -195,9 +200,9 @@ class SelfAttention(nn.Module):
     def __init__(self, cfg, pre_only=False, control=False):
         super().__init__()
         D, self.heads = cfg.hidden, cfg.heads
-        self.qkv = Linear(D, 3 * D)
+        self.qkv = nn.Linear(D, 3 * D)
         if not pre_only:
-            self.proj = Linear(D, D)
+            self.proj = nn.Linear(D, D)
         if cfg.qk_norm:
             self.ln_q, self.ln_k = RMSNorm(cfg.head_dim), RMSNorm(cfg.head_dim)
         else:
@@ -210,15 +215,13 @@ class SelfAttention(nn.Module):
         gets a plain init: DiT4SR's script copied proj's random init, not proj (ARCH §3.3)."""
         D = self.qkv.in_features
         kw = dict(device=self.qkv.weight.device, dtype=self.qkv.weight.dtype)
-        self.q_control, self.k_control, self.v_control = (Linear(D, D, **kw) for _ in range(3))
-        for lin in (self.q_control, self.k_control, self.v_control):
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
-        self.out_control = Linear(D, D, **kw)
+        self.q_control, self.k_control, self.v_control = (nn.Linear(D, D, **kw) for _ in range(3))
+        for p in (*self.q_control.parameters(), *self.k_control.parameters(), *self.v_control.parameters()):
+            nn.init.zeros_(p)
+        self.out_control = nn.Linear(D, D, **kw)
 
-    def split_heads(self, x):
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        return q, k, v                                                            # (B, H, N, d)
+    def split_heads(self, x):   # q, k, v, each (B, H, N, d)
+        return rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads).unbind(0)
 
     def qkv_x(self, x):
         q, k, v = self.split_heads(x)
@@ -238,6 +241,11 @@ class SelfAttention(nn.Module):
         return q, k, v
 
 
+# adaLN's shift, scale, gate per sub-layer (mmditx.py's names; msa2: MMDiT-X's attn2), None if absent
+Modulation = namedtuple("Modulation", "shift_msa scale_msa gate_msa shift_mlp scale_mlp gate_mlp "
+                                      "shift_msa2 scale_msa2 gate_msa2", defaults=(None,) * 7)
+
+
 class DismantledBlock(nn.Module):
     """One stream's half of a joint block: adaLN modulation, attention(s), MLP."""
 
@@ -252,11 +260,17 @@ class DismantledBlock(nn.Module):
         if not pre_only:
             self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
             self.mlp = Mlp(D, cfg.mlp_ratio, control=control)
-        n = 2 if pre_only else (9 if dual else 6)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), TimeLinear(D, n * D))
+        self.n_mods = 2 if pre_only else (9 if dual else 6)    # the fields of Modulation it has
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), TimeLinear(D, self.n_mods * D))
 
     def modulation(self, c):
-        return self.adaLN_modulation(c).chunk(self.adaLN_modulation[1].out_features // c.shape[-1], dim=-1)
+        return Modulation(*self.adaLN_modulation(c).chunk(self.n_mods, dim=-1))
+
+    def post_attention(self, x, o, m):
+        """The text stream after the joint attention: its gated residual updates from the attention
+        rows o and from the MLP (mmditx.py's post_attention)."""
+        x = x + m.gate_msa.unsqueeze(1) * self.attn.proj(o)
+        return x + m.gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), m.shift_mlp, m.scale_mlp))
 
 
 class JointBlock(nn.Module):
@@ -269,29 +283,31 @@ class JointBlock(nn.Module):
         self.context_block = DismantledBlock(cfg, pre_only=index == cfg.depth - 1)
         self.x_block = DismantledBlock(cfg, dual=index in cfg.dual_layers, control=cfg.lr_stream)
 
-    def forward(self, x, lr, ctx, c, grid, attn_mode):
-        mods, c_mods = self.x_block.modulation(c), self.context_block.modulation(c)
-        if fastjvp.lean():   # inside fastjvp.lean_memory(): the same numbers with lower peak memory
-            x, lr, o_c = fastjvp.lean_attend(self, x, lr, ctx, mods, c_mods, attn_mode)
-            x, lr = fastjvp.lean_image_mlp(self, x, lr, *mods[3:6], grid)
-        else:
-            x, lr, o_c = self.attend(x, lr, ctx, mods, c_mods, attn_mode)
-            x, lr = self.image_mlp(x, lr, *mods[3:6], grid)
-        ctx = None if self.context_block.pre_only else self._context_rest(ctx, o_c, c_mods)
+    def forward(self, x, lr, ctx, c, grid):
+        m, c_m = self.x_block.modulation(c), self.context_block.modulation(c)
+        x, lr, o_c = self.attend(x, lr, ctx, m, c_m)
+        x, lr = self.image_mlp(x, lr, m, grid)
+        ctx = None if self.context_block.pre_only else self.context_block.post_attention(ctx, o_c, c_m)
         return x, lr, ctx
 
-    def attend(self, x, lr, ctx, mods, c_mods, attn_mode):
+    @staticmethod
+    def attention(q, k, v):
+        """softmax(s Q K^T) V on (B, H, N, d), s = d^-1/2, in plain ops that forward AD differentiates
+        (the fused SDPA kernels have no forward-AD rule: fastjvp.JointBlock brings them and one)."""
+        return torch.softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1) @ v
+
+    def attend(self, x, lr, ctx, m, c_m):
         """The joint attention over [X ; L ; C] and, in an MMDiT-X block, the image-only attn2 over
         [X ; L] from the same normalised inputs: new X and L, and C's rows of the joint output."""
         xb, cb = self.x_block, self.context_block
         nx, nl = xb.norm1(x), None if lr is None else xb.norm1(lr)
-        text = cb.attn.qkv_x(modulate(cb.norm1(ctx), c_mods[0], c_mods[1]))       # C's q, k, v
-        x, lr, o_c = self.image_attention(xb.attn, x, lr, nx, nl, *mods[:3], attn_mode, text)
+        text = cb.attn.qkv_x(modulate(cb.norm1(ctx), c_m.shift_msa, c_m.scale_msa))       # C's q, k, v
+        x, lr, o_c = self.image_attention(xb.attn, x, lr, nx, nl, m.shift_msa, m.scale_msa, m.gate_msa, text)
         if xb.dual:
-            x, lr, _ = self.image_attention(xb.attn2, x, lr, nx, nl, *mods[6:9], attn_mode)
+            x, lr, _ = self.image_attention(xb.attn2, x, lr, nx, nl, m.shift_msa2, m.scale_msa2, m.gate_msa2)
         return x, lr, o_c
 
-    def image_attention(self, attn, x, lr, nx, nl, shift, scale, gate, attn_mode, text=None):
+    def image_attention(self, attn, x, lr, nx, nl, shift, scale, gate, text=None):
         """One attention over the rows [X ; L ; C] (L with the LR stream, C when `text` gives its
         q, k, v): the gated residual updates of X and L, and C's rows of the output."""
         qkv = [attn.qkv_x(modulate(nx, shift, scale))]                  # X: q, k, v, each (B, H, K, d)
@@ -301,38 +317,31 @@ class JointBlock(nn.Module):
         if text is not None:
             qkv.append(text)                                            # C: (B, H, M, d) each
         q, k, v = (torch.cat(rows, dim=2) for rows in zip(*qkv))        # (B, H, N, d), N = K + K + M
-        o = rearrange(attention(q, k, v, attn_mode), "b h n d -> b n (h d)")       # (B, N, D)
+        o = rearrange(self.attention(q, k, v), "b h n d -> b n (h d)")  # (B, N, D)
         o = o.split([q_.shape[2] for q_, _, _ in qkv], dim=1)           # back into X, L, C rows
         x = x + gate.unsqueeze(1) * attn.proj(o[0])
         if lr is not None:  # the modulated LR input is added back before out_control (ARCH §3.3)
             lr = lr + gate.unsqueeze(1) * attn.out_control(o[1] + la)
         return x, lr, o[-1] if text is not None else None
 
-    def image_mlp(self, x, lr, shift, scale, gate, grid):
+    def image_mlp(self, x, lr, m, grid):
         """The MLP of X and of L (the same weights); DiT4SR injects L's hidden layer into X's through
         a depthwise 3x3 conv over the token grid, times ff_inject (ARCH §3.4)."""
-        xb = self.x_block
-        h_x = xb.mlp.hidden(modulate(xb.norm2(x), shift, scale))                  # (B, K, 4D)
+        mlp, gate = self.x_block.mlp, m.gate_mlp.unsqueeze(1)
+        norm = lambda t: modulate(self.x_block.norm2(t), m.shift_mlp, m.scale_mlp)   # noqa: E731
         if lr is None:
-            return x + gate.unsqueeze(1) * xb.mlp.fc2(h_x), None
-        h_lr = xb.mlp.hidden(modulate(xb.norm2(lr), shift, scale))                # (B, K, 4D)
-        conv = xb.mlp.control_conv(rearrange(h_lr, "b (h w) c -> b c h w", h=grid[0]))  # (B, 4D, h, w)
+            return x + gate * mlp(norm(x)), None
+        h_x, h_lr = mlp.hidden(norm(x)), mlp.hidden(norm(lr))                      # (B, K, 4D) each
+        conv = mlp.control_conv(rearrange(h_lr, "b (h w) c -> b c h w", h=grid[0]))  # (B, 4D, h, w)
         h_x = h_x + self.cfg.ff_inject * rearrange(conv, "b c h w -> b (h w) c")   # (B, K, 4D)
-        return x + gate.unsqueeze(1) * xb.mlp.fc2(h_x), lr + gate.unsqueeze(1) * xb.mlp.fc2(h_lr)
-
-    def _context_rest(self, ctx, oc, mods):
-        cb = self.context_block
-        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
-        ctx = ctx + gate_msa.unsqueeze(1) * cb.attn.proj(oc)
-        h = cb.mlp.hidden(modulate(cb.norm2(ctx), shift_mlp, scale_mlp))
-        return ctx + gate_mlp.unsqueeze(1) * cb.mlp.fc2(h)
+        return x + gate * mlp.fc2(h_x), lr + gate * mlp.fc2(h_lr)
 
 
 class FinalLayer(nn.Module):
     def __init__(self, hidden, patch, out_channels):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.linear = Linear(hidden, patch * patch * out_channels)
+        self.linear = nn.Linear(hidden, patch * patch * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), TimeLinear(hidden, 2 * hidden))
 
     def forward(self, x, c):
@@ -359,14 +368,14 @@ class MMDiT(nn.Module):
             nn.init.zeros_(self.s_embedder.mlp[2].weight)
             nn.init.zeros_(self.s_embedder.mlp[2].bias)
         self.y_embedder = VectorEmbedder(cfg.pooled_dim, D)
-        self.context_embedder = Linear(cfg.context_dim, D)
+        self.context_embedder = nn.Linear(cfg.context_dim, D)
         self.joint_blocks = nn.ModuleList(JointBlock(cfg, i) for i in range(cfg.depth))
         self.final_layer = FinalLayer(D, cfg.patch, cfg.in_channels)
         if cfg.prediction == "x":   # output x - z_LR: untrained, the model predicts the LR latent
             nn.init.zeros_(self.final_layer.linear.weight)
             nn.init.zeros_(self.final_layer.linear.bias)
-        self.attn_mode = "auto"          # see `attention`
         self.grad_checkpointing = False  # recompute each block in backward (full-scale training)
+        self.checkpoint_context = torch.utils.checkpoint.noop_context_fn   # its context_fn (see forward)
 
     def cropped_pos_embed(self, h, w):
         """Centre crop of the stored M x M table for an h x w token grid (ARCH §2.2 step 2)."""
@@ -394,8 +403,7 @@ class MMDiT(nn.Module):
         if (lr is not None) != cfg.lr_stream or (lr is not None and lr.shape != x.shape):
             raise ValueError("the LR stream needs lr shaped like x" if cfg.lr_stream else "this model has no LR stream")
         if (sigma_s is not None) != cfg.two_times or (sigma_s is not None and sigma_s.shape != (B,)):
-            raise ValueError("a two-time model needs sigma_s (B,)" if cfg.two_times
-                             else "this model has one time input")
+            raise ValueError("a two-time model needs sigma_s (B,)" if cfg.two_times else "this model has one time input")
 
     def forward(self, x, sigma, pooled, context, lr=None, sigma_s=None):
         self.check_inputs(x, sigma, pooled, context, lr, sigma_s)
@@ -412,15 +420,14 @@ class MMDiT(nn.Module):
         ctx = self.context_embedder(context)                                       # (B, M, D)
         for block in self.joint_blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                # Backward recomputes the block, which must take the path its forward took (the
-                # fastjvp switches, e.g. lean_memory()): eagerly forward_switches sets them again;
-                # compiled, the traced graph is replayed with its path built in (and dynamo refuses a
-                # context_fn that does not give TorchDispatchModes).
-                keep = {} if torch.compiler.is_compiling() else {"context_fn": fastjvp.forward_switches}
+                # Backward recomputes the block along its forward's path: checkpoint_context restores
+                # what chose it (fastjvp's switches). Compiled, the traced graph replays its path (and
+                # dynamo refuses a context_fn that does not give TorchDispatchModes).
+                keep = {} if torch.compiler.is_compiling() else {"context_fn": self.checkpoint_context}
                 x_tok, lr_tok, ctx = torch.utils.checkpoint.checkpoint(
-                    block, x_tok, lr_tok, ctx, c, grid, self.attn_mode, use_reentrant=False, **keep)
+                    block, x_tok, lr_tok, ctx, c, grid, use_reentrant=False, **keep)
             else:
-                x_tok, lr_tok, ctx = block(x_tok, lr_tok, ctx, c, grid, self.attn_mode)
+                x_tok, lr_tok, ctx = block(x_tok, lr_tok, ctx, c, grid)
         out = self.final_layer(x_tok, c)                                          # (B, K, p*p*C)
         return rearrange(out, "b (h w) (p q c) -> b c (h p) (w q)",
                          h=grid[0], p=cfg.patch, q=cfg.patch)                      # (B, C, H, W)
@@ -432,7 +439,7 @@ class MMDiT(nn.Module):
 LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")  # attention and MLP linears of both streams
 
 
-class LoRALinear(Linear):
+class LoRALinear(nn.Linear):
     """W x + (alpha / rank) * up(down(x)), up zero at init; the replaced layer's `weight` / `bias` keys stay."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
@@ -440,28 +447,21 @@ class LoRALinear(Linear):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_down = Linear(self.in_features, rank, bias=False, **kw)
-        self.lora_up = Linear(rank, self.out_features, bias=False, **kw)
+        self.lora_down = nn.Linear(self.in_features, rank, bias=False, **kw)
+        self.lora_up = nn.Linear(rank, self.out_features, bias=False, **kw)
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
         self.scale = alpha / rank
 
     def forward(self, x):
-        # Without gradients for the LoRA factors, one linear with the merged weight is cheaper than
-        # three once the rows outnumber in * out / (in + out); with them, the gradients stay low-rank.
-        rows = x.numel() // self.in_features
-        lora_grad = torch.is_grad_enabled() and (self.lora_up.weight.requires_grad
-                                                 or self.lora_down.weight.requires_grad)
-        if not lora_grad and rows * (self.in_features + self.out_features) > self.in_features * self.out_features:
-            w = torch.addmm(self.weight, self.lora_up.weight, self.lora_down.weight, alpha=self.scale)
-            return linear(x, w, self.bias)
-        return linear(x, self.weight, self.bias) + self.scale * self.lora_up(self.lora_down(x))
+        return super().forward(x) + self.scale * self.lora_up(self.lora_down(x))
+
+    def merged_weight(self):   # W + (alpha / rank) up down: one weight for the same map
+        return torch.addmm(self.weight, self.lora_up.weight, self.lora_down.weight, alpha=self.scale)
 
     def merged(self) -> nn.Linear:
-        lin = Linear(self.in_features, self.out_features, device=self.weight.device, dtype=self.weight.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(self.weight + self.scale * self.lora_up.weight @ self.lora_down.weight)
-            lin.bias.copy_(self.bias)
+        lin = nn.Linear(self.in_features, self.out_features, device=self.weight.device, dtype=self.weight.dtype)
+        lin.load_state_dict({"weight": self.merged_weight(), "bias": self.bias})   # copies, records nothing
         return lin
 
 
@@ -475,7 +475,7 @@ def _replace_linears(net, pick, make):
 def add_lora(net: MMDiT, rank: int = 64, alpha: float | None = None, targets=LORA_TARGETS):
     """Wrap the transformer blocks' linear layers named in `targets` with LoRA (zero at init)."""
     alpha = float(rank) if alpha is None else alpha
-    _replace_linears(net, lambda n, m: type(m) is Linear and n in targets,
+    _replace_linears(net, lambda n, m: isinstance(m, nn.Linear) and not isinstance(m, LoRALinear) and n in targets,
                      lambda m: LoRALinear(m, rank, alpha))
     net.lora = dict(rank=rank, alpha=alpha, targets=tuple(targets))
     return net
@@ -491,7 +491,8 @@ def merge_lora(net: MMDiT):
 def dead_lr_params(net: MMDiT):
     """LR-stream parameters that never get a gradient (ARCH §3.3): the last block's LR output
     projections (the LR tokens are dropped after it) and, in v1 mode, every k_control (the LR
-    keys come from the image keys). They are frozen: DDP must not wait for their gradients."""
+    keys come from the image keys). Frozen, as trainable ones each step would all-reduce zeros
+    (plumbing/runs.all_reduce_grads), hold Adam state and take AdamW's decay for nothing."""
     last = f"joint_blocks.{net.cfg.depth - 1}.x_block."
     return [n for n, _ in net.named_parameters()
             if (n.startswith(last) and ".out_control." in n)
@@ -538,8 +539,7 @@ def make_student(teacher: MMDiT, time_scale: float = 1.0, lora_rank: int = 64,
     new_t, dead = time_scale != teacher.cfg.time_scale, set(dead_lr_params(teacher))   # dead ones stay shared
     sd = {k: v.detach().clone() if ("control" in k and k not in dead) or (new_t and k.startswith("t_embedder."))
           else v.detach() for k, v in teacher.state_dict().items()}
-    with torch.device(w.device):
-        s_emb = TimestepEmbedder(cfg.hidden).to(w.dtype)
+    s_emb = TimestepEmbedder(cfg.hidden).to(w.device, w.dtype)
     nn.init.zeros_(s_emb.mlp[2].weight)
     nn.init.zeros_(s_emb.mlp[2].bias)
     sd.update({"s_embedder." + k: v for k, v in s_emb.state_dict().items()})

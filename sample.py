@@ -28,6 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import fastjvp
 import mfsr
 import model
 import vae as vae_lib
@@ -166,7 +167,7 @@ def upscale(img, net, vae, cond, steps=1, *, teacher=False, cond_neg=None, cfg=D
     progress.phase("VAE encode")
     z_lr = tiling.encode(vae, (x * 2 - 1).to(next(vae.parameters()).dtype), tile=vae_tile).to(dtype)  # (1, C, h, w)
     g = torch.Generator().manual_seed(seed)     # on the CPU: the same seed gives the same noise on every device
-    # the tiles bound the memory, so the model's plain path (fastjvp.lean_memory, for training, is slower)
+    # the tiles bound the memory, so no fastjvp.lean_memory() (for training: lower peaks, slower)
     tiled = TiledNet(net, tile, tile_overlap, on_tile=progress.tile, batch=tile_batch)
     progress.phase("network", calls=steps * len(tiled.tiles(*z_lr.shape[-2:])))
     c = cond._replace(z_lr=z_lr).to(device, dtype)
@@ -309,6 +310,7 @@ def run(args, written):
             raise CheckpointError(f"the shipped model is missing ({ckpt}); pass --ckpt (a student.safetensors "
                                   f"exported by train.py) and --vae")
         net, vae = load_models(ckpt, args.vae, args.teacher, device, DTYPES[args.dtype])
+        fastjvp.accelerate(net)   # fused attention in place of model.py's plain softmax(s Q K^T) V
         cond, where = load_condition(net.cfg, ckpt, args.emb)
         cond_neg = load_condition(net.cfg, ckpt, args.neg_emb, ("neg", "null"))[0] if args.teacher else None
         note = apply_sampling_settings(args, net)

@@ -461,6 +461,9 @@ def main(argv=None):
     paths, skipped = training_images(cfg, rank)
     dtype = training_dtype(cfg, device)
     net, teacher, vae = build_models(cfg, device, dtype)
+    fastjvp.accelerate(net)   # model.py's plain blocks get the fast kernels and JVP rules: the same numbers
+    if teacher is not None:
+        fastjvp.accelerate(teacher)
     net.grad_checkpointing = cfg.grad_ckpt
     null, neg, prompt = conditioning(cfg, net.cfg)
     trainable = [p for p in net.parameters() if p.requires_grad]

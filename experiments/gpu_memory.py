@@ -297,6 +297,8 @@ def distill_step(net_cfg, B, latent, tokens, argv, vae_cfg=None, lora_rank=64, w
         vae = vae_lib.VAE(vae_cfg).eval().requires_grad_(False) if vae_cfg else None
     train.store_in(teacher, torch.bfloat16)
     student = train.store_in(model.make_student(teacher, lora_rank=lora_rank), torch.bfloat16)
+    fastjvp.accelerate(teacher)   # as train.main: the fast paths, which set its memory
+    fastjvp.accelerate(student)
     student.grad_checkpointing = cfg.grad_ckpt
     trainable = [p for p in student.parameters() if p.requires_grad]
     # Adam's state and the gradients as an earlier step leaves them: train.main frees the gradients

@@ -1,6 +1,7 @@
 """Tests of model.py (and fastjvp.py): the MMDiT against SD3.5 / DiT4SR / diffusers, files, JVP attention, LoRA."""
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -124,12 +125,12 @@ def test_lr_stream_with_zero_control_r1_only_dilutes_attention(monkeypatch):
         out_other_lr = dit(**{**inp, "lr": torch.randn_like(inp["lr"])})
         plain = base(inp["x"], inp["sigma"], inp["pooled"], inp["context"])
         K = inp["x"].shape[-2] * inp["x"].shape[-1] // 4
-        orig = model.attention
+        orig = model.JointBlock.attention
 
-        def with_zero_tokens(q, k, v, mode="auto"):
+        def with_zero_tokens(q, k, v):
             pad = torch.zeros(*k.shape[:2], K, k.shape[3])
-            return orig(q, torch.cat([k, pad], 2), torch.cat([v, pad], 2), mode)
-        monkeypatch.setattr(model, "attention", with_zero_tokens)
+            return orig(q, torch.cat([k, pad], 2), torch.cat([v, pad], 2))
+        monkeypatch.setattr(model.JointBlock, "attention", staticmethod(with_zero_tokens))
         diluted = base(inp["x"], inp["sigma"], inp["pooled"], inp["context"])
     assert torch.equal(out, out_other_lr)
     assert (out - plain).abs().max() > 1e-3           # not identical to SD3.5 at init
@@ -322,7 +323,7 @@ JVPS = {"torch.func": torch.func.jvp, "dual tensors": _fw_jvp}
 def test_attention_jvp_matches_float64_finite_differences(jvp, monkeypatch):
     q, k, v = _qkv()
     dq, dk, dv = _qkv(seed=1)
-    f = lambda q_, k_, v_: model.attention(q_, k_, v_)
+    f = lambda q_, k_, v_: fastjvp.attention(q_, k_, v_)
     calls, orig = [], fastjvp.attention_and_tangent
     monkeypatch.setattr(fastjvp, "attention_and_tangent", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
     for block in (2 * 53 * 5 * 8, 2 ** 22):             # fp64 blocks: chunks of 5 query rows, or one
@@ -332,7 +333,9 @@ def test_attention_jvp_matches_float64_finite_differences(jvp, monkeypatch):
         eps = 1e-6
         fd = (f(q + eps * dq, k + eps * dk, v + eps * dv) - f(q - eps * dq, k - eps * dk, v - eps * dv)) / (2 * eps)
         assert (tangent - fd).norm() / fd.norm() <= 1e-6
-        math_out, math_tangent = jvp(lambda *a: model.attention(*a, mode="math"), (q, k, v), (dq, dk, dv))
+        math_out, math_tangent = jvp(lambda *a: fastjvp.attention(*a, mode="math"), (q, k, v), (dq, dk, dv))
+        plain_out, plain_tangent = jvp(model.JointBlock.attention, (q, k, v), (dq, dk, dv))   # model.py's
+        assert (tangent - plain_tangent).abs().max() <= 1e-12 and (out - plain_out).abs().max() <= 1e-12
         assert (tangent - math_tangent).abs().max() <= 1e-12 and (out - math_out).abs().max() <= 1e-12
     assert fd.norm() > 1.0 and len(calls) == 2
 
@@ -361,25 +364,25 @@ def test_attention_and_tangent_casts_k_and_v_once_under_autocast(monkeypatch):
 
 def test_attention_paths_agree_and_backward_through_the_jvp_primal():
     q, k, v = _qkv(dtype=torch.float32)
-    ref = model.attention(q, k, v, mode="math")
+    ref = fastjvp.attention(q, k, v, mode="math")
     for mode in ("sdpa", "function", "chunked"):
-        assert (model.attention(q, k, v, mode=mode) - ref).abs().max() < 1e-6
+        assert (fastjvp.attention(q, k, v, mode=mode) - ref).abs().max() < 1e-6
     # fused-mode use: grad-enabled JVP, backward through the primal output
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     tangents = _qkv(dtype=torch.float32, seed=1)
-    out, _ = torch.func.jvp(lambda *a: model.attention(*a), tuple(leaves), tuple(tangents))
+    out, _ = torch.func.jvp(lambda *a: fastjvp.attention(*a), tuple(leaves), tuple(tangents))
     w = torch.randn_like(out)
     grads = torch.autograd.grad((out * w).sum(), leaves)
     leaves2 = [t.clone().requires_grad_() for t in (q, k, v)]
-    grads_ref = torch.autograd.grad((model.attention(*leaves2, mode="math") * w).sum(), leaves2)
+    grads_ref = torch.autograd.grad((fastjvp.attention(*leaves2, mode="math") * w).sum(), leaves2)
     for a, b in zip(grads, grads_ref):
         assert (a - b).abs().max() < 1e-5
     # mfsr's fused mode promises to detach the tangent: then the tangent rule records nothing,
     # and the primal's gradients stay those above
     leaves3 = [t.clone().requires_grad_() for t in (q, k, v)]
     with fastjvp.detached_tangents():
-        out3, tan3 = torch.func.jvp(lambda *a: model.attention(*a), tuple(leaves3), tuple(tangents))
-    _, tan = torch.func.jvp(lambda *a: model.attention(*a), tuple(leaves), tuple(tangents))
+        out3, tan3 = torch.func.jvp(lambda *a: fastjvp.attention(*a), tuple(leaves3), tuple(tangents))
+    _, tan = torch.func.jvp(lambda *a: fastjvp.attention(*a), tuple(leaves), tuple(tangents))
     assert tan.requires_grad and not tan3.requires_grad and not fastjvp._SWITCHES["detached_tangents"]
     assert torch.equal(tan3, tan.detach())
     grads3 = torch.autograd.grad((out3 * w).sum(), leaves3)
@@ -389,12 +392,12 @@ def test_attention_paths_agree_and_backward_through_the_jvp_primal():
     # log-sum-exp; without the promise the tangent stays trainable (JVPAttention)
     leaves4 = [t.clone().requires_grad_() for t in (q, k, v)]
     with fastjvp.detached_tangents():
-        out4, tan4 = _fw_jvp(lambda *a: model.attention(*a), leaves4, tangents)
+        out4, tan4 = _fw_jvp(lambda *a: fastjvp.attention(*a), leaves4, tangents)
     assert "DualAttentionBackward" in _backward_nodes(out4) and not tan4.requires_grad
     assert (tan4 - tan).abs().max() < 1e-5
     for a, b in zip(torch.autograd.grad((out4 * w).sum(), leaves4), grads_ref):
         assert (a - b).abs().max() < 1e-5
-    out5, tan5 = _fw_jvp(lambda *a: model.attention(*a), leaves4, tangents)
+    out5, tan5 = _fw_jvp(lambda *a: fastjvp.attention(*a), leaves4, tangents)
     assert "JVPAttentionBackward" in _backward_nodes(out5) and tan5.requires_grad
 
 
@@ -409,22 +412,27 @@ def test_dual_attention_backward_matches_float64_gradcheck_on_both_backward_path
 
 @pytest.mark.parametrize("jvp", JVPS.values(), ids=JVPS.keys())
 def test_model_jvp_uses_the_custom_attention_and_matches_math_backend(jvp, monkeypatch):
+    """fastjvp.accelerate(net): the model's JVP through the attention rule, equal to the math
+    backend's, to model.py's plain network's (a copy, not accelerated) and to finite differences."""
     torch.manual_seed(0)
-    net = _randomize(MMDiT(replace(CONFIGS["tiny"], two_times=True)).double()).eval()
+    plain = _randomize(MMDiT(replace(CONFIGS["tiny"], two_times=True)).double()).eval()
+    net = fastjvp.accelerate(copy.deepcopy(plain))
     inp = _inputs(net.cfg, dtype=torch.float64)
-    f = lambda x, sig: net(x, sig, inp["pooled"], inp["context"], lr=inp["lr"], sigma_s=inp["sigma_s"])
+    f = lambda x, sig, n=net: n(x, sig, inp["pooled"], inp["context"], lr=inp["lr"], sigma_s=inp["sigma_s"])
     tx, ts = torch.randn_like(inp["x"]), torch.ones_like(inp["sigma"])
     calls, orig = [], fastjvp.attention_and_tangent
     monkeypatch.setattr(fastjvp, "attention_and_tangent", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
     with torch.no_grad():
         _, jvp_out = jvp(f, (inp["x"], inp["sigma"]), (tx, ts))
-    assert len(calls) == net.cfg.depth + len(net.cfg.dual_layers)
-    net.attn_mode = "math"
-    with torch.no_grad():
-        _, jvp_math = jvp(f, (inp["x"], inp["sigma"]), (tx, ts))
+        assert len(calls) == net.cfg.depth + len(net.cfg.dual_layers)
+        with fastjvp.attention_mode("math"):
+            _, jvp_math = jvp(f, (inp["x"], inp["sigma"]), (tx, ts))
+        _, jvp_plain = jvp(lambda x, sig: f(x, sig, plain), (inp["x"], inp["sigma"]), (tx, ts))
+    assert len(calls) == net.cfg.depth + len(net.cfg.dual_layers)       # neither ran the rule
     eps = 1e-6
     fd = (f(inp["x"] + eps * tx, inp["sigma"] + eps * ts) - f(inp["x"] - eps * tx, inp["sigma"] - eps * ts)) / (2 * eps)
     assert (jvp_out - jvp_math).abs().max() <= 1e-10 * jvp_out.abs().max()
+    assert (jvp_out - jvp_plain).abs().max() <= 1e-10 * jvp_out.abs().max()
     assert (jvp_out - fd).norm() / fd.norm() <= 1e-6
 
 
@@ -436,12 +444,13 @@ def lean():
 
 
 def test_fast_paths_off_give_the_same_forward_jvp_and_gradients_through_plain_ops(monkeypatch, lean):
-    """fastjvp.plain(): the tutorial path (softmax(s Q K^T) V, F.linear, one MLP pass) gives the
-    numbers of the fast paths (chunked dual attention, the linear rule, MLP row bands) for the
-    forward, the JVP mfsr.py takes and the fused mode's gradients; and no fast path runs inside it,
-    not even inside lean_memory()."""
+    """model.py's network (softmax(s Q K^T) V, F.linear, one MLP pass) gives the numbers of the same
+    network after fastjvp.accelerate (chunked dual attention, the linear rule, MLP row bands) for the
+    forward, the JVP mfsr.py takes and the fused mode's gradients; and no fast path runs in it, not
+    even inside lean_memory()."""
     torch.manual_seed(0)
-    net = _randomize(MMDiT(replace(CONFIGS["tiny"], two_times=True)).double())
+    plain_net = _randomize(MMDiT(replace(CONFIGS["tiny"], two_times=True)).double())
+    net = fastjvp.accelerate(copy.deepcopy(plain_net))
     inp = _inputs(net.cfg, dtype=torch.float64)
     f = lambda x, sig: net(x, sig, inp["pooled"], inp["context"], lr=inp["lr"], sigma_s=inp["sigma_s"])
     prim, tan = (inp["x"], inp["sigma"]), (torch.randn_like(inp["x"]), torch.ones_like(inp["sigma"]))
@@ -464,24 +473,23 @@ def test_fast_paths_off_give_the_same_forward_jvp_and_gradients_through_plain_op
     fast = run()
     assert calls["rule"] > 0 and calls["bands"] > 0
     calls.update(rule=0, bands=0)
-    with fastjvp.plain():
-        plain = run()
+    net = plain_net
+    plain = run()
     assert calls == {"rule": 0, "bands": 0}
     assert (fast[0] - plain[0]).abs().max() <= 1e-10 and (fast[1] - plain[1]).abs().max() <= 1e-10 * fast[1].abs().max()
     assert len(fast[2]) == len(plain[2]) > 0
     assert all((a - b).abs().max() <= 1e-10 * max(1.0, a.abs().max().item()) for a, b in zip(fast[2], plain[2]))
-    assert not fastjvp._SWITCHES["plain"]
 
 
 def test_jvp_runs_the_mlps_in_row_bands_with_the_same_result(monkeypatch, lean):
-    """Inside lean_memory() a JVP runs the MLPs over bands of image rows (fastjvp.mlp_rows)."""
+    """Inside lean_memory() a JVP runs the MLPs over bands of image rows (fastjvp.JointBlock.mlp_rows)."""
     torch.manual_seed(0)
-    net = _randomize(MMDiT(replace(CONFIGS["tiny"], two_times=True)).double()).eval()   # control conv random
+    net = fastjvp.accelerate(_randomize(MMDiT(replace(CONFIGS["tiny"], two_times=True)).double()).eval())   # conv random
     inp = _inputs(net.cfg, dtype=torch.float64)                                          # 4 x 6 token grid
     f = lambda x, sig: net(x, sig, inp["pooled"], inp["context"], lr=inp["lr"], sigma_s=inp["sigma_s"])
     prim, tan = (inp["x"], inp["sigma"]), (torch.randn_like(inp["x"]), torch.ones_like(inp["sigma"]))
-    bands, rows_of = [], fastjvp.mlp_rows
-    monkeypatch.setattr(fastjvp, "mlp_rows", lambda block, *a: bands.append(a[6:8]) or rows_of(block, *a))
+    bands, rows_of = [], fastjvp.JointBlock.mlp_rows
+    monkeypatch.setattr(fastjvp.JointBlock, "mlp_rows", lambda block, *a: bands.append(a[4:6]) or rows_of(block, *a))
     with torch.no_grad():
         ref = torch.func.jvp(f, prim, tan)                   # 4 x 6 x 512 x 2 x 8 < MLP_BAND_BYTES: one band
         assert set(bands) == {(0, 4)}
@@ -501,14 +509,15 @@ def test_jvp_runs_the_mlps_in_row_bands_with_the_same_result(monkeypatch, lean):
 @pytest.mark.parametrize("bands", [False, True], ids=["one MLP band", "1-row MLP bands"])
 @pytest.mark.parametrize("lr_stream", [True, False], ids=["DiT4SR", "SD3.5"])
 def test_lean_memory_path_gives_the_plain_paths_numbers(monkeypatch, lr_stream, bands):
-    """fastjvp.lean_memory() swaps JointBlock.attend / image_mlp for fastjvp.lean_attend /
-    lean_image_mlp (q, k, v freed part by part, the MLPs in row bands under a JVP): the same
-    forward and JVP (both entry points) in fp32 to rounding, for the tiny config's LR stream and
-    dual MMDiT-X block 0 on a non-square grid; each path runs only where it is switched on."""
+    """Inside fastjvp.lean_memory() the accelerated JointBlock's attend / image_mlp (q, k, v freed
+    part by part, the MLPs in row bands under a JVP) give model.py's numbers: the same forward and
+    JVP (both entry points) in fp32 to rounding, for the tiny config's LR stream and dual MMDiT-X
+    block 0 on a non-square grid; each path runs only where it is switched on."""
     torch.manual_seed(0)
     cfg = replace(CONFIGS["tiny"], two_times=True, lr_stream=lr_stream)
     assert cfg.dual_layers == (0,)
-    net = _randomize(MMDiT(cfg), std=0.1).eval()                  # LR control layers and conv random
+    plain_net = _randomize(MMDiT(cfg), std=0.1).eval()            # LR control layers and conv random
+    net = fastjvp.accelerate(copy.deepcopy(plain_net))
     inp = _inputs(cfg, H=8, W=12)                                 # 4 x 6 token grid
     f = lambda x, sig: net(x, sig, inp["pooled"], inp["context"], lr=inp["lr"], sigma_s=inp["sigma_s"])
     prim, tan = (inp["x"], inp["sigma"]), (torch.randn_like(inp["x"]), torch.ones_like(inp["sigma"]))
@@ -519,25 +528,27 @@ def test_lean_memory_path_gives_the_plain_paths_numbers(monkeypatch, lr_stream, 
     def counted(owner, name):
         orig = getattr(owner, name)
         monkeypatch.setattr(owner, name, lambda *a: calls.__setitem__(name, calls.get(name, 0) + 1) or orig(*a))
-    for owner, name in ((model.JointBlock, "attend"), (model.JointBlock, "image_mlp"), (fastjvp, "lean_attend"),
-                        (fastjvp, "lean_image_mlp"), (fastjvp, "mlp_rows")):
+    for owner, name in ((model.JointBlock, "attend"), (model.JointBlock, "image_mlp"), (fastjvp, "_lean_qkv"),
+                        (fastjvp.JointBlock, "mlp_rows")):
         counted(owner, name)
 
     def run():
         calls.clear()
         with torch.no_grad():
             return (f(*prim), *torch.func.jvp(f, prim, tan), *mfsr.jvp(f, prim, tan))
-    plain = run()
     passes = 3 * cfg.depth                                        # forward, two JVPs: every block
-    assert calls == {"attend": passes, "image_mlp": passes}
+    outs = []
+    for n in (plain_net, net):                # outside lean_memory() the accelerated block runs model.py's
+        f = lambda x, sig, n=n: n(x, sig, inp["pooled"], inp["context"], lr=inp["lr"], sigma_s=inp["sigma_s"])
+        outs.append(run())
+        assert calls == {"attend": passes, "image_mlp": passes}
+    plain, fast = outs
     with fastjvp.lean_memory():
-        assert fastjvp.lean()
         lean = run()
-        with fastjvp.plain():
-            assert not fastjvp.lean()                             # plain() is the tutorial path
-    assert not fastjvp.lean()
-    assert calls == {"lean_attend": passes, "lean_image_mlp": passes,
+    assert calls == {"_lean_qkv": passes + 3 * len(cfg.dual_layers),
                      "mlp_rows": cfg.depth * (1 + 2 * (4 if bands else 1))}   # the forward: one band
+    for a, b in zip(plain, fast):
+        assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item())
     for a, b in zip(plain, lean):
         assert b.abs().max() > 0.1
         assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item())
@@ -549,7 +560,7 @@ def test_checkpointed_blocks_recompute_with_the_switches_of_their_forward():
     it, and the reverse (fastjvp.forward_switches): torch.utils.checkpoint would otherwise meet
     other saved tensors. The gradients are those without checkpointing."""
     torch.manual_seed(0)
-    net = _randomize(MMDiT(CONFIGS["tiny"]), std=0.1)
+    net = fastjvp.accelerate(_randomize(MMDiT(CONFIGS["tiny"]), std=0.1))
     inp = _inputs(net.cfg)
 
     def grads(lean_forward, ckpt):
@@ -632,7 +643,7 @@ def test_lora_linear_merges_on_the_fly_only_without_lora_gradients():
             seen.append(tuple(out.shape) if isinstance(out, torch.Tensor) else None)
             return out
     torch.manual_seed(0)
-    lin = model.LoRALinear(torch.nn.Linear(24, 40), rank=4, alpha=8)
+    lin = fastjvp.accelerate(model.LoRALinear(torch.nn.Linear(24, 40), rank=4, alpha=8))   # fastjvp.LoRALinear merges
     torch.nn.init.normal_(lin.lora_up.weight, 0, 0.1)
     ref = lambda x: (torch.nn.functional.linear(x, lin.weight, lin.bias)
                      + 2.0 * x @ lin.lora_down.weight.T @ lin.lora_up.weight.T)
@@ -831,7 +842,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_torch_compile_forward_and_jvp():
     torch.manual_seed(0)
     cfg = replace(CONFIGS["tiny"], depth=2, two_times=True, time_scale=1.0)
-    net = _randomize(MMDiT(cfg)).eval()
+    net = fastjvp.accelerate(_randomize(MMDiT(cfg)).eval())
     inp = _inputs(cfg, B=1)
     f = lambda x, sig: net(x, sig, inp["pooled"], inp["context"], lr=inp["lr"], sigma_s=inp["sigma_s"])
     tx, ts = torch.randn_like(inp["x"]), torch.ones_like(inp["sigma"])

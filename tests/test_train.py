@@ -149,6 +149,8 @@ def test_distill_step_with_compile_and_grad_ckpt_gives_the_eager_loss_and_gradie
     torch.manual_seed(0)
     teacher = _randomize(MMDiT(replace(CONFIGS["tiny"], depth=1))).eval().requires_grad_(False)   # one block:
     student = _randomize(model.make_student(teacher, lora_rank=4), std=0.02, seed=1)   # the compile time
+    for net in (teacher, student):                                                      # as main
+        fastjvp.accelerate(net)
     trainable = [p for p in student.parameters() if p.requires_grad]
     cfg = train.parse_args(_TINY + ["--data", "data", "--out", "/nonexistent/out", "--mode", "fused"])
     g = torch.Generator().manual_seed(0)
