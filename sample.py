@@ -70,11 +70,12 @@ def wavelet_color_fix(y, ref, levels=5):
 
 COLOR_FIXES = {"adain": adain_color_fix, "wavelet": wavelet_color_fix, "none": lambda y, ref: y}
 # DiT4SR's sampler settings, for checkpoints that record none
-DEFAULTS = {"tile": 64, "tile_overlap": 24, "cfg": mfsr.DIT4SR_CFG, "shift": mfsr.SD35_SHIFT}
+DEFAULTS = {"tile": 64, "tile_overlap": 24, "cfg": mfsr.DIT4SR_CFG, "shift": mfsr.SD35_SHIFT, "start": 0.0}
 
 
 def sampling_settings(net):
-    """tile, tile_overlap, cfg and shift for `upscale`: those recorded in the checkpoint, else DEFAULTS."""
+    """tile, tile_overlap, cfg, shift and start for `upscale`: those recorded in the checkpoint, else DEFAULTS
+    (start 0: the paper's pure-noise start)."""
     return {k: getattr(net, "sampling", {}).get(k, v) for k, v in DEFAULTS.items()}
 
 
@@ -206,7 +207,7 @@ def process(path, args, net, vae, cond, cond_neg, inputs, written, device):
     progress = cli.Progress(path, after=PROGRESS_AFTER)
     y = upscale(img.rgb[None], net, vae, cond, args.steps, teacher=args.teacher, cond_neg=cond_neg,
                 cfg=args.cfg, shift=args.shift, seed=args.seed, tile=args.tile, tile_overlap=args.tile_overlap,
-                color_fix=args.color_fix, progress=progress, tile_batch=args.tile_batch)
+                color_fix=args.color_fix, progress=progress, tile_batch=args.tile_batch, start=args.start)
     alpha = None if img.alpha is None else F.interpolate(img.alpha[None], scale_factor=SCALE, mode="bicubic",
                                                           align_corners=False)[0]
     progress.phase("write")
@@ -244,6 +245,10 @@ def parse_args(argv=None):
                    f"default: the one recorded in the checkpoint, else DiT4SR's 8{shipped('cfg')})")
     p.add_argument("--shift", type=float, default=None, help="the teacher's sigma shift on SD3's grid (default: the "
                    "one its training used, recorded in the checkpoint, else SD3.5's 3)")
+    p.add_argument("--start-time", dest="start", type=float, default=None, help="t0 in [0, 1), where the steps "
+                   "start on the path from noise (0) to the image (1), from t0 LR + (1 - t0) noise: 0 is the paper's "
+                   "(most detail invented), towards 1 stays nearer the bicubic image (fewer artefacts); default: "
+                   f"recorded in the checkpoint, else 0{shipped('start')}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tile", type=int, default=None, help="latent tile side (default: the training size recorded "
                    f"in the checkpoint, else DiT4SR's 64{shipped('tile')})")
@@ -260,6 +265,8 @@ def parse_args(argv=None):
         p.error(f"--steps {a.steps}: the student takes 1..8 steps")
     if a.teacher and a.steps < 1:
         p.error(f"--steps {a.steps}: at least 1")
+    if a.start is not None and not 0 <= a.start < 1:
+        p.error(f"--start-time {a.start}: must be in [0, 1) (0: from pure noise, as the paper)")
     if a.shift is not None and not a.shift > 0:
         p.error(f"--shift {a.shift}: must be > 0 (1 is none)")
     if a.ext != "auto" and "." + a.ext.lstrip(".").lower() not in images.EXTS:
@@ -327,6 +334,7 @@ def run(args, written):
             print(f"error: cannot create the output folder {args.output}: {e.strerror or e}", file=sys.stderr)
             return 2
     kind = f"teacher, CFG scale {args.cfg:g}, shift {args.shift:g}" if args.teacher else "student"
+    kind += f", from t0 = {args.start:g}" if args.start else ""
     calls = args.steps * (2 if args.teacher else 1)
     print(f"model: {args.ckpt or SHIPPED} ({kind}, {calls} network calls per tile), prompt: {where}, "
           f"{device}, {args.dtype}")

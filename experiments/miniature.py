@@ -95,6 +95,8 @@ SHIP = "weights/mfsr-tiny"
 TRAIN_SIZE = 128                     # HR crop side of the transformer stages (a 32^2 latent)
 STUDENT_TILE_OVERLAP = 4             # the students' latent tile overlap: the smallest without a seam
                                      # (2 shows one; `sweeps.py --tile-scan`, docs/tiles.md); the teacher: DiT4SR's 3/8
+STUDENT_START = 0.965                # the students' start time t0 (sample.py --start-time): the sweep of
+                                     # `bench.py quality` (README), the smallest grain-free (speckle <= 1) start
 CONTEXT_LEN = 4                      # tokens of the miniature's prompt embeddings
 # The teacher's CFG scale (the sampler's standard v_neg + scale (v_c - v_neg)) is chosen by the
 # "cfg" stage on training crops from these candidates; the student's Eq. 11 w is scale - 1.
@@ -446,7 +448,7 @@ def ship(runs, dest=SHIP):
         overlap = STUDENT_TILE_OVERLAP if name != "teacher" else run_lib.sample_overlap(tile, net.cfg.patch)
         net.sampling = {"tile": tile, "tile_overlap": overlap,
                         **({"cfg": chosen_cfg(runs), "shift": sample.sampling_settings(net)["shift"]}
-                           if name == "teacher" else {})}
+                           if name == "teacher" else {"start": STUDENT_START})}
         checkpoints.save_transformer(net.half(), os.path.join(dest, name + ".safetensors"))
     checkpoints.save_vae(v.half(), os.path.join(dest, "vae.safetensors"))
     for e in ("null", "prompt", "neg"):

@@ -334,7 +334,7 @@ def test_sample_defaults_come_from_the_checkpoint_then_dit4sr(_smp_models, tmp_p
     student = checkpoints.load_transformer(str(_smp_models / "student.safetensors"))
     assert student.sampling == {}                                      # nothing recorded: DiT4SR's tiles
     teacher = checkpoints.load_transformer(str(_smp_models / "teacher.safetensors"))
-    student.sampling = {"tile": 6, "tile_overlap": 2}
+    student.sampling = {"tile": 6, "tile_overlap": 2, "start": 0.7}
     teacher.sampling = {"tile": 8, "tile_overlap": 4, "cfg": 1.5, "shift": 1.0}
     for name, net in (("s", student), ("t", teacher)):
         checkpoints.save_transformer(net, str(tmp_path / f"{name}.safetensors"))
@@ -343,15 +343,17 @@ def test_sample_defaults_come_from_the_checkpoint_then_dit4sr(_smp_models, tmp_p
     assert run("--ckpt", str(_smp_models / "student.safetensors")) == 0
     assert run("--ckpt", str(tmp_path / "s.safetensors")) == 0
     assert run("--ckpt", str(tmp_path / "s.safetensors"), "--tile", "10", "--tile-overlap", "0") == 0
+    assert run("--ckpt", str(tmp_path / "s.safetensors"), "--start-time", "0") == 0      # the paper's, one flag away
     assert run("--ckpt", str(tmp_path / "t.safetensors"), "--teacher", "--steps", "1") == 0
     assert run("--ckpt", str(tmp_path / "t.safetensors"), "--teacher", "--steps", "1", "--cfg", "7") == 0
     assert run("--ckpt", str(tmp_path / "t.safetensors"), "--teacher", "--steps", "1", "--cfg-scale", "3") == 0
     assert run("--ckpt", str(tmp_path / "t.safetensors"), "--teacher", "--steps", "1", "--shift", "2") == 0
-    got = [(kw["tile"], kw["tile_overlap"], kw["cfg"], kw["shift"]) for kw in seen]
-    assert got == [(64, 24, 8.0, 3.0), (6, 2, 8.0, 3.0), (10, 0, 8.0, 3.0), (8, 4, 1.5, 1.0), (8, 4, 7.0, 1.0),
-                   (8, 4, 3.0, 1.0), (8, 4, 1.5, 2.0)]
-    with pytest.raises(SystemExit):
-        sample.parse_args([str(tmp_path / "a.png"), "--teacher", "--shift", "0"])
+    got = [(kw["tile"], kw["tile_overlap"], kw["cfg"], kw["shift"], kw["start"]) for kw in seen]
+    assert got == [(64, 24, 8.0, 3.0, 0.0), (6, 2, 8.0, 3.0, 0.7), (10, 0, 8.0, 3.0, 0.7), (6, 2, 8.0, 3.0, 0.0),
+                   (8, 4, 1.5, 1.0, 0.0), (8, 4, 7.0, 1.0, 0.0), (8, 4, 3.0, 1.0, 0.0), (8, 4, 1.5, 2.0, 0.0)]
+    for bad in (["--teacher", "--shift", "0"], ["--start-time", "1"], ["--start-time", "-0.1"]):
+        with pytest.raises(SystemExit):
+            sample.parse_args([str(tmp_path / "a.png"), *bad])
 
 
 def test_upscale_samples_the_teacher_on_the_grid_of_its_shift(_smp_models, monkeypatch):
