@@ -1,10 +1,9 @@
-"""Image files (plumbing; the method sees float RGB tensors in [0, 1]): every common file in, float
-RGB out, and back to a file of the same kind; and the files a command names. Gray stays gray,
-transparency is kept apart ((1, H, W) alpha), EXIF orientation is applied, every failure is an
-ImageError naming the file. Pillow does the work except where it would lose bits: 16-bit gray is
-read at full precision, 32-bit float clipped to [0, 1] and written back at 16 bits; 16-bit colour
-PNG (Pillow reads 8 bits, cannot write) goes through the optional pypng (without it: read at 8
-bits, said in `note`), 16-bit colour TIFF through the optional tifffile (without it: refused).
+"""Image files (plumbing; the method sees float RGB tensors in [0, 1]): every common file in, float RGB
+out and back to a file of the same kind; and the files a command names. Gray stays gray, alpha is kept
+apart, EXIF orientation is applied, every failure is an ImageError naming the file. Where Pillow would
+lose bits: 16-bit gray and 32-bit float (clipped to [0, 1]) are read in full and written at 16 bits;
+16-bit colour PNG (Pillow reads 8 bits, cannot write) goes through the optional pypng (without it:
+read at 8 bits, said in `note`), 16-bit colour TIFF through the optional tifffile (without: refused).
 Outputs are written atomically and never over an input.
 """
 import glob
@@ -87,7 +86,13 @@ def _pixels(path, im, deep_png=False):
     """(array (H, W, C) float32 in [0, 1] with C in 1..4 (gray, gray+alpha, RGB, RGBA), gray, bits).
     deep_png: the file is a 16-bit PNG."""
     if deep_png and im.mode not in ("I", "I;16", "I;16B") and _has_pypng():
-        return _read_png16(path)                       # 16-bit colour or gray+alpha: Pillow gives 8 bits
+        import png                                     # 16-bit colour or gray+alpha: Pillow gives 8 bits
+        try:
+            w, h, rows, info = png.Reader(filename=path).asDirect()
+            a = np.vstack([np.asarray(r, np.uint16) for r in rows]).reshape(h, w, info["planes"])
+        except png.Error as e:
+            raise ImageError(f"{path}: unreadable PNG data ({e})") from None
+        return a.astype(np.float32) / 65535, info["planes"] <= 2, 16
     if im.format == "TIFF" and im.mode in ("RGB", "RGBA") and np.max(im.tag_v2.get(258, 8)) == 16:
         a = _tifffile(path).imread(path)               # tag 258: BitsPerSample, one or one per channel
         if a.dtype != np.uint16 or a.ndim != 3 or a.shape[2] not in (3, 4):
@@ -119,10 +124,8 @@ def _orient(a, orientation):
 
 
 def save_image(path, rgb, alpha=None, gray=False, bits=8, protect=()):
-    """Write rgb (3, H, W) in [0, 1] (+ alpha (1, H, W)) atomically: a temporary file in the same
-    folder, then a rename. gray: store one channel (ITU-R 601 luma). bits=16 is kept for PNG and
-    TIFF; other formats store 8 bits. JPEG cannot hold alpha (an error).
-    protect: paths that must never be written over (the inputs). Returns the path."""
+    """Write rgb (3, H, W) in [0, 1] (+ alpha (1, H, W)) atomically, never over a path in `protect` (the
+    inputs). gray: one channel (ITU-R 601 luma); bits=16 is kept for PNG and TIFF, others store 8."""
     path = str(path)
     fmt = check_output(path, alpha is not None, protect)
     folder = os.path.dirname(os.path.abspath(path))
@@ -152,7 +155,6 @@ def save_image(path, rgb, alpha=None, gray=False, bits=8, protect=()):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return path
 
 
 def check_output(path, has_alpha=False, protect=()):
@@ -196,16 +198,6 @@ def _png_depth(path):
     with open(path, "rb") as f:
         head = f.read(25)
     return head[24] if len(head) == 25 and head[12:16] == b"IHDR" else 8
-
-
-def _read_png16(path):
-    import png
-    try:
-        w, h, rows, info = png.Reader(filename=path).asDirect()
-        a = np.vstack([np.asarray(r, np.uint16) for r in rows]).reshape(h, w, info["planes"])
-    except png.Error as e:
-        raise ImageError(f"{path}: unreadable PNG data ({e})") from None
-    return a.astype(np.float32) / 65535, info["planes"] <= 2, 16
 
 
 def _write16(f, fmt, a, path):

@@ -1,7 +1,6 @@
 """A training run's plumbing (train.py calls it; the method does not need it): seeds per (seed, step,
 rank), so a resume repeats the uninterrupted run exactly; the latent cache; gradients averaged over
-processes; checkpoint folders that appear whole or not at all (an unreadable one is moved aside to
-NAME.broken, never deleted, and the one before it used); the log and the progress grids.
+processes; checkpoint folders that appear whole or not at all; the log and the progress grids.
 """
 import contextlib
 import glob
@@ -52,9 +51,8 @@ def step_batches(n, batch, seed, rank, start, stop):
 
 def latent_cache(path, key, batches, encode, n, device, say=print):
     """n pairs of `batches` (dicts with gt, lr, context, pooled) encoded once by encode(k, batch) ->
-    (z_hr, z_lr), then reused by every step (a fixed set of degradations: much faster when the VAE
-    dominates a step, as at small model sizes). Kept in `path` with `key` (the settings that made
-    it); a rerun or a resume with the same key reads it back."""
+    (z_hr, z_lr) and reused by every step: a fixed set of degradations, much faster where the VAE
+    dominates a step. Kept in `path` under `key` (the settings that made it) for a rerun or resume."""
     if os.path.exists(path):
         f = SafetensorsFiles(path)
         if f.metadata.get("key") == key:
@@ -138,10 +136,9 @@ def any_rank(params, flag):
 
 
 class PhaseClock:
-    """Seconds per phase of the training steps; a phase inside another counts as the outer one. On a
-    GPU each timed phase starts and ends with a synchronize, so the figures are the kernels' time,
-    not their launches'; that stalls the queue, so a run without --profile-phases gets a clock that
-    times nothing."""
+    """Seconds per phase of the training steps; a phase inside another counts as the outer one. On a GPU
+    each phase starts and ends with a synchronize (the kernels' time, not their launches'); that stalls
+    the queue, so a run without --profile-phases gets a clock that times nothing."""
 
     def __init__(self, enabled, device):
         self.enabled, self.device, self.inside = enabled, device, False
@@ -153,7 +150,6 @@ class PhaseClock:
 
     @contextlib.contextmanager
     def __call__(self, name):
-        """Time the body as phase `name` (None: not timed)."""
         if not self.enabled or name is None or self.inside:
             yield
             return
@@ -167,7 +163,7 @@ class PhaseClock:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
     def timed_iter(self, name, items):
-        """The items of `items`, the wait for each timed as `name` (a data loader's)."""
+        """The items of `items`, the wait for each timed as `name`."""
         items = iter(items)
         while True:
             with self(name):
@@ -177,7 +173,6 @@ class PhaseClock:
             yield item
 
     def step(self):
-        """End a step: its phases' seconds go to `steps`."""
         if self.enabled:
             self.steps.append(self.seconds)
             self.seconds = {}
@@ -208,8 +203,7 @@ class PhaseClock:
 
 
 def student_phase(args):
-    """PhaseClock name of a student call: the JVP when its input carries a tangent (forward AD computes
-    it during the call), else the forward whose output is trained."""
+    """PhaseClock name of a student call: the JVP when its input carries a tangent, else the forward."""
     return "JVP" if fastjvp.has_tangent(args[0]) else "student forward"
 
 
@@ -218,8 +212,8 @@ def student_phase(args):
 
 
 def optimizer_tensors(opt, prefix=""):
-    """opt.state_dict() as safetensors can hold it: {prefix + "param index.name": tensor} (0-d
-    tensors as (1,)) and the param groups as JSON."""
+    """opt.state_dict() as safetensors holds it: {prefix + "param index.name": tensor} (0-d as (1,)), and
+    the param groups as JSON."""
     state = opt.state_dict()
     tensors = {f"{prefix}{i}.{k}": v.detach().cpu().reshape(-1) if v.ndim == 0 else v.detach().cpu()
                for i, st in state["state"].items() for k, v in st.items()}
@@ -227,8 +221,7 @@ def optimizer_tensors(opt, prefix=""):
 
 
 def load_optimizer(opt, tensors, groups, prefix=""):
-    """Restore `opt` from optimizer_tensors' entries (the keys starting with `prefix`) and its
-    param groups (the parsed JSON)."""
+    """Restore `opt` from optimizer_tensors' entries under `prefix` and the parsed param groups."""
     state = {}
     for k, v in tensors.items():
         if k.startswith(prefix):
@@ -238,11 +231,10 @@ def load_optimizer(opt, tensors, groups, prefix=""):
 
 
 def save_checkpoint(cfg, net, opt, ema, step, rank, embs, vae, world=1, export=False):
-    """out/ckpt-{step}/, whole or not at all: trainable.safetensors (+ EMA; with the world size, which a
-    resume must match) and optimizer.safetensors to resume from, the null, negative and default prompt
-    embeddings it was trained with, and a VAE that came from no file; with `export`, the file sample.py
-    reads too: student.safetensors / teacher.safetensors, the whole model with LoRA merged (at full
-    scale 10 GB in fp32, so train.py writes it at the end or on --export-every-save)."""
+    """out/ckpt-{step}/, whole or not at all: trainable (+ EMA, and the world size a resume must match) and
+    optimizer state, the null, negative and default prompt embeddings, a VAE that came from no file;
+    with `export`, sample.py's student/teacher.safetensors, LoRA merged (10 GB in fp32 at full scale,
+    so train.py writes it at the end or on --export-every-save)."""
     if rank != 0:
         return
     final = os.path.join(cfg.out, f"ckpt-{step:07d}")
@@ -280,10 +272,9 @@ def sample_overlap(tile, patch):
 
 
 def save_full(net, path, sampling=None, ema=None):
-    """The whole model, LoRA merged, loadable by load_transformer / sample.py, with the EMA weights
-    where `ema` (name -> tensor) has them: the ones to sample with. `sampling`: its sampler's defaults.
-    In fp32 (a LoRA update merged into bf16 weights would be rounded away), each tensor made on the
-    CPU as it is written: no second copy of the model, on its GPU or in the host's memory."""
+    """The whole model for load_transformer / sample.py, LoRA merged, with the EMA weights where `ema`
+    has them; `sampling`: its sampler's defaults. In fp32 (a LoRA update merged into bf16 would be
+    rounded away), each tensor made on the CPU as it is written: no second copy of the model."""
     with torch.device("meta"):
         full = model.MMDiT(net.cfg)           # the merged model's keys and shapes, no memory
     full.sampling = sampling
@@ -339,19 +330,16 @@ def load_checkpoint(cfg, net, opt, rank=0, world=1):
     raise SystemExit(f"error: --resume: no readable checkpoint in {cfg.out} (the broken ones are kept as *.broken)")
 
 
-def _step_of(line):
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):   # a line cut by the crash
-        return math.inf
-
-
 def trim_log(path, step):
     """log.jsonl without the lines after `step` (or cut by the crash): a resumed run logs those steps again."""
     if not os.path.exists(path):
         return
+    keep = []
     with open(path) as f:
-        keep = [line for line in f if _step_of(line) <= step]
+        for line in f:
+            with contextlib.suppress(ValueError, KeyError, TypeError):   # a line cut by the crash
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
     with open(path + ".tmp", "w") as f:
         f.writelines(keep)
     os.replace(path + ".tmp", path)
@@ -379,9 +367,9 @@ def log_step(cfg, log, done, start, t0, loss, gnorm, lr, device, extra):
 @torch.no_grad()
 def save_grid(path, vae, net, stage, batch, z_lr):
     """Rows of LR (upsampled) | 1 step | 2 steps (distill) or 4 Euler steps (teacher) | HR."""
+    image = lambda z: vae.decode(z).float().add(1).div(2).clamp(0, 1)   # noqa: E731
     if "gt" not in batch:   # cached latents: the HR and (bicubic-upsampled) LR images through the VAE
-        batch = dict(batch, gt=vae.decode(batch["z_hr"][:4]).float().add(1).div(2).clamp(0, 1),
-                     lr=vae.decode(batch["z_lr"][:4]).float().add(1).div(2).clamp(0, 1))
+        batch = dict(batch, gt=image(batch["z_hr"][:4]), lr=image(batch["z_lr"][:4]))
     n = min(4, batch["gt"].shape[0])
     gt = batch["gt"][:n]
     g = torch.Generator().manual_seed(0)
@@ -392,7 +380,7 @@ def save_grid(path, vae, net, stage, batch, z_lr):
         outs = [mfsr.sample_teacher(net, c, c, steps=k, cfg=1.0,  # no negative
                                     generator=g) for k in (1, 4)]
     lr_up = F.interpolate(batch["lr"][:n], size=gt.shape[-2:], mode="bicubic")
-    cols = [lr_up] + [vae.decode(o.to(z_lr)).float().add(1).div(2) for o in outs] + [gt]
+    cols = [lr_up] + [image(o.to(z_lr)) for o in outs] + [gt]
     rows = torch.cat([torch.cat([c[i].cpu().clamp(0, 1) for c in cols], 2) for i in range(n)], 1)  # (3, nH, kW)
     tmp = path + ".tmp.png"
     Image.fromarray((rows.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(tmp)
