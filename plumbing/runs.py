@@ -19,12 +19,13 @@ from PIL import Image
 
 import mfsr
 import model
-from plumbing.checkpoints import CheckpointError, Later, SafetensorsFiles, atomic_save, save_transformer, save_vae
+from plumbing.checkpoints import (CheckpointError, Later, SafetensorsFiles, atomic_open, atomic_save, save_transformer,
+                                  save_vae)
 from plumbing.cli import peak_memory_mb
 import fastjvp
 
 # --------------------------------------------------------------------------------------------
-# Seeds
+# Seeds, and the latent cache (the miniature's cache_latents): a fixed set of pairs encoded once
 
 
 def mix(*xs):
@@ -43,10 +44,6 @@ def step_batches(n, batch, seed, rank, start, stop):
         idx = torch.randint(n, (batch,), generator=g).tolist()
         seeds = torch.randint(2 ** 62, (batch,), generator=g).tolist()
         yield list(zip(idx, seeds))
-
-
-# --------------------------------------------------------------------------------------------
-# The latent cache (the miniature's cache_latents): a fixed set of pairs encoded once
 
 
 def latent_cache(path, key, batches, encode, n, device, say=print):
@@ -96,9 +93,8 @@ def buckets(tensors):
     """The tensors in runs of about BUCKET_ELEMENTS (one dtype and device each), in order."""
     out = []
     for t in tensors:
-        last = out[-1] if out else None
-        if (last is None or last[0].dtype != t.dtype or last[0].device != t.device
-                or sum(x.numel() for x in last) + t.numel() > BUCKET_ELEMENTS):
+        if (not out or out[-1][0].dtype != t.dtype or out[-1][0].device != t.device
+                or sum(x.numel() for x in out[-1]) + t.numel() > BUCKET_ELEMENTS):
             out.append([])
         out[-1].append(t)
     return out
@@ -180,9 +176,8 @@ class PhaseClock:
     def write(self, path, peak_mb):
         """Each step's seconds per phase and the peak memory, as JSON (tools/rehearse.py reads it)."""
         rec = {"peak_mb": peak_mb, "steps": self.steps}
-        with open(path + ".tmp", "w") as f:
+        with atomic_open(path, "w") as f:
             json.dump(rec, f, indent=1)
-        os.replace(path + ".tmp", path)
         return rec
 
     def time_calls(self, module, name):
@@ -208,7 +203,8 @@ def student_phase(args):
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints: trainable weights + config; optimizer state; a full export for sample.py
+# Checkpoints: trainable weights + config; optimizer state; a full export for sample.py; the log; a PNG
+# grid of progress to look at
 
 
 def optimizer_tensors(opt, prefix=""):
@@ -319,9 +315,7 @@ def load_checkpoint(cfg, net, opt, rank=0, world=1):
         train = {k for k, p in params.items() if p.requires_grad}
         if set(k for k in tensors if not k.startswith("ema.")) != train:
             raise CheckpointError(f"{folder}: its trainable set differs from this run's (other stage or LoRA?)")
-        with torch.no_grad():
-            for k in train:
-                params[k].copy_(tensors[k])
+        net.load_state_dict({k: tensors[k] for k in train}, strict=False)   # the rest: the frozen weights
         ema = {k[4:]: v.to(params[k[4:]].device) for k, v in tensors.items() if k.startswith("ema.")} or None
         load_optimizer(opt, otensors, groups)
         if folder != found[-1]:
@@ -340,9 +334,8 @@ def trim_log(path, step):
             with contextlib.suppress(ValueError, KeyError, TypeError):   # a line cut by the crash
                 if json.loads(line)["step"] <= step:
                     keep.append(line)
-    with open(path + ".tmp", "w") as f:
+    with atomic_open(path, "w") as f:
         f.writelines(keep)
-    os.replace(path + ".tmp", path)
 
 
 def log_step(cfg, log, done, start, t0, loss, gnorm, lr, device, extra):
@@ -360,10 +353,6 @@ def log_step(cfg, log, done, start, t0, loss, gnorm, lr, device, extra):
               flush=True)
 
 
-# --------------------------------------------------------------------------------------------
-# Progress: a PNG grid to look at
-
-
 @torch.no_grad()
 def save_grid(path, vae, net, stage, batch, z_lr):
     """Rows of LR (upsampled) | 1 step | 2 steps (distill) or 4 Euler steps (teacher) | HR."""
@@ -376,12 +365,10 @@ def save_grid(path, vae, net, stage, batch, z_lr):
     c = mfsr.Cond(z_lr[:n], batch["pooled"][:n], batch["context"][:n])
     if stage == "distill":
         outs = [mfsr.sample_student(net, c, steps=k, generator=g) for k in (1, 2)]
-    else:
-        outs = [mfsr.sample_teacher(net, c, c, steps=k, cfg=1.0,  # no negative
-                                    generator=g) for k in (1, 4)]
+    else:   # no negative prompt
+        outs = [mfsr.sample_teacher(net, c, c, steps=k, cfg=1.0, generator=g) for k in (1, 4)]
     lr_up = F.interpolate(batch["lr"][:n], size=gt.shape[-2:], mode="bicubic")
     cols = [lr_up] + [image(o.to(z_lr)) for o in outs] + [gt]
     rows = torch.cat([torch.cat([c[i].cpu().clamp(0, 1) for c in cols], 2) for i in range(n)], 1)  # (3, nH, kW)
-    tmp = path + ".tmp.png"
-    Image.fromarray((rows.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(tmp)
-    os.replace(tmp, path)
+    with atomic_open(path) as f:
+        Image.fromarray((rows.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(f, format="PNG")
