@@ -134,9 +134,8 @@ def atomic_open(path, mode="wb"):
 
 
 def atomic_save(tensors, path, metadata):
-    """`tensors` (name -> tensor or Later) as a safetensors file, atomically: an 8-byte little-endian
-    header size, a JSON header (dtype, shape and byte range of each tensor, `__metadata__`), then the
-    tensors' bytes in that order, each made and written in turn."""
+    """`tensors` (name -> tensor or Later) as a safetensors file, atomically: the header's size (8 bytes,
+    little-endian), the JSON header, then the tensors' bytes in its order, each made and written in turn."""
     header, offset = {"__metadata__": dict(metadata)} if metadata else {}, 0
     for name, t in tensors.items():
         size = math.prod(t.shape) * t.dtype.itemsize

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from plumbing.checkpoints import atomic_open
+
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
            ".tif": "TIFF", ".tiff": "TIFF"}
 EXTS = tuple(FORMATS)                                           # read and written
@@ -128,7 +130,6 @@ def save_image(path, rgb, alpha=None, gray=False, bits=8, protect=()):
     inputs). gray: one channel (ITU-R 601 luma); bits=16 is kept for PNG and TIFF, others store 8."""
     path = str(path)
     fmt = check_output(path, alpha is not None, protect)
-    folder = os.path.dirname(os.path.abspath(path))
     rgb = torch.as_tensor(rgb).detach().float().cpu()
     assert rgb.ndim == 3 and rgb.shape[0] == 3, f"rgb must be (3, H, W), got {tuple(rgb.shape)}"
     if gray:
@@ -136,9 +137,8 @@ def save_image(path, rgb, alpha=None, gray=False, bits=8, protect=()):
     if alpha is not None:
         rgb = torch.cat([rgb, torch.as_tensor(alpha).detach().float().cpu().reshape(1, *rgb.shape[1:])])
     a = rgb.clamp(0, 1).permute(1, 2, 0).numpy()                                   # (H, W, C) in [0, 1]
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with atomic_open(path) as f:
             if bits == 16 and fmt in ("PNG", "TIFF"):
                 _write16(f, fmt, np.round(a * 65535).astype(np.uint16), path)
             else:
@@ -147,14 +147,11 @@ def save_image(path, rgb, alpha=None, gray=False, bits=8, protect=()):
                 if fmt == "WEBP" and im.mode in ("L", "LA"):
                     im = im.convert("RGB" if im.mode == "L" else "RGBA")    # WebP has no gray mode
                 im.save(f, format=fmt, **SAVE_OPTIONS.get(fmt, {}))
-        os.replace(tmp, path)
     except PermissionError:
-        raise ImageError(f"{path}: cannot write there, the folder {folder} is not writable") from None
+        raise ImageError(f"{path}: cannot write there, the folder {os.path.dirname(os.path.abspath(path))} "
+                         "is not writable") from None
     except OSError as e:
         raise ImageError(f"{path}: cannot write the image ({e})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def check_output(path, has_alpha=False, protect=()):
@@ -243,10 +240,8 @@ def find_inputs(specs, suffix):
 def output_path(src, out_dir, suffix, ext, has_alpha):
     stem, src_ext = os.path.splitext(os.path.basename(src))
     ext = src_ext.lower() if ext == "auto" else "." + ext.lstrip(".").lower()
-    if ext not in EXTS:
-        ext = ".png"                                   # read-only formats (GIF, PPM, ...) come out as PNG
-    if has_alpha and ext in (".jpg", ".jpeg"):
-        ext = ".png"                                   # JPEG has no alpha
+    if ext not in EXTS or (has_alpha and ext in (".jpg", ".jpeg")):
+        ext = ".png"                    # read-only formats (GIF, PPM, ...), and JPEG, which has no alpha
     return os.path.join(out_dir or os.path.dirname(src), stem + suffix + ext)
 
 

@@ -227,10 +227,9 @@ def load_optimizer(opt, tensors, groups, prefix=""):
 
 
 def save_checkpoint(cfg, net, opt, ema, step, rank, embs, vae, world=1, export=False):
-    """out/ckpt-{step}/, whole or not at all: trainable (+ EMA, and the world size a resume must match) and
-    optimizer state, the null, negative and default prompt embeddings, a VAE that came from no file;
-    with `export`, sample.py's student/teacher.safetensors, LoRA merged (10 GB in fp32 at full scale,
-    so train.py writes it at the end or on --export-every-save)."""
+    """out/ckpt-{step}/, whole or not at all: trainable weights (+ EMA, and the world size a resume must
+    match), optimizer state, prompt embeddings, a VAE that came from no file; with `export` sample.py's
+    file, LoRA merged (10 GB in fp32 at full scale: train.py writes it last or on --export-every-save)."""
     if rank != 0:
         return
     final = os.path.join(cfg.out, f"ckpt-{step:07d}")
@@ -289,9 +288,8 @@ def save_full(net, path, sampling=None, ema=None):
 
 
 def load_checkpoint(cfg, net, opt, rank=0, world=1):
-    """The newest readable ckpt-* in --out into `net` and `opt`; returns (step, ema). One that cannot be
-    read (a file truncated by a crash or a full disk) is moved aside to NAME.broken, never deleted, and
-    the one before it is used."""
+    """The newest readable ckpt-* in --out into `net` and `opt`: (step, ema). One a crash or a full disk
+    left unreadable is moved aside to NAME.broken, never deleted, and the one before it used."""
     found = sorted(glob.glob(os.path.join(cfg.out, "ckpt-*[0-9]")))
     if not found:
         raise SystemExit(f"error: --resume: no ckpt-* folder in {cfg.out}")
