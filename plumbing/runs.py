@@ -85,8 +85,7 @@ def cached_batches(cache, cfg, rank, start):
 # runs on the raw module, the fused mode trains the primal output of that JVP, and the anchor rows
 # run a second forward before the one backward (docs/benchmarks.md, "Gradients over processes").
 
-BUCKET_ELEMENTS = 2 ** 25   # gradients per collective (128 MB in fp32): a few launches for the full
-                            # student's ~700 tensors, and a bounded copy beside them
+BUCKET_ELEMENTS = 2 ** 25   # per collective (128 MB in fp32): a few launches for ~700 tensors, a bounded copy
 
 
 def buckets(tensors):
