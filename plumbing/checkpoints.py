@@ -5,12 +5,12 @@
     vae = load_vae("sd3.5_medium.safetensors")               # its first_stage_model.* part
     save_transformer(net, "out.safetensors")                 # SD3.5 names, config in the metadata
 
-Only safetensors are read (pickled files can run code), memory-mapped into a module built on the
-meta device, so a full-size model is never held twice. The transformer's two key layouts, SD3.5's
-single-file names (the modules') and diffusers' (also DiT4SR's), map as in reference/ARCHITECTURE.md §2.5, §3.5;
-the VAE's as in §4.3. A mismatch is a CheckpointError that names the file and lists what is missing,
-unexpected or misshapen. Saves are atomic (a temporary file, then a rename).
+Only safetensors are read (pickled files can run code), memory-mapped into a module built on the meta
+device, so a full-size model is never held twice. SD3.5's single-file names (the modules') and diffusers'
+(also DiT4SR's) map as in reference/ARCHITECTURE.md §2.5, §3.5; the VAE's as in §4.3. A mismatch is a
+CheckpointError naming the file and what is missing, unexpected or misshapen. Saves are atomic.
 """
+import contextlib
 import json
 import math
 import os
@@ -33,10 +33,9 @@ class CheckpointError(ValueError):
 
 
 class SafetensorsFiles:
-    """The tensors of one .safetensors file, a sharded index, or a folder (one .safetensors file or an
-    index json; its `subfolder`, e.g. diffusers' "transformer" or "vae", if it has one): names, shapes,
-    reads. `prefix`: when some keys start with it, only those are seen, without it (an SD3.5 single
-    file holds `model.diffusion_model.*` beside `first_stage_model.*`)."""
+    """The tensors of a .safetensors file, a sharded index, or a folder (its `subfolder`, e.g. diffusers'
+    "transformer", if it has one): names, shapes, reads. `prefix`: when some keys start with it, only
+    those are seen, without it (an SD3.5 file holds `model.diffusion_model.*` and `first_stage_model.*`)."""
 
     def __init__(self, path, subfolder=None, prefix=None):
         self.path = path
@@ -60,12 +59,10 @@ class SafetensorsFiles:
             if subfolder and os.path.isdir(os.path.join(path, subfolder)):
                 return SafetensorsFiles._resolve(os.path.join(path, subfolder), None)
             index = sorted(f for f in os.listdir(path) if f.endswith(".safetensors.index.json"))
-            if index:
-                return SafetensorsFiles._resolve(os.path.join(path, index[0]), None)
             st = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-            if len(st) != 1:
+            if not index and len(st) != 1:
                 raise CheckpointError(f"{path}: expected one .safetensors file or an index json, found {st or 'none'}")
-            return [os.path.join(path, st[0])]
+            return SafetensorsFiles._resolve(os.path.join(path, (index or st)[0]), None)
         if path.endswith(".index.json"):
             try:
                 with open(path) as f:
@@ -97,16 +94,15 @@ class SafetensorsFiles:
 
 def check_keys(path, expected, found, what):
     """expected/found: {key: shape}. Raise a CheckpointError that lists what differs."""
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    misshapen = [f"{k}: file {tuple(found[k])} vs model {tuple(expected[k])}"
-                 for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
-    if missing or unexpected or misshapen:
+    wrong = {"missing": [k for k in expected if k not in found],
+             "unexpected": [k for k in found if k not in expected],
+             "misshapen": [f"{k}: file {tuple(found[k])} vs model {tuple(expected[k])}"
+                           for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]}
+    if any(wrong.values()):
         lines = [f"{path}: checkpoint does not match {what}"]
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)):
-            if items:
-                more = f" ... and {len(items) - 8} more" if len(items) > 8 else ""
-                lines.append(f"  {label} ({len(items)}): " + ", ".join(items[:8]) + more)
+        for label, items in wrong.items():
+            more = f" ... and {len(items) - 8} more" if len(items) > 8 else ""
+            lines += [f"  {label} ({len(items)}): " + ", ".join(items[:8]) + more] if items else []
         raise CheckpointError("\n".join(lines))
 
 
@@ -123,10 +119,23 @@ class Later:
         self.shape, self.dtype, self.make = tuple(shape), dtype, make
 
 
-def _write_safetensors(path, tensors, metadata):
-    """The safetensors format: an 8-byte little-endian header size, a JSON header (dtype, shape and byte
-    range of each tensor, `__metadata__`), then the tensors' bytes in that order, each made and
-    written in turn."""
+@contextlib.contextmanager
+def atomic_open(path, mode="wb"):
+    """A file opened at a temporary name beside `path`, renamed to it once the body has written it all:
+    never a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_save(tensors, path, metadata):
+    """`tensors` (name -> tensor or Later) as a safetensors file, atomically: the header's size (8 bytes,
+    little-endian), the JSON header, then the tensors' bytes in its order, each made and written in turn."""
     header, offset = {"__metadata__": dict(metadata)} if metadata else {}, 0
     for name, t in tensors.items():
         size = math.prod(t.shape) * t.dtype.itemsize
@@ -134,7 +143,7 @@ def _write_safetensors(path, tensors, metadata):
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)                         # the tensors start 8-byte aligned
-    with open(path, "wb") as f:
+    with atomic_open(path) as f:
         f.write(len(text).to_bytes(8, "little") + text)
         for name, t in tensors.items():
             t = t.make() if isinstance(t, Later) else t
@@ -142,22 +151,6 @@ def _write_safetensors(path, tensors, metadata):
                 raise ValueError(f"{path}: {name} was announced as {header[name]['dtype']} "
                                  f"{header[name]['shape']}, made as {t.dtype} {list(t.shape)}")
             f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-
-
-def atomic_save(tensors, path, metadata):
-    """Write `tensors` (name -> tensor or Later) as safetensors to a temporary name beside `path`, then
-    rename: never a half-written file. The file gets the permissions of any file the user makes
-    (0666 less the umask)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        _write_safetensors(tmp, tensors, metadata)
-        mask = os.umask(0)      # reading the umask means setting it; set it straight back
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,27 +225,7 @@ def to_diffusers_state_dict(sd, depth):
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# Loading and saving
-
-
-class _Source(SafetensorsFiles):
-    """A transformer checkpoint: SD3.5 single file (its `model.diffusion_model.*` part), a
-    diffusers folder (`transformer/`), a file; `layout` is "original" or "diffusers"."""
-
-    def __init__(self, path):
-        super().__init__(path, subfolder="transformer", prefix=PREFIX)
-        if self.prefix or any(k.startswith("joint_blocks.") for k in self.where):
-            self.layout = "original"
-        elif any(k.startswith("transformer_blocks.") for k in self.where):
-            self.layout = "diffusers"
-        else:
-            some = ", ".join(self.all_keys[:3]) or "nothing"
-            raise CheckpointError(f"{path}: no SD3/MMDiT transformer keys found (neither 'joint_blocks.*' nor "
-                                  f"'transformer_blocks.*'; the file starts with: {some})")
-
-
-def _infer_config(src: _Source) -> MMDiTConfig:
+def _infer_config(src) -> MMDiTConfig:
     """The config a file's shapes and keys tell (ARCH §2.1); keys are asked for by original-layout names."""
     name = (lambda k: k) if src.layout == "original" else (lambda k: to_diffusers_name(k, 0)[0][0])
     shape = lambda k: src.shape(name(k))
@@ -275,9 +248,18 @@ def _infer_config(src: _Source) -> MMDiTConfig:
 
 
 def transformer_config(path, **overrides):
-    """(config, source) of a transformer file, without reading a weight: the config from its shapes,
-    then the fields shapes cannot tell that save_transformer recorded, then `overrides`."""
-    src = _Source(path)
+    """(config, source) of a transformer file, without reading a weight: the config from its shapes, then
+    the fields shapes cannot tell that save_transformer recorded, then `overrides`. The source's
+    `layout`: "original" (SD3.5's names, with or without its prefix) or "diffusers"."""
+    src = SafetensorsFiles(path, subfolder="transformer", prefix=PREFIX)
+    if src.prefix or any(k.startswith("joint_blocks.") for k in src.where):
+        src.layout = "original"
+    elif any(k.startswith("transformer_blocks.") for k in src.where):
+        src.layout = "diffusers"
+    else:
+        some = ", ".join(src.all_keys[:3]) or "nothing"
+        raise CheckpointError(f"{path}: no SD3/MMDiT transformer keys found (neither 'joint_blocks.*' nor "
+                              f"'transformer_blocks.*'; the file starts with: {some})")
     known = {f.name for f in fields(MMDiTConfig)}
     if set(overrides) - known:
         raise TypeError(f"unknown config overrides {sorted(set(overrides) - known)}; known: {sorted(known)}")
@@ -287,14 +269,10 @@ def transformer_config(path, **overrides):
 
 
 def load_transformer(path, *, dtype=torch.float32, device="cpu", **overrides) -> MMDiT:
-    """Load any supported transformer checkpoint; the config is read from its shapes and keys.
-
-    path: an SD3.5 single file (`model.diffusion_model.*`; VAE and text encoders beside it are
-    ignored), a diffusers transformer (.safetensors, or a folder, sharded or not, or its parent
-    with `transformer/`), a DiT4SR transformer (diffusers layout with `*control*` keys), or a file
-    written by `save_transformer`. overrides: config fields a file cannot tell, e.g.
-    lr_key_mode="r1" or time_scale=1.0. Tensors are cast to `dtype` (files mix fp16 and fp32).
-    """
+    """Any supported transformer checkpoint, the config read from its shapes and keys: an SD3.5 single
+    file (its VAE and text encoders ignored), a diffusers transformer (a file, a folder, sharded or not,
+    or its parent with `transformer/`), DiT4SR's (diffusers layout with `*control*` keys), or our file.
+    overrides: config fields a file cannot tell, e.g. lr_key_mode="r1"; tensors cast to `dtype`."""
     cfg, src = transformer_config(path, **overrides)
     lora = src.config("lora")       # None or {} without LoRA
     with torch.device("meta"):
@@ -321,10 +299,9 @@ def load_transformer(path, *, dtype=torch.float32, device="cpu", **overrides) ->
 
 
 def save_transformer(net: MMDiT, path, layout="original", sd=None):
-    """Write a safetensors file atomically in the "original" layout (SD3.5's `model.diffusion_model.*`,
-    loadable by SD3.5 tools if the model has no added parts) or the "diffusers" (DiT4SR's) one. The
-    config, LoRA settings and `net.sampling` (if set) go into the metadata. sd: the tensors to write
-    instead of net's (e.g. Later ones: runs.save_full's merged export)."""
+    """A safetensors file in the "original" layout (SD3.5's, loadable by SD3.5 tools if the model has no
+    added parts) or the "diffusers" (DiT4SR's) one; config, LoRA settings and `net.sampling` in the
+    metadata. sd: tensors to write instead of net's (e.g. runs.save_full's Later ones)."""
     sd = sd if sd is not None else {k: v.detach() for k, v in net.state_dict().items()}
     lora = getattr(net, "lora", None)
     if layout == "original":

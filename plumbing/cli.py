@@ -1,5 +1,5 @@
-"""Command-line conveniences shared by sample.py and train.py (plumbing): flags from a config
-dataclass, progress with an ETA, the device, peak memory.
+"""Command-line conveniences shared by sample.py and train.py (plumbing): flags from a config dataclass
+(each field declared with flag(default, help)), progress with an ETA, the device, peak memory.
 """
 import contextlib
 import math
@@ -9,12 +9,9 @@ from dataclasses import field, fields
 
 import torch
 
-# --------------------------------------------------------------------------------------------
-# Flags from a config dataclass (each field declared with flag(default, help)); then progress, device, memory
-
 
 def flag(default, help):
-    """A config field with its --help text, stored in the field's metadata."""
+    """A config field with its --help text (in the field's metadata)."""
     return field(default=default, metadata={"help": help})
 
 

@@ -1,10 +1,9 @@
-"""Image files (plumbing; the method sees float RGB tensors in [0, 1]): every common file in, float
-RGB out, and back to a file of the same kind; and the files a command names. Gray stays gray,
-transparency is kept apart ((1, H, W) alpha), EXIF orientation is applied, every failure is an
-ImageError naming the file. Pillow does the work except where it would lose bits: 16-bit gray is
-read at full precision, 32-bit float clipped to [0, 1] and written back at 16 bits; 16-bit colour
-PNG (Pillow reads 8 bits, cannot write) goes through the optional pypng (without it: read at 8
-bits, said in `note`), 16-bit colour TIFF through the optional tifffile (without it: refused).
+"""Image files (plumbing; the method sees float RGB tensors in [0, 1]): every common file in, float RGB
+out and back to a file of the same kind; and the files a command names. Gray stays gray, alpha is kept
+apart, EXIF orientation is applied, every failure is an ImageError naming the file. Where Pillow would
+lose bits: 16-bit gray and 32-bit float (clipped to [0, 1]) are read in full and written at 16 bits;
+16-bit colour PNG (Pillow reads 8 bits, cannot write) goes through the optional pypng (without it:
+read at 8 bits, said in `note`), 16-bit colour TIFF through the optional tifffile (without: refused).
 Outputs are written atomically and never over an input.
 """
 import glob
@@ -17,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from plumbing.checkpoints import atomic_open
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
            ".tif": "TIFF", ".tiff": "TIFF"}
@@ -87,7 +88,13 @@ def _pixels(path, im, deep_png=False):
     """(array (H, W, C) float32 in [0, 1] with C in 1..4 (gray, gray+alpha, RGB, RGBA), gray, bits).
     deep_png: the file is a 16-bit PNG."""
     if deep_png and im.mode not in ("I", "I;16", "I;16B") and _has_pypng():
-        return _read_png16(path)                       # 16-bit colour or gray+alpha: Pillow gives 8 bits
+        import png                                     # 16-bit colour or gray+alpha: Pillow gives 8 bits
+        try:
+            w, h, rows, info = png.Reader(filename=path).asDirect()
+            a = np.vstack([np.asarray(r, np.uint16) for r in rows]).reshape(h, w, info["planes"])
+        except png.Error as e:
+            raise ImageError(f"{path}: unreadable PNG data ({e})") from None
+        return a.astype(np.float32) / 65535, info["planes"] <= 2, 16
     if im.format == "TIFF" and im.mode in ("RGB", "RGBA") and np.max(im.tag_v2.get(258, 8)) == 16:
         a = _tifffile(path).imread(path)               # tag 258: BitsPerSample, one or one per channel
         if a.dtype != np.uint16 or a.ndim != 3 or a.shape[2] not in (3, 4):
@@ -119,13 +126,10 @@ def _orient(a, orientation):
 
 
 def save_image(path, rgb, alpha=None, gray=False, bits=8, protect=()):
-    """Write rgb (3, H, W) in [0, 1] (+ alpha (1, H, W)) atomically: a temporary file in the same
-    folder, then a rename. gray: store one channel (ITU-R 601 luma). bits=16 is kept for PNG and
-    TIFF; other formats store 8 bits. JPEG cannot hold alpha (an error).
-    protect: paths that must never be written over (the inputs). Returns the path."""
+    """Write rgb (3, H, W) in [0, 1] (+ alpha (1, H, W)) atomically, never over a path in `protect` (the
+    inputs). gray: one channel (ITU-R 601 luma); bits=16 is kept for PNG and TIFF, others store 8."""
     path = str(path)
     fmt = check_output(path, alpha is not None, protect)
-    folder = os.path.dirname(os.path.abspath(path))
     rgb = torch.as_tensor(rgb).detach().float().cpu()
     assert rgb.ndim == 3 and rgb.shape[0] == 3, f"rgb must be (3, H, W), got {tuple(rgb.shape)}"
     if gray:
@@ -133,9 +137,8 @@ def save_image(path, rgb, alpha=None, gray=False, bits=8, protect=()):
     if alpha is not None:
         rgb = torch.cat([rgb, torch.as_tensor(alpha).detach().float().cpu().reshape(1, *rgb.shape[1:])])
     a = rgb.clamp(0, 1).permute(1, 2, 0).numpy()                                   # (H, W, C) in [0, 1]
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with atomic_open(path) as f:
             if bits == 16 and fmt in ("PNG", "TIFF"):
                 _write16(f, fmt, np.round(a * 65535).astype(np.uint16), path)
             else:
@@ -144,15 +147,11 @@ def save_image(path, rgb, alpha=None, gray=False, bits=8, protect=()):
                 if fmt == "WEBP" and im.mode in ("L", "LA"):
                     im = im.convert("RGB" if im.mode == "L" else "RGBA")    # WebP has no gray mode
                 im.save(f, format=fmt, **SAVE_OPTIONS.get(fmt, {}))
-        os.replace(tmp, path)
     except PermissionError:
-        raise ImageError(f"{path}: cannot write there, the folder {folder} is not writable") from None
+        raise ImageError(f"{path}: cannot write there, the folder {os.path.dirname(os.path.abspath(path))} "
+                         "is not writable") from None
     except OSError as e:
         raise ImageError(f"{path}: cannot write the image ({e})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 def check_output(path, has_alpha=False, protect=()):
@@ -198,16 +197,6 @@ def _png_depth(path):
     return head[24] if len(head) == 25 and head[12:16] == b"IHDR" else 8
 
 
-def _read_png16(path):
-    import png
-    try:
-        w, h, rows, info = png.Reader(filename=path).asDirect()
-        a = np.vstack([np.asarray(r, np.uint16) for r in rows]).reshape(h, w, info["planes"])
-    except png.Error as e:
-        raise ImageError(f"{path}: unreadable PNG data ({e})") from None
-    return a.astype(np.float32) / 65535, info["planes"] <= 2, 16
-
-
 def _write16(f, fmt, a, path):
     """a: (H, W, C) uint16, C in 1..4: gray through Pillow (mode I;16), colour through pypng / tifffile."""
     H, W, C = a.shape
@@ -251,10 +240,8 @@ def find_inputs(specs, suffix):
 def output_path(src, out_dir, suffix, ext, has_alpha):
     stem, src_ext = os.path.splitext(os.path.basename(src))
     ext = src_ext.lower() if ext == "auto" else "." + ext.lstrip(".").lower()
-    if ext not in EXTS:
-        ext = ".png"                                   # read-only formats (GIF, PPM, ...) come out as PNG
-    if has_alpha and ext in (".jpg", ".jpeg"):
-        ext = ".png"                                   # JPEG has no alpha
+    if ext not in EXTS or (has_alpha and ext in (".jpg", ".jpeg")):
+        ext = ".png"                    # read-only formats (GIF, PPM, ...), and JPEG, which has no alpha
     return os.path.join(out_dir or os.path.dirname(src), stem + suffix + ext)
 
 

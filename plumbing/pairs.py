@@ -29,8 +29,7 @@ def random_crop(img, size, g):
 
 class PairDataset(torch.utils.data.Dataset):
     """Item (index, seed) -> dict(gt, lr, context, pooled, name), or dict(unreadable=path, why=...).
-    default: the prompt (a Cond without z_lr) of images without an embedding file. A share clean_prob of the
-    items gets the clean bicubic x4 LR instead of the Real-ESRGAN one."""
+    default: the prompt (a Cond without z_lr) of images without an embedding file."""
 
     def __init__(self, paths, size, default, degrade_cfg, clean_prob=0.0):
         self.paths, self.size, self.default, self.degrade_cfg = paths, size, default, degrade_cfg

@@ -1,7 +1,6 @@
 """A training run's plumbing (train.py calls it; the method does not need it): seeds per (seed, step,
 rank), so a resume repeats the uninterrupted run exactly; the latent cache; gradients averaged over
-processes; checkpoint folders that appear whole or not at all (an unreadable one is moved aside to
-NAME.broken, never deleted, and the one before it used); the log and the progress grids.
+processes; checkpoint folders that appear whole or not at all; the log and the progress grids.
 """
 import contextlib
 import glob
@@ -20,13 +19,14 @@ from PIL import Image
 
 import mfsr
 import model
-from plumbing.checkpoints import CheckpointError, Later, SafetensorsFiles, atomic_save, save_transformer, save_vae
+from plumbing.checkpoints import (CheckpointError, Later, SafetensorsFiles, atomic_open, atomic_save, save_transformer,
+                                  save_vae)
 from plumbing.cli import peak_memory_mb
 from plumbing import tiling
 import fastjvp
 
 # --------------------------------------------------------------------------------------------
-# Seeds
+# Seeds, and the latent cache (the miniature's cache_latents): a fixed set of pairs encoded once
 
 
 def mix(*xs):
@@ -47,15 +47,10 @@ def step_batches(n, batch, seed, rank, start, stop):
         yield list(zip(idx, seeds))
 
 
-# --------------------------------------------------------------------------------------------
-# The latent cache (the miniature's cache_latents): a fixed set of pairs encoded once
-
-
 def latent_cache(path, key, batches, encode, n, device, say=print):
     """n pairs of `batches` (dicts with gt, lr, context, pooled) encoded once by encode(k, batch) ->
-    (z_hr, z_lr), then reused by every step (a fixed set of degradations: much faster when the VAE
-    dominates a step, as at small model sizes). Kept in `path` with `key` (the settings that made
-    it); a rerun or a resume with the same key reads it back."""
+    (z_hr, z_lr) and reused by every step: a fixed set of degradations, much faster where the VAE
+    dominates a step. Kept in `path` under `key` (the settings that made it) for a rerun or resume."""
     if os.path.exists(path):
         f = SafetensorsFiles(path)
         if f.metadata.get("key") == key:
@@ -91,17 +86,15 @@ def cached_batches(cache, cfg, rank, start):
 # runs on the raw module, the fused mode trains the primal output of that JVP, and the anchor rows
 # run a second forward before the one backward (docs/benchmarks.md, "Gradients over processes").
 
-BUCKET_ELEMENTS = 2 ** 25   # gradients per collective (128 MB in fp32): a few launches for the full
-                            # student's ~700 tensors, and a bounded copy beside them
+BUCKET_ELEMENTS = 2 ** 25   # per collective (128 MB in fp32): a few launches for ~700 tensors, a bounded copy
 
 
 def buckets(tensors):
     """The tensors in runs of about BUCKET_ELEMENTS (one dtype and device each), in order."""
     out = []
     for t in tensors:
-        last = out[-1] if out else None
-        if (last is None or last[0].dtype != t.dtype or last[0].device != t.device
-                or sum(x.numel() for x in last) + t.numel() > BUCKET_ELEMENTS):
+        if (not out or out[-1][0].dtype != t.dtype or out[-1][0].device != t.device
+                or sum(x.numel() for x in out[-1]) + t.numel() > BUCKET_ELEMENTS):
             out.append([])
         out[-1].append(t)
     return out
@@ -139,10 +132,9 @@ def any_rank(params, flag):
 
 
 class PhaseClock:
-    """Seconds per phase of the training steps; a phase inside another counts as the outer one. On a
-    GPU each timed phase starts and ends with a synchronize, so the figures are the kernels' time,
-    not their launches'; that stalls the queue, so a run without --profile-phases gets a clock that
-    times nothing."""
+    """Seconds per phase of the training steps; a phase inside another counts as the outer one. On a GPU
+    each phase starts and ends with a synchronize (the kernels' time, not their launches'); that stalls
+    the queue, so a run without --profile-phases gets a clock that times nothing."""
 
     def __init__(self, enabled, device):
         self.enabled, self.device, self.inside = enabled, device, False
@@ -154,7 +146,6 @@ class PhaseClock:
 
     @contextlib.contextmanager
     def __call__(self, name):
-        """Time the body as phase `name` (None: not timed)."""
         if not self.enabled or name is None or self.inside:
             yield
             return
@@ -168,7 +159,7 @@ class PhaseClock:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
     def timed_iter(self, name, items):
-        """The items of `items`, the wait for each timed as `name` (a data loader's)."""
+        """The items of `items`, the wait for each timed as `name`."""
         items = iter(items)
         while True:
             with self(name):
@@ -178,7 +169,6 @@ class PhaseClock:
             yield item
 
     def step(self):
-        """End a step: its phases' seconds go to `steps`."""
         if self.enabled:
             self.steps.append(self.seconds)
             self.seconds = {}
@@ -186,9 +176,8 @@ class PhaseClock:
     def write(self, path, peak_mb):
         """Each step's seconds per phase and the peak memory, as JSON (tools/rehearse.py reads it)."""
         rec = {"peak_mb": peak_mb, "steps": self.steps}
-        with open(path + ".tmp", "w") as f:
+        with atomic_open(path, "w") as f:
             json.dump(rec, f, indent=1)
-        os.replace(path + ".tmp", path)
         return rec
 
     def time_calls(self, module, name):
@@ -209,18 +198,18 @@ class PhaseClock:
 
 
 def student_phase(args):
-    """PhaseClock name of a student call: the JVP when its input carries a tangent (forward AD computes
-    it during the call), else the forward whose output is trained."""
+    """PhaseClock name of a student call: the JVP when its input carries a tangent, else the forward."""
     return "JVP" if fastjvp.has_tangent(args[0]) else "student forward"
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints: trainable weights + config; optimizer state; a full export for sample.py
+# Checkpoints: trainable weights + config; optimizer state; a full export for sample.py; the log; a PNG
+# grid of progress to look at
 
 
 def optimizer_tensors(opt, prefix=""):
-    """opt.state_dict() as safetensors can hold it: {prefix + "param index.name": tensor} (0-d
-    tensors as (1,)) and the param groups as JSON."""
+    """opt.state_dict() as safetensors holds it: {prefix + "param index.name": tensor} (0-d as (1,)), and
+    the param groups as JSON."""
     state = opt.state_dict()
     tensors = {f"{prefix}{i}.{k}": v.detach().cpu().reshape(-1) if v.ndim == 0 else v.detach().cpu()
                for i, st in state["state"].items() for k, v in st.items()}
@@ -228,8 +217,7 @@ def optimizer_tensors(opt, prefix=""):
 
 
 def load_optimizer(opt, tensors, groups, prefix=""):
-    """Restore `opt` from optimizer_tensors' entries (the keys starting with `prefix`) and its
-    param groups (the parsed JSON)."""
+    """Restore `opt` from optimizer_tensors' entries under `prefix` and the parsed param groups."""
     state = {}
     for k, v in tensors.items():
         if k.startswith(prefix):
@@ -239,11 +227,9 @@ def load_optimizer(opt, tensors, groups, prefix=""):
 
 
 def save_checkpoint(cfg, net, opt, ema, step, rank, embs, vae, world=1, export=False):
-    """out/ckpt-{step}/, whole or not at all: trainable.safetensors (+ EMA; with the world size, which a
-    resume must match) and optimizer.safetensors to resume from, the null, negative and default prompt
-    embeddings it was trained with, and a VAE that came from no file; with `export`, the file sample.py
-    reads too: student.safetensors / teacher.safetensors, the whole model with LoRA merged (at full
-    scale 10 GB in fp32, so train.py writes it at the end or on --export-every-save)."""
+    """out/ckpt-{step}/, whole or not at all: trainable weights (+ EMA, and the world size a resume must
+    match), optimizer state, prompt embeddings, a VAE that came from no file; with `export` sample.py's
+    file, LoRA merged (10 GB in fp32 at full scale: train.py writes it last or on --export-every-save)."""
     if rank != 0:
         return
     final = os.path.join(cfg.out, f"ckpt-{step:07d}")
@@ -281,10 +267,9 @@ def sample_overlap(tile, patch):
 
 
 def save_full(net, path, sampling=None, ema=None):
-    """The whole model, LoRA merged, loadable by load_transformer / sample.py, with the EMA weights
-    where `ema` (name -> tensor) has them: the ones to sample with. `sampling`: its sampler's defaults.
-    In fp32 (a LoRA update merged into bf16 weights would be rounded away), each tensor made on the
-    CPU as it is written: no second copy of the model, on its GPU or in the host's memory."""
+    """The whole model for load_transformer / sample.py, LoRA merged, with the EMA weights where `ema`
+    has them; `sampling`: its sampler's defaults. In fp32 (a LoRA update merged into bf16 would be
+    rounded away), each tensor made on the CPU as it is written: no second copy of the model."""
     with torch.device("meta"):
         full = model.MMDiT(net.cfg)           # the merged model's keys and shapes, no memory
     full.sampling = sampling
@@ -303,9 +288,8 @@ def save_full(net, path, sampling=None, ema=None):
 
 
 def load_checkpoint(cfg, net, opt, rank=0, world=1):
-    """The newest readable ckpt-* in --out into `net` and `opt`; returns (step, ema). One that cannot be
-    read (a file truncated by a crash or a full disk) is moved aside to NAME.broken, never deleted, and
-    the one before it is used."""
+    """The newest readable ckpt-* in --out into `net` and `opt`: (step, ema). One a crash or a full disk
+    left unreadable is moved aside to NAME.broken, never deleted, and the one before it used."""
     found = sorted(glob.glob(os.path.join(cfg.out, "ckpt-*[0-9]")))
     if not found:
         raise SystemExit(f"error: --resume: no ckpt-* folder in {cfg.out}")
@@ -329,9 +313,7 @@ def load_checkpoint(cfg, net, opt, rank=0, world=1):
         train = {k for k, p in params.items() if p.requires_grad}
         if set(k for k in tensors if not k.startswith("ema.")) != train:
             raise CheckpointError(f"{folder}: its trainable set differs from this run's (other stage or LoRA?)")
-        with torch.no_grad():
-            for k in train:
-                params[k].copy_(tensors[k])
+        net.load_state_dict({k: tensors[k] for k in train}, strict=False)   # the rest: the frozen weights
         ema = {k[4:]: v.to(params[k[4:]].device) for k, v in tensors.items() if k.startswith("ema.")} or None
         load_optimizer(opt, otensors, groups)
         if folder != found[-1]:
@@ -340,22 +322,18 @@ def load_checkpoint(cfg, net, opt, rank=0, world=1):
     raise SystemExit(f"error: --resume: no readable checkpoint in {cfg.out} (the broken ones are kept as *.broken)")
 
 
-def _step_of(line):
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):   # a line cut by the crash
-        return math.inf
-
-
 def trim_log(path, step):
     """log.jsonl without the lines after `step` (or cut by the crash): a resumed run logs those steps again."""
     if not os.path.exists(path):
         return
+    keep = []
     with open(path) as f:
-        keep = [line for line in f if _step_of(line) <= step]
-    with open(path + ".tmp", "w") as f:
+        for line in f:
+            with contextlib.suppress(ValueError, KeyError, TypeError):   # a line cut by the crash
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+    with atomic_open(path, "w") as f:
         f.writelines(keep)
-    os.replace(path + ".tmp", path)
 
 
 def log_step(cfg, log, done, start, t0, loss, gnorm, lr, device, extra):
@@ -373,28 +351,22 @@ def log_step(cfg, log, done, start, t0, loss, gnorm, lr, device, extra):
               flush=True)
 
 
-# --------------------------------------------------------------------------------------------
-# Progress: a PNG grid to look at
-
-
 @torch.no_grad()
 def save_grid(path, vae, net, stage, batch, z_lr):
     """Rows of LR (upsampled) | 1 step | 2 steps (distill) or 4 Euler steps (teacher) | HR."""
+    image = lambda z: tiling.decode(vae, z).float().add(1).div(2).clamp(0, 1)   # noqa: E731
     if "gt" not in batch:   # cached latents: the HR and (bicubic-upsampled) LR images through the VAE
-        batch = dict(batch, gt=tiling.decode(vae, batch["z_hr"][:4]).float().add(1).div(2).clamp(0, 1),
-                     lr=tiling.decode(vae, batch["z_lr"][:4]).float().add(1).div(2).clamp(0, 1))
+        batch = dict(batch, gt=image(batch["z_hr"][:4]), lr=image(batch["z_lr"][:4]))
     n = min(4, batch["gt"].shape[0])
     gt = batch["gt"][:n]
     g = torch.Generator().manual_seed(0)
     c = mfsr.Cond(z_lr[:n], batch["pooled"][:n], batch["context"][:n])
     if stage == "distill":
         outs = [mfsr.sample_student(net, c, steps=k, generator=g) for k in (1, 2)]
-    else:
-        outs = [mfsr.sample_teacher(net, c, c, steps=k, cfg=1.0,  # no negative
-                                    generator=g) for k in (1, 4)]
+    else:   # no negative prompt
+        outs = [mfsr.sample_teacher(net, c, c, steps=k, cfg=1.0, generator=g) for k in (1, 4)]
     lr_up = F.interpolate(batch["lr"][:n], size=gt.shape[-2:], mode="bicubic")
-    cols = [lr_up] + [tiling.decode(vae, o.to(z_lr)).float().add(1).div(2) for o in outs] + [gt]
+    cols = [lr_up] + [image(o.to(z_lr)) for o in outs] + [gt]
     rows = torch.cat([torch.cat([c[i].cpu().clamp(0, 1) for c in cols], 2) for i in range(n)], 1)  # (3, nH, kW)
-    tmp = path + ".tmp.png"
-    Image.fromarray((rows.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(tmp)
-    os.replace(tmp, path)
+    with atomic_open(path) as f:
+        Image.fromarray((rows.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(f, format="PNG")
