@@ -523,16 +523,16 @@ def tile_scan(dest="docs/tiles.md", scan=TILE_SCAN, size=256, names=HELD_OUT, ph
     cond = checkpoints.prompt_rows(embs["prompt"])
     hr, lr = (torch.cat(t) for t in zip(*(heldout_pairs(size, 1, 0, s, names) for s in SETTINGS)))
     run = lambda tile, overlap, seed=0: upscale_crops(lr, net, v, cond, 1, seed=seed,  # noqa: E731
-                                                      tile=tile, tile_overlap=overlap)
+                                                      tile=tile, tile_overlap=overlap, start=0.0)   # from noise
     whole = size // v.cfg.factor
     ref, other = run(whole, 0), run(whole, 0, seed=1)
     seed_gap = (other - ref).abs().mean()
     z = torch.randn(1, net.cfg.in_channels, *photo)
-    pooled, context = cond
+    pooled, context = cond.pooled, cond.context
     out_size = f"{photo[1] * v.cfg.factor}x{photo[0] * v.cfg.factor}"
     lines = [f"# The shipped student's latent tiles (`python experiments/sweeps.py --tile-scan`, {time.strftime('%Y-%m-%d')})", "",
-             f"{len(names)} held-out photographs x {len(SETTINGS)} settings, one {size}^2 crop each: 1 step, as sample.py "
-             f"samples, against one untiled pass (a {whole}^2 latent fits the position grid). \"vs untiled\": mean "
+             f"{len(names)} held-out photographs x {len(SETTINGS)} settings, one {size}^2 crop each: 1 step from "
+             f"t0 = 0 (the paper's start), as sample.py samples, against one untiled pass (a {whole}^2 latent fits the position grid). \"vs untiled\": mean "
              f"|tiled - untiled| over the seed-to-seed mean |seed 1 - seed 0| ({seed_gap:.4f}). \"seam\": "
              "sweeps.seam_step, the pixel step where tiles meet over that elsewhere, relative to untiled "
              f"(1: none). Network: TiledNet on the latent of a {out_size} output, "
