@@ -378,7 +378,7 @@ class JointBlock(model.JointBlock):
     def mlp_rows(self, x, lr, m, grid, r0, r1, above=None, here=None, below=None):
         """image_mlp's outputs on image rows r0 .. r1 - 1 (tokens r0 w .. r1 w - 1) of X and of L. above,
         here, below: L's hidden layer on the row above, the band, the band below (None past the edges)."""
-        xb, (h, w), gate = self.x_block, grid, m.gate_mlp.unsqueeze(1)
+        xb, (_, w), gate = self.x_block, grid, m.gate_mlp.unsqueeze(1)
         band = slice(r0 * w, r1 * w)
         hx = xb.mlp.hidden(model.modulate(xb.norm2(x[:, band]), m.shift_mlp, m.scale_mlp))   # (B, n, 4D)
         lr_out = None

@@ -65,7 +65,8 @@ class LiveBytes(TorchDispatchMode):
 
     def adopt(self, tensors):
         for t in tensors:
-            self._count(t)
+            if t is not None:               # a prompt's Cond has no z_lr
+                self._count(t)
         self._note(0)
 
     def _count(self, t):
@@ -254,7 +255,7 @@ class MetaValues(TorchFunctionMode):
 
 def _storages(tensors):
     """{address: bytes} of the distinct storages of `tensors` (shared weights count once)."""
-    return {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}
+    return {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors if t is not None}
 
 
 def _rows_seed(B, ratio):
@@ -287,6 +288,7 @@ def distill_step(net_cfg, B, latent, tokens, argv, vae_cfg=None, lora_rank=64, w
     import contextlib
 
     import fastjvp
+    import mfsr
     import model
     import train
     import vae as vae_lib
@@ -310,7 +312,7 @@ def distill_step(net_cfg, B, latent, tokens, argv, vae_cfg=None, lora_rank=64, w
 
     C, P = net_cfg.in_channels, net_cfg.context_dim
     with torch.device("meta"):
-        prompt = lambda: (torch.empty(tokens, P), torch.empty(net_cfg.pooled_dim))   # noqa: E731
+        prompt = lambda: mfsr.Cond(None, torch.empty(net_cfg.pooled_dim), torch.empty(tokens, P))   # noqa: E731
         images = dict(gt=torch.empty(B, 3, 8 * latent, 8 * latent), lr=torch.empty(B, 3, 2 * latent, 2 * latent))
         latents = dict(z_hr=torch.empty(B, C, latent, latent), z_lr=torch.empty(B, C, latent, latent))
         mb = dict(context=torch.empty(B, tokens, P), pooled=torch.empty(B, net_cfg.pooled_dim), null=prompt(),

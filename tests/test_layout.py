@@ -22,10 +22,11 @@ def _modules():
     for f in os.listdir(ROOT):
         if f.endswith(".py") and not f.startswith("test_"):
             found[f[:-3]] = os.path.join(ROOT, f)
-    for folder in ("plumbing",) + APART[:2]:
+    for folder, prefix in (("plumbing", "plumbing."), ("tools", ""), ("experiments", ""),
+                           (os.path.join("experiments", "benches"), "benches.")):
         for f in os.listdir(os.path.join(ROOT, folder)):
             if f.endswith(".py") and f != "__init__.py":
-                found[(folder + "." if folder == "plumbing" else "") + f[:-3]] = os.path.join(ROOT, folder, f)
+                found[prefix + f[:-3]] = os.path.join(ROOT, folder, f)
     return found
 
 
@@ -69,6 +70,7 @@ def test_no_import_runs_back_up(graph):
     """Every arrow points to a floor below its file or to the same floor: plumbing/ and fastjvp.py
     never import the programs, tools/ or experiments/; train.py and sample.py never each other."""
     assert "plumbing.checkpoints" in graph["sample"] and "model" in graph["plumbing.checkpoints"]  # the graph is read
+    assert "benches.common" in graph["benches.quality"] and "sample" in graph["benches.sampling"]
     for m, deps in graph.items():
         for d in deps:
             assert _floor(d) <= _floor(m), f"{m} imports {d}, a floor above it"

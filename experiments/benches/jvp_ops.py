@@ -39,13 +39,12 @@ def jvp_op_counts(cfg, side, B=5, L=154):
     a forward, and the JVP as train.py runs it (mfsr.meanflow_target's: tangents (v, 1, 0) for
     (z_t, t, s), under no_grad, lean_memory() and detached_tangents()). Each op is put under the
     kind of layer it runs in: linear, norm, attention (the call, with its tangent) or other."""
-    import contextlib
     from unittest import mock
     import fastjvp
     import mfsr
     import model
     with torch.device("meta"):
-        student = model.make_student(model.MMDiT(cfg))
+        student = fastjvp.accelerate(model.make_student(model.MMDiT(cfg)))      # as train.py
         z, v, z_lr = (torch.randn(B, cfg.in_channels, side, side) for _ in range(3))
         t, s = torch.rand(B), torch.rand(B)
         c = mfsr.Cond(z_lr, torch.randn(B, cfg.pooled_dim), torch.randn(B, L, cfg.context_dim))
@@ -69,8 +68,7 @@ def jvp_op_counts(cfg, side, B=5, L=154):
             return attend(*a, **kw)
         finally:
             stack[-1].where.pop()
-    with torch.no_grad(), fastjvp.lean_memory(), mock.patch.object(model, "attention", attention), \
-            mock.patch.object(fastjvp, "attention", attention):
+    with torch.no_grad(), fastjvp.lean_memory(), mock.patch.object(fastjvp, "attention", attention):
         with fwd:
             stack.append(fwd)
             u(z, t, s, c)

@@ -70,12 +70,13 @@ def sample_gflop(w, h):
     torch's FlopCounterMode on the meta device (shapes only; there attention is counted, as its matmuls,
     which the CPU's flash kernel is not): VAE encode, the network (one tile's call times the tiles),
     VAE decode. {part: GFLOP}."""
+    import fastjvp
     import sample
     from torch.utils.flop_counter import FlopCounterMode
-    from plumbing import checkpoints, tiling
+    from plumbing import tiling
     ckpt = os.path.join(sample.SHIPPED, "student.safetensors")
     net, vae = sample.load_models(ckpt)
-    net, vae = net.to("meta"), vae.to("meta")
+    net, vae = fastjvp.accelerate(net.to("meta")), vae.to("meta")          # as sample.py runs them
     prompt = sample.load_condition(net.cfg, ckpt)[0].to("meta")   # sample.py's prompt
     st = sample.sampling_settings(net)
     m = vae.cfg.factor * net.cfg.patch
@@ -83,7 +84,7 @@ def sample_gflop(w, h):
     counts = {}
     with torch.inference_mode():
         with FlopCounterMode(display=False) as fc:
-            z = vae.encode(x)
+            z = tiling.encode(vae, x)
         counts["VAE encode"] = fc.get_total_flops() / 1e9
         tiles = len(tiling.TiledNet(net, st["tile"], st["tile_overlap"]).tiles(*z.shape[-2:]))
         one = z[..., :st["tile"], :st["tile"]]
@@ -91,7 +92,7 @@ def sample_gflop(w, h):
             net(one, torch.ones(1, device="meta"), prompt.pooled, prompt.context, lr=one, sigma_s=torch.zeros(1, device="meta"))
         counts["network"] = tiles * fc.get_total_flops() / 1e9
         with FlopCounterMode(display=False) as fc:
-            vae.decode(z)
+            tiling.decode(vae, z)
         counts["VAE decode"] = fc.get_total_flops() / 1e9
     return counts
 

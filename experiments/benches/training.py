@@ -21,13 +21,14 @@ def _train_case(cfg, h, B, compiled):
     trained_teacher.load_state_dict(teacher.state_dict())
     for n, p in trained_teacher.named_parameters():
         p.requires_grad_("control" in n and n not in set(model.dead_lr_params(trained_teacher)))
-    student = model.make_student(teacher, lora_rank=16)
+    student = fastjvp.accelerate(model.make_student(teacher, lora_rank=16))   # as train.py
+    fastjvp.accelerate(teacher), fastjvp.accelerate(trained_teacher)
     teacher.requires_grad_(False)
     g = torch.Generator().manual_seed(0)
     z_hr, z_lr = torch.randn(B, 16, h, h, generator=g), torch.randn(B, 16, h, h, generator=g)
     ctx, pooled = torch.randn(B, 8, cfg.context_dim, generator=g), torch.randn(B, cfg.pooled_dim, generator=g)
-    null = (torch.zeros(1, cfg.context_dim), torch.zeros(cfg.pooled_dim))
-    neg = (torch.randn(8, cfg.context_dim, generator=g), torch.randn(cfg.pooled_dim, generator=g))
+    null = mfsr.Cond(None, torch.zeros(cfg.pooled_dim), torch.zeros(1, cfg.context_dim))
+    neg = mfsr.Cond(None, torch.randn(cfg.pooled_dim, generator=g), torch.randn(8, cfg.context_dim, generator=g))
     run_t = torch.compile(trained_teacher, dynamic=False) if compiled else trained_teacher   # as train.py
     run_s = torch.compile(student, dynamic=False) if compiled else student
     jvp = torch.compile(fastjvp.func_jvp, dynamic=False) if compiled else mfsr.jvp
@@ -55,13 +56,15 @@ def _pairs_per_second(size, n=6):
     from PIL import Image
 
     import degrade
+    import mfsr
     from plumbing import images, pairs
     with tempfile.TemporaryDirectory() as d:
         rng = np.random.default_rng(0)
         for i in range(3):   # smooth random photographs-to-be, larger than the crop
             small = rng.random((size // 16, size // 16, 3)) * 255
             Image.fromarray(small.astype(np.uint8)).resize((size + 64, size + 64), Image.BICUBIC).save(f"{d}/{i}.png")
-        ds = pairs.PairDataset(images.find_images(d), size, (torch.zeros(1, 64), torch.zeros(32)), degrade.DegradeConfig())
+        ds = pairs.PairDataset(images.find_images(d), size, mfsr.Cond(None, torch.zeros(32), torch.zeros(1, 64)),
+                                degrade.DegradeConfig())
         ds[(0, 0)]
         t0 = time.perf_counter()
         for i in range(n):

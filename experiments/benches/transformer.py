@@ -17,7 +17,7 @@ def _model_case(cfg, H, W, B=1, L=16, two_times=True):
     import model
     from dataclasses import replace
     torch.manual_seed(0)
-    net = model.MMDiT(replace(cfg, two_times=two_times, time_scale=1.0))
+    net = fastjvp.accelerate(model.MMDiT(replace(cfg, two_times=two_times, time_scale=1.0)))   # as train.py
     x = torch.randn(B, 16, H, W)
     args = dict(pooled=torch.randn(B, cfg.pooled_dim), context=torch.randn(B, L, cfg.context_dim),
                 lr=torch.randn_like(x), sigma_s=torch.rand(B))
@@ -26,11 +26,8 @@ def _model_case(cfg, H, W, B=1, L=16, two_times=True):
 
     def jvp(mode):
         def run():
-            net.attn_mode = mode
-            with torch.no_grad():
-                out = mfsr.jvp(f, (x, sigma), (tx, tt))      # as mfsr.py runs it
-            net.attn_mode = "auto"
-            return out
+            with torch.no_grad(), fastjvp.attention_mode(mode):
+                return mfsr.jvp(f, (x, sigma), (tx, tt))      # as mfsr.py runs it
         return run
 
     def fwd():
@@ -113,7 +110,8 @@ def _mfsr_case(cfg, H, W, B=2, L=16, rank=16):
     import model
     torch.manual_seed(0)
     teacher = model.MMDiT(cfg)
-    student = model.make_student(teacher, lora_rank=rank)
+    student = fastjvp.accelerate(model.make_student(teacher, lora_rank=rank))   # as train.py
+    fastjvp.accelerate(teacher)
     for p in teacher.parameters():
         p.requires_grad_(False)
     z_hr, eps, z_lr = (torch.randn(B, 16, H, W) for _ in range(3))

@@ -19,6 +19,7 @@ from benches.common import bench, median_times, peak_mb
 def bench_vae(args):
     """Time and peak memory of SD3 VAE encode / decode, untiled vs tiled, fp32 and bf16."""
     import vae as V
+    from plumbing import tiling
     torch.manual_seed(0)
     base = V.VAE(V.CONFIGS["sd3"]).eval()
     # VAE_BENCH_SIZES=2048 VAE_BENCH_OPS=decode: only the rows of the 4 GiB target; VAE_BENCH_DTYPES=bf16
@@ -44,8 +45,8 @@ def bench_vae(args):
                 continue
             x = (torch.rand(1, 3, size, size) * 2 - 1).to(dtype)
             z = torch.randn(1, 16, size // 8, size // 8).to(dtype)
-            for op, fn in (("encode", lambda: vae.encode(x, tile=enc_tile)),
-                           ("decode", lambda: vae.decode(z, tile=dec_tile))):
+            for op, fn in (("encode", lambda: tiling.encode(vae, x, tile=enc_tile)),
+                           ("decode", lambda: tiling.decode(vae, z, tile=dec_tile))):
                 if op not in ops:
                     continue
                 t0 = time.perf_counter()
@@ -69,8 +70,8 @@ def bench_vae_tiny(args, size=512, runs=3):
     for name, key in (("tiny (4x4 patches)", "tiny"), ("x4, three levels", "x4")):
         torch.manual_seed(0)
         vae = V.VAE(V.CONFIGS[key]).eval()
-        fns[name, "encode"] = lambda vae=vae: vae.encode(x, tile=0)
-        fns[name, "decode"] = lambda vae=vae: vae.decode(z, tile=0)
+        fns[name, "encode"] = lambda vae=vae: vae.encode(x)
+        fns[name, "decode"] = lambda vae=vae: vae.decode(z)
     rows, figures = [], {}
     with torch.no_grad():
         times = median_times(fns, repeat=runs)
