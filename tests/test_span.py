@@ -139,7 +139,8 @@ def test_every_graph_reads_data_and_writes_output():
         assert len(inputs) == 1 and inputs[0][4] == ncnn_sr.IN, name
         assert layers[-1][3] == "1" and layers[-1][4 + int(layers[-1][2])] == ncnn_sr.OUT, name
         if name == "realesrgan-x4plus":
-            assert {l[0] for l in layers} == {"Input", "Convolution", "Concat", "Split", "Eltwise", "BinaryOp", "Interp"}
+            kinds = {"Input", "Convolution", "Concat", "Split", "Eltwise", "BinaryOp", "Interp"}
+            assert {l[0] for l in layers} == kinds
             assert [l[-3:] for l in layers if l[0] == "Interp"] == [["0=1", "1=2.000000e+00", "2=2.000000e+00"]] * 2
     if not found:
         pytest.skip(ncnn_sr.missing("realesrgan-x4plus"))
@@ -150,12 +151,14 @@ def test_realesrgan_gflop_counts_each_convolution_at_its_resolution():
     the two upsampling convolutions at 2x and 4x, the last two at 4x."""
     _need("realesrgan-x4plus")
     with open(ncnn_sr.model_files("realesrgan-x4plus")[0]) as f:
-        weights = sum(int(p[2:]) for line in f if line.startswith("Convolution") for p in line.split() if p.startswith("6="))
+        weights = sum(int(p[2:]) for line in f if line.startswith("Convolution")
+                      for p in line.split() if p.startswith("6="))
     assert weights == 16_684_416
     trunk = weights - 3 * 36864 - 1728                 # everything before the first Interp
     want = trunk + 36864 * 4 + 2 * 36864 * 16 + 1728 * 16
     assert ncnn_sr.gflop(1, 1, "realesrgan-x4plus") == pytest.approx(2 * want / 1e9)
-    assert ncnn_sr.gflop(500, 750, "realesrgan-x4plus") == pytest.approx(500 * 750 * ncnn_sr.gflop(1, 1, "realesrgan-x4plus"))
+    one = ncnn_sr.gflop(1, 1, "realesrgan-x4plus")
+    assert ncnn_sr.gflop(500, 750, "realesrgan-x4plus") == pytest.approx(500 * 750 * one)
 
 
 def test_ncnn_sr_program_writes_the_x4_png_of_upscale_with_its_tiles(tmp_path):
@@ -166,7 +169,8 @@ def test_ncnn_sr_program_writes_the_x4_png_of_upscale_with_its_tiles(tmp_path):
     rng = np.random.default_rng(1)
     rgb = (np.kron(rng.random((3, 5, 3)), np.ones((4, 4, 1))) * 255).astype(np.uint8)     # (12, 20, 3)
     Image.fromarray(rgb).save(tmp_path / "in.png")
-    prog = [sys.executable, os.path.join(ROOT, "experiments", "ncnn_sr.py"), str(tmp_path / "in.png"), str(tmp_path / "out.png")]
+    prog = [sys.executable, os.path.join(ROOT, "experiments", "ncnn_sr.py"),
+            str(tmp_path / "in.png"), str(tmp_path / "out.png")]
     assert subprocess.run(prog, capture_output=True).returncode == 2                      # no --model
     subprocess.run(prog + ["--model", "realesrgan-x4plus", "--tile", "8", "--threads", str(THREADS)], check=True)
     with Image.open(tmp_path / "out.png") as im:
