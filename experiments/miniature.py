@@ -603,11 +603,11 @@ def evaluate(dest=SHIP, size=256, per_image=1, teacher_steps=40, seed=0, setting
     lr_up = bicubic_up(lr, hr.shape[-2:])
     cfg_scale = sample.sampling_settings(nets["teacher"])["cfg"]
 
-    def run(net, steps, teacher=False, release="", grid="shifted"):
+    def run(net, steps, teacher=False, release="", grid="shifted", **kw):
         _, vae, embs = models[release]
         cond = {e: checkpoints.prompt_rows(p) for e, p in embs.items()}
         return upscale_crops(lr, net, vae, cond["prompt"], steps, teacher=teacher, cond_neg=cond["neg"], seed=seed,
-                             grid=grid)
+                             grid=grid, **kw)
 
     through_vae = lambda x: v.decode(v.encode(x * 2 - 1)).float().add(1).div(2).clamp(0, 1)  # noqa: E731
     methods = {"bicubic": lambda: lr_up,
@@ -618,8 +618,10 @@ def evaluate(dest=SHIP, size=256, per_image=1, teacher_steps=40, seed=0, setting
     for k in (2, 4):        # the teacher's Euler on the student's grid (Alg. 2): what distillation must beat
         methods[teacher_name(k, cfg_scale) + ", uniform grid"] = \
             lambda k=k: run(nets["teacher"], k, teacher=True, grid="uniform")
-    for k in (1, 2, 4):
+    for k in (1, 2, 4):     # from the start the student's file records (sample.py's default)
         methods[f"student {k} step{'s' * (k > 1)}"] = lambda k=k: run(nets["student"], k)
+    for k in (1, 2):        # from pure noise, the paper's Alg. 2
+        methods[f"student {k} step{'s' * (k > 1)}, from noise (t0 = 0)"] = lambda k=k: run(nets["student"], k, start=0.0)
     for k in (1, 2):
         methods[f"student, gt target, {k} step{'s' * (k > 1)}"] = lambda k=k: run(nets["student_gt"], k)
     if previous:

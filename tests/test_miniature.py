@@ -14,6 +14,7 @@ from PIL import Image
 import metrics
 import mfsr
 import miniature
+import ncnn_sr
 import model
 import sample
 import span
@@ -193,7 +194,8 @@ def test_quality_command_runs_at_a_reduced_size():
     for setting in miniature.SETTINGS:
         by = {r["method"]: r for r in rows if r["setting"] == setting}
         for m in ("bicubic", "VAE(bicubic) (the latent path's cost)", "VAE(HR) (upper bound)", teacher8,
-                  "student 1 step", "student 2 steps", "student 4 steps", "student, gt target, 1 step"):
+                  "student 1 step", "student 2 steps", "student 4 steps", "student, gt target, 1 step",
+                  "student 1 step, from noise (t0 = 0)"):
             assert m in by, (setting, list(by))
         for r in by.values():
             assert all(math.isfinite(r[k]) for k in ("PSNR", "SSIM", "LPIPS", "DISTS", "NIQE", "speckle",
@@ -206,11 +208,17 @@ def test_quality_command_runs_at_a_reduced_size():
     clean = {r["method"]: r["PSNR"] for r in rows if r["setting"] == "bicubic"}
     degraded = {r["method"]: r["PSNR"] for r in rows if r["setting"] == "realesrgan"}
     assert clean["bicubic"] > degraded["bicubic"]                 # the clean LR is the easier input
-    if span.missing() is None:      # the models a user would pick instead: last, no teacher column
-        spans = list(quality.SPAN_ROWS.values())
-        assert [r["method"] for r in rows if r["setting"] == "bicubic"][-2:] == spans
-        assert all(r["PSNR vs teacher 8"] is None for r in rows if r["method"] in spans)
-        assert clean[spans[0]] > clean["bicubic"] + 0.5           # bicubic-trained SPAN on its own task
+    peers = [m for name, m in quality.PEER_ROWS.items() if ncnn_sr.missing(name) is None]
+    assert [r["method"] for r in rows if r["setting"] == "bicubic"][len(clean) - len(peers):] == peers   # last
+    assert all(r["PSNR vs teacher 8"] is None for r in rows if r["method"] in peers)     # no teacher column
+    if span.missing() is None:
+        assert clean[quality.PEER_ROWS["spanx4_ch48"]] > clean["bicubic"] + 0.5   # bicubic-trained SPAN on its own task
+    # the start sweep: the same crops and noise as the table's student rows, from each start
+    t0 = miniature.load_shipped()[0]["student"].sampling["start"]
+    for setting, what in (("realesrgan", degraded), ("bicubic", clean)):
+        for k, start, row in ((1, 0, "student 1 step, from noise (t0 = 0)"), (2, 0, "student 2 steps, from noise (t0 = 0)"),
+                              (1, t0, "student 1 step"), (2, t0, "student 2 steps")):
+            assert figures[f"{setting}/start sweep/{k} steps, t0 = {start:g}"]["PSNR"] == pytest.approx(what[row], abs=1e-9)
 
 
 @pytest.mark.slow

