@@ -40,9 +40,8 @@ import torch.autograd.forward_ad as fwAD
 
 
 class Cond(NamedTuple):
-    """What a network sees besides (z, t, s), each part batched like z: the LR latent z_lr
-    (B, C, h, w), the prompt's pooled embedding (B, P) and its tokens (B, L, D). A prompt read
-    from a file has no LR latent yet (z_lr None); `cond._replace(z_lr=...)` gives it one."""
+    """What a network sees besides (z, t, s), batched like z: the LR latent z_lr (B, C, h, w), the
+    prompt's pooled embedding (B, P) and tokens (B, L, D). A prompt alone has z_lr None."""
     z_lr: Optional[torch.Tensor]
     pooled: torch.Tensor
     context: torch.Tensor
@@ -372,23 +371,20 @@ def _check_start(start):
 
 
 def start_latent(z_lr, eps, start):
-    """z_t0 = t0 z_LR + (1 - t0) eps: the path's point at time t0 with the LR latent standing in for
-    the unknown HR one. t0 = 0 is pure noise (Alg. 2); a later start keeps more of the LR image, so
-    the sample invents less (fidelity) and, started from noise, more (realism)."""
+    """z_t0 = t0 z_LR + (1 - t0) eps: the path at t0, the LR latent standing in for the HR one. t0 = 0 is
+    pure noise (Alg. 2, the most invented detail); a later start keeps more of the LR image."""
     return start * z_lr + (1 - start) * eps
 
 
 def noise_like(z, generator=None):
-    """Gaussian noise shaped like z, drawn on the generator's device (the CPU for torch.Generator())
-    and moved to z's: CUDA refuses a CPU generator for a GPU draw, and a seed gives the same noise
-    on every device. Without a generator: torch's global one, on z's device."""
+    """Gaussian noise like z, drawn on the generator's device (else z's) and moved to z's: CUDA refuses
+    a CPU generator for a GPU draw, and a seed gives the same noise on every device."""
     device = z.device if generator is None else generator.device
     return torch.randn(z.shape, generator=generator, device=device, dtype=z.dtype).to(z.device)
 
 
 def sample_student(net, cond, steps=1, generator=None, start=0.0):
-    """The student's N-step super-resolution of cond.z_lr (Alg. 2), from Gaussian noise, or from
-    z_t0 (`start_latent`) for a start t0 > 0."""
+    """The student's N-step super-resolution of cond.z_lr (Alg. 2), from noise or from z_t0 (t0 = start)."""
     z0 = start_latent(cond.z_lr, noise_like(cond.z_lr, generator), start)
     u = average_velocity(net)
     return sample(lambda z, t, s: u(z, t, s, cond), z0, steps, start)
@@ -414,11 +410,10 @@ def uniform_sigmas(steps, device=None):
 @torch.no_grad()
 def sample_teacher(net, cond, cond_neg, steps=40, cfg=DIT4SR_CFG, shift=SD35_SHIFT, generator=None,
                    grid="shifted", noise=None, start=0.0):
-    """The teacher's Euler sampler with CFG on the SD3.5 shifted schedule (DiT4SR's recipe:
-    40 steps, CFG 8, batch order [negative, positive]): v = v_neg + cfg (v_c - v_neg).
-    cond: the Cond of the image (its z_lr is the one used); cond_neg: the negative prompt's.
-    grid "uniform": uniform_sigmas instead. noise: the starting eps (default: drawn from `generator`).
-    start t0 > 0: from z_t0 (`start_latent`), the grid's sigmas scaled into [0, 1 - t0], as many steps."""
+    """The teacher's Euler sampler with CFG on the SD3.5 shifted schedule (DiT4SR's recipe: 40 steps,
+    CFG 8, batch order [negative, positive]): v = v_neg + cfg (v_c - v_neg). cond: the image's Cond
+    (its z_lr is used); cond_neg: the negative prompt's. grid "uniform": uniform_sigmas. noise: the
+    starting eps (default: from `generator`). start t0 > 0: from z_t0, the sigmas scaled into [0, 1 - t0]."""
     _check_start(start)
     z = start_latent(cond.z_lr, noise_like(cond.z_lr, generator) if noise is None else noise, start)
     B = z.shape[0]

@@ -74,8 +74,7 @@ DEFAULTS = {"tile": 64, "tile_overlap": 24, "cfg": mfsr.DIT4SR_CFG, "shift": mfs
 
 
 def sampling_settings(net):
-    """tile, tile_overlap, cfg, shift and start for `upscale`: those recorded in the checkpoint, else DEFAULTS
-    (start 0: the paper's pure-noise start)."""
+    """tile, tile_overlap, cfg, shift and start for `upscale`: the checkpoint's, else DEFAULTS."""
     return {k: getattr(net, "sampling", {}).get(k, v) for k, v in DEFAULTS.items()}
 
 
@@ -236,24 +235,22 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", default=None, help="student.safetensors from train.py (default: the shipped model)")
     p.add_argument("--teacher", action="store_true", help="--ckpt is a one-time teacher: Euler with CFG")
     p.add_argument("--vae", default=None, help="VAE file/folder or SD3.5 checkpoint (default: beside/inside --ckpt)")
-    p.add_argument("--emb", default=None, help="prompt embedding file (context, pooled) from `python tools/text.py "
-                   "--prompt TEXT --out FILE`; default: the prompt.safetensors / null.safetensors beside the model")
+    p.add_argument("--emb", default=None, help="prompt embedding file from tools/text.py (default: the "
+                   "prompt.safetensors / null.safetensors beside the model)")
     p.add_argument("--neg-emb", default=None, help="negative prompt embedding for the teacher's CFG")
     p.add_argument("--steps", type=int, default=None, help="student 1..8 (default 1); teacher default 40")
-    p.add_argument("--cfg-scale", "--cfg", dest="cfg", type=float, default=None,
-                   help="the teacher's CFG scale, v_neg + scale (v_c - v_neg) (train.py's Eq. 11 --cfg-w is scale - 1; "
-                   f"default: the one recorded in the checkpoint, else DiT4SR's 8{shipped('cfg')})")
-    p.add_argument("--shift", type=float, default=None, help="the teacher's sigma shift on SD3's grid (default: the "
-                   "one its training used, recorded in the checkpoint, else SD3.5's 3)")
-    p.add_argument("--start-time", dest="start", type=float, default=None, help="t0 in [0, 1), where the steps "
-                   "start on the path from noise (0) to the image (1), from t0 LR + (1 - t0) noise: 0 is the paper's "
-                   "(most detail invented), towards 1 stays nearer the bicubic image (fewer artefacts); default: "
-                   f"recorded in the checkpoint, else 0{shipped('start')}")
+    p.add_argument("--cfg-scale", "--cfg", dest="cfg", type=float, default=None, help="the teacher's CFG scale s, "
+                   f"v_neg + s (v_c - v_neg), Eq. 11's w + 1 (default: the checkpoint's, else 8{shipped('cfg')})")
+    p.add_argument("--shift", type=float, default=None, help="the teacher's sigma shift on SD3's grid (default: "
+                   "the checkpoint's, else SD3.5's 3)")
+    p.add_argument("--start-time", dest="start", type=float, default=None, help="t0 in [0, 1): start from t0 LR + "
+                   "(1 - t0) noise; 0 (the paper's) invents the most detail, nearer 1 stays nearer the bicubic image "
+                   f"(default: the checkpoint's, else 0{shipped('start')})")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tile", type=int, default=None, help="latent tile side (default: the training size recorded "
-                   f"in the checkpoint, else DiT4SR's 64{shipped('tile')})")
-    p.add_argument("--tile-overlap", type=int, default=None, help="latent tile overlap (default: recorded, else 24"
-                   f"{shipped('tile_overlap')}; with another --tile, the recorded overlap scaled with it)")
+    p.add_argument("--tile", type=int, default=None, help="latent tile side (default: the checkpoint's, else 64"
+                   f"{shipped('tile')})")
+    p.add_argument("--tile-overlap", type=int, default=None, help="latent tile overlap (default: the "
+                   f"checkpoint's, else 24{shipped('tile_overlap')}; with another --tile, scaled with it)")
     p.add_argument("--tile-batch", type=int, default=None, help="latent tiles per network call (default: by free memory)")
     p.add_argument("--color-fix", default="adain", choices=sorted(COLOR_FIXES))
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
@@ -275,9 +272,8 @@ def parse_args(argv=None):
 
 
 def apply_sampling_settings(args, net):
-    """Unset flags take the checkpoint's own settings. A --tile without --tile-overlap takes the
-    recorded overlap scaled with it (in whole patches, below the tile, not 0 unless recorded so).
-    Returns a note or ""."""
+    """Unset flags take the checkpoint's settings; a --tile alone scales its overlap (in whole patches,
+    below the tile, not 0 unless recorded so). Returns a note or ""."""
     rec = sampling_settings(net)
     scale_overlap = args.tile is not None and args.tile_overlap is None and args.tile != rec["tile"]
     for key, value in rec.items():

@@ -40,7 +40,6 @@ from plumbing.checkpoints import CheckpointError, load_embedding, load_transform
 from plumbing.cli import add_flags, flag, peak_memory_mb
 
 
-
 @dataclass
 class TrainConfig:
     """Every setting of a run; each is a flag and its help text is the second argument."""
@@ -56,41 +55,30 @@ class TrainConfig:
     null_emb: str = flag("", "safetensors with context / pooled of the empty prompt")
     neg_emb: str = flag("", "... of the negative prompt (Eq. 11)")
     prompt_emb: str = flag("", "... for images without their own embedding file (else the null)")
-    neg_prob: float = flag(0.0, "teacher stage: share of rows given the negative prompt and the LR latent as their "
-                                "target, so that prompt comes to mean 'low-res' (where no text encoder says so)")
-    clean_prob: float = flag(0.0, "share of pairs whose LR is the plain bicubic x4 (degrade.bicubic_down), not a "
-                                  "Real-ESRGAN degradation")
+    neg_prob: float = flag(0.0, "teacher stage: share of rows with the negative prompt and the LR latent as target "
+                                "(so that prompt means 'low-res')")
+    clean_prob: float = flag(0.0, "share of pairs whose LR is plain bicubic x4 (degrade.bicubic_down), not degraded")
     plain_gt: bool = flag(False, "supervise with the HR crop itself, not Real-ESRGAN's USM-sharpened one")
-    cache_latents: int = flag(0, "> 0: encode this many pairs once and train on them (no per-step VAE: fast where "
-                                 "the VAE dominates a step)")
+    cache_latents: int = flag(0, "> 0: encode this many pairs once and train on them (no VAE in the steps)")
     size: int = flag(0, "HR crop; 0 = 512 (full) / 64 (tiny)")
-    depth: int = flag(0, "a tiny teacher trained from scratch (--preset tiny --stage teacher, no --teacher): "
-                         "its joint blocks (0: model.CONFIGS['tiny']'s)")
+    depth: int = flag(0, "a tiny teacher from scratch (--preset tiny --stage teacher): its blocks (0: the tiny's)")
     heads: int = flag(0, "that teacher's heads of 64 channels (0: the tiny config's)")
-    prediction: str = flag("v", "that teacher's output: v (SD3's eps - x0) or x (x0 - z_LR, mfsr.py's convention "
-                                "block); a student inherits its teacher's")
+    prediction: str = flag("v", "that teacher's output: v (SD3's eps - x0) or x (x0 - z_LR; see mfsr.py's top)")
     batch: int = flag(10, "per process (paper: 80 over 8 GPUs)")
     steps: int = flag(12000, "App. B: 12K iterations")
     lr: float = flag(5e-5, "Adam (distill, App. B); teacher stage: AdamW like DiT4SR")
     lr_decay: str = flag("none", "none (constant, as the paper) | cosine (to 0 at --steps; the tiny VAE)")
     lora_rank: int = flag(64, "distill: rank of the student's LoRA (App. B)")
-    time_scale: float = flag(1.0, "c_noise(t) = time_scale * t of the student (§4.4: 1; SD3.5's teacher: 1000) "
-                                  "and of a tiny teacher trained from scratch")
-    time_cutoff: float = flag(0.0, "distill: drop the student's time features above this many rad per unit t "
-                                   "(0: none; for a 1000 t teacher that cannot be retrained, not the paper's)")
+    time_scale: float = flag(1.0, "c_noise(t) = time_scale * t of the student (§4.4: 1) or a tiny scratch teacher")
+    time_cutoff: float = flag(0.0, "distill: drop the student's time features above this many rad per unit t (0: none)")
     ratio: float = flag(0.5, "share of rows with s != t (Table 4)")
-    warmup: int = flag(0, "distill: first steps at ratio 0 (s = t: the rescaled time embedding fitted to the "
-                          "teacher's velocity before the MeanFlow target)")
-    anchor: float = flag(0.0, "distill: share of rows trained at (t, s) = (0, 1) on the teacher's 40-step "
-                              "endpoint from their noise instead of Eq. 12 (0: none, the paper's)")
-    time_pairs: str = flag("uniform", "distill: how the s != t pairs are drawn (mfsr.sample_times; uniform is "
-                                      "the paper's)")
-    gap_ramp: int = flag(0, "distill: s - t at most (steps after --warmup) / gap_ramp, a short-to-long "
-                            "curriculum (0: no cap)")
+    warmup: int = flag(0, "distill: first steps at ratio 0 (s = t: the time embedding fitted to v first)")
+    anchor: float = flag(0.0, "distill: share of rows fitted at (t, s) = (0, 1) to the teacher's 40-step sample")
+    time_pairs: str = flag("uniform", "distill: how s != t pairs are drawn (mfsr.sample_times; uniform: the paper's)")
+    gap_ramp: int = flag(0, "distill: s - t at most (steps after --warmup) / gap_ramp, short to long (0: no cap)")
     target: str = flag("neg", "teacher velocity: gt | meanflow | null | neg (Table 3)")
     cfg_w: float = flag(6.0, "w of Eq. 9 / 10 / 11 (a sampler's standard CFG scale is w + 1: mfsr.eq11_w)")
-    time_shift: float = flag(mfsr.SD35_SHIFT, "teacher stage: SD3's shift of the logit-normal sigma "
-                                              "(3 as SD3.5, 1 none)")
+    time_shift: float = flag(mfsr.SD35_SHIFT, "teacher stage: SD3's shift of the logit-normal sigma (1: none)")
     kappa: float = flag(0.0, "kappa of MeanFlow's CFG (Eq. 9, --target meanflow; MeanFlow: w 1, kappa 0.83)")
     cond_drop: float = flag(0.0, "distill: share of rows trained on the null prompt, unguided (MeanFlow: 0.1)")
     loss: str = flag("pseudo_huber", "pseudo_huber | l2 | adaptive")
@@ -99,23 +87,18 @@ class TrainConfig:
     grad_clip: float = flag(1.0, "clip the gradient's global norm to this")
     accum: int = flag(1, "gradient accumulation steps")
     ema: float = flag(0.0, "EMA decay of trainable weights (0 = off)")
-    dtype: str = flag("auto", "autocast dtype; auto: bf16 on a GPU, fp32 on the CPU (bf16 there runs a GPU's dtype "
-                              "path, slowly); frozen weights are stored in it, trained ones in fp32")
+    dtype: str = flag("auto", "autocast dtype, frozen weights stored in it (auto: bf16 on a GPU, fp32 on the CPU)")
     compile: bool = flag(False, "torch.compile the trained network and its JVP")
     grad_ckpt: bool = flag(False, "gradient checkpointing per block (less memory, ~1.3x time)")
-    workers: int = flag(-1, "data-loading processes per training process; -1: this process's share of the "
-                            "CPUs (os.cpu_count() / LOCAL_WORLD_SIZE), at most 8")
+    workers: int = flag(-1, "data-loading processes per process; -1: this process's share of the CPUs, at most 8")
     seed: int = flag(0, "every draw (data, degradation, noise, times) follows from it")
     log_every: int = flag(10, "print a line every this many steps (log.jsonl has every step)")
-    diagnose_every: int = flag(100, "distill: log du/dt's terms (mfsr.dudt_terms: two more JVPs, two forwards) "
-                                    "every this many steps and at the last; 0 never")
-    profile_phases: bool = flag(False, "time each phase of a step (synchronising a GPU after each: slower) "
-                                       "and print the table at the end; tools/rehearse.py sets it")
+    diagnose_every: int = flag(100, "distill: log du/dt's terms (mfsr.dudt_terms) every this many steps; 0 never")
+    profile_phases: bool = flag(False, "time each phase of a step (a GPU synchronised after each: slower)")
     sample_every: int = flag(500, "write a progress grid PNG every this many steps")
     save_every: int = flag(1000, "write a checkpoint every this many steps")
     keep: int = flag(3, "checkpoints kept")
-    export_every_save: bool = flag(False, "write the merged model sample.py reads (student.safetensors) in every "
-                                          "checkpoint, not only the last (full scale: 10 GB each)")
+    export_every_save: bool = flag(False, "student.safetensors (for sample.py) in every checkpoint, not only the last")
     max_bad: int = flag(5, "stop after this many non-finite losses in a row")
     resume: bool = flag(False, "continue from the newest readable checkpoint in --out")
 
