@@ -252,8 +252,7 @@ def usm_sharpen(img, weight=0.5, radius=50, threshold=10):
 
 
 def _resize(x, mode, size=None, scale=None):
-    out = F.interpolate(x[None], size=size, scale_factor=scale, mode=mode)  # no antialias, as Real-ESRGAN
-    return out[0]
+    return F.interpolate(x[None], size=size, scale_factor=scale, mode=mode)[0]  # no antialias, as Real-ESRGAN
 
 
 def _gray(x):
@@ -281,8 +280,7 @@ def jpeg(x, quality):
     arr = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG", quality=int(quality), subsampling=2)
-    buf.seek(0)
-    out = np.array(Image.open(buf).convert("RGB"))
+    out = np.array(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
     return torch.from_numpy(out).permute(2, 0, 1).float() / 255  # (3, h, w)
 
 
@@ -296,10 +294,8 @@ def _stage(x, ps, key, out_hw, g):
     x = _filter_list(x, kernels)
     for i, p in enumerate(ps):
         r = p[key]["resize"]
-        if out_hw is None:
-            x[i] = _resize(x[i], r["mode"], scale=r["scale"])
-        else:
-            x[i] = _resize(x[i], r["mode"], size=(int(out_hw[0] * r["scale"]), int(out_hw[1] * r["scale"])))
+        size = None if out_hw is None else (int(out_hw[0] * r["scale"]), int(out_hw[1] * r["scale"]))
+        x[i] = _resize(x[i], r["mode"], size=size, scale=r["scale"] if size is None else None)
     return [add_noise(xi, p[key]["noise"], g) for xi, p in zip(x, ps)]
 
 
@@ -314,11 +310,8 @@ def _final(x, ps, lr_hw):
 
 @torch.no_grad()
 def degrade(hr, cfg=DegradeConfig(), generator=None):
-    """hr (B, 3, H, W) in [0, 1], H and W divisible by cfg.scale -> (gt, lr, params).
-
-    gt (B, 3, H, W) is USM-sharpened if cfg.usm_gt; lr (B, 3, H/scale, W/scale) on the 8-bit grid;
-    params: one dict per image of everything drawn.
-    """
+    """hr (B, 3, H, W) in [0, 1], H and W divisible by cfg.scale -> (gt, lr, params): gt USM-sharpened
+    if cfg.usm_gt; lr (B, 3, H/scale, W/scale) on the 8-bit grid; params: per image, everything drawn."""
     assert hr.ndim == 4 and hr.shape[1] == 3, f"expected (B, 3, H, W), got {tuple(hr.shape)}"
     B, _, H, W = hr.shape
     if H % cfg.scale or W % cfg.scale:

@@ -258,23 +258,18 @@ class VAE(nn.Module):
         return self.encoder(x).float().contiguous().chunk(2, dim=1)   # channels-last stays inside vae.py
 
     def encode(self, x, generator=None, sample=False):
-        """Images in [-1, 1] -> model-space latents (z - shift) * scale, in x's dtype.
-
-        z is the posterior mean, or with sample=True mean + std * eps, eps drawn from `generator`
-        (logvar clamped to [-30, 20], ARCH §4.2).
-        """
+        """Images in [-1, 1] -> model-space latents (z - shift) * scale, in x's dtype: z the posterior
+        mean, or with sample=True mean + std * eps, eps from `generator` (logvar clamped, ARCH §4.2)."""
         mean, logvar = self.moments(x)
         z = mean
-        if sample:
-            # drawn on the generator's device, then moved: a CPU generator cannot draw on a GPU
+        if sample:   # eps drawn on the generator's device, then moved: a CPU generator cannot draw on a GPU
             eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype,
                               device=mean.device if generator is None else generator.device).to(mean.device)
             z = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps
         return ((z - self.cfg.shift) * self.cfg.scale).to(x.dtype)     # (B, latent, H/f, W/f)
 
     def decode(self, z, clamp=True):
-        """Model-space latents (B, latent, h, w) -> images (B, 3, h f, w f) in [-1, 1], z's dtype.
-        clamp=False returns the raw decoder output."""
+        """Model-space latents (B, latent, h, w) -> images (B, 3, h f, w f) in [-1, 1] (clamp=False: raw)."""
         assert z.shape[1] == self.cfg.latent_channels, \
             f"expected (B, {self.cfg.latent_channels}, h, w), got {tuple(z.shape)}"
         x = self.decoder(z.float() / self.cfg.scale + self.cfg.shift).float().contiguous()   # (B, 3, h f, w f)
