@@ -224,12 +224,6 @@ def _filter_list(imgs, kernels):
     return out
 
 
-def _gauss1d(k, sigma):
-    ax = torch.arange(k, dtype=torch.float64) - (k - 1) / 2
-    g = torch.exp(-0.5 * (ax / sigma) ** 2)
-    return (g / g.sum()).float()
-
-
 def _separable_blur(x, g1):
     B, C, H, W = x.shape
     k = g1.numel()
@@ -243,7 +237,8 @@ def usm_sharpen(img, weight=0.5, radius=50, threshold=10):
     """Unsharp masking as Real-ESRGAN's USMSharp: img (B, C, H, W) in [0, 1]."""
     k = radius + 1 if radius % 2 == 0 else radius
     sigma = 0.3 * ((k - 1) * 0.5 - 1) + 0.8  # OpenCV's sigma for sigma=0, which USMSharp relies on
-    g1 = _gauss1d(k, sigma)                  # a Gaussian is separable: 2k taps instead of k^2
+    ax = torch.arange(k, dtype=torch.float64) - (k - 1) / 2
+    g1 = _normalise(torch.exp(-0.5 * (ax / sigma) ** 2))   # a Gaussian is separable: 2k taps instead of k^2
     residual = img - _separable_blur(img, g1)
     mask = (residual.abs() * 255 > threshold).to(img.dtype)
     soft = _separable_blur(mask, g1)         # softened mask avoids halos at the threshold
@@ -255,17 +250,13 @@ def _resize(x, mode, size=None, scale=None):
     return F.interpolate(x[None], size=size, scale_factor=scale, mode=mode)[0]  # no antialias, as Real-ESRGAN
 
 
-def _gray(x):
-    return (0.2989 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]  # torchvision's weights, (1, h, w)
-
-
 def add_noise(x, p, g):
     """Gaussian or Poisson noise on one (3, h, w) image; gray noise is one map shared by the channels."""
     h, w = x.shape[-2:]
     if p["kind"] == "gaussian":
         noise = torch.randn((1 if p["gray"] else 3, h, w), generator=g) * p["sigma"] / 255
     else:
-        src = _gray(x) if p["gray"] else x
+        src = (0.2989 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None] if p["gray"] else x   # torchvision's gray
         q = (src * 255).round().clamp(0, 255)
         # BasicSR's intensity: distinct 8-bit levels, rounded up to a power of two (bincount, not unique)
         levels = int(torch.bincount(q.flatten().long(), minlength=256).count_nonzero())

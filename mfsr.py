@@ -47,7 +47,6 @@ class Cond(NamedTuple):
     context: torch.Tensor
 
     def rows(self, idx):
-        """The rows `idx` of every part."""
         return Cond(*(None if x is None else x[idx] for x in self))
 
     def cat(self, other):
@@ -65,8 +64,7 @@ class Cond(NamedTuple):
 X_PRED_MIN_SIGMA = 0.05   # JiT's clamp: near the data end (x - z_t) / (1 - t) divides noise-free error by ~0
 
 
-def _predicts_x(net):
-    """cfg.prediction == "x"; a plain function (the tests' stand-ins) predicts v."""
+def _predicts_x(net):   # cfg.prediction == "x"; a plain function (the tests' stand-ins) predicts v
     return getattr(getattr(net, "cfg", None), "prediction", "v") == "x"
 
 
@@ -76,8 +74,7 @@ def error_scale(net, t):
     return (1 - t).clamp_min(X_PRED_MIN_SIGMA) if _predicts_x(net) else None
 
 
-def _bc(t, z):
-    """(B,) -> (B, 1, ..., 1), to broadcast over z."""
+def _bc(t, z):   # (B,) -> (B, 1, ..., 1), to broadcast over z
     return t.view(-1, *[1] * (z.dim() - 1))
 
 
@@ -127,12 +124,11 @@ def sample_times(batch, ratio=0.5, generator=None, device=None, pairs="uniform",
     first. Returns (t, s), each (B,).
 
     Beyond the paper, other draws of the s != t rows (docs/miniature.md has their scans):
-      pairs "to-data": every other one of them jumps to the data, s = 1, t ~ U[0, 1]: the one-step
-        sampler's jump (0, 1) is such a pair, and its MeanFlow target at (t, 1) uses u(., t', 1)
-        near t, which the paper's draw visits rarely (t < 0.1 and s > 0.9: 0.5 % of its pairs);
+      pairs "to-data": every other one jumps to the data, s = 1: the one-step sampler's jump (0, 1)
+        is such a pair, and its target uses u(., t', 1) near t, which the paper's draw rarely visits;
       pairs "logit-normal": py-meanflow's: two noise levels sigmoid(N(-0.4, 1)), sorted;
-      max_gap < 1: s - t at most max_gap (t raised to s - max_gap): a short-to-long curriculum
-        (Kim et al. 2025, AlphaFlow) raises it to 1 over the training (train.py --gap-ramp)."""
+      max_gap < 1: s - t at most max_gap (t raised), a short-to-long curriculum (AlphaFlow, Kim et
+        al. 2025) raises it to 1 over the training (train.py --gap-ramp)."""
     if pairs not in TIME_PAIRS:
         raise ValueError(f"pairs must be one of {', '.join(TIME_PAIRS)}, got {pairs!r}")
     draw_on = device if generator is None else generator.device    # as noise_like: then moved to `device`
@@ -166,9 +162,8 @@ def teacher_velocity(kind, z_t, t, *, z_hr=None, eps=None, teacher=None, student
                w (z_HR - eps) + kappa u(z, t, t | c) + (1 - w - kappa) u(z, t, t | null)
     null:      teacher CFG against the null prompt (Eq. 10):  v_c + w (v_c - v_null)
     neg:       teacher CFG against the negative prompt (Eq. 11): v_c + w (v_c - v_neg)  [default]
-    teacher:   v(z, t, c), e.g. `velocity(net)`; student_u: u(z, t, s, c), e.g.
-               `average_velocity(net)`. cond, cond_neg, cond_null: Conds; c and c_neg are
-               stacked and run in one call.
+    teacher:   v(z, t, c), e.g. `velocity(net)`; student_u: u(z, t, s, c), e.g. `average_velocity(net)`;
+               cond, cond_neg, cond_null: Conds (two at a time run in one call).
     """
     with torch.no_grad():
         if kind == "gt":
@@ -267,11 +262,10 @@ def meanflow_target(u_fn, z_t, t, s, v, cond=None, mode="split", u_fn_jvp=None, 
 
 def dudt_terms(u_fn, z_t, t, s, v, cond=None, h=0.1):
     """Where Eq. 8's du/dt = J_z u . v + d_t u comes from, on the rows with s != t: the JVP's noise
-    term (tangents (v, 0, 0)) and time term ((0, 1, 0)), and secants over h of the same: of the
-    time term (u(z, t + h, s) - u(z, t, s)) / h, and of du/dt along the flow (u(z + h v, t + h, s)
-    - u(z, t, s)) / h (h < 0 on rows where t + h > 1). Each an RMS per row, averaged over the rows
-    (an empty dict without such rows). The time term is ∂c_noise/∂t · ∂emb/∂c_noise · ...: with
-    c_noise = 1000 t it measures the embedding's ripple, far above its secant (§4.4)."""
+    term (tangents (v, 0, 0)) and time term ((0, 1, 0)), and secants over h of the time term
+    (u(z, t + h, s) - u(z, t, s)) / h and of du/dt (u(z + h v, t + h, s) - u(z, t, s)) / h (h < 0
+    where t + h > 1). Each an RMS per row, averaged ({} without such rows). With c_noise = 1000 t
+    the time term measures the embedding's ripple, far above its secant (§4.4)."""
     rows = (s != t).nonzero().squeeze(1)
     if not len(rows):
         return {}
@@ -327,14 +321,12 @@ def mfd_loss(u_fn, z_t, t, s, v, cond=None, mode="split", loss="pseudo_huber", u
     """One MeanFlow-distillation loss (Alg. 1): target by JVP, NaN guard, the chosen distance.
 
     scale: an optional (B,) factor the distance measures (u - u_tgt) in. An x-predicting network
-    passes error_scale(t) = 1 - t: (1 - t)(u - u_tgt) is the error of its own output x, which
-    the identity's fixed point leaves unchanged, while u-space would weight the rows near the
-    data end by up to 1 / X_PRED_MIN_SIGMA^2 and let them drown the rest.
+    passes error_scale(t) = 1 - t: (1 - t)(u - u_tgt) is the error of its own output x, while
+    u-space would weight the rows near the data end by up to 1 / X_PRED_MIN_SIGMA^2.
 
-    Returns a dict: loss (None when the step must be skipped), per_sample, n_nonfinite, and
-    jvp_term = max over rows of ||u_tgt - v|| / ||v||, the size of the (s - t) du/dt correction
-    (Sana-Sprint and rCM normalise it when it grows large; train.py logs it so one can see whether
-    that is needed). Non-finite targets are reported and the whole step is skipped, not masked.
+    Returns a dict: loss (None: a non-finite target, the whole step skipped, not masked), per_sample,
+    n_nonfinite, and jvp_term = max over rows of ||u_tgt - v|| / ||v||, the size of the (s - t) du/dt
+    correction (Sana-Sprint and rCM normalise it when it grows large; train.py logs it).
     """
     u, u_tgt = meanflow_target(u_fn, z_t, t, s, v, cond=cond, mode=mode, u_fn_jvp=u_fn_jvp, jvp_fn=jvp_fn)
     bad = int((~torch.isfinite(u_tgt.flatten(1)).all(1)).sum())

@@ -265,8 +265,7 @@ class DismantledBlock(nn.Module):
         return Modulation(*self.adaLN_modulation(c).chunk(self.n_mods, dim=-1))
 
     def post_attention(self, x, o, m):
-        """The text stream after the joint attention: its gated residual updates from the attention
-        rows o and from the MLP (mmditx.py's post_attention)."""
+        """The text stream's gated residual updates from its attention rows o and its MLP (mmditx.py's)."""
         x = x + m.gate_msa.unsqueeze(1) * self.attn.proj(o)
         return x + m.gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), m.shift_mlp, m.scale_mlp))
 

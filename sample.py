@@ -53,19 +53,17 @@ def adain_color_fix(y, ref, eps=1e-5):
     return (y - my) / (sy + eps) * sr + mr
 
 
-def wavelet_low(x, levels=5):
-    """x blurred `levels` times by the a-trous (dilated) 3x3 binomial kernel, dilations 1, 2, 4, ...,
-    replicate-padded: the low frequencies of a `levels`-level wavelet split."""
-    k = torch.tensor([[1, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=x.dtype, device=x.device) / 16
-    k = k.expand(x.shape[1], 1, 3, 3)                                          # depthwise
-    for i in range(levels):
-        x = F.conv2d(F.pad(x, (2 ** i,) * 4, mode="replicate"), k, dilation=2 ** i, groups=x.shape[1])
-    return x
-
-
 def wavelet_color_fix(y, ref, levels=5):
-    """y's high frequencies on ref's low frequencies (5-level a-trous wavelet, as DiT4SR / StableSR)."""
-    return y - wavelet_low(y, levels) + wavelet_low(ref, levels)
+    """y's high frequencies on ref's low frequencies (a `levels`-level a-trous wavelet, as DiT4SR /
+    StableSR): the low ones are the image blurred by the 3x3 binomial kernel at dilations 1, 2, 4, ..."""
+    k = torch.tensor([[1, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=y.dtype, device=y.device) / 16
+    k = k.expand(y.shape[1], 1, 3, 3)                                          # depthwise
+
+    def low(x):
+        for i in range(levels):
+            x = F.conv2d(F.pad(x, (2 ** i,) * 4, mode="replicate"), k, dilation=2 ** i, groups=x.shape[1])
+        return x
+    return y - low(y) + low(ref)
 
 
 COLOR_FIXES = {"adain": adain_color_fix, "wavelet": wavelet_color_fix, "none": lambda y, ref: y}
@@ -144,15 +142,13 @@ def upscale(img, net, vae, cond, steps=1, *, teacher=False, cond_neg=None, cfg=D
             color_fix="adain", vae_tile=None, progress=None, grid="shifted", tile_batch=None, start=0.0):
     """x4 super-resolution of img (1, 3, H, W) in [0, 1] -> (1, 3, 4H, 4W) float32 in [0, 1], on CPU.
 
-    net: a student (cfg.two_times) or, with teacher=True, a one-time teacher with the LR stream;
-    both must be on the device and in the dtype wanted. cond: the prompt, an mfsr.Cond without z_lr
-    (pooled (1, P), context (1, L, D)); cond_neg likewise (the teacher's CFG negative, default cond).
+    net: a student or, with teacher=True, a one-time teacher, on the device and in the dtype wanted.
+    cond: the prompt, an mfsr.Cond without z_lr; cond_neg likewise (the teacher's CFG negative; None: cond).
     steps: uniform student steps (Alg. 2) or the teacher's Euler steps with guidance `cfg` on SD3's
     grid shifted by `shift` (the shift its training used; grid "uniform": Alg. 2's grid). start: the
     time t0 the steps start from, z_t0 = t0 z_lr + (1 - t0) noise (0: pure noise, the paper's).
-    tile / tile_overlap / tile_batch: latent tiles, so many per call (None: by free memory).
-    vae_tile: the VAE's tile (plumbing/tiling.py; None: by size).
-    progress: a cli.Progress (or None), told the phases and every tile's network call."""
+    tile / tile_overlap / tile_batch: latent tiles, so many per call (None: by free memory); vae_tile:
+    the VAE's tile (plumbing/tiling.py; None: by size). progress: a cli.Progress or None."""
     assert img.ndim == 4 and img.shape[:2] == (1, 3), f"img must be (1, 3, H, W), got {tuple(img.shape)}"
     if color_fix not in COLOR_FIXES:
         raise ValueError(f"color_fix must be one of {sorted(COLOR_FIXES)}, got {color_fix!r}")

@@ -138,16 +138,9 @@ def training_batches(cfg, paths, prompt, vae, device, rank, start):
 # Models
 
 
-def training_dtype(cfg, device):
-    """The dtype autocast computes in, or None for fp32 (--dtype auto: bf16 on a GPU)."""
-    name = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    return {"bf16": torch.bfloat16, "fp32": None}[name]
-
-
 def store_in(net, dtype):
-    """Frozen weights in the training dtype (autocast computes in it anyway: half the memory), trained
-    ones in fp32 (Adam's updates are smaller than a bf16 step), buffers (the position table) in fp32.
-    dtype None (an fp32 run): net as it is."""
+    """Frozen weights in the training dtype (autocast computes in it anyway), trained ones and buffers in
+    fp32 (Adam's updates are smaller than a bf16 step). dtype None (an fp32 run): net as it is."""
     if dtype is None:
         return net
     for p in net.parameters():
@@ -229,10 +222,9 @@ def encode_pair(vae, batch, g):
 
 def teacher_loss(net, batch, cfg, g):
     """DiT4SR's rectified flow: logit-normal t with SD3's shift (cfg.time_shift), x0-MSE (= sigma^2-
-    weighted velocity). batch: z_hr, z_lr, context, pooled, and the null and negative prompts (null,
-    neg). A share caption_dropout of the rows gets the null prompt; with neg_prob > 0 (the miniature)
-    another share gets the negative prompt and the LR latent as its target, so the negative prompt
-    ("blurry, low-res, ...") means what it says and CFG can push away from it."""
+    weighted velocity). batch: z_hr, z_lr, context, pooled, null and neg (prompts). A share
+    caption_dropout of the rows gets the null prompt; with neg_prob > 0 another share gets the negative
+    prompt ("blurry, low-res") and the LR latent as target, so CFG has something to push away from."""
     z_hr, z_lr = batch["z_hr"], batch["z_lr"]
     B = z_hr.shape[0]
     r = torch.rand(B, generator=g).to(z_hr.device)    # drawn on the generator's device (the CPU), used on z's
@@ -261,11 +253,9 @@ def _with_prompt(c, emb, rows):
 
 
 def distill_loss(student, teacher, batch, cfg, g, step=0, jvp=None):
-    """MFSR Alg. 1, one step's loss. batch: z_hr, z_lr, context, pooled, and the null and negative
-    prompts (null, neg). student: the module or its torch.compile wrapper (the JVP runs on the module,
-    through `jvp`: mfsr.jvp, or main's compiled fastjvp.func_jvp).
-    Returns (loss or None for a step to skip, info): info has jvp_term (mfsr.mfd_loss), anchor_loss
-    with anchor rows, and every cfg.diagnose_every steps du/dt's terms (mfsr.dudt_terms).
+    """MFSR Alg. 1, one step's loss. batch as teacher_loss's. student: the module or its compiled
+    wrapper (the JVP runs on the module through `jvp`: mfsr.jvp, or main's compiled fastjvp.func_jvp).
+    Returns (loss, or None for a step to skip, info): jvp_term, anchor_loss, du/dt's terms (mfsr.dudt_terms).
 
     Beyond Alg. 1, each off by default: the first cfg.warmup steps have every row at s = t (no JVP);
     a share cfg.cond_drop of the rows gets the null prompt and the unguided velocity (MeanFlow's
@@ -310,11 +300,9 @@ def distill_loss(student, teacher, batch, cfg, g, step=0, jvp=None):
 
 
 def anchor_loss(student, teacher, c, c_neg, cfg, g):
-    """Consistency mid-training, beyond the paper (--anchor): the one-step jump u(z_0, 0, 1)
-    regressed on the teacher's own 40-step sample from the same noise, z_1 - z_0 (its CFG scale
-    cfg_w + 1, its sampling shift), with the MFD distance. Eq. 12 reaches the flow map only through
-    its own derivatives; this pins the one-step corner to where the teacher's samples land.
-    c, c_neg: Conds with the rows' prompt and with the negative prompt."""
+    """Beyond the paper (--anchor): the one-step jump u(z_0, 0, 1) regressed on the teacher's 40-step
+    sample from the same noise, z_1 - z_0 (CFG scale cfg_w + 1), by the MFD distance: Eq. 12 reaches
+    the flow map only through its derivatives, this pins the one-step corner. c_neg: the negative's."""
     z_lr = c.z_lr
     z0 = torch.randn(z_lr.shape, generator=g).to(z_lr)
     with torch.no_grad():
@@ -442,7 +430,8 @@ def main(argv=None):
         os.makedirs(cfg.out, exist_ok=True)
         print("config:", json.dumps(asdict(cfg)))
     paths, skipped = training_images(cfg, rank)
-    dtype = training_dtype(cfg, device)
+    name = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    dtype = {"bf16": torch.bfloat16, "fp32": None}[name]     # autocast's (None: fp32, no autocast)
     net, teacher, vae = build_models(cfg, device, dtype)
     fastjvp.accelerate(net)   # model.py's plain blocks get the fast kernels and JVP rules: the same numbers
     if teacher is not None:
@@ -493,8 +482,7 @@ def main(argv=None):
             rows = slice(a * cfg.batch, (a + 1) * cfg.batch)
             mb = dict(z_hr=z_hr[rows], z_lr=z_lr[rows], context=batch["context"][rows],
                       pooled=batch["pooled"][rows], null=null, neg=neg)
-            # lean: the same numbers with lower peaks (fastjvp.py)
-            with autocast, fastjvp.lean_memory(), clock("loss (compiled)" if cfg.compile else None):
+            with autocast, fastjvp.lean_memory(), clock("loss (compiled)" if cfg.compile else None):  # lower peaks
                 if cfg.stage == "teacher":
                     loss, info = teacher_loss(run, mb, cfg, g), {}
                 else:
