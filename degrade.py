@@ -224,12 +224,6 @@ def _filter_list(imgs, kernels):
     return out
 
 
-def _gauss1d(k, sigma):
-    ax = torch.arange(k, dtype=torch.float64) - (k - 1) / 2
-    g = torch.exp(-0.5 * (ax / sigma) ** 2)
-    return (g / g.sum()).float()
-
-
 def _separable_blur(x, g1):
     B, C, H, W = x.shape
     k = g1.numel()
@@ -243,7 +237,8 @@ def usm_sharpen(img, weight=0.5, radius=50, threshold=10):
     """Unsharp masking as Real-ESRGAN's USMSharp: img (B, C, H, W) in [0, 1]."""
     k = radius + 1 if radius % 2 == 0 else radius
     sigma = 0.3 * ((k - 1) * 0.5 - 1) + 0.8  # OpenCV's sigma for sigma=0, which USMSharp relies on
-    g1 = _gauss1d(k, sigma)                  # a Gaussian is separable: 2k taps instead of k^2
+    ax = torch.arange(k, dtype=torch.float64) - (k - 1) / 2
+    g1 = _normalise(torch.exp(-0.5 * (ax / sigma) ** 2))   # a Gaussian is separable: 2k taps instead of k^2
     residual = img - _separable_blur(img, g1)
     mask = (residual.abs() * 255 > threshold).to(img.dtype)
     soft = _separable_blur(mask, g1)         # softened mask avoids halos at the threshold
@@ -252,12 +247,7 @@ def usm_sharpen(img, weight=0.5, radius=50, threshold=10):
 
 
 def _resize(x, mode, size=None, scale=None):
-    out = F.interpolate(x[None], size=size, scale_factor=scale, mode=mode)  # no antialias, as Real-ESRGAN
-    return out[0]
-
-
-def _gray(x):
-    return (0.2989 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]  # torchvision's weights, (1, h, w)
+    return F.interpolate(x[None], size=size, scale_factor=scale, mode=mode)[0]  # no antialias, as Real-ESRGAN
 
 
 def add_noise(x, p, g):
@@ -266,7 +256,7 @@ def add_noise(x, p, g):
     if p["kind"] == "gaussian":
         noise = torch.randn((1 if p["gray"] else 3, h, w), generator=g) * p["sigma"] / 255
     else:
-        src = _gray(x) if p["gray"] else x
+        src = (0.2989 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None] if p["gray"] else x   # torchvision's gray
         q = (src * 255).round().clamp(0, 255)
         # BasicSR's intensity: distinct 8-bit levels, rounded up to a power of two (bincount, not unique)
         levels = int(torch.bincount(q.flatten().long(), minlength=256).count_nonzero())
@@ -281,8 +271,7 @@ def jpeg(x, quality):
     arr = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG", quality=int(quality), subsampling=2)
-    buf.seek(0)
-    out = np.array(Image.open(buf).convert("RGB"))
+    out = np.array(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
     return torch.from_numpy(out).permute(2, 0, 1).float() / 255  # (3, h, w)
 
 
@@ -296,10 +285,8 @@ def _stage(x, ps, key, out_hw, g):
     x = _filter_list(x, kernels)
     for i, p in enumerate(ps):
         r = p[key]["resize"]
-        if out_hw is None:
-            x[i] = _resize(x[i], r["mode"], scale=r["scale"])
-        else:
-            x[i] = _resize(x[i], r["mode"], size=(int(out_hw[0] * r["scale"]), int(out_hw[1] * r["scale"])))
+        size = None if out_hw is None else (int(out_hw[0] * r["scale"]), int(out_hw[1] * r["scale"]))
+        x[i] = _resize(x[i], r["mode"], size=size, scale=r["scale"] if size is None else None)
     return [add_noise(xi, p[key]["noise"], g) for xi, p in zip(x, ps)]
 
 
@@ -314,11 +301,8 @@ def _final(x, ps, lr_hw):
 
 @torch.no_grad()
 def degrade(hr, cfg=DegradeConfig(), generator=None):
-    """hr (B, 3, H, W) in [0, 1], H and W divisible by cfg.scale -> (gt, lr, params).
-
-    gt (B, 3, H, W) is USM-sharpened if cfg.usm_gt; lr (B, 3, H/scale, W/scale) on the 8-bit grid;
-    params: one dict per image of everything drawn.
-    """
+    """hr (B, 3, H, W) in [0, 1], H and W divisible by cfg.scale -> (gt, lr, params): gt USM-sharpened
+    if cfg.usm_gt; lr (B, 3, H/scale, W/scale) on the 8-bit grid; params: per image, everything drawn."""
     assert hr.ndim == 4 and hr.shape[1] == 3, f"expected (B, 3, H, W), got {tuple(hr.shape)}"
     B, _, H, W = hr.shape
     if H % cfg.scale or W % cfg.scale:

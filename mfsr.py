@@ -40,15 +40,13 @@ import torch.autograd.forward_ad as fwAD
 
 
 class Cond(NamedTuple):
-    """What a network sees besides (z, t, s), each part batched like z: the LR latent z_lr
-    (B, C, h, w), the prompt's pooled embedding (B, P) and its tokens (B, L, D). A prompt read
-    from a file has no LR latent yet (z_lr None); `cond._replace(z_lr=...)` gives it one."""
+    """What a network sees besides (z, t, s), batched like z: the LR latent z_lr (B, C, h, w), the
+    prompt's pooled embedding (B, P) and tokens (B, L, D). A prompt alone has z_lr None."""
     z_lr: Optional[torch.Tensor]
     pooled: torch.Tensor
     context: torch.Tensor
 
     def rows(self, idx):
-        """The rows `idx` of every part."""
         return Cond(*(None if x is None else x[idx] for x in self))
 
     def cat(self, other):
@@ -66,8 +64,7 @@ class Cond(NamedTuple):
 X_PRED_MIN_SIGMA = 0.05   # JiT's clamp: near the data end (x - z_t) / (1 - t) divides noise-free error by ~0
 
 
-def _predicts_x(net):
-    """cfg.prediction == "x"; a plain function (the tests' stand-ins) predicts v."""
+def _predicts_x(net):   # cfg.prediction == "x"; a plain function (the tests' stand-ins) predicts v
     return getattr(getattr(net, "cfg", None), "prediction", "v") == "x"
 
 
@@ -77,8 +74,7 @@ def error_scale(net, t):
     return (1 - t).clamp_min(X_PRED_MIN_SIGMA) if _predicts_x(net) else None
 
 
-def _bc(t, z):
-    """(B,) -> (B, 1, ..., 1), to broadcast over z."""
+def _bc(t, z):   # (B,) -> (B, 1, ..., 1), to broadcast over z
     return t.view(-1, *[1] * (z.dim() - 1))
 
 
@@ -128,12 +124,11 @@ def sample_times(batch, ratio=0.5, generator=None, device=None, pairs="uniform",
     first. Returns (t, s), each (B,).
 
     Beyond the paper, other draws of the s != t rows (docs/miniature.md has their scans):
-      pairs "to-data": every other one of them jumps to the data, s = 1, t ~ U[0, 1]: the one-step
-        sampler's jump (0, 1) is such a pair, and its MeanFlow target at (t, 1) uses u(., t', 1)
-        near t, which the paper's draw visits rarely (t < 0.1 and s > 0.9: 0.5 % of its pairs);
+      pairs "to-data": every other one jumps to the data, s = 1: the one-step sampler's jump (0, 1)
+        is such a pair, and its target uses u(., t', 1) near t, which the paper's draw rarely visits;
       pairs "logit-normal": py-meanflow's: two noise levels sigmoid(N(-0.4, 1)), sorted;
-      max_gap < 1: s - t at most max_gap (t raised to s - max_gap): a short-to-long curriculum
-        (Kim et al. 2025, AlphaFlow) raises it to 1 over the training (train.py --gap-ramp)."""
+      max_gap < 1: s - t at most max_gap (t raised), a short-to-long curriculum (AlphaFlow, Kim et
+        al. 2025) raises it to 1 over the training (train.py --gap-ramp)."""
     if pairs not in TIME_PAIRS:
         raise ValueError(f"pairs must be one of {', '.join(TIME_PAIRS)}, got {pairs!r}")
     draw_on = device if generator is None else generator.device    # as noise_like: then moved to `device`
@@ -167,9 +162,8 @@ def teacher_velocity(kind, z_t, t, *, z_hr=None, eps=None, teacher=None, student
                w (z_HR - eps) + kappa u(z, t, t | c) + (1 - w - kappa) u(z, t, t | null)
     null:      teacher CFG against the null prompt (Eq. 10):  v_c + w (v_c - v_null)
     neg:       teacher CFG against the negative prompt (Eq. 11): v_c + w (v_c - v_neg)  [default]
-    teacher:   v(z, t, c), e.g. `velocity(net)`; student_u: u(z, t, s, c), e.g.
-               `average_velocity(net)`. cond, cond_neg, cond_null: Conds; c and c_neg are
-               stacked and run in one call.
+    teacher:   v(z, t, c), e.g. `velocity(net)`; student_u: u(z, t, s, c), e.g. `average_velocity(net)`;
+               cond, cond_neg, cond_null: Conds (two at a time run in one call).
     """
     with torch.no_grad():
         if kind == "gt":
@@ -268,11 +262,10 @@ def meanflow_target(u_fn, z_t, t, s, v, cond=None, mode="split", u_fn_jvp=None, 
 
 def dudt_terms(u_fn, z_t, t, s, v, cond=None, h=0.1):
     """Where Eq. 8's du/dt = J_z u . v + d_t u comes from, on the rows with s != t: the JVP's noise
-    term (tangents (v, 0, 0)) and time term ((0, 1, 0)), and secants over h of the same: of the
-    time term (u(z, t + h, s) - u(z, t, s)) / h, and of du/dt along the flow (u(z + h v, t + h, s)
-    - u(z, t, s)) / h (h < 0 on rows where t + h > 1). Each an RMS per row, averaged over the rows
-    (an empty dict without such rows). The time term is ∂c_noise/∂t · ∂emb/∂c_noise · ...: with
-    c_noise = 1000 t it measures the embedding's ripple, far above its secant (§4.4)."""
+    term (tangents (v, 0, 0)) and time term ((0, 1, 0)), and secants over h of the time term
+    (u(z, t + h, s) - u(z, t, s)) / h and of du/dt (u(z + h v, t + h, s) - u(z, t, s)) / h (h < 0
+    where t + h > 1). Each an RMS per row, averaged ({} without such rows). With c_noise = 1000 t
+    the time term measures the embedding's ripple, far above its secant (§4.4)."""
     rows = (s != t).nonzero().squeeze(1)
     if not len(rows):
         return {}
@@ -328,14 +321,12 @@ def mfd_loss(u_fn, z_t, t, s, v, cond=None, mode="split", loss="pseudo_huber", u
     """One MeanFlow-distillation loss (Alg. 1): target by JVP, NaN guard, the chosen distance.
 
     scale: an optional (B,) factor the distance measures (u - u_tgt) in. An x-predicting network
-    passes error_scale(t) = 1 - t: (1 - t)(u - u_tgt) is the error of its own output x, which
-    the identity's fixed point leaves unchanged, while u-space would weight the rows near the
-    data end by up to 1 / X_PRED_MIN_SIGMA^2 and let them drown the rest.
+    passes error_scale(t) = 1 - t: (1 - t)(u - u_tgt) is the error of its own output x, while
+    u-space would weight the rows near the data end by up to 1 / X_PRED_MIN_SIGMA^2.
 
-    Returns a dict: loss (None when the step must be skipped), per_sample, n_nonfinite, and
-    jvp_term = max over rows of ||u_tgt - v|| / ||v||, the size of the (s - t) du/dt correction
-    (Sana-Sprint and rCM normalise it when it grows large; train.py logs it so one can see whether
-    that is needed). Non-finite targets are reported and the whole step is skipped, not masked.
+    Returns a dict: loss (None: a non-finite target, the whole step skipped, not masked), per_sample,
+    n_nonfinite, and jvp_term = max over rows of ||u_tgt - v|| / ||v||, the size of the (s - t) du/dt
+    correction (Sana-Sprint and rCM normalise it when it grows large; train.py logs it).
     """
     u, u_tgt = meanflow_target(u_fn, z_t, t, s, v, cond=cond, mode=mode, u_fn_jvp=u_fn_jvp, jvp_fn=jvp_fn)
     bad = int((~torch.isfinite(u_tgt.flatten(1)).all(1)).sum())
@@ -372,23 +363,20 @@ def _check_start(start):
 
 
 def start_latent(z_lr, eps, start):
-    """z_t0 = t0 z_LR + (1 - t0) eps: the path's point at time t0 with the LR latent standing in for
-    the unknown HR one. t0 = 0 is pure noise (Alg. 2); a later start keeps more of the LR image, so
-    the sample invents less (fidelity) and, started from noise, more (realism)."""
+    """z_t0 = t0 z_LR + (1 - t0) eps: the path at t0, the LR latent standing in for the HR one. t0 = 0 is
+    pure noise (Alg. 2, the most invented detail); a later start keeps more of the LR image."""
     return start * z_lr + (1 - start) * eps
 
 
 def noise_like(z, generator=None):
-    """Gaussian noise shaped like z, drawn on the generator's device (the CPU for torch.Generator())
-    and moved to z's: CUDA refuses a CPU generator for a GPU draw, and a seed gives the same noise
-    on every device. Without a generator: torch's global one, on z's device."""
+    """Gaussian noise like z, drawn on the generator's device (else z's) and moved to z's: CUDA refuses
+    a CPU generator for a GPU draw, and a seed gives the same noise on every device."""
     device = z.device if generator is None else generator.device
     return torch.randn(z.shape, generator=generator, device=device, dtype=z.dtype).to(z.device)
 
 
 def sample_student(net, cond, steps=1, generator=None, start=0.0):
-    """The student's N-step super-resolution of cond.z_lr (Alg. 2), from Gaussian noise, or from
-    z_t0 (`start_latent`) for a start t0 > 0."""
+    """The student's N-step super-resolution of cond.z_lr (Alg. 2), from noise or from z_t0 (t0 = start)."""
     z0 = start_latent(cond.z_lr, noise_like(cond.z_lr, generator), start)
     u = average_velocity(net)
     return sample(lambda z, t, s: u(z, t, s, cond), z0, steps, start)
@@ -414,11 +402,10 @@ def uniform_sigmas(steps, device=None):
 @torch.no_grad()
 def sample_teacher(net, cond, cond_neg, steps=40, cfg=DIT4SR_CFG, shift=SD35_SHIFT, generator=None,
                    grid="shifted", noise=None, start=0.0):
-    """The teacher's Euler sampler with CFG on the SD3.5 shifted schedule (DiT4SR's recipe:
-    40 steps, CFG 8, batch order [negative, positive]): v = v_neg + cfg (v_c - v_neg).
-    cond: the Cond of the image (its z_lr is the one used); cond_neg: the negative prompt's.
-    grid "uniform": uniform_sigmas instead. noise: the starting eps (default: drawn from `generator`).
-    start t0 > 0: from z_t0 (`start_latent`), the grid's sigmas scaled into [0, 1 - t0], as many steps."""
+    """The teacher's Euler sampler with CFG on the SD3.5 shifted schedule (DiT4SR's recipe: 40 steps,
+    CFG 8, batch order [negative, positive]): v = v_neg + cfg (v_c - v_neg). cond: the image's Cond
+    (its z_lr is used); cond_neg: the negative prompt's. grid "uniform": uniform_sigmas. noise: the
+    starting eps (default: from `generator`). start t0 > 0: from z_t0, the sigmas scaled into [0, 1 - t0]."""
     _check_start(start)
     z = start_latent(cond.z_lr, noise_like(cond.z_lr, generator) if noise is None else noise, start)
     B = z.shape[0]

@@ -118,12 +118,10 @@ def autocasting(x):   # whether autocast is on for x's device (the meta device h
 
 
 class TimeLinear(nn.Linear):
-    """A Linear of the time path (the t and s embedders, adaLN modulation), in fp32 under autocast:
-    du/dt (Eq. 8) differentiates the network along t through it, and in bf16 many of the sinusoids'
-    features are constant over t in [0, 1] (with c_noise = t), so the forward would move in steps
-    while the JVP differentiates a smooth function. Weights stored in bf16 (a frozen base) are
-    upcast per call. Without autocast it runs in the weight's dtype like any layer, so a model cast
-    wholesale (sample.py --dtype bf16) runs in its dtype."""
+    """A Linear of the time path (t and s embedders, adaLN modulation), in fp32 under autocast: du/dt
+    (Eq. 8) differentiates along t through it, and in bf16 many sinusoid features are constant over
+    t in [0, 1] (c_noise = t): the forward would move in steps under a smooth JVP. Without autocast
+    it runs in the weight's dtype, like any layer (sample.py --dtype bf16)."""
 
     def forward(self, x):
         if not autocasting(x):
@@ -267,8 +265,7 @@ class DismantledBlock(nn.Module):
         return Modulation(*self.adaLN_modulation(c).chunk(self.n_mods, dim=-1))
 
     def post_attention(self, x, o, m):
-        """The text stream after the joint attention: its gated residual updates from the attention
-        rows o and from the MLP (mmditx.py's post_attention)."""
+        """The text stream's gated residual updates from its attention rows o and its MLP (mmditx.py's)."""
         x = x + m.gate_msa.unsqueeze(1) * self.attn.proj(o)
         return x + m.gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), m.shift_mlp, m.scale_mlp))
 
@@ -298,7 +295,7 @@ class JointBlock(nn.Module):
 
     def attend(self, x, lr, ctx, m, c_m):
         """The joint attention over [X ; L ; C] and, in an MMDiT-X block, the image-only attn2 over
-        [X ; L] from the same normalised inputs: new X and L, and C's rows of the joint output."""
+        [X ; L] from the same normalised inputs."""
         xb, cb = self.x_block, self.context_block
         nx, nl = xb.norm1(x), None if lr is None else xb.norm1(lr)
         text = cb.attn.qkv_x(modulate(cb.norm1(ctx), c_m.shift_msa, c_m.scale_msa))       # C's q, k, v
@@ -420,9 +417,8 @@ class MMDiT(nn.Module):
         ctx = self.context_embedder(context)                                       # (B, M, D)
         for block in self.joint_blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                # Backward recomputes the block along its forward's path: checkpoint_context restores
-                # what chose it (fastjvp's switches). Compiled, the traced graph replays its path (and
-                # dynamo refuses a context_fn that does not give TorchDispatchModes).
+                # backward recomputes the block on its forward's path: checkpoint_context restores
+                # fastjvp's switches (compiled, the graph replays it; dynamo refuses such a context_fn)
                 keep = {} if torch.compiler.is_compiling() else {"context_fn": self.checkpoint_context}
                 x_tok, lr_tok, ctx = torch.utils.checkpoint.checkpoint(
                     block, x_tok, lr_tok, ctx, c, grid, use_reentrant=False, **keep)
@@ -490,9 +486,8 @@ def merge_lora(net: MMDiT):
 
 def dead_lr_params(net: MMDiT):
     """LR-stream parameters that never get a gradient (ARCH §3.3): the last block's LR output
-    projections (the LR tokens are dropped after it) and, in v1 mode, every k_control (the LR
-    keys come from the image keys). Frozen, as trainable ones each step would all-reduce zeros
-    (plumbing/runs.all_reduce_grads), hold Adam state and take AdamW's decay for nothing."""
+    projections (its LR tokens are dropped) and, in v1 mode, every k_control (the LR keys are the
+    image keys). Kept frozen: trained, they would all-reduce zeros and take AdamW's decay."""
     last = f"joint_blocks.{net.cfg.depth - 1}.x_block."
     return [n for n, _ in net.named_parameters()
             if (n.startswith(last) and ".out_control." in n)
@@ -516,8 +511,7 @@ def set_trainable(net: MMDiT, teacher_time_scale: float = 1000.0) -> int:
 
 
 def add_lr_stream(net: MMDiT) -> MMDiT:
-    """SD3.5 -> DiT4SR teacher in place: the base weights plus fresh LR-stream control layers
-    (zero-initialised where DiT4SR zero-initialises). Frozen base weights are not copied."""
+    """SD3.5 -> DiT4SR teacher in place: the base weights (not copied) plus new LR-stream control layers."""
     assert not net.cfg.lr_stream, "the model already has the LR stream"
     net.cfg = replace(net.cfg, lr_stream=True)
     for blk in net.joint_blocks:
@@ -530,10 +524,8 @@ def add_lr_stream(net: MMDiT) -> MMDiT:
 
 def make_student(teacher: MMDiT, time_scale: float = 1.0, lora_rank: int = 64,
                  lora_alpha: float | None = None, time_cutoff: float = 0.0) -> MMDiT:
-    """MFSR Alg. 1 lines 1-2: the student is the teacher plus an s-embedder and LoRA, both zero at
-    init (so with the teacher's time_scale it equals the teacher for every s; with a time_cutoff, the
-    low-passed teacher). Frozen weights are shared with the teacher; the ones the student trains
-    are cloned, so the teacher stays fixed."""
+    """MFSR Alg. 1 lines 1-2: the teacher plus an s-embedder and LoRA, both zero at init (with the
+    teacher's time_scale, the teacher for every s). Frozen weights are shared, trained ones cloned."""
     cfg = replace(teacher.cfg, two_times=True, time_scale=time_scale, time_cutoff=time_cutoff)
     w = next(teacher.parameters())
     new_t, dead = time_scale != teacher.cfg.time_scale, set(dead_lr_params(teacher))   # dead ones stay shared

@@ -53,19 +53,17 @@ def adain_color_fix(y, ref, eps=1e-5):
     return (y - my) / (sy + eps) * sr + mr
 
 
-def wavelet_low(x, levels=5):
-    """x blurred `levels` times by the a-trous (dilated) 3x3 binomial kernel, dilations 1, 2, 4, ...,
-    replicate-padded: the low frequencies of a `levels`-level wavelet split."""
-    k = torch.tensor([[1, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=x.dtype, device=x.device) / 16
-    k = k.expand(x.shape[1], 1, 3, 3)                                          # depthwise
-    for i in range(levels):
-        x = F.conv2d(F.pad(x, (2 ** i,) * 4, mode="replicate"), k, dilation=2 ** i, groups=x.shape[1])
-    return x
-
-
 def wavelet_color_fix(y, ref, levels=5):
-    """y's high frequencies on ref's low frequencies (5-level a-trous wavelet, as DiT4SR / StableSR)."""
-    return y - wavelet_low(y, levels) + wavelet_low(ref, levels)
+    """y's high frequencies on ref's low frequencies (a `levels`-level a-trous wavelet, as DiT4SR /
+    StableSR): the low ones are the image blurred by the 3x3 binomial kernel at dilations 1, 2, 4, ..."""
+    k = torch.tensor([[1, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=y.dtype, device=y.device) / 16
+    k = k.expand(y.shape[1], 1, 3, 3)                                          # depthwise
+
+    def low(x):
+        for i in range(levels):
+            x = F.conv2d(F.pad(x, (2 ** i,) * 4, mode="replicate"), k, dilation=2 ** i, groups=x.shape[1])
+        return x
+    return y - low(y) + low(ref)
 
 
 COLOR_FIXES = {"adain": adain_color_fix, "wavelet": wavelet_color_fix, "none": lambda y, ref: y}
@@ -74,8 +72,7 @@ DEFAULTS = {"tile": 64, "tile_overlap": 24, "cfg": mfsr.DIT4SR_CFG, "shift": mfs
 
 
 def sampling_settings(net):
-    """tile, tile_overlap, cfg, shift and start for `upscale`: those recorded in the checkpoint, else DEFAULTS
-    (start 0: the paper's pure-noise start)."""
+    """tile, tile_overlap, cfg, shift and start for `upscale`: the checkpoint's, else DEFAULTS."""
     return {k: getattr(net, "sampling", {}).get(k, v) for k, v in DEFAULTS.items()}
 
 
@@ -145,15 +142,13 @@ def upscale(img, net, vae, cond, steps=1, *, teacher=False, cond_neg=None, cfg=D
             color_fix="adain", vae_tile=None, progress=None, grid="shifted", tile_batch=None, start=0.0):
     """x4 super-resolution of img (1, 3, H, W) in [0, 1] -> (1, 3, 4H, 4W) float32 in [0, 1], on CPU.
 
-    net: a student (cfg.two_times) or, with teacher=True, a one-time teacher with the LR stream;
-    both must be on the device and in the dtype wanted. cond: the prompt, an mfsr.Cond without z_lr
-    (pooled (1, P), context (1, L, D)); cond_neg likewise (the teacher's CFG negative, default cond).
+    net: a student or, with teacher=True, a one-time teacher, on the device and in the dtype wanted.
+    cond: the prompt, an mfsr.Cond without z_lr; cond_neg likewise (the teacher's CFG negative; None: cond).
     steps: uniform student steps (Alg. 2) or the teacher's Euler steps with guidance `cfg` on SD3's
     grid shifted by `shift` (the shift its training used; grid "uniform": Alg. 2's grid). start: the
     time t0 the steps start from, z_t0 = t0 z_lr + (1 - t0) noise (0: pure noise, the paper's).
-    tile / tile_overlap / tile_batch: latent tiles, so many per call (None: by free memory).
-    vae_tile: the VAE's tile (plumbing/tiling.py; None: by size).
-    progress: a cli.Progress (or None), told the phases and every tile's network call."""
+    tile / tile_overlap / tile_batch: latent tiles, so many per call (None: by free memory); vae_tile:
+    the VAE's tile (plumbing/tiling.py; None: by size). progress: a cli.Progress or None."""
     assert img.ndim == 4 and img.shape[:2] == (1, 3), f"img must be (1, 3, H, W), got {tuple(img.shape)}"
     if color_fix not in COLOR_FIXES:
         raise ValueError(f"color_fix must be one of {sorted(COLOR_FIXES)}, got {color_fix!r}")
@@ -236,24 +231,22 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", default=None, help="student.safetensors from train.py (default: the shipped model)")
     p.add_argument("--teacher", action="store_true", help="--ckpt is a one-time teacher: Euler with CFG")
     p.add_argument("--vae", default=None, help="VAE file/folder or SD3.5 checkpoint (default: beside/inside --ckpt)")
-    p.add_argument("--emb", default=None, help="prompt embedding file (context, pooled) from `python tools/text.py "
-                   "--prompt TEXT --out FILE`; default: the prompt.safetensors / null.safetensors beside the model")
+    p.add_argument("--emb", default=None, help="prompt embedding file from tools/text.py (default: the "
+                   "prompt.safetensors / null.safetensors beside the model)")
     p.add_argument("--neg-emb", default=None, help="negative prompt embedding for the teacher's CFG")
     p.add_argument("--steps", type=int, default=None, help="student 1..8 (default 1); teacher default 40")
-    p.add_argument("--cfg-scale", "--cfg", dest="cfg", type=float, default=None,
-                   help="the teacher's CFG scale, v_neg + scale (v_c - v_neg) (train.py's Eq. 11 --cfg-w is scale - 1; "
-                   f"default: the one recorded in the checkpoint, else DiT4SR's 8{shipped('cfg')})")
-    p.add_argument("--shift", type=float, default=None, help="the teacher's sigma shift on SD3's grid (default: the "
-                   "one its training used, recorded in the checkpoint, else SD3.5's 3)")
-    p.add_argument("--start-time", dest="start", type=float, default=None, help="t0 in [0, 1), where the steps "
-                   "start on the path from noise (0) to the image (1), from t0 LR + (1 - t0) noise: 0 is the paper's "
-                   "(most detail invented), towards 1 stays nearer the bicubic image (fewer artefacts); default: "
-                   f"recorded in the checkpoint, else 0{shipped('start')}")
+    p.add_argument("--cfg-scale", "--cfg", dest="cfg", type=float, default=None, help="the teacher's CFG scale s, "
+                   f"v_neg + s (v_c - v_neg), Eq. 11's w + 1 (default: the checkpoint's, else 8{shipped('cfg')})")
+    p.add_argument("--shift", type=float, default=None, help="the teacher's sigma shift on SD3's grid (default: "
+                   "the checkpoint's, else SD3.5's 3)")
+    p.add_argument("--start-time", dest="start", type=float, default=None, help="t0 in [0, 1): start from t0 LR + "
+                   "(1 - t0) noise; 0 (the paper's) invents the most detail, nearer 1 stays nearer the bicubic image "
+                   f"(default: the checkpoint's, else 0{shipped('start')})")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tile", type=int, default=None, help="latent tile side (default: the training size recorded "
-                   f"in the checkpoint, else DiT4SR's 64{shipped('tile')})")
-    p.add_argument("--tile-overlap", type=int, default=None, help="latent tile overlap (default: recorded, else 24"
-                   f"{shipped('tile_overlap')}; with another --tile, the recorded overlap scaled with it)")
+    p.add_argument("--tile", type=int, default=None, help="latent tile side (default: the checkpoint's, else 64"
+                   f"{shipped('tile')})")
+    p.add_argument("--tile-overlap", type=int, default=None, help="latent tile overlap (default: the "
+                   f"checkpoint's, else 24{shipped('tile_overlap')}; with another --tile, scaled with it)")
     p.add_argument("--tile-batch", type=int, default=None, help="latent tiles per network call (default: by free memory)")
     p.add_argument("--color-fix", default="adain", choices=sorted(COLOR_FIXES))
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
@@ -275,9 +268,8 @@ def parse_args(argv=None):
 
 
 def apply_sampling_settings(args, net):
-    """Unset flags take the checkpoint's own settings. A --tile without --tile-overlap takes the
-    recorded overlap scaled with it (in whole patches, below the tile, not 0 unless recorded so).
-    Returns a note or ""."""
+    """Unset flags take the checkpoint's settings; a --tile alone scales its overlap (in whole patches,
+    below the tile, not 0 unless recorded so). Returns a note or ""."""
     rec = sampling_settings(net)
     scale_overlap = args.tile is not None and args.tile_overlap is None and args.tile != rec["tile"]
     for key, value in rec.items():

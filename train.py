@@ -40,7 +40,6 @@ from plumbing.checkpoints import CheckpointError, load_embedding, load_transform
 from plumbing.cli import add_flags, flag, peak_memory_mb
 
 
-
 @dataclass
 class TrainConfig:
     """Every setting of a run; each is a flag and its help text is the second argument."""
@@ -56,41 +55,30 @@ class TrainConfig:
     null_emb: str = flag("", "safetensors with context / pooled of the empty prompt")
     neg_emb: str = flag("", "... of the negative prompt (Eq. 11)")
     prompt_emb: str = flag("", "... for images without their own embedding file (else the null)")
-    neg_prob: float = flag(0.0, "teacher stage: share of rows given the negative prompt and the LR latent as their "
-                                "target, so that prompt comes to mean 'low-res' (where no text encoder says so)")
-    clean_prob: float = flag(0.0, "share of pairs whose LR is the plain bicubic x4 (degrade.bicubic_down), not a "
-                                  "Real-ESRGAN degradation")
+    neg_prob: float = flag(0.0, "teacher stage: share of rows with the negative prompt and the LR latent as target "
+                                "(so that prompt means 'low-res')")
+    clean_prob: float = flag(0.0, "share of pairs whose LR is plain bicubic x4 (degrade.bicubic_down), not degraded")
     plain_gt: bool = flag(False, "supervise with the HR crop itself, not Real-ESRGAN's USM-sharpened one")
-    cache_latents: int = flag(0, "> 0: encode this many pairs once and train on them (no per-step VAE: fast where "
-                                 "the VAE dominates a step)")
+    cache_latents: int = flag(0, "> 0: encode this many pairs once and train on them (no VAE in the steps)")
     size: int = flag(0, "HR crop; 0 = 512 (full) / 64 (tiny)")
-    depth: int = flag(0, "a tiny teacher trained from scratch (--preset tiny --stage teacher, no --teacher): "
-                         "its joint blocks (0: model.CONFIGS['tiny']'s)")
+    depth: int = flag(0, "a tiny teacher from scratch (--preset tiny --stage teacher): its blocks (0: the tiny's)")
     heads: int = flag(0, "that teacher's heads of 64 channels (0: the tiny config's)")
-    prediction: str = flag("v", "that teacher's output: v (SD3's eps - x0) or x (x0 - z_LR, mfsr.py's convention "
-                                "block); a student inherits its teacher's")
+    prediction: str = flag("v", "that teacher's output: v (SD3's eps - x0) or x (x0 - z_LR; see mfsr.py's top)")
     batch: int = flag(10, "per process (paper: 80 over 8 GPUs)")
     steps: int = flag(12000, "App. B: 12K iterations")
     lr: float = flag(5e-5, "Adam (distill, App. B); teacher stage: AdamW like DiT4SR")
     lr_decay: str = flag("none", "none (constant, as the paper) | cosine (to 0 at --steps; the tiny VAE)")
     lora_rank: int = flag(64, "distill: rank of the student's LoRA (App. B)")
-    time_scale: float = flag(1.0, "c_noise(t) = time_scale * t of the student (§4.4: 1; SD3.5's teacher: 1000) "
-                                  "and of a tiny teacher trained from scratch")
-    time_cutoff: float = flag(0.0, "distill: drop the student's time features above this many rad per unit t "
-                                   "(0: none; for a 1000 t teacher that cannot be retrained, not the paper's)")
+    time_scale: float = flag(1.0, "c_noise(t) = time_scale * t of the student (§4.4: 1) or a tiny scratch teacher")
+    time_cutoff: float = flag(0.0, "distill: drop the student's time features above this many rad per unit t (0: none)")
     ratio: float = flag(0.5, "share of rows with s != t (Table 4)")
-    warmup: int = flag(0, "distill: first steps at ratio 0 (s = t: the rescaled time embedding fitted to the "
-                          "teacher's velocity before the MeanFlow target)")
-    anchor: float = flag(0.0, "distill: share of rows trained at (t, s) = (0, 1) on the teacher's 40-step "
-                              "endpoint from their noise instead of Eq. 12 (0: none, the paper's)")
-    time_pairs: str = flag("uniform", "distill: how the s != t pairs are drawn (mfsr.sample_times; uniform is "
-                                      "the paper's)")
-    gap_ramp: int = flag(0, "distill: s - t at most (steps after --warmup) / gap_ramp, a short-to-long "
-                            "curriculum (0: no cap)")
+    warmup: int = flag(0, "distill: first steps at ratio 0 (s = t: the time embedding fitted to v first)")
+    anchor: float = flag(0.0, "distill: share of rows fitted at (t, s) = (0, 1) to the teacher's 40-step sample")
+    time_pairs: str = flag("uniform", "distill: how s != t pairs are drawn (mfsr.sample_times; uniform: the paper's)")
+    gap_ramp: int = flag(0, "distill: s - t at most (steps after --warmup) / gap_ramp, short to long (0: no cap)")
     target: str = flag("neg", "teacher velocity: gt | meanflow | null | neg (Table 3)")
     cfg_w: float = flag(6.0, "w of Eq. 9 / 10 / 11 (a sampler's standard CFG scale is w + 1: mfsr.eq11_w)")
-    time_shift: float = flag(mfsr.SD35_SHIFT, "teacher stage: SD3's shift of the logit-normal sigma "
-                                              "(3 as SD3.5, 1 none)")
+    time_shift: float = flag(mfsr.SD35_SHIFT, "teacher stage: SD3's shift of the logit-normal sigma (1: none)")
     kappa: float = flag(0.0, "kappa of MeanFlow's CFG (Eq. 9, --target meanflow; MeanFlow: w 1, kappa 0.83)")
     cond_drop: float = flag(0.0, "distill: share of rows trained on the null prompt, unguided (MeanFlow: 0.1)")
     loss: str = flag("pseudo_huber", "pseudo_huber | l2 | adaptive")
@@ -99,23 +87,18 @@ class TrainConfig:
     grad_clip: float = flag(1.0, "clip the gradient's global norm to this")
     accum: int = flag(1, "gradient accumulation steps")
     ema: float = flag(0.0, "EMA decay of trainable weights (0 = off)")
-    dtype: str = flag("auto", "autocast dtype; auto: bf16 on a GPU, fp32 on the CPU (bf16 there runs a GPU's dtype "
-                              "path, slowly); frozen weights are stored in it, trained ones in fp32")
+    dtype: str = flag("auto", "autocast dtype, frozen weights stored in it (auto: bf16 on a GPU, fp32 on the CPU)")
     compile: bool = flag(False, "torch.compile the trained network and its JVP")
     grad_ckpt: bool = flag(False, "gradient checkpointing per block (less memory, ~1.3x time)")
-    workers: int = flag(-1, "data-loading processes per training process; -1: this process's share of the "
-                            "CPUs (os.cpu_count() / LOCAL_WORLD_SIZE), at most 8")
+    workers: int = flag(-1, "data-loading processes per process; -1: this process's share of the CPUs, at most 8")
     seed: int = flag(0, "every draw (data, degradation, noise, times) follows from it")
     log_every: int = flag(10, "print a line every this many steps (log.jsonl has every step)")
-    diagnose_every: int = flag(100, "distill: log du/dt's terms (mfsr.dudt_terms: two more JVPs, two forwards) "
-                                    "every this many steps and at the last; 0 never")
-    profile_phases: bool = flag(False, "time each phase of a step (synchronising a GPU after each: slower) "
-                                       "and print the table at the end; tools/rehearse.py sets it")
+    diagnose_every: int = flag(100, "distill: log du/dt's terms (mfsr.dudt_terms) every this many steps; 0 never")
+    profile_phases: bool = flag(False, "time each phase of a step (a GPU synchronised after each: slower)")
     sample_every: int = flag(500, "write a progress grid PNG every this many steps")
     save_every: int = flag(1000, "write a checkpoint every this many steps")
     keep: int = flag(3, "checkpoints kept")
-    export_every_save: bool = flag(False, "write the merged model sample.py reads (student.safetensors) in every "
-                                          "checkpoint, not only the last (full scale: 10 GB each)")
+    export_every_save: bool = flag(False, "student.safetensors (for sample.py) in every checkpoint, not only the last")
     max_bad: int = flag(5, "stop after this many non-finite losses in a row")
     resume: bool = flag(False, "continue from the newest readable checkpoint in --out")
 
@@ -155,16 +138,9 @@ def training_batches(cfg, paths, prompt, vae, device, rank, start):
 # Models
 
 
-def training_dtype(cfg, device):
-    """The dtype autocast computes in, or None for fp32 (--dtype auto: bf16 on a GPU)."""
-    name = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    return {"bf16": torch.bfloat16, "fp32": None}[name]
-
-
 def store_in(net, dtype):
-    """Frozen weights in the training dtype (autocast computes in it anyway: half the memory), trained
-    ones in fp32 (Adam's updates are smaller than a bf16 step), buffers (the position table) in fp32.
-    dtype None (an fp32 run): net as it is."""
+    """Frozen weights in the training dtype (autocast computes in it anyway), trained ones and buffers in
+    fp32 (Adam's updates are smaller than a bf16 step). dtype None (an fp32 run): net as it is."""
     if dtype is None:
         return net
     for p in net.parameters():
@@ -246,10 +222,9 @@ def encode_pair(vae, batch, g):
 
 def teacher_loss(net, batch, cfg, g):
     """DiT4SR's rectified flow: logit-normal t with SD3's shift (cfg.time_shift), x0-MSE (= sigma^2-
-    weighted velocity). batch: z_hr, z_lr, context, pooled, and the null and negative prompts (null,
-    neg). A share caption_dropout of the rows gets the null prompt; with neg_prob > 0 (the miniature)
-    another share gets the negative prompt and the LR latent as its target, so the negative prompt
-    ("blurry, low-res, ...") means what it says and CFG can push away from it."""
+    weighted velocity). batch: z_hr, z_lr, context, pooled, null and neg (prompts). A share
+    caption_dropout of the rows gets the null prompt; with neg_prob > 0 another share gets the negative
+    prompt ("blurry, low-res") and the LR latent as target, so CFG has something to push away from."""
     z_hr, z_lr = batch["z_hr"], batch["z_lr"]
     B = z_hr.shape[0]
     r = torch.rand(B, generator=g).to(z_hr.device)    # drawn on the generator's device (the CPU), used on z's
@@ -278,11 +253,9 @@ def _with_prompt(c, emb, rows):
 
 
 def distill_loss(student, teacher, batch, cfg, g, step=0, jvp=None):
-    """MFSR Alg. 1, one step's loss. batch: z_hr, z_lr, context, pooled, and the null and negative
-    prompts (null, neg). student: the module or its torch.compile wrapper (the JVP runs on the module,
-    through `jvp`: mfsr.jvp, or main's compiled fastjvp.func_jvp).
-    Returns (loss or None for a step to skip, info): info has jvp_term (mfsr.mfd_loss), anchor_loss
-    with anchor rows, and every cfg.diagnose_every steps du/dt's terms (mfsr.dudt_terms).
+    """MFSR Alg. 1, one step's loss. batch as teacher_loss's. student: the module or its compiled
+    wrapper (the JVP runs on the module through `jvp`: mfsr.jvp, or main's compiled fastjvp.func_jvp).
+    Returns (loss, or None for a step to skip, info): jvp_term, anchor_loss, du/dt's terms (mfsr.dudt_terms).
 
     Beyond Alg. 1, each off by default: the first cfg.warmup steps have every row at s = t (no JVP);
     a share cfg.cond_drop of the rows gets the null prompt and the unguided velocity (MeanFlow's
@@ -327,11 +300,9 @@ def distill_loss(student, teacher, batch, cfg, g, step=0, jvp=None):
 
 
 def anchor_loss(student, teacher, c, c_neg, cfg, g):
-    """Consistency mid-training, beyond the paper (--anchor): the one-step jump u(z_0, 0, 1)
-    regressed on the teacher's own 40-step sample from the same noise, z_1 - z_0 (its CFG scale
-    cfg_w + 1, its sampling shift), with the MFD distance. Eq. 12 reaches the flow map only through
-    its own derivatives; this pins the one-step corner to where the teacher's samples land.
-    c, c_neg: Conds with the rows' prompt and with the negative prompt."""
+    """Beyond the paper (--anchor): the one-step jump u(z_0, 0, 1) regressed on the teacher's 40-step
+    sample from the same noise, z_1 - z_0 (CFG scale cfg_w + 1), by the MFD distance: Eq. 12 reaches
+    the flow map only through its derivatives, this pins the one-step corner. c_neg: the negative's."""
     z_lr = c.z_lr
     z0 = torch.randn(z_lr.shape, generator=g).to(z_lr)
     with torch.no_grad():
@@ -459,7 +430,8 @@ def main(argv=None):
         os.makedirs(cfg.out, exist_ok=True)
         print("config:", json.dumps(asdict(cfg)))
     paths, skipped = training_images(cfg, rank)
-    dtype = training_dtype(cfg, device)
+    name = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    dtype = {"bf16": torch.bfloat16, "fp32": None}[name]     # autocast's (None: fp32, no autocast)
     net, teacher, vae = build_models(cfg, device, dtype)
     fastjvp.accelerate(net)   # model.py's plain blocks get the fast kernels and JVP rules: the same numbers
     if teacher is not None:
@@ -510,8 +482,7 @@ def main(argv=None):
             rows = slice(a * cfg.batch, (a + 1) * cfg.batch)
             mb = dict(z_hr=z_hr[rows], z_lr=z_lr[rows], context=batch["context"][rows],
                       pooled=batch["pooled"][rows], null=null, neg=neg)
-            # lean: the same numbers with lower peaks (fastjvp.py)
-            with autocast, fastjvp.lean_memory(), clock("loss (compiled)" if cfg.compile else None):
+            with autocast, fastjvp.lean_memory(), clock("loss (compiled)" if cfg.compile else None):  # lower peaks
                 if cfg.stage == "teacher":
                     loss, info = teacher_loss(run, mb, cfg, g), {}
                 else:

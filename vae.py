@@ -9,8 +9,7 @@ Follows Stability-AI's single-file reference (sd3_impls.VAEEncoder / VAEDecoder)
 and the parameter names, so `state_dict()` keys equal the released `first_stage_model.*` keys
 without the prefix. Facts and the original <-> diffusers key map: reference/ARCHITECTURE.md
 §4, cited as "ARCH §4.x". Latents leave `encode` in the transformer's space, (z - shift) * scale
-(ARCH §1); `decode` undoes it. Loading and saving: plumbing/checkpoints.py.
-For large images, plumbing/tiling.py wraps this VAE in one that runs it on overlapping tiles.
+(ARCH §1); `decode` undoes it. Files: plumbing/checkpoints.py; overlapping tiles: plumbing/tiling.py.
 
 Inside, activations are channels-last (faster CPU convolutions); outputs are NCHW. GroupNorm
 normalises in fp32 (its sums of squares overflow fp16); `set_dtype(vae, torch.float16)` keeps the
@@ -53,11 +52,10 @@ class VAEConfig:
 
 CONFIGS = {
     "sd3": VAEConfig(),
-    # The shipped miniature's: x4, 16 latent channels so it feeds the same transformer. It folds 4 x 4
-    # pixel patches into channels, so every convolution runs at latent resolution, and a linear code of
-    # the patches (`linear`, started as PCA by experiments/tiny_vae.py) carries most of the image
-    # (docs/modules.md). 8 GroupNorm groups: 32 normalised every channel alone and trained slower. No
-    # mid attention: its cost grows with the square of the image.
+    # The shipped miniature's: x4, 16 latent channels (the same transformer). 4 x 4 pixel patches folded
+    # into channels, so every conv runs at latent resolution; a linear code of the patches (`linear`, PCA
+    # at start, experiments/tiny_vae.py) carries most of the image (docs/modules.md). 8 GroupNorm groups:
+    # 32 normalised every channel alone and trained slower. No mid attention: its cost is quadratic.
     "tiny": VAEConfig(channels=(64,), enc_blocks=1, dec_blocks=2, groups=8, mid_attn=False, patch=4),
     # the SD3 structure at x4 (the previous tiny VAE): small, and diffusers can read it (tests, bench)
     "x4": VAEConfig(channels=(32, 64, 64), enc_blocks=1, dec_blocks=2, groups=8, mid_attn=False),
@@ -109,8 +107,7 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         B, C, H, W = x.shape
         h = self.norm(x)
-        # contiguous: with a strided last dim CPU SDPA falls back to the math kernel, which builds
-        # the whole score block
+        # contiguous: with a strided last dim CPU SDPA falls back to the math kernel (whole score blocks)
         q, k, v = (f(h).flatten(2).transpose(1, 2).contiguous()[:, None]
                    for f in (self.q, self.k, self.v))                                         # (B, 1, HW, C)
         # queries in chunks, so the (chunk, HW) score block stays small at 256^2 latents (a 2048^2
@@ -258,30 +255,24 @@ class VAE(nn.Module):
         return self.encoder(x).float().contiguous().chunk(2, dim=1)   # channels-last stays inside vae.py
 
     def encode(self, x, generator=None, sample=False):
-        """Images in [-1, 1] -> model-space latents (z - shift) * scale, in x's dtype.
-
-        z is the posterior mean, or with sample=True mean + std * eps, eps drawn from `generator`
-        (logvar clamped to [-30, 20], ARCH §4.2).
-        """
+        """Images in [-1, 1] -> model-space latents (z - shift) * scale, in x's dtype: z the posterior
+        mean, or with sample=True mean + std * eps, eps from `generator` (logvar clamped, ARCH §4.2)."""
         mean, logvar = self.moments(x)
         z = mean
-        if sample:
-            # drawn on the generator's device, then moved: a CPU generator cannot draw on a GPU
+        if sample:   # eps drawn on the generator's device, then moved: a CPU generator cannot draw on a GPU
             eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype,
                               device=mean.device if generator is None else generator.device).to(mean.device)
             z = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps
         return ((z - self.cfg.shift) * self.cfg.scale).to(x.dtype)     # (B, latent, H/f, W/f)
 
     def decode(self, z, clamp=True):
-        """Model-space latents (B, latent, h, w) -> images (B, 3, h f, w f) in [-1, 1], z's dtype.
-        clamp=False returns the raw decoder output."""
+        """Model-space latents (B, latent, h, w) -> images (B, 3, h f, w f) in [-1, 1] (clamp=False: raw)."""
         assert z.shape[1] == self.cfg.latent_channels, \
             f"expected (B, {self.cfg.latent_channels}, h, w), got {tuple(z.shape)}"
         x = self.decoder(z.float() / self.cfg.scale + self.cfg.shift).float().contiguous()   # (B, 3, h f, w f)
         return (x.clamp(-1, 1) if clamp else x).to(z.dtype)
 
 
-# parts of the SD VAE decoder that overflow fp16 and run in fp32 instead (diffusers' upcast_vae)
 FP16_UPCAST = ("decoder.up", "decoder.norm_out", "decoder.conv_out")
 
 
