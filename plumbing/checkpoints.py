@@ -1,14 +1,12 @@
 """Checkpoint files: what model.py and vae.py load from and save to (plumbing; the method does not need it).
 
-    from plumbing.checkpoints import load_transformer, save_transformer, load_vae, save_vae
     net = load_transformer("sd3.5_medium.safetensors")       # or a diffusers / DiT4SR folder, or our file
     vae = load_vae("sd3.5_medium.safetensors")               # its first_stage_model.* part
     save_transformer(net, "out.safetensors")                 # SD3.5 names, config in the metadata
 
 Only safetensors are read (pickled files can run code), memory-mapped into a module built on the meta
-device, so a full-size model is never held twice. SD3.5's single-file names (the modules') and diffusers'
-(also DiT4SR's) map as in reference/ARCHITECTURE.md §2.5, §3.5; the VAE's as in §4.3. A mismatch is a
-CheckpointError naming the file and what is missing, unexpected or misshapen. Saves are atomic.
+device: a full-size model is never held twice. SD3.5's names (the modules') and diffusers' (DiT4SR's) map
+as in reference/ARCHITECTURE.md §2.5, §3.5, the VAE's as in §4.3; a mismatch is a CheckpointError.
 """
 import contextlib
 import json
@@ -160,8 +158,7 @@ def atomic_save(tensors, path, metadata):
 PREFIX = "model.diffusion_model."
 _QKV = lambda a, names: [f"{a}.{n}." for n in names]
 _BLOCK_RULES = [  # (original suffix, diffusers suffix, or 3 suffixes that concatenate into qkv)
-    ("x_block.adaLN_modulation.1.", "norm1.linear."),
-    ("context_block.adaLN_modulation.1.", "norm1_context.linear."),
+    ("x_block.adaLN_modulation.1.", "norm1.linear."), ("context_block.adaLN_modulation.1.", "norm1_context.linear."),
     ("x_block.attn.qkv.", _QKV("attn", ("to_q", "to_k", "to_v"))),
     ("context_block.attn.qkv.", _QKV("attn", ("add_q_proj", "add_k_proj", "add_v_proj"))),
     ("x_block.attn.ln_q.", "attn.norm_q."), ("x_block.attn.ln_k.", "attn.norm_k."),
@@ -176,25 +173,19 @@ _BLOCK_RULES = [  # (original suffix, diffusers suffix, or 3 suffixes that conca
 ] + [(f"x_block.{a}.{n}_control.", f"{a}.to_{n}_control.")
      for a in ("attn", "attn2") for n in ("q", "k", "v", "out")]
 _GLOBAL_RULES = [
-    ("pos_embed", "pos_embed.pos_embed"),
-    ("x_embedder.proj.", "pos_embed.proj."),
-    ("t_embedder.mlp.0.", "time_text_embed.timestep_embedder.linear_1."),
-    ("t_embedder.mlp.2.", "time_text_embed.timestep_embedder.linear_2."),
-    ("s_embedder.mlp.0.", "time_text_embed.s_embedder.linear_1."),   # MFSR student (ours)
-    ("s_embedder.mlp.2.", "time_text_embed.s_embedder.linear_2."),
-    ("y_embedder.mlp.0.", "time_text_embed.text_embedder.linear_1."),
-    ("y_embedder.mlp.2.", "time_text_embed.text_embedder.linear_2."),
+    ("pos_embed", "pos_embed.pos_embed"), ("x_embedder.proj.", "pos_embed.proj."),
     ("context_embedder.", "context_embedder."),
-    ("final_layer.adaLN_modulation.1.", "norm_out.linear."),
-    ("final_layer.linear.", "proj_out."),
-]
+    ("final_layer.adaLN_modulation.1.", "norm_out.linear."), ("final_layer.linear.", "proj_out."),
+] + [(f"{a}_embedder.mlp.{i}.", f"time_text_embed.{b}_embedder.linear_{i // 2 + 1}.")   # s: MFSR's student (ours)
+     for a, b in (("t", "timestep"), ("s", "s"), ("y", "text")) for i in (0, 2)]
 # DiT4SR's attn2 was built with text projections it never uses (ARCH §3.5): 130 tensors, dropped.
 DIT4SR_UNUSED = re.compile(r"transformer_blocks\.\d+\.attn2\.(add_[qkv]_proj|to_add_out|norm_added_[qk])\.")
+swap_halves = lambda t: torch.cat(t.chunk(2)[::-1])   # noqa: E731 (shift, scale) rows <-> (scale, shift)
 
 
 def to_diffusers_name(key, depth):
-    """Original key -> (diffusers keys, how): how is 'copy', 'qkv' (3 row blocks) or 'swap'
-    (halves (shift, scale) <-> (scale, shift): the last context adaLN and the final layer)."""
+    """Original key -> (diffusers keys, how): how is 'copy', 'qkv' (3 row blocks) or 'swap' (halves
+    (shift, scale) <-> (scale, shift), diffusers' order for the last context adaLN and the final layer)."""
     m = re.match(r"joint_blocks\.(\d+)\.(.*)", key)
     rules, rest, head = (_BLOCK_RULES, m.group(2), f"transformer_blocks.{m.group(1)}.") if m \
         else (_GLOBAL_RULES, key, "")
@@ -207,12 +198,6 @@ def to_diffusers_name(key, depth):
                     (m and int(m.group(1)) == depth - 1 and orig.startswith("context_block.adaLN")))
             return [head + diff + tail], "swap" if swap else "copy"
     raise KeyError(f"no diffusers name for {key}")
-
-
-def swap_halves(t):
-    """(shift, scale) rows <-> (scale, shift): diffusers' order for the last adaLN layers."""
-    a, b = t.chunk(2, dim=0)
-    return torch.cat([b, a], dim=0)
 
 
 def to_diffusers_state_dict(sd, depth):
@@ -248,9 +233,8 @@ def _infer_config(src) -> MMDiTConfig:
 
 
 def transformer_config(path, **overrides):
-    """(config, source) of a transformer file, without reading a weight: the config from its shapes, then
-    the fields shapes cannot tell that save_transformer recorded, then `overrides`. The source's
-    `layout`: "original" (SD3.5's names, with or without its prefix) or "diffusers"."""
+    """(config, source) of a transformer file, without reading a weight: the config its shapes tell, what
+    save_transformer recorded, `overrides`. source.layout: "original" (SD3.5's names) or "diffusers"."""
     src = SafetensorsFiles(path, subfolder="transformer", prefix=PREFIX)
     if src.prefix or any(k.startswith("joint_blocks.") for k in src.where):
         src.layout = "original"
@@ -269,10 +253,9 @@ def transformer_config(path, **overrides):
 
 
 def load_transformer(path, *, dtype=torch.float32, device="cpu", **overrides) -> MMDiT:
-    """Any supported transformer checkpoint, the config read from its shapes and keys: an SD3.5 single
-    file (its VAE and text encoders ignored), a diffusers transformer (a file, a folder, sharded or not,
-    or its parent with `transformer/`), DiT4SR's (diffusers layout with `*control*` keys), or our file.
-    overrides: config fields a file cannot tell, e.g. lr_key_mode="r1"; tensors cast to `dtype`."""
+    """An SD3.5 single file (its VAE and text encoders ignored), a diffusers transformer (file, folder,
+    sharded or not, or its parent), DiT4SR's (with `*control*` keys), or our file, the config read from its
+    shapes and keys. overrides: config fields a file cannot tell, e.g. lr_key_mode="r1"."""
     cfg, src = transformer_config(path, **overrides)
     lora = src.config("lora")       # None or {} without LoRA
     with torch.device("meta"):
@@ -299,9 +282,8 @@ def load_transformer(path, *, dtype=torch.float32, device="cpu", **overrides) ->
 
 
 def save_transformer(net: MMDiT, path, layout="original", sd=None):
-    """A safetensors file in the "original" layout (SD3.5's, loadable by SD3.5 tools if the model has no
-    added parts) or the "diffusers" (DiT4SR's) one; config, LoRA settings and `net.sampling` in the
-    metadata. sd: tensors to write instead of net's (e.g. runs.save_full's Later ones)."""
+    """In the "original" (SD3.5's) or "diffusers" (DiT4SR's) layout, config, LoRA settings and `net.sampling`
+    in the metadata. sd: tensors to write instead of net's (e.g. runs.save_full's Later ones)."""
     sd = sd if sd is not None else {k: v.detach() for k, v in net.state_dict().items()}
     lora = getattr(net, "lora", None)
     if layout == "original":
@@ -339,10 +321,6 @@ def from_diffusers_name(key, levels):
     return key.replace(".conv_shortcut.", ".nin_shortcut.")
 
 
-def _is_attn_matrix(key):   # 1x1 conv weights in the original layout, (C, C) linears in diffusers
-    return re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", key) is not None
-
-
 class _VAESource:
     """The VAE tensors of one checkpoint under their original-layout names, read lazily
     (memory-mapped by SafetensorsFiles) so a full-size VAE is never held twice."""
@@ -367,8 +345,8 @@ class _VAESource:
         self.where = {rename(k): k for k in names}      # original name -> name in the file
 
     def shape(self, key):
-        s = self.files.shape(self.where[key])
-        return s + (1, 1) if len(s) == 2 and _is_attn_matrix(key) else s
+        s = self.files.shape(self.where[key])   # the attention's 1x1 convs are (C, C) linears in diffusers
+        return s + (1, 1) if len(s) == 2 and re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", key) else s
 
     def get(self, key):
         return self.files.get(self.where[key]).view(self.shape(key))
@@ -387,9 +365,8 @@ class _VAESource:
 
 
 def vae_config(path, groups=None):
-    """(config, source) of a VAE file without reading a weight: levels, channels and block counts
-    from shapes; groups/scale/shift from what the file tells (a bare checkpoint cannot: then the
-    SD3 values, or `groups` as in load_vae)."""
+    """(config, source) of a VAE file without reading a weight: sizes from shapes, groups/scale/shift from
+    what the file tells (a bare checkpoint cannot: then the SD3 values, or `groups`)."""
     src = _VAESource(path)
     keys = list(src.where)
     told = src.told() | ({"groups": groups} if groups else {})
@@ -413,12 +390,9 @@ def vae_config(path, groups=None):
 
 
 def load_vae(path, *, dtype=torch.float32, device="cpu", groups=None) -> VAE:
-    """Load the SD3 VAE from an SD3.5 single file (`first_stage_model.*`; the rest ignored), a
-    diffusers pipeline folder, its `vae/` folder or diffusion_pytorch_model.safetensors, a
-    standalone VAE file with bare keys, or a file written by `save_vae`. The config is read from
-    the shapes; every key and shape is checked, under the original-layout names the tensors load by.
-    Tensors are cast to `dtype` (files may mix fp16 and fp32). groups: GroupNorm groups when the
-    file cannot tell (default 32, the SD3 value)."""
+    """The SD3 VAE of an SD3.5 single file (`first_stage_model.*`), a diffusers pipeline, its `vae/` folder
+    or file, a file with bare keys, or save_vae's; every key and shape checked under the original-layout
+    names. groups: GroupNorm groups when the file cannot tell (default 32, the SD3 value)."""
     cfg, src = vae_config(path, groups)
     with torch.device("meta"):
         vae = VAE(cfg)
@@ -431,8 +405,7 @@ def load_vae(path, *, dtype=torch.float32, device="cpu", groups=None) -> VAE:
 
 
 def save_vae(vae: VAE, path):
-    """Write the VAE as a standalone file with bare Stability names (`encoder.*`, `decoder.*`) and
-    its config in the metadata, atomically."""
+    """The VAE under bare Stability names (`encoder.*`, `decoder.*`), its config in the metadata."""
     sd = {k: v.detach().contiguous() for k, v in vae.state_dict().items()}
     atomic_save(sd, path, {"format": "mfsr-vae", "layout": "original", "vae_config": json.dumps(asdict(vae.cfg))})
 
