@@ -1,6 +1,4 @@
-"""Command-line conveniences shared by sample.py and train.py (plumbing): flags from a config dataclass
-(each field declared with flag(default, help)), progress with an ETA, the device, peak memory.
-"""
+"""Command-line conveniences of sample.py and train.py (plumbing): flags, progress, device, peak memory."""
 import contextlib
 import math
 import sys
@@ -16,8 +14,8 @@ def flag(default, help):
 
 
 def add_flags(parser, config_cls, groups, choices):
-    """One argparse flag per field of `config_cls` named in `groups` ({section: field names}): a bool
-    is a switch, any other field takes a value of its default's type. Help from flag()'s text."""
+    """One argparse flag per field of `config_cls` named in `groups` ({section: field names}): a bool is a
+    switch, any other field takes a value of its default's type."""
     defaults = {f.name: f for f in fields(config_cls)}
     for group, names in groups.items():
         g = parser.add_argument_group(group)

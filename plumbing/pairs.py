@@ -1,7 +1,5 @@
-"""Training data (plumbing): which images of --data train, and the (gt, lr) pairs made from them in
-worker processes (paper §5.1): a random HR crop, degraded by degrade.py to LR at 1/4 (or, for a share
-clean_prob, the plain bicubic x4), with the image's prompt embedding. Unreadable files are reported
-and skipped, never fatal; small data sets are decoded once per worker.
+"""Training data (plumbing): the images of --data, and the (gt, lr) pairs made from them in worker
+processes (paper §5.1): a random HR crop and its degraded LR, with the image's prompt embedding.
 """
 import os
 import sys
@@ -63,8 +61,7 @@ class PairDataset(torch.utils.data.Dataset):
 
 
 def collate(items):
-    """A batch dict; `unreadable`: (path, why) of the items that could not be read (an all-unreadable
-    batch has nothing else)."""
+    """A batch dict; `unreadable`: (path, why) of the items that could not be read."""
     unreadable = [(it["unreadable"], it["why"]) for it in items if "unreadable" in it]
     items = [it for it in items if "unreadable" not in it]
     if not items:
@@ -77,8 +74,7 @@ def collate(items):
 
 
 def training_images(cfg, rank):
-    """(usable image paths of --data, {skipped path: why}); rank 0 names each skipped file and warns
-    about captions that have no embedding file yet."""
+    """(usable image paths of --data, {skipped path: why}); rank 0 says what it skips."""
     say = (lambda m: print(m, file=sys.stderr)) if rank == 0 else (lambda m: None)
     paths, skipped = usable_images(find_images(cfg.data), cfg.size, say)
     uncoded = [q for q in paths if os.path.exists(os.path.splitext(q)[0] + ".txt")

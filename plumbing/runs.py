@@ -1,6 +1,5 @@
-"""A training run's plumbing (train.py calls it; the method does not need it): seeds per (seed, step,
-rank), so a resume repeats the uninterrupted run exactly; the latent cache; gradients averaged over
-processes; checkpoint folders that appear whole or not at all; the log and the progress grids.
+"""A training run's plumbing (train.py's; the method does not need it): seeds per (seed, step, rank), so a
+resume repeats the run exactly; the latent cache; gradients over processes; checkpoints, log, grids.
 """
 import contextlib
 import glob
@@ -38,8 +37,7 @@ def mix(*xs):
 
 
 def step_batches(n, batch, seed, rank, start, stop):
-    """For each step k in [start, stop): `batch` (index, seed) keys of n items, drawn from a generator
-    seeded by (seed, k, rank), so a resumed run draws what an uninterrupted one would."""
+    """For each step k in [start, stop): `batch` (index, seed) keys of n items, seeded by (seed, k, rank)."""
     for k in range(start, stop):
         g = torch.Generator().manual_seed(mix(seed, k, rank))
         idx = torch.randint(n, (batch,), generator=g).tolist()
@@ -48,9 +46,9 @@ def step_batches(n, batch, seed, rank, start, stop):
 
 
 def latent_cache(path, key, batches, encode, n, device, say=print):
-    """n pairs of `batches` (dicts with gt, lr, context, pooled) encoded once by encode(k, batch) ->
-    (z_hr, z_lr) and reused by every step: a fixed set of degradations, much faster where the VAE
-    dominates a step. Kept in `path` under `key` (the settings that made it) for a rerun or resume."""
+    """n pairs of `batches` (dicts with gt, lr, context, pooled) encoded once by encode(k, batch) -> (z_hr,
+    z_lr), for every step: fixed degradations, much faster where the VAE dominates a step. Kept in `path`
+    under `key` (the settings that made it) for a rerun or resume."""
     if os.path.exists(path):
         f = SafetensorsFiles(path)
         if f.metadata.get("key") == key:
@@ -118,8 +116,7 @@ def all_reduce_grads(params):
 
 
 def any_rank(params, flag):
-    """True on every rank if `flag` is true on any (so all skip a step together); `params` is the
-    synchronised parameter list, None in a single process."""
+    """True on every rank if `flag` is on any (all skip a step together); params None: one process."""
     if params is None:
         return flag
     t = torch.tensor([float(flag)], device=params[0].device)
@@ -137,12 +134,9 @@ class PhaseClock:
     the queue, so a run without --profile-phases gets a clock that times nothing."""
 
     def __init__(self, enabled, device):
-        self.enabled, self.device, self.inside = enabled, device, False
+        self.enabled, self.inside = enabled, False
         self.seconds, self.steps = {}, []      # the step under way; the finished steps' (step(), write())
-
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        self._sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
     @contextlib.contextmanager
     def __call__(self, name):
@@ -181,8 +175,7 @@ class PhaseClock:
         return rec
 
     def time_calls(self, module, name):
-        """Time every call of `module` as `name(inputs)`'s phase (forward hooks, so the training code is
-        unchanged); name returns None for a call not to time."""
+        """Time every call of `module` as the phase name(inputs) (None: not timed), by forward hooks."""
         if not self.enabled:
             return
         open_ = []      # the calls under way, innermost last (self(None) times nothing)
@@ -203,13 +196,11 @@ def student_phase(args):
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints: trainable weights + config; optimizer state; a full export for sample.py; the log; a PNG
-# grid of progress to look at
+# Checkpoints (trainable weights, optimizer state, a full export for sample.py), the log, progress grids
 
 
 def optimizer_tensors(opt, prefix=""):
-    """opt.state_dict() as safetensors holds it: {prefix + "param index.name": tensor} (0-d as (1,)), and
-    the param groups as JSON."""
+    """opt.state_dict() as safetensors holds it: {prefix + "index.name": tensor}, the param groups as JSON."""
     state = opt.state_dict()
     tensors = {f"{prefix}{i}.{k}": v.detach().cpu().reshape(-1) if v.ndim == 0 else v.detach().cpu()
                for i, st in state["state"].items() for k, v in st.items()}
@@ -267,9 +258,9 @@ def sample_overlap(tile, patch):
 
 
 def save_full(net, path, sampling=None, ema=None):
-    """The whole model for load_transformer / sample.py, LoRA merged, with the EMA weights where `ema`
-    has them; `sampling`: its sampler's defaults. In fp32 (a LoRA update merged into bf16 would be
-    rounded away), each tensor made on the CPU as it is written: no second copy of the model."""
+    """The whole model for sample.py, LoRA merged, EMA weights where `ema` has them, `sampling` its sampler's
+    defaults. In fp32 (a LoRA update merged into bf16 would be rounded away), each tensor made on the CPU
+    as it is written: no second copy of the model."""
     with torch.device("meta"):
         full = model.MMDiT(net.cfg)           # the merged model's keys and shapes, no memory
     full.sampling = sampling
@@ -288,8 +279,8 @@ def save_full(net, path, sampling=None, ema=None):
 
 
 def load_checkpoint(cfg, net, opt, rank=0, world=1):
-    """The newest readable ckpt-* in --out into `net` and `opt`: (step, ema). One a crash or a full disk
-    left unreadable is moved aside to NAME.broken, never deleted, and the one before it used."""
+    """The newest readable ckpt-* in --out into `net` and `opt`: (step, ema). An unreadable one (a crash, a
+    full disk) is moved aside to NAME.broken, never deleted, and the one before it used."""
     found = sorted(glob.glob(os.path.join(cfg.out, "ckpt-*[0-9]")))
     if not found:
         raise SystemExit(f"error: --resume: no ckpt-* folder in {cfg.out}")

@@ -1,7 +1,5 @@
-"""Tiles: the VAE's (vae.py's VAE with its full-resolution levels on overlapping tiles, GroupNorm
-statistics shared) and the sampler's latent tiles (TiledNet). Plumbing: they bound memory and keep
-latents inside the transformer's position grid; the method does not need them (an image that fits
-one tile runs untiled, bit-identical).
+"""Tiles (plumbing: they bound memory and keep latents inside the transformer's position grid; an image
+that fits one tile runs untiled, bit-identical): the VAE's, GroupNorm statistics shared, and TiledNet's.
 
     z = tiling.encode(vae, x)       # vae.encode(x), tiled above TILE_AUTO_ELEMENTS (tile=0: never)
     y = tiling.decode(vae, z)       # vae.decode(z), likewise
@@ -24,8 +22,7 @@ DECODE_TILE, DECODE_OVERLAP = 64, 16     # latents (x8: 512 and 128 pixels)
 
 
 def encode(vae, x, tile=None, overlap=None, tile_norm="tiles", **kw):
-    """vae.encode(x, **kw), its full-resolution levels on tiles of `tile` pixels (see tile_plan);
-    the mid block, whose attention sees every latent, runs whole."""
+    """vae.encode(x, **kw), its full-resolution levels on tiles of `tile` pixels; the mid block whole."""
     plan = tile_plan(vae.cfg, *x.shape[-2:], tile, overlap, ENCODE_TILE, ENCODE_OVERLAP, vae.cfg.factor)
     with _tiled(vae.encoder, plan, tile_norm, vae.encoder.down):
         return vae.encode(x, **kw)
@@ -64,8 +61,8 @@ def _tiled(part, plan, tile_norm, *holders):
 
 @contextmanager
 def _hidden(name, values):
-    """Inside the block each module m in `values` has the attribute `name` = values[m], which hides
-    the method of that name: vae.py's modules stay plain, their tiled behaviour lives here."""
+    """Inside the block each module m in `values` has the attribute `name` = values[m], hiding its method
+    of that name: vae.py's modules stay plain, their tiled behaviour lives here."""
     for m, v in values.items():
         setattr(m, name, v)
     try:
@@ -84,8 +81,7 @@ def _group_norm(m, x, stats):
 
 
 def tile_starts(n, tile, overlap):
-    """Offsets of tiles of side `tile` along an axis of length n: stride tile - overlap, the last
-    one flush with the end (DiT4SR's layout, used by both kinds of tiles)."""
+    """Offsets of tiles along an axis of length n: stride tile - overlap, the last flush with the end."""
     if n <= tile:
         return [0]
     return list(range(0, n - tile, tile - overlap)) + [n - tile]
@@ -117,9 +113,9 @@ def _owned(n, tile, overlap):
 
 
 def _shared_stats(net, norms, x, tile, overlap):
-    """{m: (mean, var)}, each (B, G): the statistics of the GroupNorms `norms` in net over all of x,
-    from one pass over every tile (normalised with its own) in which each sums over the pixels the
-    tile owns. (A second such pass, normalised with the first's estimate, made the decoder worse.)"""
+    """{m: (mean, var)}, each (B, G), of the GroupNorms `norms` in net over all of x: one pass over the tiles
+    (each normalised with its own), each summing over the pixels it owns. (A second pass, normalised with
+    the first's estimate, made the decoder worse.)"""
     sums = {m: (0, 0, 0) for m in norms}   # pixels, sum, sum of squares: (B, G) in fp64
 
     def record(m, t):   # t normalised by its own statistics; its sums over the pixels in `own` added
@@ -174,8 +170,8 @@ def run_tiled(net, norms, x, tile, overlap, tile_norm="tiles"):
 
 
 def gaussian_weights(h, w, var=0.01):
-    """DiT4SR's blending weight of an h x w tile: a separable Gaussian of variance `var` in
-    tile-normalised coordinates, peaked at the centre, tiny but never zero at the edges."""
+    """DiT4SR's blending weight of an h x w tile: a Gaussian of variance `var` in tile-normalised
+    coordinates, tiny but never zero at the edges."""
     def g(n):
         x = (torch.arange(n, dtype=torch.float64) - (n - 1) / 2) / n
         return torch.exp(-x * x / (2 * var))
@@ -186,12 +182,9 @@ TILE_BATCH_MAX = 8       # latent tiles per network call at most: on the CPU mor
 
 
 class TiledNet:
-    """Calls a transformer on overlapping latent tiles and blends the outputs, so any latent size
-    runs in bounded memory and within the model's position grid. Same signature as MMDiT.forward;
-    the prompt goes to every tile whole, the LR latent is cropped like x. A latent that fits in one
-    tile runs untiled (bit-identical to net). The network's outputs are linear in what the samplers
-    combine (CFG, Euler steps), so blending the outputs is blending the velocities. Tiles run
-    `batch` at a time, stacked along the batch (None: batch_size's choice from free memory)."""
+    """MMDiT.forward on overlapping latent tiles (the prompt whole, the LR latent cropped like x), the
+    outputs blended: the samplers combine them linearly (CFG, Euler steps), so this blends velocities.
+    Tiles run `batch` at a time, stacked along the batch (None: batch_size's choice from free memory)."""
 
     def __init__(self, net, tile=64, overlap=24, on_tile=None, batch=None):
         p, most = net.cfg.patch, net.cfg.pos_grid * net.cfg.patch
