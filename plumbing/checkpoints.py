@@ -110,8 +110,7 @@ _DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16"
 
 
 class Later:
-    """A tensor atomic_save makes only when it writes it (shape and dtype known before): so a merged
-    export is written without a second copy of the model in memory."""
+    """A tensor atomic_save makes only as it writes it: a merged export needs no second copy of the model."""
 
     def __init__(self, shape, dtype, make):
         self.shape, self.dtype, self.make = tuple(shape), dtype, make
@@ -119,8 +118,7 @@ class Later:
 
 @contextlib.contextmanager
 def atomic_open(path, mode="wb"):
-    """A file opened at a temporary name beside `path`, renamed to it once the body has written it all:
-    never a half-written file."""
+    """A file written at a temporary name beside `path`, renamed to it when whole: never half-written."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, mode) as f:
@@ -322,8 +320,7 @@ def from_diffusers_name(key, levels):
 
 
 class _VAESource:
-    """The VAE tensors of one checkpoint under their original-layout names, read lazily
-    (memory-mapped by SafetensorsFiles) so a full-size VAE is never held twice."""
+    """The VAE tensors of one checkpoint under their original-layout names, read lazily (memory-mapped)."""
 
     def __init__(self, path):
         self.path = path
@@ -390,9 +387,8 @@ def vae_config(path, groups=None):
 
 
 def load_vae(path, *, dtype=torch.float32, device="cpu", groups=None) -> VAE:
-    """The SD3 VAE of an SD3.5 single file (`first_stage_model.*`), a diffusers pipeline, its `vae/` folder
-    or file, a file with bare keys, or save_vae's; every key and shape checked under the original-layout
-    names. groups: GroupNorm groups when the file cannot tell (default 32, the SD3 value)."""
+    """The SD3 VAE of an SD3.5 single file, a diffusers pipeline or its `vae/`, a file with bare keys, or
+    save_vae's. groups: GroupNorm groups when the file cannot tell (default 32, the SD3 value)."""
     cfg, src = vae_config(path, groups)
     with torch.device("meta"):
         vae = VAE(cfg)
@@ -425,8 +421,7 @@ def prompt_rows(prompt, n=1):
 
 
 def load_embedding(path, null):
-    """The prompt of an embedding file as a Cond without z_lr (pooled (P,), context (L, D)), or
-    `null` (a Cond of the same shapes) when there is no such file."""
+    """An embedding file's prompt as a Cond without z_lr (pooled (P,), context (L, D)); `null` if none."""
     if not os.path.exists(path):
         return null
     f = SafetensorsFiles(path)

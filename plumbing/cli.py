@@ -14,8 +14,7 @@ def flag(default, help):
 
 
 def add_flags(parser, config_cls, groups, choices):
-    """One argparse flag per field of `config_cls` named in `groups` ({section: field names}): a bool is a
-    switch, any other field takes a value of its default's type."""
+    """An argparse flag per field of `config_cls` named in `groups` ({section: names}); a bool: a switch."""
     defaults = {f.name: f for f in fields(config_cls)}
     for group, names in groups.items():
         g = parser.add_argument_group(group)
@@ -31,9 +30,8 @@ def add_flags(parser, config_cls, groups, choices):
 
 
 class Progress:
-    """Network calls on tiles done / total, elapsed and ETA on `stream` (default stderr): a bar redrawn
-    in place on a terminal, else a line every 10 %; nothing before `after` seconds (small images stay one
-    summary line) nor with name=None. `seconds`: each phase's time, as upscale and process name them."""
+    """Network calls on tiles done / total, elapsed and ETA on `stream` (default stderr): a bar on a terminal,
+    else a line every 10 %; nothing before `after` seconds nor with name=None. `seconds`: per phase."""
 
     def __init__(self, name, stream=None, after=2.0):
         self.name, self.after, self.stream = name, after, stream or sys.stderr
@@ -79,8 +77,7 @@ def reset_peak(device):
 
 
 def peak_memory_mb(device):
-    """The process's peak memory since reset_peak: CUDA's allocator peak, else the resident set's
-    (Linux's VmHWM); NaN where the system does not say (no /proc: macOS, Windows)."""
+    """Peak memory since reset_peak: CUDA's allocator peak, else Linux's VmHWM; NaN where not known."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     kib = proc_kib("/proc/self/status", "VmHWM")

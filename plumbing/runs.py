@@ -46,9 +46,8 @@ def step_batches(n, batch, seed, rank, start, stop):
 
 
 def latent_cache(path, key, batches, encode, n, device, say=print):
-    """n pairs of `batches` (dicts with gt, lr, context, pooled) encoded once by encode(k, batch) -> (z_hr,
-    z_lr), for every step: fixed degradations, much faster where the VAE dominates a step. Kept in `path`
-    under `key` (the settings that made it) for a rerun or resume."""
+    """n pairs of `batches` encoded once by encode(k, batch) -> (z_hr, z_lr) for every step (fixed
+    degradations, faster where the VAE dominates), kept in `path` under `key` (the settings that made it)."""
     if os.path.exists(path):
         f = SafetensorsFiles(path)
         if f.metadata.get("key") == key:
@@ -258,9 +257,8 @@ def sample_overlap(tile, patch):
 
 
 def save_full(net, path, sampling=None, ema=None):
-    """The whole model for sample.py, LoRA merged, EMA weights where `ema` has them, `sampling` its sampler's
-    defaults. In fp32 (a LoRA update merged into bf16 would be rounded away), each tensor made on the CPU
-    as it is written: no second copy of the model."""
+    """The whole model for sample.py, LoRA and EMA merged, each tensor made as it is written; in fp32 (a
+    LoRA update merged into bf16 would be rounded away). sampling: its sampler's defaults."""
     with torch.device("meta"):
         full = model.MMDiT(net.cfg)           # the merged model's keys and shapes, no memory
     full.sampling = sampling

@@ -94,8 +94,7 @@ def tile_grid(H, W, tile, overlap):
 
 
 def _ramp(n, start, size, overlap):
-    """1-D blending weight of a tile: rises over `overlap` where another tile precedes it and
-    falls where one follows; never zero, so the weights of all tiles sum to > 0 everywhere."""
+    """A tile's 1-D blending weight: ramps over `overlap` towards sides another tile shares; never zero."""
     w, i = torch.ones(size), torch.arange(size) + 0.5
     if overlap and start > 0:
         w = torch.minimum(w, i / overlap)
@@ -170,8 +169,7 @@ def run_tiled(net, norms, x, tile, overlap, tile_norm="tiles"):
 
 
 def gaussian_weights(h, w, var=0.01):
-    """DiT4SR's blending weight of an h x w tile: a Gaussian of variance `var` in tile-normalised
-    coordinates, tiny but never zero at the edges."""
+    """DiT4SR's blending weight of an h x w tile: a Gaussian in tile-normalised coordinates, never zero."""
     def g(n):
         x = (torch.arange(n, dtype=torch.float64) - (n - 1) / 2) / n
         return torch.exp(-x * x / (2 * var))
