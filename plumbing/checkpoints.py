@@ -46,7 +46,8 @@ class SafetensorsFiles:
             self.metadata.update(h.metadata() or {})
             where.update({k: h for k in h.keys()})
         self.prefix = prefix if prefix and any(k.startswith(prefix) for k in where) else ""
-        self.where = {k[len(self.prefix):]: h for k, h in where.items() if k.startswith(self.prefix)}
+        # name -> (its file, its key there): the key without the prefix, or as a loader renames it
+        self.where = {k[len(self.prefix):]: (h, k) for k, h in where.items() if k.startswith(self.prefix)}
         self.all_keys = list(where)
 
     @staticmethod
@@ -80,10 +81,12 @@ class SafetensorsFiles:
         return list(self.where)
 
     def shape(self, key):
-        return tuple(self.where[key].get_slice(self.prefix + key).get_shape())
+        h, k = self.where[key]
+        return tuple(h.get_slice(k).get_shape())
 
     def get(self, key):
-        return self.where[key].get_tensor(self.prefix + key)
+        h, k = self.where[key]
+        return h.get_tensor(k)
 
     def config(self, name):
         """A JSON config stored in the metadata by this project's `save_*` functions, or {}."""
@@ -319,54 +322,46 @@ def from_diffusers_name(key, levels):
     return key.replace(".conv_shortcut.", ".nin_shortcut.")
 
 
-class _VAESource:
-    """The VAE tensors of one checkpoint under their original-layout names, read lazily (memory-mapped)."""
+def _vae_files(path):
+    """The VAE tensors of a checkpoint (a SafetensorsFiles) under their original-layout names."""
+    src = SafetensorsFiles(path, subfolder="vae", prefix="first_stage_model.")
+    names = src.keys()
+    quant = [k for k in names if k.split(".")[0] in ("quant_conv", "post_quant_conv")]
+    if quant:
+        raise CheckpointError(f"{path}: has {', '.join(quant[:4])}: a VAE with quant convs (SD1/SDXL "
+                              f"style, 4 latent channels), not the SD3 VAE (ARCH §4.3)")
+    if not any(k.startswith(("encoder.", "decoder.")) for k in names):
+        every = src.all_keys
+        hint = " (it looks like a transformer checkpoint)" if any(
+            re.search(r"joint_blocks\.|transformer_blocks\.", k) for k in every) else ""
+        raise CheckpointError(f"{path}: no VAE keys (encoder.* / decoder.*, optionally under first_stage_model.)"
+                              f"{hint}; the file starts with: {', '.join(every[:3]) or 'nothing'}")
+    src.layout = "diffusers" if any(".down_blocks." in k or ".up_blocks." in k for k in names) else "original"
+    src.levels = len({m[1] for k in names if (m := re.match(r"encoder\.down(?:_blocks)?\.(\d+)\.", k))})
+    if src.layout == "diffusers":
+        src.where = {from_diffusers_name(k, src.levels): v for k, v in src.where.items()}
+    return src
 
-    def __init__(self, path):
-        self.path = path
-        self.files = SafetensorsFiles(path, subfolder="vae", prefix="first_stage_model.")
-        names = self.files.keys()
-        quant = [k for k in names if k.split(".")[0] in ("quant_conv", "post_quant_conv")]
-        if quant:
-            raise CheckpointError(f"{path}: has {', '.join(quant[:4])}: a VAE with quant convs (SD1/SDXL "
-                                  f"style, 4 latent channels), not the SD3 VAE (ARCH §4.3)")
-        if not any(k.startswith(("encoder.", "decoder.")) for k in names):
-            every = self.files.all_keys
-            hint = " (it looks like a transformer checkpoint)" if any(
-                re.search(r"joint_blocks\.|transformer_blocks\.", k) for k in every) else ""
-            raise CheckpointError(f"{path}: no VAE keys (encoder.* / decoder.*, optionally under first_stage_model.)"
-                                  f"{hint}; the file starts with: {', '.join(every[:3]) or 'nothing'}")
-        self.layout = "diffusers" if any(".down_blocks." in k or ".up_blocks." in k for k in names) else "original"
-        self.levels = len({m[1] for k in names if (m := re.match(r"encoder\.down(?:_blocks)?\.(\d+)\.", k))})
-        rename = (lambda k: from_diffusers_name(k, self.levels)) if self.layout == "diffusers" else (lambda k: k)
-        self.where = {rename(k): k for k in names}      # original name -> name in the file
 
-    def shape(self, key):
-        s = self.files.shape(self.where[key])   # the attention's 1x1 convs are (C, C) linears in diffusers
-        return s + (1, 1) if len(s) == 2 and re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", key) else s
-
-    def get(self, key):
-        return self.files.get(self.where[key]).view(self.shape(key))
-
-    def told(self):
-        """Settings the shapes cannot give: from this project's metadata or a diffusers config.json."""
-        told = {k: v for k, v in self.files.config("vae_config").items() if k in ("groups", "scale", "shift", "patch")}
-        folder = self.path if os.path.isdir(self.path) else os.path.dirname(self.path)
-        folder = os.path.join(folder, "vae") if os.path.isdir(os.path.join(folder, "vae")) else folder
-        if self.layout == "diffusers" and os.path.exists(os.path.join(folder, "config.json")):
-            with open(os.path.join(folder, "config.json")) as f:
-                d = json.load(f)
-            told.update({k: d[n] for k, n in (("groups", "norm_num_groups"), ("scale", "scaling_factor"),
-                                              ("shift", "shift_factor")) if d.get(n) is not None})
-        return told
+def _vae_told(src):
+    """Settings the shapes cannot give: from this project's metadata or a diffusers config.json."""
+    told = {k: v for k, v in src.config("vae_config").items() if k in ("groups", "scale", "shift", "patch")}
+    folder = src.path if os.path.isdir(src.path) else os.path.dirname(src.path)
+    folder = os.path.join(folder, "vae") if os.path.isdir(os.path.join(folder, "vae")) else folder
+    if src.layout == "diffusers" and os.path.exists(os.path.join(folder, "config.json")):
+        with open(os.path.join(folder, "config.json")) as f:
+            d = json.load(f)
+        told.update({k: d[n] for k, n in (("groups", "norm_num_groups"), ("scale", "scaling_factor"),
+                                          ("shift", "shift_factor")) if d.get(n) is not None})
+    return told
 
 
 def vae_config(path, groups=None):
     """(config, source) of a VAE file without reading a weight: sizes from shapes, groups/scale/shift from
     what the file tells (a bare checkpoint cannot: then the SD3 values, or `groups`)."""
-    src = _VAESource(path)
+    src = _vae_files(path)
     keys = list(src.where)
-    told = src.told() | ({"groups": groups} if groups else {})
+    told = _vae_told(src) | ({"groups": groups} if groups else {})
     patch = told.get("patch", 1)   # a bare file with the linear code: RGB patches assumed
     if "patch" not in told and "encoder.linear.weight" in keys:
         patch = math.isqrt(src.shape("encoder.linear.weight")[1] // 3)
@@ -395,8 +390,10 @@ def load_vae(path, *, dtype=torch.float32, device="cpu", groups=None) -> VAE:
     expected = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
     renamed = "" if src.layout == "original" else ", its keys renamed to the original layout (ARCH §4.3)"
     found = {k: src.shape(k) for k in src.where}
+    attn = re.compile(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$")   # 1x1 convs, (C, C) linears in diffusers
+    found |= {k: s + (1, 1) for k, s in found.items() if len(s) == 2 and attn.search(k)}
     check_keys(path, expected, found, f"the {src.layout}-layout VAE read from it ({cfg}){renamed}")
-    vae.load_state_dict({k: src.get(k).to(dtype) for k in expected}, assign=True)
+    vae.load_state_dict({k: src.get(k).to(dtype).view(expected[k]) for k in expected}, assign=True)
     return vae.to(device).eval()
 
 
