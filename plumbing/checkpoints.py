@@ -31,9 +31,8 @@ class CheckpointError(ValueError):
 
 
 class SafetensorsFiles:
-    """The tensors of a .safetensors file, a sharded index, or a folder (its `subfolder`, e.g. diffusers'
-    "transformer", if it has one): names, shapes, reads. `prefix`: when some keys start with it, only
-    those are seen, without it (an SD3.5 file holds `model.diffusion_model.*` and `first_stage_model.*`)."""
+    """The tensors of a .safetensors file, a sharded index, or a folder (or its `subfolder`): names, shapes,
+    reads. `prefix`: when some keys have it, only those, without it (SD3.5's `model.diffusion_model.*`)."""
 
     def __init__(self, path, subfolder=None, prefix=None):
         self.path = path
@@ -254,9 +253,8 @@ def transformer_config(path, **overrides):
 
 
 def load_transformer(path, *, dtype=torch.float32, device="cpu", **overrides) -> MMDiT:
-    """An SD3.5 single file (its VAE and text encoders ignored), a diffusers transformer (file, folder,
-    sharded or not, or its parent), DiT4SR's (with `*control*` keys), or our file, the config read from its
-    shapes and keys. overrides: config fields a file cannot tell, e.g. lr_key_mode="r1"."""
+    """An SD3.5 single file, a diffusers transformer (file, folder, sharded, or its parent), DiT4SR's, or our
+    file, the config read from its shapes and keys. overrides: what a file cannot tell, e.g. lr_key_mode."""
     cfg, src = transformer_config(path, **overrides)
     lora = src.config("lora")       # None or {} without LoRA
     with torch.device("meta"):

@@ -251,8 +251,7 @@ def find_images(data):
 
 
 def usable_images(paths, size, say=print):
-    """(the paths Pillow opens whose shorter side is at least `size`, {every other path: why}), the skipped
-    named through `say` (MAX_NAMED of them, then a count); SystemExit if none is left."""
+    """(paths Pillow opens with a shorter side >= `size`, {the others: why}), said through `say`."""
     usable, skipped = [], {}
     for p in paths:
         try:

@@ -98,8 +98,8 @@ def buckets(tensors):
 
 
 def all_reduce_grads(params):
-    """Average the gradients of `params` over all ranks (a missing gradient counts as zeros): packed
-    into flat buckets, one all_reduce each, all launched before any is waited for, then unpacked."""
+    """Average the gradients of `params` over all ranks (a missing one: zeros), packed in flat buckets, one
+    all_reduce each, all launched before any is waited for."""
     world = dist.get_world_size()
     for p in params:
         if p.grad is None:
@@ -217,9 +217,8 @@ def load_optimizer(opt, tensors, groups, prefix=""):
 
 
 def save_checkpoint(cfg, net, opt, ema, step, rank, embs, vae, world=1, export=False):
-    """out/ckpt-{step}/, whole or not at all: trainable weights (+ EMA, and the world size a resume must
-    match), optimizer state, prompt embeddings, a VAE that came from no file; with `export` sample.py's
-    file, LoRA merged (10 GB in fp32 at full scale: train.py writes it last or on --export-every-save)."""
+    """out/ckpt-{step}/, whole or not at all: trainable weights (+ EMA), optimizer state, prompts, a VAE that
+    came from no file; with `export` sample.py's file (10 GB in fp32 at full scale: written last or on ask)."""
     if rank != 0:
         return
     final = os.path.join(cfg.out, f"ckpt-{step:07d}")

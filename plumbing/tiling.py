@@ -112,9 +112,8 @@ def _owned(n, tile, overlap):
 
 
 def _shared_stats(net, norms, x, tile, overlap):
-    """{m: (mean, var)}, each (B, G), of the GroupNorms `norms` in net over all of x: one pass over the tiles
-    (each normalised with its own), each summing over the pixels it owns. (A second pass, normalised with
-    the first's estimate, made the decoder worse.)"""
+    """{m: (mean, var)} (B, G) of the GroupNorms `norms` over all of x: a pass over the tiles, each summing the
+    pixels it owns. (A second pass, normalised with the first's estimate, made the decoder worse.)"""
     sums = {m: (0, 0, 0) for m in norms}   # pixels, sum, sum of squares: (B, G) in fp64
 
     def record(m, t):   # t normalised by its own statistics; its sums over the pixels in `own` added
@@ -136,9 +135,8 @@ def _shared_stats(net, norms, x, tile, overlap):
 
 
 def run_tiled(net, norms, x, tile, overlap, tile_norm="tiles"):
-    """net(x) on overlapping square tiles of side `tile` (in x's pixels), blended; in fp32. net maps
-    (B, C, H, W) to (B, C', r H, r W), every tile offset to a whole output pixel. `norms`: the GroupNorms
-    in net, sharing statistics across tiles (tile_norm "tiles") or each tile its own ("local")."""
+    """net(x) on overlapping tiles of side `tile` (each offset a whole pixel of net's r-times output), in fp32;
+    the GroupNorms `norms` share statistics across tiles (tile_norm "tiles") or each has its own ("local")."""
     if not 0 <= overlap < tile or tile_norm not in ("tiles", "local"):
         raise ValueError(f"tile {tile}, overlap {overlap}, tile_norm {tile_norm!r}: "
                          "need 0 <= overlap < tile and tile_norm 'tiles' or 'local'")
