@@ -133,23 +133,30 @@ class PhaseClock:
     the queue, so a run without --profile-phases gets a clock that times nothing."""
 
     def __init__(self, enabled, device):
-        self.enabled, self.inside = enabled, False
+        self.enabled, self.open = enabled, []   # the phases under way, outermost first: (name, t0) or None
         self.seconds, self.steps = {}, []      # the step under way; the finished steps' (step(), write())
         self._sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
+    def start(self, name):
+        """Time until the matching stop() as `name`; None, or a phase inside a timed one, is not timed."""
+        timed = self.enabled and name is not None and not any(self.open)
+        if timed:
+            self._sync()
+        self.open.append((name, time.perf_counter()) if timed else None)
+
+    def stop(self):
+        phase = self.open.pop()
+        if phase:
+            self._sync()
+            self.seconds[phase[0]] = self.seconds.get(phase[0], 0.0) + time.perf_counter() - phase[1]
+
     @contextlib.contextmanager
     def __call__(self, name):
-        if not self.enabled or name is None or self.inside:
-            yield
-            return
-        self._sync()
-        t0, self.inside = time.perf_counter(), True
+        self.start(name)
         try:
             yield
         finally:
-            self._sync()
-            self.inside = False
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            self.stop()
 
     def timed_iter(self, name, items):
         """The items of `items`, the wait for each timed as `name`."""
@@ -175,18 +182,9 @@ class PhaseClock:
 
     def time_calls(self, module, name):
         """Time every call of `module` as the phase name(inputs) (None: not timed), by forward hooks."""
-        if not self.enabled:
-            return
-        open_ = []      # the calls under way, innermost last (self(None) times nothing)
-
-        def before(_, args, kwargs):
-            open_.append(self(name(args)))
-            open_[-1].__enter__()
-
-        def after(*_):
-            open_.pop().__exit__(None, None, None)
-        module.register_forward_pre_hook(before, with_kwargs=True)
-        module.register_forward_hook(after, always_call=True)
+        if self.enabled:
+            module.register_forward_pre_hook(lambda _, args: self.start(name(args)))
+            module.register_forward_hook(lambda *_: self.stop(), always_call=True)
 
 
 def student_phase(args):
