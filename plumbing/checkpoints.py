@@ -5,8 +5,7 @@
     save_transformer(net, "out.safetensors")                 # SD3.5 names, config in the metadata
 
 Only safetensors are read (pickled files can run code), memory-mapped into a module built on the meta
-device: a full-size model is never held twice. SD3.5's names (the modules') and diffusers' (DiT4SR's) map
-as in reference/ARCHITECTURE.md §2.5, §3.5, the VAE's as in §4.3; a mismatch is a CheckpointError.
+device. The key names map as in reference/ARCHITECTURE.md §2.5, §3.5 and §4.3 (VAE).
 """
 import contextlib
 import json
@@ -281,8 +280,7 @@ def load_transformer(path, *, dtype=torch.float32, device="cpu", **overrides) ->
 
 
 def save_transformer(net: MMDiT, path, layout="original", sd=None):
-    """In the "original" (SD3.5's) or "diffusers" (DiT4SR's) layout, config, LoRA settings and `net.sampling`
-    in the metadata. sd: tensors to write instead of net's (e.g. runs.save_full's Later ones)."""
+    """In the "original" (SD3.5's) or "diffusers" layout, config in the metadata; sd: tensors instead of net's."""
     sd = sd if sd is not None else {k: v.detach() for k, v in net.state_dict().items()}
     lora = getattr(net, "lora", None)
     if layout == "original":

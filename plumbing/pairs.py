@@ -17,8 +17,7 @@ CACHE_BYTES = 512 * 2 ** 20     # decoded images each data worker keeps in memor
 
 
 def random_crop(img, size, g):
-    """(3, H, W) uint8 or in [0, 1] -> a random (3, size, size) crop in [0, 1]: degrade's crop, which
-    upscales smaller images (bicubic); of a large uint8 image only the crop is converted to float."""
+    """(3, H, W) uint8 or in [0, 1] -> degrade's random (3, size, size) crop in [0, 1]; of uint8, only it made float."""
     if min(img.shape[1:]) < size and img.dtype == torch.uint8:
         img = img.float() / 255
     crop = degrade.random_crop_pair_source(img, size, g)[0]

@@ -51,8 +51,7 @@ def tile_plan(cfg, H, W, tile, overlap, default_tile, default_overlap, multiple)
 
 @contextmanager
 def _tiled(part, plan, tile_norm, *holders):
-    """Inside the block part.body (the encoder's or decoder's full-resolution levels) runs on the tiles
-    of `plan` (None: as it is), the GroupNorms within `holders` sharing statistics, without a graph."""
+    """Inside the block part.body runs on the tiles of `plan` (None: whole), `holders`' GroupNorms shared."""
     body, norms = part.body, [m for h in holders for m in h.modules() if isinstance(m, nn.GroupNorm)]
     tiled = {part: lambda x: run_tiled(body, norms, x, *plan, tile_norm)} if plan else {}
     with torch.set_grad_enabled(torch.is_grad_enabled() and not plan), _hidden("body", tiled):
