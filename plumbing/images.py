@@ -114,9 +114,8 @@ def _pixels(path, im, deep_png=False):
 
 def _orient(a, orientation):
     """Apply the EXIF orientation tag (1..8) to an (H, W, C) array, as ImageOps.exif_transpose."""
-    ops = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
-           5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1),
-           7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1], 8: lambda a: np.rot90(a, 1)}
+    ops = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1], 5: lambda a: a.transpose(1, 0, 2),
+           6: lambda a: np.rot90(a, -1), 7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1], 8: lambda a: np.rot90(a, 1)}
     return ops[orientation](a) if orientation in ops else a
 
 
