@@ -231,8 +231,7 @@ def _infer_config(src) -> MMDiTConfig:
 
 
 def transformer_config(path, **overrides):
-    """(config, source) of a transformer file, without reading a weight: the config its shapes tell, what
-    save_transformer recorded, `overrides`. source.layout: "original" (SD3.5's names) or "diffusers"."""
+    """(config, source) of a transformer file without reading a weight; source.layout: original / diffusers."""
     src = SafetensorsFiles(path, subfolder="transformer", prefix=PREFIX)
     if src.prefix or any(k.startswith("joint_blocks.") for k in src.where):
         src.layout = "original"
@@ -352,8 +351,7 @@ def _vae_told(src):
 
 
 def vae_config(path, groups=None):
-    """(config, source) of a VAE file without reading a weight: sizes from shapes, groups/scale/shift from
-    what the file tells (a bare checkpoint cannot: then the SD3 values, or `groups`)."""
+    """(config, source) of a VAE file without reading a weight; groups: as in load_vae."""
     src = _vae_files(path)
     keys = list(src.where)
     told = _vae_told(src) | ({"groups": groups} if groups else {})

@@ -37,8 +37,7 @@ class Progress:
         self.name, self.after, self.stream = name, after, stream or sys.stderr
         self.tty = name is not None and self.stream.isatty()
         self.t0 = self.phase_t0 = time.perf_counter()
-        self.seconds, self.current = {}, None
-        self.done, self.total, self.next_line, self.drawn = 0, 0, 0.1, False
+        self.seconds, self.current, self.done, self.total, self.next_line, self.drawn = {}, None, 0, 0, 0.1, False
 
     def phase(self, name, calls=0):
         now = time.perf_counter()

@@ -98,8 +98,7 @@ def buckets(tensors):
 
 
 def all_reduce_grads(params):
-    """Average the gradients of `params` over all ranks (a missing one: zeros), packed in flat buckets, one
-    all_reduce each, all launched before any is waited for."""
+    """Average the gradients of `params` over all ranks (missing: zeros): flat buckets, all launched, then waited."""
     world = dist.get_world_size()
     for p in params:
         if p.grad is None:
@@ -128,9 +127,8 @@ def any_rank(params, flag):
 
 
 class PhaseClock:
-    """Seconds per phase of the training steps; a phase inside another counts as the outer one. On a GPU
-    each phase starts and ends with a synchronize (the kernels' time, not their launches'); that stalls
-    the queue, so a run without --profile-phases gets a clock that times nothing."""
+    """Seconds per phase of the training steps; a phase inside another counts as the outer one. On a GPU each
+    phase is fenced by synchronizes (the kernels' time), which stall the queue: off without --profile-phases."""
 
     def __init__(self, enabled, device):
         self.enabled, self.open = enabled, []   # the phases under way, outermost first: (name, t0) or None
@@ -254,8 +252,7 @@ def sample_overlap(tile, patch):
 
 
 def save_full(net, path, sampling=None, ema=None):
-    """The whole model for sample.py, LoRA and EMA merged, each tensor made as it is written; in fp32 (a
-    LoRA update merged into bf16 would be rounded away). sampling: its sampler's defaults."""
+    """The whole model for sample.py, LoRA and EMA merged, in fp32 (bf16 would round a merged LoRA update away)."""
     with torch.device("meta"):
         full = model.MMDiT(net.cfg)           # the merged model's keys and shapes, no memory
     full.sampling = sampling

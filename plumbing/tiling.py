@@ -177,9 +177,8 @@ TILE_BATCH_MAX = 8       # latent tiles per network call at most: on the CPU mor
 
 
 class TiledNet:
-    """MMDiT.forward on overlapping latent tiles (the prompt whole, the LR latent cropped like x), the
-    outputs blended: the samplers combine them linearly (CFG, Euler steps), so this blends velocities.
-    Tiles run `batch` at a time, stacked along the batch (None: batch_size's choice from free memory)."""
+    """MMDiT.forward on overlapping latent tiles (the prompt whole, lr cropped like x), blended: the samplers
+    combine outputs linearly, so this blends velocities. Tiles run `batch` at a time (None: by free memory)."""
 
     def __init__(self, net, tile=64, overlap=24, on_tile=None, batch=None):
         p, most = net.cfg.patch, net.cfg.pos_grid * net.cfg.patch
@@ -194,12 +193,11 @@ class TiledNet:
         self.on_tile = on_tile or (lambda: None)      # called after every tile's network call
 
     def batch_size(self, x, context):
-        """Tiles per network call: `batch`, else as many as keep their activations (by a rough count:
-        12 hidden-sized values per token) within a quarter of the free memory, at most TILE_BATCH_MAX."""
+        """Tiles per network call: `batch`, else as many as fit a quarter of the free memory (<= TILE_BATCH_MAX)."""
         if self.batch:
             return self.batch
         tokens = 2 * (self.tile // self.cfg.patch) ** 2 + (0 if context is None else context.shape[1])
-        per_tile = x.shape[0] * tokens * 12 * self.cfg.hidden * x.element_size()
+        per_tile = x.shape[0] * tokens * 12 * self.cfg.hidden * x.element_size()   # activations, roughly
         return max(1, min(TILE_BATCH_MAX, int(free_memory(x.device) / 4 // per_tile)))
 
     def tiles(self, H, W):
