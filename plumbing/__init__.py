@@ -1,5 +1,4 @@
-"""Plumbing, what a reader of the paper can skip: all a real tool needs beyond the method and the straight
-path through it, which the card's files (mfsr.py, model.py, vae.py, degrade.py, train.py, sample.py) hold:
+"""Plumbing, what a reader of the paper can skip: what a real tool needs beyond the card's files:
 
     checkpoints  safetensors files: SD3.5 / diffusers / DiT4SR layouts, key and shape checks, atomic saves
     images       image files in and out (16-bit, alpha, gray, EXIF, size limits), finding inputs

@@ -1,14 +1,11 @@
 """Checkpoint files: what model.py and vae.py load from and save to (plumbing; the method does not need it).
 
-    from plumbing.checkpoints import load_transformer, save_transformer, load_vae, save_vae
     net = load_transformer("sd3.5_medium.safetensors")       # or a diffusers / DiT4SR folder, or our file
     vae = load_vae("sd3.5_medium.safetensors")               # its first_stage_model.* part
     save_transformer(net, "out.safetensors")                 # SD3.5 names, config in the metadata
 
 Only safetensors are read (pickled files can run code), memory-mapped into a module built on the meta
-device, so a full-size model is never held twice. SD3.5's single-file names (the modules') and diffusers'
-(also DiT4SR's) map as in reference/ARCHITECTURE.md §2.5, §3.5; the VAE's as in §4.3. A mismatch is a
-CheckpointError naming the file and what is missing, unexpected or misshapen. Saves are atomic.
+device. The key names map as in reference/ARCHITECTURE.md §2.5, §3.5 and §4.3 (VAE).
 """
 import contextlib
 import json
@@ -33,9 +30,8 @@ class CheckpointError(ValueError):
 
 
 class SafetensorsFiles:
-    """The tensors of a .safetensors file, a sharded index, or a folder (its `subfolder`, e.g. diffusers'
-    "transformer", if it has one): names, shapes, reads. `prefix`: when some keys start with it, only
-    those are seen, without it (an SD3.5 file holds `model.diffusion_model.*` and `first_stage_model.*`)."""
+    """The tensors of a .safetensors file, a sharded index, or a folder (or its `subfolder`): names, shapes,
+    reads. `prefix`: when some keys have it, only those, without it (SD3.5's `model.diffusion_model.*`)."""
 
     def __init__(self, path, subfolder=None, prefix=None):
         self.path = path
@@ -48,7 +44,8 @@ class SafetensorsFiles:
             self.metadata.update(h.metadata() or {})
             where.update({k: h for k in h.keys()})
         self.prefix = prefix if prefix and any(k.startswith(prefix) for k in where) else ""
-        self.where = {k[len(self.prefix):]: h for k, h in where.items() if k.startswith(self.prefix)}
+        # name -> (its file, its key there): the key without the prefix, or as a loader renames it
+        self.where = {k[len(self.prefix):]: (h, k) for k, h in where.items() if k.startswith(self.prefix)}
         self.all_keys = list(where)
 
     @staticmethod
@@ -82,10 +79,12 @@ class SafetensorsFiles:
         return list(self.where)
 
     def shape(self, key):
-        return tuple(self.where[key].get_slice(self.prefix + key).get_shape())
+        h, k = self.where[key]
+        return tuple(h.get_slice(k).get_shape())
 
     def get(self, key):
-        return self.where[key].get_tensor(self.prefix + key)
+        h, k = self.where[key]
+        return h.get_tensor(k)
 
     def config(self, name):
         """A JSON config stored in the metadata by this project's `save_*` functions, or {}."""
@@ -112,8 +111,7 @@ _DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16"
 
 
 class Later:
-    """A tensor atomic_save makes only when it writes it (shape and dtype known before): so a merged
-    export is written without a second copy of the model in memory."""
+    """A tensor atomic_save makes only as it writes it: a merged export needs no second copy of the model."""
 
     def __init__(self, shape, dtype, make):
         self.shape, self.dtype, self.make = tuple(shape), dtype, make
@@ -121,8 +119,7 @@ class Later:
 
 @contextlib.contextmanager
 def atomic_open(path, mode="wb"):
-    """A file opened at a temporary name beside `path`, renamed to it once the body has written it all:
-    never a half-written file."""
+    """A file written at a temporary name beside `path`, renamed to it when whole: never half-written."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, mode) as f:
@@ -160,41 +157,33 @@ def atomic_save(tensors, path, metadata):
 PREFIX = "model.diffusion_model."
 _QKV = lambda a, names: [f"{a}.{n}." for n in names]
 _BLOCK_RULES = [  # (original suffix, diffusers suffix, or 3 suffixes that concatenate into qkv)
-    ("x_block.adaLN_modulation.1.", "norm1.linear."),
-    ("context_block.adaLN_modulation.1.", "norm1_context.linear."),
+    ("x_block.adaLN_modulation.1.", "norm1.linear."), ("context_block.adaLN_modulation.1.", "norm1_context.linear."),
     ("x_block.attn.qkv.", _QKV("attn", ("to_q", "to_k", "to_v"))),
     ("context_block.attn.qkv.", _QKV("attn", ("add_q_proj", "add_k_proj", "add_v_proj"))),
     ("x_block.attn.ln_q.", "attn.norm_q."), ("x_block.attn.ln_k.", "attn.norm_k."),
     ("context_block.attn.ln_q.", "attn.norm_added_q."), ("context_block.attn.ln_k.", "attn.norm_added_k."),
     ("x_block.attn.proj.", "attn.to_out.0."), ("context_block.attn.proj.", "attn.to_add_out."),
-    ("x_block.attn2.qkv.", _QKV("attn2", ("to_q", "to_k", "to_v"))),
+    ("x_block.attn2.qkv.", _QKV("attn2", ("to_q", "to_k", "to_v"))), ("x_block.attn2.proj.", "attn2.to_out.0."),
     ("x_block.attn2.ln_q.", "attn2.norm_q."), ("x_block.attn2.ln_k.", "attn2.norm_k."),
-    ("x_block.attn2.proj.", "attn2.to_out.0."),
     ("x_block.mlp.fc1.", "ff.net.0.proj."), ("x_block.mlp.fc2.", "ff.net.2."),
     ("context_block.mlp.fc1.", "ff_context.net.0.proj."), ("context_block.mlp.fc2.", "ff_context.net.2."),
     ("x_block.mlp.control_conv.", "ff.control_conv."),
 ] + [(f"x_block.{a}.{n}_control.", f"{a}.to_{n}_control.")
      for a in ("attn", "attn2") for n in ("q", "k", "v", "out")]
 _GLOBAL_RULES = [
-    ("pos_embed", "pos_embed.pos_embed"),
-    ("x_embedder.proj.", "pos_embed.proj."),
-    ("t_embedder.mlp.0.", "time_text_embed.timestep_embedder.linear_1."),
-    ("t_embedder.mlp.2.", "time_text_embed.timestep_embedder.linear_2."),
-    ("s_embedder.mlp.0.", "time_text_embed.s_embedder.linear_1."),   # MFSR student (ours)
-    ("s_embedder.mlp.2.", "time_text_embed.s_embedder.linear_2."),
-    ("y_embedder.mlp.0.", "time_text_embed.text_embedder.linear_1."),
-    ("y_embedder.mlp.2.", "time_text_embed.text_embedder.linear_2."),
+    ("pos_embed", "pos_embed.pos_embed"), ("x_embedder.proj.", "pos_embed.proj."),
     ("context_embedder.", "context_embedder."),
-    ("final_layer.adaLN_modulation.1.", "norm_out.linear."),
-    ("final_layer.linear.", "proj_out."),
-]
+    ("final_layer.adaLN_modulation.1.", "norm_out.linear."), ("final_layer.linear.", "proj_out."),
+] + [(f"{a}_embedder.mlp.{i}.", f"time_text_embed.{b}_embedder.linear_{i // 2 + 1}.")   # s: MFSR's student (ours)
+     for a, b in (("t", "timestep"), ("s", "s"), ("y", "text")) for i in (0, 2)]
 # DiT4SR's attn2 was built with text projections it never uses (ARCH §3.5): 130 tensors, dropped.
 DIT4SR_UNUSED = re.compile(r"transformer_blocks\.\d+\.attn2\.(add_[qkv]_proj|to_add_out|norm_added_[qk])\.")
+swap_halves = lambda t: torch.cat(t.chunk(2)[::-1])   # noqa: E731 (shift, scale) rows <-> (scale, shift)
 
 
 def to_diffusers_name(key, depth):
-    """Original key -> (diffusers keys, how): how is 'copy', 'qkv' (3 row blocks) or 'swap'
-    (halves (shift, scale) <-> (scale, shift): the last context adaLN and the final layer)."""
+    """Original key -> (diffusers keys, how): how is 'copy', 'qkv' (3 row blocks) or 'swap' (halves
+    (shift, scale) <-> (scale, shift), diffusers' order for the last context adaLN and the final layer)."""
     m = re.match(r"joint_blocks\.(\d+)\.(.*)", key)
     rules, rest, head = (_BLOCK_RULES, m.group(2), f"transformer_blocks.{m.group(1)}.") if m \
         else (_GLOBAL_RULES, key, "")
@@ -207,12 +196,6 @@ def to_diffusers_name(key, depth):
                     (m and int(m.group(1)) == depth - 1 and orig.startswith("context_block.adaLN")))
             return [head + diff + tail], "swap" if swap else "copy"
     raise KeyError(f"no diffusers name for {key}")
-
-
-def swap_halves(t):
-    """(shift, scale) rows <-> (scale, shift): diffusers' order for the last adaLN layers."""
-    a, b = t.chunk(2, dim=0)
-    return torch.cat([b, a], dim=0)
 
 
 def to_diffusers_state_dict(sd, depth):
@@ -248,9 +231,7 @@ def _infer_config(src) -> MMDiTConfig:
 
 
 def transformer_config(path, **overrides):
-    """(config, source) of a transformer file, without reading a weight: the config from its shapes, then
-    the fields shapes cannot tell that save_transformer recorded, then `overrides`. The source's
-    `layout`: "original" (SD3.5's names, with or without its prefix) or "diffusers"."""
+    """(config, source) of a transformer file without reading a weight; source.layout: original / diffusers."""
     src = SafetensorsFiles(path, subfolder="transformer", prefix=PREFIX)
     if src.prefix or any(k.startswith("joint_blocks.") for k in src.where):
         src.layout = "original"
@@ -269,10 +250,8 @@ def transformer_config(path, **overrides):
 
 
 def load_transformer(path, *, dtype=torch.float32, device="cpu", **overrides) -> MMDiT:
-    """Any supported transformer checkpoint, the config read from its shapes and keys: an SD3.5 single
-    file (its VAE and text encoders ignored), a diffusers transformer (a file, a folder, sharded or not,
-    or its parent with `transformer/`), DiT4SR's (diffusers layout with `*control*` keys), or our file.
-    overrides: config fields a file cannot tell, e.g. lr_key_mode="r1"; tensors cast to `dtype`."""
+    """An SD3.5 single file, a diffusers transformer (file, folder, sharded, or its parent), DiT4SR's, or our
+    file, the config read from its shapes and keys. overrides: what a file cannot tell, e.g. lr_key_mode."""
     cfg, src = transformer_config(path, **overrides)
     lora = src.config("lora")       # None or {} without LoRA
     with torch.device("meta"):
@@ -299,9 +278,7 @@ def load_transformer(path, *, dtype=torch.float32, device="cpu", **overrides) ->
 
 
 def save_transformer(net: MMDiT, path, layout="original", sd=None):
-    """A safetensors file in the "original" layout (SD3.5's, loadable by SD3.5 tools if the model has no
-    added parts) or the "diffusers" (DiT4SR's) one; config, LoRA settings and `net.sampling` in the
-    metadata. sd: tensors to write instead of net's (e.g. runs.save_full's Later ones)."""
+    """In the "original" (SD3.5's) or "diffusers" layout, config in the metadata; sd: tensors instead of net's."""
     sd = sd if sd is not None else {k: v.detach() for k, v in net.state_dict().items()}
     lora = getattr(net, "lora", None)
     if layout == "original":
@@ -339,60 +316,45 @@ def from_diffusers_name(key, levels):
     return key.replace(".conv_shortcut.", ".nin_shortcut.")
 
 
-def _is_attn_matrix(key):   # 1x1 conv weights in the original layout, (C, C) linears in diffusers
-    return re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", key) is not None
+def _vae_files(path):
+    """The VAE tensors of a checkpoint (a SafetensorsFiles) under their original-layout names."""
+    src = SafetensorsFiles(path, subfolder="vae", prefix="first_stage_model.")
+    names = src.keys()
+    quant = [k for k in names if k.split(".")[0] in ("quant_conv", "post_quant_conv")]
+    if quant:
+        raise CheckpointError(f"{path}: has {', '.join(quant[:4])}: a VAE with quant convs (SD1/SDXL "
+                              f"style, 4 latent channels), not the SD3 VAE (ARCH §4.3)")
+    if not any(k.startswith(("encoder.", "decoder.")) for k in names):
+        every = src.all_keys
+        hint = " (it looks like a transformer checkpoint)" if any(
+            re.search(r"joint_blocks\.|transformer_blocks\.", k) for k in every) else ""
+        raise CheckpointError(f"{path}: no VAE keys (encoder.* / decoder.*, optionally under first_stage_model.)"
+                              f"{hint}; the file starts with: {', '.join(every[:3]) or 'nothing'}")
+    src.layout = "diffusers" if any(".down_blocks." in k or ".up_blocks." in k for k in names) else "original"
+    src.levels = len({m[1] for k in names if (m := re.match(r"encoder\.down(?:_blocks)?\.(\d+)\.", k))})
+    if src.layout == "diffusers":
+        src.where = {from_diffusers_name(k, src.levels): v for k, v in src.where.items()}
+    return src
 
 
-class _VAESource:
-    """The VAE tensors of one checkpoint under their original-layout names, read lazily
-    (memory-mapped by SafetensorsFiles) so a full-size VAE is never held twice."""
-
-    def __init__(self, path):
-        self.path = path
-        self.files = SafetensorsFiles(path, subfolder="vae", prefix="first_stage_model.")
-        names = self.files.keys()
-        quant = [k for k in names if k.split(".")[0] in ("quant_conv", "post_quant_conv")]
-        if quant:
-            raise CheckpointError(f"{path}: has {', '.join(quant[:4])}: a VAE with quant convs (SD1/SDXL "
-                                  f"style, 4 latent channels), not the SD3 VAE (ARCH §4.3)")
-        if not any(k.startswith(("encoder.", "decoder.")) for k in names):
-            every = self.files.all_keys
-            hint = " (it looks like a transformer checkpoint)" if any(
-                re.search(r"joint_blocks\.|transformer_blocks\.", k) for k in every) else ""
-            raise CheckpointError(f"{path}: no VAE keys (encoder.* / decoder.*, optionally under first_stage_model.)"
-                                  f"{hint}; the file starts with: {', '.join(every[:3]) or 'nothing'}")
-        self.layout = "diffusers" if any(".down_blocks." in k or ".up_blocks." in k for k in names) else "original"
-        self.levels = len({m[1] for k in names if (m := re.match(r"encoder\.down(?:_blocks)?\.(\d+)\.", k))})
-        rename = (lambda k: from_diffusers_name(k, self.levels)) if self.layout == "diffusers" else (lambda k: k)
-        self.where = {rename(k): k for k in names}      # original name -> name in the file
-
-    def shape(self, key):
-        s = self.files.shape(self.where[key])
-        return s + (1, 1) if len(s) == 2 and _is_attn_matrix(key) else s
-
-    def get(self, key):
-        return self.files.get(self.where[key]).view(self.shape(key))
-
-    def told(self):
-        """Settings the shapes cannot give: from this project's metadata or a diffusers config.json."""
-        told = {k: v for k, v in self.files.config("vae_config").items() if k in ("groups", "scale", "shift", "patch")}
-        folder = self.path if os.path.isdir(self.path) else os.path.dirname(self.path)
-        folder = os.path.join(folder, "vae") if os.path.isdir(os.path.join(folder, "vae")) else folder
-        if self.layout == "diffusers" and os.path.exists(os.path.join(folder, "config.json")):
-            with open(os.path.join(folder, "config.json")) as f:
-                d = json.load(f)
-            told.update({k: d[n] for k, n in (("groups", "norm_num_groups"), ("scale", "scaling_factor"),
-                                              ("shift", "shift_factor")) if d.get(n) is not None})
-        return told
+def _vae_told(src):
+    """Settings the shapes cannot give: from this project's metadata or a diffusers config.json."""
+    told = {k: v for k, v in src.config("vae_config").items() if k in ("groups", "scale", "shift", "patch")}
+    folder = src.path if os.path.isdir(src.path) else os.path.dirname(src.path)
+    folder = os.path.join(folder, "vae") if os.path.isdir(os.path.join(folder, "vae")) else folder
+    if src.layout == "diffusers" and os.path.exists(os.path.join(folder, "config.json")):
+        with open(os.path.join(folder, "config.json")) as f:
+            d = json.load(f)
+        told.update({k: d[n] for k, n in (("groups", "norm_num_groups"), ("scale", "scaling_factor"),
+                                          ("shift", "shift_factor")) if d.get(n) is not None})
+    return told
 
 
 def vae_config(path, groups=None):
-    """(config, source) of a VAE file without reading a weight: levels, channels and block counts
-    from shapes; groups/scale/shift from what the file tells (a bare checkpoint cannot: then the
-    SD3 values, or `groups` as in load_vae)."""
-    src = _VAESource(path)
+    """(config, source) of a VAE file without reading a weight; groups: as in load_vae."""
+    src = _vae_files(path)
     keys = list(src.where)
-    told = src.told() | ({"groups": groups} if groups else {})
+    told = _vae_told(src) | ({"groups": groups} if groups else {})
     patch = told.get("patch", 1)   # a bare file with the linear code: RGB patches assumed
     if "patch" not in told and "encoder.linear.weight" in keys:
         patch = math.isqrt(src.shape("encoder.linear.weight")[1] // 3)
@@ -413,26 +375,23 @@ def vae_config(path, groups=None):
 
 
 def load_vae(path, *, dtype=torch.float32, device="cpu", groups=None) -> VAE:
-    """Load the SD3 VAE from an SD3.5 single file (`first_stage_model.*`; the rest ignored), a
-    diffusers pipeline folder, its `vae/` folder or diffusion_pytorch_model.safetensors, a
-    standalone VAE file with bare keys, or a file written by `save_vae`. The config is read from
-    the shapes; every key and shape is checked, under the original-layout names the tensors load by.
-    Tensors are cast to `dtype` (files may mix fp16 and fp32). groups: GroupNorm groups when the
-    file cannot tell (default 32, the SD3 value)."""
+    """The SD3 VAE of an SD3.5 single file, a diffusers pipeline or its `vae/`, a file with bare keys, or
+    save_vae's. groups: GroupNorm groups when the file cannot tell (default 32, the SD3 value)."""
     cfg, src = vae_config(path, groups)
     with torch.device("meta"):
         vae = VAE(cfg)
     expected = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
     renamed = "" if src.layout == "original" else ", its keys renamed to the original layout (ARCH §4.3)"
     found = {k: src.shape(k) for k in src.where}
+    attn = re.compile(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$")   # 1x1 convs, (C, C) linears in diffusers
+    found |= {k: s + (1, 1) for k, s in found.items() if len(s) == 2 and attn.search(k)}
     check_keys(path, expected, found, f"the {src.layout}-layout VAE read from it ({cfg}){renamed}")
-    vae.load_state_dict({k: src.get(k).to(dtype) for k in expected}, assign=True)
+    vae.load_state_dict({k: src.get(k).to(dtype).view(expected[k]) for k in expected}, assign=True)
     return vae.to(device).eval()
 
 
 def save_vae(vae: VAE, path):
-    """Write the VAE as a standalone file with bare Stability names (`encoder.*`, `decoder.*`) and
-    its config in the metadata, atomically."""
+    """The VAE under bare Stability names (`encoder.*`, `decoder.*`), its config in the metadata."""
     sd = {k: v.detach().contiguous() for k, v in vae.state_dict().items()}
     atomic_save(sd, path, {"format": "mfsr-vae", "layout": "original", "vae_config": json.dumps(asdict(vae.cfg))})
 
@@ -452,8 +411,7 @@ def prompt_rows(prompt, n=1):
 
 
 def load_embedding(path, null):
-    """The prompt of an embedding file as a Cond without z_lr (pooled (P,), context (L, D)), or
-    `null` (a Cond of the same shapes) when there is no such file."""
+    """An embedding file's prompt as a Cond without z_lr (pooled (P,), context (L, D)); `null` if none."""
     if not os.path.exists(path):
         return null
     f = SafetensorsFiles(path)

@@ -1,6 +1,4 @@
-"""Command-line conveniences shared by sample.py and train.py (plumbing): flags from a config dataclass
-(each field declared with flag(default, help)), progress with an ETA, the device, peak memory.
-"""
+"""Command-line conveniences of sample.py and train.py (plumbing): flags, progress, device, peak memory."""
 import contextlib
 import math
 import sys
@@ -16,8 +14,7 @@ def flag(default, help):
 
 
 def add_flags(parser, config_cls, groups, choices):
-    """One argparse flag per field of `config_cls` named in `groups` ({section: field names}): a bool
-    is a switch, any other field takes a value of its default's type. Help from flag()'s text."""
+    """An argparse flag per field of `config_cls` named in `groups` ({section: names}); a bool: a switch."""
     defaults = {f.name: f for f in fields(config_cls)}
     for group, names in groups.items():
         g = parser.add_argument_group(group)
@@ -33,17 +30,14 @@ def add_flags(parser, config_cls, groups, choices):
 
 
 class Progress:
-    """Network calls on tiles done / total, elapsed and ETA on `stream` (default stderr): a bar redrawn
-    in place on a terminal, else a line every 10 %; nothing before `after` seconds (small images stay one
-    summary line) nor with name=None. `seconds`: each phase's time, as upscale and process name them."""
+    """Network calls on tiles done / total, elapsed and ETA on `stream` (default stderr): a bar on a terminal,
+    else a line every 10 %; nothing before `after` seconds nor with name=None. `seconds`: per phase."""
 
     def __init__(self, name, stream=None, after=2.0):
         self.name, self.after, self.stream = name, after, stream or sys.stderr
         self.tty = name is not None and self.stream.isatty()
         self.t0 = self.phase_t0 = time.perf_counter()
-        self.seconds, self.current = {}, None
-        self.done = self.total = 0
-        self.next_line, self.drawn = 0.1, False
+        self.seconds, self.current, self.done, self.total, self.next_line, self.drawn = {}, None, 0, 0, 0.1, False
 
     def phase(self, name, calls=0):
         now = time.perf_counter()
@@ -81,8 +75,7 @@ def reset_peak(device):
 
 
 def peak_memory_mb(device):
-    """The process's peak memory since reset_peak: CUDA's allocator peak, else the resident set's
-    (Linux's VmHWM); NaN where the system does not say (no /proc: macOS, Windows)."""
+    """Peak memory since reset_peak: CUDA's allocator peak, else Linux's VmHWM; NaN where not known."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     kib = proc_kib("/proc/self/status", "VmHWM")

@@ -1,10 +1,7 @@
-"""Image files (plumbing; the method sees float RGB tensors in [0, 1]): every common file in, float RGB
-out and back to a file of the same kind; and the files a command names. Gray stays gray, alpha is kept
-apart, EXIF orientation is applied, every failure is an ImageError naming the file. Where Pillow would
-lose bits: 16-bit gray and 32-bit float (clipped to [0, 1]) are read in full and written at 16 bits;
-16-bit colour PNG (Pillow reads 8 bits, cannot write) goes through the optional pypng (without it:
-read at 8 bits, said in `note`), 16-bit colour TIFF through the optional tifffile (without: refused).
-Outputs are written atomically and never over an input.
+"""Image files (plumbing; the method sees float RGB in [0, 1]): every common file in, the same kind out,
+and the files a command names. Gray stays gray, alpha apart, EXIF orientation applied, every failure an
+ImageError naming the file. 16-bit gray and float files keep their bits; 16-bit colour PNG goes through
+the optional pypng (without it: read at 8 bits, said in `note`), TIFF through tifffile (without: refused).
 """
 import glob
 import importlib.util
@@ -48,8 +45,7 @@ class LoadedImage:
 
 
 def load_image(path) -> LoadedImage:
-    """Read any INPUT_EXTS file into float RGB in [0, 1] (+ alpha, gray flag, bit depth); of an
-    animated file (GIF, WebP, TIFF pages) the first frame, said in `note`."""
+    """Any INPUT_EXTS file as float RGB (+ alpha, gray, bits); of an animated one the first frame."""
     path = str(path)
     if not os.path.isfile(path):
         raise ImageError(f"{path}: no such file")
@@ -85,8 +81,7 @@ def load_image(path) -> LoadedImage:
 
 
 def _pixels(path, im, deep_png=False):
-    """(array (H, W, C) float32 in [0, 1] with C in 1..4 (gray, gray+alpha, RGB, RGBA), gray, bits).
-    deep_png: the file is a 16-bit PNG."""
+    """(array (H, W, C) float32 in [0, 1], C: gray, gray+alpha, RGB or RGBA; gray; bits) of a frame."""
     if deep_png and im.mode not in ("I", "I;16", "I;16B") and _has_pypng():
         import png                                     # 16-bit colour or gray+alpha: Pillow gives 8 bits
         try:
@@ -119,9 +114,8 @@ def _pixels(path, im, deep_png=False):
 
 def _orient(a, orientation):
     """Apply the EXIF orientation tag (1..8) to an (H, W, C) array, as ImageOps.exif_transpose."""
-    ops = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
-           5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1),
-           7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1], 8: lambda a: np.rot90(a, 1)}
+    ops = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1], 5: lambda a: a.transpose(1, 0, 2),
+           6: lambda a: np.rot90(a, -1), 7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1], 8: lambda a: np.rot90(a, 1)}
     return ops[orientation](a) if orientation in ops else a
 
 
@@ -155,8 +149,7 @@ def save_image(path, rgb, alpha=None, gray=False, bits=8, protect=()):
 
 
 def check_output(path, has_alpha=False, protect=()):
-    """The checks save_image makes before writing, for callers to make before any compute: a
-    known extension, not an input, JPEG without alpha, an existing folder. Returns the format."""
+    """save_image's checks, for callers to make before any compute; returns the format."""
     ext = os.path.splitext(path)[1].lower()
     if ext not in FORMATS:
         raise ImageError(f"{path}: cannot write {ext or 'a file without extension'}; use one of {', '.join(EXTS)}")
@@ -216,8 +209,7 @@ def _write16(f, fmt, a, path):
 
 
 def find_inputs(specs, suffix):
-    """Files, folders (their images, not recursive) and globs -> (paths, problems). A file named
-    twice (a.png and ./a.png, or through a folder and a glob) is one input."""
+    """Files, folders (their images, not recursive) and globs -> (paths, problems); each file once."""
     paths, problems, seen = [], [], set()
     for spec in specs:
         if os.path.isdir(spec):
@@ -258,8 +250,7 @@ def find_images(data):
 
 
 def usable_images(paths, size, say=print):
-    """(the paths Pillow opens whose shorter side is at least `size`, {every other path: why}). Each
-    skipped file is named through `say` (MAX_NAMED of them, then a count); SystemExit if none is left."""
+    """(paths Pillow opens with a shorter side >= `size`, {the others: why}), said through `say`."""
     usable, skipped = [], {}
     for p in paths:
         try:

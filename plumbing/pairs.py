@@ -1,7 +1,5 @@
-"""Training data (plumbing): which images of --data train, and the (gt, lr) pairs made from them in
-worker processes (paper §5.1): a random HR crop, degraded by degrade.py to LR at 1/4 (or, for a share
-clean_prob, the plain bicubic x4), with the image's prompt embedding. Unreadable files are reported
-and skipped, never fatal; small data sets are decoded once per worker.
+"""Training data (plumbing): the images of --data, and the (gt, lr) pairs made from them in worker
+processes (paper §5.1): a random HR crop and its degraded LR, with the image's prompt embedding.
 """
 import os
 import sys
@@ -19,8 +17,7 @@ CACHE_BYTES = 512 * 2 ** 20     # decoded images each data worker keeps in memor
 
 
 def random_crop(img, size, g):
-    """(3, H, W) uint8 or in [0, 1] -> a random (3, size, size) crop in [0, 1]: degrade's crop, which
-    upscales smaller images (bicubic); of a large uint8 image only the crop is converted to float."""
+    """(3, H, W) uint8 or in [0, 1] -> degrade's random (3, size, size) crop in [0, 1]; of uint8, only it made float."""
     if min(img.shape[1:]) < size and img.dtype == torch.uint8:
         img = img.float() / 255
     crop = degrade.random_crop_pair_source(img, size, g)[0]
@@ -63,8 +60,7 @@ class PairDataset(torch.utils.data.Dataset):
 
 
 def collate(items):
-    """A batch dict; `unreadable`: (path, why) of the items that could not be read (an all-unreadable
-    batch has nothing else)."""
+    """A batch dict; `unreadable`: (path, why) of the items that could not be read."""
     unreadable = [(it["unreadable"], it["why"]) for it in items if "unreadable" in it]
     items = [it for it in items if "unreadable" not in it]
     if not items:
@@ -77,8 +73,7 @@ def collate(items):
 
 
 def training_images(cfg, rank):
-    """(usable image paths of --data, {skipped path: why}); rank 0 names each skipped file and warns
-    about captions that have no embedding file yet."""
+    """(usable image paths of --data, {skipped path: why}); rank 0 says what it skips."""
     say = (lambda m: print(m, file=sys.stderr)) if rank == 0 else (lambda m: None)
     paths, skipped = usable_images(find_images(cfg.data), cfg.size, say)
     uncoded = [q for q in paths if os.path.exists(os.path.splitext(q)[0] + ".txt")

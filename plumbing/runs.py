@@ -1,6 +1,5 @@
-"""A training run's plumbing (train.py calls it; the method does not need it): seeds per (seed, step,
-rank), so a resume repeats the uninterrupted run exactly; the latent cache; gradients averaged over
-processes; checkpoint folders that appear whole or not at all; the log and the progress grids.
+"""A training run's plumbing (train.py's; the method does not need it): seeds per (seed, step, rank), so a
+resume repeats the run exactly; the latent cache; gradients over processes; checkpoints, log, grids.
 """
 import contextlib
 import glob
@@ -38,8 +37,7 @@ def mix(*xs):
 
 
 def step_batches(n, batch, seed, rank, start, stop):
-    """For each step k in [start, stop): `batch` (index, seed) keys of n items, drawn from a generator
-    seeded by (seed, k, rank), so a resumed run draws what an uninterrupted one would."""
+    """For each step k in [start, stop): `batch` (index, seed) keys of n items, seeded by (seed, k, rank)."""
     for k in range(start, stop):
         g = torch.Generator().manual_seed(mix(seed, k, rank))
         idx = torch.randint(n, (batch,), generator=g).tolist()
@@ -48,9 +46,8 @@ def step_batches(n, batch, seed, rank, start, stop):
 
 
 def latent_cache(path, key, batches, encode, n, device, say=print):
-    """n pairs of `batches` (dicts with gt, lr, context, pooled) encoded once by encode(k, batch) ->
-    (z_hr, z_lr) and reused by every step: a fixed set of degradations, much faster where the VAE
-    dominates a step. Kept in `path` under `key` (the settings that made it) for a rerun or resume."""
+    """n pairs of `batches` encoded once by encode(k, batch) -> (z_hr, z_lr) for every step (fixed
+    degradations, faster where the VAE dominates), kept in `path` under `key` (the settings that made it)."""
     if os.path.exists(path):
         f = SafetensorsFiles(path)
         if f.metadata.get("key") == key:
@@ -101,8 +98,7 @@ def buckets(tensors):
 
 
 def all_reduce_grads(params):
-    """Average the gradients of `params` over all ranks (a missing gradient counts as zeros): packed
-    into flat buckets, one all_reduce each, all launched before any is waited for, then unpacked."""
+    """Average the gradients of `params` over all ranks (missing: zeros): flat buckets, all launched, then waited."""
     world = dist.get_world_size()
     for p in params:
         if p.grad is None:
@@ -118,8 +114,7 @@ def all_reduce_grads(params):
 
 
 def any_rank(params, flag):
-    """True on every rank if `flag` is true on any (so all skip a step together); `params` is the
-    synchronised parameter list, None in a single process."""
+    """True on every rank if `flag` is on any (all skip a step together); params None: one process."""
     if params is None:
         return flag
     t = torch.tensor([float(flag)], device=params[0].device)
@@ -132,31 +127,34 @@ def any_rank(params, flag):
 
 
 class PhaseClock:
-    """Seconds per phase of the training steps; a phase inside another counts as the outer one. On a GPU
-    each phase starts and ends with a synchronize (the kernels' time, not their launches'); that stalls
-    the queue, so a run without --profile-phases gets a clock that times nothing."""
+    """Seconds per phase of the training steps; a phase inside another counts as the outer one. On a GPU each
+    phase is fenced by synchronizes (the kernels' time), which stall the queue: off without --profile-phases."""
 
     def __init__(self, enabled, device):
-        self.enabled, self.device, self.inside = enabled, device, False
+        self.enabled, self.open = enabled, []   # the phases under way, outermost first: (name, t0) or None
         self.seconds, self.steps = {}, []      # the step under way; the finished steps' (step(), write())
+        self._sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    def start(self, name):
+        """Time until the matching stop() as `name`; None, or a phase inside a timed one, is not timed."""
+        timed = self.enabled and name is not None and not any(self.open)
+        if timed:
+            self._sync()
+        self.open.append((name, time.perf_counter()) if timed else None)
+
+    def stop(self):
+        phase = self.open.pop()
+        if phase:
+            self._sync()
+            self.seconds[phase[0]] = self.seconds.get(phase[0], 0.0) + time.perf_counter() - phase[1]
 
     @contextlib.contextmanager
     def __call__(self, name):
-        if not self.enabled or name is None or self.inside:
-            yield
-            return
-        self._sync()
-        t0, self.inside = time.perf_counter(), True
+        self.start(name)
         try:
             yield
         finally:
-            self._sync()
-            self.inside = False
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            self.stop()
 
     def timed_iter(self, name, items):
         """The items of `items`, the wait for each timed as `name`."""
@@ -181,20 +179,10 @@ class PhaseClock:
         return rec
 
     def time_calls(self, module, name):
-        """Time every call of `module` as `name(inputs)`'s phase (forward hooks, so the training code is
-        unchanged); name returns None for a call not to time."""
-        if not self.enabled:
-            return
-        open_ = []      # the calls under way, innermost last (self(None) times nothing)
-
-        def before(_, args, kwargs):
-            open_.append(self(name(args)))
-            open_[-1].__enter__()
-
-        def after(*_):
-            open_.pop().__exit__(None, None, None)
-        module.register_forward_pre_hook(before, with_kwargs=True)
-        module.register_forward_hook(after, always_call=True)
+        """Time every call of `module` as the phase name(inputs) (None: not timed), by forward hooks."""
+        if self.enabled:
+            module.register_forward_pre_hook(lambda _, args: self.start(name(args)))
+            module.register_forward_hook(lambda *_: self.stop(), always_call=True)
 
 
 def student_phase(args):
@@ -203,13 +191,11 @@ def student_phase(args):
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints: trainable weights + config; optimizer state; a full export for sample.py; the log; a PNG
-# grid of progress to look at
+# Checkpoints (trainable weights, optimizer state, a full export for sample.py), the log, progress grids
 
 
 def optimizer_tensors(opt, prefix=""):
-    """opt.state_dict() as safetensors holds it: {prefix + "param index.name": tensor} (0-d as (1,)), and
-    the param groups as JSON."""
+    """opt.state_dict() as safetensors holds it: {prefix + "index.name": tensor}, the param groups as JSON."""
     state = opt.state_dict()
     tensors = {f"{prefix}{i}.{k}": v.detach().cpu().reshape(-1) if v.ndim == 0 else v.detach().cpu()
                for i, st in state["state"].items() for k, v in st.items()}
@@ -227,9 +213,8 @@ def load_optimizer(opt, tensors, groups, prefix=""):
 
 
 def save_checkpoint(cfg, net, opt, ema, step, rank, embs, vae, world=1, export=False):
-    """out/ckpt-{step}/, whole or not at all: trainable weights (+ EMA, and the world size a resume must
-    match), optimizer state, prompt embeddings, a VAE that came from no file; with `export` sample.py's
-    file, LoRA merged (10 GB in fp32 at full scale: train.py writes it last or on --export-every-save)."""
+    """out/ckpt-{step}/, whole or not at all: trainable weights (+ EMA), optimizer state, prompts, a VAE that
+    came from no file; with `export` sample.py's file (10 GB in fp32 at full scale: written last or on ask)."""
     if rank != 0:
         return
     final = os.path.join(cfg.out, f"ckpt-{step:07d}")
@@ -267,9 +252,7 @@ def sample_overlap(tile, patch):
 
 
 def save_full(net, path, sampling=None, ema=None):
-    """The whole model for load_transformer / sample.py, LoRA merged, with the EMA weights where `ema`
-    has them; `sampling`: its sampler's defaults. In fp32 (a LoRA update merged into bf16 would be
-    rounded away), each tensor made on the CPU as it is written: no second copy of the model."""
+    """The whole model for sample.py, LoRA and EMA merged, in fp32 (bf16 would round a merged LoRA update away)."""
     with torch.device("meta"):
         full = model.MMDiT(net.cfg)           # the merged model's keys and shapes, no memory
     full.sampling = sampling
@@ -288,8 +271,8 @@ def save_full(net, path, sampling=None, ema=None):
 
 
 def load_checkpoint(cfg, net, opt, rank=0, world=1):
-    """The newest readable ckpt-* in --out into `net` and `opt`: (step, ema). One a crash or a full disk
-    left unreadable is moved aside to NAME.broken, never deleted, and the one before it used."""
+    """The newest readable ckpt-* in --out into `net` and `opt`: (step, ema). An unreadable one (a crash, a
+    full disk) is moved aside to NAME.broken, never deleted, and the one before it used."""
     found = sorted(glob.glob(os.path.join(cfg.out, "ckpt-*[0-9]")))
     if not found:
         raise SystemExit(f"error: --resume: no ckpt-* folder in {cfg.out}")

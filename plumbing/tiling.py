@@ -1,7 +1,5 @@
-"""Tiles: the VAE's (vae.py's VAE with its full-resolution levels on overlapping tiles, GroupNorm
-statistics shared) and the sampler's latent tiles (TiledNet). Plumbing: they bound memory and keep
-latents inside the transformer's position grid; the method does not need them (an image that fits
-one tile runs untiled, bit-identical).
+"""Tiles (plumbing: they bound memory and keep latents inside the transformer's position grid; an image
+that fits one tile runs untiled, bit-identical): the VAE's, GroupNorm statistics shared, and TiledNet's.
 
     z = tiling.encode(vae, x)       # vae.encode(x), tiled above TILE_AUTO_ELEMENTS (tile=0: never)
     y = tiling.decode(vae, z)       # vae.decode(z), likewise
@@ -24,8 +22,7 @@ DECODE_TILE, DECODE_OVERLAP = 64, 16     # latents (x8: 512 and 128 pixels)
 
 
 def encode(vae, x, tile=None, overlap=None, tile_norm="tiles", **kw):
-    """vae.encode(x, **kw), its full-resolution levels on tiles of `tile` pixels (see tile_plan);
-    the mid block, whose attention sees every latent, runs whole."""
+    """vae.encode(x, **kw), its full-resolution levels on tiles of `tile` pixels; the mid block whole."""
     plan = tile_plan(vae.cfg, *x.shape[-2:], tile, overlap, ENCODE_TILE, ENCODE_OVERLAP, vae.cfg.factor)
     with _tiled(vae.encoder, plan, tile_norm, vae.encoder.down):
         return vae.encode(x, **kw)
@@ -54,8 +51,7 @@ def tile_plan(cfg, H, W, tile, overlap, default_tile, default_overlap, multiple)
 
 @contextmanager
 def _tiled(part, plan, tile_norm, *holders):
-    """Inside the block part.body (the encoder's or decoder's full-resolution levels) runs on the tiles
-    of `plan` (None: as it is), the GroupNorms within `holders` sharing statistics, without a graph."""
+    """Inside the block part.body runs on the tiles of `plan` (None: whole), `holders`' GroupNorms shared."""
     body, norms = part.body, [m for h in holders for m in h.modules() if isinstance(m, nn.GroupNorm)]
     tiled = {part: lambda x: run_tiled(body, norms, x, *plan, tile_norm)} if plan else {}
     with torch.set_grad_enabled(torch.is_grad_enabled() and not plan), _hidden("body", tiled):
@@ -64,8 +60,8 @@ def _tiled(part, plan, tile_norm, *holders):
 
 @contextmanager
 def _hidden(name, values):
-    """Inside the block each module m in `values` has the attribute `name` = values[m], which hides
-    the method of that name: vae.py's modules stay plain, their tiled behaviour lives here."""
+    """Inside the block each module m in `values` has the attribute `name` = values[m], hiding its method
+    of that name: vae.py's modules stay plain, their tiled behaviour lives here."""
     for m, v in values.items():
         setattr(m, name, v)
     try:
@@ -84,8 +80,7 @@ def _group_norm(m, x, stats):
 
 
 def tile_starts(n, tile, overlap):
-    """Offsets of tiles of side `tile` along an axis of length n: stride tile - overlap, the last
-    one flush with the end (DiT4SR's layout, used by both kinds of tiles)."""
+    """Offsets of tiles along an axis of length n: stride tile - overlap, the last flush with the end."""
     if n <= tile:
         return [0]
     return list(range(0, n - tile, tile - overlap)) + [n - tile]
@@ -98,8 +93,7 @@ def tile_grid(H, W, tile, overlap):
 
 
 def _ramp(n, start, size, overlap):
-    """1-D blending weight of a tile: rises over `overlap` where another tile precedes it and
-    falls where one follows; never zero, so the weights of all tiles sum to > 0 everywhere."""
+    """A tile's 1-D blending weight: ramps over `overlap` towards sides another tile shares; never zero."""
     w, i = torch.ones(size), torch.arange(size) + 0.5
     if overlap and start > 0:
         w = torch.minimum(w, i / overlap)
@@ -117,9 +111,8 @@ def _owned(n, tile, overlap):
 
 
 def _shared_stats(net, norms, x, tile, overlap):
-    """{m: (mean, var)}, each (B, G): the statistics of the GroupNorms `norms` in net over all of x,
-    from one pass over every tile (normalised with its own) in which each sums over the pixels the
-    tile owns. (A second such pass, normalised with the first's estimate, made the decoder worse.)"""
+    """{m: (mean, var)} (B, G) of the GroupNorms `norms` over all of x: a pass over the tiles, each summing the
+    pixels it owns. (A second pass, normalised with the first's estimate, made the decoder worse.)"""
     sums = {m: (0, 0, 0) for m in norms}   # pixels, sum, sum of squares: (B, G) in fp64
 
     def record(m, t):   # t normalised by its own statistics; its sums over the pixels in `own` added
@@ -141,9 +134,8 @@ def _shared_stats(net, norms, x, tile, overlap):
 
 
 def run_tiled(net, norms, x, tile, overlap, tile_norm="tiles"):
-    """net(x) on overlapping square tiles of side `tile` (in x's pixels), blended; in fp32. net maps
-    (B, C, H, W) to (B, C', r H, r W), every tile offset to a whole output pixel. `norms`: the GroupNorms
-    in net, sharing statistics across tiles (tile_norm "tiles") or each tile its own ("local")."""
+    """net(x) on overlapping tiles of side `tile` (each offset a whole pixel of net's r-times output), in fp32;
+    the GroupNorms `norms` share statistics across tiles (tile_norm "tiles") or each has its own ("local")."""
     if not 0 <= overlap < tile or tile_norm not in ("tiles", "local"):
         raise ValueError(f"tile {tile}, overlap {overlap}, tile_norm {tile_norm!r}: "
                          "need 0 <= overlap < tile and tile_norm 'tiles' or 'local'")
@@ -174,8 +166,7 @@ def run_tiled(net, norms, x, tile, overlap, tile_norm="tiles"):
 
 
 def gaussian_weights(h, w, var=0.01):
-    """DiT4SR's blending weight of an h x w tile: a separable Gaussian of variance `var` in
-    tile-normalised coordinates, peaked at the centre, tiny but never zero at the edges."""
+    """DiT4SR's blending weight of an h x w tile: a Gaussian in tile-normalised coordinates, never zero."""
     def g(n):
         x = (torch.arange(n, dtype=torch.float64) - (n - 1) / 2) / n
         return torch.exp(-x * x / (2 * var))
@@ -186,12 +177,8 @@ TILE_BATCH_MAX = 8       # latent tiles per network call at most: on the CPU mor
 
 
 class TiledNet:
-    """Calls a transformer on overlapping latent tiles and blends the outputs, so any latent size
-    runs in bounded memory and within the model's position grid. Same signature as MMDiT.forward;
-    the prompt goes to every tile whole, the LR latent is cropped like x. A latent that fits in one
-    tile runs untiled (bit-identical to net). The network's outputs are linear in what the samplers
-    combine (CFG, Euler steps), so blending the outputs is blending the velocities. Tiles run
-    `batch` at a time, stacked along the batch (None: batch_size's choice from free memory)."""
+    """MMDiT.forward on overlapping latent tiles (the prompt whole, lr cropped like x), blended: the samplers
+    combine outputs linearly, so this blends velocities. Tiles run `batch` at a time (None: by free memory)."""
 
     def __init__(self, net, tile=64, overlap=24, on_tile=None, batch=None):
         p, most = net.cfg.patch, net.cfg.pos_grid * net.cfg.patch
@@ -206,12 +193,11 @@ class TiledNet:
         self.on_tile = on_tile or (lambda: None)      # called after every tile's network call
 
     def batch_size(self, x, context):
-        """Tiles per network call: `batch`, else as many as keep their activations (by a rough count:
-        12 hidden-sized values per token) within a quarter of the free memory, at most TILE_BATCH_MAX."""
+        """Tiles per network call: `batch`, else as many as fit a quarter of the free memory (<= TILE_BATCH_MAX)."""
         if self.batch:
             return self.batch
         tokens = 2 * (self.tile // self.cfg.patch) ** 2 + (0 if context is None else context.shape[1])
-        per_tile = x.shape[0] * tokens * 12 * self.cfg.hidden * x.element_size()
+        per_tile = x.shape[0] * tokens * 12 * self.cfg.hidden * x.element_size()   # activations, roughly
         return max(1, min(TILE_BATCH_MAX, int(free_memory(x.device) / 4 // per_tile)))
 
     def tiles(self, H, W):
