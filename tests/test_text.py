@@ -70,8 +70,9 @@ def test_text_encode_prompts_matches_diffusers(_txt_pipeline):
     root, hf, _ = _txt_pipeline
     enc = text.load_text_encoders(root)
     prompts = ["a photo of a cat", "", _TXT_CORPUS[3], _TXT_CORPUS[11]]
-    context, pooled = text.encode_prompts(prompts, enc, t5_len=20)
-    assert context.shape == (4, 77 + 20, 224) and pooled.shape == (4, 24 + 40)
+    emb = text.encode_prompts(prompts, enc, t5_len=20)
+    context, pooled = emb.context, emb.pooled
+    assert emb.z_lr is None and context.shape == (4, 77 + 20, 224) and pooled.shape == (4, 24 + 40)
     pipe = diffusers.StableDiffusion3Pipeline(
         transformer=None, scheduler=None, vae=None,
         text_encoder=hf["text_encoder"], tokenizer=tr.CLIPTokenizer.from_pretrained(os.path.join(root, "tokenizer")),
@@ -85,7 +86,7 @@ def test_text_encode_prompts_matches_diffusers(_txt_pipeline):
                                                    do_classifier_free_guidance=False, max_sequence_length=20)
     assert (context - ref).abs().max() <= 1e-5 and (pooled - ref_pooled).abs().max() <= 1e-5
     assert context[:, :77, 192:].abs().max() == 0      # CLIP channels 64 + 128 = 192, zero-padded to 224
-    null, _ = text.encode_prompts([""], enc, t5_len=20)
+    null = text.encode_prompts([""], enc, t5_len=20).context
     assert torch.equal(null[0], context[1])            # "" is the null embedding, batch-independent
 
 
@@ -193,7 +194,7 @@ def test_text_layouts_sd35_folder_and_bundle(_txt_pipeline, tmp_path):
     ref = text.encode_prompts(["a cat"], text.load_text_encoders(root), 8)
     for path in (str(te), str(tmp_path / "single.safetensors")):
         got = text.encode_prompts(["a cat"], text.load_text_encoders(path, tokenizers=root), 8)
-        assert (got[0] - ref[0]).abs().max() <= 1e-6 and (got[1] - ref[1]).abs().max() <= 1e-6, path
+        assert (got.context - ref.context).abs().max() <= 1e-6 and (got.pooled - ref.pooled).abs().max() <= 1e-6, path
 
 
 def test_text_load_errors(_txt_pipeline, tmp_path):
@@ -234,12 +235,12 @@ def test_text_precompute_command(_txt_pipeline, tmp_path):
     (data / "sub" / "b.jpg").write_bytes(b"jpg")                   # no caption: the null prompt
     text.main(["--data", str(data), "--encoders", root, "--t5-len", "12", "--batch", "1"])
     enc = text.load_text_encoders(root)
-    ref, ref_pooled = text.encode_prompts(["a red fox in snow", "", text.NEGATIVE_PROMPT], enc, 12)
+    ref = text.encode_prompts(["a red fox in snow", "", text.NEGATIVE_PROMPT], enc, 12)
     null = mfsr.Cond(None, torch.zeros(64), torch.zeros(1, 224))
     for name, i in (("a", 0), ("sub/b", 1), ("null", 1), ("neg", 2)):
-        _, pooled, context = checkpoints.load_embedding(str(data / f"{name}.safetensors"), null)
-        assert context.shape == (77 + 12, 224) and pooled.shape == (64,)
-        assert (context - ref[i]).abs().max() <= 1e-6 and (pooled - ref_pooled[i]).abs().max() <= 1e-6
+        got = checkpoints.load_embedding(str(data / f"{name}.safetensors"), null)
+        assert got.context.shape == (77 + 12, 224) and got.pooled.shape == (64,)
+        assert (got.context - ref.context[i]).abs().max() <= 1e-6 and (got.pooled - ref.pooled[i]).abs().max() <= 1e-6
     assert (data / "a.png").read_bytes() == b"png" and not list(data.glob("*.tmp*"))
     with pytest.raises(SystemExit, match="not a folder"):
         text.main(["--data", str(tmp_path / "nope"), "--encoders", root])

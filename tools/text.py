@@ -1,9 +1,10 @@
 """The SD3.5 prompt encoders from scratch: CLIP-L, OpenCLIP bigG and T5-XXL (their tokenizers are in
-text_tokenizers.py), and `encode_prompts`, which builds (context, pooled) as the diffusers StableDiffusion3Pipeline does.
+text_tokenizers.py), and `encode_prompts`, which builds a prompt's context and pooled embeddings as the
+diffusers StableDiffusion3Pipeline does.
 
     from text import load_text_encoders, encode_prompts
     enc = load_text_encoders("stable-diffusion-3.5-medium")   # diffusers folder or SD3.5 repo root
-    context, pooled = encode_prompts(["a cat"], enc)          # (1, 77 + 77, 4096), (1, 2048)
+    prompt = encode_prompts(["a cat"], enc)   # mfsr.Cond: pooled (1, 2048), context (1, 77 + 77, 4096)
     python tools/text.py --data DIR --encoders PATH            # embeddings beside each image, for train.py
     python tools/text.py --prompt TEXT --out p.safetensors --encoders PATH   # one prompt, for sample.py --emb
 
@@ -38,6 +39,7 @@ from torch import nn
 
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the core files at the root
 
+from mfsr import Cond
 from plumbing.checkpoints import CheckpointError, SafetensorsFiles, atomic_save, check_keys
 from plumbing.images import EXTS as IMAGE_EXTS
 from text_tokenizers import CLIP_LEN, CLIPTokenizer, T5Tokenizer, read_json
@@ -468,8 +470,8 @@ def load_text_encoders(path, tokenizers=None, dtype=torch.float32, t5=True):
 
 @torch.no_grad()
 def encode_prompts(prompts, encoders, t5_len=77):
-    """prompts: list of B strings -> context (B, 77 + t5_len, 4096), pooled (B, 2048), fp32.
-    "" gives the null embedding (diffusers encodes the empty prompt; it is not zeros)."""
+    """prompts: list of B strings -> an mfsr.Cond without z_lr: pooled (B, 2048), context (B, 77 + t5_len,
+    4096), fp32. "" gives the null embedding (diffusers encodes the empty prompt; it is not zeros)."""
     assert isinstance(prompts, (list, tuple)) and all(isinstance(p, str) for p in prompts), prompts
     e = encoders
     dev = next(e.clip_l.parameters()).device
@@ -484,7 +486,7 @@ def encode_prompts(prompts, encoders, t5_len=77):
     clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))                   # (B, 77, 4096): zero-padded
     context = torch.cat([clip, t5], dim=-2)                                  # (B, 77 + T, 4096)
     pooled = torch.cat([pooled_l, pooled_g], dim=-1).float()                 # (B, 2048)
-    return context, pooled
+    return Cond(None, pooled, context)
 
 
 # --------------------------------------------------------------------------------------------
@@ -500,10 +502,11 @@ def caption_of(image):
         return f.read().strip()
 
 
-def save_embedding(path, context, pooled, prompt, dtype):
-    assert context.ndim == 2 and pooled.ndim == 1, (context.shape, pooled.shape)
-    atomic_save({"context": context.to(dtype).contiguous(), "pooled": pooled.to(dtype).contiguous()}, path,
-                {"prompt": prompt, "t5_len": str(context.shape[0] - CLIP_LEN)})
+def save_embedding(path, emb, text, dtype):
+    """One prompt's Cond (pooled (2048,), context (77 + T, 4096)) as an embedding file, atomically."""
+    assert emb.context.ndim == 2 and emb.pooled.ndim == 1, (emb.context.shape, emb.pooled.shape)
+    atomic_save({"context": emb.context.to(dtype).contiguous(), "pooled": emb.pooled.to(dtype).contiguous()}, path,
+                {"prompt": text, "t5_len": str(emb.context.shape[0] - CLIP_LEN)})
 
 
 def precompute(data, encoders, t5_len=77, batch=8, suffix="", negative=NEGATIVE_PROMPT, dtype=torch.float32):
@@ -521,24 +524,24 @@ def precompute(data, encoders, t5_len=77, batch=8, suffix="", negative=NEGATIVE_
     for i in range(0, len(images), batch):
         paths = images[i:i + batch]
         prompts = [(c + " " + suffix if c and suffix else c) for c in map(caption_of, paths)]
-        context, pooled = encode_prompts(prompts, encoders, t5_len)          # (b, 77 + T, 4096), (b, 2048)
-        for p, c, v, text in zip(paths, context, pooled, prompts):
-            save_embedding(os.path.splitext(p)[0] + ".safetensors", c, v, text, dtype)
+        embs = encode_prompts(prompts, encoders, t5_len)
+        for i, (p, text) in enumerate(zip(paths, prompts)):
+            save_embedding(os.path.splitext(p)[0] + ".safetensors", embs.rows(i), text, dtype)
         print(f"{min(i + batch, len(images))}/{len(images)} embeddings written")
     for name, prompt in (("null", ""), ("neg", negative)):
-        context, pooled = encode_prompts([prompt], encoders, t5_len)
-        save_embedding(os.path.join(data, f"{name}.safetensors"), context[0], pooled[0], prompt, dtype)
+        save_embedding(os.path.join(data, f"{name}.safetensors"), encode_prompts([prompt], encoders, t5_len).rows(0),
+                       prompt, dtype)
     print(f"wrote {os.path.join(data, 'null.safetensors')} and {os.path.join(data, 'neg.safetensors')}")
 
 
 def write_prompts(out, encoders, prompt, negative, t5_len=256, dtype=torch.float32):
     """One prompt's embedding to `out` and the negative prompt's to neg.safetensors beside it, for
     sample.py --emb / --neg-emb (T5 length 256 as DiT4SR's inference)."""
-    context, pooled = encode_prompts([prompt, negative], encoders, t5_len)
+    embs = encode_prompts([prompt, negative], encoders, t5_len)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    save_embedding(out, context[0], pooled[0], prompt, dtype)
+    save_embedding(out, embs.rows(0), prompt, dtype)
     neg = os.path.join(os.path.dirname(out) or ".", "neg.safetensors")
-    save_embedding(neg, context[1], pooled[1], negative, dtype)
+    save_embedding(neg, embs.rows(1), negative, dtype)
     print(f"wrote {out} ({prompt!r}) and {neg}")
 
 
