@@ -60,7 +60,9 @@ def plot(sweeps, points, path, chosen=None):
                     ax.annotate(f"{r['start']:g}", (r["PSNR"], r["LPIPS"]), fontsize=7, xytext=(3, -9),
                                 textcoords="offset points")
         if chosen:
-            r = next(r for r in rows if (r["steps"], r["start"]) == chosen)
+            r = next((r for r in rows if (r["steps"], r["start"]) == chosen), None)
+            if r is None:
+                raise ValueError(f"the default (steps, start) {chosen} is not among the swept ones")
             ax.plot(r["PSNR"], r["LPIPS"], "o", ms=12, mfc="none", mec="black",
                     label=f"sample.py's default ({chosen[0]} step, t0 = {chosen[1]:g})")
         for (name, (p, l)), mark in zip(points[setting].items(), "sD^v<>p*hX"):

@@ -18,6 +18,7 @@ import ncnn_sr
 import model
 import sample
 import span
+import start_sweep
 import sweeps
 import train
 import vae as V
@@ -508,3 +509,19 @@ def test_tile_scan_writes_a_row_per_setting_with_the_tiles_it_counts(tmp_path):
     assert [int(r[2]) for r in rows] == [2, 6, 6]
     assert float(rows[0][5]) == 0 and rows[0][6] == "-"                     # the untiled reference itself
     assert all(0 < float(r[5]) < 1 and float(r[6]) > 0.5 for r in rows[1:])
+
+
+def test_start_sweep_plot_draws_a_curve_per_step_count_and_the_points(tmp_path):
+    """The PSNR-LPIPS plot of the start sweep: one panel per setting, written atomically as a PNG."""
+    if start_sweep.missing_plotter():
+        pytest.skip(start_sweep.missing_plotter())
+    sweeps = {s: [{"steps": k, "start": t0, "PSNR": 20 + t0 + k / 10, "LPIPS": 0.5 - t0 / 10, "speckle": 1.0}
+                  for k in (1, 2) for t0 in (0.0, 0.5, 0.9)] for s in miniature.SETTINGS}
+    points = {s: {"bicubic": (21.0, 0.7), "teacher, 40 steps": (20.0, 0.4)} for s in miniature.SETTINGS}
+    path = tmp_path / "sweep.png"
+    start_sweep.plot(sweeps, points, str(path), chosen=(1, 0.9))
+    with Image.open(path) as im:
+        assert im.width > 2 * im.height * 0.9 and im.format == "PNG"       # two panels side by side
+    assert not list(tmp_path.glob("*.tmp*"))
+    with pytest.raises(ValueError, match="not among"):                     # the default must be a swept point
+        start_sweep.plot(sweeps, points, str(path), chosen=(4, 0.9))
