@@ -510,7 +510,8 @@ def write_card(dest, info):
              "Training on 2 CPU cores (minutes): " + ", ".join(
                  f"{k} {m:.0f}" if m is not None else f"{k} ?" for k, m in info["minutes"].items()) + ".", "",
              f"Sampling defaults recorded in the files (sample.py uses them): latent tiles of the training "
-             f"size, the students' {nets['student'].sampling} (overlap: the smallest without a seam, docs/tiles.md), "
+             f"size, the students' {nets['student'].sampling} (overlap: the smallest without a seam, docs/tiles.md; "
+             f"start: the start time t0 of sample.py --start-time, README), "
              f"the teacher's overlap {nets['teacher'].sampling['tile_overlap']} (DiT4SR's 3/8), its sigma shift "
              f"{sample.sampling_settings(nets['teacher'])['shift']:g} (its training's) and CFG scale {info['cfg_scale']:g} "
              f"(v_neg + scale (v_c - v_neg)), chosen by the cfg stage (40-step teacher PSNR on training "
