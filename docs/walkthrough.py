@@ -189,7 +189,7 @@ ax = axes[1]
 ax.scatter(data[:, 0], data[:, 1], s=2, c="lightgray", label="data")
 ax.scatter(ref[:, 0], ref[:, 1], s=2, c="tab:green", label=f"{EULER_REF} Euler steps")
 ax.scatter(four[:, 0], four[:, 1], s=2, c="tab:orange", label="4 Euler steps")
-ax.scatter(one[:, 0], one[:, 1], s=2, c="black", label="1 Euler step")
+ax.scatter(one[:, 0], one[:, 1], s=40, c="black", marker="x", label="1 Euler step (all land on two points)")
 ax.set(title="where the samplers land", xlabel="z[0]", ylabel="z[1]")
 ax.legend(fontsize=8, markerscale=4)
 for a in axes:
@@ -229,7 +229,7 @@ claim("secant_lands_on_path", (zt + gap * u_lin - z_s).norm().item() < 1e-12,
 claim("u_at_s_eq_t_is_v", torch.allclose(toy.linear_flow_u(zt, t_, t_), v_lin, rtol=1e-14, atol=0),
       "u(z, t, t) = v(z, t)")
 
-fig, ax = plt.subplots(figsize=(6, 5))
+fig, ax = plt.subplots(figsize=(6, 6))
 ax.plot(curve[:, 0], curve[:, 1], "k-", lw=1.5, label="the path from t = 0.1 to s = 0.9")
 for (p, q), col, lab in (((zt, zt + gap * v_lin), "tab:orange", "(s - t) v: the tangent jump"),
                          ((zt, zt + gap * u_lin), "tab:green", "(s - t) u: the secant jump")):
@@ -240,10 +240,13 @@ ax.plot(*zt[0].tolist(), "ko")
 ax.annotate("z_t", tuple(zt[0].tolist()), xytext=(6, 4), textcoords="offset points")
 ax.plot(*z_s[0].tolist(), "ks", mfc="none")
 ax.annotate("z_s", tuple(z_s[0].tolist()), xytext=(6, -12), textcoords="offset points")
-ax.set(title="dz/dt = A z: tangent against secant", xlabel="z[0]", ylabel="z[1]")
+every = torch.cat([curve, zt + gap * v_lin, zt + gap * u_lin])
+lo, hi = every.min(0).values - 0.25, every.max(0).values + 0.25
+ax.set(title="dz/dt = A z: tangent against secant", xlabel="z[0]", ylabel="z[1]",
+       xlim=(lo[0].item(), hi[0].item()), ylim=(lo[1].item(), hi[1].item()))
 ax.set_aspect("equal")
 ax.grid(alpha=0.3)
-ax.legend(fontsize=8, loc="lower left")
+ax.legend(fontsize=8, loc="upper left")
 RUN["fig_secant"] = save(fig, "03_secant")
 
 # %% [markdown]
@@ -415,14 +418,17 @@ claim("ratio_cut", 0.5 < ratios["cut"] < 2, "with 1000 t low-passed at 20 rad th
 #
 # w = 0 is the teacher as trained; w > 0 extrapolates away from what the negative prompt describes. On
 # the toy the condition is the class and the negative prompt the other class (`toy_flows.guided`).
-# Below, the teacher's 100-step samples at w = 0 and w = {w_big}. Guidance pushes class 0 away from class 1:
-# the samples' mean |z[0]| moves from {absx_w0} to {absx_w1} (the modes sit at 1.5). It is an
-# extrapolation, not a better fit: the sliced W2 distance to the data grows from {data_w0} to {data_w1}.
+# Below, the teacher's 100-step samples at w = 0 and w = {w_big}. Guidance pushes each class away from the
+# other: the samples' mean |z[0]| moves from {absx_w0} to {absx_w1} (the modes sit at 1.5). The toy makes
+# the reason plain: its two classes are mirror images, so v_c - v_neg is one vector for every z at a
+# given t (it differs across z by {guide_spread}, right panel), pointing along z[0], away from the
+# other class: guidance translates the samples, by {guide_shift} at w = 1. It is an extrapolation, not a better fit: the sliced W2
+# distance to the data grows from {data_w0} to {data_w1}. On images the term varies with z; here it cannot.
 # Which w helps is an empirical question; the miniature's teacher answered it by a scan of its 40-step
 # PSNR (`miniature.py`, stage "cfg") and chose CFG scale {teacher_cfg}, i.e. Eq. 11's
 # w = {teacher_w}, so its student was distilled from the plain conditional velocity.
 #
-# ![the guided teacher's samples at w = 0 and w = 1, and class 0's velocity field at t = 0.5]({fig_cfg})
+# ![the guided teacher's samples at w = 0 and w = 1; the guidance term over t]({fig_cfg})
 
 # %%
 W_BIG = 1.0
@@ -443,22 +449,30 @@ for ax, w in zip(axes[:2], (0.0, W_BIG)):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, markerscale=4, loc="lower center")
 ax = axes[2]
-xs = torch.linspace(-3, 3, 13, dtype=torch.float64)
-pts = torch.cartesian_prod(xs, xs)
-half = torch.full((len(pts),), 0.5, dtype=torch.float64)
+xs = torch.linspace(-3, 3, 9, dtype=torch.float64)
+pts = torch.cartesian_prod(xs, xs)                                                 # 81 points z
 cls0 = torch.zeros(len(pts), dtype=torch.long)
-for w, col in ((0.0, "gray"), (W_BIG, "tab:red")):
-    vv = toy.guided(pts, half, cls0, w)
-    ax.quiver(pts[:, 0], pts[:, 1], vv[:, 0], vv[:, 1], color=col, angles="xy", scale_units="xy", scale=5,
-              width=0.004, label=f"w = {w:g}")
-ax.set(title="class 0's guided velocity at t = 0.5", xlabel="z[0]", ylabel="z[1]")
-ax.set_aspect("equal")
-ax.legend(fontsize=8, loc="lower left")
+ts = torch.linspace(0, 0.99, 100, dtype=torch.float64)
+term, spread = [], 0.0
+for tv in ts:
+    tt_ = torch.full((len(pts),), tv.item(), dtype=torch.float64)
+    d = toy.gmm_velocity(pts, tt_, cls0) - toy.gmm_velocity(pts, tt_, 1 - cls0)    # v_c - v_neg at every z
+    spread = max(spread, (d - d.mean(0)).abs().max().item())
+    term.append(d.mean(0))
+term = torch.stack(term)
+ax.plot(ts, term[:, 0], "k-", label="v_c - v_neg, first coordinate")
+ax.plot(ts, term[:, 1], "k--", label="v_c - v_neg, second coordinate")
+ax.set(title="the guidance term of class 0, the same at all 81 z", xlabel="t", ylabel="v_c - v_neg")
+ax.grid(alpha=0.3)
+ax.legend(fontsize=8)
+num("guide_spread", spread, "{:.0e}")
+claim("guidance_is_a_translation", spread < 1e-9, "on the mirror-image toy v_c - v_neg does not depend on z (to 1e-9)")
 RUN["fig_cfg"] = save(fig, "06_negative_prompt")
 num("absx_w0", side[0.0][0], "{:.2f}")
 num("absx_w1", side[W_BIG][0], "{:.2f}")
 num("data_w0", side[0.0][1], "{:.2f}")
 num("data_w1", side[W_BIG][1], "{:.2f}")
+num("guide_shift", side[W_BIG][0] - side[0.0][0], "{:.2f}")
 claim("guidance_pushes_away", side[W_BIG][0] > side[0.0][0] + 0.5,
       "w = 1 moves the samples more than 0.5 further from the other class (mean |z[0]|)")
 claim("guidance_extrapolates", side[W_BIG][1] > 5 * side[0.0][1],
