@@ -22,7 +22,11 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()   # docs/, in a notebook too
+NOTEBOOK = "ipykernel" in sys.modules
+if "__file__" in globals():
+    HERE = Path(__file__).resolve().parent                                      # docs/
+else:                                                                           # a notebook, opened in docs/ or at the top
+    HERE = next(p for p in (Path.cwd(), Path.cwd() / "docs") if (p / "walkthrough.py").exists())
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]
 
@@ -33,7 +37,8 @@ try:
     import matplotlib  # noqa: E402
 except ImportError:
     sys.exit("the walkthrough draws with matplotlib: pip install matplotlib (or pip install -r requirements-test.txt)")
-matplotlib.use("Agg")
+if not NOTEBOOK:
+    matplotlib.use("Agg")                                                       # files only
 import matplotlib.pyplot as plt  # noqa: E402
 
 import metrics  # noqa: E402
@@ -71,6 +76,8 @@ def claim(key, holds, statement):
 def save(fig, name):
     """A figure as FIGS/name.png; returns the page's relative link."""
     fig.savefig(FIGS / f"{name}.png", dpi=100, bbox_inches="tight")
+    if NOTEBOOK:
+        plt.show()                                                              # inline, below the cell
     plt.close(fig)
     return f"walkthrough/{name}.png"
 
@@ -90,18 +97,20 @@ def show(ax, img, title):
 # the HR latent while looking at z_LR, and the VAE decodes it. The teacher (DiT4SR at full scale) needs
 # 40 steps for that; the MFSR student takes **one**: z_1 = z_0 + u(z_0, 0, 1) (Alg. 2).
 #
-# Below, the shipped miniature (`weights/mfsr-tiny/`, 2.1M parameters, trained on two CPU cores) on the
+# Below, the shipped miniature (`weights/mfsr-tiny/`, a {params_shipped} teacher and its student, trained on two CPU cores) on the
 # example `examples/chelsea_lr.png`, through `sample.upscale` as `python sample.py` runs it. PSNR
 # is to the HR crop. The student's file records a start time t0 = {t0_default}: it starts its jump from
 # z_t0 = t0 z_LR + (1 - t0) eps instead of pure noise (`sample.py --start-time`), because at this size a
-# jump from pure noise paints grain into flat areas (README, "start sweep"). The paper's
-# t0 = 0 is shown beside it: the same network, the same noise.
+# jump from pure noise paints grain into flat areas. The paper's t0 = 0 is shown beside it: the same
+# network, the same noise. Speckle (`metrics.speckle`) measures that grain: the output's fine
+# energy in the HR's flattest areas over the HR's own (1: as much as the truth).
 #
 # ![LR, bicubic, VAE(bicubic), student one step from t0 = 0.965 and from t0 = 0, HR]({fig_task})
 #
 # | | bicubic | VAE(bicubic) | student, 1 step, t0 = {t0_default} | student, 1 step, t0 = 0 |
 # |---|---|---|---|---|
 # | PSNR to HR (dB) | {psnr_bicubic} | {psnr_vae} | {psnr_student_default} | {psnr_student_t0} |
+# | speckle | {speckle_bicubic} | {speckle_vae} | {speckle_student_default} | {speckle_student_t0} |
 #
 # VAE(bicubic) is what the latent path costs before any network runs: the tiny VAE's round trip.
 
@@ -122,6 +131,10 @@ psnr = lambda x, ref=hr: metrics.psnr(x, ref).item()                            
 for key, x in (("bicubic", bicubic), ("vae", vae_bicubic), ("student_default", student_default),
                ("student_t0", student_t0)):
     num(f"psnr_{key}", psnr(x), "{:.2f}")
+    num(f"speckle_{key}", metrics.speckle(x, hr).item(), "{:.2g}")
+claim("late_start_less_grain", metrics.speckle(student_default, hr).item() < metrics.speckle(student_t0, hr).item(),
+      "the student's jump from its recorded t0 leaves less speckle than the jump from t0 = 0")
+num("params_shipped", sum(p.numel() for p in nets["teacher"].parameters()) / 1e6, "{:.1f}M")
 
 fig, axes = plt.subplots(1, 6, figsize=(18, 3.4))
 show(axes[0], F.interpolate(lr, scale_factor=4, mode="nearest"), "LR (64 x 64)")
@@ -246,7 +259,7 @@ ax.set(title="dz/dt = A z: tangent against secant", xlabel="z[0]", ylabel="z[1]"
        xlim=(lo[0].item(), hi[0].item()), ylim=(lo[1].item(), hi[1].item()))
 ax.set_aspect("equal")
 ax.grid(alpha=0.3)
-ax.legend(fontsize=8, loc="upper left")
+ax.legend(fontsize=8, loc="center left")
 RUN["fig_secant"] = save(fig, "03_secant")
 
 # %% [markdown]
@@ -255,7 +268,7 @@ RUN["fig_secant"] = save(fig, "03_secant")
 # u is what we want, but nobody can sample z_s for training. MeanFlow's trick: differentiate
 # (s - t) u(z_t, t, s) = z_s - z_t in t, with s fixed. The right side gives -v(z_t, t), so
 #
-#     u(z_t, t, s) = v(z_t, t) + (s - t) du/dt,     du/dt = (du/dz) v + du/dt|partial     (Eq. 8)
+#     u(z_t, t, s) = v(z_t, t) + (s - t) du/dt,     du/dt = ∂u/∂z · v + ∂u/∂t     (Eq. 8)
 #
 # where du/dt is the derivative *along the path*: one forward-mode JVP of the network with tangents
 # (v, 1, 0) for its inputs (z_t, t, s). The student is trained toward the right side, with the gradient
@@ -447,7 +460,7 @@ for ax, w in zip(axes[:2], (0.0, W_BIG)):
            xlim=(-5.5, 5.5), ylim=(-3, 3))
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, markerscale=4, loc="lower center")
+    ax.legend(fontsize=7, markerscale=4, loc="center")
 ax = axes[2]
 xs = torch.linspace(-3, 3, 9, dtype=torch.float64)
 pts = torch.cartesian_prod(xs, xs)                                                 # 81 points z
@@ -501,8 +514,8 @@ num("teacher_w", mfsr.eq11_w(teacher_cfg), "{:g}")
 # student's, yet its one step ({sw2_gt1}) is within {quality_gap}x of the other's ({sw2_neg1}), and both
 # are far below the teacher's one step. A flat loss is the floor the target sets (x - eps given z_t is
 # random; the teacher's v is a function of z_t, and its student's loss keeps falling), not a failed run:
-# watch the samples. The teacher's velocity is still the better target, as the paper finds; its
-# student's two steps reach {sw2_neg2}.
+# watch the samples. The teacher's velocity is still the better target here; its student's two steps
+# reach {sw2_neg2}.
 #
 # ![the (t, s) pairs; the two students' losses and one-step quality over training]({fig_train})
 
@@ -595,13 +608,14 @@ RUN["fig_train"] = save(fig, "07_training")
 # | student, 1 step from t0 = {t0_default} | {calls_student1} | {to40_student_default} | {hr_student_default} |
 #
 # The student's one step lands {gain_db} dB nearer the 40-step result than the teacher's one step: it
-# learned the jump the teacher can only make in many steps. Started at t0 = {t0_default} (the
-# shipped default), the jump begins from z_t0 = t0 z_LR + (1 - t0) eps, nearly the LR latent: it
-# stays nearer bicubic's faithful, smooth answer and invents less, which at this model size is worth
-# more PSNR against the HR than the detail the jump from noise paints (section 1). The last two
-# columns measure different things: nearness to the teacher's samples, and to the truth.
-# These pieces are `sample.upscale`'s: the one-step result from t0 = {t0_default} matches section 1's to
-# {pieces_match}.
+# learned the jump the teacher can only make in many steps, and its two steps come nearer still.
+# Against the HR the order turns round: PSNR rewards the blurriest answer (the teacher's one step,
+# {hr_teacher1} dB) and charges for invented detail (40 steps, {hr_teacher40} dB). That trade is what the
+# start time sets: from t0 = {t0_default}, z_t0 is nearly the LR latent, the jump invents little, and
+# the result is nearer bicubic ({hr_student_default} dB against bicubic's {psnr_bicubic}) and further from
+# the teacher's samples ({to40_student_default} dB).
+# These pieces are `sample.upscale`'s: the one-step result from t0 = {t0_default} matches section 1's
+# image (largest pixel difference: {pieces_match}).
 #
 # ![the teacher's 40-step path decoded at a few points; the student's jumps from the same noise]({fig_sr})
 
@@ -659,7 +673,7 @@ num("gain_db", gain, "{:.1f}")
 claim("student_beats_teacher_one_step", gain > 0,
       "the student's one step is nearer the 40-step result than the teacher's one step")
 match = (runs["student_default"][0] - student_default).abs().max().item()
-num("pieces_match", match, "{:.0e}")
+num("pieces_match", match, "{:.1g}")
 claim("pieces_are_upscale", match < 1e-4, "the samplers called directly give sample.upscale's image (max |diff| < 1e-4)")
 
 path40 = runs["teacher40"][1].path
@@ -771,5 +785,5 @@ page = "\n\n".join(fill(cell, {**NUMBERS, **RUN}) for cell in markdown_cells((HE
     indent=1) + "\n")
 print(f"wrote {OUT / 'walkthrough.md'}, {len(list(FIGS.glob('*.png')))} figures, {len(NUMBERS)} numbers, "
       f"{len(CLAIMS)} claims in {RUN['run_seconds']} s")
-if failed and __name__ == "__main__":
+if failed and not NOTEBOOK:
     sys.exit(f"claims that do not hold: {', '.join(failed)}")
