@@ -25,7 +25,7 @@ from pathlib import Path
 NOTEBOOK = "ipykernel" in sys.modules
 if "__file__" in globals():
     HERE = Path(__file__).resolve().parent                                      # docs/
-else:                                                                           # a notebook, opened in docs/ or at the top
+else:                                                       # a notebook, opened in docs/ or at the top
     HERE = next(p for p in (Path.cwd(), Path.cwd() / "docs") if (p / "walkthrough.py").exists())
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]
@@ -97,9 +97,9 @@ def show(ax, img, title):
 # the HR latent while looking at z_LR, and the VAE decodes it. The teacher (DiT4SR at full scale) needs
 # 40 steps for that; the MFSR student takes **one**: z_1 = z_0 + u(z_0, 0, 1) (Alg. 2).
 #
-# Below, the shipped miniature (`weights/mfsr-tiny/`, a {params_shipped} teacher and its student, trained on two CPU cores) on the
-# example `examples/chelsea_lr.png`, through `sample.upscale` as `python sample.py` runs it. PSNR
-# is to the HR crop. The student's file records a start time t0 = {t0_default}: it starts its jump from
+# Below, the shipped miniature (`weights/mfsr-tiny/`: a {params_shipped} teacher and its student, trained on
+# two CPU cores) on the example `examples/chelsea_lr.png`, through `sample.upscale` as `python sample.py`
+# runs it. PSNR is to the HR crop. The student's file records a start time t0 = {t0_default}: it starts its jump from
 # z_t0 = t0 z_LR + (1 - t0) eps instead of pure noise (`sample.py --start-time`), because at this size a
 # jump from pure noise paints grain into flat areas. The paper's t0 = 0 is shown beside it: the same
 # network, the same noise. Speckle (`metrics.speckle`) measures that grain: the output's fine
@@ -190,7 +190,6 @@ claim("one_euler_step_misses", toy.sw2(one, ref) > 10 * toy.sw2(data, ref),
 colors = ["tab:red", "tab:blue"]
 fig, axes = plt.subplots(1, 2, figsize=(11, 5))
 ax = axes[0]
-tt = torch.linspace(0, 1, EULER_REF + 1)
 for i in range(60):
     ax.plot(path[:, i, 0], path[:, i, 1], color=colors[int(c[i])], lw=0.7, alpha=0.7)
     ax.plot([z0[i, 0], ref[i, 0]], [z0[i, 1], ref[i, 1]], color="gray", lw=0.5, ls=":")
@@ -259,7 +258,7 @@ ax.set(title="dz/dt = A z: tangent against secant", xlabel="z[0]", ylabel="z[1]"
        xlim=(lo[0].item(), hi[0].item()), ylim=(lo[1].item(), hi[1].item()))
 ax.set_aspect("equal")
 ax.grid(alpha=0.3)
-ax.legend(fontsize=8, loc="center left")
+ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1))
 RUN["fig_secant"] = save(fig, "03_secant")
 
 # %% [markdown]
@@ -300,7 +299,8 @@ claim("identity_residual", residual <= 1e-9, "the identity's residual on the clo
 bug_err = {}
 for bug in toy.PLANTED_BUGS:
     bug_err[bug] = num("bug_" + bug.replace(" ", "_"), toy.identity_error(bug), "{:.2f}")
-    claim("caught_" + bug.replace(" ", "_"), bug_err[bug] > 1e-2, f"the planted bug '{bug}' gives a residual above 1e-2")
+    claim("caught_" + bug.replace(" ", "_"), bug_err[bug] > 1e-2,
+          f"the planted bug '{bug}' gives a residual above 1e-2")
 
 
 def fd_curve(u_fn, z, t, s, v, hs):
@@ -323,7 +323,8 @@ t, s = (x.double() * 0.8 + 0.1 for x in mfsr.sample_times(64, ratio=1.0, generat
 s = torch.maximum(s, t + 0.05)
 err_mlp = fd_curve(mlp, z, t, s, v, hs)
 net64 = toy.two_time_net(1.0).double()
-cond64 = mfsr.Cond(*(torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((2, 16, 8, 8), (2, 32), (2, 4, 64))))
+cond64 = mfsr.Cond(*(torch.randn(*shape, generator=g, dtype=torch.float64)
+                     for shape in ((2, 16, 8, 8), (2, 32), (2, 4, 64))))                # z_lr, pooled, context
 u64 = mfsr.average_velocity(net64)
 zn, vn = (torch.randn(2, 16, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
 tn, sn = torch.tensor([0.2, 0.5], dtype=torch.float64), torch.tensor([0.7, 0.9], dtype=torch.float64)
@@ -335,7 +336,8 @@ slope = (torch.tensor(err_mlp[i1]).log10() - torch.tensor(err_mlp[i2]).log10()).
 num("fd_slope", slope, "{:.2f}")
 claim("jvp_matches_fd", max(min(err_mlp), min(err_net)) < 1e-8,
       "the JVP's du/dt is within 1e-8 (relative) of the best central difference, on both networks")
-claim("fd_error_is_h_squared", 1.8 < slope < 2.2, "between h = 0.01 and 0.1 the difference falls as h^2 (slope 1.8 to 2.2)")
+claim("fd_error_is_h_squared", 1.8 < slope < 2.2,
+      "between h = 0.01 and 0.1 the difference falls as h^2 (slope 1.8 to 2.2)")
 
 fig, axes = plt.subplots(1, 2, figsize=(12, 4.3))
 ax = axes[0]
@@ -435,8 +437,9 @@ claim("ratio_cut", 0.5 < ratios["cut"] < 2, "with 1000 t low-passed at 20 rad th
 # other: the samples' mean |z[0]| moves from {absx_w0} to {absx_w1} (the modes sit at 1.5). The toy makes
 # the reason plain: its two classes are mirror images, so v_c - v_neg is one vector for every z at a
 # given t (it differs across z by {guide_spread}, right panel), pointing along z[0], away from the
-# other class: guidance translates the samples, by {guide_shift} at w = 1. It is an extrapolation, not a better fit: the sliced W2
-# distance to the data grows from {data_w0} to {data_w1}. On images the term varies with z; here it cannot.
+# other class: guidance translates the samples, by {guide_shift} at w = 1. It is an extrapolation, not a
+# better fit: the sliced W2 distance to the data grows from {data_w0} to {data_w1}. On images the term
+# varies with z; here it cannot.
 # Which w helps is an empirical question; the miniature's teacher answered it by a scan of its 40-step
 # PSNR (`miniature.py`, stage "cfg") and chose CFG scale {teacher_cfg}, i.e. Eq. 11's
 # w = {teacher_w}, so its student was distilled from the plain conditional velocity.
@@ -554,7 +557,8 @@ num("sw2_gt1", toy_scores["gt 1"])
 num("sw2_neg1", toy_scores["neg 1"])
 num("sw2_neg2", toy_scores["neg 2"])
 num("quality_gap", toy_scores["gt 1"] / toy_scores["neg 1"], "{:.1f}")
-claim("gt_loss_flat", 1 / 1.1 < gt_factor < 1.1, "the data-path student's loss changes by less than 10 % after the early steps")
+claim("gt_loss_flat", 1 / 1.1 < gt_factor < 1.1,
+      "the data-path student's loss changes by less than 10 % after the early steps")
 claim("loss_is_not_quality", loss_gap > 5 and toy_scores["gt 1"] < 2 * toy_scores["neg 1"],
       "the data-path student's loss is more than 5x the other's, its one-step distance less than 2x")
 claim("toy_one_step", max(toy_scores["gt 1"], toy_scores["neg 1"]) < 0.3 * toy_scores["teacher 1"],
@@ -674,7 +678,8 @@ claim("student_beats_teacher_one_step", gain > 0,
       "the student's one step is nearer the 40-step result than the teacher's one step")
 match = (runs["student_default"][0] - student_default).abs().max().item()
 num("pieces_match", match, "{:.1g}")
-claim("pieces_are_upscale", match < 1e-4, "the samplers called directly give sample.upscale's image (max |diff| < 1e-4)")
+claim("pieces_are_upscale", match < 1e-4,
+      "the samplers called directly give sample.upscale's image (max |diff| < 1e-4)")
 
 path40 = runs["teacher40"][1].path
 picks = [0, 20, 30, 36, 39]
@@ -711,7 +716,11 @@ RUN["fig_sr"] = save(fig, "08_one_noise")
 # The one-step student does {speedup}x less arithmetic than its teacher for the same image.
 
 # %%
-count = lambda net, trained=False: sum(p.numel() for p in net.parameters() if p.requires_grad or not trained)  # noqa: E731
+def count(net, trained=False):
+    """Parameters of net (trained=True: only those that train)."""
+    return sum(p.numel() for p in net.parameters() if p.requires_grad or not trained)
+
+
 with torch.device("meta"):
     big_teacher = model.MMDiT(model.CONFIGS["dit4sr"])
     big_student = model.make_student(big_teacher, time_scale=1.0, lora_rank=64)
