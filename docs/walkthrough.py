@@ -287,7 +287,7 @@ RUN["fig_secant"] = save(fig, "03_secant")
 # And du/dt itself: the JVP against central differences (u(z + h v, t + h, s) - u(z - h v, t - h, s)) / 2h
 # in float64, on a random MLP u(z, t, s) (`toy_flows.mlp_u`) and on the tiny two-time transformer of
 # `model.py` (`toy_flows.two_time_net`, c_noise = t). The difference falls as h^2 (the
-# difference's own error) until rounding takes over near h = 1e-5; at best it is {fd_best_mlp} (MLP)
+# difference's own error) until rounding takes over, below h = {fd_h_best}; at best it is {fd_best_mlp} (MLP)
 # and {fd_best_net} (transformer) relative: the JVP is the exact derivative, the finite difference an
 # approximation of it.
 #
@@ -331,6 +331,7 @@ tn, sn = torch.tensor([0.2, 0.5], dtype=torch.float64), torch.tensor([0.7, 0.9],
 err_net = fd_curve(lambda a, b, c_: u64(a, b, c_, cond64), zn, tn, sn, vn, hs)
 num("fd_best_mlp", min(err_mlp), "{:.0e}")
 num("fd_best_net", min(err_net), "{:.0e}")
+num("fd_h_best", hs[err_mlp.index(min(err_mlp))], "{:.0e}")
 i2, i1 = hs.index(1e-2), hs.index(1e-1)
 slope = (torch.tensor(err_mlp[i1]).log10() - torch.tensor(err_mlp[i2]).log10()).item()
 num("fd_slope", slope, "{:.2f}")
@@ -601,7 +602,7 @@ RUN["fig_train"] = save(fig, "07_training")
 # grid, `mfsr.sample_teacher`) trace a path from noise to image; below, the path at a few points
 # decoded by the VAE, and beside it where the student's jumps (`mfsr.sample_student`) land from the
 # same noise. PSNR is to the teacher's 40-step result: how near a cheap sampler comes to the expensive
-# one. One network call covers the whole 64 x 64 latent (in {tiles} tiles, as `sample.py` runs it).
+# one. One network call covers the whole {latent_side} x {latent_side} latent (in {tiles} tiles, as `sample.py` runs it).
 #
 # | from t0 = 0 | network calls | PSNR to the 40-step teacher (dB) | PSNR to HR (dB) |
 # |---|---|---|---|
@@ -654,6 +655,7 @@ def decoded(z):
     return sample.COLOR_FIXES["adain"](y, bicubic).clamp(0, 1)
 
 
+num("latent_side", z_lr.shape[-1], "{:d}")
 num("tiles", len(tiling.TiledNet(student, st_s["tile"], st_s["tile_overlap"]).tiles(*z_lr.shape[-2:])), "{:d}")
 runs = {}
 for name, steps in (("teacher40", 40), ("teacher1", 1)):
