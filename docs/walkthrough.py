@@ -195,7 +195,7 @@ for i in range(60):
     ax.plot([z0[i, 0], ref[i, 0]], [z0[i, 1], ref[i, 1]], color="gray", lw=0.5, ls=":")
 ax.scatter(z0[:60, 0], z0[:60, 1], s=10, c="black", label="noise eps (t = 0)", zorder=3)
 ax.scatter(ref[:60, 0], ref[:60, 1], s=10, c=[colors[int(k)] for k in c[:60]], label="endpoint (t = 1)", zorder=3)
-ax.set(title="paths of dz/dt = v(z, t), 60 points (dotted: the straight chord)", xlabel="z[0]", ylabel="z[1]")
+ax.set(title="paths of dz/dt = v(z, t) (dotted: straight chords)", xlabel="z[0]", ylabel="z[1]")
 ax.legend(fontsize=8, loc="lower center")
 ax = axes[1]
 ax.scatter(data[:, 0], data[:, 1], s=2, c="lightgray", label="data")
@@ -203,7 +203,9 @@ ax.scatter(ref[:, 0], ref[:, 1], s=2, c="tab:green", label=f"{EULER_REF} Euler s
 ax.scatter(four[:, 0], four[:, 1], s=2, c="tab:orange", label="4 Euler steps")
 ax.scatter(one[:, 0], one[:, 1], s=40, c="black", marker="x", label="1 Euler step (all land on two points)")
 ax.set(title="where the samplers land", xlabel="z[0]", ylabel="z[1]")
-ax.legend(fontsize=8, markerscale=4)
+legend = ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
+for handle in legend.legend_handles:
+    handle.set_sizes([25])
 for a in axes:
     a.set_aspect("equal")
     a.grid(alpha=0.3)
