@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+START, LOAD = time.perf_counter(), os.getloadavg()[0]                          # for the footer
 NOTEBOOK = "ipykernel" in sys.modules
 if "__file__" in globals():
     HERE = Path(__file__).resolve().parent                                      # docs/
@@ -32,6 +33,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 try:
     import matplotlib  # noqa: E402
@@ -55,7 +57,6 @@ args, _ = parser.parse_known_args()        # a notebook kernel passes its own ar
 OUT = Path(args.out)
 FIGS = OUT / "walkthrough"
 FIGS.mkdir(parents=True, exist_ok=True)
-START, LOAD = time.perf_counter(), os.getloadavg()[0]
 torch.set_num_threads(1)   # tiny matmuls: one thread is faster, and steady when the cores are shared
 
 NUMBERS, CLAIMS, RUN = {}, [], {}
@@ -741,7 +742,6 @@ CLIP_TOKENS, T5_TOKENS = 77, 256                                # SD3.5's prompt
 zb = torch.empty(1, cfgb.in_channels, lat, lat, device="meta")
 pooled_b = torch.empty(1, cfgb.pooled_dim, device="meta")
 ctx_b = torch.empty(1, CLIP_TOKENS + T5_TOKENS, cfgb.context_dim, device="meta")
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 with torch.no_grad(), FlopCounterMode(display=False) as fc:
     big_student(zb, torch.ones(1, device="meta"), pooled_b, ctx_b, lr=zb, sigma_s=torch.zeros(1, device="meta"))
 gflop_student = fc.get_total_flops() / 1e9
