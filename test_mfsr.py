@@ -9,6 +9,7 @@ import torch
 import mfsr
 import model
 from builders import _randomize
+from toy_flows import PLANTED_BUGS, identity_error, linear_flow_u, mlp_u, toy_eval, toy_student, two_time_net
 from model import CONFIGS, MMDiT
 from plumbing import checkpoints
 
@@ -31,51 +32,14 @@ def test_sample_times_ranges_ratio_and_determinism():
     assert abs(r.mean() - 0.5) < 0.01 and abs(r.var() - 1 / 12) < 0.005
 
 
-_A = torch.tensor([[-0.5, 1.0], [-1.2, -0.3]], dtype=torch.float64)
-
-
-def _linear_flow_u(z, t, s):
-    """Average velocity of dz/dt = A z exactly: u = A phi((s - t) A) z, phi(X) = sum X^k/(k+1)!
-    (smooth at s = t, where it equals v = A z)."""
-    hA = (s - t)[:, None, None] * _A                                            # (B, 2, 2)
-    term = torch.eye(2, dtype=z.dtype).expand_as(hA)
-    phi = term
-    for k in range(1, 30):
-        term = term @ hA / (k + 1)
-        phi = phi + term
-    return torch.einsum("ij,bjk,bk->bi", _A, phi, z)
-
-
-def _identity_error(monkeypatch=None, bug=None, u_fn=_linear_flow_u):
-    g = torch.Generator().manual_seed(0)
-    z = torch.randn(256, 2, generator=g, dtype=torch.float64)
-    t, s = mfsr.sample_times(256, ratio=0.75, generator=g)
-    t, s = 0.9 * t.double(), s.double()                                        # 1 - t above the x clamp
-    v = z @ _A.T                                                                 # v(z, t) = A z
-    if bug:
-        real = mfsr.jvp
-
-        def buggy(f, primals, tangents):
-            tz, tt, ts = tangents
-            if bug == "t tangent":
-                tangents = (tz, torch.zeros_like(tt), ts)
-            if bug == "z tangent":
-                tangents = (torch.zeros_like(tz), tt, ts)
-            out, tan = real(f, primals, tangents)
-            return out, -tan if bug == "sign" else tan
-        monkeypatch.setattr(mfsr, "jvp", buggy)
-    u, u_tgt = mfsr.meanflow_target(u_fn, z, t, s, v)
-    assert torch.allclose(u, _linear_flow_u(z, t, s), rtol=1e-12, atol=1e-12)
-    return ((u_tgt - u).norm(dim=1) / u.norm(dim=1)).max().item()
-
-
 def test_meanflow_identity_is_exact_on_a_closed_form_flow():
-    assert _identity_error() <= 1e-9
+    assert identity_error() <= 1e-9
 
 
-@pytest.mark.parametrize("bug", ["t tangent", "z tangent", "sign"])
-def test_identity_test_catches_planted_bugs(monkeypatch, bug):
-    assert _identity_error(monkeypatch, bug) > 1e-2
+@pytest.mark.parametrize("bug", PLANTED_BUGS)
+def test_identity_test_catches_planted_bugs(bug):
+    assert identity_error(bug) > 1e-2
+    assert identity_error() <= 1e-9                      # the bug is gone again outside planted_bug
 
 
 class _ClosedFormNet:
@@ -86,17 +50,17 @@ class _ClosedFormNet:
         self.cfg = type("Cfg", (), {"prediction": prediction})()
 
     def __call__(self, z, sigma, pooled, context, lr=None, sigma_s=None):
-        u = _linear_flow_u(z, 1 - sigma, 1 - sigma_s)
+        u = linear_flow_u(z, 1 - sigma, 1 - sigma_s)
         return -u if self.cfg.prediction == "v" else z + sigma[:, None] * u - lr
 
 
 @pytest.mark.parametrize("prediction", ["v", "x"])
-@pytest.mark.parametrize("bug", [None, "t tangent", "z tangent", "sign"])
-def test_identity_holds_through_the_adapter_for_both_predictions(monkeypatch, prediction, bug):
+@pytest.mark.parametrize("bug", (None,) + PLANTED_BUGS)
+def test_identity_holds_through_the_adapter_for_both_predictions(prediction, bug):
     """The JVP differentiates through the adapter: exact for both outputs, and the planted bugs show."""
     u = mfsr.average_velocity(_ClosedFormNet(prediction))
     z_lr = torch.randn(256, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    err = _identity_error(monkeypatch, bug, lambda z, t, s: u(z, t, s, mfsr.Cond(z_lr, None, None)))
+    err = identity_error(bug, lambda z, t, s: u(z, t, s, mfsr.Cond(z_lr, None, None)))
     assert err <= 1e-9 if bug is None else err > 1e-2
 
 
@@ -108,7 +72,7 @@ def test_an_x_network_is_trained_on_the_error_of_its_own_output():
     t = torch.tensor([0.0, 0.5, 0.97, 1.0], dtype=torch.float64)
     assert mfsr.error_scale(_ClosedFormNet("v"), t) is None
     assert torch.equal(mfsr.error_scale(_ClosedFormNet("x"), t), torch.tensor([1.0, 0.5, 0.05, 0.05], dtype=torch.float64))
-    _, u_fn = _mlp_u()
+    _, u_fn = mlp_u()
     z, v = torch.randn(16, 2, generator=g, dtype=torch.float64), torch.randn(16, 2, generator=g, dtype=torch.float64)
     t, s = (x.double() for x in mfsr.sample_times(16, ratio=0.5, generator=g))
     u, u_tgt = mfsr.meanflow_target(u_fn, z, t, s, v)
@@ -120,15 +84,8 @@ def test_an_x_network_is_trained_on_the_error_of_its_own_output():
         assert not torch.allclose(got, mfsr.mfd_loss(u_fn, z, t, s, v, loss=loss)["loss"], rtol=1e-3)
 
 
-def _mlp_u(seed=0, width=32, dtype=torch.float64):
-    torch.manual_seed(seed)
-    net = torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.SiLU(), torch.nn.Linear(width, width),
-                              torch.nn.SiLU(), torch.nn.Linear(width, 2)).to(dtype)
-    return net, lambda z, t, s: net(torch.cat([z, t[:, None], s[:, None]], 1))
-
-
 def test_jvp_du_dt_matches_finite_differences_on_an_mlp():
-    _, u_fn = _mlp_u()
+    _, u_fn = mlp_u()
     g = torch.Generator().manual_seed(1)
     z, v = torch.randn(64, 2, generator=g, dtype=torch.float64), torch.randn(64, 2, generator=g, dtype=torch.float64)
     t, s = (x.double() for x in mfsr.sample_times(64, ratio=1.0, generator=g))
@@ -140,7 +97,7 @@ def test_jvp_du_dt_matches_finite_differences_on_an_mlp():
 
 
 def test_split_and_fused_give_the_same_loss_and_gradients():
-    net, u_fn = _mlp_u()
+    net, u_fn = mlp_u()
     g = torch.Generator().manual_seed(2)
     z, v = torch.randn(32, 2, generator=g, dtype=torch.float64), torch.randn(32, 2, generator=g, dtype=torch.float64)
     t, s = (x.double() for x in mfsr.sample_times(32, ratio=0.5, generator=g))
@@ -228,87 +185,9 @@ def test_student_sampler_steps_follow_alg_2():
 
 # ---- toy distillation: a 2-D Gaussian-mixture teacher with CFG, distilled into an MLP
 
-_MU = torch.tensor([[1.5, 1.5], [1.5, -1.5], [-1.5, 1.5], [-1.5, -1.5]], dtype=torch.float64)
-
-
-_SIG, _CLASS = 0.25, torch.tensor([0, 0, 1, 1])   # class 0 = right modes, class 1 = left modes
-
-
-def _gmm_velocity(z, t, c):
-    """Exact marginal velocity of z_t = t x + (1 - t) eps, eps ~ N(0, I), x ~ the modes of class
-    c (B,): a posterior-weighted mix of per-mode Gaussian velocities."""
-    t = t[:, None]
-    st2 = t ** 2 * _SIG ** 2 + (1 - t) ** 2                                   # (B, 1)
-    diff = z[:, None, :] - t[:, :, None] * _MU[None]                          # (B, K, 2)
-    logp = (-(diff ** 2).sum(-1) / (2 * st2) - torch.log(st2)).masked_fill(_CLASS[None] != c[:, None], -torch.inf)
-    vk = _MU[None] + ((t * _SIG ** 2 - (1 - t)) / st2)[:, :, None] * diff     # (B, K, 2)
-    return (torch.softmax(logp, 1)[:, :, None] * vk).sum(1)
-
-
-def _guided(z, t, c, w):   # Eq. (11) with the other class as the negative prompt
-    return mfsr.teacher_velocity("neg", z, t, teacher=lambda zz, tt, cc: _gmm_velocity(zz, tt, cc.z_lr),
-                                 cond=mfsr.Cond(c, None, None), cond_neg=mfsr.Cond(1 - c, None, None), w=w)
-
-
-def _toy_student(kind, w, steps=1500, batch=256):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # 256 x 128 matmuls: threads only add overhead
-    try:
-        return _toy_train(kind, w, steps, batch)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _toy_train(kind, w, steps, batch):
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(6, 128), torch.nn.SiLU(), torch.nn.Linear(128, 128), torch.nn.SiLU(),
-                              torch.nn.Linear(128, 128), torch.nn.SiLU(), torch.nn.Linear(128, 2)).double()
-    u = lambda z, t, s, cond: net(torch.cat([z, t[:, None], s[:, None],
-                                             torch.nn.functional.one_hot(cond.z_lr, 2).double()], 1))  # the class as z_lr
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    for _ in range(steps):
-        c = torch.randint(0, 2, (batch,), generator=g)
-        x = _MU[2 * c + torch.randint(0, 2, (batch,), generator=g)] + _SIG * torch.randn(batch, 2, generator=g, dtype=torch.float64)
-        eps = torch.randn(batch, 2, generator=g, dtype=torch.float64)
-        t, s = (a.double() for a in mfsr.sample_times(batch, 0.5, g))
-        z = t[:, None] * x + (1 - t[:, None]) * eps
-        v = mfsr.teacher_velocity("gt", z, t, z_hr=x, eps=eps) if kind == "gt" else _guided(z, t, c, w)
-        opt.zero_grad()
-        mfsr.mfd_loss(u, z, t, s, v, cond=mfsr.Cond(c, None, None))["loss"].backward()
-        opt.step()
-    return u
-
-
-def _sw2(a, b, n_proj=256):
-    """Sliced 2-Wasserstein distance between two equal-size 2-D sample sets."""
-    th = torch.linspace(0, torch.pi, n_proj + 1, dtype=torch.float64)[:-1]
-    d = torch.stack([th.cos(), th.sin()], 1)
-    return ((a @ d.T).sort(0).values - (b @ d.T).sort(0).values).pow(2).mean().sqrt().item()
-
-
-def _toy_eval(w, students):
-    g = torch.Generator().manual_seed(123)
-    c = torch.arange(4000) % 2
-    z0 = torch.randn(4000, 2, generator=g, dtype=torch.float64)
-
-    def euler(steps):
-        z = z0
-        for i in range(steps):
-            z = z + _guided(z, torch.full((4000,), i / steps, dtype=torch.float64), c, w) / steps
-        return z
-    ref = euler(100)
-    out = {"teacher 1": _sw2(euler(1), ref), "teacher 4": _sw2(euler(4), ref)}
-    with torch.no_grad():
-        for name, u in students.items():
-            for n in (1, 2):
-                out[f"{name} {n}"] = _sw2(mfsr.sample(lambda z, t, s: u(z, t, s, mfsr.Cond(c, None, None)), z0, n), ref)
-    return out
-
-
 @pytest.mark.slow
 def test_toy_distillation_with_teacher_cfg_gives_a_one_step_sampler():
-    r = _toy_eval(1.0, {"student": _toy_student("neg", 1.0)})
+    r = toy_eval(1.0, {"student": toy_student("neg", 1.0)})
     print(r)
     # measured (torch 2.13, CPU): teacher 1-step 1.01, 4-step 0.125; student 1-step 0.168, 2-step 0.189
     assert r["teacher 1"] > 0.9
@@ -318,7 +197,7 @@ def test_toy_distillation_with_teacher_cfg_gives_a_one_step_sampler():
 
 @pytest.mark.slow
 def test_toy_teacher_target_beats_gt_target_and_two_steps_beat_one():
-    r = _toy_eval(0.0, {"teacher-target": _toy_student("neg", 0.0), "gt-target": _toy_student("gt", 0.0)})
+    r = toy_eval(0.0, {"teacher-target": toy_student("neg", 0.0), "gt-target": toy_student("gt", 0.0)})
     print(r)
     # measured: teacher-velocity target 1-step 0.095, 2-step 0.068; gt target 1-step 0.148
     assert r["teacher-target 2"] <= r["teacher-target 1"]
@@ -505,13 +384,6 @@ def test_eq11_w_is_the_samplers_cfg_scale_minus_one():
     torch.testing.assert_close(z1, z0 + (sig[0] - sig[1]).item() * v, rtol=1e-5, atol=1e-5)
 
 
-def _two_time_net(time_scale, time_cutoff=0.0):
-    """A random tiny student in fp32 (the precision training runs in), LR stream, given time scale."""
-    torch.manual_seed(0)
-    net = MMDiT(replace(CONFIGS["tiny"], two_times=True, time_scale=time_scale, time_cutoff=time_cutoff))
-    return _randomize(net).eval()
-
-
 @pytest.mark.parametrize("time_scale, time_cutoff, agrees", [(1.0, 0.0, True), (1000.0, 0.0, False),
                                                               (1000.0, 20.0, True)])
 def test_jvp_du_dt_agrees_with_a_central_difference_only_for_a_smooth_time_embedding(time_scale, time_cutoff,
@@ -520,7 +392,7 @@ def test_jvp_du_dt_agrees_with_a_central_difference_only_for_a_smooth_time_embed
     difference along the flow at h = 1e-2. With c_noise = t (or 1000 t low-passed at 20 rad per
     unit t) they agree within 20 %; with SD3's 1000 t the embedding ripples faster than h resolves
     and the JVP's du/dt is the ripple's slope, not the flow's."""
-    net = _two_time_net(time_scale, time_cutoff)
+    net = two_time_net(time_scale, time_cutoff)
     g = torch.Generator().manual_seed(1)
     B = 6
     z, v, z_lr = (torch.randn(B, 16, 8, 8, generator=g) for _ in range(3))
@@ -548,7 +420,7 @@ def test_dudt_terms_split_the_jvp_and_see_the_ripple():
     s = torch.tensor([0.6, 0.3, 0.9, 1.0])          # one row with s = t: left out
     ratio = {}
     for scale in (1.0, 1000.0):
-        u = mfsr.average_velocity(_two_time_net(scale))
+        u = mfsr.average_velocity(two_time_net(scale))
         d = mfsr.dudt_terms(u, z, t, s, v, cond=cond)
         rows = torch.tensor([0, 2, 3])
         with torch.no_grad():

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 import text
+import toy_flows
 from plumbing import checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]   # the repository
@@ -33,12 +34,7 @@ def _need_photos(names=None):
         pytest.skip(msg)
 
 
-def _randomize(net, std=0.05, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * std)
-    return net
+_randomize = toy_flows.randomize   # a random but generic network; its home is experiments/toy_flows.py
 
 
 def _images(folder, n=4, size=72, seed=0):
