@@ -62,9 +62,11 @@ torch.set_num_threads(1)   # tiny matmuls: one thread is faster, and steady when
 NUMBERS, CLAIMS, RUN = {}, [], {}
 
 
-def num(key, value, fmt="{:.3g}"):
-    """Record a number the prose quotes as {key}, at the precision it is printed with; return it."""
-    NUMBERS[key] = fmt.format(value)
+def num(key, value, fmt="{:.3g}", below=None):
+    """Record a number the prose quotes as {key}, at the precision it is printed with; return it.
+    below: a rounding-level number is quoted as that bound ("< 1e-12"), whose digits would differ
+    from one CPU to the next."""
+    NUMBERS[key] = fmt.format(value) if below is None or value >= below else f"< {below:.0e}".replace("e-0", "e-")
     return value
 
 
@@ -236,7 +238,7 @@ v_lin = toy.linear_flow_v(zt)
 u_lin = toy.linear_flow_u(zt, t_, s_)
 z_s = toy.linear_flow_map(zt, t_, s_)
 gap = (s_ - t_).item()
-num("secant_error", (zt + gap * u_lin - z_s).norm().item(), "{:.1e}")
+num("secant_error", (zt + gap * u_lin - z_s).norm().item(), "{:.1e}", below=1e-12)
 num("tangent_miss", (zt + gap * v_lin - z_s).norm().item(), "{:.2f}")
 num("path_length", (curve[1:] - curve[:-1]).norm(dim=1).sum().item(), "{:.2f}")
 claim("secant_lands_on_path", (zt + gap * u_lin - z_s).norm().item() < 1e-12,
@@ -290,14 +292,14 @@ RUN["fig_secant"] = save(fig, "03_secant")
 # And du/dt itself: the JVP against central differences (u(z + h v, t + h, s) - u(z - h v, t - h, s)) / 2h
 # in float64, on a random MLP u(z, t, s) (`toy_flows.mlp_u`) and on the tiny two-time transformer of
 # `model.py` (`toy_flows.two_time_net`, c_noise = t). The difference falls as h^2 (the
-# difference's own error) until rounding takes over, below h = {fd_h_best}; at best it is {fd_best_mlp} (MLP)
-# and {fd_best_net} (transformer) relative: the JVP is the exact derivative, the finite difference an
+# difference's own error) until rounding takes over at small h; at best it is {fd_best_mlp} (MLP) and
+# {fd_best_net} (transformer) relative: the JVP is the exact derivative, the finite difference an
 # approximation of it.
 #
 # ![residuals with and without planted bugs; JVP against finite differences over h]({fig_identity})
 
 # %%
-residual = num("identity_residual", toy.identity_error(), "{:.1e}")
+residual = num("identity_residual", toy.identity_error(), "{:.1e}", below=1e-12)
 claim("identity_residual", residual <= 1e-9, "the identity's residual on the closed-form flow is at most 1e-9")
 bug_err = {}
 for bug in toy.PLANTED_BUGS:
@@ -332,9 +334,8 @@ u64 = mfsr.average_velocity(net64)
 zn, vn = (torch.randn(2, 16, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
 tn, sn = torch.tensor([0.2, 0.5], dtype=torch.float64), torch.tensor([0.7, 0.9], dtype=torch.float64)
 err_net = fd_curve(lambda a, b, c_: u64(a, b, c_, cond64), zn, tn, sn, vn, hs)
-num("fd_best_mlp", min(err_mlp), "{:.0e}")
-num("fd_best_net", min(err_net), "{:.0e}")
-num("fd_h_best", hs[err_mlp.index(min(err_mlp))], "{:.0e}")
+num("fd_best_mlp", min(err_mlp), "{:.0e}", below=1e-9)
+num("fd_best_net", min(err_net), "{:.0e}", below=1e-9)
 i2, i1 = hs.index(1e-2), hs.index(1e-1)
 slope = (torch.tensor(err_mlp[i1]).log10() - torch.tensor(err_mlp[i2]).log10()).item()
 num("fd_slope", slope, "{:.2f}")
@@ -485,7 +486,7 @@ ax.plot(ts, term[:, 1], "k--", label="v_c - v_neg, second coordinate")
 ax.set(title="the guidance term of class 0, the same at all 81 z", xlabel="t", ylabel="v_c - v_neg")
 ax.grid(alpha=0.3)
 ax.legend(fontsize=8)
-num("guide_spread", spread, "{:.0e}")
+num("guide_spread", spread, "{:.0e}", below=1e-12)
 claim("guidance_is_a_translation", spread < 1e-9, "on the mirror-image toy v_c - v_neg does not depend on z (to 1e-9)")
 RUN["fig_cfg"] = save(fig, "06_negative_prompt")
 num("absx_w0", side[0.0][0], "{:.2f}")
