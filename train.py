@@ -532,6 +532,7 @@ def main(argv=None):
         print(f"seconds per phase of the last step: {json.dumps(rec['steps'][-1] if rec['steps'] else {})}; "
               f"peak {rec['peak_mb']:.0f} MB")
     if ddp:
+        dist.barrier()      # no rank tears gloo / NCCL down while another still talks (gloo aborts then)
         dist.destroy_process_group()
 
 

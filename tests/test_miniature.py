@@ -304,7 +304,8 @@ def test_miniature_pipeline_runs_end_to_end_at_a_hundredth_of_the_steps(tmp_path
     assert done.returncode == 0, done.stderr[-2000:]
     assert digest() == before
     nets, v, embs = miniature.load_shipped(str(runs / "mfsr-tiny"))
-    assert nets["student"].sampling == {"tile": 32, "tile_overlap": miniature.STUDENT_TILE_OVERLAP}
+    assert nets["student"].sampling == {"tile": 32, "tile_overlap": miniature.STUDENT_TILE_OVERLAP,
+                                        "start": miniature.STUDENT_START}
     assert nets["teacher"].sampling["tile_overlap"] == 12                  # DiT4SR's 24 / 64 of 32
     info = json.loads((runs / "mfsr-tiny" / "training.json").read_text())
     assert info["steps"] == {"vae": 30, "teacher": 50, "student": 5, "student_gt": 6, "decoder": 10}

@@ -194,6 +194,7 @@ def _ddp_worker(rank, world, init_file, data_file, out_file, mode):
         (res["loss"] / 2).backward()
     runs.all_reduce_grads(params)
     torch.save({n: p.grad for n, p in student.named_parameters() if p.grad is not None}, f"{out_file}.{rank}")
+    dist.barrier()                     # as train.py ends: no rank tears gloo down while another still talks
     dist.destroy_process_group()
 
 
