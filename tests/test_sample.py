@@ -521,3 +521,26 @@ def test_peak_memory_is_nan_where_the_system_has_no_proc(monkeypatch):
     assert cli.peak_memory_mb(torch.device("cpu")) > 0
     monkeypatch.setattr(cli, "open", no_proc, raising=False)
     assert math.isnan(cli.peak_memory_mb(torch.device("cpu")))
+
+
+def test_load_models_folds_a_files_lora_in_with_the_same_output(tmp_path):
+    """A student file that keeps its LoRA apart (train.py's trainable layout) samples with the LoRA
+    merged into its linears: no LoRA layer left, the same output as the file's unmerged network."""
+    torch.manual_seed(0)
+    student = model.make_student(model.MMDiT(model.CONFIGS["tiny"]), lora_rank=4)
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if "lora" in name or "s_embedder" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    checkpoints.save_transformer(student, str(tmp_path / "student.safetensors"))
+    checkpoints.save_vae(V.VAE(V.CONFIGS["tiny"]), str(tmp_path / "vae.safetensors"))
+    unmerged = checkpoints.load_transformer(str(tmp_path / "student.safetensors")).eval()
+    assert unmerged.lora
+    net, _ = sample.load_models(str(tmp_path / "student.safetensors"))
+    assert net.lora is None and not any(isinstance(m, model.LoRALinear) for m in net.modules())
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(1, 16, 8, 8, generator=g)
+    args = (z, torch.full((1,), 0.7), torch.randn(1, 32, generator=g), torch.randn(1, 3, 64, generator=g))
+    with torch.no_grad():
+        torch.testing.assert_close(net(*args, lr=z, sigma_s=torch.full((1,), 0.2)),
+                                   unmerged(*args, lr=z, sigma_s=torch.full((1,), 0.2)), rtol=1e-5, atol=1e-5)
