@@ -118,9 +118,10 @@ def load_condition(net_cfg, ckpt, emb=None, beside=("prompt", "null")):
     if emb and not os.path.exists(emb):
         raise CheckpointError(f"{emb}: no such embedding file")
     found = [emb] if emb else [w for w in (_beside(ckpt, n + ".safetensors") for n in beside) if os.path.exists(w)]
+    zeros = zero_prompt(net_cfg)
     if not found:
-        return prompt_rows(zero_prompt(net_cfg)), f"zeros (no {' / '.join(beside)}.safetensors beside the model)"
-    return prompt_rows(load_embedding(found[0], zero_prompt(net_cfg))), found[0]
+        return prompt_rows(zeros), f"zeros (no {' / '.join(beside)}.safetensors beside the model)"
+    return prompt_rows(load_embedding(found[0], zeros)), found[0]
 
 
 # --------------------------------------------------------------------------------------------
