@@ -21,10 +21,11 @@ STARTS = (0.0, 0.5, 0.75, 0.85, 0.9, 0.95, 0.965, 0.98)
 STEPS = (1, 2, 4)
 
 
-def sweep_rows(size, setting, names, starts=STARTS, steps=STEPS, seed=0):
+def sweep_rows(size, setting, names, starts=STARTS, steps=STEPS, seed=0, shipped=None):
     """[{steps, start, PSNR, LPIPS, speckle}] of the shipped student on the quality table's crops
-    of one setting (miniature.heldout_pairs, the same seed), sampled as sample.py samples."""
-    nets, vae, embs = miniature.load_shipped()
+    of one setting (miniature.heldout_pairs, the same seed), sampled as sample.py samples.
+    shipped: miniature.load_shipped()'s result, if the caller has it already."""
+    nets, vae, embs = shipped or miniature.load_shipped()
     hr, lr = miniature.heldout_pairs(size, 1, seed, setting, names)
     prompt = checkpoints.prompt_rows(embs["prompt"])
     rows = []

@@ -109,7 +109,8 @@ def bench_quality(args):
         size, steps, names = 192, 8, miniature.SKIMAGE_HELD_OUT   # 192: NIQE's two 96^2 blocks
     else:
         size, steps, names = 256, 40, miniature.HELD_OUT
-    nets = miniature.load_shipped()[0]
+    shipped = miniature.load_shipped()
+    nets = shipped[0]
     start = nets["student"].sampling.get("start", 0.0)        # sample.py's default for the shipped student
     chosen = (1, start)
     starts = (0.0, start) if args.quick else start_sweep.STARTS
@@ -123,7 +124,8 @@ def bench_quality(args):
         r += peer_quality_rows(size, setting, names, steps)
         rows += [{"setting": setting, **row} for row in r]
         figure.append(f)
-        sweeps[setting] = start_sweep.sweep_rows(size, setting, names, starts, (1, 2) if args.quick else (1, 2, 4))
+        sweeps[setting] = start_sweep.sweep_rows(size, setting, names, starts, (1, 2) if args.quick else (1, 2, 4),
+                                                 shipped=shipped)
         points[setting] = _plot_points(r, nets["teacher"].sampling["cfg"], steps)
     figures = {f"{r['setting']}/{r['method']}": {k: v for k, v in r.items() if k not in ("method", "setting")}
                for r in rows}
